@@ -42,7 +42,8 @@ class DeviceSpec(_Strict):
     kind: DeviceKind
     ports: Annotated[int, Field(ge=1, le=256)] | None = None
     slots: Annotated[int, Field(ge=1, le=256)] | None = None
-    release_soc: Annotated[float, Field(ge=1, le=100)] = DEFAULT_RELEASE_SOC
+    # None: the service's configured release level (default 90)
+    release_soc: Annotated[float, Field(ge=1, le=100)] | None = None
     model: str | None = None
 
     @model_validator(mode="after")

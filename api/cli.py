@@ -1,0 +1,241 @@
+"""The ``chargewatch`` command: serve, simulate, demo, catalog."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from api.settings import ServeSettings
+from devices.catalog import Catalog, CatalogError
+from ingest import IngestError
+
+log = logging.getLogger("chargewatch")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: we stop it ourselves, then clean up."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_serve(
+    settings: ServeSettings,
+    catalog: Catalog,
+    on_ready: Callable[[str], Any] | None = None,
+) -> None:
+    from api.app import create_app
+    from ingest.service import Ingest
+
+    async with Ingest(settings.ingest, catalog) as ingest:
+        app = create_app(ingest)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level=settings.log_level,
+                access_log=False,
+                lifespan="off",
+            )
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        serving = asyncio.create_task(server.serve(), name="http")
+        while not server.started and not serving.done():  # uvicorn offers no started event
+            await asyncio.sleep(0.02)
+        if serving.done():
+            await serving
+            raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.port}")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://{settings.host}:{port}"
+        print(f"chargewatch: MQTT broker {ingest.broker_url}", flush=True)
+        print(f"chargewatch: serving {url} (API docs {url}/docs)", flush=True)
+        try:
+            if on_ready is not None:
+                await on_ready(url) if asyncio.iscoroutinefunction(on_ready) else on_ready(url)
+            await serving
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+def _settings(args: argparse.Namespace) -> ServeSettings:
+    settings = ServeSettings()
+    ingest = settings.ingest.model_copy()
+    for flag, field in (
+        ("broker", "broker"),
+        ("catalog", "catalog"),
+        ("data_dir", "data_dir"),
+        ("prefix", "topic_prefix"),
+        ("broker_port", "embedded_broker_port"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(ingest, field, value)
+    updates: dict[str, Any] = {"ingest": ingest}
+    if args.host is not None:
+        updates["host"] = args.host
+    if args.port is not None:
+        updates["port"] = args.port
+    return settings.model_copy(update=updates)
+
+
+def _load_catalog(path: Path | None) -> Catalog:
+    try:
+        return Catalog.load(path)
+    except CatalogError as exc:
+        raise SystemExit(f"chargewatch: {exc}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    catalog = _load_catalog(settings.ingest.catalog)
+    try:
+        asyncio.run(run_serve(settings, catalog))
+    except IngestError as exc:
+        raise SystemExit(f"chargewatch: {exc}") from None
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.broker_port is None:
+        args.broker_port = _free_port()
+    settings = _settings(args)
+    catalog = _load_catalog(settings.ingest.catalog)
+    broker = f"mqtt://127.0.0.1:{settings.ingest.embedded_broker_port}"
+    simulator: subprocess.Popen[bytes] | None = None
+
+    def start_simulator(url: str) -> None:
+        nonlocal simulator
+        argv = [
+            sys.executable,
+            "-m",
+            "simulators",
+            "--broker",
+            broker,
+            "--speed",
+            str(args.speed),
+            "--seed",
+            str(args.seed),
+        ]
+        if settings.ingest.catalog is not None:
+            argv += ["--catalog", str(settings.ingest.catalog)]
+        simulator = subprocess.Popen(argv, start_new_session=True)
+        print(
+            f"chargewatch demo: {len(catalog.devices)} simulated devices at speed x{args.speed}"
+            f" -> open {url}/  (Ctrl-C stops everything)",
+            flush=True,
+        )
+
+    try:
+        asyncio.run(run_serve(settings, catalog, on_ready=start_simulator))
+    except IngestError as exc:
+        raise SystemExit(f"chargewatch: {exc}") from None
+    finally:
+        if simulator is not None and simulator.poll() is None:
+            simulator.send_signal(signal.SIGTERM)
+            try:
+                simulator.wait(20)
+            except subprocess.TimeoutExpired:
+                simulator.kill()
+    return 0
+
+
+def cmd_simulate(argv: list[str]) -> int:
+    from simulators.cli import main as simulate
+
+    return simulate(argv)
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    catalog = _load_catalog(args.catalog)
+    header = f"{'station':<18} {'piles':>5} {'ports':>5} {'cabinets':>8} {'slots':>5}  {'lat':>8} {'lon':>9}  {'hours':<11} name"
+    print(f"catalog: {catalog.source}")
+    print(header)
+    totals = [0, 0, 0, 0]
+    for s in catalog.stations.values():
+        piles = [d for d in s.devices if d.kind == "pile"]
+        cabinets = [d for d in s.devices if d.kind == "cabinet"]
+        row = [
+            len(piles),
+            sum(d.units for d in piles),
+            len(cabinets),
+            sum(d.units for d in cabinets),
+        ]
+        totals = [a + b for a, b in zip(totals, row, strict=True)]
+        print(
+            f"{s.id:<18} {row[0]:>5} {row[1]:>5} {row[2]:>8} {row[3]:>5}  {s.lat:>8.4f} {s.lon:>9.4f}  {s.hours:<11} {s.name.zh} / {s.name.en}"
+        )
+    print(
+        f"{'total':<18} {totals[0]:>5} {totals[1]:>5} {totals[2]:>8} {totals[3]:>5}  "
+        f"{len(catalog.stations)} stations, {len(catalog.devices)} devices"
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chargewatch", description=__doc__)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def server_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--broker", help="mqtt://[user:pass@]host:port; default: embedded broker")
+        sp.add_argument("--broker-port", type=int, help="port of the embedded broker")
+        sp.add_argument("--catalog", type=Path, help="site catalog JSON; default: the district")
+        sp.add_argument("--data-dir", type=Path, help="where the embedded store keeps its file")
+        sp.add_argument("--prefix", help="topic prefix (default cw/v1)")
+        sp.add_argument("--host", help="HTTP listen address (default 127.0.0.1)")
+        sp.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks one)")
+
+    server_flags(sub.add_parser("serve", help="ingest + API in one process"))
+    demo = sub.add_parser("demo", help="embedded broker + serve + the simulated district")
+    server_flags(demo)
+    demo.add_argument("--speed", type=float, default=60.0, help="simulated seconds per second")
+    demo.add_argument("--seed", type=int, default=1)
+    sub.add_parser(
+        "simulate", help="a fleet of simulated devices (see simulate --help)", add_help=False
+    )
+    cat = sub.add_parser("catalog", help="summary of the site catalog")
+    cat.add_argument("--catalog", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        return cmd_simulate(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "demo":
+        if args.data_dir is None:
+            args.data_dir = Path(".demo-data")
+        return cmd_demo(args)
+    return cmd_catalog(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""MQTT -> decode/validate -> order/dedupe -> device twins -> stores.
+
+Exceptions::
+
+    IngestError
+    ├── StoreError            a store failed (bug or corrupt data)
+    │   └── StoreUnavailable  a store cannot be reached now: retry later, ack nothing
+    └── BrokerConfigError     the broker URL or options cannot work
+"""
+
+
+class IngestError(Exception):
+    pass
+
+
+class StoreError(IngestError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+class BrokerConfigError(IngestError):
+    pass

@@ -1,0 +1,37 @@
+"""Ingest options. Every option has a default and a reason (README, "Configuration")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from devices.topics import DEFAULT_PREFIX
+
+
+class IngestConfig(BaseModel):
+    # None: start the embedded broker (amqtt) so a bare machine works.
+    broker: str | None = None
+    # Port of the embedded broker; 0 picks a free one (printed at start).
+    embedded_broker_port: int = Field(default=1883, ge=0, le=65535)
+    # Fixed so the broker keeps our persistent session across restarts.
+    client_id: str = "chargewatch-ingest"
+    topic_prefix: str = DEFAULT_PREFIX
+    # Where the embedded store keeps its file.
+    data_dir: Path = Path("chargewatch-data")
+    # None: the district shipped with the package.
+    catalog: Path | None = None
+    # Unacked messages held at once: enough to batch well (one store write per ~1000
+    # messages), small enough to bound memory (1000 x 16 KiB worst case = 16 MiB).
+    max_inflight: int = Field(default=1000, ge=1, le=65535)
+    # Most messages written in one store transaction.
+    batch_max: int = Field(default=1000, ge=1)
+    # Cap of the store retry backoff.
+    store_retry_max_s: float = Field(default=30.0, gt=0)
+    # Dead letters kept for inspection (counts per reason are kept forever).
+    dead_letters_kept: int = Field(default=10_000, ge=10)
+    # SQLite durability: FULL survives power loss, NORMAL only process crashes.
+    sqlite_synchronous: str = Field(default="FULL", pattern="^(FULL|NORMAL|EXTRA)$")
+    # Release level: a cabinet slot counts as a ready battery at or above this soc
+    # (a device's catalog entry may set its own).
+    release_soc: float = Field(default=90.0, ge=1, le=100)

@@ -1,0 +1,52 @@
+"""Self-monitoring counters, in a registry per service (tests run several side by side)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class IngestMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "chargewatch_messages_received", "MQTT messages received", registry=r
+        )
+        self.accepted = Counter(
+            "chargewatch_messages_accepted", "Messages that passed validation", ["type"], registry=r
+        )
+        self.applied = Counter(
+            "chargewatch_messages_applied", "Messages that changed current state", registry=r
+        )
+        self.duplicates = Counter(
+            "chargewatch_messages_duplicate", "Exact repeats of applied messages", registry=r
+        )
+        self.out_of_order = Counter(
+            "chargewatch_messages_out_of_order", "Messages older than applied state", registry=r
+        )
+        self.stale_deaths = Counter(
+            "chargewatch_stale_deaths", "Wills of replaced connections, ignored", registry=r
+        )
+        self.dead_letters = Counter(
+            "chargewatch_dead_letters", "Rejected messages by reason", ["reason"], registry=r
+        )
+        self.acked = Counter("chargewatch_messages_acked", "Messages acknowledged", registry=r)
+        self.written = Counter(
+            "chargewatch_history_rows_written", "History rows handed to the store", registry=r
+        )
+        self.write_errors = Counter(
+            "chargewatch_store_write_errors", "Failed store writes (retried)", registry=r
+        )
+        self.inflight = Gauge(
+            "chargewatch_inflight_messages", "Received, not yet acknowledged", registry=r
+        )
+        self.broker_connected = Gauge(
+            "chargewatch_broker_connected", "1 while connected to the broker", registry=r
+        )
+        self.store_healthy = Gauge(
+            "chargewatch_store_healthy", "1 while the last store write succeeded", registry=r
+        )
+        self.last_message_ts = Gauge(
+            "chargewatch_last_message_timestamp_seconds", "Arrival of the last message", registry=r
+        )
+        self.store_healthy.set(1)

@@ -1,0 +1,207 @@
+"""The MQTT side of ingest: a paho-mqtt 2 client with manual acknowledgement.
+
+paho runs its network loop in its own thread. Each QoS 1 message takes an in-flight slot
+before it is handed to the asyncio side; the slot is freed when the message is acknowledged
+(after the store has it) or dropped. With every slot taken, the paho thread waits: TCP
+back-pressure, and the broker keeps the rest in our persistent session. Memory stays bounded
+by ``max_inflight``.
+
+Reconnects use paho's own loop (exponential backoff capped at ``reconnect_max_s``, each
+attempt logged); every (re)connect subscribes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from ingest import BrokerConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerURL:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise BrokerConfigError(
+                f"broker URL {url!r}: use mqtt://host:port or mqtts://host:port"
+            )
+        if not parts.hostname:
+            raise BrokerConfigError(f"broker URL {url!r} has no host")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise BrokerConfigError(f"broker URL {url!r} has an invalid port") from None
+        return cls(
+            parts.hostname,
+            port,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+            tls,
+        )
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class Received:
+    topic: str
+    payload: bytes
+    qos: int
+    retained: bool
+    mid: int
+    received_ms: int
+    generation: int  # which connection delivered it (acks go only to that one)
+
+
+class MqttSource:
+    """Subscribes with a persistent session and hands messages to ``deliver`` (on the loop)."""
+
+    def __init__(
+        self,
+        url: BrokerURL,
+        *,
+        client_id: str,
+        subscription: str,
+        deliver: Callable[[Received], None],
+        max_inflight: int = 1000,
+        keepalive_s: int = 30,
+        reconnect_max_s: int = 30,
+        on_connection_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.subscription = subscription
+        self._deliver = deliver
+        self._on_connection_change = on_connection_change
+        self._slots = threading.BoundedSemaphore(max_inflight)
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.connected = False
+        self.generation = 0
+        self.keepalive_s = keepalive_s
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,  # persistent session: the broker keeps what we have not acked
+            protocol=paho.MQTTv311,
+            manual_ack=True,
+        )
+        if url.username:
+            self._client.username_pw_set(url.username, url.password)
+        if url.tls:
+            self._client.tls_set_context(ssl.create_default_context())
+        self._client.reconnect_delay_set(1, reconnect_max_s)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+
+    async def __aenter__(self) -> MqttSource:
+        self._loop = asyncio.get_running_loop()
+        log.info("connecting to %s", self.url)
+        self._client.connect_async(self.url.host, self.url.port, keepalive=self.keepalive_s)
+        self._client.loop_start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stopping.set()
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- called from the asyncio side ---------------------------------------------------
+
+    def ack(self, msg: Received) -> bool:
+        """Acknowledge and free the slot; False when the connection that sent it is gone
+        (the broker will deliver it again, and the duplicate is dropped by seq)."""
+        acked = False
+        if msg.qos > 0 and msg.generation == self.generation and self.connected:
+            acked = self._client.ack(msg.mid, msg.qos) == paho.MQTT_ERR_SUCCESS
+        self._slots.release()
+        return acked
+
+    # -- paho thread --------------------------------------------------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker %s refused the connection: %s", self.url, reason)
+            return
+        self.generation += 1
+        self.connected = True
+        log.info(
+            "connected to %s (session present: %s), subscribing to %s",
+            self.url,
+            flags.session_present,
+            self.subscription,
+        )
+        client.subscribe(self.subscription, qos=1)
+        self._notify(True)
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any
+    ) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("subscription to %s refused: %s", self.subscription, reasons)
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        was = self.connected
+        self.connected = False
+        if was:
+            self._notify(False)
+        if not self._stopping.is_set():
+            log.warning("lost broker %s (%s); reconnecting with backoff", self.url, reason)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        while not self._slots.acquire(timeout=0.5):
+            if self._stopping.is_set():
+                return  # never acked: the broker delivers it again next time
+        received = Received(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            retained=bool(message.retain),
+            mid=message.mid,
+            received_ms=time.time_ns() // 1_000_000,
+            generation=self.generation,
+        )
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, received)
+        except RuntimeError:  # loop closed during shutdown
+            self._slots.release()
+
+    def _notify(self, connected: bool) -> None:
+        if self._on_connection_change is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                self._loop.call_soon_threadsafe(self._on_connection_change, connected)

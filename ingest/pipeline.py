@@ -1,0 +1,216 @@
+"""One message's way: topic -> decode/validate -> order/dedupe -> twin -> store -> ack.
+
+Messages are handled in batches: whatever has arrived (up to ``batch_max``) is applied to
+the twins, written to the stores in one transaction, and only then acknowledged. A message
+that breaks the contract becomes a dead letter (written in the same batch) and is
+acknowledged too, so it frees its in-flight slot. A failing store is retried with capped,
+jittered backoff and nothing is acknowledged meanwhile: the broker keeps the messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from devices.catalog import DEFAULT_RELEASE_SOC, Catalog
+from devices.contract import Birth, ContractError, Death, Event, decode
+from devices.topics import TopicScheme
+from ingest import StoreError
+from ingest.metrics import IngestMetrics
+from ingest.mqtt import Received
+from ingest.store import DeadLetter, HistoryRow, HistoryStore, MessageType, StateStore
+from ingest.twins import CountMismatch, Outcome, Twin
+
+log = logging.getLogger(__name__)
+
+
+class Twins:
+    """Every catalog device's twin, by id; read by the API, written by the pipeline only."""
+
+    def __init__(self, catalog: Catalog, release_soc: float = DEFAULT_RELEASE_SOC) -> None:
+        self.catalog = catalog
+        self.release_soc = release_soc
+        self.by_id: dict[str, Twin] = {
+            d.id: Twin.for_device(d, release_soc) for d in catalog.devices.values()
+        }
+
+    def restore(self, records: list[dict[str, object]]) -> int:
+        restored = 0
+        for record in records:
+            device = self.catalog.devices.get(str(record.get("device_id")))
+            if device is None:
+                continue  # no longer in the catalog
+            twin = Twin.from_record(dict(record))
+            twin.station_id = device.station_id
+            twin.release_soc = device.spec.release_soc or self.release_soc
+            self.by_id[device.id] = twin
+            restored += 1
+        return restored
+
+    def __getitem__(self, device_id: str) -> Twin:
+        return self.by_id[device_id]
+
+
+@dataclass
+class _Batch:
+    received: list[Received] = field(default_factory=list)
+    rows: list[HistoryRow] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    changed: dict[str, Twin] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        scheme: TopicScheme,
+        twins: Twins,
+        history: HistoryStore,
+        state: StateStore,
+        metrics: IngestMetrics,
+        ack: Callable[[Received], bool],
+        batch_max: int = 1000,
+        retry_max_s: float = 30.0,
+    ) -> None:
+        self.catalog = catalog
+        self.scheme = scheme
+        self.twins = twins
+        self.history = history
+        self.state = state
+        self.metrics = metrics
+        self._ack = ack
+        self.batch_max = batch_max
+        self.retry_max_s = retry_max_s
+        self.queue: asyncio.Queue[Received] = asyncio.Queue()
+        self.listeners: list[Callable[[list[Twin]], None]] = []
+        self.store_healthy = True
+
+    def deliver(self, received: Received) -> None:
+        """Called on the loop by the MQTT source for every message."""
+        self.metrics.inflight.inc()
+        self.queue.put_nowait(received)
+
+    async def run(self) -> None:
+        while True:
+            first = await self.queue.get()
+            batch = _Batch()
+            self._handle(first, batch)
+            while len(batch.received) < self.batch_max and not self.queue.empty():
+                self._handle(self.queue.get_nowait(), batch)
+            await self._commit(batch)
+
+    # -- per message --------------------------------------------------------------------
+
+    def _handle(self, r: Received, batch: _Batch) -> None:
+        batch.received.append(r)
+        m = self.metrics
+        m.received.inc()
+        m.last_message_ts.set(r.received_ms / 1000)
+        topic = self.scheme.parse(r.topic)
+        if topic is None:
+            return self._reject(
+                batch, r, "topic", f"{r.topic!r} is outside {self.scheme.prefix}/<device>/<channel>"
+            )
+        if topic.channel == "cmd":
+            return None  # service -> device commands: not data
+        device = self.catalog.devices.get(topic.device_id)
+        if device is None:
+            return self._reject(
+                batch, r, "unknown_device", f"{topic.device_id!r} is not in the catalog"
+            )
+        try:
+            msg = decode(topic.channel, r.payload)
+        except ContractError as exc:
+            return self._reject(batch, r, exc.reason, exc.detail)
+        twin = self.twins[device.id]
+        if not isinstance(msg, Death | Event) and msg.kind != device.kind:
+            return self._reject(
+                batch, r, "kind_mismatch", f"payload says {msg.kind}, catalog says {device.kind}"
+            )
+        mtype: MessageType
+        if isinstance(msg, Birth):
+            mtype = "birth"
+        elif isinstance(msg, Death):
+            mtype = "death"
+        elif isinstance(msg, Event):
+            mtype = "event"
+        else:
+            mtype = "status"
+            try:
+                twin.check_count(msg)
+            except CountMismatch as exc:
+                return self._reject(batch, r, "count_mismatch", str(exc))
+        outcome = twin.apply(msg, r.received_ms, retained=r.retained)
+        m.accepted.labels(mtype).inc()
+        if outcome is Outcome.DUPLICATE:
+            m.duplicates.inc()
+            return None  # stored when it was first applied
+        if outcome is Outcome.OUT_OF_ORDER:
+            m.out_of_order.inc()
+        elif outcome is Outcome.STALE_DEATH:
+            m.stale_deaths.inc()
+        else:
+            m.applied.inc()
+            batch.changed[device.id] = twin
+        batch.rows.append(
+            HistoryRow(
+                device_id=device.id,
+                station_id=device.station_id,
+                kind=device.kind,
+                type=mtype,
+                boot=msg.boot,
+                seq=msg.seq,
+                ts_ms=msg.ts if msg.ts is not None else r.received_ms,
+                received_ms=r.received_ms,
+                payload=r.payload.decode("utf-8", errors="replace"),
+                message=msg,
+            )
+        )
+        return None
+
+    def _reject(self, batch: _Batch, r: Received, reason: str, detail: str) -> None:
+        self.metrics.dead_letters.labels(reason).inc()
+        log.debug("dead letter %s on %s: %s", reason, r.topic, detail)
+        batch.dead.append(DeadLetter.of(r.received_ms, r.topic, reason, detail, r.payload))
+
+    # -- per batch ----------------------------------------------------------------------
+
+    async def _commit(self, batch: _Batch) -> None:
+        records = [t.to_record() for t in batch.changed.values()]
+        delay = 0.2
+        while True:
+            try:
+                await asyncio.to_thread(self._write, batch.rows, records, batch.dead)
+                break
+            except StoreError as exc:
+                self.metrics.write_errors.inc()
+                self.metrics.store_healthy.set(0)
+                self.store_healthy = False
+                log.error("store write failed (%s); retrying in %.1fs, nothing acked", exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.retry_max_s)
+        if not self.store_healthy:
+            log.info("store is back; %d messages written", len(batch.rows))
+        self.store_healthy = True
+        self.metrics.store_healthy.set(1)
+        self.metrics.written.inc(len(batch.rows))
+        for r in batch.received:
+            if self._ack(r):
+                self.metrics.acked.inc()
+            self.metrics.inflight.dec()
+        if batch.changed:
+            changed = list(batch.changed.values())
+            for listener in self.listeners:
+                listener(changed)
+
+    def _write(
+        self, rows: list[HistoryRow], records: list[dict[str, object]], dead: list[DeadLetter]
+    ) -> None:
+        if rows:
+            self.history.append(rows)
+        if records or dead:
+            self.state.save(records, dead)

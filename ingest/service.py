@@ -1,0 +1,138 @@
+"""The running ingestor: stores, twins, MQTT source and pipeline, as one async context.
+
+    async with Ingest(config, catalog) as ingest:
+        ...  # ingest.twins, ingest.metrics, ingest.ready
+
+With no broker configured it starts the embedded one first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+from devices.catalog import Catalog
+from devices.topics import TopicScheme
+from ingest.broker import EmbeddedBroker
+from ingest.config import IngestConfig
+from ingest.metrics import IngestMetrics
+from ingest.mqtt import BrokerURL, MqttSource, Received
+from ingest.pipeline import Pipeline, Twins
+from ingest.sqlite_store import SQLiteStore
+from ingest.store import HistoryStore, StateStore
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Ingest:
+    def __init__(
+        self,
+        config: IngestConfig,
+        catalog: Catalog,
+        *,
+        history: HistoryStore | None = None,
+        metrics: IngestMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.scheme = TopicScheme(config.topic_prefix)
+        self.metrics = metrics or IngestMetrics()
+        self.twins = Twins(catalog, config.release_soc)
+        self._history = history
+        self._stack = AsyncExitStack()
+        self._task: asyncio.Task[None] | None = None
+        self.broker_url: BrokerURL | None = None
+        self.source: MqttSource | None = None
+        self.pipeline: Pipeline | None = None
+        self.state: StateStore | None = None
+        self.history: HistoryStore | None = None
+        self.failed: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Connected to the broker, the pipeline alive."""
+        return (
+            self.source is not None
+            and self.source.connected
+            and self._task is not None
+            and not self._task.done()
+        )
+
+    async def __aenter__(self) -> Ingest:
+        cfg = self.config
+        try:
+            store = await asyncio.to_thread(
+                SQLiteStore.in_dir,
+                cfg.data_dir,
+                synchronous=cfg.sqlite_synchronous,
+                dead_letters_kept=cfg.dead_letters_kept,
+            )
+            self._stack.callback(store.close)
+            self.state = store
+            self.history = self._history or store
+            if self._history is not None:
+                self._stack.callback(self._history.close)
+            restored = self.twins.restore(await asyncio.to_thread(store.load_twins))
+            log.info("store %s: %d device twins restored", store.path, restored)
+
+            if cfg.broker is None:
+                broker = await self._stack.enter_async_context(
+                    EmbeddedBroker("127.0.0.1", cfg.embedded_broker_port)
+                )
+                self.broker_url = broker.url
+            else:
+                self.broker_url = BrokerURL.parse(cfg.broker)
+
+            self.pipeline = Pipeline(
+                catalog=self.catalog,
+                scheme=self.scheme,
+                twins=self.twins,
+                history=self.history,
+                state=self.state,
+                metrics=self.metrics,
+                ack=self._ack,
+                batch_max=cfg.batch_max,
+                retry_max_s=cfg.store_retry_max_s,
+            )
+            self._task = asyncio.create_task(self.pipeline.run(), name="ingest-pipeline")
+            self._task.add_done_callback(self._pipeline_done)
+            self.source = await self._stack.enter_async_context(
+                MqttSource(
+                    self.broker_url,
+                    client_id=cfg.client_id,
+                    subscription=self.scheme.subscription,
+                    deliver=self.pipeline.deliver,
+                    max_inflight=cfg.max_inflight,
+                    on_connection_change=lambda up: self.metrics.broker_connected.set(int(up)),
+                )
+            )
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._stack.aclose()
+
+    def _ack(self, received: Received) -> bool:
+        assert self.source is not None
+        return self.source.ack(received)
+
+    def _pipeline_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failed = task.exception()
+            log.critical("ingest pipeline stopped: %r", self.failed, exc_info=self.failed)

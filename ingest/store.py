@@ -1,0 +1,79 @@
+"""What the stores keep, and the small protocols every backend implements.
+
+History (append-only): every accepted message, idempotent on (device, boot, seq, type) so a
+redelivery is stored once. State: device twins and dead letters. ``append``/``save`` return
+only once the data is durable; the ingestor acknowledges messages to the broker after that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from devices.contract import Message
+
+MessageType = Literal["birth", "death", "status", "event"]
+DEAD_LETTER_PAYLOAD_KEPT = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    device_id: str
+    station_id: str
+    kind: str
+    type: MessageType
+    boot: str
+    seq: int
+    ts_ms: int  # device clock; a death has none, so it is our arrival time
+    received_ms: int  # our clock
+    payload: str  # the JSON text as received
+    message: Message  # decoded, for backends that derive fields from it
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    received_ms: int
+    topic: str
+    reason: str
+    detail: str
+    payload: bytes  # the first DEAD_LETTER_PAYLOAD_KEPT bytes
+    size: int  # the whole payload's size
+    id: int | None = None
+
+    @classmethod
+    def of(
+        cls, received_ms: int, topic: str, reason: str, detail: str, payload: bytes
+    ) -> DeadLetter:
+        return cls(
+            received_ms, topic, reason, detail, payload[:DEAD_LETTER_PAYLOAD_KEPT], len(payload)
+        )
+
+
+class HistoryStore(Protocol):
+    def append(self, rows: Sequence[HistoryRow]) -> None:
+        """Store rows durably; rows already stored are skipped. Raises StoreUnavailable."""
+
+    def messages(
+        self,
+        device_id: str,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """Stored messages of one device by device time, oldest first."""
+
+    def close(self) -> None: ...
+
+
+class StateStore(Protocol):
+    def save(self, twins: Sequence[dict[str, Any]], dead_letters: Sequence[DeadLetter]) -> None:
+        """Upsert twin records and append dead letters, durably."""
+
+    def load_twins(self) -> list[dict[str, Any]]: ...
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    def dead_letter_counts(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,211 @@
+"""Device twins: the current state of every device, and the ordering rules that guard it.
+
+Pure: no I/O. ``Twin.apply`` takes one decoded message and says what it did (``Outcome``).
+
+Ordering, per device (contract v1, "How the service must read this"):
+
+- a message whose (boot, seq) is not newer than the last applied one *of the same channel*
+  changes nothing; an exact repeat is a duplicate. Births/deaths (``state``) and snapshots
+  (``status``) are ordered separately because a broker hands out retained messages of
+  different topics in any order: a retained status may arrive before the retained birth that
+  preceded it, and must not make that birth look old.
+- a boot we have not seen starts a new sequence; the boots it replaced are remembered, and
+  late messages of those are out of order.
+- a death applies only to the connection it names: same boot, and ``seq`` not older than the
+  latest birth of that boot. A late Will of an older connection is ignored.
+- a gap in ``seq`` counts lost messages; a late message that fills the gap un-counts it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from devices.availability import is_online
+from devices.catalog import DEFAULT_RELEASE_SOC, Device
+from devices.contract import (
+    DEFAULT_HEARTBEAT_S,
+    Birth,
+    CabinetStatus,
+    Death,
+    Event,
+    Message,
+    PileStatus,
+    Status,
+)
+
+RETIRED_BOOTS_KEPT = 8
+RECENT_EVENTS_KEPT = 64
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"  # changed current state (or, for events, was new)
+    DUPLICATE = "duplicate"  # same (boot, seq) as one already applied
+    OUT_OF_ORDER = "out_of_order"  # older than what is applied: kept in history only
+    STALE_DEATH = "stale_death"  # a Will of an older connection: ignored
+
+
+class CountMismatch(Exception):
+    """A status whose port/slot count differs from the birth (the contract rejects it)."""
+
+
+@dataclass
+class Twin:
+    device_id: str
+    kind: str
+    station_id: str
+    units: int  # ports/slots per the catalog, until a birth says otherwise
+    release_soc: float
+    boot: str | None = None
+    max_seq: int = -1  # highest seq seen in this boot (all channels)
+    state_seq: int = -1  # seq of the last applied birth/death
+    status_seq: int = -1  # seq of the last applied status
+    birth_seq: int | None = None
+    online_flag: bool = False
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S
+    model: str | None = None
+    firmware: str | None = None
+    status: Status | None = None
+    status_ts_ms: int | None = None  # device clock of the status
+    last_seen_ms: int | None = None  # our clock: last message that showed the device alive
+    changed_ms: int | None = None  # our clock: last change of current state
+    online_since_ms: int | None = None
+    retired_boots: list[str] = field(default_factory=list)
+    recent_event_seqs: list[int] = field(default_factory=list)  # to spot repeated events
+    lost_messages: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    reboots: int = 0
+
+    @classmethod
+    def for_device(cls, device: Device, release_soc: float = DEFAULT_RELEASE_SOC) -> Twin:
+        return cls(
+            device_id=device.id,
+            kind=device.kind,
+            station_id=device.station_id,
+            units=device.spec.units,
+            release_soc=device.spec.release_soc or release_soc,
+        )
+
+    def online(self, now_ms: int) -> bool:
+        return is_online(self.online_flag, self.last_seen_ms, self.heartbeat_s, now_ms)
+
+    # -- applying messages -------------------------------------------------------------
+
+    def apply(self, msg: Message, arrival_ms: int, *, retained: bool = False) -> Outcome:
+        """Apply one decoded message received at ``arrival_ms`` (our clock).
+
+        A retained message may be old: it proves the device was alive no later than its own
+        ``ts``, so it refreshes ``last_seen`` only up to that.
+        """
+        if isinstance(msg, Death):
+            return self._apply_death(msg, arrival_ms)
+        if msg.boot != self.boot:
+            if msg.boot in self.retired_boots:
+                self.out_of_order += 1
+                return Outcome.OUT_OF_ORDER
+            self._new_boot(msg.boot)
+        outcome = self._sequence(msg)
+        if outcome is not Outcome.APPLIED:
+            return outcome
+        seen = min(arrival_ms, msg.ts) if retained else arrival_ms
+        if self.last_seen_ms is None or seen > self.last_seen_ms:
+            self.last_seen_ms = seen
+        if isinstance(msg, Birth):
+            self.state_seq = msg.seq
+            self.birth_seq = msg.seq
+            if not self.online_flag:
+                self.online_since_ms = seen
+            self.online_flag = True
+            self.heartbeat_s = msg.heartbeat_s
+            self.model, self.firmware = msg.model, msg.firmware
+            self.units = msg.units
+            self.changed_ms = arrival_ms
+        elif isinstance(msg, PileStatus | CabinetStatus):
+            self.status_seq = msg.seq
+            self.status = msg
+            self.status_ts_ms = msg.ts
+            self.changed_ms = arrival_ms
+        return Outcome.APPLIED
+
+    def check_count(self, status: Status) -> None:
+        """Raise CountMismatch when ``status`` lists another number of ports/slots."""
+        if len(status.units) != self.units:
+            what = "ports" if self.kind == "pile" else "slots"
+            raise CountMismatch(f"{len(status.units)} {what} listed, the device has {self.units}")
+
+    def _sequence(self, msg: Birth | PileStatus | CabinetStatus | Event) -> Outcome:
+        seq = msg.seq
+        if seq > self.max_seq:
+            if self.max_seq >= 0:
+                self.lost_messages += seq - self.max_seq - 1
+            self.max_seq = seq
+        else:
+            if isinstance(msg, Birth):
+                last = self.state_seq
+            elif isinstance(msg, Event):
+                last = seq if seq in self.recent_event_seqs else -1  # events carry no state
+            else:
+                last = self.status_seq
+            if seq == last:
+                self.duplicates += 1
+                return Outcome.DUPLICATE
+            if self.lost_messages > 0:
+                self.lost_messages -= 1  # it was late, not lost
+            if seq < last:
+                self.out_of_order += 1
+                return Outcome.OUT_OF_ORDER
+        if isinstance(msg, Event):
+            self.recent_event_seqs.append(seq)
+            del self.recent_event_seqs[:-RECENT_EVENTS_KEPT]
+        return Outcome.APPLIED
+
+    def _apply_death(self, msg: Death, arrival_ms: int) -> Outcome:
+        if self.boot is not None and msg.boot != self.boot:
+            return Outcome.STALE_DEATH  # an older boot's Will, or one we cannot place
+        if self.birth_seq is not None and msg.seq < self.birth_seq:
+            return Outcome.STALE_DEATH  # the Will of a connection that has been replaced
+        if not self.online_flag and self.state_seq == msg.seq and self.boot == msg.boot:
+            self.duplicates += 1
+            return Outcome.DUPLICATE
+        if self.boot is None:
+            self.boot = msg.boot
+        self.online_flag = False
+        self.state_seq = max(self.state_seq, msg.seq)
+        self.changed_ms = arrival_ms
+        return Outcome.APPLIED
+
+    def _new_boot(self, boot: str) -> None:
+        if self.boot is not None:
+            self.retired_boots.append(self.boot)
+            del self.retired_boots[:-RETIRED_BOOTS_KEPT]
+            self.reboots += 1
+        self.boot = boot
+        self.max_seq = self.state_seq = self.status_seq = -1
+        self.birth_seq = None
+        self.online_flag = False  # until this boot's birth arrives
+        self.recent_event_seqs.clear()
+
+    # -- persistence -------------------------------------------------------------------
+
+    def to_record(self) -> dict[str, Any]:
+        record = {
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if name not in ("status",)
+        }
+        record["status"] = self.status.model_dump(mode="json") if self.status else None
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Twin:
+        data = dict(record)
+        status = data.pop("status", None)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        twin = cls(**known)
+        if status is not None:
+            model = PileStatus if status.get("kind") == "pile" else CabinetStatus
+            # stored timestamps are epoch ms already; strict models accept them as they are
+            twin.status = model.model_validate(status)
+        return twin
