@@ -61,7 +61,8 @@ async def run_serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         serving = asyncio.create_task(server.serve(), name="http")
-        while not server.started and not serving.done():  # uvicorn offers no started event
+        # uvicorn offers no "started" event to wait on
+        while not server.started and not serving.done():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         if serving.done():
             await serving
