@@ -1,0 +1,19 @@
+"""Simulated charging piles and swap cabinets that speak contract v1 over MQTT.
+
+Layout: pure behaviour (``daycycle``, ``model``, ``pile``, ``cabinet``, ``rng``) that only
+moves state along a simulated clock; the wire (``payloads``, ``device``, ``backoff``,
+``truth``) that turns that state into firmware-identical MQTT traffic; and the ``fleet`` and
+``cli`` that run every catalog device from one process.
+
+Errors::
+
+    SimulatorError        anything the simulator refuses to do
+     +-- UnknownDevice    a device id that this fleet does not run
+     +-- UnsupportedUnit  an injection that makes no sense for this kind of device
+
+simulators depends only on ``devices`` of ours (plus aiomqtt/paho and the stdlib).
+"""
+
+from simulators.errors import SimulatorError, UnknownDevice, UnsupportedUnit
+
+__all__ = ["SimulatorError", "UnknownDevice", "UnsupportedUnit"]
