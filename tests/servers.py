@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import pytest
 
 T = TypeVar("T")
@@ -28,7 +30,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -91,7 +95,9 @@ class Process:
             wait_port(self.port, proc=self.proc)
         except Exception:
             self.stop()
-            raise RuntimeError(f"{self.argv[0]} did not start; log:\n{self.log.read_text()}") from None
+            raise RuntimeError(
+                f"{self.argv[0]} did not start; log:\n{self.log.read_text()}"
+            ) from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -139,5 +145,53 @@ def mosquitto(tmp: Path, *, persistence: bool = True) -> Iterator[Process]:
     proc.start()
     try:
         yield proc
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Service:
+    """A ``chargewatch serve`` process and its HTTP base URL."""
+
+    process: Process
+    base_url: str
+    data_dir: Path
+
+    def get(self, path: str, **params: object) -> httpx.Response:
+        return httpx.get(self.base_url + path, params=params or None, timeout=10)  # type: ignore[arg-type]
+
+
+def chargewatch_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "api.cli", *args]
+
+
+@contextmanager
+def chargewatch_serve(
+    tmp: Path, broker: str | None, *extra: str, data_dir: Path | None = None
+) -> Iterator[Service]:
+    """Start ``chargewatch serve`` on free ports; wait until /readyz says ready."""
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    data_dir = data_dir or tmp / "data"
+    argv = ["serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
+    if broker is None:
+        argv += ["--broker-port", str(free_port())]
+    else:
+        argv += ["--broker", broker]
+    proc = Process(
+        chargewatch_argv(*argv),
+        port,
+        Path(__file__).resolve().parent.parent,
+        tmp / "serve.log",
+    )
+    proc.start()
+    service = Service(proc, f"http://127.0.0.1:{port}", data_dir)
+
+    def ready() -> None:
+        assert service.get("/readyz").status_code == 200, service.get("/readyz").text
+
+    try:
+        eventually(ready, timeout=30)
+        yield service
     finally:
         proc.stop()
