@@ -1,0 +1,36 @@
+# A newcomer's commands. Each creates the virtual environment on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test check lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+## demo: the whole district simulated, the service and its pages, embedded broker and store
+demo: $(STAMP)
+	$(BIN)/chargewatch demo
+
+## test: lint, type-check, then every test (real mosquitto/influxd/victoria-metrics when installed)
+test: check
+	$(BIN)/python -m pytest
+
+## check: ruff (lint + format) and mypy --strict on the packages
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+lint: check
+
+## bench: benchmarks, printed as ratios to ceilings measured in the same run
+bench: $(STAMP)
+	$(BIN)/chargewatch bench
+
+clean:
+	rm -rf $(VENV) .demo-data chargewatch-data .pytest_cache .mypy_cache .ruff_cache
