@@ -93,7 +93,9 @@ class _Model(BaseModel):
 
 
 Boot = Annotated[str, Field(min_length=4, max_length=32)]
-Seq = Annotated[int, Field(ge=0)]
+# the stores keep seq as a signed 64-bit integer; a bigger one is bad input, not a store crash
+SEQ_MAX = 2**63 - 1
+Seq = Annotated[int, Field(ge=0, le=SEQ_MAX)]
 Number = int | float
 
 

@@ -1,0 +1,466 @@
+"""Contract v1 decoding: every documented example, both ts forms, and every rejection reason."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from devices.contract import (
+    MAX_PAYLOAD_BYTES,
+    Birth,
+    CabinetStatus,
+    ContractError,
+    Death,
+    Event,
+    PileStatus,
+    decode,
+    parse_ts,
+)
+from devices.topics import Channel
+
+# 2026-11-28T12:00:00+08:00 == 2026-11-28T04:00:00Z
+NOON_CST_MS = 1_795_838_400_000
+
+PILE_STATUS = (
+    b'{"v":1,"ts":"2026-11-28T12:00:00.000+08:00","boot":"7f3a","seq":42,"kind":"pile",'
+    b'"voltage_v":229.8,"temp_c":31.5,"rssi_dbm":-71,"faults":[],'
+    b'"ports":[{"n":1,"state":"charging","power_w":182.0,"energy_wh":96.4,"session":"s-1a2b"},'
+    b'{"n":2,"state":"available","power_w":0,"energy_wh":0}]}'
+)
+CABINET_STATUS = (
+    b'{"v":1,"ts":1796284800000,"boot":"c0ff","seq":7,"kind":"cabinet",'
+    b'"temp_c":28.0,"smoke":false,"door_open":false,"faults":[],'
+    b'"slots":[{"n":1,"state":"ready","battery":"B-88123","soc":97,"temp_c":27.1},'
+    b'{"n":2,"state":"charging","battery":"B-10017","soc":43,"temp_c":33.0,"power_w":250},'
+    b'{"n":3,"state":"empty"},'
+    b'{"n":4,"state":"faulted","fault":"lock_failure"}]}'
+)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def header(**extra: Any) -> dict[str, Any]:
+    return {"v": 1, "ts": 1796284800000, "boot": "b00t", "seq": 3, **extra}
+
+
+def pile(**extra: Any) -> dict[str, Any]:
+    return header(
+        kind="pile",
+        ports=[{"n": 1, "state": "available"}, {"n": 2, "state": "charging", "power_w": 150}],
+        **extra,
+    )
+
+
+def cabinet(**extra: Any) -> dict[str, Any]:
+    return header(
+        kind="cabinet",
+        slots=[{"n": 1, "state": "ready", "soc": 95}, {"n": 2, "state": "empty"}],
+        **extra,
+    )
+
+
+def reason_of(channel: Channel, payload: bytes) -> str:
+    with pytest.raises(ContractError) as info:
+        decode(channel, payload)
+    return info.value.reason
+
+
+# -- the documented examples ----------------------------------------------------------------
+
+
+def test_pile_status_example() -> None:
+    msg = decode("status", PILE_STATUS)
+    assert isinstance(msg, PileStatus)
+    assert msg.ts == NOON_CST_MS
+    assert (msg.boot, msg.seq, msg.kind) == ("7f3a", 42, "pile")
+    assert (msg.voltage_v, msg.temp_c, msg.rssi_dbm) == (229.8, 31.5, -71)
+    assert [(p.n, p.state, p.power_w, p.energy_wh, p.session) for p in msg.ports] == [
+        (1, "charging", 182.0, 96.4, "s-1a2b"),
+        (2, "available", 0.0, 0.0, None),
+    ]
+    assert msg.device_faults == []
+
+
+def test_cabinet_status_example() -> None:
+    msg = decode("status", CABINET_STATUS)
+    assert isinstance(msg, CabinetStatus)
+    assert msg.ts == 1796284800000
+    assert (msg.boot, msg.seq, msg.temp_c, msg.smoke, msg.door_open) == (
+        "c0ff",
+        7,
+        28.0,
+        False,
+        False,
+    )
+    assert [(s.n, s.state, s.battery, s.soc, s.fault) for s in msg.slots] == [
+        (1, "ready", "B-88123", 97, None),
+        (2, "charging", "B-10017", 43, None),
+        (3, "empty", None, None, None),
+        (4, "faulted", None, None, "lock_failure"),
+    ]
+    assert msg.slots[1].power_w == 250
+    assert msg.device_faults == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind", "units", "heartbeat_s"),
+    [
+        (
+            b'{"v":1,"ts":"2026-11-28T12:00:00+08:00","boot":"7f3a","seq":0,"online":true,'
+            b'"kind":"pile","model":"CW-P10","firmware":"1.4.2","ports":10,"heartbeat_s":30}',
+            "pile",
+            10,
+            30,
+        ),
+        (
+            b'{"v":1,"ts":1796284800000,"boot":"c0ff","seq":5,"online":true,'
+            b'"kind":"cabinet","model":"CW-C12","firmware":"2.0.0","slots":12}',
+            "cabinet",
+            12,
+            30,  # the default heartbeat
+        ),
+        (
+            b'{"v":1,"ts":1796284800000,"boot":"c0ff","seq":5,"online":true,'
+            b'"kind":"cabinet","slots":12,"heartbeat_s":60}',
+            "cabinet",
+            12,
+            60,
+        ),
+    ],
+)
+def test_birth(payload: bytes, kind: str, units: int, heartbeat_s: int) -> None:
+    msg = decode("state", payload)
+    assert isinstance(msg, Birth)
+    assert (msg.kind, msg.units, msg.heartbeat_s, msg.online) == (kind, units, heartbeat_s, True)
+
+
+def test_birth_fields() -> None:
+    msg = decode(
+        "state",
+        b'{"v":1,"ts":1796284800000,"boot":"7f3a","seq":0,"online":true,'
+        b'"kind":"pile","model":"CW-P10","firmware":"1.4.2","ports":10}',
+    )
+    assert isinstance(msg, Birth)
+    assert (msg.ts, msg.boot, msg.seq, msg.model, msg.firmware) == (
+        1796284800000,
+        "7f3a",
+        0,
+        "CW-P10",
+        "1.4.2",
+    )
+
+
+def test_will_without_ts() -> None:
+    msg = decode("state", b'{"v":1,"online":false,"boot":"7f3a","seq":3}')
+    assert isinstance(msg, Death)
+    assert (msg.online, msg.boot, msg.seq, msg.ts) == (False, "7f3a", 3, None)
+
+
+def test_graceful_death_with_ts() -> None:
+    msg = decode(
+        "state", b'{"v":1,"online":false,"boot":"7f3a","seq":3,"ts":"2026-11-28T04:00:00Z"}'
+    )
+    assert isinstance(msg, Death)
+    assert msg.ts == NOON_CST_MS
+
+
+@pytest.mark.parametrize(
+    ("fields", "check"),
+    [
+        (
+            {"type": "fault_raised", "code": "over_temperature", "port": 3, "value": 81.5},
+            {"code": "over_temperature", "port": 3, "value": 81.5},
+        ),
+        (
+            {"type": "fault_cleared", "code": "lock_failure", "slot": 4, "info": "relatched"},
+            {"code": "lock_failure", "slot": 4, "info": "relatched"},
+        ),
+        (
+            {"type": "fault_raised", "code": "vendor_x42"},  # unknown codes are kept
+            {"code": "vendor_x42", "port": None, "slot": None},
+        ),
+        (
+            {"type": "session_started", "port": 2, "session": "s-9"},
+            {"port": 2, "session": "s-9", "energy_wh": None},
+        ),
+        (
+            {"type": "session_ended", "port": 2, "session": "s-9", "energy_wh": 310.5},
+            {"port": 2, "session": "s-9", "energy_wh": 310.5},
+        ),
+        (
+            {
+                "type": "swap",
+                "slot_out": 1,
+                "battery_out": "B-1",
+                "soc_out": 97,
+                "slot_in": 1,
+                "battery_in": "B-2",
+                "soc_in": 12,
+            },
+            {"slot_out": 1, "battery_out": "B-1", "soc_out": 97, "battery_in": "B-2", "soc_in": 12},
+        ),
+        ({"type": "door_opened"}, {"code": None}),
+        ({"type": "door_closed"}, {"code": None}),
+    ],
+)
+def test_events(fields: dict[str, Any], check: dict[str, Any]) -> None:
+    msg = decode("event", dumps(header(**fields)))
+    assert isinstance(msg, Event)
+    assert msg.type == fields["type"]
+    assert {name: getattr(msg, name) for name in check} == check
+
+
+# -- timestamps ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected_ms"),
+    [
+        ("2026-11-28T12:00:00.000+08:00", NOON_CST_MS),
+        ("2026-11-28T12:00:00+08:00", NOON_CST_MS),
+        ("2026-11-28T04:00:00Z", NOON_CST_MS),
+        ("2026-11-28T04:00:00.123Z", NOON_CST_MS + 123),
+        ("2026-11-28T04:00:00.999+00:00", NOON_CST_MS + 999),
+        ("2026-11-27T23:00:00-05:00", NOON_CST_MS),
+        (NOON_CST_MS, NOON_CST_MS),
+        (0, 0),
+    ],
+)
+def test_ts_forms(ts: str | int, expected_ms: int) -> None:
+    assert parse_ts(ts) == expected_ms
+    msg = decode("status", dumps(pile(ts=ts)))
+    assert msg.ts == expected_ms
+
+
+# -- rejections ------------------------------------------------------------------------------
+
+
+def test_oversized() -> None:
+    payload = dumps(pile(vendor="x" * MAX_PAYLOAD_BYTES))
+    assert len(payload) > MAX_PAYLOAD_BYTES
+    assert reason_of("status", payload) == "oversized"
+
+
+def test_exactly_16_kib_is_accepted() -> None:
+    base = dumps(pile(vendor=""))
+    payload = dumps(pile(vendor="x" * (MAX_PAYLOAD_BYTES - len(base))))
+    assert len(payload) == MAX_PAYLOAD_BYTES
+    assert decode("status", payload).seq == 3
+
+
+@pytest.mark.parametrize(
+    ("channel", "payload", "reason"),
+    [
+        ("status", b"", "not_json"),
+        ("status", b"hello", "not_json"),
+        ("status", b'{"v":1,', "not_json"),
+        ("status", b"\xff\xfe{}", "not_json"),
+        ("status", b'{"v":1,"ts":1,"boot":"abcd","seq":1,"kind":"pile","temp_c":NaN}', "not_json"),
+        (
+            "status",
+            b'{"v":1,"ts":1,"boot":"abcd","seq":1,"kind":"pile","temp_c":Infinity}',
+            "not_json",
+        ),
+        ("status", b'{"v":1,"x":' + b"[" * 4000 + b"]" * 4000 + b"}", "not_json"),
+        ("status", b"[" * 4000 + b"]" * 4000, "not_json"),
+        ("status", b'[{"v":1}]', "not_object"),
+        ("status", b'"text"', "not_object"),
+        ("status", b"42", "not_object"),
+        ("state", b"null", "not_object"),
+        ("status", b'{"ts":1,"boot":"abcd","seq":1,"kind":"pile"}', "version"),
+        ("status", b'{"v":2,"ts":1,"boot":"abcd","seq":1,"kind":"pile"}', "version"),
+        ("status", b'{"v":"1","ts":1,"boot":"abcd","seq":1,"kind":"pile"}', "version"),
+        ("status", b'{"v":true,"ts":1,"boot":"abcd","seq":1,"kind":"pile"}', "version"),
+        ("state", b'{"v":0,"online":false,"boot":"abcd","seq":1}', "version"),
+        ("event", b'{"v":null,"ts":1,"boot":"abcd","seq":1,"type":"door_opened"}', "version"),
+    ],
+)
+def test_rejected_before_schema(channel: Channel, payload: bytes, reason: str) -> None:
+    assert reason_of(channel, payload) == reason
+
+
+def _ports(*states: str) -> list[dict[str, Any]]:
+    return [{"n": i, "state": s} for i, s in enumerate(states, 1)]
+
+
+SCHEMA_VIOLATIONS: list[tuple[Channel, dict[str, Any]]] = [
+    ("status", pile(seq="4")),
+    ("status", pile(seq=-1)),
+    ("status", pile(seq=4.0)),
+    ("status", pile(boot="abc")),  # boot too short
+    ("status", pile(boot="x" * 33)),  # boot too long
+    ("status", pile(boot=1234)),
+    ("status", pile(ts="2026-11-28T12:00:00")),  # no offset
+    ("status", pile(ts="2026-11-28")),  # date only
+    ("status", pile(ts="yesterday")),
+    ("status", pile(ts=True)),
+    ("status", pile(ts=1.5e12)),
+    ("status", pile(ts=-1)),
+    ("status", pile(temp_c="31.5")),
+    ("status", pile(faults="smoke")),
+    ("status", cabinet(smoke=0)),
+    ("status", cabinet(door_open="false")),
+    ("status", {**pile(), "kind": "charger"}),
+    ("status", {k: v for k, v in pile().items() if k != "ports"}),
+    ("status", {k: v for k, v in pile().items() if k != "ts"}),
+    ("status", {k: v for k, v in pile().items() if k != "boot"}),
+    ("status", {k: v for k, v in pile().items() if k != "seq"}),
+    ("status", {**pile(), "ports": []}),
+    ("status", {**pile(), "ports": _ports("available", "plugged")}),
+    ("status", {**pile(), "ports": _ports("Available")}),
+    ("status", {**pile(), "ports": _ports("faulted")}),  # faulted port without fault
+    ("status", {**pile(), "ports": [{"n": 1, "state": "faulted", "fault": ""}]}),
+    ("status", {**pile(), "ports": [{"n": 1}]}),
+    ("status", {**pile(), "ports": [{"state": "available"}]}),
+    ("status", {**pile(), "ports": [{"n": "1", "state": "available"}]}),
+    ("status", {**pile(), "ports": [{"n": 0, "state": "available"}]}),
+    ("status", {**pile(), "ports": [{"n": 2, "state": "available"}]}),  # not from 1
+    (
+        "status",
+        {**pile(), "ports": [{"n": 1, "state": "available"}, {"n": 1, "state": "charging"}]},
+    ),
+    (
+        "status",
+        {**pile(), "ports": [{"n": 1, "state": "available"}, {"n": 3, "state": "charging"}]},
+    ),
+    ("status", {**pile(), "ports": [{"n": 1, "state": "charging", "power_w": "150"}]}),
+    ("status", {**cabinet(), "slots": [{"n": 1, "state": "ready", "soc": 101}]}),
+    ("status", {**cabinet(), "slots": [{"n": 1, "state": "ready", "soc": -1}]}),
+    ("status", {**cabinet(), "slots": [{"n": 1, "state": "full"}]}),
+    ("status", {**cabinet(), "slots": [{"n": 1, "state": "faulted"}]}),
+    ("status", {**cabinet(), "slots": [{"n": 1, "state": "available"}]}),  # a port state
+    ("status", {**cabinet(), "slots": [{"n": 2, "state": "empty"}, {"n": 2, "state": "empty"}]}),
+    ("state", {**header(), "online": True, "kind": "pile"}),  # birth without ports
+    ("state", {**header(), "online": True, "kind": "cabinet", "ports": 12}),
+    ("state", {**header(), "online": True, "kind": "pile", "ports": "10"}),
+    ("state", {**header(), "online": True, "kind": "pile", "ports": 10, "heartbeat_s": 0}),
+    ("state", {**header(), "online": "yes", "kind": "pile", "ports": 10}),
+    ("state", {**header(), "kind": "pile", "ports": 10}),  # online missing
+    ("state", {"v": 1, "online": False, "boot": "abcd"}),  # Will without seq
+    ("state", {"v": 1, "online": False, "seq": 1}),  # Will without boot
+    ("state", {"v": 1, "online": False, "boot": "abcd", "seq": 1, "ts": "noon"}),
+    ("event", header(type="exploded")),
+    ("event", header()),  # no type
+    ("event", header(type="fault_raised")),  # no code
+    ("event", header(type="session_started", port=1)),  # no session
+    ("event", header(type="session_ended", port=1, session="s")),  # no energy
+    ("event", header(type="swap", slot_out=1, battery_out="B", soc_out=90)),
+    ("event", header(type="fault_raised", code="smoke", port="1")),
+]
+
+
+@pytest.mark.parametrize(("channel", "data"), SCHEMA_VIOLATIONS)
+def test_schema_violations(channel: Channel, data: dict[str, Any]) -> None:
+    assert reason_of(channel, dumps(data)) == "schema"
+
+
+def test_number_literal_overflowing_to_infinity() -> None:
+    # 1e400 is valid JSON syntax but parses to infinity, which the contract rejects
+    payload = dumps(cabinet(temp_c=0)).replace(b'"temp_c": 0', b'"temp_c": 1e400')
+    assert b"1e400" in payload
+    assert reason_of("status", payload) == "schema"
+
+
+@pytest.mark.parametrize("seq", [2**63, 10**30])
+def test_seq_beyond_64_bits_rejected(seq: int) -> None:
+    # every store keeps seq as a signed 64-bit integer; a bigger one must be bad input,
+    # not an exception from the store
+    assert reason_of("status", dumps(pile(seq=seq))) == "schema"
+    assert reason_of("state", dumps({"v": 1, "online": False, "boot": "abcd", "seq": seq})) == (
+        "schema"
+    )
+
+
+def test_largest_seq_accepted() -> None:
+    assert decode("status", dumps(pile(seq=2**63 - 1))).seq == 2**63 - 1
+
+
+def test_schema_detail_names_the_field() -> None:
+    with pytest.raises(ContractError) as info:
+        decode("status", dumps({**pile(), "ports": _ports("available", "plugged")}))
+    assert info.value.detail.startswith("ports.1.state:")
+
+
+def test_cmd_channel_carries_no_data() -> None:
+    assert reason_of("cmd", dumps(pile())) == "topic"
+
+
+# -- leniency and defaults -------------------------------------------------------------------
+
+
+def test_unknown_fields_are_ignored() -> None:
+    data = pile(vendor_field={"anything": [1, 2]}, grid_hz=50.01)
+    data["ports"][0]["vendor_port_field"] = "x"
+    msg = decode("status", dumps(data))
+    assert isinstance(msg, PileStatus)
+    assert [p.state for p in msg.ports] == ["available", "charging"]
+    assert not hasattr(msg, "vendor_field")
+
+
+def test_unknown_fields_ignored_on_birth_will_and_event() -> None:
+    birth = decode("state", dumps(header(online=True, kind="pile", ports=10, sim=True)))
+    will = decode("state", b'{"v":1,"online":false,"boot":"abcd","seq":0,"reason":"lwt"}')
+    event = decode("event", dumps(header(type="door_opened", who="tech-7")))
+    assert (type(birth), type(will), type(event)) == (Birth, Death, Event)
+
+
+def test_ports_listed_in_any_order() -> None:
+    data = {**pile(), "ports": [{"n": 2, "state": "charging"}, {"n": 1, "state": "available"}]}
+    msg = decode("status", dumps(data))
+    assert isinstance(msg, PileStatus)
+    assert sorted(p.n for p in msg.ports) == [1, 2]
+
+
+def test_pile_defaults() -> None:
+    msg = decode(
+        "status",
+        dumps(header(kind="pile", ports=[{"n": 1, "state": "charging"}])),
+    )
+    assert isinstance(msg, PileStatus)
+    port = msg.ports[0]
+    assert (port.power_w, port.energy_wh, port.fault, port.session) == (0.0, 0.0, None, None)
+    assert (msg.faults, msg.voltage_v, msg.temp_c, msg.rssi_dbm) == ([], None, None, None)
+
+
+def test_cabinet_defaults() -> None:
+    msg = decode("status", dumps(header(kind="cabinet", slots=[{"n": 1, "state": "charging"}])))
+    assert isinstance(msg, CabinetStatus)
+    slot = msg.slots[0]
+    assert (slot.power_w, slot.energy_wh, slot.soc, slot.battery, slot.temp_c) == (
+        0.0,
+        0.0,
+        None,
+        None,
+        None,
+    )
+    assert (msg.smoke, msg.door_open, msg.faults, msg.device_faults) == (False, False, [], [])
+
+
+@pytest.mark.parametrize(
+    ("faults", "smoke", "device_faults"),
+    [
+        ([], True, ["smoke"]),
+        (["water_leak"], True, ["water_leak", "smoke"]),
+        (["smoke"], True, ["smoke"]),  # not counted twice
+        (["smoke"], False, ["smoke"]),
+        (["over_temperature"], False, ["over_temperature"]),
+        (["vendor_x42"], False, ["vendor_x42"]),  # unknown codes are kept
+    ],
+)
+def test_smoke_counts_as_device_fault(
+    faults: list[str], smoke: bool, device_faults: list[str]
+) -> None:
+    msg = decode("status", dumps(cabinet(faults=faults, smoke=smoke)))
+    assert isinstance(msg, CabinetStatus)
+    assert msg.device_faults == device_faults
+    assert msg.faults == faults  # the reported list itself is left as sent
+
+
+def test_pile_device_faults() -> None:
+    msg = decode("status", dumps(pile(faults=["ground_fault"])))
+    assert isinstance(msg, PileStatus)
+    assert msg.device_faults == ["ground_fault"]
