@@ -14,7 +14,8 @@ Channel = Literal["state", "status", "event", "cmd"]
 CHANNELS: frozenset[str] = frozenset(get_args(Channel))
 DEFAULT_PREFIX = "cw/v1"
 DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
-DEVICE_ID_RE = re.compile(rf"^{DEVICE_ID_PATTERN}$")
+# \Z, not $: in Python "$" also matches before a trailing newline
+DEVICE_ID_RE = re.compile(rf"^{DEVICE_ID_PATTERN}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class TopicScheme:
         self.prefix = prefix
         self._matcher = re.compile(
             rf"^{re.escape(prefix)}/(?P<device_id>{DEVICE_ID_PATTERN})/"
-            rf"(?P<channel>state|status|event|cmd)$"
+            rf"(?P<channel>state|status|event|cmd)\Z"
         )
 
     def build(self, device_id: str, channel: Channel) -> str:
