@@ -21,7 +21,8 @@ from devices.contract import DeviceKind
 from devices.topics import DEVICE_ID_PATTERN
 
 DEFAULT_RELEASE_SOC = 90.0
-_HOURS_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+# "HH:MM-HH:MM" local time; the end may be 24:00 (and no later)
+_HOURS_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-(?:([01]\d|2[0-3]):([0-5]\d)|(24):(00))$")
 
 
 class CatalogError(ValueError):
@@ -76,7 +77,7 @@ class StationSpec(_Strict):
         m = _HOURS_RE.match(self.hours)
         assert m is not None
         start = int(m[1]) * 60 + int(m[2])
-        end = int(m[3]) * 60 + int(m[4])
+        end = int(m[3] or m[5]) * 60 + int(m[4] or m[6])
         if start <= end:
             return start <= minute_of_day < end
         return minute_of_day >= start or minute_of_day < end  # open across midnight
