@@ -37,6 +37,7 @@ from devices.contract import (
 
 RETIRED_BOOTS_KEPT = 8
 RECENT_EVENTS_KEPT = 64
+MISSING_SEQS_KEPT = 256  # the newest seqs of gaps, so that a late arrival can be un-counted
 
 
 class Outcome(StrEnum):
@@ -73,6 +74,7 @@ class Twin:
     online_since_ms: int | None = None
     retired_boots: list[str] = field(default_factory=list)
     recent_event_seqs: list[int] = field(default_factory=list)  # to spot repeated events
+    missing_seqs: list[int] = field(default_factory=list)  # seqs counted as lost (newest)
     lost_messages: int = 0
     duplicates: int = 0
     out_of_order: int = 0
@@ -140,6 +142,9 @@ class Twin:
         if seq > self.max_seq:
             if self.max_seq >= 0:
                 self.lost_messages += seq - self.max_seq - 1
+                first = max(self.max_seq + 1, seq - MISSING_SEQS_KEPT)
+                self.missing_seqs.extend(range(first, seq))
+                del self.missing_seqs[:-MISSING_SEQS_KEPT]
             self.max_seq = seq
         else:
             if isinstance(msg, Birth):
@@ -151,8 +156,9 @@ class Twin:
             if seq == last:
                 self.duplicates += 1
                 return Outcome.DUPLICATE
-            if self.lost_messages > 0:
-                self.lost_messages -= 1  # it was late, not lost
+            if seq in self.missing_seqs:  # it was late, not lost (a redelivery was neither)
+                self.missing_seqs.remove(seq)
+                self.lost_messages -= 1
             if seq < last:
                 self.out_of_order += 1
                 return Outcome.OUT_OF_ORDER
@@ -186,6 +192,7 @@ class Twin:
         self.birth_seq = None
         self.online_flag = False  # until this boot's birth arrives
         self.recent_event_seqs.clear()
+        self.missing_seqs.clear()
 
     # -- persistence -------------------------------------------------------------------
 
