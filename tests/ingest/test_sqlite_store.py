@@ -1,0 +1,198 @@
+"""The embedded SQLite store: idempotent history, twin records, bounded dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devices.contract import Death
+from ingest import StoreError, StoreUnavailable
+from ingest.sqlite_store import DB_FILE, SQLiteStore
+from ingest.store import DEAD_LETTER_PAYLOAD_KEPT, DeadLetter, HistoryRow, MessageType
+
+T0 = 1_796_284_800_000
+_MSG = Death(v=1, online=False, boot="boot-a", seq=0)  # any decoded message will do
+
+
+def row(
+    seq: int,
+    ts_ms: int,
+    device_id: str = "P1",
+    type: MessageType = "status",
+    boot: str = "boot-a",
+) -> HistoryRow:
+    return HistoryRow(
+        device_id=device_id,
+        station_id="st-1",
+        kind="pile",
+        type=type,
+        boot=boot,
+        seq=seq,
+        ts_ms=ts_ms,
+        received_ms=ts_ms + 5,
+        payload=f'{{"seq":{seq}}}',
+        message=_MSG,
+    )
+
+
+def dead(i: int, reason: str = "schema") -> DeadLetter:
+    return DeadLetter.of(T0 + i, f"cw/v1/P1/status#{i}", reason, f"detail {i}", b"x%d" % i)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore.in_dir(tmp_path / "data", dead_letters_kept=5)
+    yield s
+    s.close()
+
+
+def _keys(rows: list[dict[str, object]]) -> list[tuple[object, ...]]:
+    return [(r["boot"], r["seq"], r["type"]) for r in rows]
+
+
+def test_in_dir_creates_the_file(tmp_path: Path) -> None:
+    s = SQLiteStore.in_dir(tmp_path / "a" / "b")
+    s.close()
+    assert (tmp_path / "a" / "b" / DB_FILE).is_file()
+
+
+def test_append_is_idempotent(store: SQLiteStore) -> None:
+    store.append([row(1, T0), row(2, T0 + 1000)])
+    store.append([row(2, T0 + 1000), row(3, T0 + 2000)])  # 2 redelivered
+    store.append([row(1, T0)])
+    assert store.count_messages() == 3
+    assert _keys(store.messages("P1")) == [
+        ("boot-a", 1, "status"),
+        ("boot-a", 2, "status"),
+        ("boot-a", 3, "status"),
+    ]
+
+
+def test_same_seq_other_type_or_boot_is_another_message(store: SQLiteStore) -> None:
+    # a Will carries the seq of its birth; a new boot starts again from 0
+    store.append(
+        [
+            row(0, T0, type="birth"),
+            row(0, T0 + 1, type="death"),
+            row(0, T0 + 2, boot="boot-b", type="birth"),
+        ]
+    )
+    assert store.count_messages() == 3
+
+
+def test_messages_ordered_by_device_time(store: SQLiteStore) -> None:
+    store.append([row(5, T0 + 5000), row(3, T0 + 1000), row(4, T0 + 1000), row(1, T0 - 9000)])
+    store.append([row(9, T0, device_id="P2")])
+    rows = store.messages("P1")
+    assert [r["seq"] for r in rows] == [1, 3, 4, 5]  # by ts, then seq
+    assert rows[0] == {
+        "device_id": "P1",
+        "boot": "boot-a",
+        "seq": 1,
+        "type": "status",
+        "ts_ms": T0 - 9000,
+        "received_ms": T0 - 8995,
+        "payload": '{"seq":1}',
+    }
+    assert [r["seq"] for r in store.messages("P2")] == [9]
+    assert store.messages("P3") == []
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "limit", "seqs"),
+    [
+        (None, None, 1000, [1, 2, 3, 4]),
+        (T0 + 1000, None, 1000, [2, 3, 4]),  # since is inclusive
+        (None, T0 + 2000, 1000, [1, 2]),  # until is exclusive
+        (T0 + 1000, T0 + 3000, 1000, [2, 3]),
+        (None, None, 2, [1, 2]),
+    ],
+)
+def test_messages_window(
+    store: SQLiteStore, since: int | None, until: int | None, limit: int, seqs: list[int]
+) -> None:
+    store.append([row(i + 1, T0 + i * 1000) for i in range(4)])
+    assert [r["seq"] for r in store.messages("P1", since, until, limit)] == seqs
+
+
+def test_save_and_load_twins(store: SQLiteStore) -> None:
+    a = {"device_id": "P1", "boot": "boot-a", "max_seq": 3, "retired_boots": [], "status": None}
+    b = {"device_id": "C1", "boot": None, "status": {"kind": "cabinet", "slots": []}}
+    store.save([a, b], [])
+    assert sorted(store.load_twins(), key=lambda r: str(r["device_id"])) == [b, a]
+    a2 = {**a, "max_seq": 9, "retired_boots": ["boot-0"]}
+    store.save([a2], [])  # an upsert, not a second row
+    assert sorted(store.load_twins(), key=lambda r: str(r["device_id"])) == [b, a2]
+
+
+def test_state_survives_reopen(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path / "x.db")
+    s.append([row(1, T0)])
+    s.save([{"device_id": "P1", "max_seq": 1}], [dead(1, "not_json")])
+    s.close()
+    s = SQLiteStore(tmp_path / "x.db")
+    try:
+        assert s.count_messages() == 1
+        assert s.load_twins() == [{"device_id": "P1", "max_seq": 1}]
+        assert s.dead_letter_counts() == {"not_json": 1}
+        assert [d.topic for d in s.dead_letters()] == ["cw/v1/P1/status#1"]
+    finally:
+        s.close()
+
+
+def test_dead_letters_newest_first_with_payload(store: SQLiteStore) -> None:
+    store.save([], [dead(1), dead(2, "topic")])
+    letters = store.dead_letters()
+    assert [(d.received_ms, d.reason, d.detail, d.payload, d.size) for d in letters] == [
+        (T0 + 2, "topic", "detail 2", b"x2", 2),
+        (T0 + 1, "schema", "detail 1", b"x1", 2),
+    ]
+    assert letters[0].id is not None
+    assert letters[1].id is not None
+    assert letters[0].id > letters[1].id
+    assert [d.reason for d in store.dead_letters(limit=1)] == ["topic"]
+
+
+def test_dead_letter_keeps_a_prefix_and_the_size(store: SQLiteStore) -> None:
+    big = b"{" + b"x" * (3 * DEAD_LETTER_PAYLOAD_KEPT)
+    store.save([], [DeadLetter.of(T0, "t", "oversized", "too big", big)])
+    (letter,) = store.dead_letters()
+    assert letter.payload == big[:DEAD_LETTER_PAYLOAD_KEPT]
+    assert letter.size == len(big)
+
+
+def test_dead_letter_pruning_keeps_newest_n_and_all_counts(store: SQLiteStore) -> None:
+    # kept = 5
+    store.save([], [dead(i) for i in range(4)])
+    store.save([], [dead(i, "topic") for i in range(4, 7)])
+    store.save([], [dead(i, "unknown_device") for i in range(7, 12)])
+    store.save([], [dead(12, "not_json")])
+    assert [d.received_ms - T0 for d in store.dead_letters(limit=100)] == [12, 11, 10, 9, 8]
+    assert store.dead_letter_counts() == {
+        "schema": 4,
+        "topic": 3,
+        "unknown_device": 5,
+        "not_json": 1,
+    }
+
+
+def test_twin_only_save_does_not_prune(store: SQLiteStore) -> None:
+    store.save([], [dead(i) for i in range(3)])
+    store.save([{"device_id": "P1"}], [])
+    assert len(store.dead_letters()) == 3
+
+
+def test_cannot_open_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        SQLiteStore(blocker / "sub" / DB_FILE)
+
+
+def test_write_after_close_fails_as_store_error(tmp_path: Path) -> None:
+    s = SQLiteStore(tmp_path / "x.db")
+    s.close()
+    with pytest.raises(StoreError, match=r"x\.db"):
+        s.append([row(1, T0)])
