@@ -60,10 +60,13 @@ class ContractError(Exception):
         self.detail = detail
 
 
+_TS_MAX_MS = 253402300800000  # year 10000: every ts accepted can be shown as a UTC date-time
+
+
 def parse_ts(value: str | int) -> int:
     """Device time as epoch milliseconds: RFC 3339 with an offset, or integer epoch ms."""
     if isinstance(value, int):
-        if not 0 <= value < 253402300800000:  # year 10000
+        if not 0 <= value < _TS_MAX_MS:
             raise ValueError("epoch milliseconds out of range")
         return value
     if "T" not in value and "t" not in value and " " not in value:
@@ -74,7 +77,10 @@ def parse_ts(value: str | int) -> int:
         raise ValueError(f"not an RFC 3339 date-time: {value!r}") from exc
     if dt.tzinfo is None:
         raise ValueError("RFC 3339 time needs an offset (Z or +hh:mm)")
-    return int(dt.timestamp() * 1000)
+    ms = int(dt.timestamp() * 1000)
+    if not 0 <= ms < _TS_MAX_MS:
+        raise ValueError("time out of range (1970 to 9999 UTC)")
+    return ms
 
 
 def _ts_field(value: Any) -> int:

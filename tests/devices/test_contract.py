@@ -16,6 +16,7 @@ from devices.contract import (
     Event,
     PileStatus,
     decode,
+    ms_to_datetime,
     parse_ts,
 )
 from devices.topics import Channel
@@ -356,6 +357,29 @@ SCHEMA_VIOLATIONS: list[tuple[Channel, dict[str, Any]]] = [
 @pytest.mark.parametrize(("channel", "data"), SCHEMA_VIOLATIONS)
 def test_schema_violations(channel: Channel, data: dict[str, Any]) -> None:
     assert reason_of(channel, dumps(data)) == "schema"
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+        "9999-12-31T23:59:59-23:59",  # after year 9999 in UTC
+        "1969-12-31T23:59:59.999Z",  # before the epoch, like an int ts of -1
+        253402300800000,  # year 10000 as epoch ms
+    ],
+)
+def test_ts_outside_the_representable_range(ts: str | int) -> None:
+    # both forms share one range, so every accepted ts can be shown as a UTC date-time
+    assert reason_of("status", dumps(pile(ts=ts))) == "schema"
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected_ms"),
+    [("1970-01-01T00:00:00Z", 0), ("9999-12-31T23:59:59.999Z", 253402300799999)],
+)
+def test_ts_range_edges(ts: str, expected_ms: int) -> None:
+    assert parse_ts(ts) == expected_ms
+    assert ms_to_datetime(expected_ms).isoformat().startswith(ts[:19])
 
 
 def test_number_literal_overflowing_to_infinity() -> None:
