@@ -184,7 +184,7 @@ async def test_valid_messages_stored_and_applied(rig: Rig) -> None:
     twin = rig.twin(PILE)
     assert twin.online(T0 + 2)
     assert twin.status is not None
-    assert {p.state for p in twin.status.ports} == {"charging"}
+    assert {p.state for p in twin.status.units} == {"charging"}
     assert [r.mid for r in rig.acked] == [r.mid for r in msgs]
     # the twin record was saved in the same batch
     (record,) = [t for t in rig.store.load_twins() if t["device_id"] == PILE]
@@ -196,7 +196,7 @@ async def test_valid_messages_stored_and_applied(rig: Rig) -> None:
 
 
 async def test_history_row_fields(rig: Rig) -> None:
-    payload = pile_status(1, ts="2026-11-28T12:00:00+08:00")  # type: ignore[arg-type]
+    payload = pile_status(1, ts="2026-11-28T12:00:00+08:00")
     await rig.feed(rig.received(PILE, "status", payload, at=T0 + 123))
     (stored,) = rig.store.messages(PILE)
     assert stored["ts_ms"] == 1_795_838_400_000  # device time, as epoch ms
@@ -238,7 +238,7 @@ async def test_out_of_order_kept_in_history_only(rig: Rig) -> None:
     assert rig.stored_seqs(PILE) == [("birth", 0), ("status", 1), ("status", 2)]
     status = rig.twin(PILE).status
     assert status is not None
-    assert (status.seq, status.ports[0].state) == (2, "charging")
+    assert (status.seq, status.units[0].state) == (2, "charging")
     assert rig.metric("chargewatch_messages_out_of_order_total") == 1
 
 
@@ -372,7 +372,7 @@ async def test_run_acks_everything_once_after_the_write(running: Rig) -> None:
     await asyncio.sleep(0.01)  # room for a second, wrong ack to show up
     assert sorted(r.mid for r in rig.acked) == sorted(r.mid for r in msgs)  # each exactly once
     # every ack comes after the write that holds its message
-    stored_at = {}
+    stored_at: dict[tuple[str, int], int] = {}
     for i, (what, key) in enumerate(rig.log):
         stored_at.setdefault((what, key), i)
     by_mid = {r.mid: r for r in msgs}
@@ -457,5 +457,6 @@ async def test_restart_restores_twins(rig: Rig, tmp_path: Path) -> None:
     restored = twins.restore([*rig.store.load_twins(), {"device_id": "GONE", "boot": "x"}])
     assert restored == 1
     assert twins[PILE] == rig.twin(PILE)
-    assert twins[PILE].status is not None
-    assert twins[PILE].status.ports[0].state == "charging"
+    status = twins[PILE].status
+    assert status is not None
+    assert status.units[0].state == "charging"
