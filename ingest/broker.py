@@ -1,13 +1,19 @@
-"""The embedded MQTT broker (amqtt, in-process) for a machine with nothing else installed.
+"""The embedded MQTT broker (amqtt) for a machine with nothing else installed.
 
 amqtt speaks MQTT 3.1.1 only and tops out at a few thousand messages/s (see
-shared/architecture.md): plenty for one district, not for scale. Production uses mosquitto
-or EMQX via ``--broker``.
+shared/architecture.md): plenty for one district, not for scale. It runs in a thread with
+its own event loop, so a busy service (ingest, API, hundreds of device connections) never
+starves it: amqtt gives a subscriber only 5 s to acknowledge a QoS 1 message before it drops
+the delivery (amqtt/mqtt/protocol/handler.py), which a shared loop under a connection storm
+did exceed. Production uses mosquitto or EMQX via ``--broker``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
+import threading
 from types import TracebackType
 from typing import Any
 
@@ -21,6 +27,8 @@ class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host = host
         self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._broker: Any = None
 
     @property
@@ -28,6 +36,36 @@ class EmbeddedBroker:
         return BrokerURL(self.host, self.port)
 
     async def __aenter__(self) -> EmbeddedBroker:
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(started,), name="embedded-broker", daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(started)
+        except Exception as exc:
+            raise BrokerConfigError(
+                f"cannot start the embedded broker on {self.host}:{self.port}: {exc}"
+            ) from exc
+        log.info("embedded MQTT broker (amqtt) listening on %s", self.url)
+        return self
+
+    def _run(self, started: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._start())
+        except Exception as exc:
+            started.set_exception(exc)
+            loop.close()
+            return
+        started.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _start(self) -> None:
         from amqtt.broker import Broker  # imported late: amqtt is slow to import
 
         for name in ("amqtt", "transitions"):
@@ -39,17 +77,19 @@ class EmbeddedBroker:
             },
         }
         self._broker = Broker(config)
-        try:
-            await self._broker.start()
-        except Exception as exc:
-            raise BrokerConfigError(
-                f"cannot start the embedded broker on {self.host}:{self.port}: {exc}"
-            ) from exc
-        log.info("embedded MQTT broker (amqtt) listening on %s", self.url)
-        return self
+        await self._broker.start()
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or loop.is_closed():
+            return
         if self._broker is not None:
-            await self._broker.shutdown()
+            done = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(done), 10)
+            except (TimeoutError, Exception) as exc:  # shutting down anyway
+                log.warning("embedded broker shutdown: %r", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, 10)

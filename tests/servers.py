@@ -167,7 +167,11 @@ def chargewatch_argv(*args: str) -> list[str]:
 
 @contextmanager
 def chargewatch_serve(
-    tmp: Path, broker: str | None, *extra: str, data_dir: Path | None = None
+    tmp: Path,
+    broker: str | None,
+    *extra: str,
+    data_dir: Path | None = None,
+    broker_port: int | None = None,
 ) -> Iterator[Service]:
     """Start ``chargewatch serve`` on free ports; wait until /readyz says ready."""
     port = free_port()
@@ -175,7 +179,7 @@ def chargewatch_serve(
     data_dir = data_dir or tmp / "data"
     argv = ["serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
     if broker is None:
-        argv += ["--broker-port", str(free_port())]
+        argv += ["--broker-port", str(broker_port or free_port())]
     else:
         argv += ["--broker", broker]
     proc = Process(
