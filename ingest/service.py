@@ -56,15 +56,20 @@ class Ingest:
         self.history: HistoryStore | None = None
         self.failed: BaseException | None = None
 
+    def problems(self) -> list[str]:
+        """Why the service is not ready; empty when it is."""
+        problems = []
+        if self.source is None or not self.source.connected:
+            problems.append(f"not connected to the broker {self.broker_url}")
+        if self._task is None or self._task.done():
+            problems.append(f"ingest pipeline stopped: {self.failed!r}")
+        if self.pipeline is not None and not self.pipeline.store_healthy:
+            problems.append("store writes are failing (retrying; nothing is acknowledged)")
+        return problems
+
     @property
     def ready(self) -> bool:
-        """Connected to the broker, the pipeline alive."""
-        return (
-            self.source is not None
-            and self.source.connected
-            and self._task is not None
-            and not self._task.done()
-        )
+        return not self.problems()
 
     async def __aenter__(self) -> Ingest:
         cfg = self.config

@@ -1,0 +1,41 @@
+"""Maintainers' endpoints: dead letters (alerts live in their own module)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from api.deps import IngestDep
+from api.views import rfc3339
+
+router = APIRouter(prefix="/v1", tags=["maintenance"])
+
+
+@router.get("/deadletters")
+async def dead_letters(
+    ingest: IngestDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    """Recent rejected messages with their reason, and a count per reason since the start."""
+    assert ingest.state is not None
+    state = ingest.state
+    rows, counts = await asyncio.gather(
+        asyncio.to_thread(state.dead_letters, limit),
+        asyncio.to_thread(state.dead_letter_counts),
+    )
+    return {
+        "counts": counts,
+        "dead_letters": [
+            {
+                "id": d.id,
+                "received_at": rfc3339(d.received_ms),
+                "topic": d.topic,
+                "reason": d.reason,
+                "detail": d.detail,
+                "size": d.size,
+                "payload_excerpt": d.payload[:512].decode("utf-8", errors="replace"),
+            }
+            for d in rows
+        ],
+    }
