@@ -89,6 +89,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         ("data_dir", "data_dir"),
         ("prefix", "topic_prefix"),
         ("broker_port", "embedded_broker_port"),
+        ("history", "history"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -204,6 +205,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--broker-port", type=int, help="port of the embedded broker")
         sp.add_argument("--catalog", type=Path, help="site catalog JSON; default: the district")
         sp.add_argument("--data-dir", type=Path, help="where the embedded store keeps its file")
+        sp.add_argument(
+            "--history", help="history store URL (influx2://… or influx1://…); default embedded"
+        )
         sp.add_argument("--prefix", help="topic prefix (default cw/v1)")
         sp.add_argument("--host", help="HTTP listen address (default 127.0.0.1)")
         sp.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks one)")

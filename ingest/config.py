@@ -17,7 +17,10 @@ class IngestConfig(BaseModel):
     # Fixed so the broker keeps our persistent session across restarts.
     client_id: str = "chargewatch-ingest"
     topic_prefix: str = DEFAULT_PREFIX
-    # Where the embedded store keeps its file.
+    # History store URL: None keeps history in the embedded store; influx2://host:port?org=
+    # &bucket=&token= (InfluxDB 2.x/3.x) or influx1://host:port?db= (1.x), see docs/operations.md
+    history: str | None = None
+    # Where the embedded store keeps its file (state always; history unless `history` is set).
     data_dir: Path = Path("chargewatch-data")
     # None: the district shipped with the package.
     catalog: Path | None = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from devices.catalog import DEFAULT_RELEASE_SOC, Catalog
 from devices.contract import Birth, ContractError, Death, Event, decode
 from devices.topics import TopicScheme
-from ingest import StoreError
+from ingest import StoreError, StoreUnavailable
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
 from ingest.store import DeadLetter, HistoryRow, HistoryStore, MessageType, StateStore
@@ -181,18 +181,28 @@ class Pipeline:
 
     async def _commit(self, batch: _Batch) -> None:
         records = [t.to_record() for t in batch.changed.values()]
+        rows, dead = batch.rows, batch.dead
         delay = 0.2
         while True:
             try:
-                await asyncio.to_thread(self._write, batch.rows, records, batch.dead)
+                await asyncio.to_thread(self._write, rows, records, dead)
                 break
+            except StoreUnavailable as exc:
+                self._store_failed(exc, delay)
             except StoreError as exc:
-                self.metrics.write_errors.inc()
-                self.metrics.store_healthy.set(0)
-                self.store_healthy = False
-                log.error("store write failed (%s); retrying in %.1fs, nothing acked", exc, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, self.retry_max_s)
+                # refused, not unreachable: retrying the same batch would stall ingest for
+                # good. Find the rows the store refuses and keep them as dead letters instead.
+                self._store_failed(exc, delay)
+                if rows:
+                    try:
+                        rows, refused = await asyncio.to_thread(self._isolate_refused, rows)
+                    except StoreUnavailable:
+                        refused = []
+                    dead = dead + refused
+                    if refused:
+                        continue
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.retry_max_s)
         if not self.store_healthy:
             log.info("store is back; %d messages written", len(batch.rows))
         self.store_healthy = True
@@ -206,6 +216,33 @@ class Pipeline:
             changed = list(batch.changed.values())
             for listener in self.listeners:
                 listener(changed)
+
+    def _store_failed(self, exc: Exception, delay: float) -> None:
+        self.metrics.write_errors.inc()
+        self.metrics.store_healthy.set(0)
+        self.store_healthy = False
+        log.error("store write failed (%s); retrying in %.1fs, nothing acked", exc, delay)
+
+    def _isolate_refused(self, rows: list[HistoryRow]) -> tuple[list[HistoryRow], list[DeadLetter]]:
+        """Write rows one by one; those the store refuses come back as dead letters."""
+        kept: list[HistoryRow] = []
+        refused: list[DeadLetter] = []
+        for row in rows:
+            try:
+                self.history.append([row])
+                kept.append(row)
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                channel = "state" if row.type in ("birth", "death") else row.type
+                topic = self.scheme.build(row.device_id, channel)  # type: ignore[arg-type]
+                refused.append(
+                    DeadLetter.of(
+                        row.received_ms, topic, "store_rejected", str(exc), row.payload.encode()
+                    )
+                )
+                self.metrics.dead_letters.labels("store_rejected").inc()
+        return kept, refused
 
     def _write(
         self, rows: list[HistoryRow], records: list[dict[str, object]], dead: list[DeadLetter]

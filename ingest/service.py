@@ -82,6 +82,13 @@ class Ingest:
             )
             self._stack.callback(store.close)
             self.state = store
+            if self._history is None and cfg.history is not None:
+                from ingest.influx import InfluxHistory  # only when asked for
+
+                self._history = InfluxHistory(
+                    cfg.history, on_error=lambda exc: self.metrics.write_errors.inc()
+                )
+                log.info("history: %r", self._history)
             self.history = self._history or store
             if self._history is not None:
                 self._stack.callback(self._history.close)
