@@ -37,6 +37,9 @@ class IngestMetrics:
         self.write_errors = Counter(
             "chargewatch_store_write_errors", "Failed store writes (retried)", registry=r
         )
+        self.observer_errors = Counter(
+            "chargewatch_observer_errors", "Alert rules or listeners that raised", registry=r
+        )
         self.inflight = Gauge(
             "chargewatch_inflight_messages", "Received, not yet acknowledged", registry=r
         )

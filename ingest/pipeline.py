@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from devices.catalog import DEFAULT_RELEASE_SOC, Catalog
-from devices.contract import Birth, ContractError, Death, Event, decode
+from devices.contract import Birth, ContractError, Death, Event, Message, decode
 from devices.topics import TopicScheme
 from ingest import StoreError, StoreUnavailable
 from ingest.metrics import IngestMetrics
@@ -60,6 +60,7 @@ class _Batch:
     rows: list[HistoryRow] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     changed: dict[str, Twin] = field(default_factory=dict)
+    applied: list[tuple[Twin, Message, int]] = field(default_factory=list)
 
 
 class Pipeline:
@@ -86,7 +87,11 @@ class Pipeline:
         self.batch_max = batch_max
         self.retry_max_s = retry_max_s
         self.queue: asyncio.Queue[Received] = asyncio.Queue()
+        # Called on the loop after each batch is durable, in arrival order:
+        # listeners with the twins whose state changed (SSE, caches),
+        # observers with every applied message (alert rules).
         self.listeners: list[Callable[[list[Twin]], None]] = []
+        self.observers: list[Callable[[Twin, Message, int], None]] = []
         self.store_healthy = True
 
     def deliver(self, received: Received) -> None:
@@ -156,6 +161,7 @@ class Pipeline:
         else:
             m.applied.inc()
             batch.changed[device.id] = twin
+            batch.applied.append((twin, msg, r.received_ms))
         batch.rows.append(
             HistoryRow(
                 device_id=device.id,
@@ -212,10 +218,21 @@ class Pipeline:
             if self._ack(r):
                 self.metrics.acked.inc()
             self.metrics.inflight.dec()
+        for twin, msg, received_ms in batch.applied:
+            for observer in self.observers:
+                self._safely(observer, twin, msg, received_ms)
         if batch.changed:
             changed = list(batch.changed.values())
             for listener in self.listeners:
-                listener(changed)
+                self._safely(listener, changed)
+
+    def _safely(self, callback: Callable[..., None], *args: object) -> None:
+        """A failing observer is logged and counted; it never stops ingest."""
+        try:
+            callback(*args)
+        except Exception:
+            self.metrics.observer_errors.inc()
+            log.exception("observer %r failed", callback)
 
     def _store_failed(self, exc: Exception, delay: float) -> None:
         self.metrics.write_errors.inc()
