@@ -5,6 +5,7 @@ Missing binaries skip with a reason on a laptop and fail under CI (``CI=true``).
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -127,6 +128,9 @@ def mosquitto(tmp: Path, *, persistence: bool = True) -> Iterator[Process]:
         "\n".join(
             [
                 f"listener {port} 127.0.0.1",
+                # started as root, mosquitto would switch to user "mosquitto", which cannot
+                # write its persistence file into our temp dir: stay who we are
+                f"user {getpass.getuser()}",
                 "allow_anonymous true",
                 f"persistence {'true' if persistence else 'false'}",
                 f"persistence_location {tmp}/",
