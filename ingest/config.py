@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from devices.topics import DEFAULT_PREFIX
+from ingest.alerts.config import AlertsConfig
 
 
 class IngestConfig(BaseModel):
@@ -35,6 +36,11 @@ class IngestConfig(BaseModel):
     dead_letters_kept: int = Field(default=10_000, ge=10)
     # SQLite durability: FULL survives power loss, NORMAL only process crashes.
     sqlite_synchronous: str = Field(default="FULL", pattern="^(FULL|NORMAL|EXTRA)$")
+    # Watchdog: connected but silent for this many heartbeats while devices should be
+    # reporting means a silent stall (a broker blip that left us subscribed to nothing).
+    watchdog_heartbeats: float = Field(default=3.0, gt=0)
     # Release level: a cabinet slot counts as a ready battery at or above this soc
     # (a device's catalog entry may set its own).
     release_soc: float = Field(default=90.0, ge=1, le=100)
+    # Alert rules, lifecycle, webhooks and rider reports (docs/alerts.md).
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)

@@ -93,6 +93,7 @@ class Pipeline:
         self.listeners: list[Callable[[list[Twin]], None]] = []
         self.observers: list[Callable[[Twin, Message, int], None]] = []
         self.store_healthy = True
+        self.last_message_ms: int | None = None
 
     def deliver(self, received: Received) -> None:
         """Called on the loop by the MQTT source for every message."""
@@ -115,6 +116,7 @@ class Pipeline:
         m = self.metrics
         m.received.inc()
         m.last_message_ts.set(r.received_ms / 1000)
+        self.last_message_ms = r.received_ms
         topic = self.scheme.parse(r.topic)
         if topic is None:
             return self._reject(

@@ -12,11 +12,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from types import TracebackType
 
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from devices.catalog import Catalog
 from devices.topics import TopicScheme
+from ingest.alerts.engine import AlertEngine
+from ingest.alerts.store import AlertStore
 from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig
 from ingest.metrics import IngestMetrics
@@ -55,10 +61,35 @@ class Ingest:
         self.state: StateStore | None = None
         self.history: HistoryStore | None = None
         self.failed: BaseException | None = None
+        self.started_ms = now_ms()
+        self.metrics.registry.register(_LiveCollector(self))
+        self.alerts: AlertEngine | None = None
+
+    def stalled(self, now: int | None = None) -> str | None:
+        """The watchdog: connected, devices expected to report, yet no message for N
+        heartbeats. Returns what is wrong, or None."""
+        if self.source is None or not self.source.connected or self.pipeline is None:
+            return None
+        now = now or now_ms()
+        expected = [t for t in self.twins.by_id.values() if t.online_flag]
+        if not expected:
+            return None
+        heartbeat_s = min(t.heartbeat_s for t in expected)
+        window_ms = int(self.config.watchdog_heartbeats * heartbeat_s * 1000)
+        last = self.pipeline.last_message_ms or self.started_ms
+        if now - last <= window_ms:
+            return None
+        return (
+            f"no message for {(now - last) / 1000:.0f}s while {len(expected)} devices should"
+            f" report every {heartbeat_s}s (silent stall?)"
+        )
 
     def problems(self) -> list[str]:
         """Why the service is not ready; empty when it is."""
         problems = []
+        stall = self.stalled()
+        if stall is not None:
+            problems.append(stall)
         if self.source is None or not self.source.connected:
             problems.append(f"not connected to the broker {self.broker_url}")
         if self._task is None or self._task.done():
@@ -114,6 +145,21 @@ class Ingest:
                 batch_max=cfg.batch_max,
                 retry_max_s=cfg.store_retry_max_s,
             )
+            if cfg.alerts.enabled:
+                alert_store = await asyncio.to_thread(
+                    AlertStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
+                )
+                self._stack.callback(alert_store.close)
+                self.alerts = await self._stack.enter_async_context(
+                    AlertEngine(
+                        cfg.alerts,
+                        self.catalog,
+                        self.twins,
+                        alert_store,
+                        registry=self.metrics.registry,
+                    )
+                )
+                self.pipeline.observers.append(self.alerts.observe)
             self._task = asyncio.create_task(self.pipeline.run(), name="ingest-pipeline")
             self._task.add_done_callback(self._pipeline_done)
             self.source = await self._stack.enter_async_context(
@@ -148,3 +194,50 @@ class Ingest:
         if not task.cancelled() and task.exception() is not None:
             self.failed = task.exception()
             log.critical("ingest pipeline stopped: %r", self.failed, exc_info=self.failed)
+
+
+class _LiveCollector(Collector):
+    """Values computed at scrape time: queue depth, message age, devices, lost messages."""
+
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+
+    def collect(self) -> Iterator[Metric]:
+        ingest, now = self.ingest, now_ms()
+        pipeline = ingest.pipeline
+        yield GaugeMetricFamily(
+            "chargewatch_queue_depth",
+            "Messages received, waiting for the pipeline",
+            value=pipeline.queue.qsize() if pipeline else 0,
+        )
+        last = pipeline.last_message_ms if pipeline else None
+        yield GaugeMetricFamily(
+            "chargewatch_last_message_age_seconds",
+            "Seconds since the last MQTT message arrived (-1: none yet)",
+            value=(now - last) / 1000 if last is not None else -1,
+        )
+        twins = list(ingest.twins.by_id.values())
+        yield GaugeMetricFamily(
+            "chargewatch_devices_online",
+            "Devices online per contract v1",
+            value=sum(1 for t in twins if t.online(now)),
+        )
+        yield GaugeMetricFamily(
+            "chargewatch_ingest_stalled",
+            "1 while the watchdog sees a silent stall",
+            value=1 if ingest.stalled(now) else 0,
+        )
+        lost = GaugeMetricFamily(
+            "chargewatch_device_lost_messages",
+            "Gaps in seq per device, this boot (devices with none are left out)",
+            labels=["device"],
+        )
+        for t in twins:
+            if t.lost_messages:
+                lost.add_metric([t.device_id], t.lost_messages)
+        yield lost
+        yield GaugeMetricFamily(
+            "chargewatch_lost_messages",
+            "Gaps in seq over all devices, current boots",
+            value=sum(t.lost_messages for t in twins),
+        )
