@@ -220,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "simulate", help="a fleet of simulated devices (see simulate --help)", add_help=False
     )
+    from api.auth import add_keys_parser
+
+    add_keys_parser(sub)
     cat = sub.add_parser("catalog", help="summary of the site catalog")
     cat.add_argument("--catalog", type=Path)
     return p
@@ -235,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "keys":
+        from api.auth import cmd_keys
+
+        return cmd_keys(args, args.data_dir or ServeSettings().ingest.data_dir)
     if args.command == "demo":
         if args.data_dir is None:
             args.data_dir = Path(".demo-data")

@@ -1,0 +1,202 @@
+"""API keys for the maintenance endpoints: ``Authorization: Bearer cwk_<id>_<secret>``.
+
+Keys are random (256 bits), so storing the SHA-256 of the secret is enough (a slow
+password hash protects guessable secrets; these are not). Only the hash is kept, in the
+data dir's SQLite file; the key itself is shown once, by ``chargewatch keys create``.
+Roles: ``maintainer`` (alerts: read, acknowledge, resolve, notes, stream; dead letters)
+and ``admin`` (everything, plus webhook subscriptions). Rider endpoints stay public.
+
+401: no key, a malformed or unknown key, or a revoked one. 403: a valid key whose role
+is not enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.exceptions import HTTPException
+
+ROLES = ("maintainer", "admin")
+_RANK = {"maintainer": 0, "admin": 1}
+DB_FILE = "chargewatch.db"
+PREFIX = "cwk_"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, hash TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    name: str
+    role: str
+    created_at_ms: int
+    revoked_at_ms: int | None = None
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    """Blocking; the API calls it from a worker thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=10
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def in_dir(cls, data_dir: str | Path) -> KeyStore:
+        return cls(Path(data_dir) / DB_FILE)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(self, name: str, role: str) -> tuple[ApiKey, str]:
+        """A new key; returns it and the token (shown once, never stored)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        key_id = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(32)
+        key = ApiKey(key_id, name, role, time.time_ns() // 1_000_000)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO api_keys VALUES (?,?,?,?,?,NULL)",
+                (key.id, key.name, key.role, _hash(secret), key.created_at_ms),
+            )
+        return key, f"{PREFIX}{key_id}_{secret}"
+
+    def list(self) -> list[ApiKey]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, name, role, created_at_ms, revoked_at_ms FROM api_keys"
+                " ORDER BY created_at_ms"
+            ).fetchall()
+        return [ApiKey(*row) for row in rows]
+
+    def revoke(self, key_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE api_keys SET revoked_at_ms = ? WHERE id = ? AND revoked_at_ms IS NULL",
+                (time.time_ns() // 1_000_000, key_id),
+            )
+        return cur.rowcount > 0
+
+    def verify(self, token: str) -> ApiKey | None:
+        if not token.startswith(PREFIX):
+            return None
+        key_id, _, secret = token[len(PREFIX) :].partition("_")
+        if not key_id or not secret:
+            return None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, role, created_at_ms, revoked_at_ms, hash FROM api_keys"
+                " WHERE id = ?",
+                (key_id,),
+            ).fetchone()
+        if row is None or row[4] is not None:
+            return None
+        if not hmac.compare_digest(row[5], _hash(secret)):
+            return None
+        return ApiKey(*row[:5])
+
+
+def key_store(request: Request) -> KeyStore:
+    store: KeyStore = request.app.state.keys
+    return store
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def require(role: str) -> Callable[[Request], Awaitable[ApiKey]]:
+    async def check(request: Request) -> ApiKey:
+        header = request.headers.get("authorization")
+        if header is None:
+            raise _unauthorized("an API key is required: Authorization: Bearer <key>")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthorized("use Authorization: Bearer <key>")
+        key = await asyncio.to_thread(key_store(request).verify, token.strip())
+        if key is None:
+            raise _unauthorized("unknown or revoked API key")
+        if _RANK[key.role] < _RANK[role]:
+            raise HTTPException(403, f"this needs the {role} role; the key has {key.role}")
+        return key
+
+    return check
+
+
+Maintainer = Annotated[ApiKey, Depends(require("maintainer"))]
+Admin = Annotated[ApiKey, Depends(require("admin"))]
+
+
+# -- chargewatch keys ----------------------------------------------------------------------
+
+
+def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = sub.add_parser("keys", help="API keys for the maintenance endpoints")
+    keys.add_argument("--data-dir", type=Path, help="the service's data dir")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    create = actions.add_parser("create", help="create a key and print it (once)")
+    create.add_argument("--name", required=True, help="who or what uses it")
+    create.add_argument("--role", choices=ROLES, default="maintainer")
+    actions.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("id")
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_keys(args: argparse.Namespace, data_dir: Path) -> int:
+    store = KeyStore.in_dir(data_dir)
+    try:
+        if args.keys_command == "create":
+            key, token = store.create(args.name, args.role)
+            print(token)
+            print(f"key {key.id} ({key.role}) for {key.name}: shown once, store it now")
+            return 0
+        if args.keys_command == "list":
+            print(f"{'id':<10} {'role':<10} {'created':<20} {'revoked':<20} name")
+            for key in store.list():
+                print(
+                    f"{key.id:<10} {key.role:<10} {_when(key.created_at_ms):<20}"
+                    f" {_when(key.revoked_at_ms):<20} {key.name}"
+                )
+            return 0
+        if store.revoke(args.id):
+            print(f"key {args.id} revoked")
+            return 0
+        print(f"chargewatch: no active key with id {args.id!r}")
+        return 1
+    finally:
+        store.close()

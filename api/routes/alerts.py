@@ -1,0 +1,275 @@
+"""Maintainers' alerts: list, detail, acknowledge, resolve, notes, the SSE change stream,
+and (admin) webhook subscriptions. Every route needs an API key (api/auth.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, HttpUrl
+from starlette.exceptions import HTTPException
+
+from api.auth import Admin, Maintainer
+from api.deps import IngestDep
+from api.errors import NotFound, invalid_query
+from ingest.alerts import AlertConflict, AlertEngine, AlertNotFound
+from ingest.alerts.model import SEVERITIES, alert_view, rfc3339
+from ingest.alerts.notify import FORMATS
+from ingest.alerts.store import AlertQuery
+from ingest.service import Ingest
+
+router = APIRouter(prefix="/v1", tags=["alerts"])
+
+STATUSES = ("open", "acknowledged", "resolved")
+
+
+def engine_of(ingest: Ingest) -> AlertEngine:
+    if ingest.alerts is None:
+        raise HTTPException(503, "alerts are disabled in this service (alerts.enabled=false)")
+    return ingest.alerts
+
+
+def _csv(value: str | None, field: str, allowed: tuple[str, ...]) -> list[str]:
+    if value is None:
+        return []
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if "active" in items and field == "status":
+        items = [i for i in items if i != "active"] + ["open", "acknowledged"]
+    bad = [i for i in items if i not in allowed]
+    if bad:
+        raise invalid_query(field, f"{', '.join(bad)} is not one of {', '.join(allowed)}")
+    return items
+
+
+@router.get("/alerts")
+async def list_alerts(
+    ingest: IngestDep,
+    key: Maintainer,
+    status: Annotated[str | None, Query(description="open, acknowledged, resolved, active")] = None,
+    severity: str | None = None,
+    station: str | None = None,
+    device: str | None = None,
+    rule: str | None = None,
+    since: datetime | None = None,
+    cursor: Annotated[int | None, Query(ge=1, description="next_cursor of a previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """Alerts, newest first; ``next_cursor`` pages on."""
+    engine = engine_of(ingest)
+    if since is not None and since.tzinfo is None:
+        raise invalid_query("since", "give an offset (Z or +08:00)")
+    q = AlertQuery(
+        status=_csv(status, "status", (*STATUSES, "active")),
+        severity=_csv(severity, "severity", SEVERITIES),
+        station=station,
+        device=device,
+        rule=rule,
+        since_ms=int(since.timestamp() * 1000) if since is not None else None,
+        before_id=cursor,
+        limit=limit,
+    )
+    alerts = await engine.query(q)
+    return {
+        "alerts": [alert_view(a) for a in alerts],
+        "next_cursor": alerts[-1].id if len(alerts) == limit else None,
+    }
+
+
+def _sse(event_id: int, event: str, data: str) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
+
+
+@router.get("/alerts/stream")
+async def stream(
+    request: Request,
+    ingest: IngestDep,
+    key: Maintainer,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[int | None, Query(ge=0, description="like Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events of every alert change. Each event's ``id`` is one more than the
+    previous one; reconnect with ``Last-Event-ID`` (or ``?after=``) to get what was missed."""
+    engine = engine_of(ingest)
+    resume: int | None = after
+    if last_event_id is not None:
+        try:
+            resume = int(last_event_id)
+        except ValueError:
+            raise invalid_query("Last-Event-ID", "must be an event id (integer)") from None
+    queue = engine.subscribe()  # before reading the backlog: nothing falls in between
+    live_from = engine.last_event_id
+    keepalive = engine.config.sse_keepalive_s
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield "retry: 2000\n: chargewatch alert stream\n\n"
+            last = live_from
+            if resume is not None and resume < live_from:
+                await engine.flush()
+                oldest = await asyncio.to_thread(engine.store.oldest_event_id)
+                if oldest is not None and resume + 1 < oldest:
+                    gone = {"from": resume + 1, "to": oldest - 1, "detail": "events pruned"}
+                    yield f"event: reset\ndata: {json.dumps(gone)}\n\n"
+                last = resume
+                while True:
+                    rows = await asyncio.to_thread(engine.store.events_after, last, 500)
+                    for event_id, type_, data in rows:
+                        yield _sse(event_id, type_, data)
+                        last = event_id
+                    if len(rows) < 500:
+                        break
+            elif resume is not None:
+                last = resume
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), keepalive)
+                except TimeoutError:
+                    yield ": keepalive\n\n"
+                    continue
+                if item is None:
+                    return
+                if item.id <= last:
+                    continue
+                yield _sse(item.id, item.type, item.data)
+                last = item.id
+        finally:
+            engine.unsubscribe(queue)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _detail(engine: AlertEngine, alert_id: int) -> dict[str, Any]:
+    try:
+        alert = await engine.get(alert_id)
+    except AlertNotFound:
+        raise NotFound("alert", str(alert_id)) from None
+    view = alert_view(alert)
+    view["notes"] = await engine.notes(alert_id)
+    rows = await asyncio.to_thread(engine.store.deliveries, alert_id)
+    view["deliveries"] = [
+        {
+            "id": r["id"],
+            "webhook_id": r["webhook_id"],
+            "event": r["event"],
+            "status": r["status"],
+            "attempts": r["attempts"],
+            "http_status": r["http_status"],
+            "error": r["error"],
+            "created_at": rfc3339(r["created_at_ms"]),
+            "finished_at": rfc3339(r["finished_at_ms"]),
+        }
+        for r in rows
+    ]
+    return view
+
+
+@router.get("/alerts/{alert_id}")
+async def get_alert(ingest: IngestDep, key: Maintainer, alert_id: int) -> dict[str, Any]:
+    return await _detail(engine_of(ingest), alert_id)
+
+
+class Action(BaseModel):
+    by: Annotated[str | None, Field(max_length=100, description="default: the key's name")] = None
+    note: Annotated[str | None, Field(max_length=2000)] = None
+
+
+class NoteIn(BaseModel):
+    text: Annotated[str, Field(min_length=1, max_length=2000)]
+    by: Annotated[str | None, Field(max_length=100)] = None
+
+
+async def _act(ingest: Ingest, alert_id: int, what: str, by: str, note: str | None) -> Any:
+    engine = engine_of(ingest)
+    try:
+        if what == "ack":
+            await engine.acknowledge(alert_id, by, note)
+        else:
+            await engine.resolve(alert_id, by, note)
+    except AlertNotFound:
+        raise NotFound("alert", str(alert_id)) from None
+    except AlertConflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    return await _detail(engine, alert_id)
+
+
+@router.post("/alerts/{alert_id}/ack")
+async def acknowledge(
+    ingest: IngestDep, key: Maintainer, alert_id: int, body: Action | None = None
+) -> dict[str, Any]:
+    body = body or Action()
+    return await _act(ingest, alert_id, "ack", body.by or key.name, body.note)  # type: ignore[no-any-return]
+
+
+@router.post("/alerts/{alert_id}/resolve")
+async def resolve(
+    ingest: IngestDep, key: Maintainer, alert_id: int, body: Action | None = None
+) -> dict[str, Any]:
+    body = body or Action()
+    return await _act(ingest, alert_id, "resolve", body.by or key.name, body.note)  # type: ignore[no-any-return]
+
+
+@router.post("/alerts/{alert_id}/notes", status_code=201)
+async def add_note(
+    ingest: IngestDep, key: Maintainer, alert_id: int, body: NoteIn
+) -> dict[str, Any]:
+    engine = engine_of(ingest)
+    try:
+        await engine.add_note(alert_id, body.by or key.name, body.text)
+    except AlertNotFound:
+        raise NotFound("alert", str(alert_id)) from None
+    return await _detail(engine, alert_id)
+
+
+# -- webhooks (admin) ---------------------------------------------------------------------
+
+
+class WebhookIn(BaseModel):
+    url: HttpUrl
+    name: Annotated[str | None, Field(max_length=100)] = None
+    secret: Annotated[str | None, Field(min_length=8, max_length=200)] = None
+    format: Literal["json", "wecom", "dingtalk", "feishu"] = "json"
+    severities: list[Literal["critical", "major", "minor", "warning"]] = []
+    stations: list[str] = []
+    rules: list[str] = []
+    events: list[Literal["opened", "escalated", "resolved"]] = ["opened", "escalated", "resolved"]
+
+
+@router.post("/webhooks", status_code=201)
+async def create_webhook(ingest: IngestDep, key: Admin, body: WebhookIn) -> dict[str, Any]:
+    """Subscribe a URL; the response carries the signing secret (shown this once)."""
+    engine = engine_of(ingest)
+    assert body.format in FORMATS
+    sub = await engine.notifier.add(
+        str(body.url),
+        name=body.name,
+        secret=body.secret,
+        format=body.format,
+        severities=list(body.severities),
+        stations=body.stations,
+        rules=body.rules,
+        events=list(body.events),
+    )
+    return {**sub.view(), "secret": sub.secret}
+
+
+@router.get("/webhooks")
+async def list_webhooks(ingest: IngestDep, key: Admin) -> dict[str, Any]:
+    """Subscriptions with their health: ``failing`` after repeated failed deliveries."""
+    engine = engine_of(ingest)
+    subs = [s.view() for s in engine.notifier.subscriptions.values()]
+    return {"webhooks": subs, "failing": [s["id"] for s in subs if s["failing"]]}
+
+
+@router.delete("/webhooks/{webhook_id}", status_code=204)
+async def delete_webhook(ingest: IngestDep, key: Admin, webhook_id: int) -> None:
+    if not await engine_of(ingest).notifier.remove(webhook_id):
+        raise NotFound("webhook", str(webhook_id))

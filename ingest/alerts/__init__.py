@@ -1,0 +1,12 @@
+"""Fault alerts: rules on twin changes and on a timer, one alert per condition with a
+lifecycle (open -> acknowledged -> resolved), persisted next to the twins, streamed (SSE)
+and sent to webhooks. See docs/alerts.md.
+
+Modules: ``config`` (options and thresholds), ``rules`` (pure), ``model`` (alert, key,
+view), ``store`` (SQLite), ``notify`` (webhooks), ``engine`` (lifecycle, composes the rest).
+"""
+
+from ingest.alerts.config import AlertsConfig
+from ingest.alerts.engine import AlertConflict, AlertEngine, AlertError, AlertNotFound
+
+__all__ = ["AlertConflict", "AlertEngine", "AlertError", "AlertNotFound", "AlertsConfig"]

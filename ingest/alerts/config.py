@@ -1,0 +1,104 @@
+"""Alert options, nested in ``IngestConfig.alerts`` (env ``CHARGEWATCH_INGEST__ALERTS__*``).
+
+Every option has a default and one line of rationale; docs/alerts.md explains the
+thresholds at length.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class KindLimits(BaseModel):
+    """Thresholds and durations for one device kind (pile or cabinet)."""
+
+    # Enclosure temperature (device ``temp_c``) above which a critical alert opens.
+    temp_high_c: float = 60.0
+    # Slot (battery) temperature above which a critical alert opens; cabinets only.
+    unit_temp_high_c: float = 60.0
+    # A temperature rising at least this fast (°C per minute, device clock) is critical.
+    temp_rise_c_per_min: float = Field(default=2.0, gt=0)
+    # The rise is measured over readings at most this old ...
+    temp_rise_window_s: float = Field(default=300.0, gt=0)
+    # ... spanning at least this long (two readings a second apart are noise, not a trend).
+    temp_rise_min_span_s: float = Field(default=60.0, gt=0)
+    # A port "charging" below this power counts as delivering nothing.
+    charging_min_w: float = Field(default=5.0, ge=0)
+    # ... and opens an alert once that lasted this long (BMS pauses last a few minutes).
+    charging_no_power_s: float = Field(default=600.0, gt=0)
+    # A cabinet maintenance door open this long opens an alert (a swap visit takes minutes).
+    door_open_s: float = Field(default=600.0, gt=0)
+    # A counter that falls by more than this (Wh) within one session is "going backwards".
+    energy_backwards_wh: float = Field(default=1.0, ge=0)
+
+
+def _pile_limits() -> KindLimits:
+    # A pile's electronics sit in the sun: 40 °C air + sun load + self-heating reach ~65 °C.
+    return KindLimits(temp_high_c=75.0, temp_rise_c_per_min=3.0)
+
+
+def _cabinet_limits() -> KindLimits:
+    return KindLimits()
+
+
+class WebhookOptions(BaseModel):
+    # One POST may take this long before it counts as failed (and is retried).
+    timeout_s: float = Field(default=5.0, gt=0)
+    # Attempts per delivery, the first included (1 s, 2 s, 4 s, 8 s, 16 s between them).
+    attempts: int = Field(default=6, ge=1, le=20)
+    # First retry delay; doubled per attempt, jittered, capped by backoff_max_s.
+    backoff_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    # Deliveries failed in a row (after all attempts) before a subscription is marked failing.
+    failing_after: int = Field(default=3, ge=1)
+    # Deliveries waiting per subscription; beyond it the oldest is dropped (logged, counted).
+    queue_max: int = Field(default=1000, ge=1)
+
+
+class ReportOptions(BaseModel):
+    # Longest rider text kept (a hazard report is a sentence or two).
+    text_max: int = Field(default=500, ge=1, le=10_000)
+    # Reports one client may send at once ...
+    burst: int = Field(default=3, ge=1)
+    # ... and then per hour (token bucket): a sentinel, not a spammer.
+    per_hour: float = Field(default=10.0, gt=0)
+
+
+class AlertsConfig(BaseModel):
+    # Off: no rules run, no alerts, no webhooks (the API still answers, with nothing).
+    enabled: bool = True
+    # How often absences are checked (offline, stuck, door, station rules, escalation).
+    tick_s: float = Field(default=1.0, gt=0)
+    # After start, absence rules wait this long: the broker redelivers what we missed first.
+    startup_grace_s: float = Field(default=15.0, ge=0)
+    # A condition must stay clear this long before its alert resolves itself; one that
+    # returns within it reopens the same alert (no flapping storms).
+    verify_s: float = Field(default=300.0, ge=0)
+    pile: KindLimits = Field(default_factory=_pile_limits)
+    cabinet: KindLimits = Field(default_factory=_cabinet_limits)
+    # No free port and no ready battery at an open station for this long: riders turned away.
+    station_unavailable_s: float = Field(default=900.0, gt=0)
+    # This share of a station's (ever seen) devices offline is one station incident ...
+    station_offline_share: float = Field(default=0.5, gt=0, le=1)
+    # ... provided at least this many are offline (two piles rebooting are no incident).
+    station_offline_min: int = Field(default=3, ge=1)
+    # Unacknowledged alerts are sent again to escalation targets after this long (0: never).
+    escalate_critical_s: float = Field(default=300.0, ge=0)
+    escalate_major_s: float = Field(default=1800.0, ge=0)
+    escalate_minor_s: float = Field(default=0.0, ge=0)
+    escalate_warning_s: float = Field(default=0.0, ge=0)
+    # Escalations per alert at most (one every escalate_*_s).
+    escalate_max: int = Field(default=3, ge=1)
+    # Alert change events kept for SSE replay (Last-Event-ID older than that gets a reset).
+    events_kept: int = Field(default=100_000, ge=100)
+    # SSE comment line so proxies keep an idle stream open.
+    sse_keepalive_s: float = Field(default=15.0, gt=0)
+    webhooks: WebhookOptions = Field(default_factory=WebhookOptions)
+    reports: ReportOptions = Field(default_factory=ReportOptions)
+
+    def limits(self, kind: str) -> KindLimits:
+        return self.pile if kind == "pile" else self.cabinet
+
+    def escalate_after_s(self, severity: str) -> float:
+        value: float = getattr(self, f"escalate_{severity}_s", 0.0)
+        return value

@@ -1,0 +1,592 @@
+"""The alert engine: rules -> one alert per condition -> lifecycle -> store, stream, webhooks.
+
+Runs on the ingest loop. ``observe`` is a ``Pipeline.observers`` callback (after each
+batch is durable); a timer task checks absences, verification windows and escalation. All
+state changes happen synchronously on the loop; a writer task persists them in batches
+(``flush`` waits for it), the change stream fans them out to SSE subscribers, and the
+notifier queues webhooks. Nothing here blocks ingest.
+
+Exceptions::
+
+    AlertError          (ValueError)
+    ├── AlertNotFound   no alert with that id
+    └── AlertConflict   the alert's state does not allow the change (e.g. already resolved)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+from zoneinfo import ZoneInfo
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from devices.catalog import Catalog
+from devices.contract import Message
+from devices.faults import Severity
+from ingest import StoreError
+from ingest.alerts.config import AlertsConfig
+from ingest.alerts.model import SEVERITY_RANK, Alert, Key, Observation, alert_view, rfc3339
+from ingest.alerts.notify import Notifier
+from ingest.alerts.rules import (
+    DeviceMemory,
+    StationMemory,
+    device_conditions,
+    observe,
+    station_conditions,
+)
+from ingest.alerts.store import AlertQuery, AlertStore, Ops
+from ingest.pipeline import Twins
+from ingest.twins import Twin
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "chargewatch"
+REPORT_CATEGORIES: dict[str, Severity] = {
+    "smoke": "critical",
+    "fire": "critical",
+    "water": "critical",
+    "heat": "major",
+    "damage": "major",
+    "not_working": "minor",
+    "blocked": "minor",
+    "other": "warning",
+}
+
+
+class AlertError(ValueError):
+    pass
+
+
+class AlertNotFound(AlertError):
+    pass
+
+
+class AlertConflict(AlertError):
+    pass
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    id: int
+    type: str
+    data: str  # JSON
+
+
+class AlertEngine:
+    def __init__(
+        self,
+        config: AlertsConfig,
+        catalog: Catalog,
+        twins: Twins,
+        store: AlertStore,
+        *,
+        clock: Callable[[], int] = _now_ms,
+        registry: CollectorRegistry | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.twins = twins
+        self.store = store
+        self.clock = clock
+        self.tz = ZoneInfo(catalog.data.district.timezone)
+        self.notifier = Notifier(store, config.webhooks, transport=transport)
+        self.open: dict[Key, Alert] = {}  # unresolved alerts by condition
+        self.by_id: dict[int, Alert] = {}  # unresolved alerts by id
+        self._memory: dict[str, DeviceMemory] = {}
+        self._device_active: dict[str, dict[Key, Observation]] = {}
+        self._station_active: dict[str, dict[Key, Observation]] = {}
+        self._station_memory: dict[str, StationMemory] = {}
+        self._hold: list[Alert] = []  # offline alerts waiting one tick for station grouping
+        self._next_alert = 1
+        self._next_event = 1
+        self._ops = Ops()
+        self._queued = 0
+        self._written = 0
+        self._wake = asyncio.Event()
+        self._written_cond = asyncio.Condition()
+        self._subscribers: set[asyncio.Queue[StreamEvent | None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_ms = 0
+        self.store_healthy = True
+        r = registry or CollectorRegistry()
+        self.m_opened = Counter(
+            "chargewatch_alerts_opened", "Alerts opened", ["severity", "rule"], registry=r
+        )
+        self.m_active = Gauge("chargewatch_alerts_active", "Unresolved alerts", registry=r)
+        self.m_webhooks = Counter(
+            "chargewatch_webhook_deliveries", "Webhook deliveries by result", ["result"], registry=r
+        )
+        self.m_failing = Gauge(
+            "chargewatch_webhooks_failing", "Webhook subscriptions marked failing", registry=r
+        )
+        self.notifier.on_result.append(self._delivery_done)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        active = await asyncio.to_thread(self.store.load_active)
+        self._next_alert, self._next_event = await asyncio.to_thread(self.store.next_ids)
+        for alert in active:
+            self.open[alert.key] = alert
+            self.by_id[alert.id] = alert
+            if alert.auto_resolve and alert.clearing_since_ms is None:
+                obs = Observation(alert.key, alert.severity)  # type: ignore[arg-type]
+                scope = (
+                    self._device_active.setdefault(alert.device_id, {})
+                    if alert.device_id is not None
+                    else self._station_active.setdefault(alert.station_id, {})
+                )
+                scope[alert.key] = obs
+        self.m_active.set(len(self.by_id))
+        await self.notifier.__aenter__()
+        self._started_ms = self.clock()
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="alerts:writer"),
+            asyncio.create_task(self._ticker(), name="alerts:timer"),
+        ]
+        log.info("alerts: %d unresolved restored", len(active))
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        ticker = self._tasks[1] if len(self._tasks) > 1 else None
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self.flush()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for queue in list(self._subscribers):
+            queue.put_nowait(None)
+        await self.notifier.__aexit__(et, e, tb)
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def observe(self, twin: Twin, msg: Message, received_ms: int) -> None:
+        """Pipeline observer: one applied message, after its batch is durable."""
+        mem = self._memory.setdefault(twin.device_id, DeviceMemory())
+        raised = observe(mem, twin, msg, received_ms, self.config)
+        self._evaluate_device(twin, self.clock(), raised)
+
+    def tick(self) -> None:
+        """Absences, verification windows and escalation; the timer calls it every tick_s."""
+        now = self.clock()
+        if now - self._started_ms >= self.config.startup_grace_s * 1000:
+            for twin in self.twins.by_id.values():
+                if twin.last_seen_ms is not None:
+                    self._evaluate_device(twin, now, [])
+            for station in self.catalog.stations.values():
+                self._evaluate_station(station.id, now)
+        held, self._hold = self._hold, []
+        for alert in held:
+            if alert.active and not alert.suppressed:
+                self._notify("opened", alert)
+        verify_ms = self.config.verify_s * 1000
+        for alert in list(self.by_id.values()):
+            if alert.clearing_since_ms is not None and now - alert.clearing_since_ms >= verify_ms:
+                self._resolve(alert, now, how="auto", by=SYSTEM)
+            elif alert.status == "open" and not alert.suppressed:
+                self._maybe_escalate(alert, now)
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def _evaluate_device(self, twin: Twin, now: int, raised: list[tuple[str, int | None]]) -> None:
+        mem = self._memory.setdefault(twin.device_id, DeviceMemory())
+        found, frozen = device_conditions(twin, mem, now, self.config)
+        before = self._device_active.get(twin.device_id, {})
+        if frozen:  # offline: keep everything else as it was, neither opened nor resolved
+            found = {**{k: v for k, v in before.items() if k.rule != "offline"}, **found}
+        repeats = {(code, unit) for code, unit in raised}
+        self._device_active[twin.device_id] = found
+        self._diff(before, found, now, repeats)
+
+    def _evaluate_station(self, station_id: str, now: int) -> None:
+        spec = self.catalog.stations[station_id]
+        twins = [self.twins[d.id] for d in spec.devices]
+        mem = self._station_memory.setdefault(station_id, StationMemory())
+        found = station_conditions(spec, twins, mem, now, self.config, self.tz)
+        before = self._station_active.get(station_id, {})
+        self._station_active[station_id] = found
+        self._diff(before, found, now, set())
+
+    def _diff(
+        self,
+        before: dict[Key, Observation],
+        now_active: dict[Key, Observation],
+        now: int,
+        repeats: set[tuple[str, int | None]],
+    ) -> None:
+        for key, obs in now_active.items():
+            if key not in before:
+                self._raise(obs, now)
+            else:
+                self._touch(obs, now, repeat=(key.code, key.unit) in repeats)
+        for key in before.keys() - now_active.keys():
+            self._clear(key, now)
+
+    # -- transitions -------------------------------------------------------------------
+
+    def _raise(self, obs: Observation, now: int) -> Alert:
+        key = obs.key
+        alert = self.open.get(key)
+        if alert is not None:  # back within the verification window (or raised again)
+            alert.clearing_since_ms = None
+            alert.count += 1
+            self._update(alert, obs, now)
+            self._emit("repeated", alert, now)
+            return alert
+        unit_kind = None
+        if key.unit is not None and key.device_id is not None:
+            device = self.catalog.devices.get(key.device_id)
+            unit_kind = "port" if device is not None and device.kind == "pile" else "slot"
+        alert = Alert(
+            id=self._next_alert,
+            rule=key.rule,
+            code=key.code,
+            severity=obs.severity,
+            status="open",
+            station_id=key.station_id,
+            device_id=key.device_id,
+            unit=key.unit,
+            unit_kind=unit_kind,
+            opened_at_ms=now,
+            last_seen_at_ms=now,
+            last_value=obs.value,
+            info=obs.info,
+            auto_resolve=obs.auto_resolve,
+        )
+        self._next_alert += 1
+        self.open[key] = alert
+        self.by_id[alert.id] = alert
+        self.m_opened.labels(alert.severity, alert.rule).inc()
+        self.m_active.set(len(self.by_id))
+        if key.rule == "offline":
+            incident = self.open.get(
+                Key(key.station_id, None, None, "station_offline", "station_offline")
+            )
+            if incident is not None:
+                alert.parent_id, alert.suppressed = incident.id, True
+        self._emit("opened", alert, now)
+        if key.rule == "offline" and not alert.suppressed:
+            self._hold.append(alert)  # one tick, so a station's losses can group
+        elif key.rule == "station_offline":
+            self._group(alert)
+            self._notify("opened", alert)
+        else:
+            self._notify("opened", alert)
+        return alert
+
+    def _group(self, incident: Alert) -> None:
+        for alert in self.by_id.values():
+            if (
+                alert.rule == "offline"
+                and alert.station_id == incident.station_id
+                and alert.parent_id is None
+            ):
+                alert.parent_id = incident.id
+                alert.suppressed = not alert.notified
+                self._save(alert)
+
+    def _update(self, alert: Alert, obs: Observation, now: int) -> None:
+        alert.last_seen_at_ms = now
+        alert.last_value = obs.value
+        alert.info = obs.info
+        if SEVERITY_RANK[obs.severity] < SEVERITY_RANK[alert.severity]:  # type: ignore[index]
+            alert.severity = obs.severity
+
+    def _touch(self, obs: Observation, now: int, *, repeat: bool) -> None:
+        alert = self.open.get(obs.key)
+        if alert is None:
+            self._raise(obs, now)
+            return
+        changed = alert.last_value != obs.value or now - alert.last_seen_at_ms >= 10_000
+        self._update(alert, obs, now)
+        if repeat:
+            alert.count += 1
+            self._emit("repeated", alert, now)
+        elif changed:
+            self._save(alert)
+
+    def _clear(self, key: Key, now: int) -> None:
+        alert = self.open.get(key)
+        if alert is None or not alert.auto_resolve or alert.clearing_since_ms is not None:
+            return
+        alert.clearing_since_ms = now
+        if self.config.verify_s <= 0:
+            self._resolve(alert, now, how="auto", by=SYSTEM)
+        else:
+            self._emit("clearing", alert, now)
+
+    def _resolve(self, alert: Alert, now: int, *, how: str, by: str) -> None:
+        alert.status = "resolved"
+        alert.resolved_at_ms = now
+        alert.resolved_by = by
+        alert.resolved_how = how
+        self.open.pop(alert.key, None)
+        self.by_id.pop(alert.id, None)
+        self.m_active.set(len(self.by_id))
+        # re-arm: a condition still present opens a new alert on the next evaluation
+        scope = (
+            self._device_active.get(alert.device_id, {})
+            if alert.device_id is not None
+            else self._station_active.get(alert.station_id, {})
+        )
+        scope.pop(alert.key, None)
+        self._emit("resolved", alert, now)
+        if alert.notified:
+            self._notify("resolved", alert)
+        if alert.rule == "station_offline":  # the incident is over: what is left stands alone
+            for child in self.by_id.values():
+                if child.parent_id == alert.id and child.suppressed:
+                    child.suppressed = False
+                    self._notify("opened", child)
+                    self._save(child)
+
+    def _maybe_escalate(self, alert: Alert, now: int) -> None:
+        after = self.config.escalate_after_s(alert.severity)
+        if after <= 0 or alert.escalation_level >= self.config.escalate_max:
+            return
+        if alert.clearing_since_ms is not None:
+            return
+        since = alert.escalated_at_ms or alert.opened_at_ms
+        if now - since >= after * 1000:
+            alert.escalation_level += 1
+            alert.escalated_at_ms = now
+            self._emit("escalated", alert, now)
+            self._notify("escalated", alert)
+
+    def _notify(self, event: str, alert: Alert) -> None:
+        if alert.suppressed:
+            return
+        if event == "opened":
+            if alert.notified:
+                return
+            alert.notified = True
+            self._save(alert)
+        self.notifier.publish(event, alert)
+
+    # -- persistence and stream --------------------------------------------------------
+
+    def _save(self, alert: Alert) -> None:
+        self._ops.alerts[alert.id] = alert.record()
+        self._queued += 1
+        self._wake.set()
+
+    def _emit(
+        self, type_: str, alert: Alert, now: int, extra: dict[str, Any] | None = None
+    ) -> StreamEvent:
+        event_id = self._next_event
+        self._next_event += 1
+        body = {"event_id": event_id, "type": type_, "at": rfc3339(now), "alert": alert_view(alert)}
+        if extra:
+            body.update(extra)
+        event = StreamEvent(event_id, type_, json.dumps(body, separators=(",", ":")))
+        self._ops.events.append((event_id, alert.id, type_, now, event.data))
+        self._save(alert)
+        for queue in list(self._subscribers):
+            if queue.qsize() >= 10_000:  # a stuck client: end its stream; it resumes by id
+                self._subscribers.discard(queue)
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait(event)
+        return event
+
+    async def _writer(self) -> None:
+        delay = 0.2
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ops, self._ops = self._ops, Ops()
+            queued = self._queued
+            while True:
+                try:
+                    await asyncio.to_thread(self.store.apply, ops, self.config.events_kept)
+                    self.store_healthy, delay = True, 0.2
+                    break
+                except StoreError as exc:
+                    self.store_healthy = False
+                    log.error("alerts: store write failed (%s); retrying in %.1fs", exc, delay)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, 30.0)
+            async with self._written_cond:
+                self._written = queued
+                self._written_cond.notify_all()
+
+    async def flush(self) -> None:
+        """Return once every change made so far is in the store."""
+        target = self._queued
+        async with self._written_cond:
+            await self._written_cond.wait_for(lambda: self._written >= target)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_s)
+            try:
+                self.tick()
+            except Exception:
+                log.exception("alerts: timer failed; continuing")
+
+    @property
+    def last_event_id(self) -> int:
+        """Id of the newest change event (0: none yet)."""
+        return self._next_event - 1
+
+    def subscribe(self) -> asyncio.Queue[StreamEvent | None]:
+        queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[StreamEvent | None]) -> None:
+        self._subscribers.discard(queue)
+
+    def _delivery_done(self, delivered: bool) -> None:
+        self.m_webhooks.labels("delivered" if delivered else "failed").inc()
+        self.m_failing.set(sum(1 for s in self.notifier.subscriptions.values() if s.failing))
+
+    # -- maintainers' actions ----------------------------------------------------------
+
+    def _active(self, alert_id: int) -> Alert:
+        alert = self.by_id.get(alert_id)
+        if alert is None:
+            raise AlertNotFound(f"no unresolved alert with id {alert_id}")
+        return alert
+
+    async def get(self, alert_id: int) -> Alert:
+        alert = self.by_id.get(alert_id)
+        if alert is not None:
+            return alert
+        await self.flush()
+        stored = await asyncio.to_thread(self.store.get, alert_id)
+        if stored is None:
+            raise AlertNotFound(f"no alert with id {alert_id}")
+        return stored
+
+    async def query(self, q: AlertQuery) -> list[Alert]:
+        await self.flush()
+        alerts = await asyncio.to_thread(self.store.query, q)
+        return [self.by_id.get(a.id, a) for a in alerts]
+
+    async def acknowledge(self, alert_id: int, by: str, note: str | None = None) -> Alert:
+        if alert_id not in self.by_id:
+            await self.get(alert_id)  # 404 when unknown
+            raise AlertConflict(f"alert {alert_id} is resolved")
+        alert = self._active(alert_id)
+        now = self.clock()
+        if alert.status == "open":
+            alert.status = "acknowledged"
+            alert.acknowledged_at_ms = now
+            alert.acknowledged_by = by
+            self._emit("acknowledged", alert, now)
+        if note:
+            self._note(alert, now, by, "maintainer", note)
+        await self.flush()
+        return alert
+
+    async def resolve(self, alert_id: int, by: str, note: str | None = None) -> Alert:
+        if alert_id not in self.by_id:
+            await self.get(alert_id)
+            raise AlertConflict(f"alert {alert_id} is already resolved")
+        alert = self._active(alert_id)
+        now = self.clock()
+        if note:
+            self._note(alert, now, by, "maintainer", note)
+        self._resolve(alert, now, how="manual", by=by)
+        await self.flush()
+        return alert
+
+    async def add_note(self, alert_id: int, by: str, text: str) -> Alert:
+        alert = await self.get(alert_id)
+        self._note(alert, self.clock(), by, "maintainer", text)
+        await self.flush()
+        return alert
+
+    def _note(self, alert: Alert, now: int, author: str, source: str, text: str) -> None:
+        self._ops.notes.append((alert.id, now, author, source, text))
+        self._emit("note", alert, now, {"note": {"author": author, "source": source, "text": text}})
+
+    async def report(
+        self,
+        station_id: str,
+        device_id: str | None,
+        unit: int | None,
+        category: str,
+        text: str,
+    ) -> tuple[Alert, bool]:
+        """A rider's report: attached to the matching unresolved alert, or a new one.
+
+        Returns (alert, attached). A hazard category (smoke, fire, water) attaches only to
+        a critical alert, so a report of smoke is never hidden under, say, an offline alert.
+        """
+        severity = REPORT_CATEGORIES[category]
+        now = self.clock()
+        match = self._match(station_id, device_id, unit, critical_only=severity == "critical")
+        if match is not None:
+            match.reports += 1
+            self._note(match, now, "rider", "rider", f"[{category}] {text}")
+            await self.flush()
+            return match, True
+        key = Key(station_id, device_id, unit, "rider_report", category)
+        alert = self._raise(
+            Observation(key, severity, info=f"rider report: {category}", auto_resolve=False), now
+        )
+        alert.reports += 1
+        self._note(alert, now, "rider", "rider", f"[{category}] {text}")
+        await self.flush()
+        return alert, False
+
+    def _match(
+        self, station_id: str, device_id: str | None, unit: int | None, *, critical_only: bool
+    ) -> Alert | None:
+        def fits(a: Alert) -> bool:
+            if a.station_id != station_id or a.device_id != device_id:
+                return False
+            if critical_only and a.severity != "critical":
+                return False
+            return unit is None or a.unit in (unit, None)
+
+        candidates = [a for a in self.by_id.values() if fits(a)]
+        if not candidates:
+            return None
+        # the same port/slot first, then the most severe, then the oldest
+        return min(
+            candidates,
+            key=lambda a: (a.unit != unit, SEVERITY_RANK.get(a.severity, 9), a.id),  # type: ignore[call-overload]
+        )
+
+    async def notes(self, alert_id: int) -> list[dict[str, Any]]:
+        await self.flush()
+        rows = await asyncio.to_thread(self.store.notes, alert_id)
+        return [
+            {
+                "id": r["id"],
+                "at": rfc3339(r["at_ms"]),
+                "author": r["author"],
+                "source": r["source"],
+                "text": r["text"],
+            }
+            for r in rows
+        ]
+
+    def view(self, alert: Alert) -> dict[str, Any]:
+        return alert_view(alert)

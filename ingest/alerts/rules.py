@@ -1,0 +1,250 @@
+"""The alert rules: pure functions from a device twin (or a station's twins) to the
+conditions that are active now. No I/O; the engine diffs their output against what was
+active before.
+
+Per device, on every applied message and on the timer:
+
+- ``fault``: every fault code, device-level or on a port/slot, from snapshots and events;
+  severity from ``devices.faults``.
+- ``offline``: the device was seen, and is not online per contract v1 (Will received, or
+  nothing for 3 heartbeats). While offline nothing else of the device is evaluated: its
+  last report is stale, and the offline alert is the root cause (port/slot alerts are
+  suppressed, neither opened nor resolved).
+- ``temperature_high`` / ``temperature_rise``: enclosure or slot temperature over a limit, or
+  rising faster than a limit per minute of device time (critical: fire precursors).
+- ``charging_no_power``, ``energy_backwards``, ``ready_low_soc``, ``door_open_long``.
+
+Per station, on the timer: ``station_unavailable`` (open, nothing free, for a while) and
+``station_offline`` (a share of its devices offline: one incident).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from devices.availability import free_ports, ready_batteries
+from devices.catalog import StationSpec
+from devices.contract import CabinetStatus, Event, Message, PileStatus
+from devices.faults import severity
+from ingest.alerts.config import AlertsConfig
+from ingest.alerts.model import Key, Observation
+from ingest.twins import Twin
+
+Unit = int | None
+
+
+@dataclass
+class DeviceMemory:
+    """What the rules remember about one device between messages."""
+
+    event_faults: dict[tuple[str, Unit], float | None] = field(default_factory=dict)
+    fault_values: dict[tuple[str, Unit], float | None] = field(default_factory=dict)
+    temps: dict[Unit, deque[tuple[int, float]]] = field(default_factory=dict)
+    zero_power_since: dict[int, int] = field(default_factory=dict)
+    door_open_since: int | None = None
+    energy: dict[int, tuple[str | None, float]] = field(default_factory=dict)
+    energy_drop: dict[int, float] = field(default_factory=dict)
+
+
+def observe(
+    mem: DeviceMemory, twin: Twin, msg: Message, received_ms: int, cfg: AlertsConfig
+) -> list[tuple[str, Unit]]:
+    """Remember what ``msg`` says; returns the faults an event raised explicitly (repeats)."""
+    limits = cfg.limits(twin.kind)
+    raised: list[tuple[str, Unit]] = []
+    if isinstance(msg, Event):
+        unit = msg.port if msg.port is not None else msg.slot
+        if msg.type == "fault_raised" and msg.code:
+            mem.event_faults[(msg.code, unit)] = msg.value
+            mem.fault_values[(msg.code, unit)] = msg.value
+            raised.append((msg.code, unit))
+        elif msg.type == "fault_cleared" and msg.code:
+            mem.event_faults.pop((msg.code, unit), None)
+        elif msg.type == "door_opened" and mem.door_open_since is None:
+            mem.door_open_since = received_ms
+        elif msg.type == "door_closed":
+            mem.door_open_since = None
+        return raised
+    if isinstance(msg, PileStatus | CabinetStatus):
+        mem.event_faults.clear()  # a snapshot lists every active fault: it is newer
+        _remember_temp(mem, None, msg.ts, msg.temp_c, limits.temp_rise_window_s)
+        if isinstance(msg, CabinetStatus):
+            if msg.door_open:
+                if mem.door_open_since is None:
+                    mem.door_open_since = received_ms
+            else:
+                mem.door_open_since = None
+            for slot in msg.slots:
+                _remember_temp(mem, slot.n, msg.ts, slot.temp_c, limits.temp_rise_window_s)
+        else:
+            mem.energy_drop.clear()
+            for port in msg.ports:
+                if port.state == "charging" and port.power_w < limits.charging_min_w:
+                    mem.zero_power_since.setdefault(port.n, received_ms)
+                else:
+                    mem.zero_power_since.pop(port.n, None)
+                before = mem.energy.get(port.n)
+                if (
+                    before is not None
+                    and port.session is not None
+                    and before[0] == port.session
+                    and port.energy_wh < before[1] - limits.energy_backwards_wh
+                ):
+                    mem.energy_drop[port.n] = before[1] - port.energy_wh
+                mem.energy[port.n] = (port.session, port.energy_wh)
+    return raised
+
+
+def _remember_temp(
+    mem: DeviceMemory, unit: Unit, ts_ms: int, temp: float | None, window_s: float
+) -> None:
+    if temp is None:
+        return
+    readings = mem.temps.setdefault(unit, deque())
+    if readings and ts_ms <= readings[-1][0]:
+        return  # device clock went back (reboot, bad clock): not a trend
+    readings.append((ts_ms, temp))
+    while readings and readings[0][0] < ts_ms - window_s * 1000:
+        readings.popleft()
+
+
+def rise_per_min(readings: Iterable[tuple[int, float]], min_span_s: float) -> float | None:
+    """°C per minute from the oldest to the newest reading, if they span long enough."""
+    items = list(readings)
+    if len(items) < 2:
+        return None
+    (t0, c0), (t1, c1) = items[0], items[-1]
+    if t1 - t0 < min_span_s * 1000:
+        return None
+    return (c1 - c0) / ((t1 - t0) / 60_000)
+
+
+def device_conditions(
+    twin: Twin, mem: DeviceMemory, now_ms: int, cfg: AlertsConfig
+) -> tuple[dict[Key, Observation], bool]:
+    """The device's active conditions, and whether the rest is frozen (device offline)."""
+    if twin.last_seen_ms is None:
+        return {}, False  # never heard from: not commissioned, not offline
+    station, dev = twin.station_id, twin.device_id
+    unit_kind = "port" if twin.kind == "pile" else "slot"
+
+    def key(rule: str, unit: Unit = None, code: str | None = None) -> Key:
+        return Key(station, dev, unit, rule, code or rule)
+
+    if not twin.online(now_ms):
+        why = "Will received" if not twin.online_flag else "no message for 3 heartbeats"
+        k = key("offline")
+        return {k: Observation(k, "major", info=why)}, True
+    found: dict[Key, Observation] = {}
+    limits = cfg.limits(twin.kind)
+    status = twin.status
+    faults: dict[tuple[str, Unit], float | None] = dict(mem.event_faults)
+    if status is not None:
+        for code in status.device_faults:
+            faults.setdefault((code, None), mem.fault_values.get((code, None)))
+        for u in status.units:
+            if u.fault:
+                faults.setdefault((u.fault, u.n), mem.fault_values.get((u.fault, u.n)))
+    for (code, unit), value in faults.items():
+        k = key("fault", unit, code)
+        found[k] = Observation(k, severity(code), value=value, info=_unit_info(unit_kind, unit))
+    if status is not None:
+        if status.temp_c is not None and status.temp_c > limits.temp_high_c:
+            k = key("temperature_high")
+            found[k] = Observation(
+                k, "critical", value=status.temp_c, info=f"enclosure > {limits.temp_high_c} °C"
+            )
+        if isinstance(status, CabinetStatus):
+            for slot in status.slots:
+                if slot.temp_c is not None and slot.temp_c > limits.unit_temp_high_c:
+                    k = key("temperature_high", slot.n)
+                    found[k] = Observation(
+                        k,
+                        "critical",
+                        value=slot.temp_c,
+                        info=f"slot > {limits.unit_temp_high_c} °C",
+                    )
+                if slot.state == "ready" and slot.soc is not None and slot.soc < twin.release_soc:
+                    k = key("ready_low_soc", slot.n)
+                    found[k] = Observation(
+                        k, "minor", value=slot.soc, info=f"ready below {twin.release_soc:g} %"
+                    )
+            if mem.door_open_since is not None:
+                open_s = (now_ms - mem.door_open_since) / 1000
+                if open_s >= limits.door_open_s:
+                    k = key("door_open_long")
+                    found[k] = Observation(k, "major", value=round(open_s), info="seconds open")
+        else:
+            for n, since in mem.zero_power_since.items():
+                stuck_s = (now_ms - since) / 1000
+                if stuck_s >= limits.charging_no_power_s:
+                    k = key("charging_no_power", n)
+                    found[k] = Observation(k, "minor", value=round(stuck_s), info="seconds at ~0 W")
+            for n, drop in mem.energy_drop.items():
+                k = key("energy_backwards", n)
+                found[k] = Observation(k, "warning", value=round(drop, 1), info="Wh lost")
+    for unit, readings in mem.temps.items():
+        rate = rise_per_min(readings, limits.temp_rise_min_span_s)
+        if rate is not None and rate >= limits.temp_rise_c_per_min:
+            k = key("temperature_rise", unit)
+            found[k] = Observation(k, "critical", value=round(rate, 2), info="°C per minute")
+    return found, False
+
+
+def _unit_info(unit_kind: str, unit: Unit) -> str | None:
+    return None if unit is None else f"{unit_kind} {unit}"
+
+
+@dataclass
+class StationMemory:
+    unavailable_since: int | None = None
+
+
+def local_minute(now_ms: int, tz: ZoneInfo) -> int:
+    local = datetime.fromtimestamp(now_ms / 1000, tz=tz)
+    return local.hour * 60 + local.minute
+
+
+def station_conditions(
+    station: StationSpec,
+    twins: list[Twin],
+    mem: StationMemory,
+    now_ms: int,
+    cfg: AlertsConfig,
+    tz: ZoneInfo,
+) -> dict[Key, Observation]:
+    seen = [t for t in twins if t.last_seen_ms is not None]
+    if not seen:
+        mem.unavailable_since = None
+        return {}
+    found: dict[Key, Observation] = {}
+    online = [t for t in seen if t.online(now_ms)]
+    offline = len(seen) - len(online)
+    share = offline / len(seen)
+    if offline >= cfg.station_offline_min and share >= cfg.station_offline_share:
+        k = Key(station.id, None, None, "station_offline", "station_offline")
+        found[k] = Observation(
+            k, "major", value=round(share, 3), info=f"{offline} of {len(seen)} devices offline"
+        )
+    available = 0
+    for t in online:
+        if isinstance(t.status, PileStatus):
+            available += free_ports(t.status)
+        elif isinstance(t.status, CabinetStatus):
+            available += ready_batteries(t.status, t.release_soc)
+    if available == 0 and station.is_open(local_minute(now_ms, tz)):
+        if mem.unavailable_since is None:
+            mem.unavailable_since = now_ms
+        for_s = (now_ms - mem.unavailable_since) / 1000
+        if for_s >= cfg.station_unavailable_s:
+            k = Key(station.id, None, None, "station_unavailable", "station_unavailable")
+            found[k] = Observation(
+                k, "major", value=round(for_s), info="seconds with no free port or ready battery"
+            )
+    else:
+        mem.unavailable_since = None
+    return found

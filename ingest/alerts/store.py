@@ -1,0 +1,286 @@
+"""Alerts, their change events, notes, webhook subscriptions and deliveries, in the data
+dir's SQLite file through a connection of their own (WAL lets it share the file with the
+ingest store). Blocking: the engine calls it from a worker thread."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingest import StoreError, StoreUnavailable
+from ingest.alerts.model import ALERT_COLUMNS, Alert
+
+DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY, rule TEXT NOT NULL, code TEXT NOT NULL, severity TEXT NOT NULL,
+    status TEXT NOT NULL, station_id TEXT NOT NULL, device_id TEXT, unit INTEGER,
+    unit_kind TEXT, opened_at_ms INTEGER NOT NULL, last_seen_at_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL, last_value REAL, info TEXT, acknowledged_at_ms INTEGER,
+    acknowledged_by TEXT, resolved_at_ms INTEGER, resolved_by TEXT, resolved_how TEXT,
+    clearing_since_ms INTEGER, escalation_level INTEGER NOT NULL, escalated_at_ms INTEGER,
+    parent_id INTEGER, suppressed INTEGER NOT NULL, notified INTEGER NOT NULL,
+    reports INTEGER NOT NULL, auto_resolve INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_by_status ON alerts (status, id);
+CREATE INDEX IF NOT EXISTS alerts_by_device ON alerts (device_id, id);
+CREATE INDEX IF NOT EXISTS alerts_by_station ON alerts (station_id, id);
+CREATE TABLE IF NOT EXISTS alert_events (
+    id INTEGER PRIMARY KEY, alert_id INTEGER NOT NULL, type TEXT NOT NULL,
+    at_ms INTEGER NOT NULL, data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS alert_notes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, alert_id INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+    author TEXT NOT NULL, source TEXT NOT NULL, text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notes_by_alert ON alert_notes (alert_id, id);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, webhook_id INTEGER NOT NULL,
+    alert_id INTEGER NOT NULL, event TEXT NOT NULL, status TEXT NOT NULL,
+    attempts INTEGER NOT NULL, http_status INTEGER, error TEXT,
+    created_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_alert ON deliveries (alert_id, id);
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (status);
+"""
+
+
+@dataclass
+class Ops:
+    """One batch of writes from the engine, applied in one transaction."""
+
+    alerts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    events: list[tuple[int, int, str, int, str]] = field(default_factory=list)
+    notes: list[tuple[int, int, str, str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.alerts) + len(self.events) + len(self.notes)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertQuery:
+    status: Sequence[str] = ()
+    severity: Sequence[str] = ()
+    station: str | None = None
+    device: str | None = None
+    rule: str | None = None
+    since_ms: int | None = None
+    before_id: int | None = None
+    limit: int = 100
+
+
+class AlertStore:
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=10
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    @classmethod
+    def in_dir(cls, data_dir: str | Path, **options: Any) -> AlertStore:
+        return cls(Path(data_dir) / DB_FILE, **options)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self, statements: list[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, rows in statements:
+                        if rows:
+                            self._db.executemany(sql, rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"{self.path}: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"{self.path}: {exc}") from exc
+
+    # -- alerts ------------------------------------------------------------------------
+
+    def apply(self, ops: Ops, events_kept: int) -> None:
+        cols = ",".join(ALERT_COLUMNS)
+        marks = ",".join("?" for _ in ALERT_COLUMNS)
+        statements: list[tuple[str, Sequence[Sequence[Any]]]] = [
+            (
+                f"INSERT OR REPLACE INTO alerts ({cols}) VALUES ({marks})",
+                [tuple(rec[c] for c in ALERT_COLUMNS) for rec in ops.alerts.values()],
+            ),
+            ("INSERT INTO alert_events VALUES (?,?,?,?,?)", ops.events),
+            (
+                "INSERT INTO alert_notes (alert_id, at_ms, author, source, text)"
+                " VALUES (?,?,?,?,?)",
+                ops.notes,
+            ),
+        ]
+        if ops.events:
+            statements.append(
+                (
+                    "DELETE FROM alert_events WHERE id <= (SELECT max(id) FROM alert_events) - ?",
+                    [(events_kept,)],
+                )
+            )
+        self._tx(statements)
+
+    def _alerts(self, where: str, args: Sequence[Any]) -> list[Alert]:
+        rows = self._query(f"SELECT {','.join(ALERT_COLUMNS)} FROM alerts {where}", args)
+        return [Alert.from_record(dict(zip(ALERT_COLUMNS, row, strict=True))) for row in rows]
+
+    def load_active(self) -> list[Alert]:
+        return self._alerts("WHERE status != 'resolved' ORDER BY id", ())
+
+    def next_ids(self) -> tuple[int, int]:
+        (alert_max,) = self._query("SELECT coalesce(max(id), 0) FROM alerts")[0]
+        (event_max,) = self._query("SELECT coalesce(max(id), 0) FROM alert_events")[0]
+        return int(alert_max) + 1, int(event_max) + 1
+
+    def get(self, alert_id: int) -> Alert | None:
+        found = self._alerts("WHERE id = ?", (alert_id,))
+        return found[0] if found else None
+
+    def query(self, q: AlertQuery) -> list[Alert]:
+        where: list[str] = []
+        args: list[Any] = []
+        if q.status:
+            where.append(f"status IN ({','.join('?' for _ in q.status)})")
+            args.extend(q.status)
+        if q.severity:
+            where.append(f"severity IN ({','.join('?' for _ in q.severity)})")
+            args.extend(q.severity)
+        for column, value in (("station_id", q.station), ("device_id", q.device)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if q.rule is not None:
+            where.append("(rule = ? OR code = ?)")
+            args.extend([q.rule, q.rule])
+        if q.since_ms is not None:
+            where.append("(opened_at_ms >= ? OR last_seen_at_ms >= ? OR resolved_at_ms >= ?)")
+            args.extend([q.since_ms] * 3)
+        if q.before_id is not None:
+            where.append("id < ?")
+            args.append(q.before_id)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        return self._alerts(f"{clause} ORDER BY id DESC LIMIT ?", [*args, q.limit])
+
+    def notes(self, alert_id: int) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT id, at_ms, author, source, text FROM alert_notes WHERE alert_id = ?"
+            " ORDER BY id",
+            (alert_id,),
+        )
+        keys = ("id", "at_ms", "author", "source", "text")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def events_after(self, after_id: int, limit: int = 1000) -> list[tuple[int, str, str]]:
+        rows = self._query(
+            "SELECT id, type, data FROM alert_events WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        )
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    def oldest_event_id(self) -> int | None:
+        (oldest,) = self._query("SELECT min(id) FROM alert_events")[0]
+        return None if oldest is None else int(oldest)
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    def add_webhook(self, record: dict[str, Any]) -> int:
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO webhooks (record) VALUES (?)", (json.dumps(record),)
+            )
+            return int(cur.lastrowid or 0)
+
+    def update_webhook(self, webhook_id: int, record: dict[str, Any]) -> None:
+        self._tx(
+            [("UPDATE webhooks SET record = ? WHERE id = ?", [(json.dumps(record), webhook_id)])]
+        )
+
+    def delete_webhook(self, webhook_id: int) -> bool:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
+            return cur.rowcount > 0
+
+    def webhooks(self) -> list[tuple[int, dict[str, Any]]]:
+        rows = self._query("SELECT id, record FROM webhooks ORDER BY id")
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
+
+    def add_delivery(
+        self, webhook_id: int, alert_id: int, event: str, created_ms: int, body: str
+    ) -> int:
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO deliveries (webhook_id, alert_id, event, status, attempts,"
+                " created_at_ms, body) VALUES (?,?,?,'pending',0,?,?)",
+                (webhook_id, alert_id, event, created_ms, body),
+            )
+            return int(cur.lastrowid or 0)
+
+    def finish_delivery(
+        self,
+        delivery_id: int,
+        *,
+        status: str,
+        attempts: int,
+        http_status: int | None,
+        error: str | None,
+        finished_ms: int | None,
+    ) -> None:
+        self._tx(
+            [
+                (
+                    "UPDATE deliveries SET status=?, attempts=?, http_status=?, error=?,"
+                    " finished_at_ms=? WHERE id=?",
+                    [(status, attempts, http_status, error, finished_ms, delivery_id)],
+                )
+            ]
+        )
+
+    def deliveries(
+        self, alert_id: int | None = None, *, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        where: list[str] = []
+        args: list[Any] = []
+        if alert_id is not None:
+            where.append("alert_id = ?")
+            args.append(alert_id)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        keys = (
+            "id", "webhook_id", "alert_id", "event", "status", "attempts", "http_status",
+            "error", "created_at_ms", "finished_at_ms", "body",
+        )  # fmt: skip
+        rows = self._query(f"SELECT {','.join(keys)} FROM deliveries {clause} ORDER BY id", args)
+        return [dict(zip(keys, row, strict=True)) for row in rows]
