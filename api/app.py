@@ -6,7 +6,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import health, maintenance, riders
+from api.auth import KeyStore
+from api.routes import alerts, health, maintenance, reports, riders
 from ingest.service import Ingest
 
 
@@ -17,8 +18,11 @@ def create_app(ingest: Ingest) -> FastAPI:
         summary="Live availability of e-bike charging piles and battery-swap cabinets",
     )
     app.state.ingest = ingest
+    app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
     errors.install(app)
     app.include_router(health.router)
     app.include_router(riders.router)
     app.include_router(maintenance.router)
+    app.include_router(alerts.router)
+    app.include_router(reports.router)
     return app
