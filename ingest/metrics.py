@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class IngestMetrics:
@@ -53,3 +53,16 @@ class IngestMetrics:
             "chargewatch_last_message_timestamp_seconds", "Arrival of the last message", registry=r
         )
         self.store_healthy.set(1)
+        buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.write_seconds = Histogram(
+            "chargewatch_store_write_seconds",
+            "One batch written to the stores",
+            buckets=buckets,
+            registry=r,
+        )
+        self.ack_latency = Histogram(
+            "chargewatch_ingest_latency_seconds",
+            "Message arrival to acknowledgement (decode, apply, durable write)",
+            buckets=buckets,
+            registry=r,
+        )

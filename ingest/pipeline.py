@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -193,7 +194,8 @@ class Pipeline:
         delay = 0.2
         while True:
             try:
-                await asyncio.to_thread(self._write, rows, records, dead)
+                with self.metrics.write_seconds.time():
+                    await asyncio.to_thread(self._write, rows, records, dead)
                 break
             except StoreUnavailable as exc:
                 self._store_failed(exc, delay)
@@ -216,7 +218,9 @@ class Pipeline:
         self.store_healthy = True
         self.metrics.store_healthy.set(1)
         self.metrics.written.inc(len(batch.rows))
+        done_ms = time.time_ns() // 1_000_000
         for r in batch.received:
+            self.metrics.ack_latency.observe(max(0, done_ms - r.received_ms) / 1000)
             if self._ack(r):
                 self.metrics.acked.inc()
             self.metrics.inflight.dec()
