@@ -1,0 +1,212 @@
+"""The alert lifecycle in-process: real SQLite store, real HTTP receiver, fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ingest.alerts.store import AlertQuery
+from ingest.pipeline import Twins
+from tests.alerts.helpers import CATALOG, Clock, Device, active, config, eventually, running
+from tests.alerts.receiver import receiver
+
+PILE, PILE2, PILE3, CABINET = "WGS-P01", "WGS-P02", "WGS-P03", "WGS-C01"
+
+
+async def test_one_alert_per_condition_auto_resolve_and_reopen(tmp_path: Path) -> None:
+    clock = Clock()
+    async with running(tmp_path, clock) as engine:
+        pile = Device(engine, clock, PILE)
+        pile.birth()
+        pile.pile()
+        assert engine.by_id == {}
+        pile.event("fault_raised", code="over_current", port=3, value=17.5)
+        pile.pile({3: "over_current"})
+        pile.pile({3: "over_current"})  # heartbeats repeat the snapshot: not a new alert
+        [alert] = active(engine)
+        assert (alert.rule, alert.code, alert.severity) == ("fault", "over_current", "major")
+        assert (alert.device_id, alert.unit, alert.unit_kind) == (PILE, 3, "port")
+        assert alert.station_id == "wanguo-south"
+        assert alert.count == 1
+        assert alert.last_value == 17.5
+
+        pile.pile()  # cleared: the verification window starts
+        assert alert.clearing_since_ms == clock()
+        clock.advance(30)
+        engine.tick()
+        assert alert.status == "open"
+        pile.pile({3: "over_current"})  # back within the window: the same alert, reopened
+        assert active(engine) == [alert]
+        assert alert.count == 2
+        assert alert.clearing_since_ms is None
+
+        pile.pile()
+        clock.advance(59)
+        engine.tick()
+        assert alert.status == "open"
+        clock.advance(1)
+        engine.tick()
+        assert alert.status == "resolved"
+        assert (alert.resolved_how, alert.resolved_by) == ("auto", "chargewatch")
+        assert engine.by_id == {}
+
+        pile.pile({3: "over_current"})  # after the window: a new alert
+        [again] = active(engine)
+        assert again.id == alert.id + 1
+        stored = await engine.query(AlertQuery(device=PILE))
+        assert [(a.id, a.status) for a in stored] == [(again.id, "open"), (alert.id, "resolved")]
+
+
+async def test_offline_device_suppresses_its_port_alerts(tmp_path: Path) -> None:
+    clock = Clock()
+    async with running(tmp_path, clock) as engine:
+        pile = Device(engine, clock, PILE)
+        pile.birth()
+        pile.pile()
+        pile.death()
+        [offline] = active(engine)
+        assert (offline.rule, offline.severity, offline.unit) == ("offline", "major", None)
+        assert offline.info == "Will received"
+        pile.pile({2: "relay_stuck"})  # a late snapshot of an offline device: root cause only
+        engine.tick()
+        assert active(engine) == [offline]
+
+        pile.birth()  # back: the offline alert starts clearing, the port alert opens
+        assert offline.clearing_since_ms == clock()
+        [port] = active(engine, rule="fault")
+        assert (port.code, port.unit) == ("relay_stuck", 2)
+
+
+async def test_offline_by_silence_on_the_timer(tmp_path: Path) -> None:
+    clock = Clock()
+    async with running(tmp_path, clock) as engine:
+        pile = Device(engine, clock, PILE)
+        pile.birth(heartbeat_s=2)
+        pile.pile()
+        clock.advance(6)
+        engine.tick()
+        assert active(engine) == []
+        clock.advance(0.001)
+        engine.tick()
+        [offline] = active(engine)
+        assert offline.info == "no message for 3 heartbeats"
+        engine.tick()
+        assert len(active(engine)) == 1
+
+
+async def test_station_incident_groups_offline_devices(tmp_path: Path) -> None:
+    clock = Clock()
+    with receiver() as hook:
+        async with running(tmp_path, clock) as engine:
+            await engine.notifier.add(hook.url, secret="station-secret")
+            piles = [Device(engine, clock, d) for d in (PILE, PILE2, PILE3, "WGS-P04")]
+            for p in piles:
+                p.birth()
+                p.pile()
+            for p in piles[:3]:
+                p.death()
+            assert len(active(engine, rule="offline")) == 3
+            engine.tick()  # offline alerts are held one tick; the station rule sees 3 of 4
+            [incident] = active(engine, rule="station_offline")
+            assert incident.station_id == "wanguo-south"
+            assert incident.device_id is None
+            assert incident.info == "3 of 4 devices offline"
+            children = active(engine, rule="offline")
+            assert {c.parent_id for c in children} == {incident.id}
+            assert all(c.suppressed for c in children)
+            await engine.notifier.idle()
+            assert hook.events() == [("opened", incident.id)]
+
+
+async def test_webhook_once_per_transition_signed_and_retried(tmp_path: Path) -> None:
+    clock = Clock()
+    with receiver() as hook:
+        async with running(tmp_path, clock, config(escalate_critical_s=10)) as engine:
+            sub = await engine.notifier.add(hook.url, secret="s3cret-for-tests")
+            cabinet = Device(engine, clock, CABINET)
+            cabinet.birth()
+            cabinet.cabinet()
+            hook.fail_next = 2  # the first two attempts get HTTP 500
+            cabinet.event("fault_raised", code="smoke")
+            cabinet.cabinet(smoke=True)
+            [alert] = active(engine)
+            assert (alert.code, alert.severity) == ("smoke", "critical")
+
+            def opened() -> None:
+                assert hook.events() == [("opened", alert.id)]
+
+            await eventually(opened)
+            assert [r.status for r in hook.requests] == [500, 500, 200]
+            assert all(r.signature_ok("s3cret-for-tests") for r in hook.requests)
+            assert not hook.requests[0].signature_ok("another-secret")
+            assert len({r.headers["x-chargewatch-delivery"] for r in hook.requests}) == 1
+
+            clock.advance(9)
+            engine.tick()
+            clock.advance(1)
+            engine.tick()  # 10 s unacknowledged: escalated
+            engine.tick()
+            assert alert.escalation_level == 1
+            await eventually(
+                lambda: _assert_equal(
+                    hook.events(), [("opened", alert.id), ("escalated", alert.id)]
+                )
+            )
+            await engine.acknowledge(alert.id, "wang")
+            clock.advance(60)
+            engine.tick()  # acknowledged: no further escalation
+            assert alert.escalation_level == 1
+            await engine.resolve(alert.id, "wang", "detector cleaned")
+            await eventually(lambda: _assert_equal(len(hook.events()), 3))
+            await engine.notifier.idle()
+            assert hook.events()[-1] == ("resolved", alert.id)
+            body = hook.delivered()[-1].json
+            assert body["alert"]["resolved_how"] == "manual"
+            assert body["alert"]["resolved_by"] == "wang"
+            log = engine.store.deliveries(alert.id)
+            assert [(d["event"], d["status"], d["attempts"]) for d in log] == [
+                ("opened", "delivered", 3),
+                ("escalated", "delivered", 1),
+                ("resolved", "delivered", 1),
+            ]
+            assert sub.failing is False
+            notes = await engine.notes(alert.id)
+            assert [n["text"] for n in notes] == ["detector cleaned"]
+
+
+def _assert_equal(a: object, b: object) -> None:
+    assert a == b
+
+
+async def test_failing_subscription_is_marked_and_ingest_goes_on(tmp_path: Path) -> None:
+    clock = Clock()
+    with receiver() as hook:
+        async with running(tmp_path, clock, config(webhooks={"attempts": 2, "backoff_s": 0.01, "failing_after": 2})) as engine:  # fmt: skip
+            hook.fail_next = 1000
+            sub = await engine.notifier.add(hook.url, secret="failing-secret")
+            pile = Device(engine, clock, PILE)
+            pile.birth()
+            pile.pile({1: "ground_fault", 2: "ground_fault"})  # two alerts, both undeliverable
+            assert len(active(engine)) == 2  # opened at once, whatever the receiver does
+            await engine.notifier.idle()
+            assert sub.failing is True
+            assert sub.consecutive_failures == 2
+            assert sub.last_error == "HTTP 500"
+            assert len(hook.requests) == 4  # 2 deliveries x 2 attempts
+
+
+async def test_open_alerts_survive_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    twins = Twins(CATALOG)  # the service restores them from its store
+    async with running(tmp_path, clock, twins=twins) as engine:
+        cabinet = Device(engine, clock, CABINET)
+        cabinet.birth()
+        cabinet.cabinet({4: {"state": "faulted", "fault": "lock_failure"}})
+        [before] = active(engine)
+    async with running(tmp_path, clock, twins=twins) as engine:
+        [after] = active(engine)
+        assert (after.id, after.code, after.unit, after.count) == (before.id, "lock_failure", 4, 1)
+        cabinet = Device(engine, clock, CABINET, boot="b00t2")
+        cabinet.birth()
+        cabinet.cabinet({4: {"state": "faulted", "fault": "lock_failure"}})
+        assert active(engine) == [after]  # the same condition: no second alert
+        assert after.count == 1
