@@ -25,6 +25,13 @@ SWAPS_PER_HOUR = 2.0
 CHARGER_W = 300.0
 
 
+def charger_power(soc: float) -> float:
+    """Constant current up to 80 % soc, then tapering (constant voltage) to 20 % power."""
+    if soc >= 100:
+        return 0.0
+    return CHARGER_W * (1.0 if soc < 80 else max(0.2, 1.0 - (soc - 80) / 25))
+
+
 @dataclass(slots=True)
 class SlotSim:
     n: int
@@ -109,6 +116,7 @@ class CabinetModel(DeviceModel):
 
     def _put(self, slot: SlotSim, battery: str, soc: float) -> None:
         slot.battery, slot.soc = battery, soc
+        slot.power_w = charger_power(soc) if slot.fault is None else 0.0
         slot.capacity_wh = self.rng.uniform(1150.0, 1700.0)  # 48-60 V x 20-30 Ah
 
     def _step(self, t: float) -> None:
@@ -116,8 +124,7 @@ class CabinetModel(DeviceModel):
         ambient = ambient_c(t)
         for slot in self.slots:
             if slot.battery is not None and slot.fault is None and slot.soc < 100:
-                taper = 1.0 if slot.soc < 80 else max(0.2, 1.0 - (slot.soc - 80) / 25)
-                slot.power_w = CHARGER_W * taper * rng.uniform(0.97, 1.03)
+                slot.power_w = charger_power(slot.soc) * rng.uniform(0.97, 1.03)
                 gained = slot.power_w * STEP_S / 3600 / slot.capacity_wh * 100
                 slot.soc = min(100.0, slot.soc + gained)
             else:

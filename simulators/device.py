@@ -77,6 +77,14 @@ def build_model(spec: DeviceSpec, ctx: SimContext) -> DeviceModel:
     return model_type(spec, rng, ctx.clock.start, fault_rate=ctx.fault_rate)
 
 
+def _consume_disconnect_error(client: aiomqtt.Client) -> None:
+    """Mark aiomqtt's disconnect error as seen: we already handled the loss, and a session
+    torn down by another failure would otherwise log "exception was never retrieved"."""
+    disconnected = client._disconnected  # private in aiomqtt 2.x; no public accessor
+    if disconnected.done() and not disconnected.cancelled():
+        disconnected.exception()
+
+
 class SimDevice:
     """A device: ``await run()`` until ``stop()``; injections apply at once and publish."""
 
@@ -104,6 +112,7 @@ class SimDevice:
         self._stop = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._offline_until = 0.0
+        self._wake = asyncio.Event()
         self._last_status = time.monotonic()
         self._jitter = random.Random()  # wire timing only; not part of the seeded story
 
@@ -127,6 +136,7 @@ class SimDevice:
         """Ask for a graceful stop: publish what is queued, then the death, then disconnect."""
         if not self._stop.is_set():
             self._stop.set()
+            self._wake.set()
             self._outbox.put_nowait(None)
 
     async def _sleep(self, seconds: float) -> bool:
@@ -166,8 +176,12 @@ class SimDevice:
         )
         while not self._stop.is_set():
             offline = self._offline_until - time.monotonic()
-            if offline > 0 and await self._sleep(offline):
-                break
+            if offline > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(offline):
+                        await self._wake.wait()  # restore_connection() or stop()
+                if self._stop.is_set():
+                    break
             will_seq = self._seq
             client = self._make_client(will_seq)
             lost: str | None = None
@@ -183,6 +197,7 @@ class SimDevice:
                 lost = "; ".join(str(exc) or type(exc).__name__ for exc in group.exceptions)
             finally:
                 self._client, self.connected = None, False
+                _consume_disconnect_error(client)
             if lost is None or self._stop.is_set():
                 break
             delay = backoff.next_delay()
@@ -260,10 +275,16 @@ class SimDevice:
         if client is None:
             return False
         self._offline_until = time.monotonic() + offline_s
+        self._wake.clear()
         sock = client._client.socket()  # aiomqtt keeps the paho client private
         if isinstance(sock, socket.socket):
             sock.shutdown(socket.SHUT_RDWR)
         return True
+
+    def restore_connection(self) -> None:
+        """End an offline period from ``drop_connection`` now: reconnect (same boot)."""
+        self._offline_until = 0.0
+        self._wake.set()
 
     # -- behaviour ----------------------------------------------------------------------------
 

@@ -169,3 +169,7 @@ class Fleet:
     def drop_connection(self, device_id: str, offline_s: float = 0.0) -> bool:
         """Cut a device's connection without a goodbye; the broker delivers its Will."""
         return self.device(device_id).drop_connection(offline_s)
+
+    def restore_connection(self, device_id: str) -> None:
+        """Bring a dropped device back before its offline time is over (same boot)."""
+        self.device(device_id).restore_connection()

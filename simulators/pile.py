@@ -22,6 +22,7 @@ ARRIVALS_PER_HOUR = 0.8
 
 MIN_SESSION_H, MAX_SESSION_H = 2.0, 8.0
 EARLY_LEAVE_P = 0.1
+TAPER_TIME = 0.85 + 0.15 / 0.5
 
 
 @dataclass(slots=True)
@@ -97,8 +98,9 @@ class PileModel(DeviceModel):
         port.energy_wh = 0.0
         port.target_wh = rng.uniform(450.0, 1500.0)
         rated = rng.uniform(150.0, 400.0)
-        hours = min(max(port.target_wh / rated, MIN_SESSION_H), MAX_SESSION_H)
-        port.rated_w = port.target_wh / hours
+        # The last 15 % goes at half power, so the whole charge takes 1.15 x energy / power.
+        hours = min(max(TAPER_TIME * port.target_wh / rated, MIN_SESSION_H), MAX_SESSION_H)
+        port.rated_w = TAPER_TIME * port.target_wh / hours
         port.power_w = port.rated_w
         port.unplug_at = None
         if rng.random() < EARLY_LEAVE_P:  # this rider will leave before the pack is full

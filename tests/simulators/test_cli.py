@@ -1,0 +1,98 @@
+"""``python -m simulators`` as a process: the whole district, READY, HOLD, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from devices.catalog import Catalog
+from devices.contract import Death, decode
+from devices.topics import TopicScheme
+from simulators.cli import main
+from tests.servers import Process
+from tests.simulators.conftest import read_truth, within
+
+
+async def _line(stream: asyncio.StreamReader) -> str:
+    raw = await stream.readline()
+    if not raw:
+        raise AssertionError("the simulator closed stdout")
+    return raw.decode().strip()
+
+
+async def test_the_whole_district_comes_up_holds_and_stops_gracefully(
+    broker: Process, catalog: Catalog, tmp_path: Path
+) -> None:
+    truth_path = tmp_path / "truth.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "simulators",
+        "--broker",
+        broker.url,
+        "--speed",
+        "600",
+        "--duration",
+        "900",
+        "--truth",
+        str(truth_path),
+        "--start",
+        "2026-11-28T18:00:00+08:00",
+        "--fault-rate",
+        "0",
+        "--log-level",
+        "WARNING",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        assert await within(_line(proc.stdout), 30) == f"READY {len(catalog.devices)}"
+        assert await within(_line(proc.stdout), 30) == "HOLD"
+        proc.send_signal(signal.SIGTERM)
+        assert await within(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    stderr = (await proc.stderr.read()).decode()
+    assert "Traceback" not in stderr, stderr
+    lines = read_truth(truth_path)
+    holds = [line for line in lines if line.get("hold")]
+    assert len(holds) == 1
+    assert holds[0]["devices"] == len(catalog.devices)
+    scheme = TopicScheme()
+    deaths = set()
+    for line in lines:
+        if "topic" not in line:
+            continue
+        topic = scheme.parse(line["topic"])
+        assert topic is not None
+        assert topic.device_id in catalog.devices
+        message = decode(topic.channel, line["payload"].encode())
+        if isinstance(message, Death):
+            deaths.add(topic.device_id)
+    assert deaths == set(catalog.devices)  # every device said goodbye itself
+    assert json.loads(lines[-1]["payload"])["online"] is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--broker", "mqtts://h:1"], "mqtt://host:port"),
+        (["--broker", "mqtt://h:1", "--shard", "3/2"], "--shard"),
+        (["--broker", "mqtt://h:1", "--catalog", "/nonexistent.json"], "cannot read catalog"),
+        (["--broker", "mqtt://h:1", "--speed", "0"], "--speed"),
+    ],
+)
+def test_bad_options_fail_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
