@@ -136,7 +136,7 @@ async def eventually(check: Callable[[], T | Awaitable[T]], within_s: float = 5.
         try:
             result = check()
             if asyncio.iscoroutine(result):
-                return await result  # type: ignore[no-any-return]
+                result = await result
             return result  # type: ignore[return-value]
         except AssertionError:
             if time.monotonic() > deadline:
