@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.gzip import GZipMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from api import errors
 from api.auth import KeyStore
-from api.routes import alerts, health, maintenance, reports, riders
+from api.forecast import StatsCache
+from api.live import Live
+from api.routes import alerts, health, history, maintenance, pages, reports, riders, stream
 from ingest.service import Ingest
 
 
@@ -19,10 +23,19 @@ def create_app(ingest: Ingest) -> FastAPI:
     )
     app.state.ingest = ingest
     app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
+    app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
+    app.state.stats = StatsCache()  # forecasts and demand rates per station
+    if ingest.pipeline is not None:
+        ingest.pipeline.listeners.append(live.on_change)
     errors.install(app)
+    app.add_middleware(GZipMiddleware, minimum_size=1000)  # skips text/event-stream
     app.include_router(health.router)
+    app.include_router(stream.router)  # before riders: /stations/stream is not a station id
     app.include_router(riders.router)
+    app.include_router(history.router)
     app.include_router(maintenance.router)
     app.include_router(alerts.router)
     app.include_router(reports.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     return app

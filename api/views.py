@@ -8,13 +8,38 @@ as free or ready; every object says when its data was last updated and how old i
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from devices.availability import free_ports, ready_batteries, slot_is_ready
+from devices.availability import STALE_FACTOR, free_ports, ready_batteries, slot_is_ready
 from devices.catalog import StationSpec, distance_m
-from devices.contract import CabinetStatus, PileStatus
+from devices.contract import CabinetStatus, PileStatus, Port, Slot
 from ingest.pipeline import Twins
 from ingest.twins import Twin
+
+if TYPE_CHECKING:
+    from api.live import Trends
+
+# OCPI 2.2.1 Connector/EVSE status per port/slot. A finished port is still occupied by the
+# rider's plug (OCPP Finishing/SuspendedEV), so CHARGING; an empty cabinet slot has nothing
+# to take, so BLOCKED; a device that is offline or stale says nothing now, so UNKNOWN.
+OCPI_PORT = {
+    "available": "AVAILABLE",
+    "charging": "CHARGING",
+    "finished": "CHARGING",
+    "reserved": "RESERVED",
+    "faulted": "OUTOFORDER",
+    "disabled": "INOPERATIVE",
+}
+OCPI_SLOT = {
+    "ready": "AVAILABLE",
+    "charging": "CHARGING",
+    "empty": "BLOCKED",
+    "reserved": "RESERVED",
+    "faulted": "OUTOFORDER",
+    "disabled": "INOPERATIVE",
+}
+MIN_ETA_S = 60
+"""An estimate is never "now": a rider needs at least a minute to get there anyway."""
 
 
 def rfc3339(ms: int | None) -> str | None:
@@ -28,9 +53,98 @@ def _age_s(ms: int | None, now_ms: int) -> float | None:
     return None if ms is None else round(max(0, now_ms - ms) / 1000, 1)
 
 
-def device_view(twin: Twin, now_ms: int) -> dict[str, Any]:
+def age_text(age_s: float) -> tuple[str, str]:
+    """A short age in English and Chinese: "6 min", "6 分钟"."""
+    if age_s < 60:
+        n = int(age_s)
+        return f"{n} s", f"{n} 秒"
+    if age_s < 3600:
+        n = int(age_s // 60)
+        return f"{n} min", f"{n} 分钟"
+    if age_s < 86400:
+        n = int(age_s // 3600)
+        return f"{n} h", f"{n} 小时"
+    n = int(age_s // 86400)
+    return f"{n} d", f"{n} 天"
+
+
+def last_known_text(
+    ports_free: int | None, batteries_ready: int | None, age_s: float
+) -> dict[str, str]:
+    en_age, zh_age = age_text(age_s)
+    en, zh = [], []
+    if ports_free is not None:
+        en.append(f"{ports_free} free port{'s' if ports_free != 1 else ''}")
+        zh.append(f"{ports_free} 个空闲充电口")
+    if batteries_ready is not None:
+        en.append(f"{batteries_ready} ready")
+        zh.append(f"{batteries_ready} 块满电电池")
+    return {
+        "en": f"last known: {', '.join(en)}, {en_age} ago",
+        "zh": f"最后已知：{'，'.join(zh)}，{zh_age}前",
+    }
+
+
+def last_updated_ms(twin: Twin, now_ms: int) -> int | None:
+    """When what we say about the device last changed (OCPI ``last_updated``): its last
+    message, or the moment it went stale for lack of messages."""
+    last = twin.last_seen_ms
+    if last is None:
+        return twin.changed_ms
+    stale_at = last + STALE_FACTOR * twin.heartbeat_s * 1000
+    newest = max(last, twin.changed_ms or last)
+    if twin.online_flag and stale_at <= now_ms:
+        newest = max(newest, stale_at)
+    return newest
+
+
+def _elapsed_s(twin: Twin, now_ms: int) -> float:
+    """Seconds since the current status was applied (our clock)."""
+    return max(0.0, (now_ms - (twin.changed_ms or now_ms)) / 1000)
+
+
+def _slot_eta(twin: Twin, slot: Slot, trends: Trends | None) -> tuple[float | None, str | None]:
+    """Seconds from the status until ``slot``'s battery reaches the release level."""
+    if slot.state != "charging" or slot.fault or slot.battery is None or slot.soc is None:
+        return None, None
+    missing = twin.release_soc - slot.soc
+    if missing <= 0:
+        return 0.0, "charge_rate"
+    rate = trends.charge_rate(twin.device_id, slot.n) if trends is not None else None
+    if rate is not None:
+        return missing / rate, "charge_rate"
+    if slot.power_w > 0:
+        from api.live import NOMINAL_PACK_WH
+
+        per_s = slot.power_w / NOMINAL_PACK_WH * 100 / 3600
+        return missing / per_s, "power_w"
+    return None, None
+
+
+def _port_eta(
+    twin: Twin, port: Port, status_ts: int, trends: Trends | None
+) -> tuple[float | None, str | None]:
+    """Seconds from the status until a finished port is expected to be unplugged."""
+    if port.state != "finished" or port.fault:
+        return None, None
+    if trends is None:
+        from api.live import DEFAULT_FINISHED_DWELL_S
+
+        return float(DEFAULT_FINISHED_DWELL_S), "assumed 30 min until unplugged"
+    dwell, basis = trends.finished_dwell()
+    since = trends.finished_since(twin.device_id, port.n)
+    spent = (status_ts - since) / 1000 if since is not None else 0.0
+    return max(0.0, dwell - spent), basis
+
+
+def _eta(value: float | None, elapsed_s: float) -> int | None:
+    return None if value is None else max(MIN_ETA_S, round(value - elapsed_s))
+
+
+def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[str, Any]:
     online = twin.online(now_ms)
     status = twin.status
+    elapsed = _elapsed_s(twin, now_ms)
     view: dict[str, Any] = {
         "id": twin.device_id,
         "kind": twin.kind,
@@ -52,36 +166,77 @@ def device_view(twin: Twin, now_ms: int) -> dict[str, Any]:
     }
     if twin.kind == "pile":
         ports = status.ports if isinstance(status, PileStatus) else []
-        view["ports"] = [
-            {
-                "n": p.n,
-                "state": p.state,
-                "power_w": p.power_w,
-                "energy_wh": p.energy_wh,
-                "fault": p.fault,
-                "session": p.session,
-            }
-            for p in ports
-        ]
+        faulted = bool(status.device_faults) if status else False
+        port_views = []
+        next_free: int | None = None
+        next_basis: str | None = None
+        for p in ports:
+            eta, basis = (None, None)
+            if online and status is not None:
+                eta, basis = _port_eta(twin, p, status.ts, trends)
+            expected = _eta(eta, elapsed)
+            if expected is not None and (next_free is None or expected < next_free):
+                next_free, next_basis = expected, basis
+            ocpi = OCPI_PORT[p.state]
+            if not online:
+                ocpi = "UNKNOWN"
+            elif faulted and p.state == "available":
+                ocpi = "OUTOFORDER"
+            port_views.append(
+                {
+                    "n": p.n,
+                    "state": p.state,
+                    "power_w": p.power_w,
+                    "energy_wh": p.energy_wh,
+                    "fault": p.fault,
+                    "session": p.session,
+                    "ocpi_status": ocpi,
+                    "expected_free_in_s": expected,
+                }
+            )
+        view["ports"] = port_views
         view["ports_free"] = free_ports(status) if online and isinstance(status, PileStatus) else 0
+        if view["ports_free"] > 0:
+            next_free, next_basis = 0, "free now"
+        view["next_free_in_s"] = next_free
+        view["next_free_basis"] = next_basis
         if isinstance(status, PileStatus):
             view["voltage_v"] = status.voltage_v
             view["temp_c"] = status.temp_c
     else:
         slots = status.slots if isinstance(status, CabinetStatus) else []
-        view["slots"] = [
-            {
-                "n": s.n,
-                "state": s.state,
-                "battery": s.battery,
-                "soc": s.soc,
-                "temp_c": s.temp_c,
-                "power_w": s.power_w,
-                "fault": s.fault,
-                "ready": slot_is_ready(s, twin.release_soc),
-            }
-            for s in slots
-        ]
+        faulted = bool(status.device_faults) if status else False
+        slot_views = []
+        next_ready: int | None = None
+        next_basis = None
+        for s in slots:
+            eta, basis = _slot_eta(twin, s, trends) if online else (None, None)
+            ready_in = _eta(eta, elapsed)
+            if ready_in is not None and (next_ready is None or ready_in < next_ready):
+                next_ready, next_basis = ready_in, basis
+            ready = slot_is_ready(s, twin.release_soc)
+            ocpi = OCPI_SLOT[s.state]
+            if not online:
+                ocpi = "UNKNOWN"
+            elif s.state == "ready" and (not ready or faulted):
+                ocpi = "OUTOFORDER" if faulted else "CHARGING"
+            slot_views.append(
+                {
+                    "n": s.n,
+                    "state": s.state,
+                    "battery": s.battery,
+                    "soc": s.soc,
+                    "temp_c": s.temp_c,
+                    "power_w": s.power_w,
+                    "fault": s.fault,
+                    "ready": ready,
+                    "ocpi_status": ocpi,
+                    "ready_in_s": ready_in,
+                }
+            )
+        view["slots"] = slot_views
+        view["next_ready_in_s"] = next_ready
+        view["next_ready_basis"] = next_basis
         view["release_soc"] = twin.release_soc
         view["batteries_ready"] = (
             ready_batteries(status, twin.release_soc)
@@ -92,6 +247,21 @@ def device_view(twin: Twin, now_ms: int) -> dict[str, Any]:
             view["temp_c"] = status.temp_c
             view["smoke"] = status.smoke
             view["door_open"] = status.door_open
+    view["last_updated"] = rfc3339(last_updated_ms(twin, now_ms))
+    view["last_known"] = None
+    if not online and status is not None and twin.last_seen_ms is not None:
+        known = _last_known(twin)
+        age = (now_ms - twin.last_seen_ms) / 1000
+        view["last_known"] = {
+            "ports_free" if twin.kind == "pile" else "batteries_ready": known,
+            "at": rfc3339(twin.last_seen_ms),
+            "age_s": round(age, 1),
+            "text": last_known_text(
+                known if twin.kind == "pile" else None,
+                known if twin.kind == "cabinet" else None,
+                age,
+            ),
+        }
     return view
 
 
@@ -105,15 +275,28 @@ def _last_known(twin: Twin) -> int:
     return 0
 
 
+def _min(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
 def station_view(
     station: StationSpec,
     twins: Twins,
     now_ms: int,
     *,
     origin: tuple[float, float] | None = None,
+    trends: Trends | None = None,
+    with_devices: bool = False,
 ) -> dict[str, Any]:
-    piles = {"devices": 0, "online": 0, "ports_total": 0, "ports_free": 0, "last_known_free": 0}
-    cabinets = {
+    piles: dict[str, Any] = {
+        "devices": 0,
+        "online": 0,
+        "ports_total": 0,
+        "ports_free": 0,
+        "last_known_free": 0,
+    }
+    cabinets: dict[str, Any] = {
         "devices": 0,
         "online": 0,
         "slots_total": 0,
@@ -121,17 +304,31 @@ def station_view(
         "last_known_ready": 0,
     }
     updated: int | None = None
+    changed: int | None = None
+    stale_seen: int | None = None  # newest report among the devices that are not online
+    next_free: list[int | None] = []
+    next_ready: list[int | None] = []
+    charging = 0
+    devices = []
     for spec in station.devices:
         twin = twins[spec.id]
-        online = twin.online(now_ms)
+        view = device_view(twin, now_ms, trends)
+        devices.append(view)
+        online = view["online"]
         if twin.last_seen_ms is not None and (updated is None or twin.last_seen_ms > updated):
             updated = twin.last_seen_ms
+        last = last_updated_ms(twin, now_ms)
+        if last is not None and (changed is None or last > changed):
+            changed = last
+        if not online and twin.last_seen_ms is not None and twin.status is not None:
+            stale_seen = max(stale_seen or 0, twin.last_seen_ms)
         if twin.kind == "pile":
             piles["devices"] += 1
             piles["ports_total"] += twin.units
             if online:
                 piles["online"] += 1
                 piles["ports_free"] += _last_known(twin)
+                next_free.append(view["next_free_in_s"])
             else:
                 piles["last_known_free"] += _last_known(twin)
         else:
@@ -140,10 +337,27 @@ def station_view(
             if online:
                 cabinets["online"] += 1
                 cabinets["batteries_ready"] += _last_known(twin)
+                next_ready.append(view["next_ready_in_s"])
+                charging += sum(1 for s in view["slots"] if s["state"] == "charging")
             else:
                 cabinets["last_known_ready"] += _last_known(twin)
+    piles["next_free_in_s"] = _min(next_free)
+    cabinets["next_ready_in_s"] = _min(next_ready)
+    cabinets["batteries_charging"] = charging
     any_online = piles["online"] + cabinets["online"] > 0
-    return {
+    last_known = None
+    if not any_online and stale_seen is not None:
+        age = (now_ms - stale_seen) / 1000
+        known_free: int | None = piles["last_known_free"] if piles["devices"] else None
+        known_ready: int | None = cabinets["last_known_ready"] if cabinets["devices"] else None
+        last_known = {
+            "ports_free": known_free,
+            "batteries_ready": known_ready,
+            "at": rfc3339(stale_seen),
+            "age_s": round(age, 1),
+            "text": last_known_text(known_free, known_ready, age),
+        }
+    out: dict[str, Any] = {
         "id": station.id,
         "name": station.name.zh,
         "name_en": station.name.en,
@@ -163,7 +377,14 @@ def station_view(
         "updated_at": rfc3339(updated),
         "data_age_s": _age_s(updated, now_ms),
         "stale": not any_online,
+        "partly_stale": any_online
+        and piles["online"] + cabinets["online"] < piles["devices"] + cabinets["devices"],
+        "last_known": last_known,
+        "last_updated": rfc3339(changed),
     }
+    if with_devices:
+        out["devices"] = devices
+    return out
 
 
 def station_has(view: dict[str, Any], kind: str | None, available: bool) -> bool:

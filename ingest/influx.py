@@ -218,6 +218,72 @@ class InfluxHistory:
             )
         return out
 
+    def status_samples(
+        self, device_ids: Sequence[str], since_ms: int, until_ms: int, every_ms: int
+    ) -> list[dict[str, Any]]:
+        if not device_ids or every_ms <= 0:
+            return []
+        since_ns, until_ns = _time_range(since_ms, until_ms)
+        # last() picks the highest timestamp: device time, then seq (ingest.lineprotocol)
+        q = (
+            f"SELECT last({quote_ident('payload')}) AS {quote_ident('payload')}"
+            f" FROM {self._measurement('message')}"
+            f" WHERE {quote_ident('type')} = 'status' AND {_devices_match(device_ids)}"
+            f" AND time >= {since_ns} AND time < {until_ns}"
+            f" GROUP BY time({int(every_ms)}ms), {quote_ident('device')} fill(none)"
+        )
+        out = [
+            {
+                "device_id": row["device"],
+                "bucket_ms": row["time"] // 1_000_000,
+                "payload": row["payload"],
+            }
+            for row in self.query(q)
+            if row.get("payload") is not None
+        ]
+        out.sort(key=lambda r: (r["device_id"], r["bucket_ms"]))
+        return out
+
+    def happenings(
+        self,
+        device_ids: Sequence[str],
+        since_ms: int,
+        until_ms: int,
+        limit: int = 100_000,
+    ) -> list[dict[str, Any]]:
+        if not device_ids:
+            return []
+        since_ns, until_ns = _time_range(since_ms, until_ms)
+        columns = ", ".join(quote_ident(c) for c in ("device", "type", "boot", "seq", "payload"))
+        q = (
+            f"SELECT {columns} FROM {self._measurement('message')}"
+            f" WHERE {quote_ident('type')} != 'status' AND {_devices_match(device_ids)}"
+            f" AND time >= {since_ns} AND time < {until_ns}"
+        )
+        rows: list[tuple[int, str, int, dict[str, Any]]] = []
+        seen: set[tuple[Any, ...]] = set()
+        for row in sorted(self.query(q), key=lambda r: int(r["time"])):
+            key = (row["device"], row["boot"], row["seq"], row["type"])
+            if key in seen:  # a redelivered death: stamped with its new arrival time
+                continue
+            seen.add(key)
+            ts_ms = int(row["time"]) // 1_000_000
+            rows.append(
+                (
+                    ts_ms,
+                    row["device"],
+                    int(row["seq"]),
+                    {
+                        "device_id": row["device"],
+                        "type": row["type"],
+                        "ts_ms": ts_ms,
+                        "payload": row["payload"],
+                    },
+                )
+            )
+        rows.sort(key=lambda r: r[:3])
+        return [r[3] for r in rows[: max(0, int(limit))]]
+
     def close(self) -> None:
         self._http.close()
         if self._client is not None:
@@ -348,6 +414,17 @@ class InfluxHistory:
                     raise
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.max_backoff_s)
+
+
+def _time_range(since_ms: int, until_ms: int) -> tuple[int, int]:
+    since_ns = max(0, int(since_ms)) * 1_000_000
+    return since_ns, min(max(0, int(until_ms)) * 1_000_000, MAX_TIME_NS)
+
+
+def _devices_match(device_ids: Sequence[str]) -> str:
+    """``device`` is one of ``device_ids`` (a tag comparison per id, OR-ed)."""
+    terms = " OR ".join(f"{quote_ident('device')} = {quote_string(d)}" for d in device_ids)
+    return f"({terms})"
 
 
 def _check(status: int, text: str, where: str, ok: tuple[int, ...] = (200, 204)) -> None:

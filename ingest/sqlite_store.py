@@ -142,6 +142,48 @@ class SQLiteStore:
         keys = ("device_id", "boot", "seq", "type", "ts_ms", "received_ms", "payload")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
+    def status_samples(
+        self, device_ids: Sequence[str], since_ms: int, until_ms: int, every_ms: int
+    ) -> list[dict[str, Any]]:
+        if not device_ids or every_ms <= 0:
+            return []
+        marks = ",".join("?" * len(device_ids))
+        # SQLite returns the bare columns of the row that holds max(): the last status per
+        # bucket, ties broken by seq the way the InfluxDB store's timestamps break them
+        sql = (
+            "SELECT device_id, ts_ms - ts_ms % ? AS bucket,"
+            " max(ts_ms * 1000000 + seq % 1000000), payload FROM messages"
+            f" WHERE device_id IN ({marks}) AND type = 'status' AND ts_ms >= ? AND ts_ms < ?"
+            " GROUP BY device_id, bucket ORDER BY device_id, bucket"
+        )
+        args = (every_ms, *device_ids, since_ms, until_ms)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [
+            {"device_id": device, "bucket_ms": int(bucket), "payload": payload}
+            for device, bucket, _, payload in rows
+        ]
+
+    def happenings(
+        self,
+        device_ids: Sequence[str],
+        since_ms: int,
+        until_ms: int,
+        limit: int = 100_000,
+    ) -> list[dict[str, Any]]:
+        if not device_ids:
+            return []
+        marks = ",".join("?" * len(device_ids))
+        sql = (
+            "SELECT device_id, type, ts_ms, payload FROM messages"
+            f" WHERE device_id IN ({marks}) AND type != 'status' AND ts_ms >= ? AND ts_ms < ?"
+            " ORDER BY ts_ms, device_id, seq LIMIT ?"
+        )
+        with self._lock:
+            rows = self._db.execute(sql, (*device_ids, since_ms, until_ms, limit)).fetchall()
+        keys = ("device_id", "type", "ts_ms", "payload")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
     def count_messages(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])

@@ -63,6 +63,25 @@ class HistoryStore(Protocol):
     ) -> list[dict[str, Any]]:
         """Stored messages of one device by device time, oldest first."""
 
+    def status_samples(
+        self, device_ids: Sequence[str], since_ms: int, until_ms: int, every_ms: int
+    ) -> list[dict[str, Any]]:
+        """Statuses downsampled in the store: for each device and each ``every_ms`` bucket of
+        device time (aligned to the epoch) in [since_ms, until_ms), the last status in the
+        bucket (highest device time, then seq) as ``{device_id, bucket_ms, payload}``.
+        Ordered by device, then bucket."""
+
+    def happenings(
+        self,
+        device_ids: Sequence[str],
+        since_ms: int,
+        until_ms: int,
+        limit: int = 100_000,
+    ) -> list[dict[str, Any]]:
+        """Everything but statuses (births, deaths, events) of the devices in
+        [since_ms, until_ms) of device time, oldest first, each stored once, as
+        ``{device_id, type, ts_ms, payload}``."""
+
     def close(self) -> None: ...
 
 

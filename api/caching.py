@@ -1,0 +1,84 @@
+"""HTTP caching and paging for rider endpoints: ``ETag``/``If-None-Match``, a short
+``Cache-Control``, and ``limit``/``offset`` paging with ``X-Total-Count`` and ``Link``.
+
+The ETag covers the whole answer except the ages (``data_age_s``, ``age_s``,
+``generated_at``), which change every millisecond while the data does not: a client that
+revalidates gets 304 as long as nothing but the clock moved, and derives ages from
+``updated_at`` itself. Staleness is not an age: a device going stale changes ``stale`` and
+so the ETag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+RIDER_MAX_AGE_S = 5
+"""Counts change within seconds; a proxy or browser may reuse an answer this long."""
+_VOLATILE = frozenset({"data_age_s", "age_s", "generated_at", "text"})
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def etag_of(body: Any) -> str:
+    text = json.dumps(_strip(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return '"' + hashlib.blake2b(text.encode(), digest_size=12).hexdigest() + '"'
+
+
+def _matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
+    return etag in tags
+
+
+def cached_json(
+    request: Request,
+    body: Any,
+    *,
+    max_age_s: int = RIDER_MAX_AGE_S,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """``body`` as JSON with an ETag, or 304 when the client already has it."""
+    etag = etag_of(body)
+    out = {
+        "ETag": etag,
+        "Cache-Control": f"public, max-age={max_age_s}",
+        **(headers or {}),
+    }
+    if _matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=out)
+    return JSONResponse(body, headers=out)
+
+
+def page_headers(request: Request, total: int, limit: int | None, offset: int) -> dict[str, str]:
+    """``X-Total-Count`` and an RFC 8288 ``Link`` with first/prev/next/last pages."""
+    headers = {"X-Total-Count": str(total)}
+    if limit is None:
+        return headers
+    links = []
+
+    def link(rel: str, at: int) -> None:
+        url = request.url.include_query_params(limit=limit, offset=at)
+        links.append(f'<{url}>; rel="{rel}"')
+
+    link("first", 0)
+    if offset > 0:
+        link("prev", max(0, offset - limit))
+    if offset + limit < total:
+        link("next", offset + limit)
+    link("last", max(0, (total - 1) // limit * limit) if total else 0)
+    headers["Link"] = ", ".join(links)
+    return headers

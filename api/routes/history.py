@@ -1,0 +1,241 @@
+"""History from either store: a device's downsampled series, a station's utilization and
+its "best time to come" forecast.
+
+``from``/``to`` are RFC 3339 (or epoch ms) and default to the last 24 hours; ``every`` is a
+bucket length (``300``, ``90s``, ``5m``, ``1h``, ``1d``), by default about 200 buckets.
+A bucket shows the last status in it ("aggregation": "last"), held over later empty buckets
+while the device is alive; events and online changes are listed as they happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import defaultdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from api.caching import cached_json
+from api.deps import IngestDep
+from api.errors import NotFound, invalid_query
+from api.forecast import DEFAULT_WEEKS, StatsDep
+from api.routes.riders import parse_time
+from api.series import HOLD_MAX_MS, Held, counts, grid, load, sum_at
+from api.views import rfc3339
+from ingest.service import Ingest, now_ms
+from ingest.store import HistoryStore
+
+router = APIRouter(prefix="/v1", tags=["history"])
+
+MAX_POINTS = 2000
+DEFAULT_SPAN_MS = 24 * 3600 * 1000
+_EVERY = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_NICE_S = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+EVENT_FIELDS = (
+    "code", "port", "slot", "value", "info", "session", "energy_wh",
+    "slot_out", "battery_out", "soc_out", "slot_in", "battery_in", "soc_in",
+)  # fmt: skip
+
+FromQ = Annotated[str | None, Query(alias="from", description="RFC 3339; default to - 24 h")]
+ToQ = Annotated[str | None, Query(description="RFC 3339; default now")]
+EveryQ = Annotated[str | None, Query(description="bucket: 300, 90s, 5m, 1h, 1d")]
+
+
+def window(start: str | None, end: str | None, every: str | None) -> tuple[int, int, int]:
+    until = parse_time("to", end) or now_ms()
+    since = parse_time("from", start)
+    if since is None:
+        since = until - DEFAULT_SPAN_MS
+    if since >= until:
+        raise invalid_query("from", "must be before 'to'")
+    if every is None:
+        want_s = (until - since) / 1000 / 200
+        step = next((n for n in _NICE_S if n >= want_s), _NICE_S[-1]) * 1000
+    else:
+        m = _EVERY.match(every.strip())
+        if m is None:
+            raise invalid_query("every", f"{every!r}: use seconds or 90s, 5m, 1h, 1d")
+        step = int(m[1]) * _UNIT_MS[m[2] or "s"]
+        if step < 1000:
+            raise invalid_query("every", "at least 1 s")
+    if (until - since) / step > MAX_POINTS:
+        raise invalid_query("every", f"more than {MAX_POINTS} buckets; choose a longer one")
+    return since, until, step
+
+
+def _store(ingest: Ingest) -> HistoryStore:
+    if ingest.history is None:
+        raise NotFound("history store", "(not started)")
+    return ingest.history
+
+
+def _event(row: dict[str, Any]) -> dict[str, Any]:
+    data = load(row["payload"])
+    kind = row["type"] if row["type"] != "event" else data.get("type")
+    out: dict[str, Any] = {"t": rfc3339(row["ts_ms"]), "device_id": row["device_id"], "type": kind}
+    if row["type"] == "event":
+        out.update({k: data[k] for k in EVENT_FIELDS if data.get(k) is not None})
+    return out
+
+
+def device_history(
+    store: HistoryStore, ingest: Ingest, device_id: str, since: int, until: int, every: int
+) -> dict[str, Any]:
+    device = ingest.catalog.devices[device_id]
+    release = float(device.spec.release_soc or ingest.config.release_soc)
+    samples = store.status_samples([device_id], since, until, every)
+    happenings = store.happenings([device_id], since, until, 10_000)
+    points = []
+    for row in samples:
+        c = counts(load(row["payload"]), release, row["bucket_ms"])
+        point: dict[str, Any] = {
+            "t": rfc3339(row["bucket_ms"]),
+            "reported_at": rfc3339(c.ts_ms),
+            "power_w": c.power_w,
+            "energy_wh": c.energy_wh,
+            "temp_c": c.temp_c,
+            "states": c.states,
+            "faults": list(c.faults),
+        }
+        if device.kind == "pile":
+            point.update(ports_free=c.free, ports_busy=c.busy, voltage_v=c.voltage_v)
+        else:
+            point.update(batteries_ready=c.free, batteries_charging=c.busy, soc_mean=c.soc_mean)
+        points.append(point)
+    return {
+        "device_id": device_id,
+        "kind": device.kind,
+        "station_id": device.station_id,
+        "from": rfc3339(since),
+        "to": rfc3339(until),
+        "every_s": every / 1000,
+        "aggregation": "last",
+        "points": points,
+        "changes": [_event(r) for r in happenings],
+    }
+
+
+def station_utilization(
+    store: HistoryStore, ingest: Ingest, station_id: str, since: int, until: int, every: int
+) -> dict[str, Any]:
+    station = ingest.catalog.stations[station_id]
+    ids = [d.id for d in station.devices]
+    release = {d.id: float(d.release_soc or ingest.config.release_soc) for d in station.devices}
+    # statuses from before the window stand at its start (up to the hold limit)
+    lead = HOLD_MAX_MS
+    samples = store.status_samples(ids, since - lead, until, every)
+    happenings = store.happenings(ids, since - lead, until)
+    held = Held(samples, happenings, release, every)
+    per_bucket: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for row in happenings:
+        if row["type"] != "event" or row["ts_ms"] < since:
+            continue
+        data = load(row["payload"])
+        end = row["ts_ms"] - row["ts_ms"] % every + every
+        bucket = per_bucket[end]
+        if data.get("type") == "session_started":
+            bucket["sessions_started"] += 1
+        elif data.get("type") == "session_ended":
+            bucket["sessions_ended"] += 1
+            bucket["energy_wh"] += float(data.get("energy_wh") or 0)
+        elif data.get("type") == "swap":
+            bucket["swaps"] += 1
+    points = []
+    ports_total = sum(d.units for d in station.devices if d.kind == "pile")
+    for t in grid(since, until, every):
+        present = sum_at(held, ids, t)
+        piles = [c for c in present if c.kind == "pile"]
+        cabinets = [c for c in present if c.kind == "cabinet"]
+        ev = per_bucket.get(t, {})
+        points.append(
+            {
+                "t": rfc3339(t - (t - 1) % every - 1),
+                "at": rfc3339(t),
+                "devices_reporting": len(present),
+                "ports_busy": sum(c.busy for c in piles),
+                "ports_free": sum(c.free for c in piles),
+                "utilization": (
+                    round(sum(c.busy for c in piles) / ports_total, 3) if ports_total else None
+                ),
+                "batteries_ready": sum(c.free for c in cabinets),
+                "batteries_charging": sum(c.busy for c in cabinets),
+                "energy_wh": round(ev.get("energy_wh", 0.0), 1),
+                "sessions_started": int(ev.get("sessions_started", 0)),
+                "sessions_ended": int(ev.get("sessions_ended", 0)),
+                "swaps": int(ev.get("swaps", 0)),
+            }
+        )
+    return {
+        "station_id": station_id,
+        "from": rfc3339(since),
+        "to": rfc3339(until),
+        "every_s": every / 1000,
+        "ports_total": ports_total,
+        "slots_total": sum(d.units for d in station.devices if d.kind == "cabinet"),
+        "method": (
+            "counts at the end of each bucket (each device's last status held until its next"
+            " one or its death); energy_wh, sessions and swaps from events within the bucket"
+            " (energy of sessions that ended in it)"
+        ),
+        "points": points,
+    }
+
+
+@router.get("/devices/{device_id}/history")
+async def device_history_route(
+    request: Request,
+    ingest: IngestDep,
+    device_id: str,
+    start: FromQ = None,
+    end: ToQ = None,
+    every: EveryQ = None,
+) -> Response:
+    """Downsampled power, energy, temperature, soc and states; events and online changes."""
+    if device_id not in ingest.catalog.devices:
+        raise NotFound("device", device_id)
+    since, until, step = window(start, end, every)
+    body = await asyncio.to_thread(
+        device_history, _store(ingest), ingest, device_id, since, until, step
+    )
+    return cached_json(request, body, max_age_s=10)
+
+
+@router.get("/stations/{station_id}/utilization")
+async def utilization_route(
+    request: Request,
+    ingest: IngestDep,
+    station_id: str,
+    start: FromQ = None,
+    end: ToQ = None,
+    every: EveryQ = None,
+) -> Response:
+    """Busy ports, ready batteries, energy delivered and swaps per bucket."""
+    if station_id not in ingest.catalog.stations:
+        raise NotFound("station", station_id)
+    since, until, step = window(start, end, every)
+    body = await asyncio.to_thread(
+        station_utilization, _store(ingest), ingest, station_id, since, until, step
+    )
+    return cached_json(request, body, max_age_s=10)
+
+
+@router.get("/stations/{station_id}/forecast")
+async def forecast_route(
+    request: Request,
+    ingest: IngestDep,
+    stats: StatsDep,
+    station_id: str,
+    weeks: Annotated[int, Query(ge=1, le=12)] = DEFAULT_WEEKS,
+) -> Response:
+    """Expected free ports / ready batteries by local hour (and weekday), with sample sizes."""
+    spec = ingest.catalog.stations.get(station_id)
+    if spec is None:
+        raise NotFound("station", station_id)
+    result = await asyncio.to_thread(
+        stats.get, _store(ingest), ingest.catalog, spec, now_ms(), weeks, ingest.config.release_soc
+    )
+    body = {**result.forecast, "computed_at_age_s": None}
+    del body["computed_at_age_s"]
+    return cached_json(request, body, max_age_s=60)

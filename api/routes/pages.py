@@ -1,0 +1,32 @@
+"""The two web pages: riders at ``/``, maintainers at ``/console``; their files under
+``/static``. Everything is served by the service itself: no CDN, no map tiles."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+router = APIRouter(include_in_schema=False)
+
+STATIC_DIR = Path(str(resources.files("api") / "static"))
+
+
+def _page(name: str) -> FileResponse:
+    return FileResponse(
+        STATIC_DIR / name,
+        media_type="text/html; charset=utf-8",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+@router.get("/")
+async def rider_page() -> FileResponse:
+    return _page("index.html")
+
+
+@router.get("/console")
+async def console_page() -> FileResponse:
+    return _page("console.html")

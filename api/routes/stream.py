@@ -1,0 +1,102 @@
+"""``GET /v1/stations/stream``: Server-Sent Events of availability changes.
+
+On connect the stream sends every asked-for station once (``event: station``), then a
+station again whenever what a rider sees of it changed: counts, stale/online, estimates.
+Changes come from the ingest pipeline (``api.live.Changes``); a timer catches devices that
+go stale without a message. A comment line every ``KEEPALIVE_S`` keeps proxies from closing
+an idle stream.
+
+Each stream ends after ``STREAM_MAX_S`` with a ``retry`` hint: browsers' EventSource
+reconnects within a second and gets a fresh snapshot, and a server that is shutting down
+never waits longer than that for its open streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from api.caching import etag_of
+from api.deps import IngestDep
+from api.errors import invalid_query
+from api.live import LiveDep
+from api.views import station_view
+from ingest.service import now_ms
+
+router = APIRouter(prefix="/v1", tags=["riders"])
+
+KEEPALIVE_S = 15.0
+STALENESS_CHECK_S = 2.0
+STREAM_MAX_S = 30.0
+RETRY_MS = 1000
+
+
+def _event(event_id: int, view: dict[str, Any]) -> str:
+    data = json.dumps(view, ensure_ascii=False, separators=(",", ":"))
+    return f"event: station\nid: {event_id}\ndata: {data}\n\n"
+
+
+@router.get("/stations/stream")
+async def stream(
+    request: Request,
+    ingest: IngestDep,
+    live: LiveDep,
+    stations: Annotated[
+        str | None, Query(description="comma-separated station ids; default: all")
+    ] = None,
+) -> StreamingResponse:
+    """Availability changes of the asked-for stations as Server-Sent Events."""
+    catalog = ingest.catalog
+    wanted = list(catalog.stations) if not stations else [s for s in stations.split(",") if s]
+    unknown = [s for s in wanted if s not in catalog.stations]
+    if unknown:
+        raise invalid_query("stations", f"unknown station(s): {', '.join(unknown)}")
+    queue = live.changes.subscribe()
+
+    def views(ids: list[str]) -> list[dict[str, Any]]:
+        now = now_ms()
+        return [
+            station_view(catalog.stations[s], ingest.twins, now, trends=live.trends) for s in ids
+        ]
+
+    async def events() -> AsyncIterator[str]:
+        sent: dict[str, str] = {}
+        counter = 0
+        started = last_write = time.monotonic()
+        try:
+            yield f"retry: {RETRY_MS}\n\n"
+            pending: set[str] = set(wanted)
+            while True:
+                for view in views(sorted(pending)):
+                    tag = etag_of(view)
+                    if sent.get(view["id"]) != tag:
+                        sent[view["id"]] = tag
+                        counter += 1
+                        last_write = time.monotonic()
+                        yield _event(counter, view)
+                now = time.monotonic()
+                if now - started > STREAM_MAX_S or await request.is_disconnected():
+                    return
+                if now - last_write > KEEPALIVE_S:
+                    last_write = now
+                    yield ": keepalive\n\n"
+                try:
+                    async with asyncio.timeout(STALENESS_CHECK_S):
+                        changed = await queue.get()
+                    pending = {s for s in changed if s in sent}
+                except TimeoutError:
+                    pending = set(wanted)  # staleness comes without a message
+        finally:
+            live.changes.unsubscribe(queue)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

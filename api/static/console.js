@@ -1,0 +1,164 @@
+// The maintenance console: alerts with ack/resolve/notes, station health, offline devices,
+// dead letters, and a device's recent history plotted. Needs an API key (Bearer).
+"use strict";
+const $ = (sel) => document.querySelector(sel);
+const SEVERITY = { critical: 0, major: 1, minor: 2, warning: 3 };
+let KEY = localStorage.getItem("cw-key") || "";
+
+async function api(path, options) {
+  const headers = { Accept: "application/json", ...(options && options.body ? { "Content-Type": "application/json" } : {}) };
+  if (KEY) headers.Authorization = `Bearer ${KEY}`;
+  const response = await fetch(path, { ...(options || {}), headers });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const err = new Error(typeof data.detail === "string" ? data.detail : `${response.status}`);
+    err.status = response.status;
+    throw err;
+  }
+  return data;
+}
+
+function when(iso) {
+  if (!iso) return "—";
+  const age = (Date.now() - Date.parse(iso)) / 1000;
+  return `${iso.replace("T", " ").slice(0, 19)} (${ageText(age)})`;
+}
+
+async function loadAlerts() {
+  const body = $("#alerts tbody");
+  let data;
+  try {
+    data = await api("/v1/alerts?status=active&limit=500");
+  } catch (e) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "stale" }, e.status === 401 || e.status === 403 ? `API key needed (${e.message})` : `alerts unavailable: ${e.message}`)));
+    $("#who").textContent = KEY ? `key rejected: ${e.message}` : "not logged in";
+    document.body.dataset.auth = "no";
+    return;
+  }
+  document.body.dataset.auth = "yes";
+  $("#who").textContent = "logged in";
+  const alerts = data.alerts.sort((a, b) => (SEVERITY[a.severity] - SEVERITY[b.severity]) || (b.id - a.id));
+  $("#alerts-count").textContent = `(${alerts.length})`;
+  body.replaceChildren(...alerts.map((a) => el("tr", { "data-alert-id": a.id, "data-status": a.status },
+    el("td", {}, el("span", { class: `sev-${a.severity}` }, a.severity)),
+    el("td", {}, a.title, a.info ? el("div", { class: "hint" }, a.info) : null),
+    el("td", {}, [a.station, a.device, a.port ? `port ${a.port}` : null, a.slot ? `slot ${a.slot}` : null].filter(Boolean).join(" / ")),
+    el("td", {}, when(a.opened_at)),
+    el("td", { class: "status" }, a.status, a.acknowledged_by ? el("div", { class: "hint" }, `by ${a.acknowledged_by}`) : null),
+    el("td", {}, a.count),
+    el("td", {},
+      a.status === "open" ? el("button", { class: "act ack", type: "button", onclick: () => act(a.id, "ack") }, "确认 Ack") : null,
+      el("button", { class: "act resolve", type: "button", onclick: () => act(a.id, "resolve") }, "解决 Resolve"),
+      el("button", { class: "act note", type: "button", onclick: () => note(a.id) }, "备注 Note"),
+      el("button", { class: "act", type: "button", onclick: () => showDevice(a.device) }, "📈")))));
+}
+
+async function act(id, what) {
+  try {
+    await api(`/v1/alerts/${id}/${what}`, { method: "POST", body: JSON.stringify({}) });
+  } catch (e) {
+    alert(`${what} failed: ${e.message}`);
+  }
+  await loadAlerts();
+}
+
+async function note(id) {
+  const text = prompt("Note / 备注");
+  if (!text) return;
+  await api(`/v1/alerts/${id}/notes`, { method: "POST", body: JSON.stringify({ text }) });
+  await loadAlerts();
+}
+
+async function loadStations() {
+  const list = await api("/v1/stations");
+  const details = await Promise.all(list.stations.map((s) => api(`/v1/stations/${encodeURIComponent(s.id)}`)));
+  $("#health").replaceChildren(...details.map((s) => {
+    const total = s.piles.devices + s.cabinets.devices;
+    const online = s.piles.online + s.cabinets.online;
+    const faults = s.devices.filter((d) => d.faults.length).length;
+    const cls = s.stale || online < total / 2 ? "health bad" : online < total || faults ? "health warn" : "health";
+    return el("div", { class: cls, "data-station": s.id },
+      el("b", {}, s.names.zh), el("div", { class: "hint" }, s.names.en),
+      el("div", {}, `online ${online}/${total} · faults ${faults}`),
+      el("div", {}, `ports free ${s.piles.ports_free}/${s.piles.ports_total} · ready ${s.cabinets.batteries_ready}`),
+      el("div", { class: "hint" }, `updated ${when(s.updated_at)}`));
+  }));
+  const offline = details.flatMap((s) => s.devices.filter((d) => !d.online).map((d) => [s, d]));
+  $("#offline-count").textContent = `(${offline.length})`;
+  $("#offline tbody").replaceChildren(...offline.slice(0, 200).map(([s, d]) => el("tr", { "data-device": d.id },
+    el("td", {}, el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showDevice(d.id); } }, d.id)),
+    el("td", {}, s.id),
+    el("td", {}, when(d.last_seen)),
+    el("td", {}, d.last_known ? d.last_known.text.en : "never heard from"))));
+}
+
+async function loadDeadLetters() {
+  try {
+    const data = await api("/v1/deadletters?limit=20");
+    const counts = Object.entries(data.counts).map(([k, v]) => `${k}: ${v}`).join(" · ") || "none";
+    $("#deadletters").replaceChildren(el("p", {}, counts),
+      el("table", {}, el("tbody", {}, data.dead_letters.map((d) => el("tr", {},
+        el("td", {}, when(d.received_at)), el("td", {}, d.reason), el("td", { class: "mono" }, d.topic),
+        el("td", { class: "mono" }, d.detail))))));
+  } catch (e) {
+    $("#deadletters").replaceChildren(el("p", { class: "stale" }, `dead letters unavailable: ${e.message}`));
+  }
+}
+
+function plot(points, fields) {
+  const w = 900, h = 220, pad = 30;
+  const svg = svgEl("svg", { viewBox: `0 0 ${w} ${h}`, class: "plot", role: "img" });
+  if (!points.length) { svg.append(svgEl("text", { x: 20, y: 40 }, "no history in this span")); return svg; }
+  const ts = points.map((p) => Date.parse(p.t));
+  const t0 = Math.min(...ts), t1 = Math.max(...ts) || t0 + 1;
+  fields.forEach(([field, cls, label], i) => {
+    const vals = points.map((p) => p[field]).filter((v) => v !== null && v !== undefined);
+    if (!vals.length) return;
+    const lo = Math.min(...vals), hi = Math.max(...vals);
+    const span = hi - lo || 1;
+    const d = points.map((p, j) => p[field] === null || p[field] === undefined ? null
+      : `${pad + ((ts[j] - t0) / (t1 - t0 || 1)) * (w - 2 * pad)},${h - pad - ((p[field] - lo) / span) * (h - 2 * pad)}`).filter(Boolean);
+    svg.append(svgEl("polyline", { points: d.join(" "), class: cls, "data-field": field }));
+    svg.append(svgEl("text", { x: pad + i * 240, y: 16, class: cls.replace("l", "t") }, `${label}: ${lo.toFixed(1)}–${hi.toFixed(1)}`));
+  });
+  return svg;
+}
+
+async function showDevice(id) {
+  if (!id) return;
+  $("#device-id").value = id;
+  const span = Number($("#device-span").value);
+  const to = new Date(), from = new Date(to.getTime() - span);
+  const [dev, hist] = await Promise.all([
+    api(`/v1/devices/${encodeURIComponent(id)}`),
+    api(`/v1/devices/${encodeURIComponent(id)}/history?from=${from.toISOString()}&to=${to.toISOString()}`),
+  ]);
+  const fields = dev.kind === "pile"
+    ? [["power_w", "l1", "power W"], ["ports_free", "l2", "free ports"], ["temp_c", "l3", "temp °C"]]
+    : [["power_w", "l1", "power W"], ["soc_mean", "l2", "mean soc %"], ["temp_c", "l3", "temp °C"]];
+  $("#device").replaceChildren(
+    el("h3", { "data-device": id }, `${id} · ${dev.kind} · ${dev.online ? "online" : "OFFLINE"} · faults: ${dev.faults.join(", ") || "none"}`),
+    el("p", { class: "hint" }, `last seen ${when(dev.last_seen)} · ${hist.points.length} points every ${hist.every_s}s (last status per bucket)`),
+    plot(hist.points, fields),
+    el("table", {}, el("tbody", {}, hist.changes.slice(-30).reverse().map((c) => el("tr", {},
+      el("td", {}, when(c.t)), el("td", {}, c.type),
+      el("td", { class: "mono" }, Object.entries(c).filter(([k]) => !["t", "type", "device_id"].includes(k)).map(([k, v]) => `${k}=${v}`).join(" ")))))));
+  document.body.dataset.device = id;
+}
+
+async function refresh() {
+  await Promise.allSettled([loadAlerts(), loadStations(), loadDeadLetters()]);
+  document.body.dataset.refreshed = String(Date.now());
+}
+
+$("#login").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  KEY = $("#key").value.trim();
+  localStorage.setItem("cw-key", KEY);
+  $("#key").value = "";
+  refresh();
+});
+$("#logout").addEventListener("click", () => { KEY = ""; localStorage.removeItem("cw-key"); refresh(); });
+$("#device-form").addEventListener("submit", (ev) => { ev.preventDefault(); showDevice($("#device-id").value.trim()); });
+refresh();
+setInterval(refresh, 5000);
