@@ -136,7 +136,9 @@ class SQLiteStore:
             "SELECT device_id, boot, seq, type, ts_ms, received_ms, payload FROM messages"
             " WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms, seq LIMIT ?"
         )
-        args = (device_id, since_ms or 0, until_ms or 2**62, limit)
+        since = 0 if since_ms is None else since_ms
+        until = 2**62 if until_ms is None else until_ms
+        args = (device_id, since, until, limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         keys = ("device_id", "boot", "seq", "type", "ts_ms", "received_ms", "payload")
