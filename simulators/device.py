@@ -3,12 +3,13 @@
 Three tasks in one TaskGroup per device:
 
 - ``connection``: build a client whose Will is the death for the birth it will send,
-  connect (bounded by the fleet's limiter), publish the birth and a full status snapshot,
-  then publish the outbox in order; on loss reconnect with capped, jittered backoff. It is
+  connect (bounded by the fleet's limiter), publish the birth, then the outbox in order
+  (it starts with a fresh full status snapshot); on loss reconnect with capped, jittered backoff. It is
   the only task that assigns ``seq``, at publish time, so wire order is seq order.
 - ``behaviour``: advance the model along the sim clock, queue its events and a status on
-  every change; at the end of ``--duration`` freeze, wait until everything queued is
-  acknowledged, and set ``held``.
+  every change; at the end of ``--duration`` freeze, queue a final snapshot, wait until
+  everything queued is acknowledged, and set ``held``: from then on only heartbeats with
+  the same content (new ``ts`` and ``seq``) follow.
 - ``heartbeat``: queue a status whenever none went out for ``heartbeat_s`` wall seconds.
 
 A graceful ``stop`` publishes the queued messages, then the death itself, then disconnects.
@@ -212,17 +213,15 @@ class SimDevice:
                 break
 
     async def _session(self, client: aiomqtt.Client, will_seq: int) -> None:
-        self._purge_statuses()  # a fresh snapshot follows the birth
+        self._requeue_for_session()
         assert self._seq == will_seq, "the birth must carry the seq its Will names"
-        now = self.ctx.clock.now()
-        birth = payloads.birth_body(self.model.birth_fields(), self.ctx.heartbeat_s)
-        await self._send(client, "state", now, birth)
-        self.born.set()
-        await self._send(client, "status", now, self.model.snapshot())
-        # Spread heartbeats: devices that connected together must not beat together.
-        self._last_status -= self._jitter.uniform(0, 0.5 * self.ctx.heartbeat_s)
         async with asyncio.TaskGroup() as tg:
+            # The watcher ends the session the moment the connection drops, even while a
+            # publish waits for its PUBACK.
             watcher = tg.create_task(self._watch(client), name=f"{self.id}:watch")
+            birth = payloads.birth_body(self.model.birth_fields(), self.ctx.heartbeat_s)
+            await self._send(client, "state", self.ctx.clock.now(), birth)
+            self.born.set()
             await self._publish_outbox(client, will_seq)
             watcher.cancel()
 
@@ -258,14 +257,17 @@ class SimDevice:
         if self.ctx.record is not None:
             self.ctx.record(topic, retain, text)
 
-    def _purge_statuses(self) -> None:
-        kept: list[Outgoing | None] = []
+    def _requeue_for_session(self) -> None:
+        """Before a birth: a fresh snapshot first, then the events still waiting (statuses
+        from before the connection are stale and dropped), then a pending stop."""
+        waiting: list[Outgoing | None] = []
         while not self._outbox.empty():
             item = self._outbox.get_nowait()
             self._outbox.task_done()
             if item is None or item.channel == "event":
-                kept.append(item)
-        for item in kept:
+                waiting.append(item)
+        self._outbox.put_nowait(Outgoing("status", self.ctx.clock.now(), self.model.snapshot()))
+        for item in waiting:
             self._outbox.put_nowait(item)
 
     def drop_connection(self, offline_s: float = 0.0) -> bool:
@@ -316,6 +318,9 @@ class SimDevice:
                 break
             if await self._sleep(tick):
                 return
+        # Power, energy and soc move every step without being a "change"; publish the frozen
+        # state now, so that nothing a later heartbeat says differs from the log at HOLD.
+        self._enqueue("status", now, self.model.snapshot())
         async with asyncio.TaskGroup() as tg:  # wait until all of it is acknowledged
             flushed = tg.create_task(self._outbox.join(), name=f"{self.id}:flush")
             stopped = tg.create_task(self._stop.wait(), name=f"{self.id}:stopped")
@@ -326,7 +331,9 @@ class SimDevice:
             self.held.set()
 
     async def _heartbeat(self) -> None:
-        heartbeat = self.ctx.heartbeat_s
+        # Each device beats a little faster than required, at its own pace, so that devices
+        # which connected together drift apart instead of beating in bursts.
+        heartbeat = self.ctx.heartbeat_s * self._jitter.uniform(0.8, 0.95)
         while True:
             wait = self._last_status + heartbeat - time.monotonic()
             if wait > 0:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from devices.catalog import Catalog
 from devices.contract import Birth, CabinetStatus, Death, Event, PileStatus, decode
@@ -239,7 +241,7 @@ async def test_a_small_fleet_reaches_hold_and_freezes(
     broker: Process, catalog: Catalog, tmp_path: Path
 ) -> None:
     ids = pick(catalog, 10, 10)
-    config = fleet_config(broker.port, speed=600.0, duration_s=1800.0)
+    config = fleet_config(broker.port, speed=600.0, duration_s=1800.0, heartbeat_s=1)
     async with (
         TruthLog(tmp_path / "truth.jsonl") as truth,
         Fleet(catalog, config, truth=truth, only=ids) as fleet,
@@ -256,3 +258,26 @@ async def test_a_small_fleet_reaches_hold_and_freezes(
         assert events  # half an hour of lunch peak is not quiet
         fleet.device(ids[0])._advance()  # behaviour stays frozen whatever the clock says
         assert {d.id: d.model.snapshot() for d in fleet.devices.values()} == snapshots
+        assert last_status_bodies(lines) == snapshots  # the log at HOLD is the final state
+
+        def heartbeats_after_hold() -> list[dict[str, Any]]:
+            later = read_truth(tmp_path / "truth.jsonl")
+            after = later[len(lines) :]
+            beating = {t["topic"].split("/")[-2] for t in after if t["topic"].endswith("/status")}
+            assert beating == set(ids)
+            return later
+
+        later = await eventually(heartbeats_after_hold)
+        assert last_status_bodies(later) == snapshots  # heartbeats say the same, newer seq
+
+
+def last_status_bodies(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last status of each device in the log, without the header (v, ts, boot, seq)."""
+    last: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        if line.get("topic", "").endswith("/status"):
+            body = json.loads(line["payload"])
+            for key in ("v", "ts", "boot", "seq"):
+                del body[key]
+            last[line["topic"].split("/")[-2]] = body
+    return last
