@@ -1,10 +1,10 @@
 """HTTP caching and paging for rider endpoints: ``ETag``/``If-None-Match``, a short
 ``Cache-Control``, and ``limit``/``offset`` paging with ``X-Total-Count`` and ``Link``.
 
-The ETag covers the whole answer except the ages (``data_age_s``, ``age_s``,
-``generated_at``), which change every millisecond while the data does not: a client that
-revalidates gets 304 as long as nothing but the clock moved, and derives ages from
-``updated_at`` itself. Staleness is not an age: a device going stale changes ``stale`` and
+The ETag covers the whole answer except what only the clock changes: ages (``data_age_s``,
+``age_s``, ``generated_at``, the "… ago" texts) and countdowns (``*_in_s``, whose ``*_at``
+twins are covered). A client that revalidates gets 304 as long as nothing but the clock
+moved, and counts down from ``updated_at`` and ``*_at`` itself. Staleness is not an age: a device going stale changes ``stale`` and
 so the ETag.
 """
 
@@ -19,7 +19,19 @@ from fastapi.responses import JSONResponse
 
 RIDER_MAX_AGE_S = 5
 """Counts change within seconds; a proxy or browser may reuse an answer this long."""
-_VOLATILE = frozenset({"data_age_s", "age_s", "generated_at", "text"})
+# ages, and estimates counted down from now (their ``*_at`` twins are in the tag)
+_VOLATILE = frozenset(
+    {
+        "data_age_s",
+        "age_s",
+        "generated_at",
+        "text",
+        "next_ready_in_s",
+        "next_free_in_s",
+        "ready_in_s",
+        "expected_free_in_s",
+    }
+)
 
 
 def _strip(value: Any) -> Any:

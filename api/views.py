@@ -137,6 +137,13 @@ def _port_eta(
     return max(0.0, dwell - spent), basis
 
 
+def _at(twin: Twin, value: float | None) -> str | None:
+    """When an estimate made at the status falls due: stable until the next status."""
+    if value is None or twin.changed_ms is None:
+        return None
+    return rfc3339(twin.changed_ms + max(MIN_ETA_S, round(value)) * 1000)
+
+
 def _eta(value: float | None, elapsed_s: float) -> int | None:
     return None if value is None else max(MIN_ETA_S, round(value - elapsed_s))
 
@@ -169,6 +176,7 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
         faulted = bool(status.device_faults) if status else False
         port_views = []
         next_free: int | None = None
+        next_at: str | None = None
         next_basis: str | None = None
         for p in ports:
             eta, basis = (None, None)
@@ -176,7 +184,7 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
                 eta, basis = _port_eta(twin, p, status.ts, trends)
             expected = _eta(eta, elapsed)
             if expected is not None and (next_free is None or expected < next_free):
-                next_free, next_basis = expected, basis
+                next_free, next_basis, next_at = expected, basis, _at(twin, eta)
             ocpi = OCPI_PORT[p.state]
             if not online:
                 ocpi = "UNKNOWN"
@@ -197,8 +205,9 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
         view["ports"] = port_views
         view["ports_free"] = free_ports(status) if online and isinstance(status, PileStatus) else 0
         if view["ports_free"] > 0:
-            next_free, next_basis = 0, "free now"
+            next_free, next_basis, next_at = 0, "free now", None
         view["next_free_in_s"] = next_free
+        view["next_free_at"] = next_at
         view["next_free_basis"] = next_basis
         if isinstance(status, PileStatus):
             view["voltage_v"] = status.voltage_v
@@ -208,12 +217,13 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
         faulted = bool(status.device_faults) if status else False
         slot_views = []
         next_ready: int | None = None
+        ready_at: str | None = None
         next_basis = None
         for s in slots:
             eta, basis = _slot_eta(twin, s, trends) if online else (None, None)
             ready_in = _eta(eta, elapsed)
             if ready_in is not None and (next_ready is None or ready_in < next_ready):
-                next_ready, next_basis = ready_in, basis
+                next_ready, next_basis, ready_at = ready_in, basis, _at(twin, eta)
             ready = slot_is_ready(s, twin.release_soc)
             ocpi = OCPI_SLOT[s.state]
             if not online:
@@ -236,6 +246,7 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
             )
         view["slots"] = slot_views
         view["next_ready_in_s"] = next_ready
+        view["next_ready_at"] = ready_at
         view["next_ready_basis"] = next_basis
         view["release_soc"] = twin.release_soc
         view["batteries_ready"] = (
@@ -341,8 +352,6 @@ def station_view(
                 charging += sum(1 for s in view["slots"] if s["state"] == "charging")
             else:
                 cabinets["last_known_ready"] += _last_known(twin)
-    piles["next_free_in_s"] = _min(next_free)
-    cabinets["next_ready_in_s"] = _min(next_ready)
     cabinets["batteries_charging"] = charging
     any_online = piles["online"] + cabinets["online"] > 0
     last_known = None
@@ -381,6 +390,10 @@ def station_view(
         and piles["online"] + cabinets["online"] < piles["devices"] + cabinets["devices"],
         "last_known": last_known,
         "last_updated": rfc3339(changed),
+        # soonest over the online devices (seconds from now; ``*_at`` stay put between
+        # statuses). Top level, so that the count objects change only when counts do.
+        "next_free_in_s": _min(next_free),
+        "next_ready_in_s": _min(next_ready),
     }
     if with_devices:
         out["devices"] = devices

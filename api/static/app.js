@@ -89,8 +89,8 @@ function card(view) {
     : null;
   const hint = [];
   if (!view.stale && view.cabinets.devices && view.cabinets.batteries_ready === 0
-      && view.cabinets.next_ready_in_s !== null && kinds.includes("cabinet")) {
-    hint.push(t("nextReady", { t: ageText(view.cabinets.next_ready_in_s) }));
+      && view.next_ready_in_s !== null && kinds.includes("cabinet")) {
+    hint.push(t("nextReady", { t: ageText(view.next_ready_in_s) }));
   }
   return el("li", { class: view.stale ? "card is-stale" : "card", "data-station": view.id },
     el("button", { type: "button", class: "card-btn", onclick: () => openDetail(view.id) },

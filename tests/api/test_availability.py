@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,8 @@ def test_station_counts_freshness_and_ocpi_status(d: District) -> None:
                         etas.append(slot["ready_in_s"])
                 assert device["next_ready_in_s"] == (min(etas) if etas else None)
         cab_etas = [c["next_ready_in_s"] for c in cabinets if c["next_ready_in_s"] is not None]
-        assert detail["cabinets"]["next_ready_in_s"] == (min(cab_etas) if cab_etas else None)
+        assert detail["next_ready_in_s"] == (min(cab_etas) if cab_etas else None)
+        assert summary["cabinets"] == detail["cabinets"], "counts do not tick with the clock"
 
 
 def test_etag_cache_control_gzip_and_pages(d: District) -> None:
@@ -289,6 +291,8 @@ def test_stale_pile_and_offline_cabinet_say_last_known(d: District) -> None:
 
         cabinet = eventually(from_rate, timeout=5)
         assert 470 <= cabinet["next_ready_in_s"] <= 480
+        due = datetime.fromisoformat(cabinet["next_ready_at"].replace("Z", "+00:00"))
+        assert abs(due.timestamp() - time.time() - cabinet["next_ready_in_s"]) < 3
 
         # the pile frees two ports, then falls silent: stale after 3 heartbeats (3 s)
         freed = [{"n": 1, "state": "available"}, {"n": 2, "state": "available"}, *busy[2:]]
