@@ -1,4 +1,4 @@
-"""The ``chargewatch`` command: serve, simulate, demo, catalog."""
+"""The ``chargewatch`` command: serve, simulate, demo, catalog, keys, bench."""
 
 from __future__ import annotations
 
@@ -220,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "simulate", help="a fleet of simulated devices (see simulate --help)", add_help=False
     )
+    sub.add_parser("bench", help="benchmarks vs ceilings (see bench --help)", add_help=False)
     from api.auth import add_keys_parser
 
     add_keys_parser(sub)
@@ -232,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulate":
         return cmd_simulate(argv[1:])
+    if argv and argv[0] == "bench":
+        from api.bench import main as bench
+
+        return bench(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -1,0 +1,527 @@
+"""The benchmarks. Each returns plain dicts (JSON-able) that ``report`` renders.
+
+Every throughput figure is a ratio to a ceiling measured in the same run, on the same broker,
+with the same messages, because the machines are small and shared:
+
+- the subscribers drain a *preloaded persistent session*: each subscriber's client id first
+  subscribes and leaves, then ``count`` statuses are published once (QoS 1), and the broker
+  queues them for every session; each subscriber then connects and is timed from its first
+  message to its last (``mosquitto_sub``), or to its last acknowledgement (the pipeline,
+  which acknowledges only after the store has the batch).
+- latency is publish -> visible in ``GET /v1/devices/{id}`` of a ``chargewatch serve``
+  process while a separate publisher keeps a background rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from api.bench import agents, procs
+from api.bench.workload import Stream, specs_of, write_catalog
+
+DISTRICT_RATE = 400 / 30  # 400 devices, one status per 30 s each
+SUBSCRIPTION = agents.SUBSCRIPTION
+
+
+@dataclass
+class Plan:
+    """Sizes of one run; ``short`` is the CI regression check (< 60 s)."""
+
+    devices: int = 10_000
+    messages: int = 60_000
+    rounds: int = 2
+    influx: bool = True
+    scale: tuple[int, ...] = (400, 2_000, 10_000, 50_000)
+    latency_rates: tuple[float, ...] = (DISTRICT_RATE, 10 * DISTRICT_RATE, 100 * DISTRICT_RATE)
+    probes: int = 150
+    footprint: tuple[int, ...] = (1_000, 10_000, 50_000)
+    api_seconds: float = 5.0
+    simulator_devices: int = 10_000
+    profile: bool = True
+    parts: frozenset[str] = field(
+        default_factory=lambda: frozenset(
+            {"throughput", "scale", "latency", "api", "footprint", "simulator", "alerts"}
+        )
+    )
+
+    @classmethod
+    def short(cls) -> Plan:
+        return cls(messages=20_000, rounds=1, influx=False, parts=frozenset({"throughput"}))
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", flush=True)
+
+
+# -- throughput -----------------------------------------------------------------------------
+
+
+def _publish(
+    work: Path, port: int, catalog: Path | None, count: int, **extra: Any
+) -> dict[str, Any]:
+    pub = procs.agent(work, "publish", port=port, catalog=catalog, count=count, **extra).start()
+    pub.wait(600)
+    return procs.agent_result(pub)
+
+
+def _mosquitto_sub(work: Path, port: int, client_id: str, count: int) -> dict[str, Any]:
+    out = work / f"{client_id}.txt"
+    argv = [
+        procs.binary("mosquitto_sub"), "-h", procs.LOOPBACK, "-p", str(port), "-i", client_id,
+        "-c", "-q", "1", "-t", SUBSCRIPTION, "-F", "%U", "-C", str(count), "-W", "120",
+    ]  # fmt: skip
+    with open(out, "wb") as f:
+        subprocess.run(argv, stdout=f, stderr=subprocess.DEVNULL, timeout=180, check=False)
+    stamps = [float(line) for line in out.read_text().split()]
+    out.unlink()
+    took = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return {"count": len(stamps), "seconds": took, "rate": (len(stamps) - 1) / took if took else 0}
+
+
+def _drain(
+    work: Path, kind: str, port: int, client_id: str, count: int, catalog: Path,
+    history: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    if kind == "mosquitto_sub":
+        return _mosquitto_sub(work, port, client_id, count)
+    if kind == "bare":
+        proc = procs.agent(work, "bare", port=port, client_id=client_id, count=count).start()
+    else:
+        data = work / f"data-{client_id}"
+        proc = procs.agent(
+            work, "pipeline", port=port, client_id=client_id, count=count, catalog=catalog,
+            data_dir=data, history=history,
+        ).start()  # fmt: skip
+    proc.wait(600)
+    result = procs.agent_result(proc)
+    if kind.startswith("pipeline"):
+        result["disk_bytes"] = procs.dir_bytes(work / f"data-{client_id}")
+    return result
+
+
+def throughput(work: Path, plan: Plan) -> dict[str, Any]:
+    """Ingest msgs/s vs mosquitto_sub and vs a bare paho subscriber, per store."""
+    catalog = write_catalog(work / "catalog.json", plan.devices)
+    kinds = ["mosquitto_sub", "bare", "pipeline_sqlite"]
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    publisher: list[dict[str, Any]] = []
+    influx_disk: int | None = None
+    with contextlib.ExitStack() as stack:
+        mq = stack.enter_context(procs.running(procs.mosquitto(work / "mosquitto")))
+        influx_url = None
+        if plan.influx and procs.have("influxd", "/usr/bin/influxd"):
+            influx = stack.enter_context(procs.running(procs.influxd(work / "influxd")))
+            procs.influx_create_db(int(influx.port or 0), "bench")
+            influx_url = f"influx1://{procs.LOOPBACK}:{influx.port}?db=bench"
+            kinds.append("pipeline_influx")
+            results["pipeline_influx"] = []
+        for r in range(plan.rounds):
+            ids = {k: f"bench-{k}-{r}" for k in kinds}
+            agents.prime(int(mq.port or 0), list(ids.values()))
+            log(
+                f"throughput round {r + 1}: publishing {plan.messages} statuses of {plan.devices} devices"
+            )
+            publisher.append(
+                _publish(work, int(mq.port or 0), catalog, plan.messages, births=True, seed=r + 1)
+            )
+            for k in kinds:
+                res = _drain(
+                    work, k, int(mq.port or 0), ids[k], plan.messages, catalog,
+                    influx_url if k == "pipeline_influx" else None,
+                )  # fmt: skip
+                log(f"  {k}: {res['rate']:.0f} msg/s")
+                results[k].append(res)
+        if influx_url is not None:
+            time.sleep(3)  # the cache goes to TSM after 1 s cold
+            influx_disk = procs.dir_bytes(work / "influxd" / "data") + procs.dir_bytes(
+                work / "influxd" / "wal"
+            )
+    best = {k: max(v, key=lambda x: x["rate"]) for k, v in results.items()}
+    med = {k: statistics.median(x["rate"] for x in v) for k, v in results.items()}
+    ceiling, bare = med["mosquitto_sub"], med["bare"]
+    out: dict[str, Any] = {
+        "devices": plan.devices,
+        "messages": plan.messages,
+        "rounds": plan.rounds,
+        "rates": med,
+        "runs": results,
+        "publisher_rate": statistics.median(p["rate"] for p in publisher),
+        "ratios": {
+            k: {"vs_mosquitto_sub": med[k] / ceiling, "vs_bare": med[k] / bare}
+            for k in med
+            if k.startswith("pipeline")
+        },
+        "ack_p99_s": {k: best[k].get("ack_p99_s") for k in best if k.startswith("pipeline")},
+    }
+    total_msgs = plan.messages * plan.rounds
+    sqlite_bytes = statistics.median(x["disk_bytes"] for x in results["pipeline_sqlite"])
+    out["disk_bytes_per_message"] = {"sqlite": sqlite_bytes / plan.messages}
+    if influx_disk is not None:
+        out["disk_bytes_per_message"]["influx"] = influx_disk / total_msgs
+    return out
+
+
+def scale(work: Path, plan: Plan) -> list[dict[str, Any]]:
+    """Pipeline msgs/s and arrival->ack p99 as the fleet grows (mosquitto_sub alongside)."""
+    rows = []
+    with procs.running(procs.mosquitto(work / "mosquitto")) as mq:
+        port = int(mq.port or 0)
+        for devices in plan.scale:
+            catalog = write_catalog(work / f"catalog-{devices}.json", devices)
+            count = max(20_000, 2 * devices)
+            ids = [f"scale-sub-{devices}", f"scale-pipe-{devices}"]
+            agents.prime(port, ids)
+            _publish(work, port, catalog, count, births=True, seed=devices)
+            sub = _drain(work, "mosquitto_sub", port, ids[0], count, catalog)
+            pipe = _drain(work, "pipeline_sqlite", port, ids[1], count, catalog)
+            shutil.rmtree(work / f"data-{ids[1]}", ignore_errors=True)
+            rows.append(
+                {
+                    "devices": devices,
+                    "messages": count,
+                    "rate": pipe["rate"],
+                    "ceiling": sub["rate"],
+                    "ratio": pipe["rate"] / sub["rate"] if sub["rate"] else 0,
+                    "ack_p99_s": pipe.get("ack_p99_s"),
+                    "write_p99_s": pipe.get("write_p99_s"),
+                }
+            )
+            log(
+                f"scale {devices}: {pipe['rate']:.0f} msg/s ({rows[-1]['ratio']:.0%} of mosquitto_sub)"
+            )
+    return rows
+
+
+def profile(work: Path, plan: Plan, seconds: float = 8.0) -> dict[str, Any] | None:
+    """py-spy over the pipeline draining 10,000 devices' statuses: where the time goes."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return None
+    catalog = write_catalog(work / "catalog-profile.json", plan.devices)
+    raw = work / "pipeline.raw"
+    with procs.running(procs.mosquitto(work / "mosquitto-profile")) as mq:
+        port = int(mq.port or 0)
+        agents.prime(port, ["profile-pipe"])
+        count = 40_000
+        _publish(work, port, catalog, count, births=True, seed=99)
+        proc = procs.agent(
+            work, "pipeline", port=port, client_id="profile-pipe", count=count,
+            catalog=catalog, data_dir=work / "data-profile",
+        ).start()  # fmt: skip
+        time.sleep(2.5)  # imports and connect: profile the steady drain only
+        subprocess.run(
+            [spy, "record", "-r", "100", "-d", str(int(seconds)), "--format", "raw",
+             "-o", str(raw), "-p", str(proc.pid)],
+            capture_output=True, timeout=seconds + 30, check=False,
+        )  # fmt: skip
+        proc.wait(600)
+    if not raw.exists():
+        return None
+    return summarize_stacks(raw.read_text())
+
+
+_IDLE = ("Condition.wait", "_worker (concurrent/futures/thread.py:81)", "select (selectors.py")
+
+
+def summarize_stacks(collapsed: str, top: int = 18) -> dict[str, Any]:
+    """Self and inclusive shares of the busy samples in py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, n_text = line.rpartition(" ")
+        frames = stack.split(";")
+        if not frames or any(idle in frames[-1] for idle in _IDLE):
+            continue  # waiting, not working
+        n = int(n_text)
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    ours = ("ingest/", "devices/", "paho/", "sqlite", "prometheus_client", "pydantic", "json/")
+
+    def ranked(d: dict[str, int], only_ours: bool) -> list[tuple[str, float]]:
+        items = [(f, c / total) for f, c in d.items() if not only_ours or any(o in f for o in ours)]
+        return sorted(items, key=lambda x: -x[1])[:top]
+
+    return {"samples": total, "self": ranked(own, False), "inclusive": ranked(incl, True)}
+
+
+# -- latency and the rider API -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _service(work: Path, catalog: Path | None) -> Iterator[tuple[procs.Proc, procs.Proc, str]]:
+    with procs.running(procs.mosquitto(work / "mosquitto")) as mq:
+        serve = procs.serve(work / "serve", f"mqtt://{procs.LOOPBACK}:{mq.port}", catalog)
+        with procs.running(serve, timeout=60):
+            base = f"http://{procs.LOOPBACK}:{serve.port}"
+            procs.wait_ready(base)
+            yield mq, serve, base
+
+
+@contextlib.contextmanager
+def _background(
+    work: Path, port: int, rate: float, seconds: float, exclude: list[str]
+) -> Iterator[None]:
+    pub = procs.agent(
+        work, "publish", port=port, catalog=None, count=int(rate * seconds) + 1, rate=rate,
+        births=True, exclude=exclude, seed=int(rate), max_s=seconds + 30,
+    ).start()  # fmt: skip
+    try:
+        yield
+    finally:
+        pub.stop()
+
+
+def _probe_latencies(
+    port: int, base: str, probe_ids: list[str], probes: int, gap_s: float
+) -> list[float]:
+    """Publish a status of a probe device and poll its API view until it shows that seq."""
+    specs = specs_of(None)
+    chosen = [s for s in specs if s.id in probe_ids]
+    stream = Stream(chosen, seed=4242, births=True)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-probe", clean_session=True)
+    client.connect(procs.LOOPBACK, port)
+    client.loop_start()
+    out: list[float] = []
+    try:
+        with httpx.Client(base_url=base, timeout=5) as http:
+            for _ in range(len(chosen)):  # births first, so the probes are statuses
+                topic, payload = stream.next(time.time_ns() // 1_000_000)
+                client.publish(topic, payload, qos=1).wait_for_publish(5)
+            for _ in range(probes):
+                topic, payload = stream.next(time.time_ns() // 1_000_000)
+                device_id = topic.split("/")[2]
+                seq = json.loads(payload)["seq"]
+                t0 = time.perf_counter()
+                client.publish(topic, payload, qos=1)
+                deadline = t0 + 10
+                while time.perf_counter() < deadline:
+                    view = http.get(f"/v1/devices/{device_id}").json()
+                    if view.get("status_seq") == seq:
+                        out.append(time.perf_counter() - t0)
+                        break
+                time.sleep(gap_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency(work: Path, plan: Plan) -> list[dict[str, Any]]:
+    probe_ids = [d.id for d in specs_of(None)][:4]
+    rows = []
+    with _service(work, None) as (mq, _serve, base):
+        for rate in plan.latency_rates:
+            seconds = plan.probes * 0.05 + 10
+            with _background(work / f"bg-{rate:.0f}", int(mq.port or 0), rate, seconds, probe_ids):
+                time.sleep(2)
+                lat = _probe_latencies(int(mq.port or 0), base, probe_ids, plan.probes, 0.03)
+            row = {
+                "rate": rate,
+                "x_district": rate / DISTRICT_RATE,
+                "probes": len(lat),
+                "p50_ms": _pct(lat, 0.5) * 1000,
+                "p99_ms": _pct(lat, 0.99) * 1000,
+                "max_ms": max(lat) * 1000,
+            }
+            log(
+                f"latency at {rate:.0f} msg/s: p50 {row['p50_ms']:.1f} ms p99 {row['p99_ms']:.1f} ms"
+            )
+            rows.append(row)
+    return rows
+
+
+def _wrk(
+    url: str,
+    seconds: float,
+    connections: int,
+    delay_ms: int | None = None,
+    work: Path | None = None,
+) -> dict[str, Any]:
+    argv = [
+        procs.binary("wrk"),
+        "-t",
+        "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds:.0f}s",
+        "--latency",
+    ]
+    if delay_ms is not None and work is not None:
+        script = work / "paced.lua"
+        script.write_text(f"function delay()\n  return {delay_ms}\nend\n")
+        argv += ["-s", str(script)]
+    text = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 30).stdout
+    rps = p50 = p99 = 0.0
+    for line in text.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            rps = float(parts[1])
+        elif parts[:1] == ["50%"]:
+            p50 = _ms(parts[1])
+        elif parts[:1] == ["99%"]:
+            p99 = _ms(parts[1])
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99}
+
+
+def _ms(text: str) -> float:
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
+
+
+def rider_api(work: Path, plan: Plan) -> dict[str, Any] | None:
+    """wrk against the station list, a station and /healthz while ingest takes 10x district."""
+    if not procs.have("wrk"):
+        return None
+    with _service(work, None) as (mq, _serve, base):
+        station = httpx.get(base + "/v1/stations").json()["stations"][0]["id"]
+        urls = {
+            "trivial (/healthz)": "/healthz",
+            "stations near a point": "/v1/stations?lat=31.742&lon=117.296",
+            "station detail": f"/v1/stations/{station}",
+        }
+        seconds = plan.api_seconds * (len(urls) + 2) + 20
+        out: dict[str, Any] = {"ingest_rate": 10 * DISTRICT_RATE, "max": {}, "paced": {}}
+        with _background(work / "bg-api", int(mq.port or 0), 10 * DISTRICT_RATE, seconds, []):
+            time.sleep(2)
+            for name, path in urls.items():
+                out["max"][name] = _wrk(base + path, plan.api_seconds, 8)
+                log(
+                    f"api {name}: {out['max'][name]['rps']:.0f} req/s p99 {out['max'][name]['p99_ms']:.1f} ms"
+                )
+            # ~500 req/s: 10 connections, each waiting 20 ms after every answer
+            for name in ("stations near a point", "station detail"):
+                out["paced"][name] = _wrk(base + urls[name], plan.api_seconds, 10, 20, work)
+        trivial = out["max"]["trivial (/healthz)"]["rps"]
+        out["ratios"] = {k: v["rps"] / trivial for k, v in out["max"].items() if trivial}
+    return out
+
+
+# -- footprint ------------------------------------------------------------------------------
+
+
+def footprint(work: Path, plan: Plan) -> list[dict[str, Any]]:
+    rows = []
+    for devices in plan.footprint:
+        w = work / f"fp-{devices}"
+        w.mkdir(parents=True, exist_ok=True)
+        catalog = write_catalog(w / "catalog.json", devices)
+        with _service(w, catalog) as (mq, serve, base):
+            idle = serve.rss_bytes()
+            count = 2 * devices  # a birth and a status each
+            _publish(w, int(mq.port or 0), catalog, count, births=True, seed=7)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                acked = procs.metric(
+                    httpx.get(base + "/metrics", timeout=30).text,
+                    "chargewatch_messages_acked_total",
+                )
+                if acked >= count:
+                    break
+                time.sleep(0.5)
+            rss = serve.rss_bytes()
+        rows.append(
+            {
+                "devices": devices,
+                "rss_mb": rss / 2**20,
+                "rss_idle_mb": idle / 2**20,
+                "mb_per_1000": rss / 2**20 / (devices / 1000),
+            }
+        )
+        log(
+            f"footprint {devices}: {rows[-1]['rss_mb']:.0f} MB ({rows[-1]['mb_per_1000']:.1f} MB per 1,000)"
+        )
+    return rows
+
+
+# -- the simulator --------------------------------------------------------------------------
+
+
+def simulator(work: Path, plan: Plan, window_s: float = 15.0) -> dict[str, Any]:
+    """One ``chargewatch simulate`` process with 10,000 devices: time to all born, msgs/s."""
+    devices = plan.simulator_devices
+    catalog = write_catalog(work / "catalog-sim.json", devices)
+    with procs.running(procs.mosquitto(work / "mosquitto-sim")) as mq:
+        out = work / "sim-count.txt"
+        argv = [
+            procs.binary("mosquitto_sub"), "-h", procs.LOOPBACK, "-p", str(mq.port), "-q", "1",
+            "-t", SUBSCRIPTION, "-F", "%U",
+        ]  # fmt: skip
+        counter = procs.Proc(argv, work / "sim-sub.log", stdout=out).start()
+        sim = procs.Proc(
+            procs.python_argv(
+                "-m", "api.cli", "simulate", "--broker", f"mqtt://{procs.LOOPBACK}:{mq.port}",
+                "--catalog", str(catalog), "--heartbeat-s", "5", "--speed", "60",
+                "--log-level", "WARNING",
+            ),
+            work / "sim.log",
+            stdout=work / "sim.out",
+        ).start()  # fmt: skip
+        began = time.monotonic()
+        ready_s = None
+        try:
+            while time.monotonic() - began < 180:
+                if "READY" in (work / "sim.out").read_text():
+                    ready_s = time.monotonic() - began
+                    break
+                if sim.popen is not None and sim.popen.poll() is not None:
+                    break
+                time.sleep(0.2)
+            t0 = time.time()
+            time.sleep(window_s)
+            t1 = time.time()
+        finally:
+            sim.stop(30)
+            counter.stop()
+    stamps = [float(x) for x in out.read_text().split()]
+    window = [s for s in stamps if t0 <= s < t1]
+    return {
+        "devices": devices,
+        "ready_s": ready_s,
+        "heartbeat_s": 5,
+        "rate": len(window) / (t1 - t0),
+        "demand": devices / 5,
+    }
+
+
+# -- alerts ---------------------------------------------------------------------------------
+
+
+def alerts(work: Path, plan: Plan) -> dict[str, Any] | None:
+    from api.bench.alertbench import alert_latency
+
+    return alert_latency(work, plan.probes // 5)
+
+
+PARTS: dict[str, Callable[[Path, Plan], Any]] = {
+    "throughput": throughput,
+    "scale": scale,
+    "latency": latency,
+    "api": rider_api,
+    "footprint": footprint,
+    "simulator": simulator,
+    "alerts": alerts,
+}
