@@ -50,7 +50,7 @@ async function loadAlerts() {
       a.status === "open" ? el("button", { class: "act ack", type: "button", onclick: () => act(a.id, "ack") }, "确认 Ack") : null,
       el("button", { class: "act resolve", type: "button", onclick: () => act(a.id, "resolve") }, "解决 Resolve"),
       el("button", { class: "act note", type: "button", onclick: () => note(a.id) }, "备注 Note"),
-      el("button", { class: "act", type: "button", onclick: () => showDevice(a.device) }, "📈")))));
+      el("button", { class: "act", type: "button", onclick: () => showDevice(a.device) }, "plot")))));
 }
 
 async function act(id, what) {

@@ -2,7 +2,7 @@
 "use strict";
 const TEXTS = {
   zh: {
-    title: "骑手充换电", locate: "📍 用我的位置", tapHint: "或在地图上点一下你所在的位置",
+    title: "骑手充换电", locate: "◎ 用我的位置", tapHint: "或在地图上点一下你所在的位置",
     kindAll: "全部", kindPile: "充电", kindCabinet: "换电", arrive: "到达",
     arriveNow: "现在", arrive5: "5 分钟后", arrive10: "10 分钟后", arrive20: "20 分钟后",
     back: "← 返回", bestTime: "什么时候来最好", report: "⚠ 报告问题",
@@ -24,7 +24,7 @@ const TEXTS = {
     state_disabled: "停用", state_empty: "空仓", state_ready: "满电",
   },
   en: {
-    title: "Rider charging & swaps", locate: "📍 Use my location",
+    title: "Rider charging & swaps", locate: "◎ Use my location",
     tapHint: "or tap the map where you are", kindAll: "All", kindPile: "Charge",
     kindCabinet: "Swap", arrive: "Arriving", arriveNow: "now", arrive5: "in 5 min",
     arrive10: "in 10 min", arrive20: "in 20 min", back: "← Back", bestTime: "Best time to come",

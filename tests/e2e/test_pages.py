@@ -1,0 +1,204 @@
+"""The rider page and the maintenance console in headless Debian chromium (Playwright's
+Python package driving the system browser), against a real mosquitto, a ``chargewatch
+serve`` process and simulated devices. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.district import District, artifacts_dir, serve_district
+from tests.servers import chargewatch_argv, eventually
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+TIMEOUT_MS = 10_000
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing(f"{CHROMIUM} is not installed (Debian package chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package is not installed (pip install -e '.[test]')")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[District]:
+    with serve_district(tmp_path_factory.mktemp("pages"), hand=False) as district:
+        yield district
+
+
+def phone(browser: Any) -> Any:
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+        locale="zh-CN",
+    )
+    context.set_default_timeout(TIMEOUT_MS)
+    return context
+
+
+def card_counts(page: Any) -> dict[str, dict[str, str]]:
+    return page.eval_on_selector_all(
+        "#stations .card",
+        """cards => Object.fromEntries(cards.map(c => [c.dataset.station,
+             Object.fromEntries([...c.querySelectorAll('[data-count]')].map(n => [n.dataset.count, n.textContent]))]))""",
+    )
+
+
+def test_rider_page_live_counts_detail_and_report(d: District, browser: Any) -> None:
+    context = phone(browser)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(d.service.base_url + "/")
+    page.wait_for_selector("#stations .card")
+    assert page.inner_text("h1") == "骑手充换电", "Chinese by default"
+
+    # pick a location: tap the map near the middle of the district
+    box = page.locator("#map").bounding_box()
+    page.locator("#map").click(position={"x": box["width"] * 0.45, "y": box["height"] * 0.55})
+    page.wait_for_function("document.body.dataset.origin !== undefined")
+    lat, lon = (float(x) for x in page.evaluate("document.body.dataset.origin").split(","))
+
+    def same_as_api() -> list[dict[str, Any]]:
+        api = d.get("/v1/stations", lat=lat, lon=lon, radius_m=5000)["stations"]
+        shown = card_counts(page)
+        assert list(shown) == [s["id"] for s in api], "sorted by distance like the API"
+        for s in api:
+            assert shown[s["id"]] == {
+                "ports_free": str(s["piles"]["ports_free"]),
+                "batteries_ready": str(s["cabinets"]["batteries_ready"]),
+            }, s["id"]
+        return api
+
+    api = eventually(same_as_api, timeout=10)
+    page.screenshot(path=str(artifacts_dir() / "rider-list.png"), full_page=True)
+
+    # a slot changes in the simulator: the count on the page follows by SSE, no reload
+    target = next(s for s in api if s["cabinets"]["batteries_ready"] > 0)
+    cabinet = next(
+        v for v in d.get(f"/v1/stations/{target['id']}")["devices"]
+        if v["kind"] == "cabinet" and v["batteries_ready"] > 0
+    )  # fmt: skip
+    slot = next(s for s in cabinet["slots"] if s["ready"])
+    before = target["cabinets"]["batteries_ready"]
+    loads = page.evaluate("document.body.dataset.loaded")
+    started = time.monotonic()
+    d.fleet.call(lambda f: f.take_battery(cabinet["id"], slot["n"]))
+    selector = f'#stations [data-station="{target["id"]}"] [data-count="batteries_ready"]'
+    page.wait_for_function(
+        "([sel, want]) => document.querySelector(sel)?.textContent === want",
+        arg=[selector, str(before - 1)],
+    )
+    live_s = time.monotonic() - started
+    assert page.evaluate("document.body.dataset.loaded") == loads, "updated live, not reloaded"
+    print(f"rider page: slot change shown {live_s:.2f}s after the simulator made it")
+
+    # open the station: each device with its ports/slots, the best-time chart
+    page.click(f'#stations [data-station="{target["id"]}"] .card-btn')
+    page.wait_for_selector(f'[data-station-title="{target["id"]}"]')
+    detail = d.get(f"/v1/stations/{target['id']}")
+    assert page.locator("#detail-body article.device").count() == len(detail["devices"])
+    shown_cab = page.locator(f'article[data-device="{cabinet["id"]}"] .unit').count()
+    assert shown_cab == len(cabinet["slots"])
+    page.wait_for_function(
+        "document.querySelector('#chart svg') || document.querySelector('#chart-note').textContent"
+    )
+    # English switch
+    page.click("#lang")
+    assert page.inner_text("h1") == "Rider charging & swaps"
+    page.click("#lang")
+    page.screenshot(path=str(artifacts_dir() / "rider-station.png"), full_page=True)
+
+    # report a problem on one slot
+    page.click("#report-open")
+    page.select_option("#report-device", cabinet["id"])
+    page.fill("#report-unit", str(slot["n"]))
+    page.select_option("#report-category", "damage")
+    page.fill("#report-text", "仓门关不上 <b>door</b>")
+    page.click("#report button[type=submit]")
+    page.wait_for_selector("#report-result.ok")
+    alert_id = int(page.get_attribute("#report-result", "data-alert-id"))
+    assert alert_id > 0
+    page.screenshot(path=str(artifacts_dir() / "rider-report.png"), full_page=True)
+    assert not errors, errors
+    context.close()
+    d.fleet.call(lambda f: f.insert_battery(cabinet["id"], slot["n"], 96.0))
+
+
+def make_key(d: District) -> str:
+    out = subprocess.run(
+        chargewatch_argv("keys", "--data-dir", str(d.service.data_dir), "create", "--name", "console-test"),
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    return out.stdout.split()[0]
+
+
+def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
+    station = next(iter(d.catalog.stations))
+    opened = httpx.post(
+        d.service.base_url + "/v1/reports",
+        json={"station": station, "category": "not_working", "text": "console test"},
+        timeout=10,
+    )
+    assert opened.status_code == 201, opened.text
+    alert_id = opened.json()["alert_id"]
+    key = make_key(d)
+
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(d.service.base_url + "/console")
+    page.wait_for_function("document.body.dataset.auth === 'no'")
+    page.fill("#key", key)
+    page.click("#login button[type=submit]")
+    row = f'#alerts tr[data-alert-id="{alert_id}"]'
+    page.wait_for_selector(row)
+    assert page.get_attribute(row, "data-status") == "open"
+    page.wait_for_selector("#health .health")
+    assert page.locator("#health .health").count() == len(d.catalog.stations)
+    page.click(f"{row} button.ack")
+    page.wait_for_selector(f'{row}[data-status="acknowledged"]')
+    acked = httpx.get(
+        f"{d.service.base_url}/v1/alerts/{alert_id}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    ).json()
+    assert acked["status"] == "acknowledged"
+    assert acked["acknowledged_by"] == "console-test"
+    device = next(iter(d.catalog.devices))
+    page.fill("#device-id", device)
+    page.click("#device-form button[type=submit]")
+    page.wait_for_selector(f'#device h3[data-device="{device}"]')
+    assert page.locator("#device polyline").count() >= 1
+    page.screenshot(path=str(artifacts_dir() / "console.png"), full_page=True)
+    context.close()
