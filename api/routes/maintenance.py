@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+from api.auth import Maintainer
 from api.deps import IngestDep
 from api.views import rfc3339
 
@@ -15,7 +16,7 @@ router = APIRouter(prefix="/v1", tags=["maintenance"])
 
 @router.get("/deadletters")
 async def dead_letters(
-    ingest: IngestDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ingest: IngestDep, key: Maintainer, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     """Recent rejected messages with their reason, and a count per reason since the start."""
     assert ingest.state is not None

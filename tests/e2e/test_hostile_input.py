@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.alerts.keys import maintainer_get
 from tests.servers import Process, Service, chargewatch_serve, eventually
 
 pytestmark = pytest.mark.e2e
@@ -172,7 +173,7 @@ def test_hostile_flood_is_counted_and_harmless(broker: Process, tmp_path: Path) 
             expected[reason] = expected.get(reason, 0) + 1
 
         def all_counted() -> None:
-            assert service.get("/v1/deadletters").json()["counts"] == expected
+            assert maintainer_get(service, "/v1/deadletters").json()["counts"] == expected
 
         eventually(all_counted, timeout=60, interval=0.5)
         stored = stored_statuses(service.data_dir)

@@ -21,6 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.influx import InfluxHistory
+from tests.alerts.keys import maintainer_get
 from tests.influx_servers import influxd
 from tests.servers import Process, Service, chargewatch_serve, eventually, mosquitto
 
@@ -197,7 +198,7 @@ def test_kill_9_ingestor_mid_stream_loses_nothing(broker: Process, tmp_path: Pat
         acked = stream.finish()
         assert_stored_exactly(service, acked)
         eventually(lambda: assert_state_is_last(service, stream), timeout=20)
-        dead = service.get("/v1/deadletters").json()
+        dead = maintainer_get(service, "/v1/deadletters").json()
         assert dead["counts"] == {}
 
 

@@ -13,6 +13,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.alerts.keys import maintainer_get
 from tests.servers import Process, Service, chargewatch_serve, eventually
 
 pytestmark = pytest.mark.e2e
@@ -237,7 +238,7 @@ def test_bad_payloads_are_dead_lettered_and_change_nothing(
         sender.loop_stop()
 
     def dead_lettered() -> None:
-        body = service.get("/v1/deadletters").json()
+        body = maintainer_get(service, "/v1/deadletters").json()
         assert body["counts"].get(reason) == 1, body
         assert body["dead_letters"][0]["reason"] == reason
         assert body["dead_letters"][0]["topic"] == topic
