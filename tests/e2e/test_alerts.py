@@ -231,6 +231,7 @@ def _assert(condition: bool) -> None:
 
 
 MAINTENANCE = [  # (method, path, json body, admin only)
+    ("GET", "/v1/deadletters", None, False),
     ("GET", "/v1/alerts", None, False),
     ("GET", "/v1/alerts/stream", None, False),
     ("GET", "/v1/alerts/1", None, False),
