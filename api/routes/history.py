@@ -236,6 +236,4 @@ async def forecast_route(
     result = await asyncio.to_thread(
         stats.get, _store(ingest), ingest.catalog, spec, now_ms(), weeks, ingest.config.release_soc
     )
-    body = {**result.forecast, "computed_at_age_s": None}
-    del body["computed_at_age_s"]
-    return cached_json(request, body, max_age_s=60)
+    return cached_json(request, result.forecast, max_age_s=60)
