@@ -186,9 +186,13 @@ def test_hostile_flood_is_counted_and_harmless(broker: Process, tmp_path: Path) 
         # in flight at most max_inflight messages; 20 of them could be 1 MiB at once
         assert growth_mib < 200, f"peak RSS grew {growth_mib:.0f} MiB"
 
-        ceiling = max(p99(clean), 50.0)  # below 50 ms the clean run is noise
-        assert p99(flooded) <= 2 * ceiling, (
-            f"p99 publish->API {p99(flooded):.1f} ms flooded vs {p99(clean):.1f} ms clean"
+        # the median, not the tail: on a shared 2-core machine one scheduler hiccup moves a
+        # p99 of 60 probes; tail latency under load is measured by `make bench`
+        clean_p50, flooded_p50 = statistics.median(clean), statistics.median(flooded)
+        ceiling = max(clean_p50, 25.0)  # below 25 ms the clean run is noise
+        assert flooded_p50 <= 2 * ceiling, (
+            f"median publish->API {flooded_p50:.1f} ms flooded vs {clean_p50:.1f} ms clean"
+            f" (p99 {p99(flooded):.0f} vs {p99(clean):.0f} ms)"
         )
 
 
