@@ -55,6 +55,8 @@ async def run_serve(
                 log_level=settings.log_level,
                 access_log=False,
                 lifespan="off",
+                # SSE streams stay open; do not wait for them forever on Ctrl-C
+                timeout_graceful_shutdown=3,
             )
         )
         loop = asyncio.get_running_loop()
