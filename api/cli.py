@@ -10,15 +10,18 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from api.settings import ServeSettings
 from devices.catalog import Catalog, CatalogError
 from ingest import IngestError
+
+if TYPE_CHECKING:
+    from ingest.service import Ingest
 
 log = logging.getLogger("chargewatch")
 
@@ -41,9 +44,12 @@ async def run_serve(
     settings: ServeSettings,
     catalog: Catalog,
     on_ready: Callable[[str], Any] | None = None,
+    on_stop: Callable[[Ingest], Awaitable[None]] | None = None,
 ) -> None:
+    """Serve until SIGINT/SIGTERM. ``on_ready(url)`` runs once HTTP is up; ``on_stop()``
+    after HTTP stopped but while the broker and ingest still run."""
     from api.app import create_app
-    from ingest.service import Ingest
+    from ingest.service import Ingest  # at run time only: it pulls in paho, sqlite, amqtt
 
     async with Ingest(settings.ingest, catalog) as ingest:
         app = create_app(ingest)
@@ -80,6 +86,8 @@ async def run_serve(
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if on_stop is not None:
+                await on_stop(ingest)
 
 
 def _settings(args: argparse.Namespace) -> ServeSettings:
@@ -129,6 +137,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     broker = f"mqtt://127.0.0.1:{settings.ingest.embedded_broker_port}"
     simulator: subprocess.Popen[bytes] | None = None
 
+    def stop_simulator() -> None:
+        """SIGTERM: every device says goodbye (its death) before it disconnects."""
+        if simulator is not None and simulator.poll() is None:
+            simulator.send_signal(signal.SIGTERM)
+            try:
+                simulator.wait(20)
+            except subprocess.TimeoutExpired:
+                simulator.kill()
+                simulator.wait()
+
+    async def stop_while_broker_runs(ingest: Ingest) -> None:
+        await asyncio.to_thread(stop_simulator)
+        await ingest.drain()  # the devices' goodbyes reach the store
+
     def start_simulator(url: str) -> None:
         nonlocal simulator
         argv = [
@@ -152,16 +174,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
 
     try:
-        asyncio.run(run_serve(settings, catalog, on_ready=start_simulator))
+        asyncio.run(
+            run_serve(settings, catalog, on_ready=start_simulator, on_stop=stop_while_broker_runs)
+        )
     except IngestError as exc:
         raise SystemExit(f"chargewatch: {exc}") from None
     finally:
-        if simulator is not None and simulator.poll() is None:
-            simulator.send_signal(signal.SIGTERM)
-            try:
-                simulator.wait(20)
-            except subprocess.TimeoutExpired:
-                simulator.kill()
+        stop_simulator()  # on any other way out, too
     return 0
 
 

@@ -95,10 +95,12 @@ class Pipeline:
         self.observers: list[Callable[[Twin, Message, int], None]] = []
         self.store_healthy = True
         self.last_message_ms: int | None = None
+        self.unacked = 0  # delivered to us, not yet acknowledged
 
     def deliver(self, received: Received) -> None:
         """Called on the loop by the MQTT source for every message."""
         self.metrics.inflight.inc()
+        self.unacked += 1
         self.queue.put_nowait(received)
 
     async def run(self) -> None:
@@ -224,6 +226,7 @@ class Pipeline:
             if self._ack(r):
                 self.metrics.acked.inc()
             self.metrics.inflight.dec()
+            self.unacked -= 1
         for twin, msg, received_ms in batch.applied:
             for observer in self.observers:
                 self._safely(observer, twin, msg, received_ms)

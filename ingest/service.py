@@ -65,6 +65,17 @@ class Ingest:
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
 
+    async def drain(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
+        """Wait until nothing arrived for ``quiet_s`` and everything received is written
+        (at most ``max_s``): lets a broker deliver what its clients said last."""
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline and self.pipeline is not None:
+            last = self.pipeline.last_message_ms or 0
+            idle = self.pipeline.unacked == 0
+            if idle and now_ms() - last >= quiet_s * 1000:
+                return
+            await asyncio.sleep(0.05)
+
     def stalled(self, now: int | None = None) -> str | None:
         """The watchdog: connected, devices expected to report, yet no message for N
         heartbeats. Returns what is wrong, or None."""
