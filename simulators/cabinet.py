@@ -130,11 +130,13 @@ class CabinetModel(DeviceModel):
             else:
                 slot.power_w = 0.0
             if slot.battery is not None:
-                slot.temp_c = ambient + 2.0 + 7.0 * slot.power_w / CHARGER_W + rng.gauss(0, 0.2)
+                slot.temp_c = (
+                    ambient + 2.0 + 7.0 * slot.power_w / CHARGER_W + rng.uniform(-0.3, 0.3)
+                )
             if slot.derive_state():
                 self._touch()
         charging = sum(1 for s in self.slots if s.power_w > 0)
-        self.temp_c = ambient + 4.0 + 0.5 * charging + rng.gauss(0, 0.2)
+        self.temp_c = ambient + 4.0 + 0.5 * charging + rng.uniform(-0.3, 0.3)
         if rng.random() < arrival_probability(SWAPS_PER_HOUR, t, STEP_S):
             self._rider_swaps(t)
 

@@ -61,14 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--heartbeat-s", type=int, default=DEFAULT_HEARTBEAT_S, help="wall seconds")
     p.add_argument("--start", type=_start, help="RFC 3339 sim start (default: now)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level on stderr (default INFO)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(None if argv is None else list(argv))
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -8,9 +8,10 @@ since 1991, so a fixed offset is exact.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import timedelta, timezone
 
-LOCAL_TZ = timezone(timedelta(hours=8), "Asia/Shanghai")
+UTC_OFFSET_S = 8 * 3600
+LOCAL_TZ = timezone(timedelta(seconds=UTC_OFFSET_S), "Asia/Shanghai")
 
 #: Relative arrival rate for each local hour 0..23; the mean over the day is 1.0.
 _RAW_DEMAND = (
@@ -23,8 +24,7 @@ HOURLY_DEMAND: tuple[float, ...] = tuple(w * 24 / sum(_RAW_DEMAND) for w in _RAW
 
 def local_hour(t: float) -> float:
     """Local (Asia/Shanghai) hour of day 0 <= h < 24 at sim epoch seconds ``t``."""
-    local = datetime.fromtimestamp(t, tz=UTC).astimezone(LOCAL_TZ)
-    return local.hour + local.minute / 60 + local.second / 3600
+    return ((t + UTC_OFFSET_S) % 86400) / 3600  # cheap: this runs every step of every device
 
 
 def demand_factor(t: float) -> float:

@@ -137,8 +137,8 @@ class PileModel(DeviceModel):
         if arrives and free and not self.faults:  # otherwise the rider rides on
             self._start_session(rng.choice(free), t)
         charging = sum(1 for p in self.ports if p.state == "charging")
-        self.voltage_v = 229.0 - 0.4 * charging + rng.gauss(0, 1.0)
-        self.temp_c = ambient_c(t) + 3.0 + 0.9 * charging + rng.gauss(0, 0.2)
+        self.voltage_v = 229.0 - 0.4 * charging + rng.uniform(-1.5, 1.5)
+        self.temp_c = ambient_c(t) + 3.0 + 0.9 * charging + rng.uniform(-0.3, 0.3)
 
     def _fault_unit(self, unit: int, code: str, at: float) -> bool:
         port = self.ports[unit - 1]
