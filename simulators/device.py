@@ -43,6 +43,9 @@ from simulators.rng import device_rng
 
 log = logging.getLogger(__name__)
 
+MAX_BACKLOG = 1000
+"""Messages a device keeps while offline; later ones are dropped (and counted)."""
+
 Recorder = Callable[[str, bool, str], None]
 """Called with (topic, retain, payload) for every publish the broker acknowledged."""
 
@@ -108,6 +111,7 @@ class SimDevice:
         self.connected = False
         self.connects = 0
         self.published = 0
+        self.dropped = 0
         self._seq = 0
         self._outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue()
         self._stop = asyncio.Event()
@@ -291,8 +295,12 @@ class SimDevice:
     # -- behaviour ----------------------------------------------------------------------------
 
     def _enqueue(self, channel: Channel, at: float, body: Body) -> None:
-        if not self._stop.is_set():
-            self._outbox.put_nowait(Outgoing(channel, at, body))
+        if self._stop.is_set():
+            return
+        if self._outbox.qsize() >= MAX_BACKLOG:  # offline for long: like firmware, forget
+            self.dropped += 1
+            return
+        self._outbox.put_nowait(Outgoing(channel, at, body))
 
     def _advance(self) -> float:
         """Bring the model up to now (or to the frozen end); returns sim now."""
