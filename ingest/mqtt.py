@@ -13,6 +13,7 @@ attempt logged); every (re)connect subscribes again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
@@ -98,6 +99,8 @@ class MqttSource:
         self._on_connection_change = on_connection_change
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._stopping = threading.Event()
+        self._pending: collections.deque[Received] = collections.deque()
+        self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = False
         self.generation = 0
@@ -196,10 +199,24 @@ class MqttSource:
             generation=self.generation,
         )
         assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._deliver, received)
-        except RuntimeError:  # loop closed during shutdown
-            self._slots.release()
+        # Hand over in bursts: one loop wake-up (a self-pipe write) per burst, not per message.
+        self._pending.append(received)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # loop closed during shutdown
+                self._flush_scheduled = False
+                while self._pending:
+                    self._pending.popleft()
+                    self._slots.release()
+
+    def _flush(self) -> None:
+        """On the loop: deliver everything the paho thread handed over, in arrival order."""
+        self._flush_scheduled = False  # before draining: a later append schedules anew
+        pending, deliver = self._pending, self._deliver
+        while pending:
+            deliver(pending.popleft())
 
     def _notify(self, connected: bool) -> None:
         if self._on_connection_change is not None and self._loop is not None:
