@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 import shlex
+import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--no-report", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped by its PID
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     plan = suite.Plan.short() if args.short else suite.Plan()
     if args.parts:
         unknown = set(args.parts.split(",")) - set(suite.PARTS)

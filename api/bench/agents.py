@@ -113,6 +113,7 @@ def bare(args: dict[str, Any]) -> dict[str, Any]:
     count, max_s = int(args["count"]), float(args.get("max_s", 120))
     seen = 0
     first = last = 0
+    cpu = [0.0, 0.0]
     done = threading.Event()
 
     def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
@@ -120,8 +121,10 @@ def bare(args: dict[str, Any]) -> dict[str, Any]:
         seen += 1
         if seen == 1:
             first = time.perf_counter_ns()
+            cpu[0] = time.process_time()
         if seen >= count:
             last = time.perf_counter_ns()
+            cpu[1] = time.process_time()
             done.set()
 
     c = _client(str(args["client_id"]), clean=False)
@@ -133,7 +136,12 @@ def bare(args: dict[str, Any]) -> dict[str, Any]:
     c.disconnect()
     c.loop_stop()
     took = (last - first) / 1e9 if last else 0.0
-    return {"count": seen, "seconds": took, "rate": (seen - 1) / took if took else 0.0}
+    return {
+        "count": seen,
+        "seconds": took,
+        "rate": (seen - 1) / took if took else 0.0,
+        "cpu_us_per_msg": (cpu[1] - cpu[0]) / seen * 1e6 if seen else None,
+    }
 
 
 def quantile(hist: Histogram, q: float) -> float | None:
@@ -174,9 +182,11 @@ async def _pipeline(args: dict[str, Any]) -> dict[str, Any]:
         while received.get() < 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a counter
             await asyncio.sleep(0.002)
         first = time.perf_counter_ns()
+        cpu0 = time.process_time()
         while acked.get() < count and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.002)
         last = time.perf_counter_ns()
+        cpu = time.process_time() - cpu0
         took = (last - first) / 1e9
         n = int(acked.get())
         return {
@@ -184,6 +194,7 @@ async def _pipeline(args: dict[str, Any]) -> dict[str, Any]:
             "written": int(written.get()),
             "seconds": took,
             "rate": n / took if took else 0.0,
+            "cpu_us_per_msg": cpu / n * 1e6 if n else None,
             "ack_p50_s": quantile(m.ack_latency, 0.5),
             "ack_p99_s": quantile(m.ack_latency, 0.99),
             "write_p99_s": quantile(m.write_seconds, 0.99),

@@ -45,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return
         with self.server.got:
-            self.server.arrivals.setdefault(str(alert.get("device_id")), now)
+            self.server.arrivals.setdefault(str(alert.get("device")), now)
             self.server.got.notify_all()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -88,13 +88,15 @@ def alert_latency(work: Path, probes: int) -> dict[str, Any] | None:
                         client.publish(topic, payload, qos=1).wait_for_publish(5)
                     time.sleep(1)
                     for spec in piles:
+                        if len(latencies) < 3 <= piles.index(spec):
+                            break  # none arrive: stop instead of waiting out every probe
                         topic, payload = stream.next(time.time_ns() // 1_000_000)
                         body = json.loads(payload)
                         body["faults"] = ["smoke"]
                         t0 = time.perf_counter()
                         client.publish(topic, json.dumps(body).encode(), qos=1)
                         with receiver.got:
-                            receiver.got.wait_for(partial(contains, receiver.arrivals, spec.id), 10)
+                            receiver.got.wait_for(partial(contains, receiver.arrivals, spec.id), 5)
                         if spec.id in receiver.arrivals:
                             latencies.append(receiver.arrivals[spec.id] - t0)
                 finally:

@@ -288,12 +288,12 @@ def _background(
 
 
 def _probe_latencies(
-    port: int, base: str, probe_ids: list[str], probes: int, gap_s: float
+    port: int, base: str, probe_ids: list[str], probes: int, gap_s: float, seed: int
 ) -> list[float]:
     """Publish a status of a probe device and poll its API view until it shows that seq."""
     specs = specs_of(None)
     chosen = [s for s in specs if s.id in probe_ids]
-    stream = Stream(chosen, seed=4242, births=True)
+    stream = Stream(chosen, seed=seed, births=True)  # a new boot per call: seqs start over
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-probe", clean_session=True)
     client.connect(procs.LOOPBACK, port)
     client.loop_start()
@@ -312,7 +312,13 @@ def _probe_latencies(
                 deadline = t0 + 10
                 while time.perf_counter() < deadline:
                     view = http.get(f"/v1/devices/{device_id}").json()
-                    if view.get("status_seq") == seq:
+                    if (
+                        view.get("status_seq") == seq
+                        and view.get("boot")
+                        == stream.boots[
+                            stream.specs.index(next(s for s in chosen if s.id == device_id))
+                        ]
+                    ):
                         out.append(time.perf_counter() - t0)
                         break
                 time.sleep(gap_s)
@@ -335,7 +341,9 @@ def latency(work: Path, plan: Plan) -> list[dict[str, Any]]:
             seconds = plan.probes * 0.05 + 10
             with _background(work / f"bg-{rate:.0f}", int(mq.port or 0), rate, seconds, probe_ids):
                 time.sleep(2)
-                lat = _probe_latencies(int(mq.port or 0), base, probe_ids, plan.probes, 0.03)
+                lat = _probe_latencies(
+                    int(mq.port or 0), base, probe_ids, plan.probes, 0.03, seed=int(rate) + 4242
+                )
             row = {
                 "rate": rate,
                 "x_district": rate / DISTRICT_RATE,
