@@ -204,6 +204,8 @@ class SimDevice:
                 self._client, self.connected = None, False
                 _consume_disconnect_error(client)
             if lost is None or self._stop.is_set():
+                if lost is not None:
+                    log.debug("%s: connection ended while stopping (%s)", self.id, lost)
                 break
             delay = backoff.next_delay()
             log.warning(

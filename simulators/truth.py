@@ -8,6 +8,7 @@ in publish order per device, and ``{"hold": true, ...}`` once behaviour froze. D
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +31,11 @@ class TruthLog:
         self._pending: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
+        self._closing = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         await asyncio.to_thread(self.path.write_text, "", encoding="utf-8")
+        self._closing.clear()
         self._task = asyncio.create_task(self._writer(), name="truth-writer")
         return self
 
@@ -42,9 +45,11 @@ class TruthLog:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # Let the writer finish on its own: cancelling it could cancel a queued write of
+        # lines already taken from the buffer (the last deaths, typically).
+        self._closing.set()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._task
             self._task = None
         await self.flush()
 
@@ -60,7 +65,9 @@ class TruthLog:
         async with self._write_lock:
             lines, self._pending = self._pending, []
             if lines:
-                await asyncio.to_thread(self._append, lines)
+                # shielded: once taken from the buffer, lines reach the file even if the
+                # caller is cancelled meanwhile
+                await asyncio.shield(asyncio.to_thread(self._append, lines))
                 self.lines_written += len(lines)
 
     def _append(self, lines: list[str]) -> None:
@@ -68,6 +75,8 @@ class TruthLog:
             out.write("\n".join(lines) + "\n")
 
     async def _writer(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL_S)
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_INTERVAL_S):
+                    await self._closing.wait()
             await self.flush()
