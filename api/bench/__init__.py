@@ -40,12 +40,14 @@ def run(plan: suite.Plan, work: Path) -> dict[str, Any]:
             continue
         suite.log(f"--- {name}")
         try:
+            (work / name).mkdir(parents=True, exist_ok=True)
             results[name] = part(work / name, plan)
         except Exception as exc:
             results["errors"][name] = f"{type(exc).__name__}: {exc}"
             suite.log(f"{name} failed:\n{traceback.format_exc()}")
     if plan.profile and "scale" in plan.parts:
         try:
+            (work / "profile").mkdir(parents=True, exist_ok=True)
             results["profile"] = suite.profile(work / "profile", plan)
         except Exception as exc:
             results["errors"]["profile"] = f"{type(exc).__name__}: {exc}"
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="report file")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--no-report", action="store_true", help="print JSON only")
+    p.add_argument("--render", type=Path, help="only write the report from a --json file")
     args = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every server this run started is stopped by its PID
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -69,20 +72,25 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown parts: {', '.join(sorted(unknown))}")
         plan.parts = frozenset(args.parts.split(","))
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        return _write_report(results, args.out, results.get("command", "chargewatch bench"))
     with tempfile.TemporaryDirectory(prefix="chargewatch-bench-") as tmp:
         results = run(plan, Path(tmp))
+    results["command"] = "chargewatch bench" + (" " + shlex.join(argv) if argv else "")
     text = json.dumps(results, indent=1, default=str)
     if args.json:
         args.json.write_text(text + "\n")
     if args.no_report or args.short:
         print(text)
         return 1 if results["errors"] else 0
-    img = args.out.parent / "img" / "bench.png"
+    return _write_report(results, args.out, results["command"]) or (1 if results["errors"] else 0)
+
+
+def _write_report(results: dict[str, Any], out: Path, command: str) -> int:
+    img = out.parent / "img" / "bench.png"
     plotted = report.plot(results, img)
-    command = "chargewatch bench" + ("" if argv is None else " " + shlex.join(argv)).rstrip()
-    args.out.write_text(
-        report.render(results, command, os.path.relpath(img, args.out.parent) if plotted else None),
-        encoding="utf-8",
-    )
-    print(f"bench: wrote {args.out}" + (f" and {img}" if plotted else " (no matplotlib: no plot)"))
-    return 1 if results["errors"] else 0
+    rel = os.path.relpath(img, out.parent) if plotted else None
+    out.write_text(report.render(results, command, rel), encoding="utf-8")
+    print(f"bench: wrote {out}" + (f" and {img}" if plotted else " (no matplotlib: no plot)"))
+    return 0

@@ -108,6 +108,9 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.stop()
             raise BenchError(f"{self.argv[0]} still running after {timeout:.0f}s") from None
+        except BaseException:  # interrupted: do not leave the process behind
+            self.stop()
+            raise
 
     def stop(self, grace: float = 10.0) -> None:
         if self.popen is None or self.popen.poll() is not None:

@@ -78,8 +78,8 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
             "`api/bench/suite.py`). Publisher (paho, one process) reached"
             f" {t['publisher_rate']:,.0f} msg/s filling the queues.",
             "",
-            "| subscriber | msg/s | vs mosquitto_sub | vs bare paho | arrival->ack p99 |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| subscriber | msg/s | vs mosquitto_sub | vs bare paho | CPU per msg | arrival->ack p99 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         names = {
             "mosquitto_sub": "`mosquitto_sub` (C, the ceiling)",
@@ -90,8 +90,10 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
         ceiling, bare = t["rates"]["mosquitto_sub"], t["rates"]["bare"]
         for k, rate in t["rates"].items():
             p99 = t["ack_p99_s"].get(k)
+            cpus = [r["cpu_us_per_msg"] for r in t["runs"][k] if r.get("cpu_us_per_msg")]
+            cpu = f"{sorted(cpus)[len(cpus) // 2]:.0f} us" if cpus else "-"
             lines.append(
-                f"| {names.get(k, k)} | {rate:,.0f} | {rate / ceiling:.0%} | {rate / bare:.0%} | "
+                f"| {names.get(k, k)} | {rate:,.0f} | {rate / ceiling:.0%} | {rate / bare:.0%} | {cpu} | "
                 + (f"<= {p99 * 1000:.0f} ms |" if p99 is not None else "- |")
             )
         r = t["ratios"].get("pipeline_sqlite", {})
