@@ -30,6 +30,7 @@ lint: check
 
 ## bench: benchmarks, printed as ratios to ceilings measured in the same run
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/chargewatch bench
 
 clean:
