@@ -45,12 +45,6 @@ def run(plan: suite.Plan, work: Path) -> dict[str, Any]:
         except Exception as exc:
             results["errors"][name] = f"{type(exc).__name__}: {exc}"
             suite.log(f"{name} failed:\n{traceback.format_exc()}")
-    if plan.profile and "scale" in plan.parts:
-        try:
-            (work / "profile").mkdir(parents=True, exist_ok=True)
-            results["profile"] = suite.profile(work / "profile", plan)
-        except Exception as exc:
-            results["errors"]["profile"] = f"{type(exc).__name__}: {exc}"
     results["took_s"] = time.monotonic() - began
     return results
 

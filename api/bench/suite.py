@@ -19,6 +19,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class Plan:
     profile: bool = True
     parts: frozenset[str] = field(
         default_factory=lambda: frozenset(
-            {"throughput", "scale", "latency", "api", "footprint", "simulator", "alerts"}
+            {"throughput", "scale", "latency", "api", "footprint", "simulator", "alerts", "profile"}
         )
     )
 
@@ -207,7 +208,7 @@ def scale(work: Path, plan: Plan) -> list[dict[str, Any]]:
 
 def profile(work: Path, plan: Plan, seconds: float = 8.0) -> dict[str, Any] | None:
     """py-spy over the pipeline draining 10,000 devices' statuses: where the time goes."""
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         return None
     catalog = write_catalog(work / "catalog-profile.json", plan.devices)
@@ -532,4 +533,5 @@ PARTS: dict[str, Callable[[Path, Plan], Any]] = {
     "footprint": footprint,
     "simulator": simulator,
     "alerts": alerts,
+    "profile": profile,
 }
