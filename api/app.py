@@ -12,6 +12,7 @@ from api.auth import KeyStore
 from api.forecast import StatsCache
 from api.live import Live
 from api.routes import alerts, health, history, maintenance, pages, reports, riders, stream
+from api.snapshots import StationViews
 from ingest.service import Ingest
 
 
@@ -25,8 +26,11 @@ def create_app(ingest: Ingest) -> FastAPI:
     app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
+    # station views shared by requests, recomputed when their devices change
+    app.state.views = views = StationViews(ingest.catalog, ingest.twins, live.trends)
     if ingest.pipeline is not None:
         ingest.pipeline.listeners.append(live.on_change)
+        ingest.pipeline.listeners.append(views.on_change)
     errors.install(app)
     app.add_middleware(GZipMiddleware, minimum_size=1000)  # skips text/event-stream
     app.include_router(health.router)

@@ -21,7 +21,9 @@ from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
 from api.forecast import StationStats, StatsDep, arrival_estimate, district_tz
 from api.live import LiveDep
-from api.views import device_view, rfc3339, station_has, station_view
+from api.snapshots import StationViews
+from api.views import device_view, rfc3339, station_has
+from devices.catalog import distance_m
 from ingest.service import now_ms
 
 router = APIRouter(prefix="/v1", tags=["riders"])
@@ -46,7 +48,6 @@ def parse_time(field: str, value: str | None) -> int | None:
 async def stations(
     request: Request,
     ingest: IngestDep,
-    live: LiveDep,
     stats: StatsDep,
     lat: Annotated[float | None, Query(ge=-90, le=90)] = None,
     lon: Annotated[float | None, Query(ge=-180, le=180)] = None,
@@ -69,11 +70,11 @@ async def stations(
     since_ms = parse_time("updated_since", updated_since)
     now = now_ms()
     origin = (lat, lon) if lat is not None and lon is not None else None
-    full = [
-        station_view(s, ingest.twins, now, origin=origin, trends=live.trends, with_devices=True)
-        for s in ingest.catalog.stations.values()
-    ]
+    shared: StationViews = request.app.state.views
+    full = [shared.get(station_id, now) for station_id in ingest.catalog.stations]
     if origin is not None:
+        for v in full:
+            v["distance_m"] = round(distance_m(origin[0], origin[1], v["lat"], v["lon"]), 1)
         full = [v for v in full if v["distance_m"] <= radius_m]
         full.sort(key=lambda v: v["distance_m"])
     full = [v for v in full if station_has(v, kind, available)]
@@ -109,12 +110,12 @@ async def stations(
 
 
 @router.get("/stations/{station_id}")
-async def station(request: Request, ingest: IngestDep, live: LiveDep, station_id: str) -> Response:
+async def station(request: Request, ingest: IngestDep, station_id: str) -> Response:
     spec = ingest.catalog.stations.get(station_id)
     if spec is None:
         raise NotFound("station", station_id)
-    view = station_view(spec, ingest.twins, now_ms(), trends=live.trends, with_devices=True)
-    return cached_json(request, view)
+    views: StationViews = request.app.state.views
+    return cached_json(request, views.get(station_id, now_ms()))
 
 
 @router.get("/devices/{device_id}")
