@@ -17,8 +17,6 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-import sqlite3
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +26,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
+
+from ingest.sqlite_db import SQLiteDB
 
 ROLES = ("maintainer", "admin")
 _RANK = {"maintainer": 0, "admin": 1}
@@ -60,21 +60,14 @@ class KeyStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=10
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        self._db = SQLiteDB(self.path, _SCHEMA)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> KeyStore:
         return cls(Path(data_dir) / DB_FILE)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def create(self, name: str, role: str) -> tuple[ApiKey, str]:
         """A new key; returns it and the token (shown once, never stored)."""
@@ -83,27 +76,24 @@ class KeyStore:
         key_id = secrets.token_hex(4)
         secret = secrets.token_urlsafe(32)
         key = ApiKey(key_id, name, role, time.time_ns() // 1_000_000)
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO api_keys VALUES (?,?,?,?,?,NULL)",
-                (key.id, key.name, key.role, _hash(secret), key.created_at_ms),
-            )
+        self._db.execute(
+            "INSERT INTO api_keys VALUES (?,?,?,?,?,NULL)",
+            (key.id, key.name, key.role, _hash(secret), key.created_at_ms),
+        )
         return key, f"{PREFIX}{key_id}_{secret}"
 
     def list(self) -> list[ApiKey]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, name, role, created_at_ms, revoked_at_ms FROM api_keys"
-                " ORDER BY created_at_ms"
-            ).fetchall()
+        rows = self._db.query(
+            "SELECT id, name, role, created_at_ms, revoked_at_ms FROM api_keys"
+            " ORDER BY created_at_ms"
+        )
         return [ApiKey(*row) for row in rows]
 
     def revoke(self, key_id: str) -> bool:
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE api_keys SET revoked_at_ms = ? WHERE id = ? AND revoked_at_ms IS NULL",
-                (time.time_ns() // 1_000_000, key_id),
-            )
+        cur = self._db.execute(
+            "UPDATE api_keys SET revoked_at_ms = ? WHERE id = ? AND revoked_at_ms IS NULL",
+            (time.time_ns() // 1_000_000, key_id),
+        )
         return cur.rowcount > 0
 
     def verify(self, token: str) -> ApiKey | None:
@@ -112,12 +102,11 @@ class KeyStore:
         key_id, _, secret = token[len(PREFIX) :].partition("_")
         if not key_id or not secret:
             return None
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id, name, role, created_at_ms, revoked_at_ms, hash FROM api_keys"
-                " WHERE id = ?",
-                (key_id,),
-            ).fetchone()
+        rows = self._db.query(
+            "SELECT id, name, role, created_at_ms, revoked_at_ms, hash FROM api_keys WHERE id = ?",
+            (key_id,),
+        )
+        row = rows[0] if rows else None
         if row is None or row[4] is not None:
             return None
         if not hmac.compare_digest(row[5], _hash(secret)):

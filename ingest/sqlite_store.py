@@ -12,13 +12,11 @@ guarded by a lock.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ingest import StoreError, StoreUnavailable
+from ingest.sqlite_db import SQLiteDB
 from ingest.store import DeadLetter, HistoryRow
 
 DB_FILE = "chargewatch.db"
@@ -69,41 +67,16 @@ class SQLiteStore:
     ) -> None:
         self.path = Path(path)
         self.dead_letters_kept = dead_letters_kept
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
-        self._lock = threading.Lock()
+        self._db = SQLiteDB(self.path, _SCHEMA, synchronous=synchronous)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> SQLiteStore:
         return cls(Path(data_dir) / DB_FILE, **options)
 
-    def _write(self, statements: list[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for sql, rows in statements:
-                        if rows:
-                            self._db.executemany(sql, rows)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:  # disk full, locked, I/O error
-                raise StoreUnavailable(f"{self.path}: {exc}") from exc
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
-
     # -- HistoryStore -------------------------------------------------------------------
 
     def append(self, rows: Sequence[HistoryRow]) -> None:
-        self._write(
+        self._db.transaction(
             [
                 (
                     "INSERT OR IGNORE INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
@@ -139,8 +112,7 @@ class SQLiteStore:
         since = 0 if since_ms is None else since_ms
         until = 2**62 if until_ms is None else until_ms
         args = (device_id, since, until, limit)
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+        rows = self._db.query(sql, args)
         keys = ("device_id", "boot", "seq", "type", "ts_ms", "received_ms", "payload")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
@@ -159,8 +131,7 @@ class SQLiteStore:
             " GROUP BY device_id, bucket ORDER BY device_id, bucket"
         )
         args = (every_ms, *device_ids, since_ms, until_ms)
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+        rows = self._db.query(sql, args)
         return [
             {"device_id": device, "bucket_ms": int(bucket), "payload": payload}
             for device, bucket, _, payload in rows
@@ -181,14 +152,12 @@ class SQLiteStore:
             f" WHERE device_id IN ({marks}) AND type != 'status' AND ts_ms >= ? AND ts_ms < ?"
             " ORDER BY ts_ms, device_id, seq LIMIT ?"
         )
-        with self._lock:
-            rows = self._db.execute(sql, (*device_ids, since_ms, until_ms, limit)).fetchall()
+        rows = self._db.query(sql, (*device_ids, since_ms, until_ms, limit))
         keys = ("device_id", "type", "ts_ms", "payload")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def count_messages(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM messages").fetchone()[0])
+        return int(self._db.query("SELECT count(*) FROM messages")[0][0])
 
     # -- StateStore ---------------------------------------------------------------------
 
@@ -224,27 +193,23 @@ class SQLiteStore:
                     [(self.dead_letters_kept,)],
                 )
             )
-        self._write(statements)
+        self._db.transaction(statements)
 
     def load_twins(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT record FROM twins").fetchall()
+        rows = self._db.query("SELECT record FROM twins")
         return [json.loads(r[0]) for r in rows]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT received_ms, topic, reason, detail, payload, size, id FROM dead_letters"
-                " ORDER BY id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
+        rows = self._db.query(
+            "SELECT received_ms, topic, reason, detail, payload, size, id FROM dead_letters"
+            " ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
         return [DeadLetter(*row) for row in rows]
 
     def dead_letter_counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT reason, count FROM dead_letter_counts").fetchall()
+        rows = self._db.query("SELECT reason, count FROM dead_letter_counts")
         return {reason: int(count) for reason, count in rows}
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()

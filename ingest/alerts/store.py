@@ -5,15 +5,13 @@ ingest store). Blocking: the engine calls it from a worker thread."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest import StoreError, StoreUnavailable
 from ingest.alerts.model import ALERT_COLUMNS, Alert
+from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
 
@@ -81,49 +79,20 @@ class AlertQuery:
 class AlertStore:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=10
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
-        self._lock = threading.Lock()
+        self._db = SQLiteDB(self.path, _SCHEMA, synchronous=synchronous)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> AlertStore:
         return cls(Path(data_dir) / DB_FILE, **options)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def _tx(self, statements: list[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for sql, rows in statements:
-                        if rows:
-                            self._db.executemany(sql, rows)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"{self.path}: {exc}") from exc
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
+        self._db.transaction(statements)
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"{self.path}: {exc}") from exc
+        return self._db.query(sql, args)
 
     # -- alerts ------------------------------------------------------------------------
 
@@ -215,11 +184,8 @@ class AlertStore:
     # -- webhooks ----------------------------------------------------------------------
 
     def add_webhook(self, record: dict[str, Any]) -> int:
-        with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO webhooks (record) VALUES (?)", (json.dumps(record),)
-            )
-            return int(cur.lastrowid or 0)
+        cur = self._db.execute("INSERT INTO webhooks (record) VALUES (?)", (json.dumps(record),))
+        return int(cur.lastrowid or 0)
 
     def update_webhook(self, webhook_id: int, record: dict[str, Any]) -> None:
         self._tx(
@@ -227,9 +193,8 @@ class AlertStore:
         )
 
     def delete_webhook(self, webhook_id: int) -> bool:
-        with self._lock:
-            cur = self._db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
-            return cur.rowcount > 0
+        cur = self._db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
+        return cur.rowcount > 0
 
     def webhooks(self) -> list[tuple[int, dict[str, Any]]]:
         rows = self._query("SELECT id, record FROM webhooks ORDER BY id")
@@ -238,13 +203,12 @@ class AlertStore:
     def add_delivery(
         self, webhook_id: int, alert_id: int, event: str, created_ms: int, body: str
     ) -> int:
-        with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO deliveries (webhook_id, alert_id, event, status, attempts,"
-                " created_at_ms, body) VALUES (?,?,?,'pending',0,?,?)",
-                (webhook_id, alert_id, event, created_ms, body),
-            )
-            return int(cur.lastrowid or 0)
+        cur = self._db.execute(
+            "INSERT INTO deliveries (webhook_id, alert_id, event, status, attempts,"
+            " created_at_ms, body) VALUES (?,?,?,'pending',0,?,?)",
+            (webhook_id, alert_id, event, created_ms, body),
+        )
+        return int(cur.lastrowid or 0)
 
     def finish_delivery(
         self,
