@@ -6,7 +6,7 @@ requests/s. Riders ask far more often than devices change, so a station's view i
 recomputed when one of its devices changed (at most every ``REFRESH_MS``, so a busy station
 cannot make every request recompute) or when it is ``MAX_AGE_MS`` old (what only time
 changes: a device going stale, countdowns). Ages (``data_age_s``) are recomputed for every
-answer, so they stay exact.
+answer, so they stay exact; ETags are computed once per view, not per request.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from api.caching import etag_of
 from api.live import Trends
 from api.views import station_view
 from devices.catalog import Catalog
@@ -31,6 +32,15 @@ class _Entry:
     computed_ms: int
     view: dict[str, Any]  # with "devices"; shared, never mutated
     updated_ms: int | None
+    etag: str  # of the view with its devices (station detail)
+    summary_etag: str  # of the view without devices (one station in the list)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    view: dict[str, Any]  # a copy: the caller may add to it; "devices" is shared
+    etag: str
+    summary_etag: str
 
 
 class StationViews:
@@ -45,8 +55,8 @@ class StationViews:
         """Pipeline listener: these devices changed."""
         self._dirty.update(t.station_id for t in twins)
 
-    def get(self, station_id: str, now_ms: int) -> dict[str, Any]:
-        """A fresh copy of the station's view (``devices`` included, shared read-only)."""
+    def get(self, station_id: str, now_ms: int) -> Snapshot:
+        """The station's view (``devices`` included, shared read-only) and its ETags."""
         entry = self._entries.get(station_id)
         if entry is not None:
             age = now_ms - entry.computed_ms
@@ -68,10 +78,11 @@ class StationViews:
                 ),
                 default=None,
             )
-            entry = _Entry(now_ms, view, updated)
+            summary = {k: v for k, v in view.items() if k != "devices"}
+            entry = _Entry(now_ms, view, updated, etag_of(view), etag_of(summary))
             self._entries[station_id] = entry
             self._dirty.discard(station_id)
         out = dict(entry.view)
         if entry.updated_ms is not None:
             out["data_age_s"] = round(max(0, now_ms - entry.updated_ms) / 1000, 1)
-        return out
+        return Snapshot(out, entry.etag, entry.summary_etag)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
-from api.caching import cached_json, page_headers
+from api.caching import cached_json, etag_of_bytes, page_headers
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
 from api.forecast import StationStats, StatsDep, arrival_estimate, district_tz
@@ -71,7 +71,9 @@ async def stations(
     now = now_ms()
     origin = (lat, lon) if lat is not None and lon is not None else None
     shared: StationViews = request.app.state.views
-    full = [shared.get(station_id, now) for station_id in ingest.catalog.stations]
+    snapshots = [shared.get(station_id, now) for station_id in ingest.catalog.stations]
+    summary_etags = {s.view["id"]: s.summary_etag for s in snapshots}
+    full = [s.view for s in snapshots]
     if origin is not None:
         for v in full:
             v["distance_m"] = round(distance_m(origin[0], origin[1], v["lat"], v["lon"]), 1)
@@ -106,7 +108,12 @@ async def stations(
             f" is still there in {arrive_in_s} s (arrival.p_"
             f"{'port' if kind == 'pile' else 'battery' if kind == 'cabinet' else 'any'}), then distance"
         )
-    return cached_json(request, body, headers=page_headers(request, total, limit, offset))
+    etag = None
+    if arrive_in_s is None:  # else the estimates are new for every request
+        parts = [f"{v['id']}:{summary_etags[v['id']]}:{v['distance_m']}" for v in views]
+        etag = etag_of_bytes(f"{total};{';'.join(parts)}".encode())
+    headers = page_headers(request, total, limit, offset)
+    return cached_json(request, body, headers=headers, etag=etag)
 
 
 @router.get("/stations/{station_id}")
@@ -115,7 +122,8 @@ async def station(request: Request, ingest: IngestDep, station_id: str) -> Respo
     if spec is None:
         raise NotFound("station", station_id)
     views: StationViews = request.app.state.views
-    return cached_json(request, views.get(station_id, now_ms()))
+    snapshot = views.get(station_id, now_ms())
+    return cached_json(request, snapshot.view, etag=snapshot.etag)
 
 
 @router.get("/devices/{device_id}")
