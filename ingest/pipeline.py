@@ -104,13 +104,25 @@ class Pipeline:
         self.queue.put_nowait(received)
 
     async def run(self) -> None:
-        while True:
-            first = await self.queue.get()
-            batch = _Batch()
-            self._handle(first, batch)
-            while len(batch.received) < self.batch_max and not self.queue.empty():
-                self._handle(self.queue.get_nowait(), batch)
-            await self._commit(batch)
+        """Handle batch N+1 while batch N is being written (the write runs in a thread and
+        mostly outside the GIL). Writes, acks and observers stay in batch order."""
+        writing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                first = await self.queue.get()
+                batch = _Batch()
+                self._handle(first, batch)
+                while len(batch.received) < self.batch_max and not self.queue.empty():
+                    self._handle(self.queue.get_nowait(), batch)
+                # the twins' records now, before the next batch changes them: state must
+                # never get ahead of the history written with it
+                records = [t.to_record() for t in batch.changed.values()]
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self._commit(batch, records), name="ingest-write")
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
 
     # -- per message --------------------------------------------------------------------
 
@@ -190,8 +202,9 @@ class Pipeline:
 
     # -- per batch ----------------------------------------------------------------------
 
-    async def _commit(self, batch: _Batch) -> None:
-        records = [t.to_record() for t in batch.changed.values()]
+    async def _commit(self, batch: _Batch, records: list[dict[str, object]] | None = None) -> None:
+        if records is None:
+            records = [t.to_record() for t in batch.changed.values()]
         rows, dead = batch.rows, batch.dead
         delay = 0.2
         while True:

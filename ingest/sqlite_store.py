@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
+
 from ingest.sqlite_db import SQLiteDB
 from ingest.store import DeadLetter, HistoryRow
 
@@ -31,9 +33,11 @@ CREATE TABLE IF NOT EXISTS messages (
     kind        TEXT    NOT NULL,
     ts_ms       INTEGER NOT NULL,
     received_ms INTEGER NOT NULL,
-    payload     TEXT    NOT NULL,
-    PRIMARY KEY (device_id, boot, seq, type)
-) WITHOUT ROWID;
+    payload     TEXT    NOT NULL
+);
+-- a rowid table with a unique index, not WITHOUT ROWID: rows carry a ~0.3-1 KiB payload,
+-- and inserting them into a clustered index measured 4x slower (50 vs 13 us a row)
+CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages (device_id, boot, seq, type);
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (device_id, ts_ms);
 CREATE TABLE IF NOT EXISTS twins (
     device_id TEXT PRIMARY KEY,
@@ -169,7 +173,7 @@ class SQLiteStore:
             (
                 "INSERT INTO twins VALUES (?, ?) ON CONFLICT(device_id) DO UPDATE"
                 " SET record = excluded.record",
-                [(t["device_id"], json.dumps(t, separators=(",", ":"))) for t in twins],
+                [(t["device_id"], pydantic_core.to_json(t).decode()) for t in twins],
             ),
             (
                 "INSERT INTO dead_letters (received_ms, topic, reason, detail, payload, size)"
