@@ -171,6 +171,7 @@ class Ingest:
                     )
                 )
                 self.pipeline.observers.append(self.alerts.observe)
+                self.alerts.stall_check = self.stalled
             self._task = asyncio.create_task(self.pipeline.run(), name="ingest-pipeline")
             self._task.add_done_callback(self._pipeline_done)
             self.source = await self._stack.enter_async_context(

@@ -63,6 +63,10 @@ REPORT_CATEGORIES: dict[str, Severity] = {
 }
 
 
+SERVICE_STATION = "service"
+"""The ``station`` of alerts about the service itself (not a catalog station)."""
+
+
 class AlertError(ValueError):
     pass
 
@@ -112,6 +116,9 @@ class AlertEngine:
         self._station_active: dict[str, dict[Key, Observation]] = {}
         self._station_memory: dict[str, StationMemory] = {}
         self._hold: list[Alert] = []  # offline alerts waiting one tick for station grouping
+        # service-level check (the ingest watchdog): what is wrong now, or None
+        self.stall_check: Callable[[int], str | None] | None = None
+        self._service_active: dict[Key, Observation] = {}
         self._next_alert = 1
         self._next_event = 1
         self._ops = Ops()
@@ -198,6 +205,7 @@ class AlertEngine:
                     self._evaluate_device(twin, now, [])
             for station in self.catalog.stations.values():
                 self._evaluate_station(station.id, now)
+            self._evaluate_service(now)
         held, self._hold = self._hold, []
         for alert in held:
             if alert.active and not alert.suppressed:
@@ -220,6 +228,17 @@ class AlertEngine:
         repeats = {(code, unit) for code, unit in raised}
         self._device_active[twin.device_id] = found
         self._diff(before, found, now, repeats)
+
+    def _evaluate_service(self, now: int) -> None:
+        """The silent stall: connected, yet nothing arrives while devices should report.
+        Every device looks quiet then, so this is the one alert that says why."""
+        if self.stall_check is None:
+            return
+        problem = self.stall_check(now)
+        key = Key(SERVICE_STATION, None, None, "ingest_stalled", "ingest_stalled")
+        found = {key: Observation(key, "critical", info=problem)} if problem else {}
+        before, self._service_active = self._service_active, found
+        self._diff(before, found, now, set())
 
     def _evaluate_station(self, station_id: str, now: int) -> None:
         spec = self.catalog.stations[station_id]

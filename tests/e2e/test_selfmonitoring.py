@@ -12,6 +12,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.alerts.keys import maintainer_get
 from tests.servers import Process, Service, chargewatch_serve, eventually
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +39,9 @@ METRICS = [
 
 
 @pytest.fixture
-def service(broker: Process, tmp_path: Path) -> Iterator[Service]:
+def service(broker: Process, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    # absence rules (the watchdog's alert among them) start at once, not after 15 s
+    monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__STARTUP_GRACE_S", "0")
     with chargewatch_serve(tmp_path / "serve", broker.url) as svc:
         yield svc
 
@@ -122,6 +125,15 @@ def test_watchdog_reports_a_silent_stall(broker: Process, service: Service) -> N
         assert samples(service)["chargewatch_ingest_stalled"] == 1
 
     eventually(stalled, timeout=10)
+
+    def alerted() -> None:
+        alerts = maintainer_get(service, "/v1/alerts", rule="ingest_stalled").json()["alerts"]
+        assert [(a["rule"], a["severity"], a["status"]) for a in alerts] == [
+            ("ingest_stalled", "critical", "open")
+        ]
+        assert "silent stall" in alerts[0]["info"]
+
+    eventually(alerted, timeout=5)
     publish(broker, "cw/v1/SVC-P02/status", status(1))
     eventually(lambda: _ready(service), timeout=5)
 
