@@ -35,6 +35,10 @@ DEFAULT_FINISHED_DWELL_S = 30 * 60
 """Fallback for how long a finished port stays plugged in, until we observed enough."""
 DWELLS_KEPT = 500
 MIN_DWELLS = 5
+NOMINAL_SESSION_WH = 1000.0
+"""Fallback energy of one charging session: a 48 V x 24 Ah pack from ~15 % to full."""
+NEAR_END_S = 30 * 60
+"""A charging session counts as near its end when it should finish within this."""
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Trends:
         self._charges: dict[tuple[str, int], _Charge] = {}
         self._finished_since: dict[tuple[str, int], int] = {}
         self._dwells: deque[float] = deque(maxlen=DWELLS_KEPT)
+        self._session_wh: deque[float] = deque(maxlen=DWELLS_KEPT)
+        self._charging: dict[tuple[str, int], float] = {}  # last energy_wh while charging
         self._seen_ts: dict[str, int] = {}
 
     def observe(self, twins: Iterable[Twin]) -> None:
@@ -80,6 +86,12 @@ class Trends:
         for port in status.ports:
             key = (device_id, port.n)
             since = self._finished_since.get(key)
+            if port.state == "charging":
+                self._charging[key] = port.energy_wh
+            elif key in self._charging:
+                energy = self._charging.pop(key)
+                if port.state == "finished" and energy > 0:  # a session charged to its end
+                    self._session_wh.append(max(energy, port.energy_wh))
             if port.state == "finished":
                 if since is None:
                     self._finished_since[key] = status.ts
@@ -102,6 +114,13 @@ class Trends:
 
     def finished_since(self, device_id: str, n: int) -> int | None:
         return self._finished_since.get((device_id, n))
+
+    def session_energy(self) -> tuple[float, str]:
+        """Typical energy of a whole charging session, and how we know it."""
+        if len(self._session_wh) >= MIN_DWELLS:
+            median = statistics.median(self._session_wh)
+            return median, f"median energy of {len(self._session_wh)} observed sessions"
+        return NOMINAL_SESSION_WH, "assumed 1,000 Wh sessions (too few seen)"
 
     def finished_dwell(self) -> tuple[float, str]:
         """Typical time a finished port stays plugged in, and how we know it."""

@@ -124,7 +124,19 @@ def _slot_eta(twin: Twin, slot: Slot, trends: Trends | None) -> tuple[float | No
 def _port_eta(
     twin: Twin, port: Port, status_ts: int, trends: Trends | None
 ) -> tuple[float | None, str | None]:
-    """Seconds from the status until a finished port is expected to be unplugged."""
+    """Seconds from the status until the port is expected to be free: a finished port when
+    its rider unplugs; a charging one, only near its end, when it finishes and is unplugged."""
+    if port.state == "charging" and not port.fault and port.power_w > 0 and trends is not None:
+        from api.live import NEAR_END_S
+
+        session_wh, energy_basis = trends.session_energy()
+        to_full_s = max(0.0, session_wh - port.energy_wh) / port.power_w * 3600
+        if to_full_s > NEAR_END_S:
+            return None, None  # far from its end: no honest estimate
+        dwell, dwell_basis = trends.finished_dwell()
+        return to_full_s + dwell, (
+            f"charging at {port.power_w:.0f} W, {energy_basis}; then {dwell_basis}"
+        )
     if port.state != "finished" or port.fault:
         return None, None
     if trends is None:
@@ -200,6 +212,7 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
                     "session": p.session,
                     "ocpi_status": ocpi,
                     "expected_free_in_s": expected,
+                    "expected_free_basis": basis if expected is not None else None,
                 }
             )
         view["ports"] = port_views
