@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from api.live import NOMINAL_SESSION_WH, Trends
 from devices.catalog import Catalog
-from devices.contract import PileStatus, Port
+from devices.contract import PileStatus, Port, PortState
 from ingest.twins import Twin
 
 
-def status(ts: int, state: str, energy_wh: float) -> PileStatus:
+def status(ts: int, state: PortState, energy_wh: float) -> PileStatus:
     ports = [
         Port(n=1, state=state, energy_wh=energy_wh, power_w=200.0 if state == "charging" else 0)
     ]
-    ports += [Port(n=n, state="available") for n in range(2, 11)]  # type: ignore[arg-type]
-    return PileStatus(v=1, ts=ts, boot="test", seq=ts, kind="pile", ports=ports)  # type: ignore[arg-type]
+    ports += [Port(n=n, state="available") for n in range(2, 11)]
+    return PileStatus(v=1, ts=ts, boot="test", seq=ts, kind="pile", ports=ports)
 
 
 def test_session_energy_is_learned_from_finished_sessions() -> None:
@@ -39,7 +39,8 @@ def test_session_energy_is_learned_from_finished_sessions() -> None:
     assert median == 800.0
     assert basis == "median energy of 5 observed sessions"
     # a session cut short (charging -> available, the rider left early) is not a whole one
-    for state, wh in (("charging", 50.0), ("available", 0.0)):
+    steps = [("charging", 50.0), ("available", 0.0)]
+    for state, wh in steps:
         ts += 1_000
         twin.status = status(ts, state, wh)
         trends.observe([twin])
