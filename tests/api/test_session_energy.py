@@ -25,13 +25,15 @@ def test_session_energy_is_learned_from_finished_sessions() -> None:
         "assumed 1,000 Wh sessions (too few seen)",
     )
     ts = 1_000
+    steps: list[tuple[PortState, float]]
     for energy in (600.0, 800.0, 700.0, 900.0, 1100.0):
-        for state, wh in (
+        steps = [
             ("charging", energy / 2),
             ("charging", energy),
             ("finished", energy),
             ("available", 0.0),
-        ):
+        ]
+        for state, wh in steps:
             ts += 1_000
             twin.status = status(ts, state, wh)
             trends.observe([twin])
