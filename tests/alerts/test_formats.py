@@ -1,0 +1,353 @@
+"""Webhook payload formats against what the receiving robots document.
+
+- WeCom group robot (developer.work.weixin.qq.com, 群机器人配置说明): ``{"msgtype":
+  "markdown", "markdown": {"content": ...}}``, content UTF-8, at most 4096 bytes.
+- DingTalk custom robot (open.dingtalk.com, 自定义机器人 / 加签): ``{"msgtype": "markdown",
+  "markdown": {"title", "text"}}``; with 加签, ``timestamp`` (epoch ms) and ``sign`` query
+  parameters, sign = urlencode(base64(HMAC-SHA256(key=secret, msg=f"{timestamp}\\n{secret}"))).
+- Feishu custom bot (open.feishu.cn, 自定义机器人使用指南): ``{"msg_type": "text", "content":
+  {"text"}}``; with 签名校验, ``timestamp`` (epoch seconds, a string) and ``sign`` in the body,
+  sign = base64(HMAC-SHA256(key=f"{timestamp}\\n{secret}", msg=b"")), within an hour of now.
+- Plain JSON: ``X-Chargewatch-Signature: sha256=<hex HMAC-SHA256 of the exact body>``.
+
+Expected signatures are computed here from the stdlib, independently of ingest/alerts/notify.py,
+and checked against a published DingTalk vector.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import time
+import types
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote_plus
+
+import httpx
+import pytest
+
+from ingest.alerts import notify
+from ingest.alerts.config import WebhookOptions
+from ingest.alerts.model import Alert, alert_view
+from ingest.alerts.notify import Notifier, render
+from ingest.alerts.store import AlertStore
+
+TS_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+TS_S = TS_MS // 1000
+SECRET = "SEC5a3ecf88f2b3eb50db30ecfc00f53033ac909c99bf7f88fd612bda89d7f3a9dc"
+OPENED_MS = 1_796_284_800_000  # 2026-12-03T08:00:00Z
+
+
+def make_alert(**overrides: Any) -> Alert:
+    fields: dict[str, Any] = {
+        "id": 4711,
+        "rule": "fault",
+        "code": "thermal_runaway",
+        "severity": "critical",
+        "status": "open",
+        "station_id": "wanguo-south",
+        "device_id": "WGS-C07",
+        "unit": 9,
+        "unit_kind": "slot",
+        "opened_at_ms": OPENED_MS,
+        "last_seen_at_ms": OPENED_MS,
+        "last_value": 81.5,
+        "info": "slot 9",
+    }
+    fields.update(overrides)
+    return Alert(**fields)
+
+
+def payload(event: str = "opened", **overrides: Any) -> dict[str, Any]:
+    return {"event": event, "alert": alert_view(make_alert(**overrides))}
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """notify.py reads the wall clock through its ``time`` module: pin it."""
+    stub = types.SimpleNamespace(time=lambda: TS_MS / 1000, time_ns=lambda: TS_MS * 1_000_000)
+    monkeypatch.setattr(notify, "time", stub)
+
+
+def dingtalk_sign(timestamp: str, secret: str) -> str:
+    """DingTalk 加签: base64 of HMAC-SHA256 keyed with the secret over "timestamp\\nsecret"."""
+    string_to_sign = f"{timestamp}\n{secret}".encode()
+    digest = hmac.new(secret.encode(), string_to_sign, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def feishu_sign(timestamp: str, secret: str) -> str:
+    """Feishu 签名校验: HMAC-SHA256 keyed with "timestamp\\nsecret" over an empty message."""
+    digest = hmac.new(f"{timestamp}\n{secret}".encode(), b"", hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def unmarkdown(text: str) -> str:
+    """What a reader sees: markdown backslash escapes removed."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def message_text(fmt: str, body: bytes) -> str:
+    """The text a group member reads, whichever robot format."""
+    message = json.loads(body)
+    if fmt == "wecom":
+        return unmarkdown(message["markdown"]["content"])
+    if fmt == "dingtalk":
+        return unmarkdown(message["markdown"]["text"])
+    text: str = message["content"]["text"]
+    return text
+
+
+def assert_actionable(text: str, *, event: str = "opened") -> None:
+    """Severity, what, where (station, device, slot), the event, and the id to act on."""
+    assert "CRITICAL" in text
+    assert "thermal_runaway" in text
+    assert "wanguo-south" in text
+    assert "WGS-C07 slot 9" in text
+    assert event in text
+    assert "alert id: 4711" in text  # POST /v1/alerts/4711/ack
+
+
+def test_published_dingtalk_vector_matches_our_reference() -> None:
+    # The vector of the `dingding` crate's signature test (docs.rs, src/signature.rs).
+    assert quote_plus(dingtalk_sign("1700000000000", "secret")) == (
+        "OuzzJR5%2BxZ4%2FEYwqtNt6sMYZQMTa%2FHEGvc9miJe7XzY%3D"
+    )
+
+
+@pytest.mark.usefixtures("fixed_clock")
+def test_wecom_markdown_message() -> None:
+    query, body = render("wecom", SECRET, "opened", payload())
+    assert query == ""  # WeCom robots have no signing; the key is in the webhook URL
+    message = json.loads(body)
+    assert message["msgtype"] == "markdown"
+    assert set(message) == {"msgtype", "markdown"}
+    assert set(message["markdown"]) == {"content"}
+    content = message["markdown"]["content"]
+    assert isinstance(content, str)
+    assert body.decode("utf-8")  # content must be UTF-8
+    assert len(content.encode()) <= 4096  # documented limit of markdown.content
+    assert_actionable(unmarkdown(content))
+    assert "81.5" in content  # the last value read
+
+
+@pytest.mark.usefixtures("fixed_clock")
+def test_dingtalk_markdown_and_signed_query() -> None:
+    query, body = render("dingtalk", SECRET, "opened", payload())
+    message = json.loads(body)
+    assert message["msgtype"] == "markdown"
+    title, text = message["markdown"]["title"], message["markdown"]["text"]
+    assert isinstance(title, str)
+    assert 0 < len(title) <= 64
+    # the title is all a phone's notification shows: severity, code and target are in it
+    assert "CRITICAL" in title
+    assert "thermal_runaway" in title
+    assert "WGS-C07" in title
+    assert_actionable(unmarkdown(text))
+    params = parse_qs(query, strict_parsing=True)
+    assert set(params) == {"timestamp", "sign"}
+    assert params["timestamp"] == [str(TS_MS)]  # epoch milliseconds
+    assert params["sign"] == [dingtalk_sign(str(TS_MS), SECRET)]
+    # url-encoded exactly once: base64 "+", "/" and "=" must not reach DingTalk raw
+    assert f"sign={quote_plus(dingtalk_sign(str(TS_MS), SECRET))}" in query.split("&")
+
+
+@pytest.mark.usefixtures("fixed_clock")
+def test_dingtalk_signature_for_the_published_vector() -> None:
+    query, _ = render("dingtalk", "secret", "opened", payload())
+    assert query == f"timestamp={TS_MS}&sign=OuzzJR5%2BxZ4%2FEYwqtNt6sMYZQMTa%2FHEGvc9miJe7XzY%3D"
+
+
+@pytest.mark.usefixtures("fixed_clock")
+def test_feishu_text_message_signed_in_the_body() -> None:
+    query, body = render("feishu", SECRET, "opened", payload())
+    assert query == ""
+    message = json.loads(body)
+    assert message["msg_type"] == "text"
+    assert set(message) == {"msg_type", "content", "timestamp", "sign"}
+    assert message["timestamp"] == str(TS_S)  # epoch seconds, as a string
+    assert message["sign"] == feishu_sign(str(TS_S), SECRET)
+    text = message["content"]["text"]
+    assert_actionable(text)  # plain text: nothing to unescape
+
+
+@pytest.mark.usefixtures("fixed_clock")
+def test_unsigned_robots_carry_no_signature_fields() -> None:
+    query, _ = render("dingtalk", "", "opened", payload())
+    assert query == ""
+    message = json.loads(render("feishu", "", "opened", payload())[1])
+    assert "timestamp" not in message
+    assert "sign" not in message
+
+
+@pytest.mark.parametrize("fmt", ["wecom", "dingtalk"])
+@pytest.mark.usefixtures("fixed_clock")
+def test_device_data_cannot_inject_markdown(fmt: str) -> None:
+    hostile = '[ack here](http://evil.example/x) **now** <font color="warning">x</font>'
+    _, body = render(fmt, SECRET, "opened", payload(info=hostile, last_value=None))
+    message = json.loads(body)
+    content = message["markdown"]["content" if fmt == "wecom" else "text"]
+    # every markup character of device data arrives escaped: no live link, bold or tag
+    assert re.search(r"(?<!\\)\]\(http://evil", content) is None
+    assert re.search(r"(?<!\\)\*\*now", content) is None
+    assert re.search(r"(?<!\\)<font", content) is None
+    assert hostile in unmarkdown(content)  # yet the maintainer reads what the device said
+
+
+@pytest.mark.parametrize("fmt", ["wecom", "dingtalk", "feishu"])
+@pytest.mark.usefixtures("fixed_clock")
+def test_escalated_and_resolved_messages_say_so(fmt: str) -> None:
+    escalated = payload("escalated", escalation_level=2, escalated_at_ms=OPENED_MS + 300_000)
+    resolved = payload(
+        "resolved",
+        status="resolved",
+        resolved_at_ms=OPENED_MS + 900_000,
+        resolved_by="chargewatch",
+        resolved_how="auto",
+    )
+    for event, data, must in (
+        ("escalated", escalated, "escalation 2"),
+        ("resolved", resolved, "resolved auto at 2026-12-03T08:15:00.000Z"),
+    ):
+        text = message_text(fmt, render(fmt, SECRET, event, data)[1])
+        assert_actionable(text, event=event)
+        assert must in text
+
+
+def test_port_alert_names_the_port_and_device_level_names_neither() -> None:
+    port = payload(
+        device_id="WGS-P03",
+        unit=3,
+        unit_kind="port",
+        code="over_current",
+        severity="major",
+        info="port 3",
+    )
+    text = json.loads(render("feishu", "", "opened", port)[1])["content"]["text"]
+    assert "[MAJOR] over_current opened: WGS-P03 port 3" in text
+    device = payload(unit=None, unit_kind=None, code="water_leak", info=None)
+    text = json.loads(render("feishu", "", "opened", device)[1])["content"]["text"]
+    assert "[CRITICAL] water_leak opened: WGS-C07\n" in text
+    offline = payload(rule="offline", code="offline", severity="major", unit=None, info=None)
+    text = json.loads(render("feishu", "", "opened", offline)[1])["content"]["text"]
+    assert "[MAJOR] offline opened: WGS-C07\n" in text
+
+
+# -- through the notifier: what actually goes over the wire -------------------------------
+
+
+async def deliver(
+    tmp_path: Path, url: str, fmt: str, answer: httpx.Response
+) -> tuple[list[httpx.Request], dict[str, Any]]:
+    """One `opened` notification to one subscription: the requests the robot received, and
+    the delivery as logged."""
+    seen: list[httpx.Request] = []
+
+    def robot(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer
+
+    store = AlertStore.in_dir(tmp_path)
+    options = WebhookOptions(attempts=2, backoff_s=0.01, timeout_s=2)
+    try:
+        async with Notifier(store, options, transport=httpx.MockTransport(robot)) as notifier:
+            sub = await notifier.add(url, secret=SECRET, format=fmt)
+            assert notifier.publish("opened", make_alert()) == 1
+            await notifier.idle()
+            assert sub.delivered + sub.failed == 1
+        deliveries = store.deliveries(4711)
+    finally:
+        store.close()
+    assert len(deliveries) == 1
+    return seen, deliveries[0]
+
+
+def assert_chargewatch_signature(request: httpx.Request) -> None:
+    expected = "sha256=" + hmac.new(SECRET.encode(), request.content, hashlib.sha256).hexdigest()
+    assert request.headers["X-Chargewatch-Signature"] == expected
+
+
+async def test_json_delivery_signs_the_exact_body(tmp_path: Path) -> None:
+    before_ms = time.time_ns() // 1_000_000
+    [request], delivery = await deliver(
+        tmp_path, "http://hooks.example/cw", "json", httpx.Response(204)
+    )
+    assert (delivery["status"], delivery["attempts"]) == ("delivered", 1)
+    assert request.method == "POST"
+    assert request.headers["Content-Type"].startswith("application/json")
+    assert_chargewatch_signature(request)
+    tampered = request.content.replace(b"4711", b"4712")
+    assert tampered != request.content
+    forged = "sha256=" + hmac.new(SECRET.encode(), tampered, hashlib.sha256).hexdigest()
+    assert request.headers["X-Chargewatch-Signature"] != forged
+    assert request.headers["X-Chargewatch-Event"] == "opened"
+    assert request.headers["X-Chargewatch-Attempt"] == "1"
+    assert int(request.headers["X-Chargewatch-Delivery"]) >= 1
+    body = json.loads(request.content)
+    assert set(body) == {"event", "alert", "created_at"}
+    assert body["event"] == "opened"
+    assert body["alert"] == alert_view(make_alert())
+    created = body["created_at"]
+    assert created.endswith("Z")
+    assert before_ms // 1000 * 1000 <= _ms(created) <= time.time_ns() // 1_000_000
+
+
+def _ms(rfc3339: str) -> int:
+    return int(datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+async def test_dingtalk_delivery_keeps_access_token_and_adds_a_fresh_signature(
+    tmp_path: Path,
+) -> None:
+    url = "https://oapi.dingtalk.com/robot/send?access_token=0a1b2c"
+    ok = httpx.Response(200, json={"errcode": 0, "errmsg": "ok"})
+    before_ms = time.time_ns() // 1_000_000
+    [request], delivery = await deliver(tmp_path, url, "dingtalk", ok)
+    assert delivery["status"] == "delivered"
+    assert (request.url.host, request.url.path) == ("oapi.dingtalk.com", "/robot/send")
+    raw = request.url.query.decode()
+    params = parse_qs(raw, strict_parsing=True)
+    assert params["access_token"] == ["0a1b2c"]
+    ts = params["timestamp"][0]
+    assert before_ms <= int(ts) <= time.time_ns() // 1_000_000  # epoch ms, DingTalk: < 1 h old
+    assert params["sign"] == [dingtalk_sign(ts, SECRET)]
+    assert f"sign={quote_plus(dingtalk_sign(ts, SECRET))}" in raw.split("&")
+    assert_chargewatch_signature(request)
+    assert json.loads(request.content)["msgtype"] == "markdown"
+
+
+async def test_feishu_delivery_signature_is_fresh(tmp_path: Path) -> None:
+    url = "https://open.feishu.cn/open-apis/bot/v2/hook/4f0e"
+    ok = httpx.Response(200, json={"code": 0, "msg": "success", "data": {}})
+    [request], delivery = await deliver(tmp_path, url, "feishu", ok)
+    assert delivery["status"] == "delivered"
+    assert str(request.url) == url
+    body = json.loads(request.content)
+    assert abs(int(body["timestamp"]) - time.time()) < 60  # Feishu: within one hour
+    assert body["sign"] == feishu_sign(body["timestamp"], SECRET)
+    assert body["msg_type"] == "text"
+    assert_chargewatch_signature(request)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "answer"),
+    [
+        ("dingtalk", {"errcode": 310000, "errmsg": "sign not match"}),
+        ("wecom", {"errcode": 93000, "errmsg": "invalid webhook url"}),
+        ("feishu", {"code": 19021, "msg": "sign match fail or timestamp is not within one hour"}),
+    ],
+)
+async def test_robot_error_in_a_200_is_a_failed_delivery(
+    tmp_path: Path, fmt: str, answer: dict[str, Any]
+) -> None:
+    requests, delivery = await deliver(
+        tmp_path, "https://robot.example/send", fmt, httpx.Response(200, json=answer)
+    )
+    assert len(requests) == 1  # a robot's refusal is not retried (it would refuse again)
+    assert (delivery["status"], delivery["http_status"], delivery["attempts"]) == ("failed", 200, 1)
+    assert str(next(iter(answer.values()))) in delivery["error"]
