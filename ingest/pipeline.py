@@ -10,6 +10,7 @@ jittered backoff and nothing is acknowledged meanwhile: the broker keeps the mes
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 import time
@@ -89,8 +90,9 @@ class Pipeline:
         self.retry_max_s = retry_max_s
         self.queue: asyncio.Queue[Received] = asyncio.Queue()
         # Called on the loop after each batch is durable, in arrival order:
-        # listeners with the twins whose state changed (SSE, caches),
-        # observers with every applied message (alert rules).
+        # listeners with the twins whose state changed (SSE, caches);
+        # observers with every applied message and a copy of its twin as that message left
+        # it (alert rules: a later message of the same batch must not show through).
         self.listeners: list[Callable[[list[Twin]], None]] = []
         self.observers: list[Callable[[Twin, Message, int], None]] = []
         self.store_healthy = True
@@ -178,7 +180,8 @@ class Pipeline:
         else:
             m.applied.inc()
             batch.changed[device.id] = twin
-            batch.applied.append((twin, msg, r.received_ms))
+            if self.observers:  # the twin as this message left it, not as the batch will
+                batch.applied.append((copy.copy(twin), msg, r.received_ms))
         batch.rows.append(
             HistoryRow(
                 device_id=device.id,

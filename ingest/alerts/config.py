@@ -32,13 +32,12 @@ class KindLimits(BaseModel):
     energy_backwards_wh: float = Field(default=1.0, ge=0)
 
 
-def _pile_limits() -> KindLimits:
+class PileLimits(KindLimits):
+    """A pile's own defaults, kept when only some options are set (env, file)."""
+
     # A pile's electronics sit in the sun: 40 °C air + sun load + self-heating reach ~65 °C.
-    return KindLimits(temp_high_c=75.0, temp_rise_c_per_min=3.0)
-
-
-def _cabinet_limits() -> KindLimits:
-    return KindLimits()
+    temp_high_c: float = 75.0
+    temp_rise_c_per_min: float = Field(default=3.0, gt=0)
 
 
 class WebhookOptions(BaseModel):
@@ -74,8 +73,8 @@ class AlertsConfig(BaseModel):
     # A condition must stay clear this long before its alert resolves itself; one that
     # returns within it reopens the same alert (no flapping storms).
     verify_s: float = Field(default=300.0, ge=0)
-    pile: KindLimits = Field(default_factory=_pile_limits)
-    cabinet: KindLimits = Field(default_factory=_cabinet_limits)
+    pile: PileLimits = Field(default_factory=PileLimits)
+    cabinet: KindLimits = Field(default_factory=KindLimits)
     # No free port and no ready battery at an open station for this long: riders turned away.
     station_unavailable_s: float = Field(default=900.0, gt=0)
     # This share of a station's (ever seen) devices offline is one station incident ...
