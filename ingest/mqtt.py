@@ -6,8 +6,9 @@ before it is handed to the asyncio side; the slot is freed when the message is a
 back-pressure, and the broker keeps the rest in our persistent session. Memory stays bounded
 by ``max_inflight``.
 
-Reconnects use paho's own loop (exponential backoff capped at ``reconnect_max_s``, each
-attempt logged); every (re)connect subscribes again.
+Reconnects: our network thread waits a jittered exponential backoff (1 s doubling, capped at
+``reconnect_max_s``, times 0.5-1 so many ingest workers don't reconnect in step), logs each
+attempt, and subscribes again on every connect.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import random
 import ssl
 import threading
 import time
@@ -111,12 +113,15 @@ class MqttSource:
             clean_session=False,  # persistent session: the broker keeps what we have not acked
             protocol=paho.MQTTv311,
             manual_ack=True,
+            reconnect_on_failure=False,  # our network thread reconnects, with jitter
         )
         if url.username:
             self._client.username_pw_set(url.username, url.password)
         if url.tls:
             self._client.tls_set_context(ssl.create_default_context())
-        self._client.reconnect_delay_set(1, reconnect_max_s)
+        self.reconnect_max_s = reconnect_max_s
+        self._thread: threading.Thread | None = None
+        self._connected_since_attempt = False
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -124,9 +129,8 @@ class MqttSource:
 
     async def __aenter__(self) -> MqttSource:
         self._loop = asyncio.get_running_loop()
-        log.info("connecting to %s", self.url)
-        self._client.connect_async(self.url.host, self.url.port, keepalive=self.keepalive_s)
-        self._client.loop_start()
+        self._thread = threading.Thread(target=self._network, name="mqtt-ingest", daemon=True)
+        self._thread.start()
         return self
 
     async def __aexit__(
@@ -137,7 +141,27 @@ class MqttSource:
 
     def _stop(self) -> None:
         self._client.disconnect()
-        self._client.loop_stop()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _network(self) -> None:
+        """The network thread: connect, run paho's loop until the connection drops, then
+        wait a capped, jittered, exponential backoff (each attempt logged), and again."""
+        failures = 0
+        log.info("connecting to %s", self.url)
+        while not self._stopping.is_set():
+            self._connected_since_attempt = False
+            try:
+                self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive_s)
+                self._client.loop_forever()
+            except OSError as exc:
+                log.warning("cannot reach the broker %s: %s", self.url, exc)
+            if self._stopping.is_set():
+                return
+            failures = 1 if self._connected_since_attempt else failures + 1
+            delay = min(self.reconnect_max_s, 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+            log.warning("reconnect attempt %d to %s in %.1fs", failures, self.url, delay)
+            self._stopping.wait(delay)
 
     # -- called from the asyncio side ---------------------------------------------------
 
@@ -160,6 +184,7 @@ class MqttSource:
             return
         self.generation += 1
         self.connected = True
+        self._connected_since_attempt = True
         log.info(
             "connected to %s (session present: %s), subscribing to %s",
             self.url,
@@ -183,7 +208,7 @@ class MqttSource:
         if was:
             self._notify(False)
         if not self._stopping.is_set():
-            log.warning("lost broker %s (%s); reconnecting with backoff", self.url, reason)
+            log.warning("lost broker %s (%s)", self.url, reason)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         while not self._slots.acquire(timeout=0.5):
