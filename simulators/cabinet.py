@@ -43,6 +43,7 @@ class SlotSim:
     power_w: float = 0.0
     temp_c: float = 0.0
     state: str = "empty"
+    soc_pin: int | None = None  # set_slot_soc: reported instead of the pack's own soc
 
     @property
     def soc_reported(self) -> int:
@@ -65,7 +66,7 @@ class SlotSim:
         slot: Body = {"n": self.n, "state": self.state}
         if self.battery is not None:
             slot["battery"] = self.battery
-            slot["soc"] = self.soc_reported
+            slot["soc"] = self.soc_reported if self.soc_pin is None else self.soc_pin
             slot["temp_c"] = round(self.temp_c if temp_override is None else temp_override, 1)
             if self.power_w > 0:
                 slot["power_w"] = round(self.power_w, 1)
@@ -151,7 +152,7 @@ class CabinetModel(DeviceModel):
         into = rng.choice(empty)
         battery_in, soc_in = self._new_battery_id(), rng.randint(5, 30)
         battery_out, soc_out = out.battery, out.soc_reported
-        out.battery, out.soc, out.power_w = None, 0.0, 0.0
+        out.battery, out.soc, out.power_w, out.soc_pin = None, 0.0, 0.0, None
         self._put(into, battery_in, float(soc_in))
         into.temp_c = ambient_c(t) + 6.0  # a pack fresh off the road is warm
         out.derive_state()
@@ -207,7 +208,7 @@ class CabinetModel(DeviceModel):
         if slot.battery is None:
             raise UnsupportedUnit(f"{self.spec.id} slot {unit} holds no battery")
         battery = slot.battery
-        slot.battery, slot.soc, slot.power_w = None, 0.0, 0.0
+        slot.battery, slot.soc, slot.power_w, slot.soc_pin = None, 0.0, 0.0, None
         slot.derive_state()
         self._touch()
         return battery
@@ -226,6 +227,23 @@ class CabinetModel(DeviceModel):
         slot.derive_state()
         self._touch()
         return battery
+
+    def set_slot_soc(self, unit: int, soc: float | None) -> None:
+        """Force the soc a slot reports (None unpins); its state still follows the pack's
+        own soc, so a ``ready`` slot can report less than the release level."""
+        self._check_unit(unit)
+        slot = self.slots[unit - 1]
+        if soc is None:
+            if slot.soc_pin is not None:
+                slot.soc_pin = None
+                self._touch()
+            return
+        if slot.battery is None:
+            raise UnsupportedUnit(f"{self.spec.id} slot {unit} holds no battery")
+        if not 0 <= soc <= 100:
+            raise UnsupportedUnit(f"soc {soc} is outside 0..100")
+        slot.soc_pin = math.floor(soc)
+        self._touch()
 
     def snapshot(self) -> Body:
         return {

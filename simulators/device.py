@@ -362,6 +362,11 @@ class SimDevice:
         self._sync(now)
         return result
 
+    def _pile(self) -> PileModel:
+        if not isinstance(self.model, PileModel):
+            raise UnsupportedUnit(f"{self.id} is a {self.kind}; only piles have that")
+        return self.model
+
     def _cabinet(self) -> CabinetModel:
         if not isinstance(self.model, CabinetModel):
             raise UnsupportedUnit(f"{self.id} is a {self.kind}; only cabinets have that")
@@ -385,6 +390,21 @@ class SimDevice:
     def set_door(self, open_: bool) -> None:
         cabinet = self._cabinet()
         self._apply(lambda now: cabinet.set_door(open_, now))
+
+    def set_port_power(self, unit: int, watts: float | None) -> None:
+        """Pin the power a charging port reports; None unpins (0 W: stuck charging)."""
+        pile = self._pile()
+        self._apply(lambda now: pile.set_port_power(unit, watts))
+
+    def rewind_energy(self, unit: int, wh: float) -> None:
+        """Make a charging port's energy counter go back by ``wh`` in the next snapshot."""
+        pile = self._pile()
+        self._apply(lambda now: pile.rewind_energy(unit, wh))
+
+    def set_slot_soc(self, unit: int, soc: float | None) -> None:
+        """Force the soc a slot reports; None unpins (its state keeps the pack's own soc)."""
+        cabinet = self._cabinet()
+        self._apply(lambda now: cabinet.set_slot_soc(unit, soc))
 
     def take_battery(self, unit: int) -> str:
         cabinet = self._cabinet()

@@ -156,6 +156,19 @@ class Fleet:
         """Pin ``temp_c`` of a device (unit None) or a cabinet slot; None unpins it."""
         self.device(device_id).set_temperature(unit, temp_c)
 
+    def set_port_power(self, device_id: str, port: int, watts: float | None) -> None:
+        """Pin the power a charging pile port reports; None unpins (0 W: stuck charging)."""
+        self.device(device_id).set_port_power(port, watts)
+
+    def rewind_energy(self, device_id: str, port: int, wh: float) -> None:
+        """A charging port's energy counter goes back by ``wh`` in the next snapshot."""
+        self.device(device_id).rewind_energy(port, wh)
+
+    def set_slot_soc(self, device_id: str, slot: int, soc: float | None) -> None:
+        """Force the soc a cabinet slot reports, e.g. a ``ready`` slot below the release
+        level; None unpins."""
+        self.device(device_id).set_slot_soc(slot, soc)
+
     def take_battery(self, device_id: str, unit: int) -> str:
         """Pull the pack out of a cabinet slot; returns its id."""
         return self.device(device_id).take_battery(unit)

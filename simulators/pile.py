@@ -36,12 +36,14 @@ class PortSim:
     target_wh: float = 0.0
     rated_w: float = 0.0
     unplug_at: float | None = None
+    power_pin: float | None = None  # set_port_power: the power reported while charging
 
     def end_session(self) -> None:
         self.state = "available"
         self.power_w = self.energy_wh = self.target_wh = self.rated_w = 0.0
         self.session = None
         self.unplug_at = None
+        self.power_pin = None  # a pin belongs to the session it was set in
 
     def as_json(self) -> Body:
         port: Body = {
@@ -123,6 +125,8 @@ class PileModel(DeviceModel):
             if port.state == "charging":
                 taper = 0.5 if port.energy_wh > 0.85 * port.target_wh else 1.0
                 port.power_w = port.rated_w * taper * rng.uniform(0.97, 1.03)
+                if port.power_pin is not None:  # the draw above keeps the rng stream as is
+                    port.power_w = port.power_pin
                 port.energy_wh += port.power_w * STEP_S / 3600
                 if port.unplug_at is not None and t >= port.unplug_at:
                     self._end_session(port, t)
@@ -156,6 +160,42 @@ class PileModel(DeviceModel):
             return False
         port.state, port.fault = "available", None
         return True
+
+    # -- injections -------------------------------------------------------------------------
+
+    def _charging_port(self, unit: int) -> PortSim:
+        self._check_unit(unit)
+        port = self.ports[unit - 1]
+        if port.state != "charging":
+            raise UnsupportedUnit(f"{self.spec.id} port {unit} is {port.state}, not charging")
+        return port
+
+    def set_port_power(self, unit: int, watts: float | None) -> None:
+        """Pin the power a charging port reports (and delivers) for the rest of its session;
+        None unpins. 0 W while ``charging`` is a stuck session."""
+        if watts is None:
+            self._check_unit(unit)
+            port = self.ports[unit - 1]
+            if port.power_pin is not None:
+                port.power_pin = None
+                if port.state == "charging":
+                    port.power_w = port.rated_w
+                self._touch()
+            return
+        if watts < 0:
+            raise UnsupportedUnit(f"power {watts} W is negative")
+        port = self._charging_port(unit)
+        port.power_pin = port.power_w = float(watts)
+        self._touch()
+
+    def rewind_energy(self, unit: int, wh: float) -> None:
+        """The meter of a charging port loses ``wh`` (down to 0): the next snapshot reports
+        less energy than the previous one within the same session."""
+        if not wh > 0:
+            raise UnsupportedUnit(f"rewind by {wh} Wh: must be > 0")
+        port = self._charging_port(unit)
+        port.energy_wh = max(0.0, port.energy_wh - wh)
+        self._touch()
 
     def set_temperature(self, unit: int | None, temp_c: float | None) -> None:
         if unit is not None:
