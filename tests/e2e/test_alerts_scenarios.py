@@ -250,11 +250,12 @@ async def test_ready_low_soc(
     async with scenario(broker, tmp_path, monkeypatch, [CABINET]) as (api, fleet):
         model = fleet.device(CABINET).model
         assert isinstance(model, CabinetModel)
-        # a full pack in slot 1, and every slot holding one: no rider can swap it out
+        # a ready pack in slot 1 (95 %), every other slot holding a fuller one: a simulated
+        # rider swapping takes the fullest, never slot 1, so its pinned soc stays put
         slot = 1
         if model.slots[0].battery is not None:
             fleet.take_battery(CABINET, slot)
-        fleet.insert_battery(CABINET, slot, 100.0, "B-PINNED")
+        fleet.insert_battery(CABINET, slot, 95.0, "B-PINNED")
         for s in model.slots:
             if s.battery is None:
                 fleet.insert_battery(CABINET, s.n, 100.0)
