@@ -55,12 +55,15 @@ class StationViews:
         """Pipeline listener: these devices changed."""
         self._dirty.update(t.station_id for t in twins)
 
-    def get(self, station_id: str, now_ms: int) -> Snapshot:
-        """The station's view (``devices`` included, shared read-only) and its ETags."""
+    def get(self, station_id: str, now_ms: int, *, fresh: bool = False) -> Snapshot:
+        """The station's view (``devices`` included, shared read-only) and its ETags.
+        ``fresh``: a changed station is recomputed now, not after ``REFRESH_MS`` (for the
+        SSE streams, woken once per change; the first one recomputes, the rest share it)."""
         entry = self._entries.get(station_id)
         if entry is not None:
             age = now_ms - entry.computed_ms
-            if not (age < REFRESH_MS or (age < MAX_AGE_MS and station_id not in self._dirty)):
+            dirty = station_id in self._dirty
+            if (fresh and dirty) or not (age < REFRESH_MS or (age < MAX_AGE_MS and not dirty)):
                 entry = None
         if entry is None:
             view = station_view(

@@ -22,11 +22,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.caching import etag_of
 from api.deps import IngestDep
 from api.errors import invalid_query
 from api.live import LiveDep
-from api.views import station_view
+from api.snapshots import StationViews
 from ingest.service import now_ms
 
 router = APIRouter(prefix="/v1", tags=["riders"])
@@ -59,11 +58,16 @@ async def stream(
         raise invalid_query("stations", f"unknown station(s): {', '.join(unknown)}")
     queue = live.changes.subscribe()
 
-    def views(ids: list[str]) -> list[dict[str, Any]]:
+    shared: StationViews = request.app.state.views
+
+    def views(ids: list[str]) -> list[tuple[dict[str, Any], str]]:
         now = now_ms()
-        return [
-            station_view(catalog.stations[s], ingest.twins, now, trends=live.trends) for s in ids
-        ]
+        out = []
+        for s in ids:
+            snapshot = shared.get(s, now, fresh=True)
+            view = {k: v for k, v in snapshot.view.items() if k != "devices"}
+            out.append((view, snapshot.summary_etag))
+        return out
 
     async def events() -> AsyncIterator[str]:
         sent: dict[str, str] = {}
@@ -73,8 +77,7 @@ async def stream(
             yield f"retry: {RETRY_MS}\n\n"
             pending: set[str] = set(wanted)
             while True:
-                for view in views(sorted(pending)):
-                    tag = etag_of(view)
+                for view, tag in views(sorted(pending)):
                     if sent.get(view["id"]) != tag:
                         sent[view["id"]] = tag
                         counter += 1
