@@ -146,6 +146,59 @@ async function showDevice(id) {
   document.body.dataset.device = id;
 }
 
+// Alert changes as they happen: the SSE stream read with fetch, because a browser's
+// EventSource cannot send the Authorization header. Resumes with Last-Event-ID; the
+// periodic refresh below stays as a safety net.
+let following = null;
+let alertsTimer = null;
+
+function alertsSoon() {
+  if (alertsTimer) return;
+  alertsTimer = setTimeout(async () => {
+    alertsTimer = null;
+    await loadAlerts();
+    document.body.dataset.streamLoads = String(Number(document.body.dataset.streamLoads || 0) + 1);
+  }, 150);
+}
+
+async function follow() {
+  if (following) following.abort();
+  following = null;
+  document.body.dataset.live = "no";
+  if (!KEY) return;
+  const ctrl = new AbortController();
+  following = ctrl;
+  let lastId = null;
+  while (!ctrl.signal.aborted) {
+    try {
+      const headers = { Authorization: `Bearer ${KEY}`, Accept: "text/event-stream" };
+      if (lastId) headers["Last-Event-ID"] = lastId;
+      const response = await fetch("/v1/alerts/stream", { headers, signal: ctrl.signal });
+      if (!response.ok || !response.body) throw new Error(String(response.status));
+      document.body.dataset.live = "yes";
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const lines = buffer.slice(0, cut).split("\n");
+          buffer = buffer.slice(cut + 2);
+          const id = lines.find((l) => l.startsWith("id:"));
+          if (id) lastId = id.slice(3).trim();
+          if (lines.some((l) => l.startsWith("event:"))) alertsSoon();
+        }
+      }
+    } catch (err) {
+      if (ctrl.signal.aborted) return;
+    }
+    document.body.dataset.live = "no";
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+}
+
 async function refresh() {
   await Promise.allSettled([loadAlerts(), loadStations(), loadDeadLetters()]);
   document.body.dataset.refreshed = String(Date.now());
@@ -157,8 +210,10 @@ $("#login").addEventListener("submit", (ev) => {
   localStorage.setItem("cw-key", KEY);
   $("#key").value = "";
   refresh();
+  follow();
 });
-$("#logout").addEventListener("click", () => { KEY = ""; localStorage.removeItem("cw-key"); refresh(); });
+$("#logout").addEventListener("click", () => { KEY = ""; localStorage.removeItem("cw-key"); refresh(); follow(); });
 $("#device-form").addEventListener("submit", (ev) => { ev.preventDefault(); showDevice($("#device-id").value.trim()); });
 refresh();
-setInterval(refresh, 5000);
+follow();
+setInterval(refresh, 15000);

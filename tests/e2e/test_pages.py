@@ -195,6 +195,18 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     ).json()
     assert acked["status"] == "acknowledged"
     assert acked["acknowledged_by"] == "console-test"
+    # a new alert shows up live (the SSE stream read with the key), not at the next refresh
+    page.wait_for_function("document.body.dataset.live === 'yes'")
+    loads = int(page.evaluate("document.body.dataset.streamLoads || '0'"))
+    second = httpx.post(
+        d.service.base_url + "/v1/reports",
+        json={"station": list(d.catalog.stations)[1], "category": "not_working", "text": "live"},
+        timeout=10,
+    )
+    assert second.status_code == 201, second.text
+    page.wait_for_selector(f'#alerts tr[data-alert-id="{second.json()["alert_id"]}"]', timeout=3000)
+    # loaded because the stream said so (a counter only the stream's handler moves)
+    page.wait_for_function(f"Number(document.body.dataset.streamLoads || 0) > {loads}")
     device = next(iter(d.catalog.devices))
     page.fill("#device-id", device)
     page.click("#device-form button[type=submit]")
