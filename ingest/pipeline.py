@@ -232,10 +232,10 @@ class Pipeline:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.retry_max_s)
         if not self.store_healthy:
-            log.info("store is back; %d messages written", len(batch.rows))
+            log.info("store is back; %d messages written", len(rows))
         self.store_healthy = True
         self.metrics.store_healthy.set(1)
-        self.metrics.written.inc(len(batch.rows))
+        self.metrics.written.inc(len(rows))  # refused rows went to the dead letters
         done_ms = time.time_ns() // 1_000_000
         for r in batch.received:
             self.metrics.ack_latency.observe(max(0, done_ms - r.received_ms) / 1000)
