@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -15,6 +16,9 @@ class IngestConfig(BaseModel):
     broker: str | None = None
     # Port of the embedded broker; 0 picks a free one (printed at start).
     embedded_broker_port: int = Field(default=1883, ge=0, le=65535)
+    # MQTT client library of the ingest source; both acknowledge only after the store has
+    # the message (docs/benchmarks.md, section 1, compares them).
+    mqtt_client: Literal["paho", "gmqtt"] = "paho"
     # Fixed so the broker keeps our persistent session across restarts.
     client_id: str = "chargewatch-ingest"
     topic_prefix: str = DEFAULT_PREFIX

@@ -3,6 +3,8 @@
 - ``publish``: contract statuses from a catalog's devices at QoS 1, as fast as the broker
   takes them or at a fixed rate; every loop is bounded by ``count`` and ``max_s``.
 - ``bare``: a paho-mqtt subscriber that only counts (the library ceiling).
+- ``bare_gmqtt``: the same with gmqtt (asyncio; its own acknowledgement, sent before the
+  callback: this library's ceiling, not ack-after-write).
 - ``pipeline``: the whole ingest pipeline (``ingest.service.Ingest``: decode, validate,
   order, twins, alert rules, batched store write, ack after write), timed from the first
   message received to the last one acknowledged.
@@ -13,6 +15,7 @@ Each prints one JSON object on stdout when done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -144,6 +147,52 @@ def bare(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _bare_gmqtt(args: dict[str, Any]) -> dict[str, Any]:
+    import gmqtt
+    from gmqtt.mqtt.constants import MQTTv311
+
+    count, max_s = int(args["count"]), float(args.get("max_s", 120))
+    seen = 0
+    first = last = 0
+    cpu = [0.0, 0.0]
+    done = asyncio.Event()
+
+    def on_message(client: gmqtt.Client, topic: str, payload: bytes, qos: int, props: Any) -> int:
+        nonlocal seen, first, last
+        seen += 1
+        if seen == 1:
+            first = time.perf_counter_ns()
+            cpu[0] = time.process_time()
+        if seen >= count:
+            last = time.perf_counter_ns()
+            cpu[1] = time.process_time()
+            done.set()
+        return 0
+
+    def on_connect(client: gmqtt.Client, flags: int, rc: int, props: Any) -> None:
+        client.subscribe(SUBSCRIPTION, qos=1)
+
+    c = gmqtt.Client(str(args["client_id"]), clean_session=False)
+    c.on_message = on_message
+    c.on_connect = on_connect
+    await c.connect(LOOPBACK, int(args["port"]), version=MQTTv311)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), max_s)
+    await c.disconnect()
+    took = (last - first) / 1e9 if last else 0.0
+    return {
+        "count": seen,
+        "seconds": took,
+        "rate": (seen - 1) / took if took else 0.0,
+        "cpu_us_per_msg": (cpu[1] - cpu[0]) / seen * 1e6 if seen else None,
+    }
+
+
+def bare_gmqtt(args: dict[str, Any]) -> dict[str, Any]:
+    """Count ``count`` messages with a plain gmqtt subscriber (its own ack), persistent session."""
+    return asyncio.run(_bare_gmqtt(args))
+
+
 def quantile(hist: Histogram, q: float) -> float | None:
     """The upper bound of the bucket holding quantile ``q`` (Prometheus-style, no interpolation)."""
     buckets: list[tuple[float, float]] = []
@@ -172,6 +221,7 @@ async def _pipeline(args: dict[str, Any]) -> dict[str, Any]:
         client_id=str(args["client_id"]),
         data_dir=Path(args["data_dir"]),
         history=args.get("history"),
+        **({"mqtt_client": args["mqtt_client"]} if args.get("mqtt_client") else {}),
     )
     async with Ingest(config, catalog) as ingest:
         m = ingest.metrics
@@ -190,6 +240,7 @@ async def _pipeline(args: dict[str, Any]) -> dict[str, Any]:
         took = (last - first) / 1e9
         n = int(acked.get())
         return {
+            "mqtt_client": config.mqtt_client,
             "count": n,
             "written": int(written.get()),
             "seconds": took,
@@ -213,7 +264,7 @@ def pipeline(args: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(_pipeline(args))
 
 
-AGENTS = {"publish": publish, "bare": bare, "pipeline": pipeline}
+AGENTS = {"publish": publish, "bare": bare, "bare_gmqtt": bare_gmqtt, "pipeline": pipeline}
 
 
 def main(argv: list[str]) -> int:

@@ -81,12 +81,16 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
             "| subscriber | msg/s | vs mosquitto_sub | vs bare paho | CPU per msg | arrival->ack p99 |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
+        client = t.get("mqtt_client", "paho")
         names = {
             "mosquitto_sub": "`mosquitto_sub` (C, the ceiling)",
             "bare": "bare paho-mqtt subscriber, counting only",
-            "pipeline_sqlite": "**pipeline, embedded SQLite store**",
-            "pipeline_influx": "**pipeline, InfluxDB 1.x (influxd)**",
+            "bare_gmqtt": "bare gmqtt subscriber, counting only (acks before its callback)",
+            "pipeline_sqlite": f"**pipeline, embedded SQLite store** ({client}, the default)",
+            "pipeline_influx": f"**pipeline, InfluxDB 1.x (influxd)** ({client})",
         }
+        for other in ("paho", "gmqtt"):
+            names[f"pipeline_sqlite_{other}"] = f"pipeline, embedded SQLite store ({other})"
         ceiling, bare = t["rates"]["mosquitto_sub"], t["rates"]["bare"]
         for k, rate in t["rates"].items():
             p99 = t["ack_p99_s"].get(k)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import paho.mqtt.client as paho
@@ -32,7 +33,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from api.bench import agents, procs
 from api.bench.workload import Stream, specs_of, write_catalog
+from ingest.config import IngestConfig
 
+MQTT_CLIENTS: tuple[str, ...] = get_args(IngestConfig.model_fields["mqtt_client"].annotation)
+DEFAULT_MQTT_CLIENT: str = IngestConfig.model_fields["mqtt_client"].default
 DISTRICT_RATE = 400 / 30  # 400 devices, one status per 30 s each
 SUBSCRIPTION = agents.SUBSCRIPTION
 
@@ -51,6 +55,7 @@ class Plan:
     footprint: tuple[int, ...] = (1_000, 10_000, 50_000)
     api_seconds: float = 5.0
     simulator_devices: int = 10_000
+    simulator_processes: int = 1
     profile: bool = True
     parts: frozenset[str] = field(
         default_factory=lambda: frozenset(
@@ -94,17 +99,19 @@ def _mosquitto_sub(work: Path, port: int, client_id: str, count: int) -> dict[st
 
 def _drain(
     work: Path, kind: str, port: int, client_id: str, count: int, catalog: Path,
-    history: str | None = None,
+    history: str | None = None, mqtt_client: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """Drain ``client_id``'s preloaded session with ``kind`` (mosquitto_sub, bare,
+    bare_gmqtt, or a pipeline; ``mqtt_client`` None: the config's default client)."""
     if kind == "mosquitto_sub":
         return _mosquitto_sub(work, port, client_id, count)
-    if kind == "bare":
-        proc = procs.agent(work, "bare", port=port, client_id=client_id, count=count).start()
+    if kind in ("bare", "bare_gmqtt"):
+        proc = procs.agent(work, kind, port=port, client_id=client_id, count=count).start()
     else:
         data = work / f"data-{client_id}"
         proc = procs.agent(
             work, "pipeline", port=port, client_id=client_id, count=count, catalog=catalog,
-            data_dir=data, history=history,
+            data_dir=data, history=history, mqtt_client=mqtt_client,
         ).start()  # fmt: skip
     proc.wait(600)
     result = procs.agent_result(proc)
@@ -114,9 +121,12 @@ def _drain(
 
 
 def throughput(work: Path, plan: Plan) -> dict[str, Any]:
-    """Ingest msgs/s vs mosquitto_sub and vs a bare paho subscriber, per store."""
+    """Ingest msgs/s vs mosquitto_sub and vs a bare paho subscriber, per store; the
+    embedded-store pipeline with the default MQTT client (``pipeline_sqlite``) and with the
+    other one (``pipeline_sqlite_<client>``), and a bare gmqtt subscriber alongside."""
     catalog = write_catalog(work / "catalog.json", plan.devices)
-    kinds = ["mosquitto_sub", "bare", "pipeline_sqlite"]
+    alt = next(c for c in MQTT_CLIENTS if c != DEFAULT_MQTT_CLIENT)
+    kinds = ["mosquitto_sub", "bare", "bare_gmqtt", "pipeline_sqlite", f"pipeline_sqlite_{alt}"]
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     publisher: list[dict[str, Any]] = []
     influx_disk: int | None = None
@@ -142,6 +152,7 @@ def throughput(work: Path, plan: Plan) -> dict[str, Any]:
                 res = _drain(
                     work, k, int(mq.port or 0), ids[k], plan.messages, catalog,
                     influx_url if k == "pipeline_influx" else None,
+                    alt if k == f"pipeline_sqlite_{alt}" else None,
                 )  # fmt: skip
                 log(f"  {k}: {res['rate']:.0f} msg/s")
                 results[k].append(res)
@@ -157,6 +168,7 @@ def throughput(work: Path, plan: Plan) -> dict[str, Any]:
         "devices": plan.devices,
         "messages": plan.messages,
         "rounds": plan.rounds,
+        "mqtt_client": DEFAULT_MQTT_CLIENT,
         "rates": med,
         "runs": results,
         "publisher_rate": statistics.median(p["rate"] for p in publisher),
@@ -468,52 +480,147 @@ def footprint(work: Path, plan: Plan) -> list[dict[str, Any]]:
 
 # -- the simulator --------------------------------------------------------------------------
 
+HEARTBEAT_PACE = (0.8 + 0.95) / 2
+"""Simulated devices beat at 0.8-0.95 x ``heartbeat_s`` (uniform): the mean pace of demand."""
 
-def simulator(work: Path, plan: Plan, window_s: float = 15.0) -> dict[str, Any]:
-    """One ``chargewatch simulate`` process with 10,000 devices: time to all born, msgs/s."""
-    devices = plan.simulator_devices
-    catalog = write_catalog(work / "catalog-sim.json", devices)
-    with procs.running(procs.mosquitto(work / "mosquitto-sim")) as mq:
-        out = work / "sim-count.txt"
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stats_lines(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("STATS ")]
+
+
+def _published_at(stats: list[dict[str, Any]], t: float) -> float:
+    """A shard's published count at monotonic ``t``, interpolated between its STATS lines."""
+    before = [s for s in stats if s["t"] <= t]
+    after = [s for s in stats if s["t"] >= t]
+    if not before or not after:
+        raise procs.BenchError(f"no STATS lines around t={t:.1f}")
+    a, b = before[-1], after[0]
+    if b["t"] == a["t"]:
+        return float(a["published"])
+    return float(
+        a["published"] + (b["published"] - a["published"]) * (t - a["t"]) / (b["t"] - a["t"])
+    )
+
+
+def simulator_run(
+    work: Path,
+    catalog: Path,
+    devices: int,
+    heartbeat_s: int,
+    shards: int = 1,
+    window_s: float = 60.0,
+    speed: float = 1.0,
+    ready_timeout_s: float = 180.0,
+    spy_s: float = 0.0,
+) -> dict[str, Any]:
+    """``shards`` ``chargewatch simulate --shard i/n`` processes against one mosquitto:
+    time to all births, then over ``window_s`` of steady state (after one heartbeat period)
+    the simulator's own publish rate (its STATS lines), the rate mosquitto_sub observes, the
+    demand of the heartbeats alone, and the simulator's CPU per published message."""
+    work.mkdir(parents=True, exist_ok=True)
+    with procs.running(procs.mosquitto(work / "mosquitto")) as mq:
+        count_file = work / "count.txt"
         argv = [
             procs.binary("mosquitto_sub"), "-h", procs.LOOPBACK, "-p", str(mq.port), "-q", "1",
-            "-t", SUBSCRIPTION, "-F", "%U",
+            "-t", SUBSCRIPTION, "-F", "%U %t",
         ]  # fmt: skip
-        counter = procs.Proc(argv, work / "sim-sub.log", stdout=out).start()
-        sim = procs.Proc(
-            procs.python_argv(
-                "-m", "api.cli", "simulate", "--broker", f"mqtt://{procs.LOOPBACK}:{mq.port}",
-                "--catalog", str(catalog), "--heartbeat-s", "5", "--speed", "60",
-                "--log-level", "WARNING",
-            ),
-            work / "sim.log",
-            stdout=work / "sim.out",
-        ).start()  # fmt: skip
+        counter = procs.Proc(argv, work / "sub.log", stdout=count_file).start()
+        sims: list[procs.Proc] = []
         began = time.monotonic()
-        ready_s = None
         try:
-            while time.monotonic() - began < 180:
-                if "READY" in (work / "sim.out").read_text():
+            for i in range(1, shards + 1):
+                sims.append(
+                    procs.Proc(
+                        procs.python_argv(
+                            "-m", "simulators", "--broker", f"mqtt://{procs.LOOPBACK}:{mq.port}",
+                            "--catalog", str(catalog), "--heartbeat-s", str(heartbeat_s),
+                            "--speed", str(speed), "--shard", f"{i}/{shards}", "--stats-s", "1",
+                            "--log-level", "WARNING",
+                        ),
+                        work / f"sim-{i}.log",
+                        stdout=work / f"sim-{i}.out",
+                    ).start()
+                )  # fmt: skip
+            ready_s: float | None = None
+            while time.monotonic() - began < ready_timeout_s:
+                outs = [(p.stdout.read_text() if p.stdout else "") for p in sims]
+                if all("READY" in o for o in outs):
                     ready_s = time.monotonic() - began
                     break
-                if sim.popen is not None and sim.popen.poll() is not None:
-                    break
+                if any(p.popen is not None and p.popen.poll() is not None for p in sims):
+                    raise procs.BenchError(f"a simulator exited: {sims[0].tail()}")
                 time.sleep(0.2)
-            t0 = time.time()
-            time.sleep(window_s)
-            t1 = time.time()
+            # the first heartbeats follow each birth's snapshot by 0.8-0.95 x heartbeat_s
+            time.sleep(heartbeat_s if ready_s is not None else 0.0)
+            cpu0, m0, w0 = sum(_cpu_s(p.pid) for p in sims), time.monotonic(), time.time()
+            spy_out = None
+            if spy_s > 0:
+                spy_out = work / "sim.raw"
+                spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+                assert spy is not None
+                subprocess.run(
+                    [spy, "record", "-r", "50", "-d", str(int(spy_s)), "--format", "raw",
+                     "-o", str(spy_out), "-p", str(sims[0].pid)],
+                    capture_output=True, timeout=spy_s + 60, check=False,
+                )  # fmt: skip
+            time.sleep(max(0.0, window_s - (time.monotonic() - m0)))
+            cpu1, m1, w1 = sum(_cpu_s(p.pid) for p in sims), time.monotonic(), time.time()
+            time.sleep(1.5)  # one more STATS line after the window
         finally:
-            sim.stop(30)
+            for p in sims:
+                p.stop(60)
             counter.stop()
-    stamps = [float(x) for x in out.read_text().split()]
-    window = [s for s in stamps if t0 <= s < t1]
-    return {
+    published = sum(
+        _published_at(stats, m1) - _published_at(stats, m0)
+        for stats in (_stats_lines(p.stdout) for p in sims if p.stdout)
+    )
+    lines = [line.split() for line in count_file.read_text().splitlines()]
+    stamps = [float(t) for t, *_ in lines]
+    births = [float(t) for t, topic in lines if topic.endswith("/state")]
+    observed = sum(1 for s in stamps if w0 <= s < w1)
+    demand = devices / (heartbeat_s * HEARTBEAT_PACE)
+    result: dict[str, Any] = {
         "devices": devices,
+        "heartbeat_s": heartbeat_s,
+        "speed": speed,
+        "processes": shards,
         "ready_s": ready_s,
-        "heartbeat_s": 5,
-        "rate": len(window) / (t1 - t0),
-        "demand": devices / 5,
+        "births_seen": len(births),
+        "window_s": m1 - m0,
+        "published_rate": published / (m1 - m0),
+        "observed_rate": observed / (w1 - w0),
+        "demand": demand,
+        "cpu_s": cpu1 - cpu0,
+        "cpu_us_per_msg": (cpu1 - cpu0) / published * 1e6 if published else None,
+        "cpu_share": (cpu1 - cpu0) / (m1 - m0),
     }
+    if spy_out is not None and spy_out.exists():
+        result["profile"] = summarize_stacks(spy_out.read_text())
+    log(
+        f"simulator {devices} devices, heartbeat {heartbeat_s}s, {shards} process(es): "
+        f"born in {ready_s}s, published {result['published_rate']:.0f} msg/s, observed "
+        f"{result['observed_rate']:.0f} msg/s, demand {demand:.0f} msg/s, "
+        f"{result['cpu_us_per_msg'] or 0:.0f} us CPU/msg"
+    )
+    return result
+
+
+def simulator(work: Path, plan: Plan) -> dict[str, Any]:
+    """The simulator itself at 10,000 devices: a realistic 30 s heartbeat and a 5 s one."""
+    devices = plan.simulator_devices
+    catalog = write_catalog(work / "catalog-sim.json", devices)
+    runs = [
+        simulator_run(work / f"hb{hb}", catalog, devices, hb, shards=plan.simulator_processes)
+        for hb in (30, 5)
+    ]
+    return {"devices": devices, "runs": runs}
 
 
 # -- alerts ---------------------------------------------------------------------------------
