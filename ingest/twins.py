@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import msgspec
+
 from devices.availability import is_online
 from devices.catalog import DEFAULT_RELEASE_SOC, Device
 from devices.contract import (
@@ -202,7 +204,7 @@ class Twin:
             for name in self.__dataclass_fields__
             if name not in ("status",)
         }
-        record["status"] = self.status.model_dump(mode="json") if self.status else None
+        record["status"] = msgspec.to_builtins(self.status) if self.status else None
         return record
 
     @classmethod
@@ -212,7 +214,6 @@ class Twin:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         twin = cls(**known)
         if status is not None:
-            model = PileStatus if status.get("kind") == "pile" else CabinetStatus
             # stored timestamps are epoch ms already; strict models accept them as they are
-            twin.status = model.model_validate(status)
+            twin.status = msgspec.convert(status, Status, strict=True)
         return twin

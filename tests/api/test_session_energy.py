@@ -14,7 +14,7 @@ def status(ts: int, state: PortState, energy_wh: float) -> PileStatus:
         Port(n=1, state=state, energy_wh=energy_wh, power_w=200.0 if state == "charging" else 0)
     ]
     ports += [Port(n=n, state="available") for n in range(2, 11)]
-    return PileStatus(v=1, ts=ts, boot="test", seq=ts, kind="pile", ports=ports)
+    return PileStatus(v=1, ts=ts, boot="test", seq=ts, ports=ports)
 
 
 def test_session_energy_is_learned_from_finished_sessions() -> None:

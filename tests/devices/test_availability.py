@@ -21,14 +21,14 @@ T0 = 1_796_284_800_000
 
 def pile(ports: list[dict[str, Any]], **extra: Any) -> PileStatus:
     numbered = [{"n": i, **p} for i, p in enumerate(ports, 1)]
-    return PileStatus.model_validate(
+    return PileStatus.of(
         {"v": 1, "ts": T0, "boot": "b00t", "seq": 1, "kind": "pile", "ports": numbered, **extra}
     )
 
 
 def cabinet(slots: list[dict[str, Any]], **extra: Any) -> CabinetStatus:
     numbered = [{"n": i, **s} for i, s in enumerate(slots, 1)]
-    return CabinetStatus.model_validate(
+    return CabinetStatus.of(
         {"v": 1, "ts": T0, "boot": "b00t", "seq": 1, "kind": "cabinet", "slots": numbered, **extra}
     )
 

@@ -26,24 +26,24 @@ def twin(kind: str = "pile") -> Twin:
 
 def birth(seq: int = 0, boot: str = "boot-a", ts: int = T0, **extra: Any) -> Birth:
     data = {"v": 1, "ts": ts, "boot": boot, "seq": seq, "online": True, "kind": "pile"}
-    return Birth.model_validate({"ports": PORTS, **data, **extra})
+    return Birth.of({"ports": PORTS, **data, **extra})
 
 
 def death(seq: int = 0, boot: str = "boot-a") -> Death:
-    return Death.model_validate({"v": 1, "online": False, "boot": boot, "seq": seq})
+    return Death.of({"v": 1, "online": False, "boot": boot, "seq": seq})
 
 
 def status(
     seq: int, boot: str = "boot-a", ts: int = T0, states: tuple[str, ...] = ("available",) * PORTS
 ) -> PileStatus:
     ports = [{"n": i, "state": s} for i, s in enumerate(states, 1)]
-    return PileStatus.model_validate(
+    return PileStatus.of(
         {"v": 1, "ts": ts, "boot": boot, "seq": seq, "kind": "pile", "ports": ports}
     )
 
 
 def event(seq: int, boot: str = "boot-a") -> Event:
-    return Event.model_validate({"v": 1, "ts": T0, "boot": boot, "seq": seq, "type": "door_opened"})
+    return Event.of({"v": 1, "ts": T0, "boot": boot, "seq": seq, "type": "door_opened"})
 
 
 def feed(t: Twin, *messages: Message, at: int = T0) -> list[Outcome]:
@@ -354,7 +354,7 @@ def test_huge_gap_is_counted() -> None:
 
 
 def _cabinet_status(seq: int) -> CabinetStatus:
-    return CabinetStatus.model_validate(
+    return CabinetStatus.of(
         {
             "v": 1,
             "ts": "2026-11-28T12:00:00.250+08:00",
@@ -375,7 +375,7 @@ def _cabinet_status(seq: int) -> CabinetStatus:
 
 
 def _cabinet_birth(seq: int = 0) -> Birth:
-    return Birth.model_validate(
+    return Birth.of(
         {
             "v": 1,
             "ts": T0,
