@@ -300,6 +300,7 @@ Message = Birth | Death | PileStatus | CabinetStatus | Event
 
 _STATUS = msgspec.json.Decoder(PileStatus | CabinetStatus)
 _EVENT = msgspec.json.Decoder(Event)
+_BIRTH = msgspec.json.Decoder(Birth)  # births outnumber deaths; a death takes the steps below
 _ANY = msgspec.json.Decoder()
 
 
@@ -322,6 +323,8 @@ def decode(channel: Channel, payload: bytes) -> Message:
             return _STATUS.decode(payload)  # type: ignore[no-any-return]
         if channel == "event":
             return _EVENT.decode(payload)
+        if channel == "state":
+            return _BIRTH.decode(payload)
     except (msgspec.MsgspecError, RecursionError):
         pass  # find out why, below
     return _decode_steps(channel, payload)

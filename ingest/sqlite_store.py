@@ -16,10 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pydantic_core
-
 from ingest.sqlite_db import SQLiteDB
-from ingest.store import DeadLetter, HistoryRow
+from ingest.store import DeadLetter, HistoryRow, TwinRecord
 
 DB_FILE = "chargewatch.db"
 
@@ -83,21 +81,9 @@ class SQLiteStore:
         self._db.transaction(
             [
                 (
-                    "INSERT OR IGNORE INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            r.device_id,
-                            r.boot,
-                            r.seq,
-                            r.type,
-                            r.station_id,
-                            r.kind,
-                            r.ts_ms,
-                            r.received_ms,
-                            r.payload,
-                        )
-                        for r in rows
-                    ],
+                    "INSERT OR IGNORE INTO messages (device_id, station_id, kind, type, boot,"
+                    " seq, ts_ms, received_ms, payload) VALUES (?,?,?,?,?,?,?,?,?)",
+                    [r[:9] for r in rows],  # HistoryRow's first nine fields, in this order
                 )
             ]
         )
@@ -165,7 +151,7 @@ class SQLiteStore:
 
     # -- StateStore ---------------------------------------------------------------------
 
-    def save(self, twins: Sequence[dict[str, Any]], dead_letters: Sequence[DeadLetter]) -> None:
+    def save(self, twins: Sequence[TwinRecord], dead_letters: Sequence[DeadLetter]) -> None:
         counts: dict[str, int] = {}
         for d in dead_letters:
             counts[d.reason] = counts.get(d.reason, 0) + 1
@@ -173,7 +159,7 @@ class SQLiteStore:
             (
                 "INSERT INTO twins VALUES (?, ?) ON CONFLICT(device_id) DO UPDATE"
                 " SET record = excluded.record",
-                [(t["device_id"], pydantic_core.to_json(t).decode()) for t in twins],
+                [(t.device_id, t.data.decode()) for t in twins],
             ),
             (
                 "INSERT INTO dead_letters (received_ms, topic, reason, detail, payload, size)"

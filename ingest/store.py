@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from devices.contract import Message
 
@@ -17,8 +17,10 @@ MessageType = Literal["birth", "death", "status", "event"]
 DEAD_LETTER_PAYLOAD_KEPT = 16 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryRow:
+class HistoryRow(NamedTuple):
+    """One stored message. A named tuple: ingest makes one per message, and the first nine
+    fields are the embedded store's columns, in this order."""
+
     device_id: str
     station_id: str
     kind: str
@@ -85,8 +87,13 @@ class HistoryStore(Protocol):
     def close(self) -> None: ...
 
 
+class TwinRecord(NamedTuple):
+    device_id: str
+    data: bytes  # the twin as a JSON object (ingest.twins.Twin.encode)
+
+
 class StateStore(Protocol):
-    def save(self, twins: Sequence[dict[str, Any]], dead_letters: Sequence[DeadLetter]) -> None:
+    def save(self, twins: Sequence[TwinRecord], dead_letters: Sequence[DeadLetter]) -> None:
         """Upsert twin records and append dead letters, durably."""
 
     def load_twins(self) -> list[dict[str, Any]]: ...

@@ -21,7 +21,7 @@ from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
 from ingest.pipeline import Pipeline, Twins, _Batch
 from ingest.sqlite_store import SQLiteStore
-from ingest.store import DeadLetter, HistoryRow
+from ingest.store import DeadLetter, HistoryRow, TwinRecord
 from ingest.twins import Twin
 
 T0 = 1_796_284_800_000
@@ -53,7 +53,7 @@ class FlakyStore(SQLiteStore):
         super().append(rows)
         self.log.extend(("stored", r.seq) for r in rows)
 
-    def save(self, twins: Sequence[dict[str, Any]], dead_letters: Sequence[DeadLetter]) -> None:
+    def save(self, twins: Sequence[TwinRecord], dead_letters: Sequence[DeadLetter]) -> None:
         self._fail()
         super().save(twins, dead_letters)
         self.log.extend(("dead", d.received_ms) for d in dead_letters)
@@ -79,7 +79,7 @@ class Rig:
         """Handle ``messages`` as one batch, the way ``run`` does."""
         batch = _Batch()
         for r in messages:
-            self.pipeline.metrics.inflight.inc()
+            self.pipeline.unacked += 1
             self.pipeline._handle(r, batch)
         await self.pipeline._commit(batch)
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devices.contract import Death
 from ingest import StoreError, StoreUnavailable
 from ingest.sqlite_store import DB_FILE, SQLiteStore
-from ingest.store import DEAD_LETTER_PAYLOAD_KEPT, DeadLetter, HistoryRow, MessageType
+from ingest.store import DEAD_LETTER_PAYLOAD_KEPT, DeadLetter, HistoryRow, MessageType, TwinRecord
 
 T0 = 1_796_284_800_000
 _MSG = Death(v=1, online=False, boot="boot-a", seq=0)  # any decoded message will do
@@ -117,20 +119,24 @@ def test_messages_window(
     assert [r["seq"] for r in store.messages("P1", since, until, limit)] == seqs
 
 
+def rec(record: dict[str, Any]) -> TwinRecord:
+    return TwinRecord(record["device_id"], json.dumps(record).encode())
+
+
 def test_save_and_load_twins(store: SQLiteStore) -> None:
     a = {"device_id": "P1", "boot": "boot-a", "max_seq": 3, "retired_boots": [], "status": None}
     b = {"device_id": "C1", "boot": None, "status": {"kind": "cabinet", "slots": []}}
-    store.save([a, b], [])
+    store.save([rec(a), rec(b)], [])
     assert sorted(store.load_twins(), key=lambda r: str(r["device_id"])) == [b, a]
     a2 = {**a, "max_seq": 9, "retired_boots": ["boot-0"]}
-    store.save([a2], [])  # an upsert, not a second row
+    store.save([rec(a2)], [])  # an upsert, not a second row
     assert sorted(store.load_twins(), key=lambda r: str(r["device_id"])) == [b, a2]
 
 
 def test_state_survives_reopen(tmp_path: Path) -> None:
     s = SQLiteStore(tmp_path / "x.db")
     s.append([row(1, T0)])
-    s.save([{"device_id": "P1", "max_seq": 1}], [dead(1, "not_json")])
+    s.save([rec({"device_id": "P1", "max_seq": 1})], [dead(1, "not_json")])
     s.close()
     s = SQLiteStore(tmp_path / "x.db")
     try:
@@ -180,7 +186,7 @@ def test_dead_letter_pruning_keeps_newest_n_and_all_counts(store: SQLiteStore) -
 
 def test_twin_only_save_does_not_prune(store: SQLiteStore) -> None:
     store.save([], [dead(i) for i in range(3)])
-    store.save([{"device_id": "P1"}], [])
+    store.save([rec({"device_id": "P1"})], [])
     assert len(store.dead_letters()) == 3
 
 
