@@ -25,7 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client import Histogram
+from prometheus_client.registry import Collector
 
 from api.bench.workload import Stream, specs_of
 
@@ -193,7 +193,7 @@ def bare_gmqtt(args: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(_bare_gmqtt(args))
 
 
-def quantile(hist: Histogram, q: float) -> float | None:
+def quantile(hist: Collector, q: float) -> float | None:
     """The upper bound of the bucket holding quantile ``q`` (Prometheus-style, no interpolation)."""
     buckets: list[tuple[float, float]] = []
     for metric in hist.collect():
