@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-s", type=int, default=DEFAULT_HEARTBEAT_S, help="wall seconds")
     p.add_argument("--start", type=_start, help="RFC 3339 sim start (default: now)")
     p.add_argument(
+        "--stats-s",
+        type=float,
+        metavar="S",
+        help="print a STATS line (JSON: born, connected, published, cpu_s) every S wall seconds",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -94,14 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CatalogError, SimulatorError, ValueError) as exc:
         print(f"chargewatch simulate: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run(catalog, config, args.truth))
+    return asyncio.run(run(catalog, config, args.truth, stats_s=args.stats_s))
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
 
 
-async def run(catalog: Catalog, config: FleetConfig, truth_path: Path | None) -> int:
+async def run(
+    catalog: Catalog, config: FleetConfig, truth_path: Path | None, *, stats_s: float | None = None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -113,9 +123,14 @@ async def run(catalog: Catalog, config: FleetConfig, truth_path: Path | None) ->
         log.info("starting %d devices on %s", len(fleet), config.broker)
         async with asyncio.TaskGroup() as tg:
             announcer = tg.create_task(_announce(fleet, began), name="cli:announce")
+            stats = None
+            if stats_s is not None:
+                stats = tg.create_task(_stats(fleet, stats_s), name="cli:stats")
             await stop.wait()
             log.info("stopping: graceful deaths for %d devices", len(fleet))
             announcer.cancel()
+            if stats is not None:
+                stats.cancel()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
     return 0
@@ -135,3 +150,18 @@ async def _announce(fleet: Fleet, began: float) -> None:
         now, count = time.monotonic(), fleet.published
         log.info("%d connected, %.0f msg/s", fleet.connected, (count - published) / (now - t0))
         published, t0 = count, now
+
+
+async def _stats(fleet: Fleet, every_s: float) -> None:
+    """One ``STATS {...}`` line every ``every_s``: what the simulator itself did so far."""
+    while True:
+        cpu = os.times()
+        line = {
+            "t": round(time.monotonic(), 3),
+            "born": fleet.born,
+            "connected": fleet.connected,
+            "published": fleet.published,
+            "cpu_s": round(cpu.user + cpu.system, 3),
+        }
+        _say("STATS " + json.dumps(line, separators=(",", ":")))
+        await asyncio.sleep(every_s)

@@ -1,16 +1,21 @@
 """One simulated device on the wire: its own MQTT connection, Will, birth, status and events.
 
-Three tasks in one TaskGroup per device:
+One task per device, and two timers on the fleet's event loop:
 
-- ``connection``: build a client whose Will is the death for the birth it will send,
-  connect (bounded by the fleet's limiter), publish the birth, then the outbox in order
-  (it starts with a fresh full status snapshot); on loss reconnect with capped, jittered backoff. It is
-  the only task that assigns ``seq``, at publish time, so wire order is seq order.
-- ``behaviour``: advance the model along the sim clock, queue its events and a status on
-  every change; at the end of ``--duration`` freeze, queue a final snapshot, wait until
-  everything queued is acknowledged, and set ``held``: from then on only heartbeats with
+- the task (``run``) owns the connection: build the Will (the death for the birth it will
+  send), connect (bounded by the fleet's limiter), publish the birth, then the outbox in
+  order (it starts with a fresh full status snapshot); on loss reconnect with capped,
+  jittered backoff. Publishing is a synchronous write on the ``Link`` (``simulators.mqtt``)
+  with at most ``INFLIGHT`` messages unacknowledged; ``seq`` is assigned at that write, so
+  wire order is seq order. A message counts as published (and goes to the truth log) when
+  the broker acknowledged it and everything before it.
+- the behaviour timer fires at the model's next step (plus this device's phase, at least
+  ``MIN_TICK_S`` apart): advance the model along the sim clock, queue its events and a
+  status on every change; at the end of ``--duration`` freeze, queue a final snapshot and
+  set ``held`` once everything queued is acknowledged: from then on only heartbeats with
   the same content (new ``ts`` and ``seq``) follow.
-- ``heartbeat``: queue a status whenever none went out for ``heartbeat_s`` wall seconds.
+- the heartbeat timer queues a status whenever none went out for ``heartbeat_s`` wall
+  seconds (times 0.8-0.95, this device's own pace).
 
 A graceful ``stop`` publishes the queued messages, then the death itself, then disconnects.
 """
@@ -21,13 +26,11 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import aiomqtt
 
 from devices.catalog import DeviceSpec
 from devices.contract import DEFAULT_HEARTBEAT_S
@@ -37,7 +40,8 @@ from simulators.backoff import Backoff
 from simulators.cabinet import CabinetModel
 from simulators.clock import SimClock
 from simulators.errors import UnsupportedUnit
-from simulators.model import Body, DeviceModel
+from simulators.model import STEP_S, Body, DeviceModel
+from simulators.mqtt import Link, MqttError, Will, publish_topic
 from simulators.pile import PileModel
 from simulators.rng import device_rng
 
@@ -45,6 +49,13 @@ log = logging.getLogger(__name__)
 
 MAX_BACKLOG = 1000
 """Messages a device keeps while offline; later ones are dropped (and counted)."""
+
+INFLIGHT = 10
+"""Unacknowledged QoS 1 messages per connection; more wait in the outbox."""
+
+MIN_TICK_S = 0.2
+"""Shortest wall time between two behaviour updates of a device (at high ``--speed`` one
+update runs several model steps)."""
 
 Recorder = Callable[[str, bool, str], None]
 """Called with (topic, retain, payload) for every publish the broker acknowledged."""
@@ -75,18 +86,21 @@ class Outgoing:
     body: Body
 
 
+@dataclass(slots=True)
+class _Sent:
+    """A message on the wire, waiting for its PUBACK."""
+
+    topic: str
+    retain: bool
+    text: str
+    role: str = ""  # "birth" or "death": what its acknowledgement means
+    acked: bool = False
+
+
 def build_model(spec: DeviceSpec, ctx: SimContext) -> DeviceModel:
     rng = device_rng(ctx.seed, spec.id)
     model_type = PileModel if spec.kind == "pile" else CabinetModel
     return model_type(spec, rng, ctx.clock.start, fault_rate=ctx.fault_rate)
-
-
-def _consume_disconnect_error(client: aiomqtt.Client) -> None:
-    """Mark aiomqtt's disconnect error as seen: we already handled the loss, and a session
-    torn down by another failure would otherwise log "exception was never retrieved"."""
-    disconnected = client._disconnected  # private in aiomqtt 2.x; no public accessor
-    if disconnected.done() and not disconnected.cancelled():
-        disconnected.exception()
 
 
 class SimDevice:
@@ -106,6 +120,7 @@ class SimDevice:
         self.topics: dict[Channel, str] = {
             ch: ctx.scheme.build(spec.id, ch) for ch in ("state", "status", "event")
         }
+        self._wire_topics = {ch: publish_topic(t) for ch, t in self.topics.items()}
         self.born = asyncio.Event()  # the first birth was acknowledged
         self.held = asyncio.Event()  # behaviour froze and everything queued is acknowledged
         self.connected = False
@@ -113,13 +128,24 @@ class SimDevice:
         self.published = 0
         self.dropped = 0
         self._seq = 0
-        self._outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue()
+        self._birth_seq = 0  # of the current connection: what its Will names
+        self._outbox: deque[Outgoing | None] = deque()  # None: the graceful stop
+        self._inflight: dict[int, _Sent] = {}  # packet id -> message, in publish order
+        self._settled = asyncio.Event()  # nothing queued, nothing unacknowledged
+        self._settled.set()
+        self._frozen = False
         self._stop = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self._link: Link | None = None
         self._offline_until = 0.0
         self._wake = asyncio.Event()
         self._last_status = time.monotonic()
         self._jitter = random.Random()  # wire timing only; not part of the seeded story
+        # Each device beats a little faster than required, at its own pace, so that devices
+        # which connected together drift apart instead of beating in bursts; and it updates
+        # its model a little after each step, at its own phase, for the same reason.
+        self._beat_s = ctx.heartbeat_s * self._jitter.uniform(0.8, 0.95)
+        self._phase_s = self._jitter.uniform(0.0, min(1.0, ctx.clock.wall_seconds(STEP_S)))
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def _new_boot(self) -> str:
         return f"{self._boot_rng.getrandbits(48):012x}"
@@ -132,17 +158,34 @@ class SimDevice:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._connection(), name=f"{self.id}:connection")
-            tg.create_task(self._behaviour(), name=f"{self.id}:behaviour")
-            tg.create_task(self._heartbeat(), name=f"{self.id}:heartbeat")
+        loop = asyncio.get_running_loop()
+        self._arm_behaviour()
+        self._timers["heartbeat"] = loop.call_later(self._beat_s, self._heartbeat)
+        try:
+            await self._connection()
+        finally:
+            self._cancel_timers()
 
     def stop(self) -> None:
         """Ask for a graceful stop: publish what is queued, then the death, then disconnect."""
-        if not self._stop.is_set():
-            self._stop.set()
-            self._wake.set()
-            self._outbox.put_nowait(None)
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        self._cancel_timers()
+        self._outbox.append(None)
+        self._settled.clear()
+        link = self._link
+        if link is not None:  # a broker that never acknowledges the death: cut it
+            self._timers["stop"] = asyncio.get_running_loop().call_later(
+                self.ctx.timeout_s, link.abort
+            )
+        self._pump()
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when a stop was requested meanwhile."""
@@ -157,28 +200,25 @@ class SimDevice:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _make_client(self, will_seq: int) -> aiomqtt.Client:
-        will = aiomqtt.Will(
-            self.topics["state"], payloads.death(self.boot, will_seq), qos=1, retain=True
-        )
-        return aiomqtt.Client(
-            self.ctx.host,
-            self.ctx.port,
-            identifier=self.id,
-            username=self.id,
-            protocol=aiomqtt.ProtocolVersion.V311,
-            will=will,
-            clean_session=True,
-            keepalive=self.ctx.keepalive_s,
-            timeout=self.ctx.timeout_s,
-            logger=logging.getLogger("simulators.mqtt"),
-        )
-
-    async def _connection(self) -> None:
-        backoff = Backoff(rng=self._jitter)
+    async def _connect(self, will_seq: int) -> Link:
+        will = Will(self.topics["state"], payloads.death(self.boot, will_seq).encode())
         limiter: contextlib.AbstractAsyncContextManager[Any] = (
             self.ctx.connect_limiter or contextlib.nullcontext()
         )
+        async with limiter:
+            return await Link.connect(
+                self.ctx.host,
+                self.ctx.port,
+                self.id,
+                on_ack=self._on_ack,
+                keepalive_s=self.ctx.keepalive_s,
+                will=will,
+                username=self.id,
+                timeout_s=self.ctx.timeout_s,
+            )
+
+    async def _connection(self) -> None:
+        backoff = Backoff(rng=self._jitter)
         while not self._stop.is_set():
             offline = self._offline_until - time.monotonic()
             if offline > 0:
@@ -188,21 +228,14 @@ class SimDevice:
                 if self._stop.is_set():
                     break
             will_seq = self._seq
-            client = self._make_client(will_seq)
-            lost: str | None = None
+            lost: str | None
             try:
-                async with contextlib.AsyncExitStack() as stack:
-                    async with limiter:
-                        await stack.enter_async_context(client)
-                    backoff.reset()
-                    self._client, self.connected = client, True
-                    self.connects += 1
-                    await self._session(client, will_seq)
-            except* aiomqtt.MqttError as group:
-                lost = "; ".join(str(exc) or type(exc).__name__ for exc in group.exceptions)
-            finally:
-                self._client, self.connected = None, False
-                _consume_disconnect_error(client)
+                link = await self._connect(will_seq)
+            except MqttError as exc:
+                lost = str(exc) or type(exc).__name__
+            else:
+                backoff.reset()
+                lost = await self._session(link, will_seq)
             if lost is None or self._stop.is_set():
                 if lost is not None:
                     log.debug("%s: connection ended while stopping (%s)", self.id, lost)
@@ -218,75 +251,100 @@ class SimDevice:
             if await self._sleep(delay):
                 break
 
-    async def _session(self, client: aiomqtt.Client, will_seq: int) -> None:
-        self._requeue_for_session()
-        assert self._seq == will_seq, "the birth must carry the seq its Will names"
-        async with asyncio.TaskGroup() as tg:
-            # The watcher ends the session the moment the connection drops, even while a
-            # publish waits for its PUBACK.
-            watcher = tg.create_task(self._watch(client), name=f"{self.id}:watch")
+    async def _session(self, link: Link, will_seq: int) -> str | None:
+        """Birth, then the outbox until the connection ends; None after a graceful stop."""
+        self._link, self.connected = link, True
+        self.connects += 1
+        try:
+            self._requeue_for_session()
+            assert self._seq == will_seq, "the birth must carry the seq its Will names"
             birth = payloads.birth_body(self.model.birth_fields(), self.ctx.heartbeat_s)
-            await self._send(client, "state", self.ctx.clock.now(), birth)
-            self.born.set()
-            await self._publish_outbox(client, will_seq)
-            watcher.cancel()
+            self._send("state", self.ctx.clock.now(), birth, role="birth")
+            self._pump()
+            return await link.closed
+        except asyncio.CancelledError:
+            link.abort()
+            raise
+        finally:
+            self._link, self.connected = None, False
+            self._inflight.clear()  # never acknowledged: lost with the connection
+            self._check_settled()
 
-    async def _watch(self, client: aiomqtt.Client) -> None:
-        """Raise MqttError as soon as the connection drops, even when nothing is publishing."""
-        async for message in client.messages:  # we subscribe to nothing; this only waits
-            log.debug("%s: unexpected message on %s", self.id, message.topic)
+    def _pump(self) -> None:
+        """Write queued messages while the in-flight window has room."""
+        link = self._link
+        if link is None or not link.is_open:
+            return
+        while self._outbox and len(self._inflight) < INFLIGHT:
+            item = self._outbox.popleft()
+            if item is None:  # graceful stop: the same death the Will carries
+                self._outbox.clear()
+                self._publish_text("state", payloads.death(self.boot, self._birth_seq), "death")
+                return
+            self._send(item.channel, item.at, item.body)
+        self._check_settled()
 
-    async def _publish_outbox(self, client: aiomqtt.Client, will_seq: int) -> None:
-        while True:
-            item = await self._outbox.get()
-            try:
-                if item is None:  # graceful stop: the same death the Will carries
-                    text = payloads.death(self.boot, will_seq)
-                    await self._publish_text(client, "state", text)
-                    return
-                await self._send(client, item.channel, item.at, item.body)
-            finally:
-                self._outbox.task_done()
-
-    async def _send(self, client: aiomqtt.Client, channel: Channel, at: float, body: Body) -> None:
+    def _send(self, channel: Channel, at: float, body: Body, role: str = "") -> None:
         seq = self._seq
-        self._seq += 1  # taken even if the publish fails: the broker may have it
-        text = payloads.message(self.kind, at, self.boot, seq, body)
-        await self._publish_text(client, channel, text)
+        self._seq += 1  # taken even if the publish is lost: the broker may have it
+        if role == "birth":
+            self._birth_seq = seq
+        self._publish_text(channel, payloads.message(self.kind, at, self.boot, seq, body), role)
         if channel == "status":
             self._last_status = time.monotonic()
 
-    async def _publish_text(self, client: aiomqtt.Client, channel: Channel, text: str) -> None:
-        topic, retain = self.topics[channel], channel != "event"
-        await client.publish(topic, text, qos=1, retain=retain)
-        self.published += 1
-        if self.ctx.record is not None:
-            self.ctx.record(topic, retain, text)
+    def _publish_text(self, channel: Channel, text: str, role: str = "") -> None:
+        assert self._link is not None
+        retain = channel != "event"
+        packet_id = self._link.publish(self._wire_topics[channel], text.encode(), retain=retain)
+        self._inflight[packet_id] = _Sent(self.topics[channel], retain, text, role)
+
+    def _on_ack(self, packet_id: int) -> None:
+        sent = self._inflight.get(packet_id)
+        if sent is None:
+            return
+        sent.acked = True
+        record = self.ctx.record
+        while self._inflight:
+            first_id, first = next(iter(self._inflight.items()))
+            if not first.acked:
+                break
+            del self._inflight[first_id]
+            self.published += 1
+            if record is not None:
+                record(first.topic, first.retain, first.text)
+            if first.role == "birth":
+                self.born.set()
+            elif first.role == "death" and self._link is not None:
+                self._link.disconnect()
+                return
+        self._pump()
+
+    def _check_settled(self) -> None:
+        if self._outbox or self._inflight:
+            return
+        self._settled.set()
+        if self._frozen and not self._stop.is_set():
+            self.held.set()
 
     def _requeue_for_session(self) -> None:
         """Before a birth: a fresh snapshot first, then the events still waiting (statuses
         from before the connection are stale and dropped), then a pending stop."""
-        waiting: list[Outgoing | None] = []
-        while not self._outbox.empty():
-            item = self._outbox.get_nowait()
-            self._outbox.task_done()
-            if item is None or item.channel == "event":
-                waiting.append(item)
-        self._outbox.put_nowait(Outgoing("status", self.ctx.clock.now(), self.model.snapshot()))
-        for item in waiting:
-            self._outbox.put_nowait(item)
+        waiting = [item for item in self._outbox if item is None or item.channel == "event"]
+        self._outbox.clear()
+        self._outbox.append(Outgoing("status", self.ctx.clock.now(), self.model.snapshot()))
+        self._outbox.extend(waiting)
+        self._settled.clear()
 
     def drop_connection(self, offline_s: float = 0.0) -> bool:
         """Cut the connection without a goodbye (the broker sends the Will); stay offline
         ``offline_s`` wall seconds, then reconnect within the same boot. False if offline."""
-        client = self._client
-        if client is None:
+        link = self._link
+        if link is None or not link.is_open:
             return False
         self._offline_until = time.monotonic() + offline_s
         self._wake.clear()
-        sock = client._client.socket()  # aiomqtt keeps the paho client private
-        if isinstance(sock, socket.socket):
-            sock.shutdown(socket.SHUT_RDWR)
+        link.abort()
         return True
 
     def restore_connection(self) -> None:
@@ -299,10 +357,12 @@ class SimDevice:
     def _enqueue(self, channel: Channel, at: float, body: Body) -> None:
         if self._stop.is_set():
             return
-        if self._outbox.qsize() >= MAX_BACKLOG:  # offline for long: like firmware, forget
+        if len(self._outbox) >= MAX_BACKLOG:  # offline for long: like firmware, forget
             self.dropped += 1
             return
-        self._outbox.put_nowait(Outgoing(channel, at, body))
+        self._outbox.append(Outgoing(channel, at, body))
+        self._settled.clear()
+        self._pump()
 
     def _advance(self) -> float:
         """Bring the model up to now (or to the frozen end); returns sim now."""
@@ -318,41 +378,35 @@ class SimDevice:
         if drained.changed:
             self._enqueue("status", now, self.model.snapshot())
 
-    async def _behaviour(self) -> None:
+    def _arm_behaviour(self) -> None:
         clock, end = self.ctx.clock, self.ctx.end
-        tick = min(1.0, max(0.2, clock.wall_seconds(30.0)))
-        while True:
-            now = self._advance()
-            self._sync(now)
-            if end is not None and now >= end:
-                break
-            if await self._sleep(tick):
-                return
+        due = self.model.t + STEP_S
+        if end is not None:
+            due = min(due, end)
+        delay = max(MIN_TICK_S, clock.wall_seconds(due - clock.now()) + self._phase_s)
+        self._timers["behaviour"] = asyncio.get_running_loop().call_later(delay, self._behave)
+
+    def _behave(self) -> None:
+        now = self._advance()
+        self._sync(now)
+        end = self.ctx.end
+        if end is None or now < end:
+            self._arm_behaviour()
+            return
         # Power, energy and soc move every step without being a "change"; publish the frozen
         # state now, so that nothing a later heartbeat says differs from the log at HOLD.
         self._enqueue("status", now, self.model.snapshot())
-        async with asyncio.TaskGroup() as tg:  # wait until all of it is acknowledged
-            flushed = tg.create_task(self._outbox.join(), name=f"{self.id}:flush")
-            stopped = tg.create_task(self._stop.wait(), name=f"{self.id}:stopped")
-            await asyncio.wait((flushed, stopped), return_when=asyncio.FIRST_COMPLETED)
-            flushed.cancel()
-            stopped.cancel()
-        if not self._stop.is_set():
-            self.held.set()
+        self._frozen = True
+        self._check_settled()
 
-    async def _heartbeat(self) -> None:
-        # Each device beats a little faster than required, at its own pace, so that devices
-        # which connected together drift apart instead of beating in bursts.
-        heartbeat = self.ctx.heartbeat_s * self._jitter.uniform(0.8, 0.95)
-        while True:
-            wait = self._last_status + heartbeat - time.monotonic()
-            if wait > 0:
-                if await self._sleep(wait):
-                    return
-                continue
+    def _heartbeat(self) -> None:
+        wait = self._last_status + self._beat_s - time.monotonic()
+        if wait <= 0:
             if self.connected:
                 self._enqueue("status", self.ctx.clock.now(), self.model.snapshot())
             self._last_status = time.monotonic()
+            wait = self._beat_s
+        self._timers["heartbeat"] = asyncio.get_running_loop().call_later(wait, self._heartbeat)
 
     # -- injections (for tests and demos; they apply even after behaviour froze) ---------------
 
@@ -418,4 +472,5 @@ class SimDevice:
 
     async def settle(self) -> None:
         """Wait until everything queued so far is published and acknowledged."""
-        await self._outbox.join()
+        while not self._settled.is_set():
+            await self._settled.wait()

@@ -132,6 +132,11 @@ class Fleet:
         return sum(d.published for d in self.devices.values())
 
     @property
+    def born(self) -> int:
+        """Devices whose first birth was acknowledged."""
+        return sum(1 for d in self.devices.values() if d.born.is_set())
+
+    @property
     def connected(self) -> int:
         return sum(1 for d in self.devices.values() if d.connected)
 
