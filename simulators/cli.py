@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stats-s",
         type=float,
         metavar="S",
-        help="print a STATS line (JSON: born, connected, published, cpu_s) every S wall seconds",
+        help="print a STATS line every S wall seconds (JSON: born, connected, published, "
+        "lag_max_s: the latest a heartbeat was due meanwhile, cpu_s)",
     )
     p.add_argument(
         "--log-level",
@@ -161,6 +162,7 @@ async def _stats(fleet: Fleet, every_s: float) -> None:
             "born": fleet.born,
             "connected": fleet.connected,
             "published": fleet.published,
+            "lag_max_s": round(fleet.stats.take_lag(), 3),
             "cpu_s": round(cpu.user + cpu.system, 3),
         }
         _say("STATS " + json.dumps(line, separators=(",", ":")))

@@ -29,7 +29,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from devices.catalog import DeviceSpec
@@ -61,6 +61,21 @@ Recorder = Callable[[str, bool, str], None]
 """Called with (topic, retain, payload) for every publish the broker acknowledged."""
 
 
+@dataclass(slots=True)
+class FleetStats:
+    """Counters of a whole fleet, kept by its devices (reading them costs nothing)."""
+
+    born: int = 0  # devices whose first birth was acknowledged
+    connected: int = 0
+    published: int = 0  # messages the broker acknowledged
+    lag_max_s: float = 0.0  # the latest a heartbeat was queued after it was due
+
+    def take_lag(self) -> float:
+        """The largest heartbeat lag since the last call."""
+        lag, self.lag_max_s = self.lag_max_s, 0.0
+        return lag
+
+
 @dataclass(frozen=True, slots=True)
 class SimContext:
     """What every device of a fleet shares."""
@@ -77,6 +92,7 @@ class SimContext:
     timeout_s: float = 10.0
     connect_limiter: asyncio.Semaphore | None = None
     record: Recorder | None = None
+    stats: FleetStats = field(default_factory=FleetStats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +271,7 @@ class SimDevice:
         """Birth, then the outbox until the connection ends; None after a graceful stop."""
         self._link, self.connected = link, True
         self.connects += 1
+        self.ctx.stats.connected += 1
         try:
             self._requeue_for_session()
             assert self._seq == will_seq, "the birth must carry the seq its Will names"
@@ -267,6 +284,7 @@ class SimDevice:
             raise
         finally:
             self._link, self.connected = None, False
+            self.ctx.stats.connected -= 1
             self._inflight.clear()  # never acknowledged: lost with the connection
             self._check_settled()
 
@@ -304,17 +322,19 @@ class SimDevice:
         if sent is None:
             return
         sent.acked = True
-        record = self.ctx.record
+        record, stats = self.ctx.record, self.ctx.stats
         while self._inflight:
             first_id, first = next(iter(self._inflight.items()))
             if not first.acked:
                 break
             del self._inflight[first_id]
             self.published += 1
+            stats.published += 1
             if record is not None:
                 record(first.topic, first.retain, first.text)
-            if first.role == "birth":
+            if first.role == "birth" and not self.born.is_set():
                 self.born.set()
+                stats.born += 1
             elif first.role == "death" and self._link is not None:
                 self._link.disconnect()
                 return
@@ -402,6 +422,8 @@ class SimDevice:
     def _heartbeat(self) -> None:
         wait = self._last_status + self._beat_s - time.monotonic()
         if wait <= 0:
+            stats = self.ctx.stats
+            stats.lag_max_s = max(stats.lag_max_s, -wait)
             if self.connected:
                 self._enqueue("status", self.ctx.clock.now(), self.model.snapshot())
             self._last_status = time.monotonic()

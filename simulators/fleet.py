@@ -20,7 +20,7 @@ from devices.catalog import Catalog
 from devices.topics import TopicScheme
 from simulators.clock import SimClock
 from simulators.config import FleetConfig
-from simulators.device import SimContext, SimDevice
+from simulators.device import FleetStats, SimContext, SimDevice
 from simulators.errors import UnknownDevice
 from simulators.truth import TruthLog
 
@@ -128,17 +128,22 @@ class Fleet:
     # -- stats --------------------------------------------------------------------------------
 
     @property
+    def stats(self) -> FleetStats:
+        """Born, connected and published counts, and the heartbeat lag, kept as they change."""
+        return self.context.stats
+
+    @property
     def published(self) -> int:
-        return sum(d.published for d in self.devices.values())
+        return self.context.stats.published
 
     @property
     def born(self) -> int:
         """Devices whose first birth was acknowledged."""
-        return sum(1 for d in self.devices.values() if d.born.is_set())
+        return self.context.stats.born
 
     @property
     def connected(self) -> int:
-        return sum(1 for d in self.devices.values() if d.connected)
+        return self.context.stats.connected
 
     # -- injections ---------------------------------------------------------------------------
 

@@ -7,9 +7,11 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from api.bench.workload import write_catalog
 from devices.catalog import Catalog
 from devices.contract import Death, decode
 from devices.topics import TopicScheme
@@ -96,3 +98,33 @@ def test_bad_options_fail_with_a_message(
 ) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+async def test_stats_lines_count_what_the_simulator_published(
+    broker: Process, tmp_path: Path
+) -> None:
+    catalog = write_catalog(tmp_path / "catalog.json", 3)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "simulators", "--broker", broker.url, "--catalog", str(catalog),
+        "--stats-s", "0.2", "--log-level", "WARNING",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+
+        async def until_all_born() -> dict[str, Any]:
+            while True:
+                line = await _line(proc.stdout)  # type: ignore[arg-type]
+                if line.startswith("STATS "):
+                    stats: dict[str, Any] = json.loads(line.removeprefix("STATS "))
+                    if stats["born"] == 3:
+                        return stats
+
+        stats = await within(until_all_born(), 30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await within(proc.wait(), 30) == 0
+    assert stats["connected"] == 3
+    assert stats["published"] >= 3  # every birth at least; then a snapshot each
+    assert stats["cpu_s"] > 0
+    assert stats["lag_max_s"] >= 0

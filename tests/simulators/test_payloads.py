@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from datetime import UTC, datetime
 
 import pytest
 
@@ -12,6 +14,7 @@ from simulators import payloads
 from simulators.backoff import Backoff
 from simulators.cabinet import CabinetModel
 from simulators.config import BrokerAddress, Shard
+from simulators.daycycle import LOCAL_TZ
 from simulators.errors import SimulatorError
 from simulators.pile import PileModel
 from simulators.rng import device_rng
@@ -25,6 +28,25 @@ def test_piles_stamp_rfc3339_at_plus_eight_cabinets_epoch_ms() -> None:
     assert payloads.device_ts("pile", at) == "2026-11-28T12:00:00.250+08:00"
     assert payloads.device_ts("cabinet", at) == round(at * 1000)
     assert parse_ts(payloads.device_ts("pile", at)) == round(at * 1000)
+
+
+def test_pile_stamps_match_a_datetime_per_message() -> None:
+    """The per-second cache gives the text a datetime per message would (was: per message)."""
+    rng = random.Random(5)
+    for _ in range(2000):
+        at = T0 + rng.uniform(-3 * 86400, 3 * 86400)
+        exact = datetime.fromtimestamp(round(at * 1000) / 1000, tz=UTC).astimezone(LOCAL_TZ)
+        assert payloads.device_ts("pile", at) == exact.isoformat(timespec="milliseconds")
+
+
+def test_message_is_the_header_then_the_body() -> None:
+    body = {"kind": "pile", "temp_c": 31.5, "note": "中文", "faults": []}
+    text = payloads.message("pile", T0 + 0.5, "7f3a", 42, body)
+    ts = payloads.device_ts("pile", T0 + 0.5)
+    header = {"v": 1, "ts": ts, "boot": "7f3a", "seq": 42}
+    assert json.loads(text) == {**header, **body}
+    assert list(json.loads(text)) == [*header, *body]
+    assert text == json.dumps({**header, **body}, separators=(",", ":"), ensure_ascii=False)
 
 
 def test_every_payload_decodes_with_the_contract(catalog: Catalog) -> None:
