@@ -1,9 +1,9 @@
 """Simulated charging piles and swap cabinets that speak contract v1 over MQTT.
 
 Layout: pure behaviour (``daycycle``, ``model``, ``pile``, ``cabinet``, ``rng``) that only
-moves state along a simulated clock; the wire (``payloads``, ``device``, ``backoff``,
-``truth``) that turns that state into firmware-identical MQTT traffic; and the ``fleet`` and
-``cli`` that run every catalog device from one process.
+moves state along a simulated clock; the wire (``payloads``, ``mqtt``, ``device``,
+``backoff``, ``truth``) that turns that state into firmware-identical MQTT traffic; and the
+``fleet`` and ``cli`` that run every catalog device from one process.
 
 Errors::
 
@@ -11,7 +11,8 @@ Errors::
      +-- UnknownDevice    a device id that this fleet does not run
      +-- UnsupportedUnit  an injection that makes no sense for this kind of device
 
-simulators depends only on ``devices`` of ours (plus aiomqtt/paho and the stdlib).
+simulators depends only on ``devices`` of ours and the stdlib: its MQTT 3.1.1 client is its
+own (``mqtt``), one asyncio protocol per device connection.
 """
 
 from simulators.errors import SimulatorError, UnknownDevice, UnsupportedUnit

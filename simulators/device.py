@@ -176,6 +176,7 @@ class SimDevice:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._arm_behaviour()
+        self._last_status = time.monotonic()
         self._timers["heartbeat"] = loop.call_later(self._beat_s, self._heartbeat)
         try:
             await self._connection()
@@ -422,9 +423,9 @@ class SimDevice:
     def _heartbeat(self) -> None:
         wait = self._last_status + self._beat_s - time.monotonic()
         if wait <= 0:
-            stats = self.ctx.stats
-            stats.lag_max_s = max(stats.lag_max_s, -wait)
             if self.connected:
+                stats = self.ctx.stats
+                stats.lag_max_s = max(stats.lag_max_s, -wait)
                 self._enqueue("status", self.ctx.clock.now(), self.model.snapshot())
             self._last_status = time.monotonic()
             wait = self._beat_s
