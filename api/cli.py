@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -38,6 +39,16 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def tune_gc() -> None:
+    """Once start-up is done: what exists now (catalog, twins, the app) lives as long as the
+    process, so the collector stops scanning it (``gc.freeze``), and young collections run
+    every 10,000 allocations instead of 700. Ingest allocates a handful of short-lived
+    objects per message; with the defaults the collector took about a third of the time
+    to handle one (decode, order, twin; docs/benchmarks.md)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 async def run_serve(
@@ -76,6 +87,7 @@ async def run_serve(
             await serving
             raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.port}")
         port = server.servers[0].sockets[0].getsockname()[1]
+        tune_gc()
         url = f"http://{settings.host}:{port}"
         print(f"chargewatch: MQTT broker {ingest.broker_url}", flush=True)
         print(f"chargewatch: serving {url} (API docs {url}/docs)", flush=True)

@@ -210,6 +210,7 @@ def quantile(hist: Collector, q: float) -> float | None:
 
 
 async def _pipeline(args: dict[str, Any]) -> dict[str, Any]:
+    from api.cli import tune_gc
     from devices.catalog import Catalog
     from ingest.config import IngestConfig
     from ingest.service import Ingest
@@ -224,6 +225,7 @@ async def _pipeline(args: dict[str, Any]) -> dict[str, Any]:
         **({"mqtt_client": args["mqtt_client"]} if args.get("mqtt_client") else {}),
     )
     async with Ingest(config, catalog) as ingest:
+        tune_gc()  # as `chargewatch serve` does once it is up
         m = ingest.metrics
         received = m.received._value  # the counters' own values: read, never reset
         acked = m.acked._value
