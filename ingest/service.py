@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -30,6 +31,9 @@ from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.pipeline import Pipeline, Twins
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryStore, StateStore
+
+if TYPE_CHECKING:
+    from ingest.gmqtt_source import GmqttSource
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ class Ingest:
         self._stack = AsyncExitStack()
         self._task: asyncio.Task[None] | None = None
         self.broker_url: BrokerURL | None = None
-        self.source: MqttSource | None = None
+        self.source: MqttSource | GmqttSource | None = None
         self.pipeline: Pipeline | None = None
         self.state: StateStore | None = None
         self.history: HistoryStore | None = None
@@ -174,8 +178,13 @@ class Ingest:
                 self.alerts.stall_check = self.stalled
             self._task = asyncio.create_task(self.pipeline.run(), name="ingest-pipeline")
             self._task.add_done_callback(self._pipeline_done)
+            source_type: type[MqttSource | GmqttSource] = MqttSource
+            if cfg.mqtt_client == "gmqtt":
+                from ingest.gmqtt_source import GmqttSource  # only when asked for
+
+                source_type = GmqttSource
             self.source = await self._stack.enter_async_context(
-                MqttSource(
+                source_type(
                     self.broker_url,
                     client_id=cfg.client_id,
                     subscription=self.scheme.subscription,
