@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from api.bench import procs
+from api.bench import procs, stages
 
 TARGETS = {
     "vs_mosquitto_sub": 0.40,
@@ -144,6 +144,7 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
         ]
         lines += [f"| {share:.1%} | `{frame}` |" for frame, share in p["inclusive"][:18]]
         lines.append("")
+    lines += stages.render(results.get("stages"))
     lat = results.get("latency")
     if lat:
         lines += [

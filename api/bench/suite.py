@@ -31,7 +31,7 @@ import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from api.bench import agents, procs
+from api.bench import agents, procs, stages
 from api.bench.workload import Stream, specs_of, write_catalog
 from ingest.config import IngestConfig
 
@@ -59,7 +59,17 @@ class Plan:
     profile: bool = True
     parts: frozenset[str] = field(
         default_factory=lambda: frozenset(
-            {"throughput", "scale", "latency", "api", "footprint", "simulator", "alerts", "profile"}
+            {
+                "throughput",
+                "scale",
+                "latency",
+                "api",
+                "footprint",
+                "simulator",
+                "alerts",
+                "profile",
+                "stages",
+            }
         )
     )
 
@@ -646,4 +656,5 @@ PARTS: dict[str, Callable[[Path, Plan], Any]] = {
     "simulator": simulator,
     "alerts": alerts,
     "profile": profile,
+    "stages": lambda work, plan: stages.stages(work, plan.devices),
 }
