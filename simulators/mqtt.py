@@ -126,6 +126,7 @@ class Link(asyncio.Protocol):
         timeout_s: float = 10.0,
     ) -> Link:
         loop = asyncio.get_running_loop()
+        link: Link | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 _, link = await loop.create_connection(lambda: cls(on_ack, keepalive_s), host, port)
@@ -134,11 +135,15 @@ class Link(asyncio.Protocol):
                 )
                 await link._connack
         except TimeoutError:
-            if "link" in locals():
+            if link is not None:
                 link.abort()
             raise MqttError(f"no CONNACK from {host}:{port} within {timeout_s:.0f}s") from None
         except OSError as exc:
             raise MqttError(f"cannot connect to {host}:{port}: {exc}") from exc
+        except MqttError:
+            if link is not None:
+                link.abort()
+            raise
         link._arm_ping()
         return link
 
