@@ -100,3 +100,19 @@ def page_headers(request: Request, total: int, limit: int | None, offset: int) -
     link("last", max(0, (total - 1) // limit * limit) if total else 0)
     headers["Link"] = ", ".join(links)
     return headers
+
+
+def cached_bytes(
+    request: Request,
+    data: bytes,
+    etag: str,
+    *,
+    max_age_s: int = RIDER_MAX_AGE_S,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """JSON already serialised (``data``) with its ``etag``, or 304 when the client
+    already has it."""
+    out = {"ETag": etag, "Cache-Control": f"public, max-age={max_age_s}", **(headers or {})}
+    if _matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=out)
+    return Response(data, media_type="application/json", headers=out)

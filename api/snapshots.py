@@ -1,39 +1,111 @@
-"""Station views computed once and shared by every request that wants them.
+"""Station views computed once and shared by every request that wants them, kept per
+device and served as ready JSON bytes.
 
-Computing one station means computing each of its devices (estimates included): about
-30 ms for the whole district on this machine, which capped the station list at ~30
-requests/s. Riders ask far more often than devices change, so a station's view is kept and
-recomputed when one of its devices changed (at most every ``REFRESH_MS``, so a busy station
-cannot make every request recompute) or when it is ``MAX_AGE_MS`` old (what only time
-changes: a device going stale, countdowns). Ages (``data_age_s``) are recomputed for every
-answer, so they stay exact; ETags are computed once per view, not per request.
+Computing one device's view (estimates included) takes ~50-80 us; the district's 412 took
+~30 ms, and recomputing whole stations on the event loop was the rider API's tail. So each
+device's view is kept with its ETag part and its JSON, and recomputed only when
+
+- the device changed (``on_change``, the pipeline's post-commit listener),
+- it goes stale: at the exact instant its last message is 3 heartbeats old, so a cached view
+  never shows a device fresher than it is, or
+- it is ``MAX_AGE_MS`` old (what only time changes: ages, countdowns, estimates from the
+  district's medians), drawn per computation between half and all of it, so that devices
+  computed together do not all come due in the same request.
+
+A station's counts are summed from its devices' kept views when one of them was recomputed;
+a changed station at most every ``REFRESH_MS``. The station's own ``data_age_s`` is spliced
+in for every answer, so it stays exact; ETags are computed with the views, not per request.
 """
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from api.caching import etag_of
+import pydantic_core
+
+from api.caching import etag_of, etag_of_bytes
 from api.live import Trends
-from api.views import station_view
-from devices.catalog import Catalog
+from api.views import DeviceFacts, device_facts, device_view, station_summary
+from devices.availability import STALE_FACTOR
+from devices.catalog import Catalog, StationSpec
 from ingest.pipeline import Twins
 from ingest.twins import Twin
 
 REFRESH_MS = 250
 """A changed station is recomputed at most this often: counts are at most this late."""
 MAX_AGE_MS = 1000
-"""An unchanged station is recomputed this often: staleness shows at most this late."""
+"""A device view is recomputed at least this often: ages and countdowns at most this old."""
+_STEP_MS = 250
+"""A station whose devices only age is looked at no more often than this (stale flips are
+exact)."""
+_NEVER = 2**62
+
+# placeholders for what each answer fills in; a catalog string would have to be exactly this
+_AGE = "\x00cw:data_age_s\x00"
+_DISTANCE = "\x00cw:distance_m\x00"
+_HOLES = re.compile(rb'"\\u0000cw:(data_age_s|distance_m)\\u0000"')
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class _Device:
+    view: dict[str, Any]  # shared, never mutated
+    facts: DeviceFacts
+    json: bytes
+    tag: bytes  # ETag material: the view without ages and countdowns
+    due_ms: int  # recompute at or after this (stale flip or age)
+    flips_ms: int  # when it goes stale without a message (or _NEVER)
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """JSON bytes with holes for ``data_age_s`` and ``distance_m``."""
+
+    parts: tuple[bytes, ...]
+    holes: tuple[str, ...]  # "data_age_s" / "distance_m", between the parts
+
+    @classmethod
+    def of(cls, view: dict[str, Any]) -> Template:
+        pieces = _HOLES.split(pydantic_core.to_json(view))
+        return cls(tuple(pieces[0::2]), tuple(p.decode() for p in pieces[1::2]))
+
+    def fill(self, data_age_s: float | None, distance_m: float | None = None) -> bytes:
+        values = {
+            "data_age_s": pydantic_core.to_json(data_age_s),
+            "distance_m": pydantic_core.to_json(distance_m),
+        }
+        out = [self.parts[0]]
+        for hole, part in zip(self.holes, self.parts[1:], strict=True):
+            out += (values[hole], part)
+        return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _Station:
     computed_ms: int
-    view: dict[str, Any]  # with "devices"; shared, never mutated
+    due_ms: int  # look at its devices again at or after this
+    summary: dict[str, Any]  # without "devices"; shared, never mutated
+    devices: tuple[dict[str, Any], ...]  # shared, never mutated
     updated_ms: int | None
+    last_updated_ms: int | None
     etag: str  # of the view with its devices (station detail)
     summary_etag: str  # of the view without devices (one station in the list)
+    summary_json: Template  # holes: distance_m, data_age_s
+    device_json: tuple[bytes, ...]
+
+    def detail_json(self, now_ms: int) -> bytes:
+        """The view with its devices (``distance_m`` null), as ``to_json`` would write it:
+        the summary's JSON, then the devices' own JSON joined (``devices`` is the last key).
+        Built per answer: most answers are lists, which do not need it."""
+        summary = self.summary_json.fill(self.data_age_s(now_ms), None)
+        return b"".join([summary[:-1], b',"devices":[', b",".join(self.device_json), b"]}"])
+
+    def data_age_s(self, now_ms: int) -> float | None:
+        if self.updated_ms is None:
+            return None
+        return round(max(0, now_ms - self.updated_ms) / 1000, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,44 +120,107 @@ class StationViews:
         self.catalog = catalog
         self.twins = twins
         self.trends = trends
-        self._entries: dict[str, _Entry] = {}
-        self._dirty: set[str] = set()
+        self._devices: dict[str, _Device] = {}
+        self._stations: dict[str, _Station] = {}
+        self._dirty_devices: set[str] = set()
+        self._dirty: set[str] = set()  # stations
+        self._random = random.Random()
+        self.device_computations = 0  # views computed (tests, and the bench's profile)
 
     def on_change(self, twins: list[Twin]) -> None:
         """Pipeline listener: these devices changed."""
-        self._dirty.update(t.station_id for t in twins)
+        for t in twins:
+            self._dirty_devices.add(t.device_id)
+            self._dirty.add(t.station_id)
 
-    def get(self, station_id: str, now_ms: int, *, fresh: bool = False) -> Snapshot:
-        """The station's view (``devices`` included, shared read-only) and its ETags.
-        ``fresh``: a changed station is recomputed now, not after ``REFRESH_MS`` (for the
-        SSE streams, woken once per change; the first one recomputes, the rest share it)."""
-        entry = self._entries.get(station_id)
+    # -- reading -------------------------------------------------------------------------
+
+    def station(self, station_id: str, now_ms: int, *, fresh: bool = False) -> _Station:
+        """The station's kept view, brought up to date for ``now_ms``. ``fresh``: a changed
+        station is recomputed now, not after ``REFRESH_MS`` (for the SSE streams, woken once
+        per change; the first one recomputes, the rest share it)."""
+        entry = self._stations.get(station_id)
         if entry is not None:
             age = now_ms - entry.computed_ms
-            dirty = station_id in self._dirty
-            if (fresh and dirty) or not (age < REFRESH_MS or (age < MAX_AGE_MS and not dirty)):
+            if station_id in self._dirty:
+                if fresh or age >= REFRESH_MS or now_ms >= entry.due_ms:
+                    entry = None
+            elif now_ms >= entry.due_ms:
                 entry = None
         if entry is None:
-            view = station_view(
-                self.catalog.stations[station_id],
-                self.twins,
-                now_ms,
-                trends=self.trends,
-                with_devices=True,
-            )
-            updated = max(
-                (
-                    t.last_seen_ms
-                    for d in self.catalog.stations[station_id].devices
-                    if (t := self.twins[d.id]).last_seen_ms is not None
-                ),
-                default=None,
-            )
-            summary = {k: v for k, v in view.items() if k != "devices"}
-            entry = _Entry(now_ms, view, updated, etag_of(view), etag_of(summary))
-            self._entries[station_id] = entry
-            self._dirty.discard(station_id)
-        out = dict(entry.view)
-        if entry.updated_ms is not None:
-            out["data_age_s"] = round(max(0, now_ms - entry.updated_ms) / 1000, 1)
+            entry = self._compute(self.catalog.stations[station_id], now_ms)
+        return entry
+
+    def get(self, station_id: str, now_ms: int, *, fresh: bool = False) -> Snapshot:
+        """The station's view (``devices`` included, shared read-only) and its ETags."""
+        entry = self.station(station_id, now_ms, fresh=fresh)
+        out = dict(entry.summary)
+        out["data_age_s"] = entry.data_age_s(now_ms)
+        out["devices"] = list(entry.devices)
         return Snapshot(out, entry.etag, entry.summary_etag)
+
+    def summary(self, station_id: str, now_ms: int, *, fresh: bool = False) -> Snapshot:
+        """The station's view without ``devices`` (a copy) and its summary ETag."""
+        entry = self.station(station_id, now_ms, fresh=fresh)
+        out = dict(entry.summary)
+        out["data_age_s"] = entry.data_age_s(now_ms)
+        return Snapshot(out, entry.summary_etag, entry.summary_etag)
+
+    # -- computing -----------------------------------------------------------------------
+
+    def _device(self, twin: Twin, now_ms: int) -> _Device:
+        entry = self._devices.get(twin.device_id)
+        if (
+            entry is not None
+            and now_ms < entry.due_ms
+            and twin.device_id not in self._dirty_devices
+        ):
+            return entry
+        self._dirty_devices.discard(twin.device_id)
+        self.device_computations += 1
+        view = device_view(twin, now_ms, self.trends)
+        flips = _NEVER
+        if view["online"] and twin.last_seen_ms is not None:
+            flips = twin.last_seen_ms + STALE_FACTOR * twin.heartbeat_s * 1000
+        aged = now_ms + int(MAX_AGE_MS * self._random.uniform(0.5, 1.0))
+        entry = _Device(
+            view=view,
+            facts=device_facts(twin, view, now_ms),
+            json=pydantic_core.to_json(view),
+            tag=etag_of(view).encode(),
+            due_ms=min(flips, aged),
+            flips_ms=flips,
+        )
+        self._devices[twin.device_id] = entry
+        return entry
+
+    def _compute(self, station: StationSpec, now_ms: int) -> _Station:
+        devices = [self._device(self.twins[spec.id], now_ms) for spec in station.devices]
+        summary = station_summary(station, [d.facts for d in devices], now_ms)
+        summary_etag = etag_of(summary)
+        etag = etag_of_bytes(b";".join([summary_etag.encode(), *(d.tag for d in devices)]))
+        flips = min((d.flips_ms for d in devices), default=_NEVER)
+        aged = min((d.due_ms for d in devices), default=_NEVER)
+        updated = max(
+            (d.facts.last_seen_ms for d in devices if d.facts.last_seen_ms is not None),
+            default=None,
+        )
+        last_updated = max(
+            (d.facts.last_updated_ms for d in devices if d.facts.last_updated_ms is not None),
+            default=None,
+        )
+        entry = _Station(
+            computed_ms=now_ms,
+            due_ms=min(flips, max(aged, now_ms + _STEP_MS)),
+            summary=summary,
+            devices=tuple(d.view for d in devices),
+            updated_ms=updated,
+            last_updated_ms=last_updated,
+            etag=etag,
+            summary_etag=summary_etag,
+            summary_json=Template.of({**summary, "distance_m": _DISTANCE, "data_age_s": _AGE}),
+            device_json=tuple(d.json for d in devices),
+        )
+        self._stations[station.id] = entry
+        self._dirty.discard(station.id)
+        return entry

@@ -7,6 +7,8 @@ as free or ready; every object says when its data was last updated and how old i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -304,6 +306,38 @@ def _min(values: list[int | None]) -> int | None:
     return min(known) if known else None
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    """What a station's view takes from one device, as of the instant its view was
+    computed (so a cached device view and its station's counts always agree)."""
+
+    kind: str
+    units: int
+    online: bool
+    last_seen_ms: int | None
+    last_updated_ms: int | None
+    has_status: bool
+    known: int  # free ports / ready batteries it reports (last known, when offline)
+    next_in_s: int | None  # next_free_in_s (pile) or next_ready_in_s (cabinet)
+    charging: int  # slots charging (cabinet)
+
+
+def device_facts(twin: Twin, view: dict[str, Any], now_ms: int) -> DeviceFacts:
+    """``view`` is ``device_view(twin, now_ms, ...)``."""
+    pile = twin.kind == "pile"
+    return DeviceFacts(
+        kind=twin.kind,
+        units=twin.units,
+        online=view["online"],
+        last_seen_ms=twin.last_seen_ms,
+        last_updated_ms=last_updated_ms(twin, now_ms),
+        has_status=twin.status is not None,
+        known=_last_known(twin),
+        next_in_s=view["next_free_in_s"] if pile else view["next_ready_in_s"],
+        charging=0 if pile else sum(1 for s in view["slots"] if s["state"] == "charging"),
+    )
+
+
 def station_view(
     station: StationSpec,
     twins: Twins,
@@ -313,6 +347,25 @@ def station_view(
     trends: Trends | None = None,
     with_devices: bool = False,
 ) -> dict[str, Any]:
+    views = [device_view(twins[spec.id], now_ms, trends) for spec in station.devices]
+    facts = [
+        device_facts(twins[spec.id], view, now_ms)
+        for spec, view in zip(station.devices, views, strict=True)
+    ]
+    out = station_summary(station, facts, now_ms, origin=origin)
+    if with_devices:
+        out["devices"] = views
+    return out
+
+
+def station_summary(
+    station: StationSpec,
+    devices: Sequence[DeviceFacts],
+    now_ms: int,
+    *,
+    origin: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """A station's view (without ``devices``) from its devices' facts, in catalog order."""
     piles: dict[str, Any] = {
         "devices": 0,
         "online": 0,
@@ -333,38 +386,34 @@ def station_view(
     next_free: list[int | None] = []
     next_ready: list[int | None] = []
     charging = 0
-    devices = []
-    for spec in station.devices:
-        twin = twins[spec.id]
-        view = device_view(twin, now_ms, trends)
-        devices.append(view)
-        online = view["online"]
-        if twin.last_seen_ms is not None and (updated is None or twin.last_seen_ms > updated):
-            updated = twin.last_seen_ms
-        last = last_updated_ms(twin, now_ms)
+    for f in devices:
+        online = f.online
+        if f.last_seen_ms is not None and (updated is None or f.last_seen_ms > updated):
+            updated = f.last_seen_ms
+        last = f.last_updated_ms
         if last is not None and (changed is None or last > changed):
             changed = last
-        if not online and twin.last_seen_ms is not None and twin.status is not None:
-            stale_seen = max(stale_seen or 0, twin.last_seen_ms)
-        if twin.kind == "pile":
+        if not online and f.last_seen_ms is not None and f.has_status:
+            stale_seen = max(stale_seen or 0, f.last_seen_ms)
+        if f.kind == "pile":
             piles["devices"] += 1
-            piles["ports_total"] += twin.units
+            piles["ports_total"] += f.units
             if online:
                 piles["online"] += 1
-                piles["ports_free"] += _last_known(twin)
-                next_free.append(view["next_free_in_s"])
+                piles["ports_free"] += f.known
+                next_free.append(f.next_in_s)
             else:
-                piles["last_known_free"] += _last_known(twin)
+                piles["last_known_free"] += f.known
         else:
             cabinets["devices"] += 1
-            cabinets["slots_total"] += twin.units
+            cabinets["slots_total"] += f.units
             if online:
                 cabinets["online"] += 1
-                cabinets["batteries_ready"] += _last_known(twin)
-                next_ready.append(view["next_ready_in_s"])
-                charging += sum(1 for s in view["slots"] if s["state"] == "charging")
+                cabinets["batteries_ready"] += f.known
+                next_ready.append(f.next_in_s)
+                charging += f.charging
             else:
-                cabinets["last_known_ready"] += _last_known(twin)
+                cabinets["last_known_ready"] += f.known
     cabinets["batteries_charging"] = charging
     any_online = piles["online"] + cabinets["online"] > 0
     last_known = None
@@ -408,8 +457,6 @@ def station_view(
         "next_free_in_s": _min(next_free),
         "next_ready_in_s": _min(next_ready),
     }
-    if with_devices:
-        out["devices"] = devices
     return out
 
 

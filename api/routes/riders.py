@@ -14,17 +14,17 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from fastapi import APIRouter, Query, Request, Response
 
-from api.caching import cached_json, etag_of_bytes, page_headers
-from api.deps import IngestDep
+from api.caching import cached_bytes, cached_json, etag_of_bytes, page_headers
 from api.errors import NotFound, invalid_query
-from api.forecast import StationStats, StatsDep, arrival_estimate, district_tz
-from api.live import LiveDep
+from api.forecast import StationStats, StatsCache, arrival_estimate, district_tz
+from api.live import Trends
 from api.snapshots import StationViews
 from api.views import device_view, rfc3339, station_has
 from devices.catalog import distance_m
-from ingest.service import now_ms
+from ingest.service import Ingest, now_ms
 
 router = APIRouter(prefix="/v1", tags=["riders"])
 
@@ -44,11 +44,15 @@ def parse_time(field: str, value: str | None) -> int | None:
     return int(dt.timestamp() * 1000)
 
 
+def _app_state(request: Request) -> Any:
+    """What the rider routes read, straight from the app state: FastAPI runs a plain
+    ``def`` dependency in a worker thread, two thread hops per request under a busy GIL."""
+    return request.app.state
+
+
 @router.get("/stations")
 async def stations(
     request: Request,
-    ingest: IngestDep,
-    stats: StatsDep,
     lat: Annotated[float | None, Query(ge=-90, le=90)] = None,
     lon: Annotated[float | None, Query(ge=-180, le=180)] = None,
     radius_m: Annotated[float, Query(gt=0, le=100_000)] = 2000,
@@ -70,10 +74,66 @@ async def stations(
     since_ms = parse_time("updated_since", updated_since)
     now = now_ms()
     origin = (lat, lon) if lat is not None and lon is not None else None
-    shared: StationViews = request.app.state.views
-    snapshots = [shared.get(station_id, now) for station_id in ingest.catalog.stations]
-    summary_etags = {s.view["id"]: s.summary_etag for s in snapshots}
-    full = [s.view for s in snapshots]
+    state = _app_state(request)
+    ingest: Ingest = state.ingest
+    shared: StationViews = state.views
+    if arrive_in_s is not None:
+        return await _ranked(request, state.stats, ingest, shared, now, origin, radius_m,
+                             kind, available, arrive_in_s, since_ms, limit, offset)  # fmt: skip
+    # the common query: the kept views' JSON, with each answer's distance and age spliced in
+    chosen: list[tuple[float | None, str]] = []
+    entries = {}
+    for station_id, spec in ingest.catalog.stations.items():
+        entry = shared.station(station_id, now)
+        distance = None
+        if origin is not None:
+            distance = round(distance_m(origin[0], origin[1], spec.lat, spec.lon), 1)
+            if distance > radius_m:
+                continue
+        if not station_has(entry.summary, kind, available):
+            continue
+        if since_ms is not None and (entry.last_updated_ms or 0) < since_ms:
+            continue
+        entries[station_id] = entry
+        chosen.append((distance, station_id))
+    if origin is not None:
+        chosen.sort(key=lambda c: c[0] or 0.0)
+    total = len(chosen)
+    page = chosen[offset : offset + limit] if limit is not None else chosen[offset:]
+    parts = [f"{i}:{entries[i].summary_etag}:{d}" for d, i in page]
+    etag = etag_of_bytes(f"{total};{';'.join(parts)}".encode())
+    body = b"".join(
+        [
+            b'{"stations":[',
+            b",".join(entries[i].summary_json.fill(entries[i].data_age_s(now), d) for d, i in page),
+            b'],"generated_at":',
+            pydantic_core.to_json(rfc3339(now)),
+            b',"total":',
+            str(total).encode(),
+            b"}",
+        ]
+    )
+    return cached_bytes(request, body, etag, headers=page_headers(request, total, limit, offset))
+
+
+async def _ranked(
+    request: Request,
+    stats: StatsCache,
+    ingest: Ingest,
+    shared: StationViews,
+    now: int,
+    origin: tuple[float, float] | None,
+    radius_m: float,
+    kind: str | None,
+    available: bool,
+    arrive_in_s: int,
+    since_ms: int | None,
+    limit: int | None,
+    offset: int,
+) -> Response:
+    """Stations ranked by the chance that what the rider needs is still there on arrival:
+    new estimates for every request, so no ETag."""
+    full = [shared.get(station_id, now).view for station_id in ingest.catalog.stations]
     if origin is not None:
         for v in full:
             v["distance_m"] = round(distance_m(origin[0], origin[1], v["lat"], v["lon"]), 1)
@@ -82,52 +142,54 @@ async def stations(
     full = [v for v in full if station_has(v, kind, available)]
     if since_ms is not None:
         full = [v for v in full if (parse_time("", v["last_updated"]) or 0) >= since_ms]
-    if arrive_in_s is not None:
-        hour = (
-            datetime.fromtimestamp(now / 1000, tz=UTC).astimezone(district_tz(ingest.catalog)).hour
-        )
-        history = ingest.history
-        for v in full:
-            spec = ingest.catalog.stations[v["id"]]
-            station_stats: StationStats | None = None
-            if history is not None:
-                station_stats = await asyncio.to_thread(
-                    stats.get, history, ingest.catalog, spec, now, 4, ingest.config.release_soc
-                )
-            v["arrival"] = arrival_estimate(v, v["devices"], station_stats, arrive_in_s, hour)
-        field = {"pile": "p_port", "cabinet": "p_battery", None: "p_any"}[kind]
-        full.sort(key=lambda v: (-(v["arrival"][field] or 0.0), v["distance_m"] or 0.0))
+    hour = datetime.fromtimestamp(now / 1000, tz=UTC).astimezone(district_tz(ingest.catalog)).hour
+    history = ingest.history
+    for v in full:
+        spec = ingest.catalog.stations[v["id"]]
+        station_stats: StationStats | None = None
+        if history is not None:
+            station_stats = await asyncio.to_thread(
+                stats.get, history, ingest.catalog, spec, now, 4, ingest.config.release_soc
+            )
+        v["arrival"] = arrival_estimate(v, v["devices"], station_stats, arrive_in_s, hour)
+    field = {"pile": "p_port", "cabinet": "p_battery", None: "p_any"}[kind]
+    full.sort(key=lambda v: (-(v["arrival"][field] or 0.0), v["distance_m"] or 0.0))
     for v in full:
         del v["devices"]
     total = len(full)
     views = full[offset : offset + limit] if limit is not None else full[offset:]
-    body: dict[str, Any] = {"stations": views, "generated_at": rfc3339(now), "total": total}
-    if arrive_in_s is not None:
-        body["ranked_by"] = (
-            f"chance that a {'port' if kind == 'pile' else 'battery' if kind == 'cabinet' else 'port or battery'}"
-            f" is still there in {arrive_in_s} s (arrival.p_"
-            f"{'port' if kind == 'pile' else 'battery' if kind == 'cabinet' else 'any'}), then distance"
-        )
-    etag = None
-    if arrive_in_s is None:  # else the estimates are new for every request
-        parts = [f"{v['id']}:{summary_etags[v['id']]}:{v['distance_m']}" for v in views]
-        etag = etag_of_bytes(f"{total};{';'.join(parts)}".encode())
+    what = "port" if kind == "pile" else "battery" if kind == "cabinet" else "port or battery"
+    p_field = "port" if kind == "pile" else "battery" if kind == "cabinet" else "any"
+    body: dict[str, Any] = {
+        "stations": views,
+        "generated_at": rfc3339(now),
+        "total": total,
+        "ranked_by": (
+            f"chance that a {what} is still there in {arrive_in_s} s (arrival.p_{p_field}),"
+            " then distance"
+        ),
+    }
     headers = page_headers(request, total, limit, offset)
-    return cached_json(request, body, headers=headers, etag=etag)
+    return cached_json(request, body, headers=headers)
 
 
 @router.get("/stations/{station_id}")
-async def station(request: Request, ingest: IngestDep, station_id: str) -> Response:
-    spec = ingest.catalog.stations.get(station_id)
-    if spec is None:
+async def station(request: Request, station_id: str) -> Response:
+    state = _app_state(request)
+    ingest: Ingest = state.ingest
+    if station_id not in ingest.catalog.stations:
         raise NotFound("station", station_id)
-    views: StationViews = request.app.state.views
-    snapshot = views.get(station_id, now_ms())
-    return cached_json(request, snapshot.view, etag=snapshot.etag)
+    views: StationViews = state.views
+    now = now_ms()
+    entry = views.station(station_id, now)
+    return cached_bytes(request, entry.detail_json(now), entry.etag)
 
 
 @router.get("/devices/{device_id}")
-async def device(request: Request, ingest: IngestDep, live: LiveDep, device_id: str) -> Response:
+async def device(request: Request, device_id: str) -> Response:
+    state = _app_state(request)
+    ingest: Ingest = state.ingest
     if device_id not in ingest.catalog.devices:
         raise NotFound("device", device_id)
-    return cached_json(request, device_view(ingest.twins[device_id], now_ms(), live.trends))
+    trends: Trends = state.live.trends
+    return cached_json(request, device_view(ingest.twins[device_id], now_ms(), trends))

@@ -64,9 +64,8 @@ async def stream(
         now = now_ms()
         out = []
         for s in ids:
-            snapshot = shared.get(s, now, fresh=True)
-            view = {k: v for k, v in snapshot.view.items() if k != "devices"}
-            out.append((view, snapshot.summary_etag))
+            snapshot = shared.summary(s, now, fresh=True)
+            out.append((snapshot.view, snapshot.summary_etag))
         return out
 
     async def events() -> AsyncIterator[str]:
