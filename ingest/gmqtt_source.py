@@ -49,6 +49,7 @@ from ingest.mqtt import BrokerURL, Received
 log = logging.getLogger(__name__)
 
 _PUBACK = struct.Struct("!BBH")  # MQTT 3.1.1 PUBACK: type 0x40, remaining length 2, packet id
+_DISCONNECT = b"\xe0\x00"
 _QOS1_HOOK = "_handle_qos_1_publish_packet"
 
 
@@ -176,11 +177,26 @@ class GmqttSource:
             for task in (connect, lost):
                 task.cancel()
             if not self._lost.is_set():  # shutdown, refusal or a CONNACK that never came
-                self._flush_acks()  # what the store has, before DISCONNECT on the same stream
-                self._lost.set()
-                self._connection_gone()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.disconnect(), 5)
+                await self._close(client)
+
+    async def _close(self, client: Any) -> None:
+        """Write the PUBACKs of what the store has, then DISCONNECT, and let the broker close
+        first (at most a few seconds). Closing first lost PUBACKs written just before it: with
+        mosquitto 2.0.11, all but the first two of a burst in about one run of ten (probably
+        a reset overtaking what the broker had not read yet). Safe, they come again, but
+        needless duplicates."""
+        self._flush_acks()
+        self._connection_gone()  # nothing more is acknowledged on this connection
+        conn = client._connection
+        if conn is None or conn.is_closing():
+            self._lost.set()
+            return
+        conn.send_package(_DISCONNECT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._lost.wait(), 3)
+        self._lost.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 3)
 
     # -- called by the pipeline -----------------------------------------------------------
 

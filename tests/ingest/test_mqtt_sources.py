@@ -215,12 +215,6 @@ async def test_an_ack_never_goes_to_a_newer_connection(kind: str, tmp_path: Path
             # the store has the first copies now; their connection is gone: no ack for them
             assert [s.ack(r) for r in old] == [False] * 5
             assert [s.ack(r) for r in new] == [True] * 5
-            # Observed (cause unknown, 3 in ~10 runs, gmqtt only): mosquitto 2.0.11 kept 3 of
-            # 5 messages restored from its persistence file whose PUBACKs came right before
-            # a DISCONNECT (redelivery: the safe direction). One more message first.
-            await asyncio.to_thread(publish, broker.port, numbered(1, start=5))
-            await until(lambda: len(sink.got) == 11, what="one more")
-            assert s.ack(sink.got[10])
         assert await asyncio.to_thread(left_in_session, broker.port, cid) == []
 
 
