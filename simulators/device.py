@@ -1,6 +1,6 @@
 """One simulated device on the wire: its own MQTT connection, Will, birth, status and events.
 
-One task per device, and two timers on the fleet's event loop:
+One task per device, and two timers on the fleet's ``TimerWheel``:
 
 - the task (``run``) owns the connection: build the Will (the death for the birth it will
   send), connect (bounded by the fleet's limiter), publish the birth, then the outbox in
@@ -44,6 +44,7 @@ from simulators.model import STEP_S, Body, DeviceModel
 from simulators.mqtt import Link, MqttError, Will, publish_topic
 from simulators.pile import PileModel
 from simulators.rng import device_rng
+from simulators.timers import TimerWheel
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class SimContext:
     connect_limiter: asyncio.Semaphore | None = None
     record: Recorder | None = None
     stats: FleetStats = field(default_factory=FleetStats)
+    timers: TimerWheel = field(default_factory=TimerWheel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +163,6 @@ class SimDevice:
         # its model a little after each step, at its own phase, for the same reason.
         self._beat_s = ctx.heartbeat_s * self._jitter.uniform(0.8, 0.95)
         self._phase_s = self._jitter.uniform(0.0, min(1.0, ctx.clock.wall_seconds(STEP_S)))
-        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def _new_boot(self) -> str:
         return f"{self._boot_rng.getrandbits(48):012x}"
@@ -174,35 +175,23 @@ class SimDevice:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         self._arm_behaviour()
         self._last_status = time.monotonic()
-        self._timers["heartbeat"] = loop.call_later(self._beat_s, self._heartbeat)
-        try:
-            await self._connection()
-        finally:
-            self._cancel_timers()
+        self.ctx.timers.call_later(self._beat_s, self._heartbeat)
+        await self._connection()
 
     def stop(self) -> None:
         """Ask for a graceful stop: publish what is queued, then the death, then disconnect."""
         if self._stop.is_set():
             return
-        self._stop.set()
+        self._stop.set()  # the behaviour and heartbeat timers see it and end
         self._wake.set()
-        self._cancel_timers()
         self._outbox.append(None)
         self._settled.clear()
         link = self._link
         if link is not None:  # a broker that never acknowledges the death: cut it
-            self._timers["stop"] = asyncio.get_running_loop().call_later(
-                self.ctx.timeout_s, link.abort
-            )
+            self.ctx.timers.call_later(self.ctx.timeout_s, link.abort)
         self._pump()
-
-    def _cancel_timers(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when a stop was requested meanwhile."""
@@ -232,6 +221,7 @@ class SimDevice:
                 will=will,
                 username=self.id,
                 timeout_s=self.ctx.timeout_s,
+                call_later=self.ctx.timers.call_later,
             )
 
     async def _connection(self) -> None:
@@ -405,9 +395,11 @@ class SimDevice:
         if end is not None:
             due = min(due, end)
         delay = max(MIN_TICK_S, clock.wall_seconds(due - clock.now()) + self._phase_s)
-        self._timers["behaviour"] = asyncio.get_running_loop().call_later(delay, self._behave)
+        self.ctx.timers.call_later(delay, self._behave)
 
     def _behave(self) -> None:
+        if self._stop.is_set():
+            return
         now = self._advance()
         self._sync(now)
         end = self.ctx.end
@@ -421,6 +413,8 @@ class SimDevice:
         self._check_settled()
 
     def _heartbeat(self) -> None:
+        if self._stop.is_set():
+            return
         wait = self._last_status + self._beat_s - time.monotonic()
         if wait <= 0:
             if self.connected:
@@ -429,7 +423,7 @@ class SimDevice:
                 self._enqueue("status", self.ctx.clock.now(), self.model.snapshot())
             self._last_status = time.monotonic()
             wait = self._beat_s
-        self._timers["heartbeat"] = asyncio.get_running_loop().call_later(wait, self._heartbeat)
+        self.ctx.timers.call_later(wait, self._heartbeat)
 
     # -- injections (for tests and demos; they apply even after behaviour froze) ---------------
 

@@ -92,7 +92,10 @@ class Fleet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._stack.__aexit__(exc_type, exc, tb)
+        try:
+            await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self.context.timers.close()  # the stopped devices' last wake-ups
 
     def stop(self) -> None:
         """Graceful stop of every device (deaths published); ``__aexit__`` waits for it."""

@@ -21,6 +21,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+Scheduler = Callable[[float, Callable[[], None]], object]
+"""``call_later(delay_s, callback)``: the loop's own, or a ``TimerWheel``'s."""
+
 CONNACK, PUBACK, PINGRESP = 0x20, 0x40, 0xD0
 PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
@@ -96,9 +99,15 @@ def publish_packet(topic: bytes, payload: bytes, packet_id: int, *, retain: bool
 class Link(asyncio.Protocol):
     """One client connection. ``await connect(...)`` returns it once the broker accepted."""
 
-    def __init__(self, on_ack: Callable[[int], None], keepalive_s: int) -> None:
+    def __init__(
+        self,
+        on_ack: Callable[[int], None],
+        keepalive_s: int,
+        call_later: Scheduler | None = None,
+    ) -> None:
         self.on_ack = on_ack
         self.keepalive_s = keepalive_s
+        self._call_later: Scheduler = call_later or asyncio.get_running_loop().call_later
         self.closed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         """Resolves when the connection ends: None after ``disconnect``, else the reason."""
         self._connack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -108,7 +117,6 @@ class Link(asyncio.Protocol):
         self._graceful = False
         self._last_write = 0.0
         self._last_read = 0.0
-        self._ping: asyncio.TimerHandle | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -124,12 +132,15 @@ class Link(asyncio.Protocol):
         will: Will | None = None,
         username: str | None = None,
         timeout_s: float = 10.0,
+        call_later: Scheduler | None = None,
     ) -> Link:
         loop = asyncio.get_running_loop()
         link: Link | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                _, link = await loop.create_connection(lambda: cls(on_ack, keepalive_s), host, port)
+                _, link = await loop.create_connection(
+                    lambda: cls(on_ack, keepalive_s, call_later), host, port
+                )
                 link._write(
                     connect_packet(client_id, keepalive_s=keepalive_s, will=will, username=username)
                 )
@@ -154,8 +165,6 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        if self._ping is not None:
-            self._ping.cancel()
         reason = None if self._graceful else (str(exc) if exc else "closed by the broker")
         if not self._connack.done():
             self._connack.set_exception(MqttError(reason or "closed before CONNACK"))
@@ -234,7 +243,7 @@ class Link(asyncio.Protocol):
     # -- keepalive ----------------------------------------------------------------------------
 
     def _arm_ping(self) -> None:
-        self._ping = asyncio.get_running_loop().call_later(self.keepalive_s / 2, self._keepalive)
+        self._call_later(self.keepalive_s / 2, self._keepalive)
 
     def _keepalive(self) -> None:
         if self._transport is None:
