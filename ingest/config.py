@@ -17,8 +17,8 @@ class IngestConfig(BaseModel):
     # Port of the embedded broker; 0 picks a free one (printed at start).
     embedded_broker_port: int = Field(default=1883, ge=0, le=65535)
     # MQTT client library of the ingest source; both acknowledge only after the store has
-    # the message (docs/benchmarks.md, section 1, compares them).
-    mqtt_client: Literal["paho", "gmqtt"] = "paho"
+    # the message. gmqtt: about 1.7x the pipeline's msg/s of paho (docs/benchmarks.md, 1).
+    mqtt_client: Literal["paho", "gmqtt"] = "gmqtt"
     # Fixed so the broker keeps our persistent session across restarts.
     client_id: str = "chargewatch-ingest"
     topic_prefix: str = DEFAULT_PREFIX

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -26,14 +25,12 @@ from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
 from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig
+from ingest.gmqtt_source import GmqttSource
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.pipeline import Pipeline, Twins
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryStore, StateStore
-
-if TYPE_CHECKING:
-    from ingest.gmqtt_source import GmqttSource
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +175,7 @@ class Ingest:
                 self.alerts.stall_check = self.stalled
             self._task = asyncio.create_task(self.pipeline.run(), name="ingest-pipeline")
             self._task.add_done_callback(self._pipeline_done)
-            source_type: type[MqttSource | GmqttSource] = MqttSource
-            if cfg.mqtt_client == "gmqtt":
-                from ingest.gmqtt_source import GmqttSource  # only when asked for
-
-                source_type = GmqttSource
+            source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(
                 source_type(
                     self.broker_url,
