@@ -274,7 +274,9 @@ def summarize_stacks(collapsed: str, top: int = 18) -> dict[str, Any]:
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
-    ours = ("ingest/", "devices/", "paho/", "sqlite", "prometheus_client", "pydantic", "json/")
+    ours = (
+        "ingest/", "devices/", "paho/", "gmqtt/", "sqlite", "prometheus_client", "pydantic", "json/",
+    )  # fmt: skip
 
     def ranked(d: dict[str, int], only_ours: bool) -> list[tuple[str, float]]:
         items = [(f, c / total) for f, c in d.items() if not only_ours or any(o in f for o in ours)]
@@ -382,29 +384,13 @@ def latency(work: Path, plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def _wrk(
-    url: str,
-    seconds: float,
-    connections: int,
-    delay_ms: int | None = None,
-    work: Path | None = None,
-) -> dict[str, Any]:
-    argv = [
-        procs.binary("wrk"),
-        "-t",
-        "1",
-        "-c",
-        str(connections),
-        "-d",
-        f"{seconds:.0f}s",
-        "--latency",
-    ]
-    if delay_ms is not None and work is not None:
-        script = work / "paced.lua"
-        script.write_text(f"function delay()\n  return {delay_ms}\nend\n")
-        argv += ["-s", str(script)]
-    text = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 30).stdout
+def _wrk(url: str, seconds: float, connections: int) -> dict[str, Any]:
+    """wrk's maximum rate (closed loop: each connection sends when it has its answer)."""
+    argv = [procs.binary("wrk"), "-t", "1", "-c", str(connections), "-d", f"{seconds:.0f}s",
+            "--latency", url]  # fmt: skip
+    text = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = p50 = p99 = 0.0
+    errors = 0
     for line in text.splitlines():
         parts = line.split()
         if line.startswith("Requests/sec:"):
@@ -413,7 +399,9 @@ def _wrk(
             p50 = _ms(parts[1])
         elif parts[:1] == ["99%"]:
             p99 = _ms(parts[1])
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99}
+        elif "Non-2xx or 3xx responses:" in line or line.strip().startswith("Socket errors:"):
+            errors += sum(int(x.strip(",")) for x in parts if x.strip(",").isdigit())
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors}
 
 
 def _ms(text: str) -> float:
@@ -423,29 +411,63 @@ def _ms(text: str) -> float:
     return float(text)
 
 
+def _open_loop(url: str, rate: float, seconds: float, server_pid: int) -> dict[str, Any]:
+    """``api.bench.openloop`` in its own process: ``rate`` requests/s on a fixed schedule,
+    latency from each request's scheduled time (no coordinated omission); with the server's
+    CPU per request and the load average, since the machine is shared."""
+    argv = [sys.executable, "-m", "api.bench.openloop", url, str(rate), str(seconds)]
+    cpu0 = _cpu_s(server_pid)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    cpu = _cpu_s(server_pid) - cpu0
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["server_cpu_us_per_request"] = (
+        cpu / result["requests"] * 1e6 if result["requests"] else None
+    )
+    result["loadavg_1m"] = os.getloadavg()[0]
+    return result
+
+
+OPEN_LOOP_RPS = 500.0
+
+
 def rider_api(work: Path, plan: Plan) -> dict[str, Any] | None:
-    """wrk against the station list, a station and /healthz while ingest takes 10x district."""
+    """The rider endpoints of a ``chargewatch serve`` process: wrk's maximum rate while ingest
+    takes 10x district, then a fixed 500 requests/s (open loop) at 10x and at 1x district."""
     if not procs.have("wrk"):
         return None
-    with _service(work, None) as (mq, _serve, base):
+    with _service(work, None) as (mq, serve, base):
         station = httpx.get(base + "/v1/stations").json()["stations"][0]["id"]
         urls = {
             "trivial (/healthz)": "/healthz",
             "stations near a point": "/v1/stations?lat=31.742&lon=117.296",
             "station detail": f"/v1/stations/{station}",
         }
-        seconds = plan.api_seconds * (len(urls) + 2) + 20
-        out: dict[str, Any] = {"ingest_rate": 10 * DISTRICT_RATE, "max": {}, "paced": {}}
-        with _background(work / "bg-api", int(mq.port or 0), 10 * DISTRICT_RATE, seconds, []):
-            time.sleep(2)
-            for name, path in urls.items():
-                out["max"][name] = _wrk(base + path, plan.api_seconds, 8)
-                log(
-                    f"api {name}: {out['max'][name]['rps']:.0f} req/s p99 {out['max'][name]['p99_ms']:.1f} ms"
-                )
-            # ~500 req/s: 10 connections, each waiting 20 ms after every answer
-            for name in ("stations near a point", "station detail"):
-                out["paced"][name] = _wrk(base + urls[name], plan.api_seconds, 10, 20, work)
+        open_s = 2 * plan.api_seconds
+        out: dict[str, Any] = {
+            "ingest_rate": 10 * DISTRICT_RATE,
+            "max": {},
+            "open_loop_rps": OPEN_LOOP_RPS,
+            "open_loop": [],
+        }
+        for x in (10, 1):  # 10x first: every device is born (1x takes 30 s for the births)
+            rate = x * DISTRICT_RATE
+            seconds = (plan.api_seconds + 1) * len(urls) * (2 if x == 10 else 1) + 30
+            port = int(mq.port or 0)
+            with _background(work / f"bg-api-{x}", port, rate, seconds, []):
+                time.sleep(2)
+                if x == 10:
+                    for name, path in urls.items():
+                        out["max"][name] = v = _wrk(base + path, plan.api_seconds, 8)
+                        log(f"api {name}: {v['rps']:.0f} req/s p99 {v['p99_ms']:.1f} ms")
+                for name, path in urls.items():
+                    v = _open_loop(base + path, OPEN_LOOP_RPS, open_s, serve.pid)
+                    v |= {"endpoint": name, "x_district": x, "ingest_rate": rate}
+                    out["open_loop"].append(v)
+                    log(
+                        f"api {name} at {OPEN_LOOP_RPS:.0f} req/s, {x}x district: achieved"
+                        f" {v['achieved_rps']:.0f} p50 {v['p50_ms']:.1f} p99 {v['p99_ms']:.1f}"
+                        f" max {v['max_ms']:.1f} ms, {v['server_cpu_us_per_request']:.0f} us CPU/req"
+                    )
         trivial = out["max"]["trivial (/healthz)"]["rps"]
         out["ratios"] = {k: v["rps"] / trivial for k, v in out["max"].items() if trivial}
     return out
