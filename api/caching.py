@@ -11,6 +11,7 @@ so the ETag.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import pydantic_core
@@ -45,6 +46,26 @@ def etag_of(body: Any) -> str:
     """A strong ETag of everything in ``body`` but ages and countdowns. Views are built in a
     fixed key order, so the serialisation needs no sorting."""
     return etag_of_bytes(pydantic_core.to_json(_strip(body)))
+
+
+_STRING = rb'"(?:[^"\\]|\\.)*"'  # a JSON string, escapes included
+_VOLATILE_JSON = re.compile(
+    rb'"(?:' + b"|".join(k.encode() for k in sorted(_VOLATILE)) + rb')":'
+    rb"(?:null|-?[0-9][0-9.eE+-]*|"
+    + _STRING
+    + rb"|\{(?:"
+    + _STRING
+    + rb":"
+    + _STRING
+    + rb",?)*\}),?"
+)
+
+
+def etag_of_json(data: bytes) -> str:
+    """``etag_of`` for a body already serialised (compact, as ``pydantic_core.to_json``
+    writes it): the same fields are left out, by pattern instead of by walking the objects
+    (about 5x cheaper)."""
+    return etag_of_bytes(_VOLATILE_JSON.sub(b"", data))
 
 
 def etag_of_bytes(data: bytes) -> str:

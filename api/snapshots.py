@@ -19,6 +19,7 @@ in for every answer, so it stays exact; ETags are computed with the views, not p
 
 from __future__ import annotations
 
+import heapq
 import random
 import re
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 
 import pydantic_core
 
-from api.caching import etag_of, etag_of_bytes
+from api.caching import etag_of_bytes, etag_of_json
 from api.live import Trends
 from api.views import DeviceFacts, device_facts, device_view, station_summary
 from devices.availability import STALE_FACTOR
@@ -38,9 +39,8 @@ REFRESH_MS = 250
 """A changed station is recomputed at most this often: counts are at most this late."""
 MAX_AGE_MS = 1000
 """A device view is recomputed at least this often: ages and countdowns at most this old."""
-_STEP_MS = 250
-"""A station whose devices only age is looked at no more often than this (stale flips are
-exact)."""
+REFRESH_PER_READ = 3
+"""Device views recomputed ahead of need on each read (spreads the work over requests)."""
 _NEVER = 2**62
 
 # placeholders for what each answer fills in; a catalog string would have to be exactly this
@@ -55,7 +55,8 @@ class _Device:
     facts: DeviceFacts
     json: bytes
     tag: bytes  # ETag material: the view without ages and countdowns
-    due_ms: int  # recompute at or after this (stale flip or age)
+    due_ms: int  # recompute before answering at or after this (stale flip, MAX_AGE_MS)
+    soft_ms: int  # recompute ahead of need after this (``REFRESH_PER_READ``)
     flips_ms: int  # when it goes stale without a message (or _NEVER)
 
 
@@ -67,8 +68,9 @@ class Template:
     holes: tuple[str, ...]  # "data_age_s" / "distance_m", between the parts
 
     @classmethod
-    def of(cls, view: dict[str, Any]) -> Template:
-        pieces = _HOLES.split(pydantic_core.to_json(view))
+    def of(cls, data: bytes) -> Template:
+        """``data``: JSON with the placeholders ``_AGE`` and ``_DISTANCE`` as values."""
+        pieces = _HOLES.split(data)
         return cls(tuple(pieces[0::2]), tuple(p.decode() for p in pieces[1::2]))
 
     def fill(self, data_age_s: float | None, distance_m: float | None = None) -> bytes:
@@ -122,16 +124,17 @@ class StationViews:
         self.trends = trends
         self._devices: dict[str, _Device] = {}
         self._stations: dict[str, _Station] = {}
-        self._dirty_devices: set[str] = set()
-        self._dirty: set[str] = set()  # stations
+        self._dirty: dict[str, None] = {}  # devices changed since their view (in order)
+        self._changed: set[str] = set()  # stations with devices newer than their view
+        self._soon: list[tuple[int, str]] = []  # (soft due, device id), a heap
         self._random = random.Random()
         self.device_computations = 0  # views computed (tests, and the bench's profile)
 
     def on_change(self, twins: list[Twin]) -> None:
         """Pipeline listener: these devices changed."""
         for t in twins:
-            self._dirty_devices.add(t.device_id)
-            self._dirty.add(t.station_id)
+            self._dirty[t.device_id] = None
+            self._changed.add(t.station_id)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -139,17 +142,17 @@ class StationViews:
         """The station's kept view, brought up to date for ``now_ms``. ``fresh``: a changed
         station is recomputed now, not after ``REFRESH_MS`` (for the SSE streams, woken once
         per change; the first one recomputes, the rest share it)."""
+        self._refresh_some(now_ms)
         entry = self._stations.get(station_id)
-        if entry is not None:
-            age = now_ms - entry.computed_ms
-            if station_id in self._dirty:
-                if fresh or age >= REFRESH_MS or now_ms >= entry.due_ms:
-                    entry = None
-            elif now_ms >= entry.due_ms:
-                entry = None
-        if entry is None:
+        if entry is None or self._outdated(station_id, entry, now_ms, fresh=fresh):
             entry = self._compute(self.catalog.stations[station_id], now_ms)
         return entry
+
+    def _outdated(self, station_id: str, entry: _Station, now_ms: int, *, fresh: bool) -> bool:
+        """A device in it went stale or is too old, or one changed (after ``REFRESH_MS``)."""
+        if now_ms >= entry.due_ms:
+            return True
+        return station_id in self._changed and (fresh or now_ms - entry.computed_ms >= REFRESH_MS)
 
     def get(self, station_id: str, now_ms: int, *, fresh: bool = False) -> Snapshot:
         """The station's view (``devices`` included, shared read-only) and its ETags."""
@@ -168,39 +171,61 @@ class StationViews:
 
     # -- computing -----------------------------------------------------------------------
 
+    def _refresh_some(self, now_ms: int) -> None:
+        """A few device views recomputed ahead of need on every read: changed devices first,
+        then those past their soft due time, oldest first. Spread this way, the work never
+        piles up into one request (it did: every station due in the same 250 ms)."""
+        done = 0
+        while done < REFRESH_PER_READ and self._dirty:
+            self._recompute(self.twins[next(iter(self._dirty))], now_ms)
+            done += 1
+        while done < REFRESH_PER_READ and self._soon and self._soon[0][0] <= now_ms:
+            soft, device_id = heapq.heappop(self._soon)
+            entry = self._devices.get(device_id)
+            if entry is not None and entry.soft_ms == soft:  # else recomputed since
+                self._recompute(self.twins[device_id], now_ms)
+                done += 1
+
     def _device(self, twin: Twin, now_ms: int) -> _Device:
+        """The device's kept view, recomputed if it changed, went stale or is too old."""
         entry = self._devices.get(twin.device_id)
-        if (
-            entry is not None
-            and now_ms < entry.due_ms
-            and twin.device_id not in self._dirty_devices
-        ):
-            return entry
-        self._dirty_devices.discard(twin.device_id)
+        if entry is None or now_ms >= entry.due_ms or twin.device_id in self._dirty:
+            entry = self._recompute(twin, now_ms)
+        return entry
+
+    def _recompute(self, twin: Twin, now_ms: int) -> _Device:
+        self._dirty.pop(twin.device_id, None)
+        self._changed.add(twin.station_id)
         self.device_computations += 1
         view = device_view(twin, now_ms, self.trends)
+        data = pydantic_core.to_json(view)
         flips = _NEVER
         if view["online"] and twin.last_seen_ms is not None:
             flips = twin.last_seen_ms + STALE_FACTOR * twin.heartbeat_s * 1000
-        aged = now_ms + int(MAX_AGE_MS * self._random.uniform(0.5, 1.0))
+        soft = now_ms + int(MAX_AGE_MS * self._random.uniform(0.5, 0.8))
         entry = _Device(
             view=view,
             facts=device_facts(twin, view, now_ms),
-            json=pydantic_core.to_json(view),
-            tag=etag_of(view).encode(),
-            due_ms=min(flips, aged),
+            json=data,
+            tag=etag_of_json(data).encode(),
+            due_ms=min(flips, now_ms + MAX_AGE_MS),
+            soft_ms=soft,
             flips_ms=flips,
         )
         self._devices[twin.device_id] = entry
+        heapq.heappush(self._soon, (soft, twin.device_id))
         return entry
 
     def _compute(self, station: StationSpec, now_ms: int) -> _Station:
         devices = [self._device(self.twins[spec.id], now_ms) for spec in station.devices]
         summary = station_summary(station, [d.facts for d in devices], now_ms)
-        summary_etag = etag_of(summary)
+        # the summary's JSON with holes; the age left out of the ETag, distance_m a constant
+        summary_json = pydantic_core.to_json(
+            {**summary, "distance_m": _DISTANCE, "data_age_s": _AGE}
+        )
+        summary_etag = etag_of_json(summary_json)
         etag = etag_of_bytes(b";".join([summary_etag.encode(), *(d.tag for d in devices)]))
-        flips = min((d.flips_ms for d in devices), default=_NEVER)
-        aged = min((d.due_ms for d in devices), default=_NEVER)
+        due = min((d.due_ms for d in devices), default=_NEVER)
         updated = max(
             (d.facts.last_seen_ms for d in devices if d.facts.last_seen_ms is not None),
             default=None,
@@ -211,16 +236,16 @@ class StationViews:
         )
         entry = _Station(
             computed_ms=now_ms,
-            due_ms=min(flips, max(aged, now_ms + _STEP_MS)),
+            due_ms=due,
             summary=summary,
             devices=tuple(d.view for d in devices),
             updated_ms=updated,
             last_updated_ms=last_updated,
             etag=etag,
             summary_etag=summary_etag,
-            summary_json=Template.of({**summary, "distance_m": _DISTANCE, "data_age_s": _AGE}),
+            summary_json=Template.of(summary_json),
             device_json=tuple(d.json for d in devices),
         )
         self._stations[station.id] = entry
-        self._dirty.discard(station.id)
+        self._changed.discard(station.id)
         return entry

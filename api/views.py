@@ -7,6 +7,7 @@ as free or ready; every object says when its data was last updated and how old i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,8 +46,12 @@ MIN_ETA_S = 60
 
 
 def rfc3339(ms: int | None) -> str | None:
-    if ms is None:
-        return None
+    return None if ms is None else _rfc3339(ms)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _rfc3339(ms: int) -> str:
+    """Cached: a device's times repeat in every view of it until its next message."""
     dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
