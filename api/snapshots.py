@@ -162,13 +162,6 @@ class StationViews:
         out["devices"] = list(entry.devices)
         return Snapshot(out, entry.etag, entry.summary_etag)
 
-    def summary(self, station_id: str, now_ms: int, *, fresh: bool = False) -> Snapshot:
-        """The station's view without ``devices`` (a copy) and its summary ETag."""
-        entry = self.station(station_id, now_ms, fresh=fresh)
-        out = dict(entry.summary)
-        out["data_age_s"] = entry.data_age_s(now_ms)
-        return Snapshot(out, entry.summary_etag, entry.summary_etag)
-
     # -- computing -----------------------------------------------------------------------
 
     def _refresh_some(self, now_ms: int) -> None:

@@ -14,10 +14,9 @@ never waits longer than that for its open streams.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
@@ -36,9 +35,9 @@ STREAM_MAX_S = 30.0
 RETRY_MS = 1000
 
 
-def _event(event_id: int, view: dict[str, Any]) -> str:
-    data = json.dumps(view, ensure_ascii=False, separators=(",", ":"))
-    return f"event: station\nid: {event_id}\ndata: {data}\n\n"
+def _event(event_id: int, data: bytes) -> bytes:
+    """``data``: the station's JSON, on one line (JSON escapes its newlines)."""
+    return b"event: station\nid: %d\ndata: %s\n\n" % (event_id, data)
 
 
 @router.get("/stations/stream")
@@ -60,15 +59,16 @@ async def stream(
 
     shared: StationViews = request.app.state.views
 
-    def views(ids: list[str]) -> list[tuple[dict[str, Any], str]]:
+    def views(ids: list[str]) -> list[tuple[str, bytes, str]]:
+        """(id, JSON, ETag) of each station: the shared view's bytes, its age spliced in."""
         now = now_ms()
         out = []
         for s in ids:
-            snapshot = shared.summary(s, now, fresh=True)
-            out.append((snapshot.view, snapshot.summary_etag))
+            entry = shared.station(s, now, fresh=True)
+            out.append((s, entry.summary_json.fill(entry.data_age_s(now)), entry.summary_etag))
         return out
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[str | bytes]:
         sent: dict[str, str] = {}
         counter = 0
         started = last_write = time.monotonic()
@@ -76,12 +76,12 @@ async def stream(
             yield f"retry: {RETRY_MS}\n\n"
             pending: set[str] = set(wanted)
             while True:
-                for view, tag in views(sorted(pending)):
-                    if sent.get(view["id"]) != tag:
-                        sent[view["id"]] = tag
+                for station_id, data, tag in views(sorted(pending)):
+                    if sent.get(station_id) != tag:
+                        sent[station_id] = tag
                         counter += 1
                         last_write = time.monotonic()
-                        yield _event(counter, view)
+                        yield _event(counter, data)
                 now = time.monotonic()
                 if now - started > STREAM_MAX_S or await request.is_disconnected():
                     return

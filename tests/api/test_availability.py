@@ -127,6 +127,12 @@ def test_etag_cache_control_gzip_and_pages(d: District) -> None:
     assert first.headers["content-encoding"] == "gzip"
     assert first.headers["cache-control"] == "public, max-age=5"
     assert first.headers["x-total-count"] == str(len(d.catalog.stations))
+    assert first.headers["vary"] == "Accept-Encoding"
+    plain = httpx.get(url, headers={"Accept-Encoding": "identity"}, timeout=10)
+    assert "content-encoding" not in plain.headers
+    assert plain.headers["vary"] == "Accept-Encoding", "shared caches keep encodings apart"
+    assert plain.json()["total"] == first.json()["total"]
+    assert int(plain.headers["content-length"]) == len(plain.content) > 1000
 
     def revalidates() -> None:
         fresh = httpx.get(url, timeout=10)
