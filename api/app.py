@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import gc
-
 from fastapi import FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -45,7 +43,6 @@ def create_app(ingest: Ingest) -> FastAPI:
     app.include_router(reports.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
-    settle_heap()
     return app
 
 
@@ -106,11 +103,3 @@ class GZipIfAccepted:
         out = list(headers)
         out[vary] = (b"vary", value + b", Accept-Encoding")
         return out
-
-
-def settle_heap() -> None:
-    """Move everything alive after start-up (modules, catalog, twins, the app) out of the
-    collector's reach (``gc.freeze``): a full collection walked all of it, 60-100 ms on this
-    machine, stalling every request on the loop (the rider API's worst tail)."""
-    gc.collect()
-    gc.freeze()
