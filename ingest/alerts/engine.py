@@ -105,6 +105,11 @@ class AlertEngine:
         self.config = config
         self.catalog = catalog
         self.twins = twins
+        # each device's twin as of the last message this engine observed (at first: as
+        # restored). The pipeline applies a batch to the live twins before the batch is
+        # durable and observed; the timer judges devices by what the rules have seen, or an
+        # alert would open on a later message, clear on an earlier one, and open again.
+        self.seen: dict[str, Twin] = {d: t.snapshot() for d, t in twins.by_id.items()}
         self.store = store
         self.clock = clock
         self.tz = ZoneInfo(catalog.data.district.timezone)
@@ -192,6 +197,7 @@ class AlertEngine:
 
     def observe(self, twin: Twin, msg: Message, received_ms: int) -> None:
         """Pipeline observer: one applied message, after its batch is durable."""
+        self.seen[twin.device_id] = twin
         mem = self._memory.setdefault(twin.device_id, DeviceMemory())
         raised = observe(mem, twin, msg, received_ms, self.config)
         self._evaluate_device(twin, self.clock(), raised)
@@ -200,7 +206,7 @@ class AlertEngine:
         """Absences, verification windows and escalation; the timer calls it every tick_s."""
         now = self.clock()
         if now - self._started_ms >= self.config.startup_grace_s * 1000:
-            for twin in self.twins.by_id.values():
+            for twin in self.seen.values():
                 if twin.last_seen_ms is not None:
                     self._evaluate_device(twin, now, [])
             for station in self.catalog.stations.values():
@@ -242,7 +248,7 @@ class AlertEngine:
 
     def _evaluate_station(self, station_id: str, now: int) -> None:
         spec = self.catalog.stations[station_id]
-        twins = [self.twins[d.id] for d in spec.devices]
+        twins = [self.seen[d.id] for d in spec.devices]
         mem = self._station_memory.setdefault(station_id, StationMemory())
         found = station_conditions(spec, twins, mem, now, self.config, self.tz)
         before = self._station_active.get(station_id, {})

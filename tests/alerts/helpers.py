@@ -79,7 +79,7 @@ class Device:
         msg = decode(channel, json.dumps(payload).encode())  # type: ignore[arg-type]
         twin = self.engine.twins[self.id]
         assert twin.apply(msg, self.clock()) is Outcome.APPLIED
-        self.engine.observe(twin, msg, self.clock())
+        self.engine.observe(twin.snapshot(), msg, self.clock())  # as the pipeline does
 
     def birth(self, heartbeat_s: int = 30) -> None:
         self.birth_seq = self.seq

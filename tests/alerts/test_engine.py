@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from devices.contract import Message
 from ingest.alerts.store import AlertQuery
 from ingest.pipeline import Twins
+from ingest.twins import Twin
 from tests.alerts.helpers import CATALOG, Clock, Device, active, config, eventually, running
 from tests.alerts.receiver import receiver
 
@@ -210,3 +212,29 @@ async def test_open_alerts_survive_a_restart(tmp_path: Path) -> None:
         cabinet.cabinet({4: {"state": "faulted", "fault": "lock_failure"}})
         assert active(engine) == [after]  # the same condition: no second alert
         assert after.count == 1
+
+
+async def test_timer_judges_devices_by_observed_messages_only(tmp_path: Path) -> None:
+    """The pipeline applies a batch to the twins, writes it, and only then lets the engine
+    observe it. A tick in between must not judge a device by messages the rules have not
+    seen: it would open the alert on the batch's last status, the first status would clear
+    it and the second reopen it (count 2, as a simulator with messages in flight showed)."""
+    clock = Clock()
+    async with running(tmp_path, clock) as engine:
+        cabinet = Device(engine, clock, CABINET)
+        cabinet.birth()
+        cabinet.cabinet()
+        batch: list[tuple[Twin, Message, int]] = []
+        engine.observe = lambda twin, msg, ms: batch.append((twin.snapshot(), msg, ms))  # type: ignore[method-assign]
+        cabinet.cabinet()  # every slot ready at 95 %
+        cabinet.cabinet({1: {"soc": 60}})  # slot 1 ready below the release level
+        clock.advance(1)
+        engine.tick()  # the batch is being written
+        assert active(engine) == []
+        del engine.observe  # the write is done: the batch is observed, in order
+        for twin, msg, received_ms in batch:
+            engine.observe(twin, msg, received_ms)
+        [alert] = active(engine)
+        assert (alert.rule, alert.unit, alert.count) == ("ready_low_soc", 1, 1)
+        engine.tick()
+        assert (active(engine), alert.count) == ([alert], 1)
