@@ -134,6 +134,26 @@ def cached_bytes(
     """JSON already serialised (``data``) with its ``etag``, or 304 when the client
     already has it."""
     out = {"ETag": etag, "Cache-Control": f"public, max-age={max_age_s}", **(headers or {})}
-    if _matches(request.headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=out)
+    unchanged = not_modified(request, etag, out, max_age_s=max_age_s)
+    if unchanged is not None:
+        return unchanged
     return Response(data, media_type="application/json", headers=out)
+
+
+VARY = {"Vary": "Accept-Encoding"}
+
+
+def not_modified(
+    request: Request,
+    etag: str,
+    headers: dict[str, str] | None = None,
+    *,
+    max_age_s: int = RIDER_MAX_AGE_S,
+) -> Response | None:
+    """304 when the client already has ``etag`` (before anything is serialised or
+    compressed), else None. ``Content-Encoding`` is for a body: a 304 has none."""
+    if not _matches(request.headers.get("if-none-match"), etag):
+        return None
+    out = {"ETag": etag, "Cache-Control": f"public, max-age={max_age_s}", **(headers or {})}
+    out.pop("Content-Encoding", None)
+    return Response(status_code=304, headers=out)

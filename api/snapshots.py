@@ -19,6 +19,7 @@ in for every answer, so it stays exact; ETags are computed with the views, not p
 
 from __future__ import annotations
 
+import gzip
 import heapq
 import random
 import re
@@ -39,6 +40,9 @@ REFRESH_MS = 250
 """A changed station is recomputed at most this often: counts are at most this late."""
 MAX_AGE_MS = 1000
 """A device view is recomputed at least this often: ages and countdowns at most this old."""
+GZIP_LEVEL = 6
+"""A station with its devices is ~190 KB of JSON that compresses ~35x; level 6 takes 0.7 ms
+where Starlette's 9 took 2.5 ms (and a thread hop) for every request."""
 REFRESH_PER_READ = 3
 """Device views recomputed ahead of need on each read (spreads the work over requests)."""
 _NEVER = 2**62
@@ -128,6 +132,7 @@ class StationViews:
         self._changed: set[str] = set()  # stations with devices newer than their view
         self._soon: list[tuple[int, str]] = []  # (soft due, device id), a heap
         self._random = random.Random()
+        self._gzipped: dict[str, tuple[_Station, float | None, bytes]] = {}
         self.device_computations = 0  # views computed (tests, and the bench's profile)
 
     def on_change(self, twins: list[Twin]) -> None:
@@ -147,6 +152,19 @@ class StationViews:
         if entry is None or self._outdated(station_id, entry, now_ms, fresh=fresh):
             entry = self._compute(self.catalog.stations[station_id], now_ms)
         return entry
+
+    def detail_gzip(self, entry: _Station, now_ms: int) -> bytes:
+        """``entry``'s station detail gzipped, compressed again only when the view or its
+        age (in tenths of a second) changed: browsers ask for gzip, and compressing the
+        answer for every request cost more than everything else in it."""
+        station_id: str = entry.summary["id"]
+        age = entry.data_age_s(now_ms)
+        kept = self._gzipped.get(station_id)
+        if kept is not None and kept[0] is entry and kept[1] == age:
+            return kept[2]
+        data = gzip.compress(entry.detail_json(now_ms), GZIP_LEVEL, mtime=0)
+        self._gzipped[station_id] = (entry, age, data)
+        return data
 
     def _outdated(self, station_id: str, entry: _Station, now_ms: int, *, fresh: bool) -> bool:
         """A device in it went stale or is too old, or one changed (after ``REFRESH_MS``)."""

@@ -49,14 +49,21 @@ def _pct(ordered: list[float], q: float) -> float:
 
 
 async def run(
-    url: str, rate: float, seconds: float, connections: int = 64, warmup_s: float = 1.0
+    url: str,
+    rate: float,
+    seconds: float,
+    connections: int = 64,
+    warmup_s: float = 1.0,
+    headers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Offer ``rate`` requests/s for ``warmup_s + seconds``; figures cover ``seconds``."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    extra = "".join(f"{h}\r\n" for h in headers)
     request = (
-        f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: chargewatch-openloop\r\n\r\n"
+        f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: chargewatch-openloop\r\n"
+        f"{extra}\r\n"
     ).encode()
     idle: asyncio.Queue[_Conn] = asyncio.Queue()
     opened = 0
@@ -139,8 +146,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("seconds", type=float, help="measured seconds (after --warmup)")
     p.add_argument("--connections", type=int, default=64, help="most keep-alive connections")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds offered, not counted")
+    p.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
     args = p.parse_args(argv)
-    result = asyncio.run(run(args.url, args.rate, args.seconds, args.connections, args.warmup))
+    result = asyncio.run(
+        run(args.url, args.rate, args.seconds, args.connections, args.warmup, tuple(args.header))
+    )
     print(json.dumps(result), flush=True)
     return 0
 

@@ -412,11 +412,14 @@ def _ms(text: str) -> float:
     return float(text)
 
 
-def _open_loop(url: str, rate: float, seconds: float, server_pid: int) -> dict[str, Any]:
+def _open_loop(
+    url: str, rate: float, seconds: float, server_pid: int, *headers: str
+) -> dict[str, Any]:
     """``api.bench.openloop`` in its own process: ``rate`` requests/s on a fixed schedule,
     latency from each request's scheduled time (no coordinated omission); with the server's
     CPU per request and the load average, since the machine is shared."""
     argv = [sys.executable, "-m", "api.bench.openloop", url, str(rate), str(seconds)]
+    argv += [f"--header={h}" for h in headers]
     cpu0 = _cpu_s(server_pid)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
     cpu = _cpu_s(server_pid) - cpu0
@@ -452,7 +455,7 @@ def rider_api(work: Path, plan: Plan) -> dict[str, Any] | None:
         }
         for x in (10, 1):  # 10x first: every device is born (1x takes 30 s for the births)
             rate = x * DISTRICT_RATE
-            seconds = (plan.api_seconds + 1) * len(urls) * (2 if x == 10 else 1) + 30
+            seconds = (plan.api_seconds + 1) * (len(urls) + 1) * (2 if x == 10 else 1) + 30
             port = int(mq.port or 0)
             with _background(work / f"bg-api-{x}", port, rate, seconds, []):
                 time.sleep(2)
@@ -460,8 +463,12 @@ def rider_api(work: Path, plan: Plan) -> dict[str, Any] | None:
                     for name, path in urls.items():
                         out["max"][name] = v = _wrk(base + path, plan.api_seconds, 8)
                         log(f"api {name}: {v['rps']:.0f} req/s p99 {v['p99_ms']:.1f} ms")
-                for name, path in urls.items():
-                    v = _open_loop(base + path, OPEN_LOOP_RPS, open_s, serve.pid)
+                for name, path, headers in [
+                    *((n, p, ()) for n, p in urls.items()),
+                    # what a browser asks for: gzip (the station detail is ~190 KB of JSON)
+                    ("station detail, gzip", urls["station detail"], ("Accept-Encoding: gzip",)),
+                ]:
+                    v = _open_loop(base + path, OPEN_LOOP_RPS, open_s, serve.pid, *headers)
                     v |= {"endpoint": name, "x_district": x, "ingest_rate": rate}
                     out["open_loop"].append(v)
                     log(

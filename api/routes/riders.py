@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import pydantic_core
 from fastapi import APIRouter, Query, Request, Response
 
-from api.caching import cached_bytes, cached_json, etag_of_bytes, page_headers
+from api.caching import VARY, cached_bytes, cached_json, etag_of_bytes, not_modified, page_headers
 from api.errors import NotFound, invalid_query
 from api.forecast import StationStats, StatsCache, arrival_estimate, district_tz
 from api.live import Trends
@@ -182,6 +182,13 @@ async def station(request: Request, station_id: str) -> Response:
     views: StationViews = state.views
     now = now_ms()
     entry = views.station(station_id, now)
+    unchanged = not_modified(request, entry.etag, VARY)
+    if unchanged is not None:
+        return unchanged
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        # kept compressed; the middleware passes an answer with an encoding through
+        data = views.detail_gzip(entry, now)
+        return cached_bytes(request, data, entry.etag, headers={**VARY, "Content-Encoding": "gzip"})
     return cached_bytes(request, entry.detail_json(now), entry.etag)
 
 

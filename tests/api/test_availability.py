@@ -164,6 +164,33 @@ def test_etag_cache_control_gzip_and_pages(d: District) -> None:
     assert len(d.get("/v1/stations", limit=3, offset=6)["stations"]) == len(all_ids) - 6
 
 
+def test_station_detail_gzipped_is_the_same_answer(d: District) -> None:
+    station = next(s for s in d.catalog.stations if s != HAND_STATION)
+    url = f"{d.service.base_url}/v1/stations/{station}"
+    plain = httpx.get(url, headers={"Accept-Encoding": "identity"}, timeout=10)
+    packed = httpx.get(url, headers={"Accept-Encoding": "gzip, deflate"}, timeout=10)
+    assert "content-encoding" not in plain.headers
+    assert packed.headers["content-encoding"] == "gzip"
+    assert plain.headers["vary"] == packed.headers["vary"] == "Accept-Encoding"
+    assert int(packed.headers["content-length"]) < len(packed.content)  # httpx inflated it
+    strip = {"data_age_s"}
+    a, b = plain.json(), packed.json()
+    if a["updated_at"] == b["updated_at"]:  # no status between the two reads
+        assert {k: v for k, v in a.items() if k not in strip | {"devices"}} == {
+            k: v for k, v in b.items() if k not in strip | {"devices"}
+        }
+        assert [x["id"] for x in a["devices"]] == [x["id"] for x in b["devices"]]
+    again = httpx.get(
+        url,
+        headers={"Accept-Encoding": "gzip", "If-None-Match": packed.headers["etag"]},
+        timeout=10,
+    )
+    if again.headers["etag"] == packed.headers["etag"]:
+        assert again.status_code == 304
+        assert "content-encoding" not in again.headers, "a 304 has no body to decode"
+        assert again.headers["vary"] == "Accept-Encoding"
+
+
 def test_updated_since_returns_only_what_changed(d: District) -> None:
     before = d.get("/v1/stations")["stations"]
     since = max(s["last_updated"] for s in before if s["last_updated"])
