@@ -9,12 +9,17 @@ device's view is kept with its ETag part and its JSON, and recomputed only when
 - it goes stale: at the exact instant its last message is 3 heartbeats old, so a cached view
   never shows a device fresher than it is, or
 - it is ``MAX_AGE_MS`` old (what only time changes: ages, countdowns, estimates from the
-  district's medians), drawn per computation between half and all of it, so that devices
-  computed together do not all come due in the same request.
+  district's medians).
 
-A station's counts are summed from its devices' kept views when one of them was recomputed;
-a changed station at most every ``REFRESH_MS``. The station's own ``data_age_s`` is spliced
-in for every answer, so it stays exact; ETags are computed with the views, not per request.
+Each read also recomputes up to ``REFRESH_PER_READ`` views ahead of need (changed devices
+first, then those past a soft age drawn between half and 0.8 of ``MAX_AGE_MS``), so under
+load the work is spread over requests instead of coming due all at once in one of them.
+
+A station's counts are summed from its devices' kept views (``DeviceFacts``): when a device
+in it goes stale or its oldest view reaches ``MAX_AGE_MS``, and after a change at most every
+``REFRESH_MS``. Answers are the kept JSON bytes with the station's ``data_age_s`` (exact for
+every answer) and ``distance_m`` spliced in; ETags are computed with the views, the gzipped
+station detail is kept until the view or its age changes.
 """
 
 from __future__ import annotations
