@@ -47,6 +47,7 @@ def tune_gc() -> None:
     every 10,000 allocations instead of 700. Ingest allocates a handful of short-lived
     objects per message; with the defaults the collector took about a third of the time
     to handle one (decode, order, twin; docs/benchmarks.md)."""
+    gc.collect()  # start-up's garbage first, or freezing would keep it forever
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
 
