@@ -18,10 +18,12 @@ import contextlib
 import json
 import math
 import os
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +35,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from api.bench import agents, procs, stages
-from api.bench.workload import Stream, specs_of, write_catalog
+from api.bench.workload import Stream, birth_payload, specs_of, write_catalog
+from devices.catalog import Catalog, Device
 from ingest.config import IngestConfig
 
 MQTT_CLIENTS: tuple[str, ...] = get_args(IngestConfig.model_fields["mqtt_client"].annotation)
@@ -361,21 +364,118 @@ def _probe_latencies(
     return out
 
 
+class _StationStream:
+    """Reads ``/v1/stations/stream?stations=ID`` in a thread (reconnecting when the server
+    ends a stream), keeping each event's arrival time and the station's free ports."""
+
+    def __init__(self, base: str, station_id: str) -> None:
+        self.url = f"{base}/v1/stations/stream?stations={station_id}"
+        self.events: queue.Queue[tuple[float, int]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="sse-probe", daemon=True)
+
+    def __enter__(self) -> _StationStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            timeout = httpx.Timeout(5, read=20)
+            with (
+                contextlib.suppress(httpx.HTTPError),
+                httpx.stream("GET", self.url, timeout=timeout) as r,
+            ):
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        free = json.loads(line[6:])["piles"]["ports_free"]
+                        self.events.put((time.perf_counter(), int(free)))
+                    if self._stop.is_set():
+                        return
+
+    def wait_for(self, free: int, after: float, timeout_s: float = 10.0) -> float | None:
+        """Arrival time of the first event at or after ``after`` showing ``free`` ports."""
+        deadline = time.perf_counter() + timeout_s
+        while (left := deadline - time.perf_counter()) > 0:
+            try:
+                at, seen = self.events.get(timeout=left)
+            except queue.Empty:
+                return None
+            if at >= after and seen == free:
+                return at
+        return None
+
+
+def _sse_latencies(
+    port: int, base: str, pile: Device, probes: int, gap_s: float, seed: int
+) -> list[float]:
+    """Publish statuses of ``spec`` (a pile alone at its station: the background leaves the
+    station out) that turn all its ports free, then all busy, and time each until the
+    station's SSE event shows it."""
+    spec, boot = pile.spec, f"sse{seed:x}"
+    topic = f"cw/v1/{spec.id}"
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-sse", clean_session=True)
+    client.connect(procs.LOOPBACK, port)
+    client.loop_start()
+    out: list[float] = []
+
+    def status(seq: int, state: str) -> bytes:
+        ports = [{"n": n, "state": state} for n in range(1, spec.units + 1)]
+        body = {"v": 1, "ts": time.time_ns() // 1_000_000, "boot": boot, "seq": seq}
+        return json.dumps({**body, "kind": "pile", "ports": ports}).encode()
+
+    try:
+        with _StationStream(base, pile.station_id) as sse:
+            birth = birth_payload(spec, boot, 0, time.time_ns() // 1_000_000)
+            client.publish(f"{topic}/state", birth, qos=1).wait_for_publish(5)
+            for seq in range(1, probes + 1):
+                free = spec.units if seq % 2 else 0
+                payload = status(seq, "available" if free else "charging")
+                t0 = time.perf_counter()
+                client.publish(f"{topic}/status", payload, qos=1)
+                at = sse.wait_for(free, t0)
+                if at is not None and seq > 1:  # the first one also waits for the birth
+                    out.append(at - t0)
+                time.sleep(gap_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return out
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def latency(work: Path, plan: Plan) -> list[dict[str, Any]]:
+    """Publish -> visible in ``GET /v1/devices/{id}`` (four probe devices) and in the station
+    SSE stream (a pile whose station the background leaves out, so only the probe moves its
+    counts), at each background rate."""
+    catalog = Catalog.load(None)
     probe_ids = [d.id for d in specs_of(None)][:4]
+    sse_pile = next(
+        d
+        for d in catalog.devices.values()
+        if d.kind == "pile"
+        and not {x.id for x in catalog.stations[d.station_id].devices} & set(probe_ids)
+    )
+    quiet = [d.id for d in catalog.stations[sse_pile.station_id].devices]
     rows = []
     with _service(work, None) as (mq, _serve, base):
         for rate in plan.latency_rates:
-            seconds = plan.probes * 0.05 + 10
-            with _background(work / f"bg-{rate:.0f}", int(mq.port or 0), rate, seconds, probe_ids):
+            seconds = plan.probes * 0.1 + 20
+            exclude = sorted({*probe_ids, *quiet})
+            with _background(work / f"bg-{rate:.0f}", int(mq.port or 0), rate, seconds, exclude):
                 time.sleep(2)
                 lat = _probe_latencies(
                     int(mq.port or 0), base, probe_ids, plan.probes, 0.03, seed=int(rate) + 4242
+                )
+                sse = _sse_latencies(
+                    int(mq.port or 0), base, sse_pile, plan.probes, 0.03, seed=int(rate) + 77
                 )
             row = {
                 "rate": rate,
@@ -384,6 +484,10 @@ def latency(work: Path, plan: Plan) -> list[dict[str, Any]]:
                 "p50_ms": _pct(lat, 0.5) * 1000,
                 "p99_ms": _pct(lat, 0.99) * 1000,
                 "max_ms": max(lat) * 1000,
+                "sse_probes": len(sse),
+                "sse_p50_ms": _pct(sse, 0.5) * 1000 if sse else None,
+                "sse_p99_ms": _pct(sse, 0.99) * 1000 if sse else None,
+                "sse_max_ms": max(sse) * 1000 if sse else None,
             }
             log(
                 f"latency at {rate:.0f} msg/s: p50 {row['p50_ms']:.1f} ms p99 {row['p99_ms']:.1f} ms"
