@@ -349,7 +349,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     if t:
         names = list(t["rates"])
         axes[0].bar(range(len(names)), [t["rates"][n] for n in names], color="#4a7ebb")
-        axes[0].set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+        labels = [("bare_paho" if n == "bare" else n).replace("_", "\n") for n in names]
+        axes[0].set_xticks(range(len(names)), labels, fontsize=8)
         axes[0].set_ylabel("messages/s (QoS 1)")
         axes[0].set_title(f"Ingest throughput, {t['devices']:,} devices")
     s = results.get("scale")
@@ -365,11 +366,17 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     lat = results.get("latency")
     if lat:
         xs = [r["rate"] for r in lat]
-        for key, style in (("p50_ms", "o-"), ("p99_ms", "s-"), ("max_ms", "^:")):
-            axes[2].plot(xs, [r[key] for r in lat], style, label=key.split("_")[0])
+        for key, style, label in (
+            ("p50_ms", "o-", "API p50"),
+            ("p99_ms", "s-", "API p99"),
+            ("max_ms", "^:", "API max"),
+            ("sse_p99_ms", "D--", "SSE p99"),
+        ):
+            if all(r.get(key) is not None for r in lat):
+                axes[2].plot(xs, [r[key] for r in lat], style, label=label)
         axes[2].set_xscale("log")
         axes[2].set_xlabel("background messages/s (1x, 10x, 100x district)")
-        axes[2].set_ylabel("publish -> API visible (ms)")
+        axes[2].set_ylabel("publish -> visible (ms)")
         axes[2].set_title("End-to-end latency")
         axes[2].legend(fontsize=8)
     fig.tight_layout()
