@@ -239,7 +239,7 @@ def scale(work: Path, plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def profile(work: Path, plan: Plan, seconds: float = 8.0) -> dict[str, Any] | None:
+def profile(work: Path, plan: Plan, seconds: float = 5.0) -> dict[str, Any] | None:
     """py-spy over the pipeline draining 10,000 devices' statuses: where the time goes."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
@@ -249,13 +249,13 @@ def profile(work: Path, plan: Plan, seconds: float = 8.0) -> dict[str, Any] | No
     with procs.running(procs.mosquitto(work / "mosquitto-profile")) as mq:
         port = int(mq.port or 0)
         agents.prime(port, ["profile-pipe"])
-        count = 40_000
+        count = 150_000  # ~8 s of draining at ~20k msg/s: longer than the recording
         _publish(work, port, catalog, count, births=True, seed=99)
         proc = procs.agent(
             work, "pipeline", port=port, client_id="profile-pipe", count=count,
             catalog=catalog, data_dir=work / "data-profile",
         ).start()  # fmt: skip
-        time.sleep(2.5)  # imports and connect: profile the steady drain only
+        time.sleep(1.5)  # imports and connect: profile the steady drain only
         subprocess.run(
             [spy, "record", "-r", "100", "-d", str(int(seconds)), "--format", "raw",
              "-o", str(raw), "-p", str(proc.pid)],
