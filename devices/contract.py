@@ -57,6 +57,7 @@ REASONS = (
     "unknown_device",  # device id not in the catalog (set by the ingestor)
     "kind_mismatch",  # payload kind differs from the catalog (set by the ingestor)
     "count_mismatch",  # ports/slots count differs from the birth (set by the ingestor)
+    "internal",  # decoding raised something else: a bug, logged (set by the ingestor)
 )
 
 
@@ -325,7 +326,7 @@ def decode(channel: Channel, payload: bytes) -> Message:
             return _EVENT.decode(payload)
         if channel == "state":
             return _BIRTH.decode(payload)
-    except (msgspec.MsgspecError, RecursionError):
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
         pass  # find out why, below
     return _decode_steps(channel, payload)
 
@@ -336,7 +337,8 @@ def _decode_steps(channel: Channel, payload: bytes) -> Message:
         data = _ANY.decode(payload)
     except msgspec.ValidationError as exc:  # valid JSON syntax, e.g. 1e400 (infinity)
         raise ContractError("schema", _where(exc)) from None
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        # msgspec checks UTF-8 inside strings with Python's codec: a UnicodeDecodeError
         raise ContractError("not_json", str(exc)) from None
     if not isinstance(data, dict):
         raise ContractError("not_object", f"JSON {type(data).__name__}, object expected")

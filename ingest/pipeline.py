@@ -159,6 +159,9 @@ class Pipeline:
             msg = decode(topic.channel, r.payload)
         except ContractError as exc:
             return self._reject(batch, r, exc.reason, exc.detail)
+        except Exception as exc:  # a bug in decoding: keep the message and go on, loudly
+            log.exception("decoding a message on %s raised", r.topic)
+            return self._reject(batch, r, "internal", f"{type(exc).__name__}: {exc}")
         twin = self.twins[device.id]
         if not isinstance(msg, Death | Event) and msg.kind != device.kind:
             return self._reject(

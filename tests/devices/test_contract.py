@@ -260,6 +260,15 @@ def test_exactly_16_kib_is_accepted() -> None:
         ("status", b"hello", "not_json"),
         ("status", b'{"v":1,', "not_json"),
         ("status", b"\xff\xfe{}", "not_json"),
+        # not UTF-8 inside a string value, a key, an unknown field (found by fuzzing)
+        ("status", PILE_STATUS.replace(b"12:00:00", b"12:00:\xcb0"), "not_json"),
+        ("status", CABINET_STATUS.replace(b'"seq"', b'"\xa0eq"'), "not_json"),
+        ("state", b'{"v":1,"online":false,"boot":"abcd","seq":1,"vendor":"\xe8"}', "not_json"),
+        (
+            "event",
+            b'{"v":1,"ts":1,"boot":"abcd","seq":1,"type":"door_opened","info":"\xf4"}',
+            "not_json",
+        ),
         ("status", b'{"v":1,"ts":1,"boot":"abcd","seq":1,"kind":"pile","temp_c":NaN}', "not_json"),
         (
             "status",

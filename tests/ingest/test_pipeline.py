@@ -293,6 +293,13 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("NOT-IN-CATALOG", "status", pile_status(1), "unknown_device"),
     (PILE, "status", b"{not json", "not_json"),
     (PILE, "status", b'{"v":1,"temp_c":NaN}', "not_json"),
+    # not UTF-8 inside a key: msgspec raises UnicodeDecodeError there (found by fuzzing)
+    (
+        PILE,
+        "status",
+        json.dumps(pile_status(1)).encode().replace(b'"boot"', b'"\xa0oot"'),
+        "not_json",
+    ),
     (PILE, "status", b"[1,2]", "not_object"),
     (PILE, "status", {**pile_status(1), "v": 2}, "version"),
     (PILE, "status", {**pile_status(1), "seq": "1"}, "schema"),
@@ -326,6 +333,27 @@ async def test_bad_input_dead_lettered(
     assert rig.store.count_messages() == 0
     # never changes current state
     assert {d: t.to_record() for d, t in rig.pipeline.twins.by_id.items()} == twins_before
+
+
+async def test_a_decoder_bug_is_a_dead_letter_not_a_stall(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a stand-in decoder that raises what the real one never should: such a bug cannot be
+    # produced on purpose (the fuzzed contract tests look for it)
+    def broken(channel: str, payload: bytes) -> None:
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr("ingest.pipeline.decode", broken)
+    bad = rig.received(PILE, "status", pile_status(1))
+    await rig.feed(bad)
+    monkeypatch.undo()
+    good = rig.received(PILE, "state", pile_birth())
+    await rig.feed(good)
+    assert rig.store.dead_letter_counts() == {"internal": 1}
+    (letter,) = rig.store.dead_letters()
+    assert letter.detail == "RuntimeError: decoder bug"
+    assert rig.acked == [bad, good]
+    assert rig.stored_seqs(PILE) == [("birth", 0)]
 
 
 async def test_count_checked_against_birth(rig: Rig) -> None:
