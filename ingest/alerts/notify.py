@@ -163,20 +163,32 @@ def render(fmt: str, secret: str, event: str, payload: dict[str, Any]) -> tuple[
     return "", json.dumps(body, ensure_ascii=False).encode()
 
 
-def _robot_error(fmt: str, response: httpx.Response) -> str | None:
-    """Chat robots answer 200 with an error code in the body."""
+# Robot answers that mean "too many messages, try later" (a 200 with a code in the body):
+# WeCom 45009 "api freq out of limit" (20 a minute per robot); DingTalk 130101 "send too
+# fast" (20 a minute); Feishu 11232 "frequency limited" (100 a minute, 5 a second) and 9499
+# "too many request". Any other code is a refusal that would repeat (bad signature, bad URL).
+RATE_LIMITED: dict[str, frozenset[int]] = {
+    "wecom": frozenset({45009}),
+    "dingtalk": frozenset({130101}),
+    "feishu": frozenset({11232, 9499}),
+}
+
+
+def _robot_error(fmt: str, response: httpx.Response) -> tuple[str | None, bool]:
+    """Chat robots answer 200 with an error code in the body: (error, worth retrying)."""
     if fmt == "json":
-        return None
+        return None, False
     try:
         data = response.json()
     except ValueError:
-        return None
+        return None, False
     if not isinstance(data, dict):
-        return None
+        return None, False
     code = data.get("errcode", data.get("code", data.get("StatusCode", 0)))
-    if code not in (0, None):
-        return f"robot error {code}: {data.get('errmsg') or data.get('msg')}"
-    return None
+    if code in (0, None):
+        return None, False
+    error = f"robot error {code}: {data.get('errmsg') or data.get('msg')}"
+    return error, code in RATE_LIMITED.get(fmt, frozenset())
 
 
 class Notifier:
@@ -321,7 +333,7 @@ class Notifier:
                 response = await self._client.post(url, content=body, headers=headers)
                 status = response.status_code
                 if 200 <= status < 300:
-                    error = _robot_error(sub.format, response)
+                    error, retry = _robot_error(sub.format, response)
                     delivered = error is None
                 else:
                     error = f"HTTP {status}"

@@ -242,14 +242,19 @@ def test_port_alert_names_the_port_and_device_level_names_neither() -> None:
 
 
 async def deliver(
-    tmp_path: Path, url: str, fmt: str, answer: httpx.Response
+    tmp_path: Path, url: str, fmt: str, answer: httpx.Response | list[httpx.Response]
 ) -> tuple[list[httpx.Request], dict[str, Any]]:
     """One `opened` notification to one subscription: the requests the robot received, and
-    the delivery as logged."""
+    the delivery as logged. The chat robots are on the internet, so an httpx.MockTransport
+    stands in for them; ``answer`` is its reply, or its replies in turn."""
     seen: list[httpx.Request] = []
+    answers = answer if isinstance(answer, list) else None
 
     def robot(request: httpx.Request) -> httpx.Response:
         seen.append(request)
+        if answers is not None:
+            return answers[min(len(seen), len(answers)) - 1]
+        assert isinstance(answer, httpx.Response)
         return answer
 
     store = AlertStore.in_dir(tmp_path)
@@ -351,3 +356,20 @@ async def test_robot_error_in_a_200_is_a_failed_delivery(
     assert len(requests) == 1  # a robot's refusal is not retried (it would refuse again)
     assert (delivery["status"], delivery["http_status"], delivery["attempts"]) == ("failed", 200, 1)
     assert str(next(iter(answer.values()))) in delivery["error"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "limited", "ok"),
+    [
+        ("wecom", {"errcode": 45009, "errmsg": "api freq out of limit"}, {"errcode": 0}),
+        ("dingtalk", {"errcode": 130101, "errmsg": "send too fast"}, {"errcode": 0}),
+        ("feishu", {"code": 11232, "msg": "frequency limited"}, {"code": 0, "msg": "success"}),
+    ],
+)
+async def test_robot_rate_limit_in_a_200_is_retried(
+    tmp_path: Path, fmt: str, limited: dict[str, Any], ok: dict[str, Any]
+) -> None:
+    answers = [httpx.Response(200, json=limited), httpx.Response(200, json=ok)]
+    requests, delivery = await deliver(tmp_path, "https://robot.example/send", fmt, answers)
+    assert len(requests) == 2  # the robot said "later", and later it took the message
+    assert (delivery["status"], delivery["attempts"]) == ("delivered", 2)
