@@ -51,7 +51,22 @@ async function loadAlerts() {
       el("button", { class: "act resolve", type: "button", onclick: () => act(a.id, "resolve") }, "解决 Resolve"),
       el("button", { class: "act note", type: "button", onclick: () => note(a.id) }, "备注 Note"),
       el("button", { class: "act", type: "button", onclick: () => showDevice(a.device) }, "plot")))));
+  focusLinkedAlert();
 }
+
+// A notification links to /console#alert-ID: mark that row, and scroll to it once.
+let scrolledTo = null;
+function focusLinkedAlert() {
+  const m = /^#alert-(\d+)$/.exec(location.hash);
+  const row = m && $(`#alerts tr[data-alert-id="${m[1]}"]`);
+  if (!row) return;
+  row.classList.add("focus");
+  if (scrolledTo !== m[1]) {
+    scrolledTo = m[1];
+    row.scrollIntoView({ block: "center" });
+  }
+}
+window.addEventListener("hashchange", () => { document.querySelectorAll("#alerts tr.focus").forEach((r) => r.classList.remove("focus")); focusLinkedAlert(); });
 
 async function act(id, what) {
   try {

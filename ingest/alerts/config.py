@@ -52,6 +52,9 @@ class WebhookOptions(BaseModel):
     failing_after: int = Field(default=3, ge=1)
     # Deliveries waiting per subscription; beyond it the oldest is dropped (logged, counted).
     queue_max: int = Field(default=1000, ge=1)
+    # The console's public address (https://ops.example.cn): notifications then carry a link
+    # to the alert (`url`, and a line in chat messages). None: no link (we cannot guess it).
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s()<>\[\]]+$")
 
 
 class ReportOptions(BaseModel):

@@ -136,6 +136,10 @@ def render(fmt: str, secret: str, event: str, payload: dict[str, Any]) -> tuple[
     title, lines = _summary_lines(event, payload["alert"])
     md_title = _md(title)
     md_body = "\n".join(f"> {_md(line)}" for line in lines)
+    url = payload.get("url")  # ours (configured, pattern-checked), not device data
+    if url:
+        md_body += f"\n\n[控制台 Console]({url})"
+        lines = [*lines, url]
     if fmt == "wecom":
         body: dict[str, Any] = {
             "msgtype": "markdown",
@@ -264,7 +268,9 @@ class Notifier:
     def publish(self, event: str, alert: Alert) -> int:
         """Queue ``event`` of ``alert`` for every subscription that wants it (on the loop)."""
         queued = 0
-        payload = {"event": event, "alert": alert_view(alert)}
+        payload: dict[str, Any] = {"event": event, "alert": alert_view(alert)}
+        if self.options.public_url:
+            payload["url"] = f"{self.options.public_url.rstrip('/')}/console#alert-{alert.id}"
         for sub in self.subscriptions.values():
             if not sub.wants(event, alert):
                 continue

@@ -242,7 +242,11 @@ def test_port_alert_names_the_port_and_device_level_names_neither() -> None:
 
 
 async def deliver(
-    tmp_path: Path, url: str, fmt: str, answer: httpx.Response | list[httpx.Response]
+    tmp_path: Path,
+    url: str,
+    fmt: str,
+    answer: httpx.Response | list[httpx.Response],
+    **options: Any,
 ) -> tuple[list[httpx.Request], dict[str, Any]]:
     """One `opened` notification to one subscription: the requests the robot received, and
     the delivery as logged. The chat robots are on the internet, so an httpx.MockTransport
@@ -258,9 +262,9 @@ async def deliver(
         return answer
 
     store = AlertStore.in_dir(tmp_path)
-    options = WebhookOptions(attempts=2, backoff_s=0.01, timeout_s=2)
+    opts = WebhookOptions(attempts=2, backoff_s=0.01, timeout_s=2, **options)
     try:
-        async with Notifier(store, options, transport=httpx.MockTransport(robot)) as notifier:
+        async with Notifier(store, opts, transport=httpx.MockTransport(robot)) as notifier:
             sub = await notifier.add(url, secret=SECRET, format=fmt)
             assert notifier.publish("opened", make_alert()) == 1
             await notifier.idle()
@@ -356,6 +360,32 @@ async def test_robot_error_in_a_200_is_a_failed_delivery(
     assert len(requests) == 1  # a robot's refusal is not retried (it would refuse again)
     assert (delivery["status"], delivery["http_status"], delivery["attempts"]) == ("failed", 200, 1)
     assert str(next(iter(answer.values()))) in delivery["error"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "wecom", "dingtalk", "feishu"])
+async def test_notifications_link_to_the_alert_in_the_console(tmp_path: Path, fmt: str) -> None:
+    ok = httpx.Response(200, json={"errcode": 0, "code": 0})
+    [request], delivery = await deliver(
+        tmp_path, "https://robot.example/send", fmt, ok, public_url="https://ops.example.cn/"
+    )
+    assert delivery["status"] == "delivered"
+    link = "https://ops.example.cn/console#alert-4711"
+    body = json.loads(request.content)
+    if fmt == "json":
+        assert body["url"] == link
+    elif fmt == "feishu":
+        assert body["content"]["text"].endswith("\n" + link)
+    else:
+        assert (
+            f"[控制台 Console]({link})"
+            in body["markdown"]["text" if fmt == "dingtalk" else "content"]
+        )
+
+
+@pytest.mark.parametrize("bad", ["javascript:alert(1)", "ftp://x", "https://x/a b", "https://x/)"])
+def test_public_url_must_be_a_plain_http_address(bad: str) -> None:
+    with pytest.raises(ValueError, match="public_url"):
+        WebhookOptions(public_url=bad)
 
 
 @pytest.mark.parametrize(

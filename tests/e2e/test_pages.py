@@ -184,6 +184,8 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     row = f'#alerts tr[data-alert-id="{alert_id}"]'
     page.wait_for_selector(row)
     assert page.get_attribute(row, "data-status") == "open"
+    page.evaluate(f"location.hash = '#alert-{alert_id}'")  # what a notification links to
+    page.wait_for_selector(f"{row}.focus")
     page.wait_for_selector("#health .health")
     assert page.locator("#health .health").count() == len(d.catalog.stations)
     page.click(f"{row} button.ack")
