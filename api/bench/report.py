@@ -23,7 +23,10 @@ TARGETS = {
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {_cpus()} cores"}
-    for dist in ("paho-mqtt", "pydantic", "fastapi", "uvicorn", "influxdb-client", "msgspec"):
+    for dist in (
+        "paho-mqtt", "gmqtt", "pydantic", "msgspec", "fastapi", "uvicorn", "httptools",
+        "influxdb-client",
+    ):  # fmt: skip
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     with contextlib.suppress(procs.BenchError):
