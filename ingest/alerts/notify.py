@@ -7,7 +7,11 @@ of the exact body with the subscription's secret (plus the robots' own signing f
 and Feishu), retried with jittered exponential backoff on timeouts, connection errors, 5xx
 and 429, and logged per alert. After ``failing_after`` failed deliveries in a row the
 subscription is marked ``failing`` (reported by the API); a later success clears the mark.
-Deliveries still pending at shutdown are sent after the next start.
+
+Durable: a notification becomes a pending delivery row (the outbox writer task, on a worker
+thread) before its subscription's worker sends it, so what a stop or a crash interrupts,
+queued or in flight, is sent after the next start. Only the milliseconds between ``publish``
+and that write are not covered (as for the alert itself, which its own writer persists).
 """
 
 from __future__ import annotations
@@ -207,8 +211,11 @@ class Notifier:
         self.options = options
         self._transport = transport
         self.subscriptions: dict[int, Subscription] = {}
-        self._queues: dict[int, asyncio.Queue[_Job | tuple[str, dict[str, Any], int]]] = {}
+        self._queues: dict[int, asyncio.Queue[_Job]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
+        # (subscription, event, payload, created ms), waiting to become delivery rows
+        self._outbox: asyncio.Queue[tuple[int, str, dict[str, Any], int]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self.on_result: list[Any] = []  # callbacks (delivered: bool) for metrics
 
@@ -222,17 +229,24 @@ class Notifier:
             queue = self._queues.get(row["webhook_id"])
             if queue is not None:
                 queue.put_nowait(_Job(row["id"], row["event"], json.loads(row["body"])))
+        self._writer = asyncio.create_task(self._write_outbox(), name="webhook-outbox")
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        workers = list(self._workers.values())
-        for task in workers:
+        tasks = [self._writer] if self._writer is not None else []
+        tasks += self._workers.values()
+        for task in tasks:
             task.cancel()
-        for task in workers:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        left = []  # published, not yet written: pending for the next start
+        while not self._outbox.empty():
+            left.append(self._outbox.get_nowait())
+        if left:
+            await self._persist(left, enqueue=False)
         if self._client is not None:
             await self._client.aclose()
 
@@ -271,42 +285,80 @@ class Notifier:
         payload: dict[str, Any] = {"event": event, "alert": alert_view(alert)}
         if self.options.public_url:
             payload["url"] = f"{self.options.public_url.rstrip('/')}/console#alert-{alert.id}"
+        now = _now_ms()
         for sub in self.subscriptions.values():
-            if not sub.wants(event, alert):
-                continue
-            queue = self._queues[sub.id]
-            if queue.qsize() >= self.options.queue_max:
-                queue.get_nowait()  # the oldest goes: the newest state matters most
-                sub.dropped += 1
-                log.warning("webhook %d: queue full, oldest notification dropped", sub.id)
-            queue.put_nowait((event, payload, _now_ms()))
-            queued += 1
+            if sub.wants(event, alert):
+                self._outbox.put_nowait((sub.id, event, payload, now))
+                queued += 1
         return queued
 
     async def idle(self) -> None:
         """Wait until every queue is empty and nothing is in flight (tests, shutdown)."""
+        await self._outbox.join()
         for queue in list(self._queues.values()):
             await queue.join()
+
+    async def _write_outbox(self) -> None:
+        while True:
+            items = [await self._outbox.get()]
+            while not self._outbox.empty():
+                items.append(self._outbox.get_nowait())
+            try:
+                await self._persist(items, enqueue=True)
+            finally:
+                for _ in items:
+                    self._outbox.task_done()
+
+    async def _persist(
+        self, items: list[tuple[int, str, dict[str, Any], int]], *, enqueue: bool
+    ) -> None:
+        """Write ``items`` as pending deliveries, then hand each to its subscription's worker.
+        A store that fails must not silence notifications: they are sent unrecorded."""
+        jobs = [
+            (sub_id, _Job(0, event, {**payload, "created_at": rfc3339(created)}), created)
+            for sub_id, event, payload, created in items
+        ]
+
+        def write() -> list[int]:
+            return [
+                self.store.add_delivery(
+                    sub_id, job.payload["alert"]["id"], job.event, created, json.dumps(job.payload)
+                )
+                for sub_id, job, created in jobs
+            ]
+
+        try:
+            ids = await asyncio.to_thread(write)
+        except Exception:
+            log.exception("webhook deliveries could not be recorded; sending them anyway")
+            ids = [0] * len(jobs)
+        if not enqueue:
+            return
+        for (sub_id, job, _), delivery_id in zip(jobs, ids, strict=True):
+            queue, sub = self._queues.get(sub_id), self.subscriptions.get(sub_id)
+            if queue is None or sub is None:
+                continue  # removed meanwhile
+            if queue.qsize() >= self.options.queue_max:
+                dropped = queue.get_nowait()  # the oldest goes: the newest state matters most
+                queue.task_done()
+                sub.dropped += 1
+                log.warning("webhook %d: queue full, oldest notification dropped", sub.id)
+                await asyncio.to_thread(
+                    self.store.finish_delivery,
+                    dropped.delivery_id,
+                    status="dropped",
+                    attempts=0,
+                    http_status=None,
+                    error="queue full",
+                    finished_ms=_now_ms(),
+                )
+            queue.put_nowait(_Job(delivery_id, job.event, job.payload))
 
     async def _worker(self, sub: Subscription) -> None:
         queue = self._queues[sub.id]
         while True:
-            item = await queue.get()
+            job = await queue.get()
             try:
-                if isinstance(item, _Job):
-                    job = item
-                else:
-                    event, payload, created = item
-                    payload = {**payload, "created_at": rfc3339(created)}
-                    delivery_id = await asyncio.to_thread(
-                        self.store.add_delivery,
-                        sub.id,
-                        payload["alert"]["id"],
-                        event,
-                        created,
-                        json.dumps(payload),
-                    )
-                    job = _Job(delivery_id, event, payload)
                 await self._deliver(sub, job)
             except asyncio.CancelledError:
                 raise

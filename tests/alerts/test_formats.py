@@ -16,6 +16,7 @@ and checked against a published DingTalk vector.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -403,3 +404,62 @@ async def test_robot_rate_limit_in_a_200_is_retried(
     requests, delivery = await deliver(tmp_path, "https://robot.example/send", fmt, answers)
     assert len(requests) == 2  # the robot said "later", and later it took the message
     assert (delivery["status"], delivery["attempts"]) == ("delivered", 2)
+
+
+async def test_queued_notifications_survive_a_stop(tmp_path: Path) -> None:
+    """A receiver hangs on the first notification while two more wait behind it; the service
+    stops. All three are pending delivery rows, and the next start sends them."""
+    entered = asyncio.Event()
+    seen: list[int] = []
+
+    async def hanging(request: httpx.Request) -> httpx.Response:
+        entered.set()
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError("unreachable")
+
+    async def ok(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content)["alert"]["id"])
+        return httpx.Response(204)
+
+    store = AlertStore.in_dir(tmp_path)
+    options = WebhookOptions(attempts=1, timeout_s=30)
+    try:
+        async with Notifier(store, options, transport=httpx.MockTransport(hanging)) as notifier:
+            await notifier.add("https://hooks.example/cw", format="json")
+            for alert_id in (1, 2, 3):
+                assert notifier.publish("opened", make_alert(id=alert_id)) == 1
+            await asyncio.wait_for(entered.wait(), 5)
+        pending = store.deliveries(status="pending")
+        assert sorted(d["alert_id"] for d in pending) == [1, 2, 3]
+        async with Notifier(store, options, transport=httpx.MockTransport(ok)) as notifier:
+            await notifier.idle()
+        assert sorted(seen) == [1, 2, 3]
+        assert store.deliveries(status="pending") == []
+        assert len(store.deliveries(status="delivered")) == 3
+    finally:
+        store.close()
+
+
+async def test_a_full_queue_drops_its_oldest_notification_and_says_so(tmp_path: Path) -> None:
+    entered = asyncio.Event()
+
+    async def hanging(request: httpx.Request) -> httpx.Response:
+        entered.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    store = AlertStore.in_dir(tmp_path)
+    options = WebhookOptions(attempts=1, timeout_s=30, queue_max=1)
+    try:
+        async with Notifier(store, options, transport=httpx.MockTransport(hanging)) as notifier:
+            sub = await notifier.add("https://hooks.example/cw", format="json")
+            assert notifier.publish("opened", make_alert(id=1)) == 1
+            await asyncio.wait_for(entered.wait(), 5)  # 1 is in flight
+            for alert_id in (2, 3):  # 2 waits, then 3 pushes it out
+                assert notifier.publish("opened", make_alert(id=alert_id)) == 1
+                await asyncio.wait_for(notifier._outbox.join(), 5)
+            assert sub.dropped == 1
+        status = {d["alert_id"]: d["status"] for d in store.deliveries()}
+        assert status == {1: "pending", 2: "dropped", 3: "pending"}  # 1 and 3: next start
+    finally:
+        store.close()
