@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import ssl
 import struct
 import time
@@ -44,7 +43,7 @@ from gmqtt.mqtt.constants import MQTTv311
 from gmqtt.mqtt.handler import MQTTConnectError, MqttPackageHandler
 
 from ingest import BrokerConfigError
-from ingest.mqtt import BrokerURL, Received
+from ingest.mqtt import BrokerURL, Received, reconnect_backoff
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +130,7 @@ class GmqttSource:
                 log.warning("broker %s refused the connection: %s", self.url, exc)
             if self._stopping.is_set():
                 return
-            failures = 1 if was_up else failures + 1
-            delay = min(self.reconnect_max_s, 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
-            log.warning("reconnect attempt %d to %s in %.1fs", failures, self.url, delay)
+            failures, delay = reconnect_backoff(self.url, failures, was_up, self.reconnect_max_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 

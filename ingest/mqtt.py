@@ -69,6 +69,18 @@ class BrokerURL:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def reconnect_backoff(
+    url: BrokerURL, failures: int, was_up: bool, cap_s: float
+) -> tuple[int, float]:
+    """The next attempt's number and the wait before it, logged: 1 s doubling per failure in
+    a row (a connection that was up starts over), capped at ``cap_s``, times 0.5-1 so that
+    many ingest workers don't reconnect in step. Shared by both sources."""
+    failures = 1 if was_up else failures + 1
+    delay = min(cap_s, 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+    log.warning("reconnect attempt %d to %s in %.1fs", failures, url, delay)
+    return failures, delay
+
+
 @dataclass(slots=True)
 class Received:
     topic: str
@@ -158,9 +170,9 @@ class MqttSource:
                 log.warning("cannot reach the broker %s: %s", self.url, exc)
             if self._stopping.is_set():
                 return
-            failures = 1 if self._connected_since_attempt else failures + 1
-            delay = min(self.reconnect_max_s, 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
-            log.warning("reconnect attempt %d to %s in %.1fs", failures, self.url, delay)
+            failures, delay = reconnect_backoff(
+                self.url, failures, self._connected_since_attempt, self.reconnect_max_s
+            )
             self._stopping.wait(delay)
 
     # -- called from the asyncio side ---------------------------------------------------
