@@ -111,23 +111,44 @@ def publish(args: dict[str, Any]) -> dict[str, Any]:
     return {"sent": sent, "acked": acked, "seconds": took, "rate": acked / took if took else 0}
 
 
+class _Tally:
+    """What a bare subscriber measures: messages seen, and the wall and CPU time from the
+    first to the ``count``-th."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.seen = count, 0
+        self.first = self.last = 0
+        self.cpu = [0.0, 0.0]
+
+    def one(self) -> bool:
+        """Count a message; True at the ``count``-th."""
+        self.seen += 1
+        if self.seen == 1:
+            self.first = time.perf_counter_ns()
+            self.cpu[0] = time.process_time()
+        if self.seen < self.count:
+            return False
+        self.last = time.perf_counter_ns()
+        self.cpu[1] = time.process_time()
+        return True
+
+    def result(self) -> dict[str, Any]:
+        seen, took = self.seen, (self.last - self.first) / 1e9 if self.last else 0.0
+        return {
+            "count": seen,
+            "seconds": took,
+            "rate": (seen - 1) / took if took else 0.0,
+            "cpu_us_per_msg": (self.cpu[1] - self.cpu[0]) / seen * 1e6 if seen else None,
+        }
+
+
 def bare(args: dict[str, Any]) -> dict[str, Any]:
     """Count ``count`` messages with a plain paho subscriber (auto ack), persistent session."""
-    count, max_s = int(args["count"]), float(args.get("max_s", 120))
-    seen = 0
-    first = last = 0
-    cpu = [0.0, 0.0]
+    tally, max_s = _Tally(int(args["count"])), float(args.get("max_s", 120))
     done = threading.Event()
 
     def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        nonlocal seen, first, last
-        seen += 1
-        if seen == 1:
-            first = time.perf_counter_ns()
-            cpu[0] = time.process_time()
-        if seen >= count:
-            last = time.perf_counter_ns()
-            cpu[1] = time.process_time()
+        if tally.one():
             done.set()
 
     c = _client(str(args["client_id"]), clean=False)
@@ -138,34 +159,18 @@ def bare(args: dict[str, Any]) -> dict[str, Any]:
     done.wait(max_s)
     c.disconnect()
     c.loop_stop()
-    took = (last - first) / 1e9 if last else 0.0
-    return {
-        "count": seen,
-        "seconds": took,
-        "rate": (seen - 1) / took if took else 0.0,
-        "cpu_us_per_msg": (cpu[1] - cpu[0]) / seen * 1e6 if seen else None,
-    }
+    return tally.result()
 
 
 async def _bare_gmqtt(args: dict[str, Any]) -> dict[str, Any]:
     import gmqtt
     from gmqtt.mqtt.constants import MQTTv311
 
-    count, max_s = int(args["count"]), float(args.get("max_s", 120))
-    seen = 0
-    first = last = 0
-    cpu = [0.0, 0.0]
+    tally, max_s = _Tally(int(args["count"])), float(args.get("max_s", 120))
     done = asyncio.Event()
 
     def on_message(client: gmqtt.Client, topic: str, payload: bytes, qos: int, props: Any) -> int:
-        nonlocal seen, first, last
-        seen += 1
-        if seen == 1:
-            first = time.perf_counter_ns()
-            cpu[0] = time.process_time()
-        if seen >= count:
-            last = time.perf_counter_ns()
-            cpu[1] = time.process_time()
+        if tally.one():
             done.set()
         return 0
 
@@ -179,13 +184,7 @@ async def _bare_gmqtt(args: dict[str, Any]) -> dict[str, Any]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), max_s)
     await c.disconnect()
-    took = (last - first) / 1e9 if last else 0.0
-    return {
-        "count": seen,
-        "seconds": took,
-        "rate": (seen - 1) / took if took else 0.0,
-        "cpu_us_per_msg": (cpu[1] - cpu[0]) / seen * 1e6 if seen else None,
-    }
+    return tally.result()
 
 
 def bare_gmqtt(args: dict[str, Any]) -> dict[str, Any]:
