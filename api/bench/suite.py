@@ -61,22 +61,7 @@ class Plan:
     api_seconds: float = 5.0
     simulator_devices: int = 10_000
     simulator_processes: int = 1
-    profile: bool = True
-    parts: frozenset[str] = field(
-        default_factory=lambda: frozenset(
-            {
-                "throughput",
-                "scale",
-                "latency",
-                "api",
-                "footprint",
-                "simulator",
-                "alerts",
-                "profile",
-                "stages",
-            }
-        )
-    )
+    parts: frozenset[str] = field(default_factory=lambda: frozenset(PARTS))  # all of them
 
     @classmethod
     def short(cls) -> Plan:
