@@ -77,11 +77,7 @@ async def stations(
     state = _app_state(request)
     ingest: Ingest = state.ingest
     shared: StationViews = state.views
-    if arrive_in_s is not None:
-        return await _ranked(request, state.stats, ingest, shared, now, origin, radius_m,
-                             kind, available, arrive_in_s, since_ms, limit, offset)  # fmt: skip
-    # the common query: the kept views' JSON, with each answer's distance and age spliced in
-    chosen: list[tuple[float | None, str]] = []
+    chosen: list[tuple[float | None, str]] = []  # (distance, station) of those that match
     entries = {}
     for station_id, spec in ingest.catalog.stations.items():
         entry = shared.station(station_id, now)
@@ -98,6 +94,10 @@ async def stations(
         chosen.append((distance, station_id))
     if origin is not None:
         chosen.sort(key=lambda c: c[0] or 0.0)
+    if arrive_in_s is not None:
+        return await _ranked(request, state.stats, ingest, shared, now, chosen, kind,
+                             arrive_in_s, limit, offset)  # fmt: skip
+    # the common query: the kept views' JSON, with each answer's distance and age spliced in
     total = len(chosen)
     page = chosen[offset : offset + limit] if limit is not None else chosen[offset:]
     parts = [f"{i}:{entries[i].summary_etag}:{d}" for d, i in page]
@@ -122,26 +122,20 @@ async def _ranked(
     ingest: Ingest,
     shared: StationViews,
     now: int,
-    origin: tuple[float, float] | None,
-    radius_m: float,
+    chosen: list[tuple[float | None, str]],
     kind: str | None,
-    available: bool,
     arrive_in_s: int,
-    since_ms: int | None,
     limit: int | None,
     offset: int,
 ) -> Response:
-    """Stations ranked by the chance that what the rider needs is still there on arrival:
-    new estimates for every request, so no ETag."""
-    full = [shared.get(station_id, now).view for station_id in ingest.catalog.stations]
-    if origin is not None:
-        for v in full:
-            v["distance_m"] = round(distance_m(origin[0], origin[1], v["lat"], v["lon"]), 1)
-        full = [v for v in full if v["distance_m"] <= radius_m]
-        full.sort(key=lambda v: v["distance_m"])
-    full = [v for v in full if station_has(v, kind, available)]
-    if since_ms is not None:
-        full = [v for v in full if (parse_time("", v["last_updated"]) or 0) >= since_ms]
+    """The ``chosen`` stations (filtered, by distance) ranked by the chance that what the
+    rider needs is still there on arrival: new estimates for every request, so no ETag."""
+    full = []
+    for distance, station_id in chosen:
+        v = shared.get(station_id, now).view
+        if distance is not None:
+            v["distance_m"] = distance
+        full.append(v)
     hour = datetime.fromtimestamp(now / 1000, tz=UTC).astimezone(district_tz(ingest.catalog)).hour
     history = ingest.history
     for v in full:
