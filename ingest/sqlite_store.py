@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ingest.sqlite_db import SQLiteDB
+from ingest.sqlite_db import BulkInsert, SQLiteDB, Statement
 from ingest.store import DeadLetter, HistoryRow, TwinRecord
 
 DB_FILE = "chargewatch.db"
@@ -55,6 +55,16 @@ CREATE TABLE IF NOT EXISTS dead_letter_counts (
     count  INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+_INSERT_MESSAGES = BulkInsert(
+    "INSERT OR IGNORE INTO messages (device_id, station_id, kind, type, boot, seq, ts_ms,"
+    " received_ms, payload)",
+    9,
+)
+_UPSERT_TWINS = BulkInsert(
+    "INSERT INTO twins (device_id, record)",
+    2,
+    "ON CONFLICT(device_id) DO UPDATE SET record = excluded.record",
+)
 
 
 class SQLiteStore:
@@ -78,15 +88,8 @@ class SQLiteStore:
     # -- HistoryStore -------------------------------------------------------------------
 
     def append(self, rows: Sequence[HistoryRow]) -> None:
-        self._db.transaction(
-            [
-                (
-                    "INSERT OR IGNORE INTO messages (device_id, station_id, kind, type, boot,"
-                    " seq, ts_ms, received_ms, payload) VALUES (?,?,?,?,?,?,?,?,?)",
-                    [r[:9] for r in rows],  # HistoryRow's first nine fields, in this order
-                )
-            ]
-        )
+        # HistoryRow's first nine fields are the columns, in this order
+        self._db.transaction([(_INSERT_MESSAGES, [r[:9] for r in rows])])
 
     def messages(
         self,
@@ -155,12 +158,8 @@ class SQLiteStore:
         counts: dict[str, int] = {}
         for d in dead_letters:
             counts[d.reason] = counts.get(d.reason, 0) + 1
-        statements: list[tuple[str, Sequence[Sequence[Any]]]] = [
-            (
-                "INSERT INTO twins VALUES (?, ?) ON CONFLICT(device_id) DO UPDATE"
-                " SET record = excluded.record",
-                [(t.device_id, t.data.decode()) for t in twins],
-            ),
+        statements: list[Statement] = [
+            (_UPSERT_TWINS, [(t.device_id, t.data.decode()) for t in twins]),
             (
                 "INSERT INTO dead_letters (received_ms, topic, reason, detail, payload, size)"
                 " VALUES (?,?,?,?,?,?)",

@@ -11,6 +11,7 @@ import pytest
 
 from devices.contract import Death
 from ingest import StoreError, StoreUnavailable
+from ingest.sqlite_db import BulkInsert
 from ingest.sqlite_store import DB_FILE, SQLiteStore
 from ingest.store import DEAD_LETTER_PAYLOAD_KEPT, DeadLetter, HistoryRow, MessageType, TwinRecord
 
@@ -70,6 +71,21 @@ def test_append_is_idempotent(store: SQLiteStore) -> None:
         ("boot-a", 2, "status"),
         ("boot-a", 3, "status"),
     ]
+
+
+def test_batches_larger_than_one_statement(store: SQLiteStore) -> None:
+    """Rows go to SQLite a chunk of rows per statement (BulkInsert): a batch of several
+    chunks and a remainder, with repeats inside a chunk and across chunks, is stored once
+    each; so are twin records upserted in one batch, a device twice."""
+    n = 2 * BulkInsert.CHUNK + 37
+    rows = [row(i, T0 + i) for i in range(n)]
+    store.append(rows + rows[:3] + rows[-150:])
+    assert store.count_messages() == n
+    assert [m["seq"] for m in store.messages("P1", limit=n + 10)] == list(range(n))
+    records = [rec({"device_id": f"P{i}", "seq": i}) for i in range(n)]
+    store.save([*records, rec({"device_id": "P7", "seq": -7})], [])
+    twins = {str(t["device_id"]): t["seq"] for t in store.load_twins()}
+    assert len(twins) == n and twins["P7"] == -7 and twins["P8"] == 8
 
 
 def test_same_seq_other_type_or_boot_is_another_message(store: SQLiteStore) -> None:
