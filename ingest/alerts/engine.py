@@ -198,9 +198,9 @@ class AlertEngine:
     def observe(self, twin: Twin, msg: Message, received_ms: int) -> None:
         """Pipeline observer: one applied message, after its batch is durable."""
         self.seen[twin.device_id] = twin
-        mem = self._memory.setdefault(twin.device_id, DeviceMemory())
+        mem = self._device_memory(twin.device_id)
         raised = observe(mem, twin, msg, received_ms, self.config)
-        self._evaluate_device(twin, self.clock(), raised)
+        self._evaluate_device(twin, mem, self.clock(), raised)
 
     def tick(self) -> None:
         """Absences, verification windows and escalation; the timer calls it every tick_s."""
@@ -208,7 +208,7 @@ class AlertEngine:
         if now - self._started_ms >= self.config.startup_grace_s * 1000:
             for twin in self.seen.values():
                 if twin.last_seen_ms is not None:
-                    self._evaluate_device(twin, now, [])
+                    self._evaluate_device(twin, self._device_memory(twin.device_id), now, [])
             for station in self.catalog.stations.values():
                 self._evaluate_station(station.id, now)
             self._evaluate_service(now)
@@ -225,15 +225,23 @@ class AlertEngine:
 
     # -- evaluation --------------------------------------------------------------------
 
-    def _evaluate_device(self, twin: Twin, now: int, raised: list[tuple[str, int | None]]) -> None:
-        mem = self._memory.setdefault(twin.device_id, DeviceMemory())
+    def _device_memory(self, device_id: str) -> DeviceMemory:
+        # not ``setdefault(id, DeviceMemory())``: that builds a DeviceMemory on every call
+        mem = self._memory.get(device_id)
+        if mem is None:
+            mem = self._memory[device_id] = DeviceMemory()
+        return mem
+
+    def _evaluate_device(
+        self, twin: Twin, mem: DeviceMemory, now: int, raised: list[tuple[str, int | None]]
+    ) -> None:
         found, frozen = device_conditions(twin, mem, now, self.config)
         before = self._device_active.get(twin.device_id, {})
         if frozen:  # offline: keep everything else as it was, neither opened nor resolved
             found = {**{k: v for k, v in before.items() if k.rule != "offline"}, **found}
-        repeats = {(code, unit) for code, unit in raised}
         self._device_active[twin.device_id] = found
-        self._diff(before, found, now, repeats)
+        if found or before:  # the common case, nothing active now nor before: nothing to do
+            self._diff(before, found, now, set(raised))
 
     def _evaluate_service(self, now: int) -> None:
         """The silent stall: connected, yet nothing arrives while devices should report.

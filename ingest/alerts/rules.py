@@ -21,7 +21,7 @@ Per station, on the timer: ``station_unavailable`` (open, nothing free, for a wh
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -54,7 +54,6 @@ def observe(
     mem: DeviceMemory, twin: Twin, msg: Message, received_ms: int, cfg: AlertsConfig
 ) -> list[tuple[str, Unit]]:
     """Remember what ``msg`` says; returns the faults an event raised explicitly (repeats)."""
-    limits = cfg.limits(twin.kind)
     raised: list[tuple[str, Unit]] = []
     if isinstance(msg, Event):
         unit = msg.port if msg.port is not None else msg.slot
@@ -69,7 +68,8 @@ def observe(
         elif msg.type == "door_closed":
             mem.door_open_since = None
         return raised
-    if isinstance(msg, PileStatus | CabinetStatus):
+    if isinstance(msg, (PileStatus, CabinetStatus)):  # a tuple: faster than a union
+        limits = cfg.limits(twin.kind)
         mem.event_faults.clear()  # a snapshot lists every active fault: it is newer
         _remember_temp(mem, None, msg.ts, msg.temp_c, limits.temp_rise_window_s)
         if isinstance(msg, CabinetStatus):
@@ -104,20 +104,22 @@ def _remember_temp(
 ) -> None:
     if temp is None:
         return
-    readings = mem.temps.setdefault(unit, deque())
+    readings = mem.temps.get(unit)
+    if readings is None:  # not setdefault(unit, deque()): that builds a deque every call
+        readings = mem.temps[unit] = deque()
     if readings and ts_ms <= readings[-1][0]:
         return  # device clock went back (reboot, bad clock): not a trend
     readings.append((ts_ms, temp))
-    while readings and readings[0][0] < ts_ms - window_s * 1000:
+    oldest_ms = ts_ms - window_s * 1000
+    while readings and readings[0][0] < oldest_ms:
         readings.popleft()
 
 
-def rise_per_min(readings: Iterable[tuple[int, float]], min_span_s: float) -> float | None:
+def rise_per_min(readings: Sequence[tuple[int, float]], min_span_s: float) -> float | None:
     """°C per minute from the oldest to the newest reading, if they span long enough."""
-    items = list(readings)
-    if len(items) < 2:
+    if len(readings) < 2:
         return None
-    (t0, c0), (t1, c1) = items[0], items[-1]
+    (t0, c0), (t1, c1) = readings[0], readings[-1]
     if t1 - t0 < min_span_s * 1000:
         return None
     return (c1 - c0) / ((t1 - t0) / 60_000)
@@ -129,15 +131,10 @@ def device_conditions(
     """The device's active conditions, and whether the rest is frozen (device offline)."""
     if twin.last_seen_ms is None:
         return {}, False  # never heard from: not commissioned, not offline
-    station, dev = twin.station_id, twin.device_id
     unit_kind = "port" if twin.kind == "pile" else "slot"
-
-    def key(rule: str, unit: Unit = None, code: str | None = None) -> Key:
-        return Key(station, dev, unit, rule, code or rule)
-
     if not twin.online(now_ms):
         why = "Will received" if not twin.online_flag else "no message for 3 heartbeats"
-        k = key("offline")
+        k = _key(twin, "offline")
         return {k: Observation(k, "major", info=why)}, True
     found: dict[Key, Observation] = {}
     limits = cfg.limits(twin.kind)
@@ -150,18 +147,18 @@ def device_conditions(
             if u.fault:
                 faults.setdefault((u.fault, u.n), mem.fault_values.get((u.fault, u.n)))
     for (code, unit), value in faults.items():
-        k = key("fault", unit, code)
+        k = _key(twin, "fault", unit, code)
         found[k] = Observation(k, severity(code), value=value, info=_unit_info(unit_kind, unit))
     if status is not None:
         if status.temp_c is not None and status.temp_c > limits.temp_high_c:
-            k = key("temperature_high")
+            k = _key(twin, "temperature_high")
             found[k] = Observation(
                 k, "critical", value=status.temp_c, info=f"enclosure > {limits.temp_high_c} °C"
             )
         if isinstance(status, CabinetStatus):
             for slot in status.slots:
                 if slot.temp_c is not None and slot.temp_c > limits.unit_temp_high_c:
-                    k = key("temperature_high", slot.n)
+                    k = _key(twin, "temperature_high", slot.n)
                     found[k] = Observation(
                         k,
                         "critical",
@@ -169,30 +166,34 @@ def device_conditions(
                         info=f"slot > {limits.unit_temp_high_c} °C",
                     )
                 if slot.state == "ready" and slot.soc is not None and slot.soc < twin.release_soc:
-                    k = key("ready_low_soc", slot.n)
+                    k = _key(twin, "ready_low_soc", slot.n)
                     found[k] = Observation(
                         k, "minor", value=slot.soc, info=f"ready below {twin.release_soc:g} %"
                     )
             if mem.door_open_since is not None:
                 open_s = (now_ms - mem.door_open_since) / 1000
                 if open_s >= limits.door_open_s:
-                    k = key("door_open_long")
+                    k = _key(twin, "door_open_long")
                     found[k] = Observation(k, "major", value=round(open_s), info="seconds open")
         else:
             for n, since in mem.zero_power_since.items():
                 stuck_s = (now_ms - since) / 1000
                 if stuck_s >= limits.charging_no_power_s:
-                    k = key("charging_no_power", n)
+                    k = _key(twin, "charging_no_power", n)
                     found[k] = Observation(k, "minor", value=round(stuck_s), info="seconds at ~0 W")
             for n, drop in mem.energy_drop.items():
-                k = key("energy_backwards", n)
+                k = _key(twin, "energy_backwards", n)
                 found[k] = Observation(k, "warning", value=round(drop, 1), info="Wh lost")
     for unit, readings in mem.temps.items():
         rate = rise_per_min(readings, limits.temp_rise_min_span_s)
         if rate is not None and rate >= limits.temp_rise_c_per_min:
-            k = key("temperature_rise", unit)
+            k = _key(twin, "temperature_rise", unit)
             found[k] = Observation(k, "critical", value=round(rate, 2), info="°C per minute")
     return found, False
+
+
+def _key(twin: Twin, rule: str, unit: Unit = None, code: str | None = None) -> Key:
+    return Key(twin.station_id, twin.device_id, unit, rule, code or rule)
 
 
 def _unit_info(unit_kind: str, unit: Unit) -> str | None:
