@@ -222,7 +222,7 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "chargewatch_queue_depth",
             "Messages received, waiting for the pipeline",
-            value=pipeline.queue.qsize() if pipeline else 0,
+            value=len(pipeline.queue) if pipeline else 0,
         )
         last = pipeline.last_message_ms if pipeline else None
         yield GaugeMetricFamily(

@@ -69,7 +69,7 @@ async def _round(catalog: Catalog, messages: list[Received], work: Path) -> dict
                 with timing("handle"):
                     for r in messages[i : i + config.batch_max]:
                         pipeline.deliver(r)
-                        pipeline.queue.get_nowait()
+                        pipeline.queue.popleft()
                         pipeline._handle(r, batch)
                 with timing("records"):
                     records = [TwinRecord(d, t.encode()) for d, t in batch.changed.items()]
