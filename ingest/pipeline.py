@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from devices.catalog import DEFAULT_RELEASE_SOC, Catalog, Device
 from devices.contract import Birth, ContractError, Death, Event, Message, decode
@@ -114,6 +115,8 @@ class Pipeline:
         # it (alert rules: a later message of the same batch must not show through).
         self.listeners: list[Callable[[list[Twin]], None]] = []
         self.observers: list[Callable[[Twin, Message, int], None]] = []
+        # one store keeping both (the embedded SQLite one) writes a batch in one transaction
+        self._one_store = history is cast(object, state) and callable(getattr(state, "write", None))
         self.store_healthy = True
         self.last_message_ms: int | None = None
         self.unacked = 0  # delivered to us, not yet acknowledged
@@ -336,6 +339,9 @@ class Pipeline:
     def _write(
         self, rows: list[HistoryRow], records: list[TwinRecord], dead: list[DeadLetter]
     ) -> None:
+        if self._one_store:
+            self.state.write(rows, records, dead)  # type: ignore[attr-defined]  # see __init__
+            return
         if rows:
             self.history.append(rows)
         if records or dead:

@@ -85,7 +85,8 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
             "`api/bench/suite.py`). Publisher (paho, one process) reached"
             f" {t['publisher_rate']:,.0f} msg/s filling the queues.",
             "",
-            "| subscriber | msg/s | vs mosquitto_sub | vs bare paho | vs bare gmqtt | CPU per msg"
+            "| subscriber | msg/s | vs mosquitto_sub | vs bare paho | vs bare gmqtt"
+            " | CPU per msg (of it, the event loop's thread)"
             " | arrival->ack p99 |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
@@ -103,7 +104,10 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
         for k, rate in t["rates"].items():
             p99 = t["ack_p99_s"].get(k)
             cpus = [r["cpu_us_per_msg"] for r in t["runs"][k] if r.get("cpu_us_per_msg")]
+            loops = [r["loop_cpu_us_per_msg"] for r in t["runs"][k] if r.get("loop_cpu_us_per_msg")]
             cpu = f"{sorted(cpus)[len(cpus) // 2]:.0f} us" if cpus else "-"
+            if loops:  # the event loop's thread: the bound of one process
+                cpu += f" ({sorted(loops)[len(loops) // 2]:.0f} loop)"
             lines.append(
                 f"| {names.get(k, k)} | {rate:,.0f} | {rate / ceiling:.0%} | {_share(rate, paho)} |"
                 f" {_share(rate, gmqtt)} | {cpu} | "

@@ -58,6 +58,17 @@ class FlakyStore(SQLiteStore):
         super().save(twins, dead_letters)
         self.log.extend(("dead", d.received_ms) for d in dead_letters)
 
+    def write(
+        self,
+        rows: Sequence[HistoryRow],
+        twins: Sequence[TwinRecord],
+        dead_letters: Sequence[DeadLetter],
+    ) -> None:  # what the pipeline calls: append and save in one transaction
+        self._fail()
+        super().write(rows, twins, dead_letters)
+        self.log.extend(("stored", r.seq) for r in rows)
+        self.log.extend(("dead", d.received_ms) for d in dead_letters)
+
 
 @dataclass
 class Rig:
@@ -421,13 +432,15 @@ async def test_run_acks_everything_once_after_the_write(running: Rig) -> None:
 async def test_batches_are_bounded(rig: Rig) -> None:
     rig.pipeline.batch_max = 3
     writes: list[int] = []
-    append = rig.store.append
+    write = rig.store.write
 
-    def counting_append(rows: Sequence[HistoryRow]) -> None:
+    def counting_write(
+        rows: Sequence[HistoryRow], twins: Sequence[TwinRecord], dead: Sequence[DeadLetter]
+    ) -> None:
         writes.append(len(rows))
-        append(rows)
+        write(rows, twins, dead)
 
-    rig.store.append = counting_append  # type: ignore[method-assign]
+    rig.store.write = counting_write  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(rig.pipeline.run(), name="pipeline-under-test")
     try:
         for i in range(7):
