@@ -89,6 +89,20 @@ def test_batches_larger_than_one_statement(store: SQLiteStore) -> None:
     assert (twins["P7"], twins["P8"]) == (-7, 8)  # the later record of P7 in the batch wins
 
 
+def test_write_is_one_transaction(store: SQLiteStore) -> None:
+    """History, twins and dead letters of a batch land together, or none of them does."""
+    store.write([row(1, T0)], [rec({"device_id": "P1", "seq": 1})], [dead(1)])
+    assert store.count_messages() == 1
+    assert [t["seq"] for t in store.load_twins()] == [1]
+    assert store.dead_letter_counts() == {"schema": 1}
+    bad = DeadLetter(T0, None, "schema", "x", b"", 0)  # type: ignore[arg-type]  # NOT NULL
+    with pytest.raises(StoreError):
+        store.write([row(2, T0 + 1)], [rec({"device_id": "P1", "seq": 2})], [bad])
+    assert store.count_messages() == 1
+    assert [t["seq"] for t in store.load_twins()] == [1]
+    assert store.dead_letter_counts() == {"schema": 1}
+
+
 def test_same_seq_other_type_or_boot_is_another_message(store: SQLiteStore) -> None:
     # a Will carries the seq of its birth; a new boot starts again from 0
     store.append(
