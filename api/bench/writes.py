@@ -87,10 +87,14 @@ def _run(write: Writer, data: list[tuple[Any, ...]], busy: bool, batch: int) -> 
     return out
 
 
+def _executemany(conn: sqlite3.Connection, chunk: Sequence[Sequence[Any]]) -> None:
+    conn.executemany(SQL, chunk)
+
+
 def main(n: int = 30_000, batch: int = 500) -> None:
     data = rows(n)
     ways: dict[str, Writer] = {
-        "executemany": lambda conn, chunk: None if conn.executemany(SQL, chunk) else None,
+        "executemany": _executemany,
         "BulkInsert": _INSERT_MESSAGES.run,
     }
     print(f"{n:,} rows in batches of {batch}; us per row (writer thread)")
