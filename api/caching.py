@@ -43,7 +43,7 @@ def _strip(value: Any) -> Any:
 
 
 def etag_of(body: Any) -> str:
-    """A strong ETag of everything in ``body`` but ages and countdowns. Views are built in a
+    """The ETag of everything in ``body`` but ages and countdowns. Views are built in a
     fixed key order, so the serialisation needs no sorting."""
     return etag_of_bytes(pydantic_core.to_json(_strip(body)))
 
@@ -69,16 +69,20 @@ def etag_of_json(data: bytes) -> str:
 
 
 def etag_of_bytes(data: bytes) -> str:
-    return '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
+    """A weak ETag (``W/"..."``): two answers that share it are equivalent, not byte for
+    byte the same. They differ in their ages, and the gzipped and the plain encoding share
+    it; a strong ETag promises identical bytes (RFC 9110, 8.8.1)."""
+    return 'W/"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
 
 
 def _matches(header: str | None, etag: str) -> bool:
+    """``If-None-Match`` uses the weak comparison: ``W/"x"`` and ``"x"`` match."""
     if not header:
         return False
     if header.strip() == "*":
         return True
     tags = {t.strip().removeprefix("W/") for t in header.split(",")}
-    return etag in tags
+    return etag.removeprefix("W/") in tags
 
 
 def cached_json(
