@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -65,6 +65,8 @@ REPORT_CATEGORIES: dict[str, Severity] = {
 
 SERVICE_STATION = "service"
 """The ``station`` of alerts about the service itself (not a catalog station)."""
+TICK_SLICE = 500
+"""Devices the timer's pass evaluates before it lets the event loop run (~3-5 ms of CPU)."""
 
 
 class AlertError(ValueError):
@@ -203,12 +205,31 @@ class AlertEngine:
         self._evaluate_device(twin, mem, self.clock(), raised)
 
     def tick(self) -> None:
-        """Absences, verification windows and escalation; the timer calls it every tick_s."""
+        """Absences, verification windows and escalation: one whole pass (the timer makes the
+        same pass in slices, ``_tick_in_slices``)."""
+        for _ in self._tick_steps():
+            pass
+
+    async def _tick_in_slices(self) -> None:
+        """The timer's pass, giving the event loop back every ``TICK_SLICE`` devices: every
+        device costs ~5-8 us, so one pass over 50,000 of them held the loop (API requests,
+        ingest) ~400 ms; in slices, nothing waits longer than ~5 ms."""
+        for _ in self._tick_steps():
+            await asyncio.sleep(0)
+
+    def _tick_steps(self) -> Iterator[None]:
+        """The pass as a generator that stops after every ``TICK_SLICE`` devices. Between
+        steps ``observe`` may run: each device is read from ``seen`` when its turn comes (a
+        snapshot taken before the pass could be older than what ``observe`` judged)."""
         now = self.clock()
         if now - self._started_ms >= self.config.startup_grace_s * 1000:
-            for twin in self.seen.values():
+            for i, device_id in enumerate(list(self.seen)):
+                if i and i % TICK_SLICE == 0:
+                    yield
+                    now = self.clock()
+                twin = self.seen[device_id]
                 if twin.last_seen_ms is not None:
-                    self._evaluate_device(twin, self._device_memory(twin.device_id), now, [])
+                    self._evaluate_device(twin, self._device_memory(device_id), now, [])
             for station in self.catalog.stations.values():
                 self._evaluate_station(station.id, now)
             self._evaluate_service(now)
@@ -476,7 +497,7 @@ class AlertEngine:
         while True:
             await asyncio.sleep(self.config.tick_s)
             try:
-                self.tick()
+                await self._tick_in_slices()
             except Exception:
                 log.exception("alerts: timer failed; continuing")
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
+
 from devices.contract import Message
+from ingest.alerts import engine as engine_module
 from ingest.alerts.store import AlertQuery
 from ingest.pipeline import Twins
 from ingest.twins import Twin
@@ -238,3 +242,37 @@ async def test_timer_judges_devices_by_observed_messages_only(tmp_path: Path) ->
         assert (alert.rule, alert.unit, alert.count) == ("ready_low_soc", 1, 1)
         engine.tick()
         assert (active(engine), alert.count) == ([alert], 1)
+
+
+async def test_the_timer_pass_lets_the_loop_run_and_reads_each_device_in_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timer evaluates devices in slices, letting the event loop run between them (one
+    pass over 50,000 devices held it ~400 ms). A message that arrives meanwhile is judged by
+    ``observe``, and the pass then evaluates that device as the message left it, not as it
+    was when the pass began."""
+    monkeypatch.setattr(engine_module, "TICK_SLICE", 2)
+    clock = Clock()
+    async with running(tmp_path, clock) as engine:
+        piles = [d.id for d in CATALOG.devices.values() if d.kind == "pile"][-5:]
+        devices = [Device(engine, clock, i) for i in piles]
+        for d in devices:
+            d.birth(heartbeat_s=2)
+            d.pile()
+        clock.advance(7)  # more than three heartbeats of silence: offline by the timer
+        ran_between: list[int] = []
+
+        async def meanwhile() -> None:
+            while True:
+                ran_between.append(len(active(engine)))
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(meanwhile())
+        timer = asyncio.create_task(engine._tick_in_slices())
+        await asyncio.sleep(0)  # the pass has begun with the catalog's first devices
+        devices[-1].pile()  # the last pile speaks before the pass reaches it
+        await timer
+        other.cancel()
+        assert len(ran_between) > len(CATALOG.devices) // 2 // 2, "the pass did not yield"
+        offline = {a.device_id for a in active(engine, rule="offline")}
+        assert offline == set(piles[:-1])
