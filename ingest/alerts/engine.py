@@ -41,6 +41,7 @@ from ingest.alerts.rules import (
     DeviceMemory,
     StationMemory,
     device_conditions,
+    next_change_ms,
     observe,
     station_conditions,
 )
@@ -120,6 +121,9 @@ class AlertEngine:
         self.by_id: dict[int, Alert] = {}  # unresolved alerts by id
         self._memory: dict[str, DeviceMemory] = {}
         self._device_active: dict[str, dict[Key, Observation]] = {}
+        # per device, when the clock alone could next change its conditions: the timer's
+        # pass skips a device with nothing active until then (rules.next_change_ms)
+        self._due: dict[str, int] = {}
         self._station_active: dict[str, dict[Key, Observation]] = {}
         self._station_memory: dict[str, StationMemory] = {}
         self._hold: list[Alert] = []  # offline alerts waiting one tick for station grouping
@@ -228,10 +232,18 @@ class AlertEngine:
                     yield
                     now = self.clock()
                 twin = self.seen[device_id]
-                if twin.last_seen_ms is not None:
-                    self._evaluate_device(twin, self._device_memory(device_id), now, [])
+                if twin.last_seen_ms is None:
+                    continue
+                if not self._device_active.get(device_id) and self._due.get(device_id, 0) > now:
+                    continue  # nothing active, and nothing the clock can change yet
+                self._evaluate_device(twin, self._device_memory(device_id), now, [])
+            weight = 0  # a station costs about as much as evaluating its devices
             for station in self.catalog.stations.values():
+                if weight >= TICK_SLICE:
+                    yield
+                    now, weight = self.clock(), 0
                 self._evaluate_station(station.id, now)
+                weight += len(station.devices)
             self._evaluate_service(now)
         held, self._hold = self._hold, []
         for alert in held:
@@ -261,6 +273,7 @@ class AlertEngine:
         if frozen:  # offline: keep everything else as it was, neither opened nor resolved
             found = {**{k: v for k, v in before.items() if k.rule != "offline"}, **found}
         self._device_active[twin.device_id] = found
+        self._due[twin.device_id] = next_change_ms(twin, mem, self.config)
         if found or before:  # the common case, nothing active now nor before: nothing to do
             self._diff(before, found, now, set(raised))
 

@@ -20,13 +20,14 @@ Per station, on the timer: ``station_unavailable`` (open, nothing free, for a wh
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from devices.availability import free_ports, ready_batteries
+from devices.availability import STALE_FACTOR, free_ports, ready_batteries
 from devices.catalog import StationSpec
 from devices.contract import CabinetStatus, Event, Message, PileStatus
 from devices.faults import severity
@@ -190,6 +191,25 @@ def device_conditions(
             k = _key(twin, "temperature_rise", unit)
             found[k] = Observation(k, "critical", value=round(rate, 2), info="°C per minute")
     return found, False
+
+
+NEVER_MS = 2**62
+
+
+def next_change_ms(twin: Twin, mem: DeviceMemory, cfg: AlertsConfig) -> int:
+    """The first time at which the clock alone can change ``device_conditions`` of a device
+    that has none now (its silence becoming offline, a door open too long, a port charging
+    at ~0 W too long); ``NEVER_MS`` when only a message can. Early is safe (an evaluation
+    that finds nothing new), late is not."""
+    if twin.last_seen_ms is None or not twin.online_flag:
+        return NEVER_MS  # never heard from, or its Will said offline: a message decides
+    limits = cfg.limits(twin.kind)
+    due = twin.last_seen_ms + STALE_FACTOR * twin.heartbeat_s * 1000 + 1
+    if mem.door_open_since is not None:
+        due = min(due, mem.door_open_since + math.ceil(limits.door_open_s * 1000))
+    for since in mem.zero_power_since.values():
+        due = min(due, since + math.ceil(limits.charging_no_power_s * 1000))
+    return due
 
 
 def _key(twin: Twin, rule: str, unit: Unit = None, code: str | None = None) -> Key:

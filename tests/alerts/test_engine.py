@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -276,3 +277,39 @@ async def test_the_timer_pass_lets_the_loop_run_and_reads_each_device_in_its_tur
         assert len(ran_between) > len(CATALOG.devices) // 2 // 2, "the pass did not yield"
         offline = {a.device_id for a in active(engine, rule="offline")}
         assert offline == set(piles[:-1])
+
+
+async def test_the_timer_skips_devices_until_the_clock_can_change_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device with nothing active is evaluated by the timer only once its silence, an
+    open door or a port at ~0 W can have run out (rules.next_change_ms): to the ms."""
+    calls: list[str] = []
+    real = engine_module.device_conditions
+
+    def counting(twin: Twin, *args: Any) -> Any:
+        calls.append(twin.device_id)
+        return real(twin, *args)
+
+    monkeypatch.setattr(engine_module, "device_conditions", counting)
+    clock = Clock()
+    async with running(tmp_path, clock, config(cabinet={"door_open_s": 300})) as engine:
+        cabinet = Device(engine, clock, CABINET)
+        cabinet.birth(heartbeat_s=3600)  # stays online through the wait
+        cabinet.cabinet()
+        cabinet.event("door_opened")
+        cabinet.cabinet(door_open=True)
+        calls.clear()
+        clock.advance(299.999)
+        engine.tick()
+        assert calls == []  # neither silent nor open long enough yet: not evaluated
+        assert active(engine) == []
+        clock.advance(0.001)
+        engine.tick()
+        assert calls == [CABINET]
+        [door] = active(engine)
+        assert (door.rule, door.last_value) == ("door_open_long", 300)
+        clock.advance(5)
+        engine.tick()  # something active: evaluated on every tick, its duration counts up
+        assert calls == [CABINET, CABINET]
+        assert door.last_value == 305
