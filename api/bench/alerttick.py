@@ -13,16 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from api.bench.rig import pipeline_rig
 from api.bench.workload import Stream, write_catalog
 from devices.catalog import Catalog
-from devices.topics import TopicScheme
-from ingest.alerts.engine import AlertEngine
-from ingest.alerts.store import AlertStore
-from ingest.config import IngestConfig
-from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
-from ingest.pipeline import Pipeline, Twins, _Batch
-from ingest.sqlite_store import SQLiteStore
+from ingest.pipeline import _Batch
 
 
 async def one_pass(devices: int, work: Path) -> tuple[float, float]:
@@ -31,42 +26,22 @@ async def one_pass(devices: int, work: Path) -> tuple[float, float]:
     specs = [d.spec for d in catalog.devices.values()]
     now = time.time_ns() // 1_000_000
     stream = Stream(specs, births=True, seed=1).messages(2 * devices, now)
-    config = IngestConfig(data_dir=work)
-    store = SQLiteStore.in_dir(work, synchronous="OFF")
-    metrics = IngestMetrics()
-    twins = Twins(catalog, config.release_soc)
-    pipeline = Pipeline(
-        catalog=catalog,
-        scheme=TopicScheme(config.topic_prefix),
-        twins=twins,
-        history=store,
-        state=store,
-        metrics=metrics,
-        ack=lambda r: True,
-    )
-    alert_store = AlertStore.in_dir(work)
-    try:
-        async with AlertEngine(
-            config.alerts, catalog, twins, alert_store, registry=metrics.registry
-        ) as engine:
-            pipeline.observers.append(engine.observe)
-            batch = _Batch()
-            for i, (topic, payload) in enumerate(stream):
-                pipeline._handle(Received(topic, payload, 1, False, i, now, 0), batch)
-            for twin, msg, received_ms in batch.applied:
-                engine.observe(twin, msg, received_ms)
-            engine._started_ms -= int(config.alerts.startup_grace_s * 1000) + 1
-            slices = []
-            cpu = time.thread_time()
-            began = time.perf_counter()
-            for _ in engine._tick_steps():
-                slices.append(time.perf_counter() - began)
-                began = time.perf_counter()
+    async with pipeline_rig(catalog, work, synchronous="OFF") as (pipeline, engine, config):
+        pipeline.observers.append(engine.observe)
+        batch = _Batch()
+        for i, (topic, payload) in enumerate(stream):
+            pipeline._handle(Received(topic, payload, 1, False, i, now, 0), batch)
+        for twin, msg, received_ms in batch.applied:
+            engine.observe(twin, msg, received_ms)
+        engine._started_ms -= int(config.alerts.startup_grace_s * 1000) + 1
+        slices = []
+        cpu = time.thread_time()
+        began = time.perf_counter()
+        for _ in engine._tick_steps():
             slices.append(time.perf_counter() - began)
-            cpu = time.thread_time() - cpu
-    finally:
-        alert_store.close()
-        store.close()
+            began = time.perf_counter()
+        slices.append(time.perf_counter() - began)
+        cpu = time.thread_time() - cpu
     return cpu * 1000, max(slices) * 1000
 
 

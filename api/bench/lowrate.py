@@ -15,17 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from api.bench.rig import pipeline_rig
 from api.bench.workload import Stream
 from api.cli import tune_gc
 from devices.catalog import Catalog
-from devices.topics import TopicScheme
-from ingest.alerts.engine import AlertEngine
-from ingest.alerts.store import AlertStore
-from ingest.config import IngestConfig
-from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
-from ingest.pipeline import Pipeline, Twins
-from ingest.sqlite_store import SQLiteStore
 
 
 async def idle_wakeups(count: int, gap: float) -> float:
@@ -45,42 +39,22 @@ async def pipeline_at(count: int, gap: float, work: Path) -> float:
     messages = [
         Received(topic, payload, 1, False, i, now, 0) for i, (topic, payload) in enumerate(stream)
     ]
-    config = IngestConfig(data_dir=work)
-    store = SQLiteStore.in_dir(work, synchronous=config.sqlite_synchronous)
-    metrics = IngestMetrics()
-    twins = Twins(catalog, config.release_soc)
-    pipeline = Pipeline(
-        catalog=catalog,
-        scheme=TopicScheme(config.topic_prefix),
-        twins=twins,
-        history=store,
-        state=store,
-        metrics=metrics,
-        ack=lambda r: True,
-    )
-    alert_store = AlertStore.in_dir(work)
-    try:
-        async with AlertEngine(
-            config.alerts, catalog, twins, alert_store, registry=metrics.registry
-        ) as engine:
-            pipeline.observers.append(engine.observe)
-            task = asyncio.create_task(pipeline.run())
-            for r in messages[: len(specs)]:  # the births, in big batches
-                pipeline.deliver(r)
-            while pipeline.unacked:  # noqa: ASYNC110 - polling a counter
-                await asyncio.sleep(0.01)
-            tune_gc()
-            began = time.thread_time()
-            for r in messages[len(specs) :]:
-                pipeline.deliver(r)
-                await asyncio.sleep(gap)
-            while pipeline.unacked:  # noqa: ASYNC110 - polling a counter
-                await asyncio.sleep(0.001)
-            spent = time.thread_time() - began
-            task.cancel()
-    finally:
-        alert_store.close()
-        store.close()
+    async with pipeline_rig(catalog, work) as (pipeline, engine, _):
+        pipeline.observers.append(engine.observe)
+        task = asyncio.create_task(pipeline.run())
+        for r in messages[: len(specs)]:  # the births, in big batches
+            pipeline.deliver(r)
+        while pipeline.unacked:  # noqa: ASYNC110 - polling a counter
+            await asyncio.sleep(0.01)
+        tune_gc()
+        began = time.thread_time()
+        for r in messages[len(specs) :]:
+            pipeline.deliver(r)
+            await asyncio.sleep(gap)
+        while pipeline.unacked:  # noqa: ASYNC110 - polling a counter
+            await asyncio.sleep(0.001)
+        spent = time.thread_time() - began
+        task.cancel()
     return spent / count * 1e6
 
 

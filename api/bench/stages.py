@@ -20,36 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from api.bench.rig import pipeline_rig
 from api.bench.workload import Stream, write_catalog
 from api.cli import tune_gc
 from devices.catalog import Catalog
-from devices.topics import TopicScheme
-from ingest.alerts.engine import AlertEngine
-from ingest.alerts.store import AlertStore
-from ingest.config import IngestConfig
-from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
-from ingest.pipeline import Pipeline, Twins, _Batch
-from ingest.sqlite_store import SQLiteStore
+from ingest.pipeline import _Batch
 from ingest.store import TwinRecord
 
 STAGES = ("handle", "records", "write", "ack", "alerts")
 
 
 async def _round(catalog: Catalog, messages: list[Received], work: Path) -> dict[str, float]:
-    config = IngestConfig(data_dir=work)
-    store = SQLiteStore.in_dir(work, synchronous=config.sqlite_synchronous)
-    metrics = IngestMetrics()
-    twins = Twins(catalog, config.release_soc)
-    pipeline = Pipeline(
-        catalog=catalog,
-        scheme=TopicScheme(config.topic_prefix),
-        twins=twins,
-        history=store,
-        state=store,
-        metrics=metrics,
-        ack=lambda r: True,
-    )
     spent = dict.fromkeys(STAGES, 0.0)
 
     @contextlib.contextmanager
@@ -58,31 +40,24 @@ async def _round(catalog: Catalog, messages: list[Received], work: Path) -> dict
         yield
         spent[stage] += time.thread_time() - began
 
-    alert_store = AlertStore.in_dir(work)
-    try:
-        async with AlertEngine(
-            config.alerts, catalog, twins, alert_store, registry=metrics.registry
-        ) as engine:
-            pipeline.observers.append(lambda *a: None)  # keep the per-message snapshots
-            for i in range(0, len(messages), config.batch_max):
-                batch = _Batch()
-                with timing("handle"):
-                    for r in messages[i : i + config.batch_max]:
-                        pipeline.deliver(r)
-                        pipeline.queue.popleft()
-                        pipeline._handle(r, batch)
-                with timing("records"):
-                    records = [TwinRecord(d, t.encode()) for d, t in batch.changed.items()]
-                with timing("write"):
-                    pipeline._write(batch.rows, records, batch.dead)
-                with timing("ack"):  # counters and acks; nothing left to write
-                    await pipeline._commit(_Batch(received=batch.received), [])
-                with timing("alerts"):
-                    for twin, msg, received_ms in batch.applied:
-                        engine.observe(twin, msg, received_ms)
-    finally:
-        alert_store.close()
-        store.close()
+    async with pipeline_rig(catalog, work) as (pipeline, engine, config):
+        pipeline.observers.append(lambda *a: None)  # keep the per-message snapshots
+        for i in range(0, len(messages), config.batch_max):
+            batch = _Batch()
+            with timing("handle"):
+                for r in messages[i : i + config.batch_max]:
+                    pipeline.deliver(r)
+                    pipeline.queue.popleft()
+                    pipeline._handle(r, batch)
+            with timing("records"):
+                records = [TwinRecord(d, t.encode()) for d, t in batch.changed.items()]
+            with timing("write"):
+                pipeline._write(batch.rows, records, batch.dead)
+            with timing("ack"):  # counters and acks; nothing left to write
+                await pipeline._commit(_Batch(received=batch.received), [])
+            with timing("alerts"):
+                for twin, msg, received_ms in batch.applied:
+                    engine.observe(twin, msg, received_ms)
     return {k: v / len(messages) * 1e6 for k, v in spent.items()}
 
 
