@@ -288,8 +288,10 @@ def test_stale_pile_and_offline_cabinet_say_last_known(d: District) -> None:
         cab.send("status", {"ts": t0 - 120_000, "kind": "cabinet", "slots": slots})
 
         def busy_pile() -> dict[str, Any]:
+            # state and status are two messages: wait for the status, not only the state
             view = d.get(f"/v1/devices/{HAND_PILE}")
             assert view["online"]
+            assert len(view["ports"]) == 4
             assert view["ports_free"] == 0
             return view
 
@@ -315,7 +317,12 @@ def test_stale_pile_and_offline_cabinet_say_last_known(d: District) -> None:
         ]
 
         # one reading: the estimate comes from power (300 W into a nominal 1440 Wh pack)
-        cabinet = eventually(lambda: _online(d, HAND_CABINET), timeout=5)
+        def first_reading() -> dict[str, Any]:
+            view = _online(d, HAND_CABINET)
+            assert len(view["slots"]) == 4
+            return view
+
+        cabinet = eventually(first_reading, timeout=5)
         assert cabinet["next_ready_basis"] == "power_w"
         assert abs(cabinet["slots"][1]["ready_in_s"] - 10 / (300 / 1440 * 100 / 3600)) < 15
         assert [s["ocpi_status"] for s in cabinet["slots"]] == [
