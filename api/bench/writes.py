@@ -26,10 +26,7 @@ PAYLOAD = '{"v":1,"ts":"2026-11-29T18:04:33.291+08:00","boot":"f3206d14475b","se
     '"kind":"pile","ports":[{"n":1,"state":"available","power_w":0,"energy_wh":0},'
     '{"n":2,"state":"charging","power_w":151.0,"energy_wh":120.3,"session":"s-0065"}]}'
 )
-SQL = (
-    "INSERT OR IGNORE INTO messages (device_id, station_id, kind, type, boot, seq, ts_ms,"
-    " received_ms, payload) VALUES (?,?,?,?,?,?,?,?,?)"
-)
+SQL = _INSERT_MESSAGES.sql(1)  # the store's own statement, one row at a time
 Writer = Callable[[sqlite3.Connection, Sequence[Sequence[Any]]], None]
 
 
