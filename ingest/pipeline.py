@@ -25,6 +25,7 @@ from ingest import StoreError, StoreUnavailable
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
 from ingest.store import (
+    BatchStore,
     DeadLetter,
     HistoryRow,
     HistoryStore,
@@ -116,7 +117,9 @@ class Pipeline:
         self.listeners: list[Callable[[list[Twin]], None]] = []
         self.observers: list[Callable[[Twin, Message, int], None]] = []
         # one store keeping both (the embedded SQLite one) writes a batch in one transaction
-        self._one_store = history is cast(object, state) and callable(getattr(state, "write", None))
+        self._one_store = (
+            state if isinstance(state, BatchStore) and state is cast(object, history) else None
+        )
         self.store_healthy = True
         self.last_message_ms: int | None = None
         self.unacked = 0  # delivered to us, not yet acknowledged
@@ -339,8 +342,8 @@ class Pipeline:
     def _write(
         self, rows: list[HistoryRow], records: list[TwinRecord], dead: list[DeadLetter]
     ) -> None:
-        if self._one_store:
-            self.state.write(rows, records, dead)  # type: ignore[attr-defined]  # see __init__
+        if self._one_store is not None:
+            self._one_store.write(rows, records, dead)
             return
         if rows:
             self.history.append(rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from devices.contract import Message
 
@@ -103,3 +103,17 @@ class StateStore(Protocol):
     def dead_letter_counts(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchStore(Protocol):
+    """A store keeping both history and state (the embedded SQLite one): it writes a batch
+    in one transaction, so history is never on disk without the twins it made."""
+
+    def write(
+        self,
+        rows: Sequence[HistoryRow],
+        twins: Sequence[TwinRecord],
+        dead_letters: Sequence[DeadLetter],
+    ) -> None:
+        """``append`` and ``save`` of one batch, together or not at all, durably."""
