@@ -61,7 +61,7 @@ async def run_serve(
     """Serve until SIGINT/SIGTERM. ``on_ready(url)`` runs once HTTP is up; ``on_stop()``
     after HTTP stopped but while the broker and ingest still run."""
     from api.app import create_app
-    from ingest.service import Ingest  # at run time only: it pulls in paho, sqlite, amqtt
+    from ingest.service import FATAL_EXIT_STATUS, Ingest  # at run time: paho, sqlite, amqtt
 
     async with Ingest(settings.ingest, catalog) as ingest:
         app = create_app(ingest)
@@ -92,15 +92,22 @@ async def run_serve(
         url = f"http://{settings.host}:{port}"
         print(f"chargewatch: MQTT broker {ingest.broker_url}", flush=True)
         print(f"chargewatch: serving {url} (API docs {url}/docs)", flush=True)
+        # a task that only a new process can bring back died (ingest.supervisor): stop, and
+        # exit non-zero so that systemd or the like starts the service again
+        fatal = asyncio.create_task(ingest.stopping.wait(), name="fatal-watch")
+        fatal.add_done_callback(lambda _: setattr(server, "should_exit", True))
         try:
             if on_ready is not None:
                 await on_ready(url) if asyncio.iscoroutinefunction(on_ready) else on_ready(url)
             await serving
         finally:
+            fatal.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if on_stop is not None:
                 await on_stop(ingest)
+    if ingest.fatal is not None:
+        raise SystemExit(FATAL_EXIT_STATUS)
 
 
 def _settings(args: argparse.Namespace) -> ServeSettings:

@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from ingest import StoreError
+
 _CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -16,6 +18,7 @@ _CODES = {
     409: "conflict",
     413: "too_large",
     429: "rate_limited",
+    503: "unavailable",
 }
 
 
@@ -47,3 +50,12 @@ def install(app: FastAPI) -> None:
             for err in exc.errors()
         ]
         return JSONResponse({"error": "invalid_request", "detail": problems}, status_code=422)
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        """A store that cannot answer now (an outage, a dead writer): 503, never a hang."""
+        return JSONResponse(
+            {"error": "unavailable", "detail": str(exc)},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )

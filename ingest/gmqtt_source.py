@@ -115,6 +115,11 @@ class GmqttSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    async def finished(self) -> None:
+        """Return (or raise) when the connection loop has ended: at a stop, or by a bug."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
     async def _run(self) -> None:
         """Connect, run until the connection drops, wait a capped, jittered, exponential
         backoff (each attempt logged), and again."""

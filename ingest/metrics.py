@@ -84,6 +84,12 @@ class IngestMetrics:
         self.observer_errors = Counter(
             "chargewatch_observer_errors", "Alert rules or listeners that raised", registry=r
         )
+        self.task_deaths = Counter(
+            "chargewatch_task_deaths",
+            "Deaths of the service's long-lived tasks (restarted, or the process stops)",
+            ["task"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "chargewatch_inflight_messages", "Received, not yet acknowledged", registry=r
         )  # read from the pipeline at scrape time (Gauge.set_function)

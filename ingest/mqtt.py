@@ -141,7 +141,10 @@ class MqttSource:
 
     async def __aenter__(self) -> MqttSource:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._network, name="mqtt-ingest", daemon=True)
+        self._ended = asyncio.Event()
+        self._thread = threading.Thread(
+            target=self._network_then_end, name="mqtt-ingest", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -150,6 +153,17 @@ class MqttSource:
     ) -> None:
         self._stopping.set()
         await asyncio.to_thread(self._stop)
+
+    async def finished(self) -> None:
+        """Return when the network thread has ended: at a stop, or by a bug."""
+        await self._ended.wait()
+
+    def _network_then_end(self) -> None:
+        try:
+            self._network()
+        finally:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._ended.set)
 
     def _stop(self) -> None:
         self._client.disconnect()

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
+
+import msgspec
 
 from devices.catalog import DEFAULT_RELEASE_SOC, Catalog, Device
 from devices.contract import Birth, ContractError, Death, Event, Message, decode
@@ -32,11 +35,15 @@ from ingest.store import (
     MessageType,
     StateStore,
     TwinRecord,
+    Unobserved,
 )
 from ingest.twins import CountMismatch, Outcome, Twin
 
 log = logging.getLogger(__name__)
 _new_tuple = tuple.__new__
+_EVENT_JSON = msgspec.json.Encoder()
+STOP_WAIT_S = 10.0
+"""On a stop, how long the commit in progress (and its observers) may take to finish."""
 
 
 class Twins:
@@ -73,6 +80,7 @@ class _Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     changed: dict[str, Twin] = field(default_factory=dict)
     applied: list[tuple[Twin, Message, int]] = field(default_factory=list)
+    unobserved: list[Unobserved] = field(default_factory=list)  # its applied events
     # what happened to the messages, counted into the metrics once per batch: a Prometheus
     # counter takes a lock per increment, and eight of them cost ~10 us a message (plain
     # dicts: incrementing a collections.Counter costs 2.5x dict.get)
@@ -116,6 +124,12 @@ class Pipeline:
         # it (alert rules: a later message of the same batch must not show through).
         self.listeners: list[Callable[[list[Twin]], None]] = []
         self.observers: list[Callable[[Twin, Message, int], None]] = []
+        # Set by an observer whose effects become durable after the batch (the alert
+        # engine): every applied event is then journaled with its batch, numbered after
+        # ``journal_last``, and this is called with the batch's last number once the
+        # observers have seen it. Effects never durable are replayed from the journal.
+        self.observed_through: Callable[[int], None] | None = None
+        self.journal_last = 0
         # one store keeping both (the embedded SQLite one) writes a batch in one transaction
         self._one_store = (
             state if isinstance(state, BatchStore) and state is cast(object, history) else None
@@ -143,16 +157,45 @@ class Pipeline:
                     await self._arrived.wait()
                 batch = _Batch()
                 for _ in range(min(len(queue), self.batch_max)):
-                    self._handle(queue.popleft(), batch)
+                    self._handle_safely(queue.popleft(), batch)
+                self._journal(batch)
                 # the twins' records now, before the next batch changes them: state must
                 # never get ahead of the history written with it
                 records = [TwinRecord(d, t.encode()) for d, t in batch.changed.items()]
                 if writing is not None:
-                    await writing
+                    await asyncio.shield(writing)  # a stop waits for it below
                 writing = asyncio.create_task(self._commit(batch, records), name="ingest-write")
         finally:
             if writing is not None and not writing.done():
-                writing.cancel()
+                # a stop: let the commit in progress finish, acknowledge and be observed
+                # (cancelled, its thread would still commit, but nothing would be acked or
+                # observed); the journal covers a commit that outlasts the wait
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(writing), STOP_WAIT_S)
+                if not writing.done():
+                    log.warning("stopping with a store write still in progress")
+                    writing.cancel()
+
+    def _handle_safely(self, r: Received, batch: _Batch) -> None:
+        """One message; a bug handling it costs that message (a dead letter), not ingest."""
+        try:
+            self._handle(r, batch)
+        except Exception as exc:
+            log.exception("handling a message on %s raised", r.topic)
+            if not batch.received or batch.received[-1] is not r:
+                batch.received.append(r)
+            self._reject(batch, r, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _journal(self, batch: _Batch) -> None:
+        if self.observed_through is None:
+            return
+        for twin, msg, received_ms in batch.applied:
+            if isinstance(msg, Event):
+                self.journal_last += 1
+                payload = _EVENT_JSON.encode(msg).decode()
+                batch.unobserved.append(
+                    Unobserved(self.journal_last, twin.device_id, received_ms, payload)
+                )
 
     # -- per message --------------------------------------------------------------------
 
@@ -266,7 +309,7 @@ class Pipeline:
         while True:
             try:
                 with self.metrics.write_seconds.time():
-                    await asyncio.to_thread(self._write, rows, records, dead)
+                    await asyncio.to_thread(self._write, rows, records, dead, batch.unobserved)
                 break
             except StoreUnavailable as exc:
                 self._store_failed(exc, delay)
@@ -299,6 +342,8 @@ class Pipeline:
         for twin, msg, received_ms in batch.applied:
             for observer in self.observers:
                 self._safely(observer, twin, msg, received_ms)
+        if batch.unobserved and self.observed_through is not None:
+            self._safely(self.observed_through, batch.unobserved[-1].id)
         if batch.changed:
             changed = list(batch.changed.values())
             for listener in self.listeners:
@@ -340,12 +385,16 @@ class Pipeline:
         return kept, refused
 
     def _write(
-        self, rows: list[HistoryRow], records: list[TwinRecord], dead: list[DeadLetter]
+        self,
+        rows: list[HistoryRow],
+        records: list[TwinRecord],
+        dead: list[DeadLetter],
+        unobserved: list[Unobserved],
     ) -> None:
         if self._one_store is not None:
-            self._one_store.write(rows, records, dead)
+            self._one_store.write(rows, records, dead, unobserved)
             return
         if rows:
             self.history.append(rows)
-        if records or dead:
-            self.state.save(records, dead)
+        if records or dead or unobserved:
+            self.state.save(records, dead, unobserved)

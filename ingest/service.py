@@ -9,7 +9,6 @@ With no broker configured it starts the embedded one first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -31,12 +30,18 @@ from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.pipeline import Pipeline, Twins
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryStore, StateStore
+from ingest.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+PIPELINE = "ingest:pipeline"
+SOURCE = "ingest:mqtt"
+FATAL_EXIT_STATUS = 70  # EX_SOFTWARE: a task that cannot restart in place died
 
 
 class Ingest:
@@ -55,13 +60,18 @@ class Ingest:
         self.twins = Twins(catalog, config.release_soc)
         self._history = history
         self._stack = AsyncExitStack()
-        self._task: asyncio.Task[None] | None = None
+        # every long-lived task of the service: a death fails /readyz, raises an alert and
+        # restarts the task, or (pipeline, MQTT source) stops the process (ingest.supervisor)
+        self.supervisor = Supervisor(on_failure=self._task_failed, on_fatal=self._fatal)
+        # set when a task died that only a restart of the process can bring back; `serve`
+        # then stops with FATAL_EXIT_STATUS so that systemd (or the like) starts it again
+        self.stopping = asyncio.Event()
+        self.fatal: str | None = None
         self.broker_url: BrokerURL | None = None
         self.source: MqttSource | GmqttSource | None = None
         self.pipeline: Pipeline | None = None
         self.state: StateStore | None = None
         self.history: HistoryStore | None = None
-        self.failed: BaseException | None = None
         self.started_ms = now_ms()
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
@@ -104,8 +114,9 @@ class Ingest:
             problems.append(stall)
         if self.source is None or not self.source.connected:
             problems.append(f"not connected to the broker {self.broker_url}")
-        if self._task is None or self._task.done():
-            problems.append(f"ingest pipeline stopped: {self.failed!r}")
+        if self.supervisor.task(PIPELINE) is None:
+            problems.append("ingest pipeline is not running")
+        problems += self.supervisor.problems()
         if self.pipeline is not None and not self.pipeline.store_healthy:
             problems.append("store writes are failing (retrying; nothing is acknowledged)")
         return problems
@@ -169,12 +180,14 @@ class Ingest:
                         self.twins,
                         alert_store,
                         registry=self.metrics.registry,
+                        supervisor=self.supervisor,
                     )
                 )
                 self.pipeline.observers.append(self.alerts.observe)
+                self.pipeline.observed_through = self.alerts.observed_through
+                self.pipeline.journal_last = await asyncio.to_thread(store.unobserved_max)
                 self.alerts.stall_check = self.stalled
-            self._task = asyncio.create_task(self.pipeline.run(), name="ingest-pipeline")
-            self._task.add_done_callback(self._pipeline_done)
+            self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(
                 source_type(
@@ -186,6 +199,7 @@ class Ingest:
                     on_connection_change=lambda up: self.metrics.broker_connected.set(int(up)),
                 )
             )
+            self.supervisor.start(SOURCE, self._watch_source, policy="fatal")
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -194,20 +208,32 @@ class Ingest:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        # the source's watch first (its task ends with the source), then the pipeline,
+        # which finishes the commit in progress while the source can still acknowledge it
+        await self.supervisor.stop(SOURCE)
+        await self.supervisor.stop(PIPELINE)
         await self._stack.aclose()
+        await self.supervisor.close()
 
     def _ack(self, received: Received) -> bool:
         assert self.source is not None
         return self.source.ack(received)
 
-    def _pipeline_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failed = task.exception()
-            log.critical("ingest pipeline stopped: %r", self.failed, exc_info=self.failed)
+    async def _watch_source(self) -> None:
+        """The MQTT source runs its own connection loop (reconnecting by itself); this task
+        lives as long as that loop, so the supervisor sees the loop die."""
+        if self.source is not None:
+            await self.source.finished()
+
+    def _task_failed(self, task: str, reason: str) -> None:
+        self.metrics.task_deaths.labels(task).inc()
+        if self.alerts is not None:
+            self.alerts.task_failed(task, reason)
+
+    def _fatal(self, task: str, reason: str) -> None:
+        self.fatal = f"task {task} died: {reason}"
+        log.critical("%s; stopping the service (exit status %d)", self.fatal, FATAL_EXIT_STATUS)
+        self.stopping.set()
 
 
 class _LiveCollector(Collector):

@@ -17,9 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from ingest.sqlite_db import BulkInsert, SQLiteDB, Statement
-from ingest.store import DeadLetter, HistoryRow, TwinRecord
+from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
 
 DB_FILE = "chargewatch.db"
+
+# Events stored, whose alert effects are not durable yet: written with the batch that stores
+# them, deleted by the alert store in the transaction that makes their effects durable, and
+# observed again at start-up when a stop or a crash came in between (ingest.alerts.engine).
+UNOBSERVED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS unobserved (
+    id          INTEGER PRIMARY KEY,
+    device_id   TEXT    NOT NULL,
+    received_ms INTEGER NOT NULL,
+    payload     TEXT    NOT NULL
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -79,7 +91,7 @@ class SQLiteStore:
     ) -> None:
         self.path = Path(path)
         self.dead_letters_kept = dead_letters_kept
-        self._db = SQLiteDB(self.path, _SCHEMA, synchronous=synchronous)
+        self._db = SQLiteDB(self.path, _SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> SQLiteStore:
@@ -158,28 +170,42 @@ class SQLiteStore:
 
     # -- StateStore ---------------------------------------------------------------------
 
-    def save(self, twins: Sequence[TwinRecord], dead_letters: Sequence[DeadLetter]) -> None:
-        self._db.transaction(self._saving(twins, dead_letters))
+    def save(
+        self,
+        twins: Sequence[TwinRecord],
+        dead_letters: Sequence[DeadLetter],
+        unobserved: Sequence[Unobserved] = (),
+    ) -> None:
+        self._db.transaction(self._saving(twins, dead_letters, unobserved))
 
     def write(
         self,
         rows: Sequence[HistoryRow],
         twins: Sequence[TwinRecord],
         dead_letters: Sequence[DeadLetter],
+        unobserved: Sequence[Unobserved] = (),
     ) -> None:
         """``append`` and ``save`` in one transaction: one commit (and one fsync) per batch
         instead of two, and history never on disk without the twins it made (ingest uses it
         when this store keeps both)."""
-        self._db.transaction(self._appending(rows) + self._saving(twins, dead_letters))
+        self._db.transaction(self._appending(rows) + self._saving(twins, dead_letters, unobserved))
+
+    def unobserved_max(self) -> int:
+        """The journal's highest id (0: empty): the pipeline numbers new entries after it."""
+        return int(self._db.query("SELECT coalesce(max(id), 0) FROM unobserved")[0][0])
 
     def _saving(
-        self, twins: Sequence[TwinRecord], dead_letters: Sequence[DeadLetter]
+        self,
+        twins: Sequence[TwinRecord],
+        dead_letters: Sequence[DeadLetter],
+        unobserved: Sequence[Unobserved] = (),
     ) -> list[Statement]:
         counts: dict[str, int] = {}
         for d in dead_letters:
             counts[d.reason] = counts.get(d.reason, 0) + 1
         statements: list[Statement] = [
             (_UPSERT_TWINS, [(t.device_id, t.data.decode()) for t in twins]),
+            ("INSERT OR REPLACE INTO unobserved VALUES (?,?,?,?)", unobserved),
             (
                 "INSERT INTO dead_letters (received_ms, topic, reason, detail, payload, size)"
                 " VALUES (?,?,?,?,?,?)",

@@ -92,9 +92,23 @@ class TwinRecord(NamedTuple):
     data: bytes  # the twin as a JSON object (ingest.twins.Twin.encode)
 
 
+class Unobserved(NamedTuple):
+    """An applied event, journaled with its batch until its alert effects are durable."""
+
+    id: int
+    device_id: str
+    received_ms: int
+    payload: str  # the event as JSON (the contract's shape, ts in epoch ms)
+
+
 class StateStore(Protocol):
-    def save(self, twins: Sequence[TwinRecord], dead_letters: Sequence[DeadLetter]) -> None:
-        """Upsert twin records and append dead letters, durably."""
+    def save(
+        self,
+        twins: Sequence[TwinRecord],
+        dead_letters: Sequence[DeadLetter],
+        unobserved: Sequence[Unobserved] = (),
+    ) -> None:
+        """Upsert twin records, append dead letters and journal events, durably."""
 
     def load_twins(self) -> list[dict[str, Any]]: ...
 
@@ -115,5 +129,6 @@ class BatchStore(Protocol):
         rows: Sequence[HistoryRow],
         twins: Sequence[TwinRecord],
         dead_letters: Sequence[DeadLetter],
+        unobserved: Sequence[Unobserved] = (),
     ) -> None:
         """``append`` and ``save`` of one batch, together or not at all, durably."""

@@ -52,7 +52,7 @@ async def _round(catalog: Catalog, messages: list[Received], work: Path) -> dict
             with timing("records"):
                 records = [TwinRecord(d, t.encode()) for d, t in batch.changed.items()]
             with timing("write"):
-                pipeline._write(batch.rows, records, batch.dead)
+                pipeline._write(batch.rows, records, batch.dead, batch.unobserved)
             with timing("ack"):  # counters and acks; nothing left to write
                 await pipeline._commit(_Batch(received=batch.received), [])
             with timing("alerts"):

@@ -11,6 +11,8 @@ Exceptions::
     AlertError          (ValueError)
     ├── AlertNotFound   no alert with that id
     └── AlertConflict   the alert's state does not allow the change (e.g. already resolved)
+    StoreError (ingest)
+    └── AlertStoreBusy  the alert store did not take the changes in time
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from devices.catalog import Catalog
-from devices.contract import Message
+from devices.contract import ContractError, Message, decode
 from devices.faults import Severity
-from ingest import StoreError
+from ingest import StoreError, StoreUnavailable
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.model import SEVERITY_RANK, Alert, Key, Observation, alert_view, rfc3339
 from ingest.alerts.notify import Notifier
@@ -47,6 +49,7 @@ from ingest.alerts.rules import (
 )
 from ingest.alerts.store import AlertQuery, AlertStore, Ops
 from ingest.pipeline import Twins
+from ingest.supervisor import Supervisor
 from ingest.twins import Twin
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,16 @@ class AlertConflict(AlertError):
     pass
 
 
+class AlertStoreBusy(StoreError):
+    """The alert store did not take the changes in time (an outage, a dead writer)."""
+
+
+REQUEST_FLUSH_S = 10.0
+"""How long a maintainer's or a rider's request waits for the alert store before a 503."""
+WRITER = "alerts:writer"
+TIMER = "alerts:timer"
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -104,8 +117,12 @@ class AlertEngine:
         clock: Callable[[], int] = _now_ms,
         registry: CollectorRegistry | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
+        # the service's supervisor (its tasks' deaths fail /readyz and raise alerts here);
+        # an engine of its own has one of its own
+        self.supervisor = supervisor or Supervisor()
         self.catalog = catalog
         self.twins = twins
         # each device's twin as of the last message this engine observed (at first: as
@@ -138,7 +155,6 @@ class AlertEngine:
         self._wake = asyncio.Event()
         self._written_cond = asyncio.Condition()
         self._subscribers: set[asyncio.Queue[StreamEvent | None]] = set()
-        self._tasks: list[asyncio.Task[None]] = []
         self._started_ms = 0
         self.store_healthy = True
         r = registry or CollectorRegistry()
@@ -148,6 +164,11 @@ class AlertEngine:
         self.m_active = Gauge("chargewatch_alerts_active", "Unresolved alerts", registry=r)
         self.m_webhooks = Counter(
             "chargewatch_webhook_deliveries", "Webhook deliveries by result", ["result"], registry=r
+        )
+        self.m_refused = Counter(
+            "chargewatch_alert_writes_refused",
+            "Alert changes the alert store refused for good (dropped, logged)",
+            registry=r,
         )
         self.m_failing = Gauge(
             "chargewatch_webhooks_failing", "Webhook subscriptions marked failing", registry=r
@@ -173,33 +194,60 @@ class AlertEngine:
         self.m_active.set(len(self.by_id))
         await self.notifier.__aenter__()
         self._started_ms = self.clock()
-        self._tasks = [
-            asyncio.create_task(self._writer(), name="alerts:writer"),
-            asyncio.create_task(self._ticker(), name="alerts:timer"),
-        ]
-        log.info("alerts: %d unresolved restored", len(active))
+        self.supervisor.start(WRITER, self._writer)
+        self.supervisor.start(TIMER, self._ticker)
+        replayed = await self._replay_unobserved()
+        log.info("alerts: %d unresolved restored, %d events replayed", len(active), replayed)
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        ticker = self._tasks[1] if len(self._tasks) > 1 else None
-        if ticker is not None:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+        await self.supervisor.stop(TIMER)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 await self.flush()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.supervisor.stop(WRITER)
         for queue in list(self._subscribers):
             queue.put_nowait(None)
         await self.notifier.__aexit__(et, e, tb)
 
     # -- inputs ------------------------------------------------------------------------
+
+    async def _replay_unobserved(self) -> int:
+        """Observe again the events that were stored but whose alert effects never became
+        durable (a stop or a crash between the batch's commit and the alert writer's): the
+        rules see them now, against the restored twins, so no fault or door alert is lost."""
+        pending = await asyncio.to_thread(self.store.unobserved)
+        last = 0
+        for journal_id, device_id, received_ms, payload in pending:
+            last = journal_id
+            twin = self.seen.get(device_id)
+            if twin is None:
+                continue  # no longer in the catalog
+            try:
+                msg = decode("event", payload.encode())
+            except ContractError as exc:  # stored by an older contract: nothing to judge
+                log.warning("alerts: cannot replay %s's event: %s", device_id, exc)
+                continue
+            self.observe(twin, msg, received_ms)
+        if last:
+            self.observed_through(last)
+        return len(pending)
+
+    def observed_through(self, journal_id: int) -> None:
+        """Pipeline hook: every journaled event up to ``journal_id`` has been observed; its
+        journal entries go with the next write of the alert effects, in one transaction."""
+        self._ops.unobserved_through = max(self._ops.unobserved_through, journal_id)
+        self._queued += 1
+        self._wake.set()
+
+    def task_failed(self, task: str, reason: str) -> None:
+        """Supervisor hook: a task of the service died. A critical alert that a maintainer
+        closes (a death is a bug to look at, even when the restart worked)."""
+        key = Key(SERVICE_STATION, None, None, "task_failed", task)
+        info = f"task {task} died: {reason}"
+        self._raise(Observation(key, "critical", info=info, auto_resolve=False), self.clock())
 
     def observe(self, twin: Twin, msg: Message, received_ms: int) -> None:
         """Pipeline observer: one applied message, after its batch is durable."""
@@ -480,6 +528,9 @@ class AlertEngine:
         return event
 
     async def _writer(self) -> None:
+        """Persist the queued changes in batches. A store that cannot write now is retried
+        with backoff; a batch the store refuses for good (a bug, a value out of range) is
+        written piece by piece, and only the pieces refused are dropped, loudly."""
         delay = 0.2
         while True:
             await self._wake.wait()
@@ -491,20 +542,47 @@ class AlertEngine:
                     await asyncio.to_thread(self.store.apply, ops, self.config.events_kept)
                     self.store_healthy, delay = True, 0.2
                     break
-                except StoreError as exc:
+                except StoreUnavailable as exc:
                     self.store_healthy = False
                     log.error("alerts: store write failed (%s); retrying in %.1fs", exc, delay)
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, 30.0)
+                except Exception as exc:
+                    log.exception("alerts: the store refused a batch (%s); writing it apart", exc)
+                    ops = await asyncio.to_thread(self._refused_apart, ops)
+                    if not ops:
+                        break
             async with self._written_cond:
                 self._written = queued
                 self._written_cond.notify_all()
 
-    async def flush(self) -> None:
-        """Return once every change made so far is in the store."""
+    def _refused_apart(self, ops: Ops) -> Ops:
+        """Apply ``ops`` one piece at a time (in a worker thread); returns what is left to
+        retry because the store was unavailable, dropping what it refuses."""
+        retry = Ops()
+        for piece in ops.pieces():
+            try:
+                self.store.apply(piece, self.config.events_kept)
+            except StoreUnavailable:
+                retry.merge(piece)
+            except Exception:
+                self.m_refused.inc()
+                log.exception("alerts: the store refused %r; dropped", piece)
+        return retry
+
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Return once every change made so far is in the store. With ``timeout_s``, raise
+        AlertStoreBusy when that takes longer (a store outage, a dead writer): a request
+        must get an answer, not hang."""
         target = self._queued
-        async with self._written_cond:
-            await self._written_cond.wait_for(lambda: self._written >= target)
+        try:
+            async with asyncio.timeout(timeout_s), self._written_cond:
+                await self._written_cond.wait_for(lambda: self._written >= target)
+        except TimeoutError:
+            problems = self.supervisor.problems() or ["the alert store is not writing"]
+            raise AlertStoreBusy(
+                f"alert changes not saved within {timeout_s:.0f}s: {'; '.join(problems)}"
+            ) from None
 
     async def _ticker(self) -> None:
         while True:
@@ -543,14 +621,14 @@ class AlertEngine:
         alert = self.by_id.get(alert_id)
         if alert is not None:
             return alert
-        await self.flush()
+        await self.flush(REQUEST_FLUSH_S)
         stored = await asyncio.to_thread(self.store.get, alert_id)
         if stored is None:
             raise AlertNotFound(f"no alert with id {alert_id}")
         return stored
 
     async def query(self, q: AlertQuery) -> list[Alert]:
-        await self.flush()
+        await self.flush(REQUEST_FLUSH_S)
         alerts = await asyncio.to_thread(self.store.query, q)
         return [self.by_id.get(a.id, a) for a in alerts]
 
@@ -567,7 +645,7 @@ class AlertEngine:
             self._emit("acknowledged", alert, now)
         if note:
             self._note(alert, now, by, "maintainer", note)
-        await self.flush()
+        await self.flush(REQUEST_FLUSH_S)
         return alert
 
     async def resolve(self, alert_id: int, by: str, note: str | None = None) -> Alert:
@@ -579,13 +657,13 @@ class AlertEngine:
         if note:
             self._note(alert, now, by, "maintainer", note)
         self._resolve(alert, now, how="manual", by=by)
-        await self.flush()
+        await self.flush(REQUEST_FLUSH_S)
         return alert
 
     async def add_note(self, alert_id: int, by: str, text: str) -> Alert:
         alert = await self.get(alert_id)
         self._note(alert, self.clock(), by, "maintainer", text)
-        await self.flush()
+        await self.flush(REQUEST_FLUSH_S)
         return alert
 
     def _note(self, alert: Alert, now: int, author: str, source: str, text: str) -> None:
@@ -611,7 +689,7 @@ class AlertEngine:
         if match is not None:
             match.reports += 1
             self._note(match, now, "rider", "rider", f"[{category}] {text}")
-            await self.flush()
+            await self.flush(REQUEST_FLUSH_S)
             return match, True
         key = Key(station_id, device_id, unit, "rider_report", category)
         alert = self._raise(
@@ -619,7 +697,7 @@ class AlertEngine:
         )
         alert.reports += 1
         self._note(alert, now, "rider", "rider", f"[{category}] {text}")
-        await self.flush()
+        await self.flush(REQUEST_FLUSH_S)
         return alert, False
 
     def _match(
@@ -642,7 +720,7 @@ class AlertEngine:
         )
 
     async def notes(self, alert_id: int) -> list[dict[str, Any]]:
-        await self.flush()
+        await self.flush(REQUEST_FLUSH_S)
         rows = await asyncio.to_thread(self.store.notes, alert_id)
         return [
             {

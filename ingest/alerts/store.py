@@ -12,6 +12,7 @@ from typing import Any
 
 from ingest.alerts.model import ALERT_COLUMNS, Alert
 from ingest.sqlite_db import SQLiteDB
+from ingest.sqlite_store import UNOBSERVED_SCHEMA
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
 
@@ -59,9 +60,27 @@ class Ops:
     alerts: dict[int, dict[str, Any]] = field(default_factory=dict)
     events: list[tuple[int, int, str, int, str]] = field(default_factory=list)
     notes: list[tuple[int, int, str, str, str]] = field(default_factory=list)
+    # the journal of events stored but not yet observed (ingest.sqlite_store) up to this id
+    # is done with once these changes are durable: deleted in the same transaction
+    unobserved_through: int = 0
 
     def __len__(self) -> int:
-        return len(self.alerts) + len(self.events) + len(self.notes)
+        return len(self.alerts) + len(self.events) + len(self.notes) + (self.unobserved_through > 0)
+
+    def pieces(self) -> list[Ops]:
+        """Each change on its own, to find the one a store refuses."""
+        out = [Ops(alerts={i: rec}) for i, rec in self.alerts.items()]
+        out += [Ops(events=[e]) for e in self.events]
+        out += [Ops(notes=[n]) for n in self.notes]
+        if self.unobserved_through:
+            out.append(Ops(unobserved_through=self.unobserved_through))
+        return out
+
+    def merge(self, other: Ops) -> None:
+        self.alerts.update(other.alerts)
+        self.events += other.events
+        self.notes += other.notes
+        self.unobserved_through = max(self.unobserved_through, other.unobserved_through)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +98,7 @@ class AlertQuery:
 class AlertStore:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        self._db = SQLiteDB(self.path, _SCHEMA, synchronous=synchronous)
+        self._db = SQLiteDB(self.path, _SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> AlertStore:
@@ -118,7 +137,15 @@ class AlertStore:
                     [(events_kept,)],
                 )
             )
+        if ops.unobserved_through:
+            statements.append(("DELETE FROM unobserved WHERE id <= ?", [(ops.unobserved_through,)]))
         self._tx(statements)
+
+    def unobserved(self) -> list[tuple[int, str, int, str]]:
+        """The journal of stored events whose alert effects are not durable yet, oldest
+        first, as (id, device_id, received_ms, payload)."""
+        rows = self._query("SELECT id, device_id, received_ms, payload FROM unobserved ORDER BY id")
+        return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
 
     def _alerts(self, where: str, args: Sequence[Any]) -> list[Alert]:
         rows = self._query(f"SELECT {','.join(ALERT_COLUMNS)} FROM alerts {where}", args)

@@ -21,7 +21,7 @@ from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
 from ingest.pipeline import Pipeline, Twins, _Batch
 from ingest.sqlite_store import SQLiteStore
-from ingest.store import DeadLetter, HistoryRow, TwinRecord
+from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
 from ingest.twins import Twin
 
 T0 = 1_796_284_800_000
@@ -53,9 +53,14 @@ class FlakyStore(SQLiteStore):
         super().append(rows)
         self.log.extend(("stored", r.seq) for r in rows)
 
-    def save(self, twins: Sequence[TwinRecord], dead_letters: Sequence[DeadLetter]) -> None:
+    def save(
+        self,
+        twins: Sequence[TwinRecord],
+        dead_letters: Sequence[DeadLetter],
+        unobserved: Sequence[Unobserved] = (),
+    ) -> None:
         self._fail()
-        super().save(twins, dead_letters)
+        super().save(twins, dead_letters, unobserved)
         self.log.extend(("dead", d.received_ms) for d in dead_letters)
 
     def write(
@@ -63,9 +68,10 @@ class FlakyStore(SQLiteStore):
         rows: Sequence[HistoryRow],
         twins: Sequence[TwinRecord],
         dead_letters: Sequence[DeadLetter],
+        unobserved: Sequence[Unobserved] = (),
     ) -> None:  # what the pipeline calls: append and save in one transaction
         self._fail()
-        super().write(rows, twins, dead_letters)
+        super().write(rows, twins, dead_letters, unobserved)
         self.log.extend(("stored", r.seq) for r in rows)
         self.log.extend(("dead", d.received_ms) for d in dead_letters)
 
@@ -435,10 +441,13 @@ async def test_batches_are_bounded(rig: Rig) -> None:
     write = rig.store.write
 
     def counting_write(
-        rows: Sequence[HistoryRow], twins: Sequence[TwinRecord], dead: Sequence[DeadLetter]
+        rows: Sequence[HistoryRow],
+        twins: Sequence[TwinRecord],
+        dead: Sequence[DeadLetter],
+        unobserved: Sequence[Unobserved] = (),
     ) -> None:
         writes.append(len(rows))
-        write(rows, twins, dead)
+        write(rows, twins, dead, unobserved)
 
     rig.store.write = counting_write  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(rig.pipeline.run(), name="pipeline-under-test")
