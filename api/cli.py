@@ -55,10 +55,10 @@ def tune_gc() -> None:
 async def run_serve(
     settings: ServeSettings,
     catalog: Catalog,
-    on_ready: Callable[[str], Any] | None = None,
+    on_ready: Callable[[str, Ingest], Any] | None = None,
     on_stop: Callable[[Ingest], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. ``on_ready(url)`` runs once HTTP is up; ``on_stop()``
+    """Serve until SIGINT/SIGTERM. ``on_ready(url, ingest)`` runs once HTTP is up; ``on_stop()``
     after HTTP stopped but while the broker and ingest still run."""
     from api.app import create_app
     from ingest.service import FATAL_EXIT_STATUS, Ingest  # at run time: paho, sqlite, amqtt
@@ -98,7 +98,9 @@ async def run_serve(
         fatal.add_done_callback(lambda _: setattr(server, "should_exit", True))
         try:
             if on_ready is not None:
-                await on_ready(url) if asyncio.iscoroutinefunction(on_ready) else on_ready(url)
+                ready = on_ready(url, ingest)
+                if asyncio.iscoroutine(ready):
+                    await ready
             await serving
         finally:
             fatal.cancel()
@@ -171,7 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         await asyncio.to_thread(stop_simulator)
         await ingest.drain()  # the devices' goodbyes reach the store
 
-    def start_simulator(url: str) -> None:
+    def start_simulator(url: str, ingest: Ingest) -> None:
         nonlocal simulator
         argv = [
             sys.executable,
