@@ -64,7 +64,7 @@ async def run_serve(
     from ingest.service import Ingest  # at run time only: it pulls in paho, sqlite, amqtt
 
     async with Ingest(settings.ingest, catalog) as ingest:
-        app = create_app(ingest)
+        app = create_app(ingest, settings)
         server = _Server(
             uvicorn.Config(
                 app,

@@ -16,4 +16,7 @@ class ServeSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
+    # Largest request body any route accepts (bytes), refused before it is read; routes for
+    # small bodies (alert notes, ack, resolve) take less. Our bodies are a few KiB.
+    body_max_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     ingest: IngestConfig = IngestConfig()

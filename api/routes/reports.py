@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 
 from api.deps import IngestDep
 from api.errors import NotFound
+from api.limits import KiB, body_max
 from api.routes.alerts import engine_of
 from ingest.alerts.engine import REPORT_CATEGORIES
 
@@ -64,7 +65,7 @@ def _limiter(request: Request, burst: int, per_hour: float) -> RateLimiter:
     return limiter
 
 
-@router.post("/reports", status_code=201)
+@router.post("/reports", status_code=201, openapi_extra=body_max(64 * KiB))
 async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[str, Any]:
     """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``."""
     engine = engine_of(ingest)
