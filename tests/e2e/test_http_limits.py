@@ -93,11 +93,12 @@ def stream_body(
     piece = b'{"text":"' + b"x" * (64 * 1024 - 9)
     sent = 0
     pending = b""
+    closed = False  # the server stopped reading: sending is over
     answer = b""
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if not pending and sent < size:
+            if not pending and sent < size and not closed:
                 body = piece[: size - sent]
                 pending = b"%x\r\n%s\r\n" % (len(body), body) if chunked else body
                 sent += len(body)
@@ -119,8 +120,9 @@ def stream_body(
                 try:
                     n = sock.send(pending)
                 except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    sent -= len(pending)  # never arrived
                     pending = b""
-                    sent = size  # the server closed while we were sending
                     continue
                 pending = pending[n:]
         else:
