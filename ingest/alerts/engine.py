@@ -613,14 +613,14 @@ class AlertEngine:
         match = self._match(
             station_id, device_id, unit, category, critical_only=severity == "critical"
         )
+        moved = match is not None and (match.device_id, match.unit) != (device_id, unit)
+        if moved and device_id is not None:  # joined an alert about another place: say where
+            spec = self.catalog.devices.get(device_id)
+            kind = "port" if spec is not None and spec.kind == "pile" else "slot"
+            text = f"({device_id}{'' if unit is None else f' {kind} {unit}'}) {text}"
         if match is not None:
             match.reports += 1
-            where = ""  # the place the rider named, when the alert is about another
-            if (match.device_id, match.unit) != (device_id, unit) and device_id is not None:
-                spec = self.catalog.devices.get(device_id)
-                kind = "port" if spec is not None and spec.kind == "pile" else "slot"
-                where = f" ({device_id})" if unit is None else f" ({device_id} {kind} {unit})"
-            self._note(match, now, "rider", "rider", f"[{category}]{where} {text}")
+            self._note(match, now, "rider", "rider", f"[{category}] {text}")
             await self.flush()
             return match, True
         key = Key(station_id, device_id, unit, "rider_report", category)

@@ -34,6 +34,16 @@ class Served:
     hook: Receiver
     maintainer: str
 
+    def detail(self, alert_id: int) -> dict[str, Any]:
+        r = httpx.get(
+            f"{self.service.base_url}/v1/alerts/{alert_id}",
+            headers={"Authorization": f"Bearer {self.maintainer}"},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        detail: dict[str, Any] = r.json()
+        return detail
+
     def alerts(self) -> list[dict[str, Any]]:
         r = httpx.get(
             self.service.base_url + "/v1/alerts",
@@ -112,6 +122,11 @@ def one_incident_each(served: Served, accepted: Counter[tuple[str, str]]) -> Non
     for station in {s for s, _ in accepted}:
         held = sum(a["reports"] for a in alerts if a["station"] == station)
         assert held == sum(n for (s, _), n in accepted.items() if s == station), alerts
+    for alert in alerts:  # every report is a note; one from another place says where
+        notes = [n for n in served.detail(alert["id"])["notes"] if n["source"] == "rider"]
+        assert len(notes) == alert["reports"], notes
+        places = {n["text"].split(") ")[0] for n in notes[1:] if "(" in n["text"]}
+        assert len(notes) == 1 or places, notes
     ids = sorted(a["id"] for a in alerts)
 
     def sent() -> None:
