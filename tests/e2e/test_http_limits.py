@@ -267,3 +267,32 @@ def test_the_history_window_ends_at_to(served: Served) -> None:
     both = httpx.get(url, params={"from": start, "to": end, "end": start}, timeout=10)
     assert both.status_code == 422, both.text
     assert "query.end" in [p["field"] for p in both.json()["detail"]]
+
+
+def test_each_route_has_its_limit(served: Served) -> None:
+    base = served.service.base_url
+    note = {"text": "n" * 17_000}  # a valid size for nobody: notes are limited to 16 KiB
+    r = httpx.post(f"{base}/v1/alerts/1/notes", json=note, headers=served.headers("maintainer"))
+    assert r.status_code == 413, r.text
+    assert r.json() == {
+        "error": "too_large",
+        "detail": "the request body is limited to 16384 bytes here",
+    }
+    # the same size to reports passes the size check (64 KiB) and meets the text limit
+    report = {"station": "wanguo-south", "category": "other", "text": "r" * 17_000}
+    r = httpx.post(f"{base}{REPORT}", json=report, timeout=10)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["field"] == "body.text"
+
+
+def test_the_service_wide_limit_is_a_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHARGEWATCH_BODY_MAX_BYTES", "2048")
+    with chargewatch_serve(tmp_path, None) as svc:
+        report = {"station": "wanguo-south", "category": "other", "text": "r" * 3000}
+        r = httpx.post(svc.base_url + REPORT, json=report, timeout=10)
+        assert r.status_code == 413, r.text
+        assert r.json()["detail"] == "the request body is limited to 2048 bytes here"
+        report["text"] = "r" * 300
+        assert httpx.post(svc.base_url + REPORT, json=report, timeout=10).status_code == 201
