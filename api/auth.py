@@ -172,8 +172,8 @@ def _required_role(dependant: Dependant) -> Require | None:
 class KeyFirstRoute(APIRoute):
     """A route that checks its API key before FastAPI reads and parses the body (FastAPI
     reads the body first, then runs dependencies): a request without a good key is
-    answered 401/403 at once, however large the body it announces. When a body was
-    coming, the answer closes the connection, so the rest of it is not read either."""
+    answered 401/403 at once, however large the body it announces (and the connection
+    closed, ``api.limits.BodyLimit``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -182,13 +182,7 @@ class KeyFirstRoute(APIRoute):
             return handler
 
         async def key_first(request: Request) -> Response:
-            try:
-                await check(request)
-            except HTTPException as exc:
-                headers = request.headers
-                if "content-length" in headers or "transfer-encoding" in headers:
-                    exc.headers = {**(exc.headers or {}), "Connection": "close"}
-                raise
+            await check(request)
             return await handler(request)
 
         return key_first

@@ -6,8 +6,9 @@ API docs as ``x-body-max-bytes``), never more than the service-wide ``body_max_b
 A ``Content-Length`` over it is refused at the first read, before a byte of the body is
 taken; a chunked body is counted as it arrives and refused as soon as it passes the limit.
 uvicorn holds at most its read buffer (64 KiB) of a body nobody reads, so nothing big is
-ever in memory. The answer is 413 with the usual JSON error and ``Connection: close``:
-the rest of the upload is not read either.
+ever in memory. The answer is 413 with the usual JSON error. Any answer given before the
+body was read whole (413, 401, 404...) says ``Connection: close``: the rest of the upload
+is not read either.
 
 A route that needs a key checks it before the body is read (``api.auth.KeyFirstRoute``).
 """
@@ -33,11 +34,7 @@ def body_max(limit: int) -> dict[str, Any]:
 
 class TooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
-        super().__init__(
-            413,
-            f"the request body is limited to {limit} bytes here",
-            headers={"Connection": "close"},
-        )
+        super().__init__(413, f"the request body is limited to {limit} bytes here")
 
 
 def route_limit(scope: Scope, default: int) -> int:
@@ -56,13 +53,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
         length = int(declared) if declared is not None and declared.isdigit() else None
         read = 0
+        unread = bool(length) or "chunked" in headers.get("transfer-encoding", "").lower()
 
         async def limited() -> Message:
             # the route is known by the time its handler reads: its limit applies
-            nonlocal read
+            nonlocal read, unread
             limit = route_limit(scope, self.max_bytes)
             if length is not None and length > limit:
                 raise TooLarge(limit)
@@ -71,6 +70,15 @@ class BodyLimit:
                 read += len(message.get("body", b""))
                 if read > limit:
                     raise TooLarge(limit)
+                unread = bool(message.get("more_body", False))
             return message
 
-        await self.app(scope, limited, send)
+        async def closing(message: Message) -> None:
+            # answered before the body was read (refused, 401, 404...): close the
+            # connection, or the server would go on reading the upload to discard it
+            if message["type"] == "http.response.start" and unread:
+                closed = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": closed}
+            await send(message)
+
+        await self.app(scope, limited, closing)

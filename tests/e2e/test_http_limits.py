@@ -163,6 +163,7 @@ WEBHOOKS = "/v1/webhooks"
         (NOTES, "maintainer", False, 413),  # a good key: then the size counts
         (NOTES, "maintainer", True, 413),
         (WEBHOOKS, "admin", True, 413),
+        ("/v1/no-such-thing", None, False, 404),  # any answer before the body: closed
     ],
 )
 def test_a_big_body_is_refused_before_it_is_read(
@@ -171,7 +172,7 @@ def test_a_big_body_is_refused_before_it_is_read(
     before = peak_rss(served.service)
     answer = stream_body(served.service, path, BIG, served.headers(role), chunked=chunked)
     assert answer.status == status, answer.body
-    expected = {401: "unauthorized", 403: "forbidden", 413: "too_large"}[status]
+    expected = {401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "too_large"}[status]
     assert answer.body["error"] == expected, answer.body
     if status == 413:
         assert "bytes" in answer.body["detail"], answer.body  # says what the limit is
