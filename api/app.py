@@ -1,5 +1,5 @@
-"""The FastAPI application: one router per audience, JSON errors, the running ingest in
-``app.state.ingest``."""
+"""The FastAPI application: one router per audience, JSON errors, body limits
+(``api.limits``), the running ingest in ``app.state.ingest``."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import errors
 from api.auth import KeyStore
 from api.forecast import StatsCache
+from api.limits import BodyLimit
 from api.live import Live
 from api.routes import alerts, health, history, maintenance, pages, reports, riders, stream
+from api.settings import ServeSettings
 from api.snapshots import StationViews
 from ingest.service import Ingest
 
 
-def create_app(ingest: Ingest) -> FastAPI:
+def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI:
+    settings = settings or ServeSettings()
     app = FastAPI(
         title="chargewatch",
         version="0.1.0",
@@ -34,6 +37,7 @@ def create_app(ingest: Ingest) -> FastAPI:
         ingest.pipeline.listeners.append(views.on_change)
     errors.install(app)
     app.add_middleware(GZipIfAccepted, minimum_size=GZIP_MIN_BYTES)  # skips text/event-stream
+    app.add_middleware(BodyLimit, max_bytes=settings.body_max_bytes)  # before a body is read
     app.include_router(health.router)
     app.include_router(stream.router)  # before riders: /stations/stream is not a station id
     app.include_router(riders.router)

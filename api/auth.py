@@ -7,7 +7,8 @@ Roles: ``maintainer`` (alerts: read, acknowledge, resolve, notes, stream; dead l
 and ``admin`` (everything, plus webhook subscriptions). Rider endpoints stay public.
 
 401: no key, a malformed or unknown key, or a revoked one. 403: a valid key whose role
-is not enough.
+is not enough. Routes that take a key check it before their body is read
+(``KeyFirstRoute``): a request without one is answered at once, whatever it uploads.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from ingest.sqlite_db import SQLiteDB
@@ -123,22 +126,66 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def require(role: str) -> Callable[[Request], Awaitable[ApiKey]]:
-    async def check(request: Request) -> ApiKey:
-        header = request.headers.get("authorization")
-        if header is None:
-            raise _unauthorized("an API key is required: Authorization: Bearer <key>")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized("use Authorization: Bearer <key>")
-        key = await asyncio.to_thread(key_store(request).verify, token.strip())
+_VERIFIED = "chargewatch.api_key"  # scope key: the request's key, once checked
+
+
+class Require:
+    """The dependency that admits a key with at least ``role``. ``KeyFirstRoute`` finds it
+    among a route's dependencies and runs it before the body is read; run again as a
+    dependency, it returns the key that was checked then."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    async def __call__(self, request: Request) -> ApiKey:
+        key: ApiKey | None = request.scope.get(_VERIFIED)
         if key is None:
-            raise _unauthorized("unknown or revoked API key")
-        if _RANK[key.role] < _RANK[role]:
-            raise HTTPException(403, f"this needs the {role} role; the key has {key.role}")
+            header = request.headers.get("authorization")
+            if header is None:
+                raise _unauthorized("an API key is required: Authorization: Bearer <key>")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _unauthorized("use Authorization: Bearer <key>")
+            key = await asyncio.to_thread(key_store(request).verify, token.strip())
+            if key is None:
+                raise _unauthorized("unknown or revoked API key")
+        if _RANK[key.role] < _RANK[self.role]:
+            raise HTTPException(403, f"this needs the {self.role} role; the key has {key.role}")
+        request.scope[_VERIFIED] = key
         return key
 
-    return check
+
+def require(role: str) -> Require:
+    return Require(role)
+
+
+def _required_role(dependant: Dependant) -> Require | None:
+    for dep in dependant.dependencies:
+        if isinstance(dep.call, Require):
+            return dep.call
+        found = _required_role(dep)
+        if found is not None:
+            return found
+    return None
+
+
+class KeyFirstRoute(APIRoute):
+    """A route that checks its API key before FastAPI reads and parses the body (FastAPI
+    reads the body first, then runs dependencies): a request without a good key is
+    answered 401/403 at once, however large the body it announces (and the connection
+    closed, ``api.limits.BodyLimit``)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        check = _required_role(self.dependant)
+        if check is None:
+            return handler
+
+        async def key_first(request: Request) -> Response:
+            await check(request)
+            return await handler(request)
+
+        return key_first
 
 
 Maintainer = Annotated[ApiKey, Depends(require("maintainer"))]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from pydantic import ValidationError
 
 from api.settings import ServeSettings
 from devices.catalog import Catalog, CatalogError
@@ -64,7 +65,7 @@ async def run_serve(
     from ingest.service import FATAL_EXIT_STATUS, Ingest  # at run time: paho, sqlite, amqtt
 
     async with Ingest(settings.ingest, catalog) as ingest:
-        app = create_app(ingest)
+        app = create_app(ingest, settings)
         server = _Server(
             uvicorn.Config(
                 app,
@@ -73,6 +74,10 @@ async def run_serve(
                 log_level=settings.log_level,
                 access_log=False,
                 lifespan="off",
+                # the client address (rate limits) from X-Forwarded-For only when it comes
+                # from a proxy named in the settings; uvicorn trusts loopback by default
+                proxy_headers=bool(settings.trusted_proxies),
+                forwarded_allow_ips=list(settings.trusted_proxies),
                 # SSE streams stay open; do not wait for them forever on Ctrl-C
                 timeout_graceful_shutdown=3,
             )
@@ -113,7 +118,10 @@ async def run_serve(
 
 
 def _settings(args: argparse.Namespace) -> ServeSettings:
-    settings = ServeSettings()
+    try:
+        settings = ServeSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"chargewatch: invalid setting: {exc}") from None
     ingest = settings.ingest.model_copy()
     for flag, field in (
         ("broker", "broker"),

@@ -3,8 +3,11 @@ overridden by command-line flags. Built at the entry point and passed down."""
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import ipaddress
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ingest.config import IngestConfig
 
@@ -16,4 +19,31 @@ class ServeSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
+    # Largest request body any route accepts (bytes), refused before it is read; routes for
+    # small bodies (alert notes, ack, resolve) take less. Our bodies are a few KiB.
+    body_max_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Reverse proxies whose X-Forwarded-For/-Proto we believe (addresses or networks, comma
+    # separated). None by default: a client could otherwise pick the address that rate
+    # limits key on.
+    trusted_proxies: Annotated[list[str], NoDecode] = []
     ingest: IngestConfig = IngestConfig()
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for proxy in value:
+            try:
+                ipaddress.ip_network(proxy)
+            except ValueError:
+                raise ValueError(
+                    f"{proxy!r} is not an address or network (e.g. 10.0.0.5 or 10.0.0.0/24);"
+                    " '*' is not allowed: anyone could then choose their own address"
+                ) from None
+        return value

@@ -9,21 +9,25 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, HttpUrl
 from starlette.exceptions import HTTPException
 
-from api.auth import Admin, Maintainer
+from api.auth import Admin, KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
+from api.limits import ID_MAX, KiB, body_max
 from ingest.alerts import AlertConflict, AlertEngine, AlertNotFound
 from ingest.alerts.model import SEVERITIES, alert_view, rfc3339
 from ingest.alerts.notify import FORMATS
 from ingest.alerts.store import AlertQuery
 from ingest.service import Ingest
 
-router = APIRouter(prefix="/v1", tags=["alerts"])
+router = APIRouter(prefix="/v1", tags=["alerts"], route_class=KeyFirstRoute)
+
+AlertId = Annotated[int, Path(ge=1, le=ID_MAX)]
+SMALL_BODY = body_max(16 * KiB)  # a note of 2,000 characters is at most 12 KiB of JSON
 
 STATUSES = ("open", "acknowledged", "resolved")
 
@@ -56,7 +60,9 @@ async def list_alerts(
     device: str | None = None,
     rule: str | None = None,
     since: datetime | None = None,
-    cursor: Annotated[int | None, Query(ge=1, description="next_cursor of a previous page")] = None,
+    cursor: Annotated[
+        int | None, Query(ge=1, le=ID_MAX, description="next_cursor of a previous page")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Alerts, newest first; ``next_cursor`` pages on."""
@@ -90,7 +96,7 @@ async def stream(
     ingest: IngestDep,
     key: Maintainer,
     last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[int | None, Query(ge=0, description="like Last-Event-ID")] = None,
+    after: Annotated[int | None, Query(ge=0, le=ID_MAX, description="like Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events of every alert change. Each event's ``id`` is one more than the
     previous one; reconnect with ``Last-Event-ID`` (or ``?after=``) to get what was missed."""
@@ -101,6 +107,8 @@ async def stream(
             resume = int(last_event_id)
         except ValueError:
             raise invalid_query("Last-Event-ID", "must be an event id (integer)") from None
+        if not 0 <= resume <= ID_MAX:
+            raise invalid_query("Last-Event-ID", f"must be an event id, 0 to {ID_MAX}")
     queue = engine.subscribe()  # before reading the backlog: nothing falls in between
     live_from = engine.last_event_id
     keepalive = engine.config.sse_keepalive_s
@@ -173,7 +181,7 @@ async def _detail(engine: AlertEngine, alert_id: int) -> dict[str, Any]:
 
 
 @router.get("/alerts/{alert_id}")
-async def get_alert(ingest: IngestDep, key: Maintainer, alert_id: int) -> dict[str, Any]:
+async def get_alert(ingest: IngestDep, key: Maintainer, alert_id: AlertId) -> dict[str, Any]:
     return await _detail(engine_of(ingest), alert_id)
 
 
@@ -201,25 +209,25 @@ async def _act(ingest: Ingest, alert_id: int, what: str, by: str, note: str | No
     return await _detail(engine, alert_id)
 
 
-@router.post("/alerts/{alert_id}/ack")
+@router.post("/alerts/{alert_id}/ack", openapi_extra=SMALL_BODY)
 async def acknowledge(
-    ingest: IngestDep, key: Maintainer, alert_id: int, body: Action | None = None
+    ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: Action | None = None
 ) -> dict[str, Any]:
     body = body or Action()
     return await _act(ingest, alert_id, "ack", body.by or key.name, body.note)  # type: ignore[no-any-return]
 
 
-@router.post("/alerts/{alert_id}/resolve")
+@router.post("/alerts/{alert_id}/resolve", openapi_extra=SMALL_BODY)
 async def resolve(
-    ingest: IngestDep, key: Maintainer, alert_id: int, body: Action | None = None
+    ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: Action | None = None
 ) -> dict[str, Any]:
     body = body or Action()
     return await _act(ingest, alert_id, "resolve", body.by or key.name, body.note)  # type: ignore[no-any-return]
 
 
-@router.post("/alerts/{alert_id}/notes", status_code=201)
+@router.post("/alerts/{alert_id}/notes", status_code=201, openapi_extra=SMALL_BODY)
 async def add_note(
-    ingest: IngestDep, key: Maintainer, alert_id: int, body: NoteIn
+    ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: NoteIn
 ) -> dict[str, Any]:
     engine = engine_of(ingest)
     try:
@@ -232,15 +240,20 @@ async def add_note(
 # -- webhooks (admin) ---------------------------------------------------------------------
 
 
+Event = Literal["opened", "escalated", "resolved"]
+
+
 class WebhookIn(BaseModel):
     url: HttpUrl
     name: Annotated[str | None, Field(max_length=100)] = None
     secret: Annotated[str | None, Field(min_length=8, max_length=200)] = None
     format: Literal["json", "wecom", "dingtalk", "feishu"] = "json"
-    severities: list[Literal["critical", "major", "minor", "warning"]] = []
-    stations: list[str] = []
-    rules: list[str] = []
-    events: list[Literal["opened", "escalated", "resolved"]] = ["opened", "escalated", "resolved"]
+    severities: Annotated[
+        list[Literal["critical", "major", "minor", "warning"]], Field(max_length=4)
+    ] = []
+    stations: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=500)] = []
+    rules: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=50)] = []
+    events: Annotated[list[Event], Field(max_length=3)] = ["opened", "escalated", "resolved"]
 
 
 @router.post("/webhooks", status_code=201)
@@ -270,6 +283,8 @@ async def list_webhooks(ingest: IngestDep, key: Admin) -> dict[str, Any]:
 
 
 @router.delete("/webhooks/{webhook_id}", status_code=204)
-async def delete_webhook(ingest: IngestDep, key: Admin, webhook_id: int) -> None:
+async def delete_webhook(
+    ingest: IngestDep, key: Admin, webhook_id: Annotated[int, Path(ge=1, le=ID_MAX)]
+) -> None:
     if not await engine_of(ingest).notifier.remove(webhook_id):
         raise NotFound("webhook", str(webhook_id))

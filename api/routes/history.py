@@ -1,8 +1,9 @@
 """History from either store: a device's downsampled series, a station's utilization and
 its "best time to come" forecast.
 
-``from``/``to`` are RFC 3339 (or epoch ms) and default to the last 24 hours; ``every`` is a
-bucket length (``300``, ``90s``, ``5m``, ``1h``, ``1d``), by default about 200 buckets.
+``from``/``to`` are RFC 3339 (or epoch ms) and default to the last 24 hours (``end`` is the
+old name of ``to``, still read); ``every`` is a bucket length (``300``, ``90s``, ``5m``,
+``1h``, ``1d``; 1 s to 366 d), by default about 200 buckets.
 A bucket shows the last status in it ("aggregation": "last"), held over later empty buckets
 while the device is alive; events and online changes are listed as they happened.
 """
@@ -40,26 +41,36 @@ EVENT_FIELDS = (
 
 FromQ = Annotated[str | None, Query(alias="from", description="RFC 3339; default to - 24 h")]
 ToQ = Annotated[str | None, Query(description="RFC 3339; default now")]
-EveryQ = Annotated[str | None, Query(description="bucket: 300, 90s, 5m, 1h, 1d")]
+EndQ = Annotated[str | None, Query(description="the old name of `to`", deprecated=True)]
+EveryQ = Annotated[str | None, Query(description="bucket: 300, 90s, 5m, 1h, 1d; at most 366 d")]
+EVERY_MAX_MS = 366 * 86_400_000
 
 
-def window(start: str | None, end: str | None, every: str | None) -> tuple[int, int, int]:
-    until = parse_time("to", end) or now_ms()
+def window(
+    start: str | None, to: str | None, every: str | None, *, end: str | None = None
+) -> tuple[int, int, int]:
+    """(since, until, step) in epoch ms. ``end`` is the first name of ``to``, still read."""
+    field = "to"
+    if end is not None:
+        if to is not None and to != end:
+            raise invalid_query("end", "the old name of 'to': give one of them")
+        to, field = end, "end"
+    until = parse_time(field, to) or now_ms()
     since = parse_time("from", start)
     if since is None:
-        since = until - DEFAULT_SPAN_MS
+        since = max(0, until - DEFAULT_SPAN_MS)
     if since >= until:
-        raise invalid_query("from", "must be before 'to'")
+        raise invalid_query("from", f"must be before '{field}'")
     if every is None:
         want_s = (until - since) / 1000 / 200
         step = next((n for n in _NICE_S if n >= want_s), _NICE_S[-1]) * 1000
     else:
         m = _EVERY.match(every.strip())
-        if m is None:
-            raise invalid_query("every", f"{every!r}: use seconds or 90s, 5m, 1h, 1d")
+        if m is None or len(m[1]) > 12:
+            raise invalid_query("every", f"{every[:40]!r}: use seconds or 90s, 5m, 1h, 1d")
         step = int(m[1]) * _UNIT_MS[m[2] or "s"]
-        if step < 1000:
-            raise invalid_query("every", "at least 1 s")
+        if not 1000 <= step <= EVERY_MAX_MS:
+            raise invalid_query("every", "from 1 s to 366 d")
     if (until - since) / step > MAX_POINTS:
         raise invalid_query("every", f"more than {MAX_POINTS} buckets; choose a longer one")
     return since, until, step
@@ -189,13 +200,14 @@ async def device_history_route(
     ingest: IngestDep,
     device_id: str,
     start: FromQ = None,
-    end: ToQ = None,
+    to: ToQ = None,
     every: EveryQ = None,
+    end: EndQ = None,
 ) -> Response:
     """Downsampled power, energy, temperature, soc and states; events and online changes."""
     if device_id not in ingest.catalog.devices:
         raise NotFound("device", device_id)
-    since, until, step = window(start, end, every)
+    since, until, step = window(start, to, every, end=end)
     body = await asyncio.to_thread(
         device_history, _store(ingest), ingest, device_id, since, until, step
     )
@@ -208,13 +220,14 @@ async def utilization_route(
     ingest: IngestDep,
     station_id: str,
     start: FromQ = None,
-    end: ToQ = None,
+    to: ToQ = None,
     every: EveryQ = None,
+    end: EndQ = None,
 ) -> Response:
     """Busy ports, ready batteries, energy delivered and swaps per bucket."""
     if station_id not in ingest.catalog.stations:
         raise NotFound("station", station_id)
-    since, until, step = window(start, end, every)
+    since, until, step = window(start, to, every, end=end)
     body = await asyncio.to_thread(
         station_utilization, _store(ingest), ingest, station_id, since, until, step
     )

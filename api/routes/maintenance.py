@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from api.auth import Maintainer
+from api.auth import KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.views import rfc3339
 
-router = APIRouter(prefix="/v1", tags=["maintenance"])
+router = APIRouter(prefix="/v1", tags=["maintenance"], route_class=KeyFirstRoute)
 
 
 @router.get("/deadletters")

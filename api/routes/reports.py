@@ -1,5 +1,7 @@
-"""Riders' hazard reports ("sentinels"): public, rate-limited per client, text kept as
-plain text (control characters dropped, length limited, never rendered as markup)."""
+"""Riders' hazard reports ("sentinels"): public, rate-limited per client address, per
+station and in total, text kept as plain text (control characters dropped, length limited,
+never rendered as markup). The client address is the peer's, or the one a configured proxy
+forwards (``trusted_proxies``): a client cannot choose its own bucket."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from starlette.exceptions import HTTPException
 
 from api.deps import IngestDep
 from api.errors import NotFound
+from api.limits import KiB, body_max
 from api.routes.alerts import engine_of
+from ingest.alerts.config import ReportOptions
 from ingest.alerts.engine import REPORT_CATEGORIES
 
 router = APIRouter(prefix="/v1", tags=["riders"])
@@ -37,34 +41,62 @@ def _invalid(field: str, problem: str) -> RequestValidationError:
 
 
 class RateLimiter:
-    """Token bucket per client: ``burst`` at once, then ``per_hour``."""
+    """Token bucket per key: ``burst`` at once, then ``per_hour``."""
 
     def __init__(self, burst: int, per_hour: float) -> None:
         self.burst = burst
         self.rate = per_hour / 3600
         self.buckets: dict[str, tuple[float, float]] = {}
 
-    def take(self, client: str, now: float) -> float:
-        """0 when allowed, else the seconds until the next report is."""
-        tokens, at = self.buckets.pop(client, (float(self.burst), now))
+    def wait(self, key: str, now: float) -> float:
+        """0 when one more is allowed now, else the seconds until it is."""
+        tokens, at = self.buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        if tokens < 1:
-            self.buckets[client] = (tokens, now)
-            return (1 - tokens) / self.rate
-        self.buckets[client] = (tokens - 1, now)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def take(self, key: str, now: float) -> None:
+        tokens, at = self.buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        self.buckets[key] = (tokens - 1, now)
         while len(self.buckets) > _BUCKETS_MAX:
             del self.buckets[next(iter(self.buckets))]
-        return 0.0
 
 
-def _limiter(request: Request, burst: int, per_hour: float) -> RateLimiter:
-    limiter: RateLimiter | None = getattr(request.app.state, "report_limiter", None)
-    if limiter is None:
-        limiter = request.app.state.report_limiter = RateLimiter(burst, per_hour)
-    return limiter
+class ReportLimits:
+    """Per client address, per station and for the whole service: a report passes only
+    when all three allow it, and only then takes from each."""
+
+    def __init__(self, opts: ReportOptions) -> None:
+        self.client = RateLimiter(opts.burst, opts.per_hour)
+        self.station = RateLimiter(opts.station_burst, opts.station_per_hour)
+        self.total = RateLimiter(opts.total_burst, opts.total_per_hour)
+
+    def take(self, client: str, station: str, now: float) -> None:
+        """Take one report, or raise 429 saying which limit and when to come back."""
+        for limiter, key, why in (
+            (self.client, client, "too many reports from this client"),
+            (
+                self.station,
+                station,
+                "many reports about this station already; they are with its maintainers",
+            ),
+            (self.total, "", "too many reports right now; try again later"),
+        ):
+            wait = limiter.wait(key, now)
+            if wait > 0:
+                raise HTTPException(429, why, headers={"Retry-After": str(int(wait) + 1)})
+        for limiter, key in ((self.client, client), (self.station, station), (self.total, "")):
+            limiter.take(key, now)
 
 
-@router.post("/reports", status_code=201)
+def _limits(request: Request, opts: ReportOptions) -> ReportLimits:
+    limits: ReportLimits | None = getattr(request.app.state, "report_limits", None)
+    if limits is None:
+        limits = request.app.state.report_limits = ReportLimits(opts)
+    return limits
+
+
+@router.post("/reports", status_code=201, openapi_extra=body_max(64 * KiB))
 async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[str, Any]:
     """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``."""
     engine = engine_of(ingest)
@@ -89,12 +121,9 @@ async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[st
                 raise _invalid(given, f"{device.id} has {want}s 1..{device.spec.units}")
     elif unit is not None:
         raise _invalid("device", "a port or slot needs its device")
+    # the peer's address, or X-Forwarded-For's when the peer is a configured proxy
     client = request.client.host if request.client is not None else "unknown"
-    wait = _limiter(request, opts.burst, opts.per_hour).take(client, time.monotonic())
-    if wait > 0:
-        raise HTTPException(
-            429, "too many reports from this client", headers={"Retry-After": str(int(wait) + 1)}
-        )
+    _limits(request, opts).take(client, station.id, time.monotonic())
     assert body.category in REPORT_CATEGORIES
     alert, attached = await engine.report(station.id, body.device, unit, body.category, text)
     return {"alert_id": alert.id, "attached": attached, "severity": alert.severity}

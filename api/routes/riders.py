@@ -29,19 +29,27 @@ from ingest.service import Ingest, now_ms
 router = APIRouter(prefix="/v1", tags=["riders"])
 
 
+TIME_MAX_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z, the last time RFC 3339 can write."""
+
+
 def parse_time(field: str, value: str | None) -> int | None:
-    """RFC 3339 (with an offset) or epoch milliseconds -> epoch ms."""
+    """RFC 3339 (with an offset) or epoch milliseconds -> epoch ms, from 1970 to 9999."""
     if value is None:
         return None
     if value.isdigit():
-        return int(value)
-    try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "+"))
-    except ValueError:
-        raise invalid_query(field, f"not an RFC 3339 time: {value!r}") from None
-    if dt.tzinfo is None:
-        raise invalid_query(field, "needs an offset (Z or +hh:mm)")
-    return int(dt.timestamp() * 1000)
+        ms = int(value) if len(value) <= 15 else TIME_MAX_MS + 1
+    else:
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "+"))
+        except ValueError:
+            raise invalid_query(field, f"not an RFC 3339 time: {value[:40]!r}") from None
+        if dt.tzinfo is None:
+            raise invalid_query(field, "needs an offset (Z or +hh:mm)")
+        ms = int(dt.timestamp() * 1000)
+    if not 0 <= ms <= TIME_MAX_MS:
+        raise invalid_query(field, "must be from 1970 to 9999 (epoch ms 0 to 253402300799999)")
+    return ms
 
 
 def _app_state(request: Request) -> Any:
@@ -66,7 +74,7 @@ async def stations(
         str | None, Query(description="RFC 3339: only stations whose last_updated >= this")
     ] = None,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> Response:
     """Stations near (lat, lon) by distance, or all stations when no point is given."""
     if (lat is None) != (lon is None):

@@ -64,6 +64,13 @@ class ReportOptions(BaseModel):
     burst: int = Field(default=3, ge=1)
     # ... and then per hour (token bucket): a sentinel, not a spammer.
     per_hour: float = Field(default=10.0, gt=0)
+    # Reports about one station from everyone together, at once and then per hour: a flood
+    # from many addresses joins one alert anyway, the caps bound the notes it writes.
+    station_burst: int = Field(default=10, ge=1)
+    station_per_hour: float = Field(default=30.0, gt=0)
+    # Reports to the whole service, at once and then per hour.
+    total_burst: int = Field(default=30, ge=1)
+    total_per_hour: float = Field(default=120.0, gt=0)
 
 
 class AlertsConfig(BaseModel):

@@ -682,10 +682,20 @@ class AlertEngine:
 
         Returns (alert, attached). A hazard category (smoke, fire, water) attaches only to
         a critical alert, so a report of smoke is never hidden under, say, an offline alert.
+        Reports of one category at one station while a rider report of it is open join that
+        alert, whatever device or unit they name: many riders (or one forger) reporting the
+        same smoke are one incident and one notification, not one per port they picked.
         """
         severity = REPORT_CATEGORIES[category]
         now = self.clock()
-        match = self._match(station_id, device_id, unit, critical_only=severity == "critical")
+        match = self._match(
+            station_id, device_id, unit, category, critical_only=severity == "critical"
+        )
+        moved = match is not None and (match.device_id, match.unit) != (device_id, unit)
+        if moved and device_id is not None:  # joined an alert about another place: say where
+            spec = self.catalog.devices.get(device_id)
+            kind = "port" if spec is not None and spec.kind == "pile" else "slot"
+            text = f"({device_id}{'' if unit is None else f' {kind} {unit}'}) {text}"
         if match is not None:
             match.reports += 1
             self._note(match, now, "rider", "rider", f"[{category}] {text}")
@@ -701,8 +711,17 @@ class AlertEngine:
         return alert, False
 
     def _match(
-        self, station_id: str, device_id: str | None, unit: int | None, *, critical_only: bool
+        self,
+        station_id: str,
+        device_id: str | None,
+        unit: int | None,
+        category: str,
+        *,
+        critical_only: bool,
     ) -> Alert | None:
+        """The unresolved alert a report joins: one of the same device (and unit, or the
+        device-level one); else the station's open rider report of the same category."""
+
         def fits(a: Alert) -> bool:
             if a.station_id != station_id or a.device_id != device_id:
                 return False
@@ -712,7 +731,12 @@ class AlertEngine:
 
         candidates = [a for a in self.by_id.values() if fits(a)]
         if not candidates:
-            return None
+            same = [
+                a
+                for a in self.by_id.values()
+                if a.station_id == station_id and a.rule == "rider_report" and a.code == category
+            ]
+            return min(same, key=lambda a: a.id) if same else None
         # the same port/slot first, then the most severe, then the oldest
         return min(
             candidates,
