@@ -73,6 +73,7 @@ async def serving(tmp: Path) -> AsyncIterator[Served]:
                 if task.done():
                     pytest.fail(f"serve stopped with {task.result()}")
                 assert answer.status_code == 200, answer.text
+                assert found, "on_ready has not run yet"
 
             await eventually(up, within_s=30)
             (ingest,) = found
