@@ -1,4 +1,4 @@
-"""The ``chargewatch`` command: serve, simulate, demo, catalog, keys, bench."""
+"""The ``chargewatch`` command: serve, simulate, demo, catalog, keys, broker-config, bench."""
 
 from __future__ import annotations
 
@@ -258,6 +258,9 @@ def _parser() -> argparse.ArgumentParser:
     from api.auth import add_keys_parser
 
     add_keys_parser(sub)
+    from ingest.brokerconfig import add_parser as add_broker_config_parser
+
+    add_broker_config_parser(sub)
     cat = sub.add_parser("catalog", help="summary of the site catalog")
     cat.add_argument("--catalog", type=Path)
     return p
@@ -281,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         from api.auth import cmd_keys
 
         return cmd_keys(args, args.data_dir or ServeSettings().ingest.data_dir)
+    if args.command == "broker-config":
+        from ingest.brokerconfig import command as broker_config
+
+        return broker_config(args)
     if args.command == "demo":
         if args.data_dir is None:
             args.data_dir = Path(".demo-data")
