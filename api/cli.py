@@ -112,6 +112,9 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         ("data_dir", "data_dir"),
         ("prefix", "topic_prefix"),
         ("broker_port", "embedded_broker_port"),
+        ("broker_host", "embedded_broker_host"),
+        ("broker_credentials", "embedded_broker_credentials"),
+        ("cafile", "cafile"),
         ("history", "history"),
     ):
         value = getattr(args, flag, None)
@@ -179,6 +182,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ]
         if settings.ingest.catalog is not None:
             argv += ["--catalog", str(settings.ingest.catalog)]
+        if settings.ingest.embedded_broker_credentials is not None:
+            argv += ["--credentials", str(settings.ingest.embedded_broker_credentials)]
         simulator = subprocess.Popen(argv, start_new_session=True)
         print(
             f"chargewatch demo: {len(catalog.devices)} simulated devices at speed x{args.speed}"
@@ -235,8 +240,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def server_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--broker", help="mqtt://[user:pass@]host:port; default: embedded broker")
+        sp.add_argument(
+            "--broker", help="mqtt[s]://[user:pass@]host:port; default: embedded broker"
+        )
+        sp.add_argument("--cafile", type=Path, help="CA file for an mqtts:// broker")
         sp.add_argument("--broker-port", type=int, help="port of the embedded broker")
+        sp.add_argument(
+            "--broker-host", help="listen address of the embedded broker (default 127.0.0.1)"
+        )
+        sp.add_argument(
+            "--broker-credentials",
+            type=Path,
+            metavar="FILE",
+            help="credentials.json (broker-config): the embedded broker authenticates devices",
+        )
         sp.add_argument("--catalog", type=Path, help="site catalog JSON; default: the district")
         sp.add_argument("--data-dir", type=Path, help="where the embedded store keeps its file")
         sp.add_argument(
