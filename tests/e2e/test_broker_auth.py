@@ -3,7 +3,8 @@
 the ``mosquitto`` account that the generator gave the files to, as in a deployment).
 
 Proves: anonymous, wrong and borrowed passwords are refused; a device publishing as another
-(a message or its Will) never reaches the ingest user's subscription, i.e. the service; a
+(a message or its Will) never reaches the ingest user's subscription nor a running
+``chargewatch serve``; nor can it take over another's connection with its client id; a
 device reading another's commands gets nothing; TLS works with the generated CA and fails
 with another; a rotated password works after SIGHUP and the old one no longer does; and
 ``serve`` + ``simulate`` run over TLS with these credentials."""
@@ -17,6 +18,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,3 +338,58 @@ def test_service_and_simulator_over_tls_with_credentials(
         log = (tmp_path / "serve" / "serve.log").read_text() + sim_log.read_text()
         for secret in (creds.ingest_password, *creds.devices.values()):
             assert secret not in log
+
+
+def _metrics(service: Service) -> dict[str, float]:
+    values = {}
+    for line in service.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_spoofed_messages_and_wills_never_reach_the_running_service(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The same as above, seen by a real ``chargewatch serve`` logged in as the ingest user:
+    it receives A's own birth and death and nothing of what A said as B."""
+    creds = deployment.creds
+    url = f"mqtt://{creds.ingest_username}:{creds.ingest_password}@127.0.0.1:{deployment.port}"
+    now = int(time.time() * 1000)
+
+    def birth(device_id: str, kind: str) -> bytes:
+        units = {"ports": 10} if kind == "pile" else {"slots": 12}
+        return json.dumps(
+            {"v": 1, "ts": now, "boot": "boot1", "seq": 0, "online": True, "kind": kind, **units}
+        ).encode()
+
+    death = json.dumps({"v": 1, "online": False, "boot": "boot1", "seq": 0}).encode()
+    with chargewatch_serve(
+        tmp_path / "serve", url, "--catalog", str(deployment.catalog)
+    ) as service:
+        a = deployment.device(A)
+        clients = [a]
+        try:
+            assert not a.connect().is_failure
+            a.publish(f"cw/v1/{B}/state", birth(B, "cabinet"))  # as B: dropped by the broker
+            a.publish(f"cw/v1/{A}/state", birth(A, "pile"))
+            liar = deployment.device(A, will=(f"cw/v1/{B}/state", death))
+            clients.append(liar)
+            if not liar.connect().is_failure:
+                liar.vanish()
+            honest = deployment.device(A, will=(f"cw/v1/{A}/state", death))
+            clients.append(honest)
+            assert not honest.connect().is_failure
+            honest.vanish()
+
+            def only_as_itself() -> None:
+                values = _metrics(service)
+                # A's birth, then its death (the barrier); B's would have come before each
+                assert values["chargewatch_messages_received_total"] == 2, values
+                assert values["chargewatch_devices_online"] == 0, values
+
+            eventually(only_as_itself, timeout=15)
+        finally:
+            for client in clients:
+                client.close()
