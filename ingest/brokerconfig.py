@@ -165,6 +165,11 @@ def generate(
     except KeyError:
         raise BrokerConfigError(f"--user {user!r}: no such account on this machine") from None
     as_root = os.geteuid() == 0
+    if not as_root and account.pw_uid != os.geteuid():
+        raise BrokerConfigError(
+            f"--user {user!r}: only root can give the files to another account; run this as"
+            f" root, or as {user!r}, or without --user"
+        )
     owner = (account.pw_uid, account.pw_gid) if as_root else None
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
