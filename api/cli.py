@@ -1,4 +1,4 @@
-"""The ``chargewatch`` command: serve, simulate, demo, catalog, keys, bench."""
+"""The ``chargewatch`` command: serve, simulate, demo, catalog, keys, broker-config, bench."""
 
 from __future__ import annotations
 
@@ -129,6 +129,9 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         ("data_dir", "data_dir"),
         ("prefix", "topic_prefix"),
         ("broker_port", "embedded_broker_port"),
+        ("broker_host", "embedded_broker_host"),
+        ("broker_credentials", "embedded_broker_credentials"),
+        ("cafile", "cafile"),
         ("history", "history"),
     ):
         value = getattr(args, flag, None)
@@ -196,6 +199,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ]
         if settings.ingest.catalog is not None:
             argv += ["--catalog", str(settings.ingest.catalog)]
+        if settings.ingest.embedded_broker_credentials is not None:
+            argv += ["--credentials", str(settings.ingest.embedded_broker_credentials)]
         simulator = subprocess.Popen(argv, start_new_session=True)
         print(
             f"chargewatch demo: {len(catalog.devices)} simulated devices at speed x{args.speed}"
@@ -252,8 +257,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def server_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--broker", help="mqtt://[user:pass@]host:port; default: embedded broker")
+        sp.add_argument(
+            "--broker", help="mqtt[s]://[user:pass@]host:port; default: embedded broker"
+        )
+        sp.add_argument("--cafile", type=Path, help="CA file for an mqtts:// broker")
         sp.add_argument("--broker-port", type=int, help="port of the embedded broker")
+        sp.add_argument(
+            "--broker-host", help="listen address of the embedded broker (default 127.0.0.1)"
+        )
+        sp.add_argument(
+            "--broker-credentials",
+            type=Path,
+            metavar="FILE",
+            help="credentials.json (broker-config): the embedded broker authenticates devices",
+        )
         sp.add_argument("--catalog", type=Path, help="site catalog JSON; default: the district")
         sp.add_argument("--data-dir", type=Path, help="where the embedded store keeps its file")
         sp.add_argument(
@@ -275,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     from api.auth import add_keys_parser
 
     add_keys_parser(sub)
+    from ingest.brokerconfig import add_parser as add_broker_config_parser
+
+    add_broker_config_parser(sub)
     cat = sub.add_parser("catalog", help="summary of the site catalog")
     cat.add_argument("--catalog", type=Path)
     return p
@@ -298,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         from api.auth import cmd_keys
 
         return cmd_keys(args, args.data_dir or ServeSettings().ingest.data_dir)
+    if args.command == "broker-config":
+        from ingest.brokerconfig import command as broker_config
+
+        return broker_config(args)
     if args.command == "demo":
         if args.data_dir is None:
             args.data_dir = Path(".demo-data")

@@ -6,6 +6,8 @@ Exceptions::
     ├── StoreError            a store failed (bug or corrupt data)
     │   └── StoreUnavailable  a store cannot be reached now: retry later, ack nothing
     └── BrokerConfigError     the broker URL or options cannot work
+        └── CredentialsError  the broker credentials file is missing or malformed
+                              (ingest.brokerauth)
 """
 
 

@@ -6,34 +6,78 @@ its own event loop, so a busy service (ingest, API, hundreds of device connectio
 starves it: amqtt gives a subscriber only 5 s to acknowledge a QoS 1 message before it drops
 the delivery (amqtt/mqtt/protocol/handler.py), which a shared loop under a connection storm
 did exceed. Production uses mosquitto or EMQX via ``--broker``.
+
+It binds loopback by default. Given a credentials file (``chargewatch broker-config
+mosquitto`` writes one) it enforces what the generated mosquitto configuration does
+(``ingest.brokerauth``): every client authenticates, a device's client id is its username,
+a device publishes (its Will too) only under its own id and reads only its own ``cmd``, the
+ingest user reads everything and writes commands. Our amqtt plugins do it
+(``ingest.brokerplugins``): amqtt's
+own ``TopicAccessControlListPlugin`` knows only fixed topic lists per user (no ``%u``
+patterns) and does not check Will topics at all, and its ``FileAuthPlugin`` does not read
+mosquitto's ``$7$`` hashes. Binding anything but loopback without credentials is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import threading
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from devices.topics import DEFAULT_PREFIX
 from ingest import BrokerConfigError
+from ingest.brokerauth import Credentials
 from ingest.mqtt import BrokerURL
 
 log = logging.getLogger(__name__)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class EmbeddedBroker:
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        credentials: Path | None = None,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> None:
+        if credentials is None and not is_loopback(host):
+            raise BrokerConfigError(
+                f"the embedded broker would let anyone on the network publish as any device on"
+                f" {host}:{port}: give it a credentials file (--broker-credentials, made by"
+                " `chargewatch broker-config mosquitto`) or bind it to 127.0.0.1"
+            )
         self.host = host
         self.port = port
+        self.prefix = prefix
+        self.credentials = Credentials.load(credentials) if credentials is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
 
     @property
     def url(self) -> BrokerURL:
-        return BrokerURL(self.host, self.port)
+        """Where ingest connects: loopback when bound to every interface; as the ingest user
+        when there are credentials."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        if self.credentials is None:
+            return BrokerURL(host, self.port)
+        c = self.credentials
+        return BrokerURL(host, self.port, c.ingest_username, c.ingest_password)
 
     async def __aenter__(self) -> EmbeddedBroker:
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -47,7 +91,12 @@ class EmbeddedBroker:
             raise BrokerConfigError(
                 f"cannot start the embedded broker on {self.host}:{self.port}: {exc}"
             ) from exc
-        log.info("embedded MQTT broker (amqtt) listening on %s", self.url)
+        log.info(
+            "embedded MQTT broker (amqtt) listening on %s:%d, %s",
+            self.host,
+            self.port,
+            "devices authenticated" if self.credentials else "anonymous clients (loopback only)",
+        )
         return self
 
     def _run(self, started: concurrent.futures.Future[None]) -> None:
@@ -70,11 +119,23 @@ class EmbeddedBroker:
 
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        plugins: dict[str, Any] = {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+        }
+        if self.credentials is not None:
+            plugins = {
+                "ingest.brokerplugins.CredentialsAuthPlugin": {
+                    "credentials": self.credentials,
+                    "prefix": self.prefix,
+                },
+                "ingest.brokerplugins.TopicRulesPlugin": {
+                    "prefix": self.prefix,
+                    "ingest_username": self.credentials.ingest_username,
+                },
+            }
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-            },
+            "plugins": plugins,
         }
         self._broker = Broker(config)
         await self._broker.start()

@@ -14,8 +14,15 @@ from ingest.alerts.config import AlertsConfig
 class IngestConfig(BaseModel):
     # None: start the embedded broker (amqtt) so a bare machine works.
     broker: str | None = None
+    # CA file that verifies an mqtts:// broker's certificate (None: the system's CAs).
+    cafile: Path | None = None
     # Port of the embedded broker; 0 picks a free one (printed at start).
     embedded_broker_port: int = Field(default=1883, ge=0, le=65535)
+    # Loopback: devices elsewhere need credentials first (anything else is refused without).
+    embedded_broker_host: str = "127.0.0.1"
+    # credentials.json of `chargewatch broker-config mosquitto`: the embedded broker then
+    # authenticates every client and enforces the same topic rules as the mosquitto ACL.
+    embedded_broker_credentials: Path | None = None
     # MQTT client library of the ingest source; both acknowledge only after the store has
     # the message. gmqtt: about 1.7x the pipeline's msg/s of paho (docs/benchmarks.md, 1).
     mqtt_client: Literal["paho", "gmqtt"] = "gmqtt"

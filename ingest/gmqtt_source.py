@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import ssl
 import struct
 import time
 from collections import deque
@@ -80,6 +79,7 @@ class GmqttSource:
                 " ack-after-write needs: install gmqtt 0.8.x or set mqtt_client=paho"
             )
         self.url = url
+        self._ssl = url.ssl_context()  # once: loading a CA file is blocking work
         self.client_id = client_id
         self.subscription = subscription
         self.keepalive_s = keepalive_s
@@ -159,7 +159,7 @@ class GmqttSource:
             client.connect(
                 self.url.host,
                 self.url.port,
-                ssl=ssl.create_default_context() if self.url.tls else False,
+                ssl=self._ssl or False,
                 keepalive=self.keepalive_s,
                 version=MQTTv311,
             )

@@ -22,10 +22,11 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,38 +36,69 @@ from ingest import BrokerConfigError
 log = logging.getLogger(__name__)
 
 
+def _redacted(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerURL:
+    """``mqtt://[user:password@]host[:1883]`` or ``mqtts://…[:8883]`` (TLS, verified
+    against the system's CAs or ``cafile``). User and password are percent-decoded; the
+    password never appears in ``str``/``repr`` (logs)."""
+
     host: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
+    cafile: str | None = None
 
     @classmethod
-    def parse(cls, url: str) -> BrokerURL:
+    def parse(cls, url: str, cafile: str | Path | None = None) -> BrokerURL:
+        shown = _redacted(url)
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise BrokerConfigError(
-                f"broker URL {url!r}: use mqtt://host:port or mqtts://host:port"
+                f"broker URL {shown!r}: use mqtt://host:port or mqtts://host:port"
             )
         if not parts.hostname:
-            raise BrokerConfigError(f"broker URL {url!r} has no host")
+            raise BrokerConfigError(f"broker URL {shown!r} has no host")
         tls = parts.scheme in ("mqtts", "ssl")
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
-            raise BrokerConfigError(f"broker URL {url!r} has an invalid port") from None
+            raise BrokerConfigError(f"broker URL {shown!r} has an invalid port") from None
+        if cafile is not None and not tls:
+            raise BrokerConfigError(f"a CA file was given for {shown!r}: use mqtts:// for TLS")
+        if cafile is not None and not Path(cafile).is_file():
+            raise BrokerConfigError(f"the broker CA file {cafile} does not exist")
         return cls(
             parts.hostname,
             port,
             unquote(parts.username) if parts.username else None,
             unquote(parts.password) if parts.password else None,
             tls,
+            str(cafile) if cafile is not None else None,
         )
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For mqtts: verifies the broker's certificate and name (``cafile`` or the
+        system's CAs); None for plain mqtt."""
+        if not self.tls:
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerConfigError(f"cannot use the broker CA file {self.cafile}: {exc}") from None
+
     def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
 def reconnect_backoff(
@@ -129,8 +161,9 @@ class MqttSource:
         )
         if url.username:
             self._client.username_pw_set(url.username, url.password)
-        if url.tls:
-            self._client.tls_set_context(ssl.create_default_context())
+        context = url.ssl_context()
+        if context is not None:
+            self._client.tls_set_context(context)
         self.reconnect_max_s = reconnect_max_s
         self._thread: threading.Thread | None = None
         self._connected_since_attempt = False

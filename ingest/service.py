@@ -151,11 +151,16 @@ class Ingest:
 
             if cfg.broker is None:
                 broker = await self._stack.enter_async_context(
-                    EmbeddedBroker("127.0.0.1", cfg.embedded_broker_port)
+                    EmbeddedBroker(
+                        cfg.embedded_broker_host,
+                        cfg.embedded_broker_port,
+                        credentials=cfg.embedded_broker_credentials,
+                        prefix=cfg.topic_prefix,
+                    )
                 )
                 self.broker_url = broker.url
             else:
-                self.broker_url = BrokerURL.parse(cfg.broker)
+                self.broker_url = BrokerURL.parse(cfg.broker, cfg.cafile)
 
             self.pipeline = Pipeline(
                 catalog=self.catalog,

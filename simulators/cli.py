@@ -23,7 +23,7 @@ from pathlib import Path
 from devices.catalog import Catalog, CatalogError
 from devices.contract import DEFAULT_HEARTBEAT_S
 from devices.topics import DEFAULT_PREFIX
-from simulators.config import BrokerAddress, FleetConfig, Shard
+from simulators.config import BrokerAddress, FleetConfig, Shard, load_passwords
 from simulators.errors import SimulatorError
 from simulators.fleet import Fleet
 from simulators.model import DEFAULT_FAULT_RATE
@@ -47,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chargewatch simulate",
         description="Simulated charging piles and swap cabinets speaking contract v1.",
     )
-    p.add_argument("--broker", required=True, help="mqtt://host:port of the broker")
+    p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port (TLS)")
+    p.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="FILE",
+        help="credentials.json of chargewatch broker-config: each device logs in with its own"
+        " password",
+    )
+    p.add_argument("--cafile", type=Path, help="CA file that verifies an mqtts:// broker")
     p.add_argument("--catalog", type=Path, help="catalog JSON (default: the shipped district)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--speed", type=float, default=1.0, help="sim seconds per wall second")
@@ -99,11 +107,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             heartbeat_s=args.heartbeat_s,
             fault_rate=args.fault_rate,
             shard=Shard.parse(args.shard),
+            passwords=load_passwords(args.credentials) if args.credentials else None,
+            cafile=args.cafile,
         )
     except (CatalogError, SimulatorError, ValueError) as exc:
         print(f"chargewatch simulate: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run(catalog, config, args.truth, stats_s=args.stats_s))
+    try:
+        return asyncio.run(run(catalog, config, args.truth, stats_s=args.stats_s))
+    except SimulatorError as exc:  # found when the fleet is built: passwords, CA file
+        print(f"chargewatch simulate: {exc}", file=sys.stderr)
+        return 2
 
 
 def _say(line: str) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from devices.contract import DEFAULT_HEARTBEAT_S
@@ -19,20 +22,46 @@ CONNECT_CONCURRENCY = 50
 class BrokerAddress:
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """``mqtt://host:port`` (port 1883 when omitted)."""
+        """``mqtt://host:port`` (port 1883 when omitted) or ``mqtts://host:port`` (TLS, 8883).
+        Each device brings its own username (its id) and password (``--credentials``)."""
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "tcp"):
-            raise SimulatorError(f"--broker {url!r}: use mqtt://host:port (TLS is not supported)")
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
+            raise SimulatorError(f"--broker {url!r}: use mqtt://host:port or mqtts://host:port")
+        if parts.username or parts.password:
+            raise SimulatorError(
+                "--broker: no user in the URL; each device logs in as itself (--credentials)"
+            )
+        tls = parts.scheme in ("mqtts", "ssl")
         try:
-            port = parts.port or 1883
+            port = parts.port or (8883 if tls else 1883)
         except ValueError:
             raise SimulatorError(f"--broker {url!r}: the port must be a number") from None
         if not parts.hostname:
             raise SimulatorError(f"--broker {url!r}: no host; use mqtt://host:port")
-        return cls(parts.hostname, port)
+        return cls(parts.hostname, port, tls)
+
+
+def load_passwords(path: Path) -> dict[str, str]:
+    """The devices' passwords from ``credentials.json`` (``chargewatch broker-config``):
+    ``{"devices": {"<id>": "<password>", …}, …}``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SimulatorError(f"--credentials {path}: {exc.strerror}") from None
+    except ValueError:
+        raise SimulatorError(f"--credentials {path}: not JSON") from None
+    devices = data.get("devices") if isinstance(data, dict) else None
+    if not isinstance(devices, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in devices.items()
+    ):
+        raise SimulatorError(
+            f'--credentials {path}: expected {{"devices": {{"<id>": "<password>", …}}}}'
+        )
+    return devices
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +100,9 @@ class FleetConfig:
     shard: Shard = Shard()
     connect_concurrency: int = CONNECT_CONCURRENCY
     keepalive_s: int = 60
+    # device id -> password (None: connect with the username only)
+    passwords: Mapping[str, str] | None = field(default=None, repr=False)
+    cafile: Path | None = None  # verifies an mqtts:// broker (None: the system's CAs)
 
     def __post_init__(self) -> None:
         if not self.speed > 0:
@@ -83,5 +115,7 @@ class FleetConfig:
             raise SimulatorError(f"--fault-rate {self.fault_rate}: must be >= 0 faults/day")
         if self.start is not None and self.start.tzinfo is None:
             raise SimulatorError("--start needs an offset, e.g. 2026-11-28T08:00:00+08:00")
+        if self.cafile is not None and not self.broker.tls:
+            raise SimulatorError("--cafile is for TLS: use an mqtts:// broker")
         if self.connect_concurrency < 1:
             raise SimulatorError("connect_concurrency must be >= 1")

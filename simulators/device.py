@@ -26,9 +26,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,8 @@ class SimContext:
     keepalive_s: int = 60
     timeout_s: float = 10.0
     connect_limiter: asyncio.Semaphore | None = None
+    passwords: Mapping[str, str] | None = None  # device id -> its broker password
+    ssl: ssl.SSLContext | None = None  # TLS to the broker
     record: Recorder | None = None
     stats: FleetStats = field(default_factory=FleetStats)
     timers: TimerWheel = field(default_factory=TimerWheel)
@@ -224,6 +227,8 @@ class SimDevice:
                 keepalive_s=self.ctx.keepalive_s,
                 will=will,
                 username=self.id,
+                password=self.ctx.passwords.get(self.id) if self.ctx.passwords else None,
+                ssl=self.ctx.ssl,
                 timeout_s=self.ctx.timeout_s,
                 call_later=self.ctx.timers.call_later,
             )

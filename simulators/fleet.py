@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from types import TracebackType
 from typing import Self
 
@@ -21,10 +22,20 @@ from devices.topics import TopicScheme
 from simulators.clock import SimClock
 from simulators.config import FleetConfig
 from simulators.device import FleetStats, SimContext, SimDevice
-from simulators.errors import UnknownDevice
+from simulators.errors import SimulatorError, UnknownDevice
 from simulators.truth import TruthLog
 
 log = logging.getLogger(__name__)
+
+
+def _tls_context(config: FleetConfig) -> ssl.SSLContext | None:
+    """One context for every device's connection: verifies the broker's certificate."""
+    if not config.broker.tls:
+        return None
+    try:
+        return ssl.create_default_context(cafile=config.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise SimulatorError(f"--cafile {config.cafile}: {exc}") from None
 
 
 class Fleet:
@@ -51,6 +62,8 @@ class Fleet:
             end=end,
             keepalive_s=config.keepalive_s,
             connect_limiter=asyncio.Semaphore(config.connect_concurrency),
+            passwords=config.passwords,
+            ssl=_tls_context(config),
             record=truth.record if truth is not None else None,
         )
         chosen = [
@@ -62,6 +75,14 @@ class Fleet:
             missing = sorted(set(only) - {d.id for d in chosen})
             if missing:
                 raise UnknownDevice(f"not in this catalog/shard: {', '.join(missing)}")
+        if config.passwords is not None:
+            without = sorted(d.id for d in chosen if d.id not in config.passwords)
+            if without:
+                shown = ", ".join(without[:5]) + (" …" if len(without) > 5 else "")
+                raise SimulatorError(
+                    f"{len(without)} devices have no password in the credentials: {shown}"
+                    " (run chargewatch broker-config again for this catalog)"
+                )
         self.devices: dict[str, SimDevice] = {d.id: SimDevice(d.spec, self.context) for d in chosen}
         self._held = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()

@@ -17,6 +17,7 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +67,12 @@ class Will:
 
 
 def connect_packet(
-    client_id: str, *, keepalive_s: int, will: Will | None, username: str | None
+    client_id: str,
+    *,
+    keepalive_s: int,
+    will: Will | None,
+    username: str | None,
+    password: str | None = None,
 ) -> bytes:
     """CONNECT, protocol level 4 (3.1.1), clean session."""
     flags = 0x02
@@ -77,6 +83,9 @@ def connect_packet(
     if username is not None:
         flags |= 0x80
         payload += mqtt_string(username.encode("utf-8"))
+        if password is not None:  # 3.1.1: a password only with a username
+            flags |= 0x40
+            payload += mqtt_string(password.encode("utf-8"))
     variable = b"\x00\x04MQTT\x04" + bytes([flags]) + struct.pack("!H", keepalive_s)
     body = variable + payload
     return b"\x10" + remaining_length(len(body)) + body
@@ -131,18 +140,31 @@ class Link(asyncio.Protocol):
         keepalive_s: int = 60,
         will: Will | None = None,
         username: str | None = None,
+        password: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
         timeout_s: float = 10.0,
         call_later: Scheduler | None = None,
     ) -> Link:
+        """``ssl``: TLS, the broker's certificate verified for ``host``."""
         loop = asyncio.get_running_loop()
         link: Link | None = None
         try:
             async with asyncio.timeout(timeout_s):
                 _, link = await loop.create_connection(
-                    lambda: cls(on_ack, keepalive_s, call_later), host, port
+                    lambda: cls(on_ack, keepalive_s, call_later),
+                    host,
+                    port,
+                    ssl=ssl,
+                    server_hostname=host if ssl is not None else None,
                 )
                 link._write(
-                    connect_packet(client_id, keepalive_s=keepalive_s, will=will, username=username)
+                    connect_packet(
+                        client_id,
+                        keepalive_s=keepalive_s,
+                        will=will,
+                        username=username,
+                        password=password,
+                    )
                 )
                 await link._connack
         except TimeoutError:

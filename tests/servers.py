@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,6 +82,7 @@ class Process:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None  # run as this account (we are root)
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
@@ -91,6 +93,7 @@ class Process:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
                 start_new_session=True,
+                user=self.user,
             )
         try:
             wait_port(self.port, proc=self.proc)
@@ -153,6 +156,36 @@ def mosquitto(tmp: Path, *, persistence: bool = True) -> Iterator[Process]:
         proc.stop()
 
 
+def broker_config_dir() -> Path:
+    """An empty directory for ``chargewatch broker-config mosquitto --out``, under /tmp
+    itself: run as root, the generator gives it to the mosquitto account, which must reach
+    it (pytest's own tmp_path sits in a root-only directory). Remove it with shutil.rmtree."""
+    return Path(tempfile.mkdtemp(prefix="cw-broker-", dir="/tmp"))
+
+
+@contextmanager
+def mosquitto_from(
+    conf_dir: Path, port: int, log_dir: Path, *, user: str | None = None
+) -> Iterator[Process]:
+    """mosquitto started with the files ``chargewatch broker-config mosquitto`` wrote to
+    ``conf_dir`` (listening on ``port``, as generated); as root it switches to the account
+    the config names, or it runs as ``user`` from the start."""
+    binary = need_binary("mosquitto", "/usr/sbin/mosquitto")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    proc = Process(
+        [binary, "-c", str(conf_dir / "mosquitto.conf")],
+        port,
+        conf_dir,
+        log_dir / "mosquitto.log",
+        user=user,
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 @dataclass
 class Service:
     """A ``chargewatch serve`` process and its HTTP base URL."""
@@ -176,6 +209,7 @@ def chargewatch_serve(
     *extra: str,
     data_dir: Path | None = None,
     broker_port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Service]:
     """Start ``chargewatch serve`` on free ports; wait until /readyz says ready."""
     port = free_port()
@@ -191,6 +225,7 @@ def chargewatch_serve(
         port,
         Path(__file__).resolve().parent.parent,
         tmp / "serve.log",
+        env=env or {},
     )
     proc.start()
     service = Service(proc, f"http://127.0.0.1:{port}", data_dir)

@@ -87,7 +87,10 @@ async def test_the_whole_district_comes_up_holds_and_stops_gracefully(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--broker", "mqtts://h:1"], "mqtt://host:port"),
+        (["--broker", "http://h:1"], "mqtt://host:port or mqtts://host:port"),
+        (["--broker", "mqtt://u:p@h:1"], "--credentials"),
+        (["--broker", "mqtt://h:1", "--cafile", "/etc/hosts"], "--cafile is for TLS"),
+        (["--broker", "mqtt://h:1", "--credentials", "/nonexistent.json"], "--credentials"),
         (["--broker", "mqtt://h:1", "--shard", "3/2"], "--shard"),
         (["--broker", "mqtt://h:1", "--catalog", "/nonexistent.json"], "cannot read catalog"),
         (["--broker", "mqtt://h:1", "--speed", "0"], "--speed"),
@@ -128,3 +131,14 @@ async def test_stats_lines_count_what_the_simulator_published(
     assert stats["published"] >= 3  # every birth at least; then a snapshot each
     assert stats["cpu_s"] > 0
     assert stats["lag_max_s"] >= 0
+
+
+def test_every_device_needs_a_password_in_the_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    creds = tmp_path / "credentials.json"
+    creds.write_text(json.dumps({"ingest": {}, "devices": {"WGS-P01": "pw"}}))
+    assert main(["--broker", "mqtt://127.0.0.1:1", "--credentials", str(creds)]) == 2
+    err = capsys.readouterr().err
+    assert "411 devices have no password in the credentials" in err
+    assert "pw" not in err.replace("password", "")

@@ -94,8 +94,9 @@ def test_every_payload_decodes_with_the_contract(catalog: Catalog) -> None:
 def test_broker_address_and_shard_parsing() -> None:
     assert BrokerAddress.parse("mqtt://127.0.0.1:1884") == BrokerAddress("127.0.0.1", 1884)
     assert BrokerAddress.parse("mqtt://broker") == BrokerAddress("broker", 1883)
+    assert BrokerAddress.parse("mqtts://broker") == BrokerAddress("broker", 8883, tls=True)
     with pytest.raises(SimulatorError, match="mqtt://host:port"):
-        BrokerAddress.parse("mqtts://broker:8883")
+        BrokerAddress.parse("ws://broker:8883")
     shard = Shard.parse("2/3")
     assert [p for p in range(9) if shard.takes(p)] == [1, 4, 7]
     for bad in ("0/3", "4/3", "x", "1/0"):
