@@ -487,6 +487,16 @@ class Notifier:
         found = sorted(unsaved.values(), key=lambda d: d.id, reverse=True)[:limit]
         return [self._view(d) for d in found], complete
 
+    async def log(self, alert_id: int) -> list[Delivery]:
+        """Every delivery of an alert, oldest first: the store's rows, updated by what has
+        not been saved yet."""
+        rows = await asyncio.to_thread(self.store.deliveries, alert_id)
+        found = {int(r["id"]): Delivery.from_row(r, self.options.deadline_s) for r in rows}
+        for delivery in [*self._live.values(), *self._unsaved.values()]:
+            if delivery.alert_id == alert_id:
+                found[delivery.id] = delivery
+        return [found[i] for i in sorted(found)]
+
     def _view(self, delivery: Delivery) -> dict[str, Any]:
         sub = self.subscriptions.get(delivery.webhook_id)
         return delivery.view(sub.name if sub is not None else None)
