@@ -153,6 +153,9 @@ class AlertEngine:
             "chargewatch_webhooks_failing", "Webhook subscriptions marked failing", registry=r
         )
         self.notifier.on_result.append(self._delivery_done)
+        Gauge(
+            "chargewatch_webhook_pending", "Webhook deliveries waiting or in flight", registry=r
+        ).set_function(lambda: self.notifier.pending_count)
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -388,6 +388,17 @@ class Notifier:
         if self._client is not None:
             await self._client.aclose()
 
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The long-lived tasks (the outbox saver, two lanes per subscription)."""
+        lanes = [task for box in self._boxes.values() for task in box.tasks]
+        return [self._saver, *lanes] if self._saver is not None else lanes
+
+    @property
+    def pending_count(self) -> int:
+        """Deliveries not finished yet (waiting or in flight), all subscriptions."""
+        return len(self._live)
+
     def _start(self, sub: Subscription) -> None:
         self.subscriptions[sub.id] = sub
         box = self._boxes[sub.id] = _Outbox(sub)
@@ -515,7 +526,7 @@ class Notifier:
                 box.fresh_ready.clear()
                 await box.fresh_ready.wait()
                 continue
-            await self._attempt(box, box.fresh.popleft())
+            await self._attempt_safely(box, box.fresh.popleft())
 
     async def _retry_lane(self, box: _Outbox) -> None:
         while True:
@@ -532,7 +543,18 @@ class Notifier:
                         await box.retry_ready.wait()
                 continue
             del box.waiting[delivery.id]
+            await self._attempt_safely(box, delivery)
+
+    async def _attempt_safely(self, box: _Outbox, delivery: Delivery) -> None:
+        """An attempt; a bug in its bookkeeping is logged and the delivery waits for its
+        next try, instead of ending the lane (and every later notification with it)."""
+        try:
             await self._attempt(box, delivery)
+        except Exception:
+            log.exception("webhook %d delivery %d: attempt failed", box.sub.id, delivery.id)
+            if delivery.id in self._live:
+                delivery.next_try_ms = _now_ms() + int(self.options.backoff_max_s * 1000)
+                self._wait_retry(box, delivery)
 
     def _wait_retry(self, box: _Outbox, delivery: Delivery) -> None:
         box.waiting[delivery.id] = delivery

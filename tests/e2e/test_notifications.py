@@ -89,6 +89,8 @@ def test_undelivered_notifications_are_listed_for_maintainers(
         assert pending["alert"]["severity"] == "critical"
         assert pending["alert"]["station"] == "wanguo-south"
         assert "url" not in pending["subscription"]  # a robot's URL carries its token
+        metrics = http.get("/metrics").text
+        assert "chargewatch_webhook_pending 1.0" in metrics.splitlines()
 
         [refused] = eventually(lambda: _nonempty(listed("failed")))
         assert refused["subscription"]["id"] == subs["old room"]
@@ -112,6 +114,9 @@ def test_undelivered_notifications_are_listed_for_maintainers(
         both = http.get("/v1/notifications", headers=maint).json()  # default: undelivered
         assert sorted(n["state"] for n in both["notifications"]) == ["expired", "failed"]
         assert both["pending"] == 0
+        metrics = http.get("/metrics").text.splitlines()
+        assert "chargewatch_webhook_pending 0.0" in metrics
+        assert 'chargewatch_webhook_deliveries_total{result="failed"} 2.0' in metrics
 
         detail = http.get(f"/v1/alerts/{alert_id}", headers=maint).json()
         assert sorted((d["webhook_id"], d["status"]) for d in detail["deliveries"]) == [
