@@ -76,7 +76,7 @@ def test_undelivered_notifications_are_listed_for_maintainers(
 
         def retrying() -> dict[str, Any]:
             [pending] = listed("pending")
-            assert pending["attempts"] >= 2
+            assert pending["attempts"] >= 3  # failing_after
             return pending
 
         pending = eventually(retrying, timeout=DEADLINE_S - 1)
@@ -89,8 +89,9 @@ def test_undelivered_notifications_are_listed_for_maintainers(
         assert pending["alert"]["severity"] == "critical"
         assert pending["alert"]["station"] == "wanguo-south"
         assert "url" not in pending["subscription"]  # a robot's URL carries its token
-        metrics = http.get("/metrics").text
-        assert "chargewatch_webhook_pending 1.0" in metrics.splitlines()
+        metrics = http.get("/metrics").text.splitlines()
+        assert "chargewatch_webhook_pending 1.0" in metrics
+        assert "chargewatch_webhooks_failing 1.0" in metrics  # before anything gave up
 
         [refused] = eventually(lambda: _nonempty(listed("failed")))
         assert refused["subscription"]["id"] == subs["old room"]
