@@ -558,6 +558,7 @@ class Notifier:
 
     def _wait_retry(self, box: _Outbox, delivery: Delivery) -> None:
         box.waiting[delivery.id] = delivery
+        box.sub.pending = len(box)
         box.retry_ready.set()
 
     async def _attempt(self, box: _Outbox, delivery: Delivery) -> None:
@@ -600,7 +601,8 @@ class Notifier:
             base = min(opts.backoff_s * 2 ** (delivery.attempts - 1), opts.backoff_max_s)
             delay_ms = int(base * random.uniform(0.5, 1.0) * 1000)
             delivery.next_try_ms = min(now + delay_ms, delivery.deadline_ms)
-            log.info(
+            log.log(  # the first failure of each; the rest only at debug (hours of them)
+                logging.INFO if delivery.attempts == 1 else logging.DEBUG,
                 "webhook %d delivery %d attempt %d failed (%s); retry in %.2fs",
                 sub.id, delivery.id, delivery.attempts, delivery.error, delay_ms / 1000,
             )  # fmt: skip
