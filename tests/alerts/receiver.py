@@ -19,7 +19,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
-    status: int  # what we answered
+    status: int  # what we answered (0: nothing, we hung)
     at: float = 0.0  # time.monotonic() on arrival
 
     @property
@@ -38,6 +38,7 @@ class Receiver:
     fail_next: int = 0  # answer this many requests with 500 first
     fail_until: float = 0.0  # answer 500 until this time.monotonic() (an outage)
     answer: int = 200  # the status of a request that is not failed by the two above
+    hang_until: float = 0.0  # until this time.monotonic(), take requests and never answer
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def delivered(self) -> list[Received]:
@@ -63,6 +64,14 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
             now = time.monotonic()
+            if now < state.hang_until:  # a black hole: the client's timeout must act
+                with state.lock:
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    state.requests.append(Received(self.path, headers, body, 0, now))
+                while time.monotonic() < state.hang_until and not stopping.is_set():
+                    time.sleep(0.05)
+                self.close_connection = True
+                return
             with state.lock:
                 failed = state.fail_next > 0 or now < state.fail_until
                 status = 500 if failed else state.answer
@@ -78,6 +87,7 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
+    stopping = threading.Event()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state = Receiver(f"http://127.0.0.1:{server.server_address[1]}/hook")
     thread = threading.Thread(target=server.serve_forever, name="webhook-receiver", daemon=True)
@@ -85,6 +95,7 @@ def receiver() -> Iterator[Receiver]:
     try:
         yield state
     finally:
+        stopping.set()
         server.shutdown()
         server.server_close()
         thread.join(5)

@@ -126,6 +126,31 @@ async def test_a_later_notification_is_not_held_behind_an_earlier_ones_backoff(
         store.close()
 
 
+async def test_a_receiver_that_never_answers_does_not_queue_new_notifications_behind_timeouts(
+    tmp_path: Path,
+) -> None:
+    """A black hole (connections taken, no answer): each attempt ends only at the 2 s
+    timeout. Three notifications raised together are all tried within a second or so, not
+    one timeout after another (>= 4 s for the third)."""
+    store = AlertStore.in_dir(tmp_path)
+    try:
+        with receiver() as hook:
+            hook.hang_until = time.monotonic() + 600
+            async with Notifier(store, WebhookOptions(backoff_s=5, timeout_s=2)) as notifier:
+                await notifier.add(hook.url)
+                published = time.monotonic()
+                for alert_id in (1, 2, 3):
+                    notifier.publish("opened", make_alert(id=alert_id))
+                await eventually(lambda: _eq(len(hook.requests), 3), within_s=3.5)
+                assert [r.json["alert"]["id"] for r in hook.requests] == [1, 2, 3]
+                assert hook.requests[-1].at - published < 2.5
+                hook.hang_until = 0  # back: everything arrives, once
+                await eventually(lambda: _eq(sorted(ids(hook)), [1, 2, 3]), within_s=15)
+                await asyncio.wait_for(notifier.idle(), 5)
+    finally:
+        store.close()
+
+
 async def test_after_an_outage_every_notification_arrives_once_per_subscription(
     tmp_path: Path,
 ) -> None:
