@@ -8,7 +8,8 @@ Feishu), and ``X-Chargewatch-Delivery``, its id, the same on every attempt and i
 with creation time.
 
 Each subscription's outbox has two lanes (tasks). The *fresh* lane gives every new
-delivery its first attempt at once, one at a time in publish order. A delivery that failed
+delivery its first attempt at once, one at a time in publish order (the next one starts
+anyway once an attempt is unanswered for a second, up to four at once). A delivery that failed
 in a way worth retrying (timeout, connection error, 5xx, 408, 429, a robot's "too fast")
 moves to the *retry* lane: its own capped, jittered exponential backoff, oldest due first.
 So a delivery waiting for its retry never holds back a later one; and the first success in
@@ -211,6 +212,11 @@ def _robot_error(fmt: str, response: httpx.Response) -> tuple[str | None, bool]:
 PENDING = "pending"
 UNDELIVERED = ("failed", "expired", "dropped")  # given up, each with its reason in `error`
 SAVE_RETRY_MAX_S = 30.0  # cap of the outbox's save backoff while the store cannot write
+# A first attempt unanswered this long lets the next new notification start its own (a
+# receiver answers in well under a second; one that does not must not queue the rest) ...
+FRESH_PATIENCE_S = 1.0
+# ... with at most this many first attempts in flight per subscription.
+FRESH_IN_FLIGHT = 4
 
 
 @dataclass(eq=False)
@@ -521,12 +527,30 @@ class Notifier:
     # -- the lanes ---------------------------------------------------------------------
 
     async def _fresh_lane(self, box: _Outbox) -> None:
-        while True:
-            if not box.fresh:
-                box.fresh_ready.clear()
-                await box.fresh_ready.wait()
-                continue
-            await self._attempt_safely(box, box.fresh.popleft())
+        """First attempts in publish order, each awaited; one still unanswered after
+        ``FRESH_PATIENCE_S`` (a slow or black-holed receiver) no longer holds back the next,
+        up to ``FRESH_IN_FLIGHT`` at once."""
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if not box.fresh:
+                    box.fresh_ready.clear()
+                    await box.fresh_ready.wait()
+                    continue
+                if len(running) >= FRESH_IN_FLIGHT:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                delivery = box.fresh.popleft()
+                task = asyncio.create_task(
+                    self._attempt_safely(box, delivery), name=f"webhook:{box.sub.id}:first"
+                )
+                running.add(task)
+                task.add_done_callback(running.discard)
+                await asyncio.wait({task}, timeout=min(FRESH_PATIENCE_S, self.options.timeout_s))
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _retry_lane(self, box: _Outbox) -> None:
         while True:
