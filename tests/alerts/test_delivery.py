@@ -6,6 +6,7 @@ restart, and sending never waits for the store (held by another process here).""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ingest.alerts.config import WebhookOptions
 from ingest.alerts.notify import Notifier
@@ -57,7 +60,7 @@ async def test_a_delivery_outlives_an_outage_longer_than_the_old_attempts(tmp_pa
 
 
 async def test_the_deadline_marks_a_delivery_expired_never_silently_dropped(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = AlertStore.in_dir(tmp_path)
     try:
@@ -84,6 +87,12 @@ async def test_the_deadline_marks_a_delivery_expired_never_silently_dropped(
                 assert time.monotonic() - started >= 1.5
                 assert notifier.pending() == []
                 assert (sub.failed, sub.expired, sub.delivered) == (1, 1, 0)
+                [said] = [
+                    r
+                    for r in caplog.records
+                    if r.levelno >= logging.WARNING and "expired" in r.message
+                ]
+                assert "alert 7" in said.message
         [row] = store.deliveries(7)
         assert row["status"] == "expired"
         assert row["attempts"] == len(hook.requests) > 2
