@@ -13,7 +13,17 @@ from api.auth import KeyStore
 from api.forecast import StatsCache
 from api.limits import BodyLimit
 from api.live import Live
-from api.routes import alerts, health, history, maintenance, pages, reports, riders, stream
+from api.routes import (
+    alerts,
+    health,
+    history,
+    maintenance,
+    notifications,
+    pages,
+    reports,
+    riders,
+    stream,
+)
 from api.settings import ServeSettings
 from api.snapshots import StationViews
 from ingest.service import Ingest
@@ -44,6 +54,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(history.router)
     app.include_router(maintenance.router)
     app.include_router(alerts.router)
+    app.include_router(notifications.router)
     app.include_router(reports.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")

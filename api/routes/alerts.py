@@ -162,20 +162,22 @@ async def _detail(engine: AlertEngine, alert_id: int) -> dict[str, Any]:
         raise NotFound("alert", str(alert_id)) from None
     view = alert_view(alert)
     view["notes"] = await engine.notes(alert_id)
-    rows = await asyncio.to_thread(engine.store.deliveries, alert_id)
     view["deliveries"] = [
         {
-            "id": r["id"],
-            "webhook_id": r["webhook_id"],
-            "event": r["event"],
-            "status": r["status"],
-            "attempts": r["attempts"],
-            "http_status": r["http_status"],
-            "error": r["error"],
-            "created_at": rfc3339(r["created_at_ms"]),
-            "finished_at": rfc3339(r["finished_at_ms"]),
+            "id": d.id,
+            "webhook_id": d.webhook_id,
+            "event": d.event,
+            "status": d.status,
+            "attempts": d.attempts,
+            "http_status": d.http_status,
+            "error": d.error,
+            "created_at": rfc3339(d.created_ms),
+            "finished_at": rfc3339(d.finished_ms),
+            "last_attempt_at": rfc3339(d.last_attempt_ms),
+            "next_try_at": rfc3339(d.next_try_ms),
+            "deadline": rfc3339(d.deadline_ms),
         }
-        for r in rows
+        for d in await engine.notifier.log(alert_id)
     ]
     return view
 

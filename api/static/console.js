@@ -1,5 +1,6 @@
-// The maintenance console: alerts with ack/resolve/notes, station health, offline devices,
-// dead letters, and a device's recent history plotted. Needs an API key (Bearer).
+// The maintenance console: alerts with ack/resolve/notes, undelivered webhook notifications,
+// station health, offline devices, dead letters, and a device's recent history plotted.
+// Needs an API key (Bearer).
 "use strict";
 const $ = (sel) => document.querySelector(sel);
 const SEVERITY = { critical: 0, major: 1, minor: 2, warning: 3 };
@@ -67,6 +68,44 @@ function focusLinkedAlert() {
   }
 }
 window.addEventListener("hashchange", () => { document.querySelectorAll("#alerts tr.focus").forEach((r) => r.classList.remove("focus")); focusLinkedAlert(); });
+
+// Webhook notifications that did not arrive: waiting for their next try, or given up.
+const DELIVERY_STATE = {
+  pending: "等待重试 pending", failed: "被拒绝 refused", expired: "已过期 expired", dropped: "已丢弃 dropped",
+};
+
+function until(iso) {
+  if (!iso) return "—";
+  const left = (Date.parse(iso) - Date.now()) / 1000;
+  return `${iso.replace("T", " ").slice(0, 19)} (${left > 0 ? t("inTime", { t: ageText(left) }) : t("dueNow")})`;
+}
+
+async function loadNotifications() {
+  const body = $("#notifications tbody");
+  let data;
+  try {
+    data = await api("/v1/notifications?limit=200");
+  } catch (e) {
+    $("#notifications-count").textContent = "";
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "stale" }, `notifications unavailable: ${e.message}`)));
+    return;
+  }
+  const givenUp = data.notifications.filter((n) => n.state !== "pending").length;
+  $("#notifications-count").textContent = `(${data.pending} 等待 pending · ${givenUp} 放弃 given up)`;
+  const rows = data.notifications.map((n) => el("tr", { "data-delivery-id": n.id, "data-state": n.state, "data-alert-id": n.alert_id },
+    el("td", { class: n.state === "pending" ? "" : "stale" }, DELIVERY_STATE[n.state] || n.state),
+    el("td", {}, n.alert.severity ? el("span", { class: `sev-${n.alert.severity}` }, n.alert.severity) : null, " ",
+      el("a", { href: `#alert-${n.alert_id}` }, n.alert.title || `alert ${n.alert_id}`),
+      el("div", { class: "hint" }, [n.alert.station, n.alert.device].filter(Boolean).join(" / "))),
+    el("td", {}, n.subscription.name || `#${n.subscription.id}`, el("div", { class: "hint" }, `webhook ${n.subscription.id}`)),
+    el("td", {}, n.event),
+    el("td", {}, n.attempts),
+    el("td", { class: "mono" }, n.last_error || "—"),
+    el("td", {}, n.state === "pending" ? until(n.next_try_at) : when(n.finished_at)),
+    el("td", {}, n.state === "pending" ? until(n.deadline) : "—")));
+  if (!data.complete) rows.push(el("tr", {}, el("td", { colspan: 8, class: "stale" }, "告警库暂不可读：只显示内存中的 · alert store unreadable: only those in memory")));
+  body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 8, class: "hint" }, "全部送达 all delivered"))]));
+}
 
 async function act(id, what) {
   try {
@@ -171,7 +210,7 @@ function alertsSoon() {
   if (alertsTimer) return;
   alertsTimer = setTimeout(async () => {
     alertsTimer = null;
-    await loadAlerts();
+    await Promise.allSettled([loadAlerts(), loadNotifications()]);
     document.body.dataset.streamLoads = String(Number(document.body.dataset.streamLoads || 0) + 1);
   }, 150);
 }
@@ -215,7 +254,7 @@ async function follow() {
 }
 
 async function refresh() {
-  await Promise.allSettled([loadAlerts(), loadStations(), loadDeadLetters()]);
+  await Promise.allSettled([loadAlerts(), loadNotifications(), loadStations(), loadDeadLetters()]);
   document.body.dataset.refreshed = String(Date.now());
 }
 

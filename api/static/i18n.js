@@ -22,6 +22,7 @@ const TEXTS = {
     noStations: "附近没有符合条件的站点", state_available: "空闲", state_charging: "充电中",
     state_finished: "已充满待拔", state_reserved: "已预约", state_faulted: "故障",
     state_disabled: "停用", state_empty: "空仓", state_ready: "满电",
+    inTime: "{t}后", dueNow: "现在",
   },
   en: {
     title: "Rider charging & swaps", locate: "◎ Use my location",
@@ -47,7 +48,7 @@ const TEXTS = {
     noStations: "No matching station nearby", state_available: "free",
     state_charging: "charging", state_finished: "done, plugged", state_reserved: "reserved",
     state_faulted: "fault", state_disabled: "disabled", state_empty: "empty",
-    state_ready: "ready",
+    state_ready: "ready", inTime: "in {t}", dueNow: "now",
   },
 };
 let LANG = localStorage.getItem("cw-lang") || "zh";

@@ -43,15 +43,21 @@ class PileLimits(KindLimits):
 class WebhookOptions(BaseModel):
     # One POST may take this long before it counts as failed (and is retried).
     timeout_s: float = Field(default=5.0, gt=0)
-    # Attempts per delivery, the first included (1 s, 2 s, 4 s, 8 s, 16 s between them).
-    attempts: int = Field(default=6, ge=1, le=20)
-    # First retry delay; doubled per attempt, jittered, capped by backoff_max_s.
+    # A notification is retried this long after it was raised, then given up as `expired`
+    # (logged, counted, listed in the console): long enough for a receiver's night outage.
+    deadline_s: float = Field(default=6 * 3600.0, gt=0)
+    # First retry delay; doubled per attempt, jittered, capped by backoff_max_s ...
     backoff_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=60.0, gt=0)
-    # Deliveries failed in a row (after all attempts) before a subscription is marked failing.
+    # ... so a dead receiver gets one retry per waiting notification every 2.5-5 min; the
+    # first success (a fresh notification, or any retry) sends the waiting ones at once.
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    # At most this many attempts per notification before its deadline (0: no limit).
+    attempts: int = Field(default=0, ge=0)
+    # Failed attempts in a row before a subscription is marked failing (API, metric).
     failing_after: int = Field(default=3, ge=1)
-    # Deliveries waiting per subscription; beyond it the oldest is dropped (logged, counted).
-    queue_max: int = Field(default=1000, ge=1)
+    # Notifications waiting per subscription (in memory and in the store's outbox); beyond
+    # it the oldest is dropped (logged, counted, listed): bounds memory in a long outage.
+    queue_max: int = Field(default=10_000, ge=1)
     # The console's public address (https://ops.example.cn): notifications then carry a link
     # to the alert (`url`, and a line in chat messages). None: no link (we cannot guess it).
     public_url: str | None = Field(default=None, pattern=r"^https?://[^\s()<>\[\]]+$")

@@ -173,7 +173,13 @@ class AlertEngine:
         self.m_failing = Gauge(
             "chargewatch_webhooks_failing", "Webhook subscriptions marked failing", registry=r
         )
+        self.m_failing.set_function(
+            lambda: sum(1 for s in self.notifier.subscriptions.values() if s.failing)
+        )
         self.notifier.on_result.append(self._delivery_done)
+        Gauge(
+            "chargewatch_webhook_pending", "Webhook deliveries waiting or in flight", registry=r
+        ).set_function(lambda: self.notifier.pending_count)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -607,7 +613,6 @@ class AlertEngine:
 
     def _delivery_done(self, delivered: bool) -> None:
         self.m_webhooks.labels("delivered" if delivered else "failed").inc()
-        self.m_failing.set(sum(1 for s in self.notifier.subscriptions.values() if s.failing))
 
     # -- maintainers' actions ----------------------------------------------------------
 

@@ -1,17 +1,31 @@
-"""Webhook subscriptions and their deliveries.
+"""Webhook subscriptions and their deliveries (docs/alerts.md, "Delivery").
 
-``Notifier.publish`` is called on the loop and only queues (never blocks ingest). Each
-subscription has its own queue and worker task, so a slow or dead receiver delays nobody
-else. A delivery is POSTed with ``X-Chargewatch-Signature: sha256=<hex>``, the HMAC-SHA256
-of the exact body with the subscription's secret (plus the robots' own signing for DingTalk
-and Feishu), retried with jittered exponential backoff on timeouts, connection errors, 5xx
-and 429, and logged per alert. After ``failing_after`` failed deliveries in a row the
-subscription is marked ``failing`` (reported by the API); a later success clears the mark.
+``Notifier.publish`` runs on the loop and never waits: it makes one ``Delivery`` per
+subscription that wants the event, in memory, and hands it to that subscription's outbox.
+A delivery is POSTed with ``X-Chargewatch-Signature: sha256=<hex>``, the HMAC-SHA256 of the
+exact body with the subscription's secret (plus the robots' own signing for DingTalk and
+Feishu), and ``X-Chargewatch-Delivery``, its id, the same on every attempt and increasing
+with creation time.
 
-Durable: a notification becomes a pending delivery row (the outbox writer task, on a worker
-thread) before its subscription's worker sends it, so what a stop or a crash interrupts,
-queued or in flight, is sent after the next start. Only the milliseconds between ``publish``
-and that write are not covered (as for the alert itself, which its own writer persists).
+Each subscription's outbox has two lanes (tasks). The *fresh* lane gives every new
+delivery its first attempt at once, one at a time in publish order (the next one starts
+anyway once an attempt is unanswered for a second, up to four at once). A delivery that failed
+in a way worth retrying (timeout, connection error, 5xx, 408, 429, a robot's "too fast")
+moves to the *retry* lane: its own capped, jittered exponential backoff, oldest due first.
+So a delivery waiting for its retry never holds back a later one; and the first success in
+either lane (the receiver is back) makes every waiting delivery due at once, oldest first.
+Retries go on until ``deadline_s`` after the notification was raised: then the delivery is
+``expired``. A refusal (other 4xx, a robot's error code) is ``failed`` at once; beyond
+``queue_max`` waiting, the oldest is ``dropped``. Each of these is logged, counted on the
+subscription and listed by ``GET /v1/notifications``. After ``failing_after`` failed
+attempts in a row the subscription is marked ``failing``; a success clears the mark.
+
+The outbox is durable, best effort: every change marks the delivery unsaved, and a saver
+task upserts unsaved rows (and subscription counters) in one transaction on a worker
+thread. A store that cannot write (locked, full) delays only that: the rows stay unsaved
+and are retried with backoff, sending goes on. After a restart, pending rows are sent again
+under their ids: at least once, dedupe on ``X-Chargewatch-Delivery``. What was never saved
+before a crash is lost with the process (logged at a stop).
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import random
 import re
 import secrets
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -36,7 +51,7 @@ import httpx
 
 from ingest.alerts.config import WebhookOptions
 from ingest.alerts.model import NOTIFIED_EVENTS, Alert, alert_view, rfc3339
-from ingest.alerts.store import AlertStore
+from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +84,13 @@ class Subscription:
     failing: bool = False
     consecutive_failures: int = 0
     delivered: int = 0
-    failed: int = 0
+    failed: int = 0  # given up: refused, or expired (counted below too)
+    expired: int = 0  # retried until the deadline (or the attempts limit)
     dropped: int = 0
     last_error: str | None = None
     last_success_at_ms: int | None = None
     last_failure_at_ms: int | None = None
+    pending: int = 0  # deliveries waiting or in flight (not persisted: the outbox knows)
 
     def wants(self, event: str, alert: Alert) -> bool:
         return (
@@ -85,7 +102,7 @@ class Subscription:
 
     def record(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["id"]
+        del data["id"], data["pending"]
         return data
 
     def view(self) -> dict[str, Any]:
@@ -94,13 +111,6 @@ class Subscription:
         for name in ("created_at_ms", "last_success_at_ms", "last_failure_at_ms"):
             data[name.removesuffix("_ms")] = rfc3339(data.pop(name))
         return data
-
-
-@dataclass(frozen=True, slots=True)
-class _Job:
-    delivery_id: int
-    event: str
-    payload: dict[str, Any]
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]()#>!|<~])")
@@ -199,6 +209,120 @@ def _robot_error(fmt: str, response: httpx.Response) -> tuple[str | None, bool]:
     return error, code in RATE_LIMITED.get(fmt, frozenset())
 
 
+PENDING = "pending"
+UNDELIVERED = ("failed", "expired", "dropped")  # given up, each with its reason in `error`
+SAVE_RETRY_MAX_S = 30.0  # cap of the outbox's save backoff while the store cannot write
+# A first attempt unanswered this long lets the next new notification start its own (a
+# receiver answers in well under a second; one that does not must not queue the rest) ...
+FRESH_PATIENCE_S = 1.0
+# ... with at most this many first attempts in flight per subscription.
+FRESH_IN_FLIGHT = 4
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One notification to one subscription: the outbox entry and the delivery log row."""
+
+    id: int
+    webhook_id: int
+    alert_id: int
+    event: str
+    payload: dict[str, Any]
+    created_ms: int
+    deadline_ms: int
+    status: str = PENDING
+    attempts: int = 0
+    http_status: int | None = None
+    error: str | None = None
+    last_attempt_ms: int | None = None
+    next_try_ms: int | None = None
+    finished_ms: int | None = None
+    body: str = ""  # the payload's JSON as stored
+
+    def row(self) -> tuple[Any, ...]:
+        values = {
+            "id": self.id,
+            "webhook_id": self.webhook_id,
+            "alert_id": self.alert_id,
+            "event": self.event,
+            "status": self.status,
+            "attempts": self.attempts,
+            "http_status": self.http_status,
+            "error": self.error,
+            "created_at_ms": self.created_ms,
+            "finished_at_ms": self.finished_ms,
+            "body": self.body or json.dumps(self.payload),
+            "next_try_at_ms": self.next_try_ms,
+            "deadline_at_ms": self.deadline_ms,
+            "last_attempt_at_ms": self.last_attempt_ms,
+        }
+        return tuple(values[c] for c in DELIVERY_COLUMNS)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], deadline_s: float) -> Delivery:
+        created = int(row["created_at_ms"])
+        deadline = row.get("deadline_at_ms")
+        return cls(
+            id=int(row["id"]),
+            webhook_id=int(row["webhook_id"]),
+            alert_id=int(row["alert_id"]),
+            event=str(row["event"]),
+            payload=json.loads(row["body"]),
+            created_ms=created,
+            deadline_ms=int(deadline) if deadline is not None else created + int(deadline_s * 1000),
+            status=str(row["status"]),
+            attempts=int(row["attempts"]),
+            http_status=row.get("http_status"),
+            error=row.get("error"),
+            last_attempt_ms=row.get("last_attempt_at_ms"),
+            next_try_ms=row.get("next_try_at_ms"),
+            finished_ms=row.get("finished_at_ms"),
+            body=str(row["body"]),
+        )
+
+    def view(self, subscription_name: str | None) -> dict[str, Any]:
+        """What the API and the console show of an undelivered notification."""
+        alert = self.payload.get("alert") or {}
+        return {
+            "id": self.id,
+            "subscription": {"id": self.webhook_id, "name": subscription_name},
+            "alert_id": self.alert_id,
+            "event": self.event,
+            "state": self.status,
+            "attempts": self.attempts,
+            "http_status": self.http_status,
+            "last_error": self.error,
+            "created_at": rfc3339(self.created_ms),
+            "last_attempt_at": rfc3339(self.last_attempt_ms),
+            "next_try_at": rfc3339(self.next_try_ms) if self.status == PENDING else None,
+            "deadline": rfc3339(self.deadline_ms),
+            "finished_at": rfc3339(self.finished_ms),
+            "alert": {k: alert.get(k) for k in ("severity", "title", "station", "device")},
+        }
+
+
+@dataclass(eq=False)
+class _Outbox:
+    """One subscription's deliveries not yet finished, and its two lanes."""
+
+    sub: Subscription
+    fresh: deque[Delivery] = field(default_factory=deque)  # never tried, in publish order
+    waiting: dict[int, Delivery] = field(default_factory=dict)  # failed once or more, by id
+    in_flight: set[int] = field(default_factory=set)
+    fresh_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    retry_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.fresh) + len(self.waiting) + len(self.in_flight)
+
+    def oldest_waiting(self) -> Delivery | None:
+        """The entry to drop when full: the oldest waiting one, never one in flight."""
+        if self.waiting:
+            return self.waiting[min(self.waiting)]
+        return self.fresh[0] if self.fresh else None
+
+
 class Notifier:
     def __init__(
         self,
@@ -211,12 +335,17 @@ class Notifier:
         self.options = options
         self._transport = transport
         self.subscriptions: dict[int, Subscription] = {}
-        self._queues: dict[int, asyncio.Queue[_Job]] = {}
-        self._workers: dict[int, asyncio.Task[None]] = {}
-        # (subscription, event, payload, created ms), waiting to become delivery rows
-        self._outbox: asyncio.Queue[tuple[int, str, dict[str, Any], int]] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self._boxes: dict[int, _Outbox] = {}
+        self._live: dict[int, Delivery] = {}  # every pending delivery, by id
+        self._unsaved: dict[int, Delivery] = {}  # changed since last saved
+        self._unsaved_subs: set[int] = set()
+        self._save_ready = asyncio.Event()
+        self._saving = False
+        self._changed = asyncio.Event()  # something finished or was saved (idle())
+        self._saver: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
+        self._last_id = 0
+        self.save_failures = 0  # outbox saves that failed (the store could not write)
         self.on_result: list[Any] = []  # callbacks (delivered: bool) for metrics
 
     async def __aenter__(self) -> Self:
@@ -225,35 +354,64 @@ class Notifier:
         )
         for webhook_id, record in await asyncio.to_thread(self.store.webhooks):
             self._start(Subscription(id=webhook_id, **record))
-        for row in await asyncio.to_thread(self.store.deliveries, status="pending"):
-            queue = self._queues.get(row["webhook_id"])
-            if queue is not None:
-                queue.put_nowait(_Job(row["id"], row["event"], json.loads(row["body"])))
-        self._writer = asyncio.create_task(self._write_outbox(), name="webhook-outbox")
+        self._last_id = await asyncio.to_thread(self.store.max_delivery_id)
+        now = _now_ms()
+        for row in await asyncio.to_thread(self.store.deliveries, status=PENDING):
+            delivery = Delivery.from_row(row, self.options.deadline_s)
+            box = self._boxes.get(delivery.webhook_id)
+            if box is None:
+                self._finish(delivery, "dropped", "subscription removed")
+            elif now >= delivery.deadline_ms:
+                self._finish(delivery, "expired", "deadline passed while the service was stopped")
+            else:  # a restart is a good moment to try again: due now, oldest first
+                delivery.next_try_ms = now
+                self._live[delivery.id] = delivery
+                self._wait_retry(box, delivery)
+        if self._live:
+            log.info("webhooks: %d pending deliveries resumed", len(self._live))
+        self._saver = asyncio.create_task(self._save_loop(), name="webhook-outbox")
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        tasks = [self._writer] if self._writer is not None else []
-        tasks += self._workers.values()
+        tasks = [self._saver] if self._saver is not None else []
+        for box in self._boxes.values():
+            tasks += box.tasks
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        left = []  # published, not yet written: pending for the next start
-        while not self._outbox.empty():
-            left.append(self._outbox.get_nowait())
-        if left:
-            await self._persist(left, enqueue=False)
+        # what was in flight or waiting stays pending: sent after the next start
+        error = await self._save()
+        if error is not None:
+            log.error(
+                "webhooks: %d delivery states could not be saved at stop (%s); pending ones"
+                " among them are not resumed after the next start",
+                len(self._unsaved), error,
+            )  # fmt: skip
         if self._client is not None:
             await self._client.aclose()
 
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The long-lived tasks (the outbox saver, two lanes per subscription)."""
+        lanes = [task for box in self._boxes.values() for task in box.tasks]
+        return [self._saver, *lanes] if self._saver is not None else lanes
+
+    @property
+    def pending_count(self) -> int:
+        """Deliveries not finished yet (waiting or in flight), all subscriptions."""
+        return len(self._live)
+
     def _start(self, sub: Subscription) -> None:
         self.subscriptions[sub.id] = sub
-        self._queues[sub.id] = asyncio.Queue()
-        self._workers[sub.id] = asyncio.create_task(self._worker(sub), name=f"webhook:{sub.id}")
+        box = self._boxes[sub.id] = _Outbox(sub)
+        box.tasks = [
+            asyncio.create_task(self._fresh_lane(box), name=f"webhook:{sub.id}:fresh"),
+            asyncio.create_task(self._retry_lane(box), name=f"webhook:{sub.id}:retry"),
+        ]
 
     # -- subscriptions -----------------------------------------------------------------
 
@@ -268,170 +426,335 @@ class Notifier:
         return sub
 
     async def remove(self, webhook_id: int) -> bool:
-        task = self._workers.pop(webhook_id, None)
         self.subscriptions.pop(webhook_id, None)
-        self._queues.pop(webhook_id, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        box = self._boxes.pop(webhook_id, None)
+        if box is not None:
+            for task in box.tasks:
+                task.cancel()
+            for task in box.tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for delivery in [d for d in self._live.values() if d.webhook_id == webhook_id]:
+                self._finish(delivery, "dropped", "subscription removed")
+        self._unsaved_subs.discard(webhook_id)
         return await asyncio.to_thread(self.store.delete_webhook, webhook_id)
 
     # -- publishing --------------------------------------------------------------------
 
     def publish(self, event: str, alert: Alert) -> int:
-        """Queue ``event`` of ``alert`` for every subscription that wants it (on the loop)."""
-        queued = 0
+        """Send ``event`` of ``alert`` to every subscription that wants it: on the loop, at
+        once, from memory (the outbox is saved behind it)."""
+        now = _now_ms()
         payload: dict[str, Any] = {"event": event, "alert": alert_view(alert)}
         if self.options.public_url:
             payload["url"] = f"{self.options.public_url.rstrip('/')}/console#alert-{alert.id}"
-        now = _now_ms()
-        for sub in self.subscriptions.values():
-            if sub.wants(event, alert):
-                self._outbox.put_nowait((sub.id, event, payload, now))
-                queued += 1
+        payload["created_at"] = rfc3339(now)
+        body = json.dumps(payload)
+        queued = 0
+        for box in list(self._boxes.values()):
+            if not box.sub.wants(event, alert):
+                continue
+            if len(box) >= self.options.queue_max:
+                oldest = box.oldest_waiting()
+                if oldest is not None:  # the newest state matters most
+                    self._finish(oldest, "dropped", f"queue full ({self.options.queue_max})")
+            delivery = Delivery(
+                id=self._new_id(now),
+                webhook_id=box.sub.id,
+                alert_id=alert.id,
+                event=event,
+                payload=payload,
+                created_ms=now,
+                deadline_ms=now + int(self.options.deadline_s * 1000),
+                next_try_ms=now,
+                body=body,
+            )
+            self._live[delivery.id] = delivery
+            box.fresh.append(delivery)
+            box.fresh_ready.set()
+            box.sub.pending = len(box)
+            self._mark(delivery)
+            queued += 1
         return queued
 
-    async def idle(self) -> None:
-        """Wait until every queue is empty and nothing is in flight (tests, shutdown)."""
-        await self._outbox.join()
-        for queue in list(self._queues.values()):
-            await queue.join()
+    def _new_id(self, now_ms: int) -> int:
+        """Increasing, and unique across restarts even if the store lost the last ones: the
+        creation time in µs-sized steps (below 2^53 until the year 2255)."""
+        self._last_id = max(self._last_id + 1, now_ms * 1000)
+        return self._last_id
 
-    async def _write_outbox(self) -> None:
-        while True:
-            items = [await self._outbox.get()]
-            while not self._outbox.empty():
-                items.append(self._outbox.get_nowait())
-            try:
-                await self._persist(items, enqueue=True)
-            finally:
-                for _ in items:
-                    self._outbox.task_done()
+    def pending(self) -> list[dict[str, Any]]:
+        """Views of the deliveries not finished yet (waiting or in flight), oldest first."""
+        return [self._view(d) for d in sorted(self._live.values(), key=lambda d: d.id)]
 
-    async def _persist(
-        self, items: list[tuple[int, str, dict[str, Any], int]], *, enqueue: bool
-    ) -> None:
-        """Write ``items`` as pending deliveries, then hand each to its subscription's worker.
-        A store that fails must not silence notifications: they are sent unrecorded."""
-        jobs = [
-            (sub_id, _Job(0, event, {**payload, "created_at": rfc3339(created)}), created)
-            for sub_id, event, payload, created in items
-        ]
-
-        def write() -> list[int]:
-            return [
-                self.store.add_delivery(
-                    sub_id, job.payload["alert"]["id"], job.event, created, json.dumps(job.payload)
-                )
-                for sub_id, job, created in jobs
-            ]
-
+    async def undelivered(self, limit: int = 100) -> tuple[list[dict[str, Any]], bool]:
+        """Views of given-up deliveries, newest first, and whether the store could be read
+        (if not: only those not saved yet, from memory)."""
+        unsaved = {d.id: d for d in self._unsaved.values() if d.status in UNDELIVERED}
+        complete = True
         try:
-            ids = await asyncio.to_thread(write)
-        except Exception:
-            log.exception("webhook deliveries could not be recorded; sending them anyway")
-            ids = [0] * len(jobs)
-        if not enqueue:
-            return
-        for (sub_id, job, _), delivery_id in zip(jobs, ids, strict=True):
-            queue, sub = self._queues.get(sub_id), self.subscriptions.get(sub_id)
-            if queue is None or sub is None:
-                continue  # removed meanwhile
-            if queue.qsize() >= self.options.queue_max:
-                dropped = queue.get_nowait()  # the oldest goes: the newest state matters most
-                queue.task_done()
-                sub.dropped += 1
-                log.warning("webhook %d: queue full, oldest notification dropped", sub.id)
-                await asyncio.to_thread(
-                    self.store.finish_delivery,
-                    dropped.delivery_id,
-                    status="dropped",
-                    attempts=0,
-                    http_status=None,
-                    error="queue full",
-                    finished_ms=_now_ms(),
+            rows = await asyncio.to_thread(
+                self.store.deliveries, status=UNDELIVERED, newest_first=True, limit=limit
+            )
+        except Exception as exc:
+            log.warning("webhooks: undelivered notifications cannot be read: %s", exc)
+            rows, complete = [], False
+        for row in rows:
+            unsaved.setdefault(int(row["id"]), Delivery.from_row(row, self.options.deadline_s))
+        found = sorted(unsaved.values(), key=lambda d: d.id, reverse=True)[:limit]
+        return [self._view(d) for d in found], complete
+
+    async def log(self, alert_id: int) -> list[Delivery]:
+        """Every delivery of an alert, oldest first: the store's rows, updated by what has
+        not been saved yet."""
+        rows = await asyncio.to_thread(self.store.deliveries, alert_id)
+        found = {int(r["id"]): Delivery.from_row(r, self.options.deadline_s) for r in rows}
+        for delivery in [*self._live.values(), *self._unsaved.values()]:
+            if delivery.alert_id == alert_id:
+                found[delivery.id] = delivery
+        return [found[i] for i in sorted(found)]
+
+    def _view(self, delivery: Delivery) -> dict[str, Any]:
+        sub = self.subscriptions.get(delivery.webhook_id)
+        return delivery.view(sub.name if sub is not None else None)
+
+    async def idle(self) -> None:
+        """Wait until no delivery is pending and every change is saved (tests, tools)."""
+        while self._live or self._unsaved or self._unsaved_subs or self._saving:
+            self._changed.clear()
+            await self._changed.wait()
+
+    # -- the lanes ---------------------------------------------------------------------
+
+    async def _fresh_lane(self, box: _Outbox) -> None:
+        """First attempts in publish order, each awaited; one still unanswered after
+        ``FRESH_PATIENCE_S`` (a slow or black-holed receiver) no longer holds back the next,
+        up to ``FRESH_IN_FLIGHT`` at once."""
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if not box.fresh:
+                    box.fresh_ready.clear()
+                    await box.fresh_ready.wait()
+                    continue
+                if len(running) >= FRESH_IN_FLIGHT:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                delivery = box.fresh.popleft()
+                task = asyncio.create_task(
+                    self._attempt_safely(box, delivery), name=f"webhook:{box.sub.id}:first"
                 )
-            queue.put_nowait(_Job(delivery_id, job.event, job.payload))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                await asyncio.wait({task}, timeout=min(FRESH_PATIENCE_S, self.options.timeout_s))
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
-    async def _worker(self, sub: Subscription) -> None:
-        queue = self._queues[sub.id]
+    async def _retry_lane(self, box: _Outbox) -> None:
         while True:
-            job = await queue.get()
-            try:
-                await self._deliver(sub, job)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("webhook %d: delivery failed unexpectedly", sub.id)
-            finally:
-                queue.task_done()
+            if not box.waiting:
+                box.retry_ready.clear()
+                await box.retry_ready.wait()
+                continue
+            delivery = min(box.waiting.values(), key=lambda d: (d.next_try_ms or 0, d.id))
+            wait_s = ((delivery.next_try_ms or 0) - _now_ms()) / 1000
+            if wait_s > 0:  # until it is due, or something changes (a success, a new one)
+                box.retry_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await box.retry_ready.wait()
+                continue
+            del box.waiting[delivery.id]
+            await self._attempt_safely(box, delivery)
 
-    async def _deliver(self, sub: Subscription, job: _Job) -> None:
-        assert self._client is not None
-        opts = self.options
-        error: str | None = None
-        status: int | None = None
-        attempt = 0
-        delivered = False
-        while attempt < opts.attempts:
-            attempt += 1
-            query, body = render(sub.format, sub.secret, job.event, job.payload)
-            url = sub.url + (("&" if "?" in sub.url else "?") + query if query else "")
-            headers = {
-                "Content-Type": "application/json; charset=utf-8",
-                "User-Agent": "chargewatch-webhook/1",
-                SIGNATURE_HEADER: sign(sub.secret, body),
-                "X-Chargewatch-Event": job.event,
-                "X-Chargewatch-Delivery": str(job.delivery_id),
-                "X-Chargewatch-Attempt": str(attempt),
-            }
-            retry = False
-            try:
-                response = await self._client.post(url, content=body, headers=headers)
-                status = response.status_code
-                if 200 <= status < 300:
-                    error, retry = _robot_error(sub.format, response)
-                    delivered = error is None
-                else:
-                    error = f"HTTP {status}"
-                    retry = status >= 500 or status in (408, 429)
-            except httpx.TimeoutException as exc:
-                status, error, retry = None, f"timeout: {exc!r}", True
-            except httpx.TransportError as exc:
-                status, error, retry = None, f"connection: {exc!r}", True
-            if delivered or not retry or attempt >= opts.attempts:
-                break
-            delay = min(opts.backoff_s * 2 ** (attempt - 1), opts.backoff_max_s)
-            log.info(
-                "webhook %d delivery %d attempt %d failed (%s); retry in %.2fs",
-                sub.id, job.delivery_id, attempt, error, delay,
-            )  # fmt: skip
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        now = _now_ms()
+    async def _attempt_safely(self, box: _Outbox, delivery: Delivery) -> None:
+        """An attempt; a bug in its bookkeeping is logged and the delivery waits for its
+        next try, instead of ending the lane (and every later notification with it)."""
+        try:
+            await self._attempt(box, delivery)
+        except Exception:
+            log.exception("webhook %d delivery %d: attempt failed", box.sub.id, delivery.id)
+            if delivery.id in self._live:
+                delivery.next_try_ms = _now_ms() + int(self.options.backoff_max_s * 1000)
+                self._wait_retry(box, delivery)
+
+    def _wait_retry(self, box: _Outbox, delivery: Delivery) -> None:
+        box.waiting[delivery.id] = delivery
+        box.sub.pending = len(box)
+        box.retry_ready.set()
+
+    async def _attempt(self, box: _Outbox, delivery: Delivery) -> None:
+        sub, opts = box.sub, self.options
+        box.in_flight.add(delivery.id)
+        try:
+            delivery.attempts += 1
+            delivered, retry = await self._post(sub, delivery)
+        finally:
+            box.in_flight.discard(delivery.id)
+        now = delivery.last_attempt_ms = _now_ms()
         if delivered:
-            sub.delivered += 1
+            if sub.consecutive_failures >= opts.failing_after:
+                log.info("webhook %d (%s) delivers again", sub.id, sub.url)
             sub.consecutive_failures = 0
             sub.failing = False
             sub.last_success_at_ms = now
+            self._finish(delivery, "delivered")
+            if box.waiting:  # the receiver is back: what waits goes now, oldest first
+                for waiting in box.waiting.values():
+                    waiting.next_try_ms = now
+                box.retry_ready.set()
+            return
+        sub.consecutive_failures += 1
+        sub.last_error = delivery.error
+        sub.last_failure_at_ms = now
+        if sub.consecutive_failures >= opts.failing_after and not sub.failing:
+            sub.failing = True
+            log.warning("webhook %d (%s) is failing: %s", sub.id, sub.url, delivery.error)
+        if not retry:
+            self._finish(delivery, "failed", delivery.error)
+        elif now >= delivery.deadline_ms or 0 < opts.attempts <= delivery.attempts:
+            age_s = (now - delivery.created_ms) / 1000
+            self._finish(
+                delivery,
+                "expired",
+                f"gave up after {delivery.attempts} attempts in {age_s:.0f} s: {delivery.error}",
+            )
         else:
-            sub.failed += 1
-            sub.consecutive_failures += 1
-            sub.last_error = error
-            sub.last_failure_at_ms = now
-            if sub.consecutive_failures >= opts.failing_after and not sub.failing:
-                sub.failing = True
-                log.warning("webhook %d (%s) is failing: %s", sub.id, sub.url, error)
-        for callback in self.on_result:
-            callback(delivered)
-        await asyncio.to_thread(
-            self.store.finish_delivery,
-            job.delivery_id,
-            status="delivered" if delivered else "failed",
-            attempts=attempt,
-            http_status=status,
-            error=None if delivered else error,
-            finished_ms=now,
-        )
-        if sub.id in self.subscriptions:
-            await asyncio.to_thread(self.store.update_webhook, sub.id, sub.record())
+            base = min(opts.backoff_s * 2 ** (delivery.attempts - 1), opts.backoff_max_s)
+            delay_ms = int(base * random.uniform(0.5, 1.0) * 1000)
+            delivery.next_try_ms = min(now + delay_ms, delivery.deadline_ms)
+            log.log(  # the first failure of each; the rest only at debug (hours of them)
+                logging.INFO if delivery.attempts == 1 else logging.DEBUG,
+                "webhook %d delivery %d attempt %d failed (%s); retry in %.2fs",
+                sub.id, delivery.id, delivery.attempts, delivery.error, delay_ms / 1000,
+            )  # fmt: skip
+            self._wait_retry(box, delivery)
+            self._mark(delivery)
+        self._unsaved_subs.add(sub.id)
+
+    async def _post(self, sub: Subscription, delivery: Delivery) -> tuple[bool, bool]:
+        """One attempt: (delivered, worth retrying); sets its status and error."""
+        assert self._client is not None
+        query, body = render(sub.format, sub.secret, delivery.event, delivery.payload)
+        url = sub.url + (("&" if "?" in sub.url else "?") + query if query else "")
+        headers = {
+            "Content-Type": "application/json; charset=utf-8",
+            "User-Agent": "chargewatch-webhook/1",
+            SIGNATURE_HEADER: sign(sub.secret, body),
+            "X-Chargewatch-Event": delivery.event,
+            "X-Chargewatch-Delivery": str(delivery.id),
+            "X-Chargewatch-Attempt": str(delivery.attempts),
+        }
+        status: int | None = None
+        try:
+            response = await self._client.post(url, content=body, headers=headers)
+            status = response.status_code
+            if 200 <= status < 300:
+                error, retry = _robot_error(sub.format, response)
+            else:
+                error, retry = f"HTTP {status}", status >= 500 or status in (408, 429)
+        except httpx.TimeoutException as exc:
+            error, retry = f"timeout: {exc!r}", True
+        except httpx.TransportError as exc:
+            error, retry = f"connection: {exc!r}", True
+        except Exception as exc:  # a bug of ours or httpx's: keep the notification, say so
+            log.exception(
+                "webhook %d delivery %d: attempt failed unexpectedly", sub.id, delivery.id
+            )
+            error, retry = f"error: {exc!r}", True
+        delivery.http_status, delivery.error = status, error
+        return error is None, retry
+
+    def _finish(self, delivery: Delivery, status: str, error: str | None = None) -> None:
+        delivery.status = status
+        delivery.error = error
+        delivery.finished_ms = _now_ms()
+        delivery.next_try_ms = None
+        self._live.pop(delivery.id, None)
+        box = self._boxes.get(delivery.webhook_id)
+        if box is not None:
+            with contextlib.suppress(ValueError):
+                box.fresh.remove(delivery)
+            box.waiting.pop(delivery.id, None)
+            box.sub.pending = len(box)
+            if status == "expired":
+                box.sub.expired += 1
+            if status in ("failed", "expired"):
+                box.sub.failed += 1
+            elif status == "delivered":
+                box.sub.delivered += 1
+            elif status == "dropped":
+                box.sub.dropped += 1
+            self._unsaved_subs.add(box.sub.id)
+        if status in UNDELIVERED:
+            log.warning(
+                "webhook %d: notification %s of alert %d %s after %d attempts: %s",
+                delivery.webhook_id, delivery.event, delivery.alert_id, status,
+                delivery.attempts, error,
+            )  # fmt: skip
+        if status in ("delivered", "failed", "expired"):
+            for callback in self.on_result:
+                callback(status == "delivered")
+        self._mark(delivery)
+        self._changed.set()
+
+    # -- the outbox in the store -------------------------------------------------------
+
+    def _mark(self, delivery: Delivery) -> None:
+        self._unsaved[delivery.id] = delivery
+        self._save_ready.set()
+
+    async def _save_loop(self) -> None:
+        delay = 0.5
+        failing_since: float | None = None
+        last_warned = 0.0
+        while True:
+            await self._save_ready.wait()
+            self._save_ready.clear()
+            error = await self._save()
+            if error is None:
+                if failing_since is not None:
+                    log.warning(
+                        "webhooks: outbox saved again after %.0f s",
+                        time.monotonic() - failing_since,
+                    )
+                failing_since, delay = None, 0.5
+                continue
+            now = time.monotonic()
+            if failing_since is None or now - last_warned >= 60:
+                log.warning(
+                    "webhooks: outbox not saved for %.0f s (%d deliveries unsaved: %s);"
+                    " sending goes on, saving is retried",
+                    0 if failing_since is None else now - failing_since,
+                    len(self._unsaved), error,
+                )  # fmt: skip
+                last_warned = now
+            failing_since = failing_since or now
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, SAVE_RETRY_MAX_S)
+            self._save_ready.set()
+
+    async def _save(self) -> Exception | None:
+        """Write what changed; on failure keep it for the next try (and return the error)."""
+        if not self._unsaved and not self._unsaved_subs:
+            return None
+        batch, self._unsaved = self._unsaved, {}
+        sub_ids, self._unsaved_subs = self._unsaved_subs, set()
+        rows = [d.row() for d in batch.values()]  # on the loop: a consistent picture
+        records = [(i, self.subscriptions[i].record()) for i in sub_ids if i in self.subscriptions]
+        self._saving = True
+        try:
+            await asyncio.to_thread(self.store.save_outbox, rows, records)
+        except BaseException as exc:  # cancelled too (a stop): written again by the last save
+            self._unsaved = {**batch, **self._unsaved}
+            self._unsaved_subs |= sub_ids
+            if not isinstance(exc, Exception):
+                raise
+            self.save_failures += 1
+            return exc
+        finally:
+            self._saving = False
+            self._changed.set()
+        return None

@@ -1,6 +1,10 @@
-"""Alerts, their change events, notes, webhook subscriptions and deliveries, in the data
-dir's SQLite file through a connection of their own (WAL lets it share the file with the
-ingest store). Blocking: the engine calls it from a worker thread."""
+"""Alerts, their change events, notes, webhook subscriptions and deliveries (the webhook
+outbox: rows ``pending`` until delivered or given up), in the data dir's SQLite file through
+a connection of their own (WAL lets it share the file with the ingest store). Blocking: the
+engine and the notifier call it from a worker thread.
+
+A file written by an earlier release is brought up to date when it is opened: tables and
+columns that are missing are added (``_MIGRATIONS``)."""
 
 from __future__ import annotations
 
@@ -46,11 +50,31 @@ CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, webhook_id INTEGER NOT NULL,
     alert_id INTEGER NOT NULL, event TEXT NOT NULL, status TEXT NOT NULL,
     attempts INTEGER NOT NULL, http_status INTEGER, error TEXT,
-    created_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, body TEXT NOT NULL
+    created_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, body TEXT NOT NULL,
+    next_try_at_ms INTEGER, deadline_at_ms INTEGER, last_attempt_at_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS deliveries_by_alert ON deliveries (alert_id, id);
 CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (status);
 """
+
+# Columns added since the first release: (table, column, type), added when missing.
+_MIGRATIONS = (
+    ("deliveries", "next_try_at_ms", "INTEGER"),
+    ("deliveries", "deadline_at_ms", "INTEGER"),
+    ("deliveries", "last_attempt_at_ms", "INTEGER"),
+)
+
+DELIVERY_COLUMNS = (
+    "id", "webhook_id", "alert_id", "event", "status", "attempts", "http_status", "error",
+    "created_at_ms", "finished_at_ms", "body", "next_try_at_ms", "deadline_at_ms",
+    "last_attempt_at_ms",
+)  # fmt: skip
+_DELIVERY_UPSERT = (
+    f"INSERT INTO deliveries ({','.join(DELIVERY_COLUMNS)})"
+    f" VALUES ({','.join('?' for _ in DELIVERY_COLUMNS)})"
+    " ON CONFLICT (id) DO UPDATE SET "
+    + ",".join(f"{c}=excluded.{c}" for c in DELIVERY_COLUMNS if c not in ("id", "body"))
+)
 
 
 @dataclass
@@ -99,6 +123,13 @@ class AlertStore:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self._db = SQLiteDB(self.path, _SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        for table, column, kind in _MIGRATIONS:
+            have = {str(row[1]) for row in self._query(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> AlertStore:
@@ -214,11 +245,6 @@ class AlertStore:
         cur = self._db.execute("INSERT INTO webhooks (record) VALUES (?)", (json.dumps(record),))
         return int(cur.lastrowid or 0)
 
-    def update_webhook(self, webhook_id: int, record: dict[str, Any]) -> None:
-        self._tx(
-            [("UPDATE webhooks SET record = ? WHERE id = ?", [(json.dumps(record), webhook_id)])]
-        )
-
     def delete_webhook(self, webhook_id: int) -> bool:
         cur = self._db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
         return cur.rowcount > 0
@@ -227,38 +253,34 @@ class AlertStore:
         rows = self._query("SELECT id, record FROM webhooks ORDER BY id")
         return [(int(r[0]), json.loads(r[1])) for r in rows]
 
-    def add_delivery(
-        self, webhook_id: int, alert_id: int, event: str, created_ms: int, body: str
-    ) -> int:
-        cur = self._db.execute(
-            "INSERT INTO deliveries (webhook_id, alert_id, event, status, attempts,"
-            " created_at_ms, body) VALUES (?,?,?,'pending',0,?,?)",
-            (webhook_id, alert_id, event, created_ms, body),
-        )
-        return int(cur.lastrowid or 0)
-
-    def finish_delivery(
+    def save_outbox(
         self,
-        delivery_id: int,
-        *,
-        status: str,
-        attempts: int,
-        http_status: int | None,
-        error: str | None,
-        finished_ms: int | None,
+        deliveries: Sequence[Sequence[Any]],
+        webhooks: Sequence[tuple[int, dict[str, Any]]] = (),
     ) -> None:
+        """Upsert deliveries (rows in ``DELIVERY_COLUMNS`` order; the body is written once)
+        and subscription records, in one transaction."""
         self._tx(
             [
+                (_DELIVERY_UPSERT, deliveries),
                 (
-                    "UPDATE deliveries SET status=?, attempts=?, http_status=?, error=?,"
-                    " finished_at_ms=? WHERE id=?",
-                    [(status, attempts, http_status, error, finished_ms, delivery_id)],
-                )
+                    "UPDATE webhooks SET record = ? WHERE id = ?",
+                    [(json.dumps(record), webhook_id) for webhook_id, record in webhooks],
+                ),
             ]
         )
 
+    def max_delivery_id(self) -> int:
+        (top,) = self._query("SELECT coalesce(max(id), 0) FROM deliveries")[0]
+        return int(top)
+
     def deliveries(
-        self, alert_id: int | None = None, *, status: str | None = None
+        self,
+        alert_id: int | None = None,
+        *,
+        status: str | Sequence[str] | None = None,
+        newest_first: bool = False,
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
         where: list[str] = []
         args: list[Any] = []
@@ -266,12 +288,13 @@ class AlertStore:
             where.append("alert_id = ?")
             args.append(alert_id)
         if status is not None:
-            where.append("status = ?")
-            args.append(status)
+            statuses = [status] if isinstance(status, str) else list(status)
+            where.append(f"status IN ({','.join('?' for _ in statuses)})")
+            args.extend(statuses)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
-        keys = (
-            "id", "webhook_id", "alert_id", "event", "status", "attempts", "http_status",
-            "error", "created_at_ms", "finished_at_ms", "body",
-        )  # fmt: skip
-        rows = self._query(f"SELECT {','.join(keys)} FROM deliveries {clause} ORDER BY id", args)
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        clause += " ORDER BY id DESC" if newest_first else " ORDER BY id"
+        if limit is not None:
+            clause += " LIMIT ?"
+            args.append(limit)
+        rows = self._query(f"SELECT {','.join(DELIVERY_COLUMNS)} FROM deliveries {clause}", args)
+        return [dict(zip(DELIVERY_COLUMNS, row, strict=True)) for row in rows]

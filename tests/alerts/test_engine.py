@@ -187,7 +187,7 @@ def _assert_equal(a: object, b: object) -> None:
 async def test_failing_subscription_is_marked_and_ingest_goes_on(tmp_path: Path) -> None:
     clock = Clock()
     with receiver() as hook:
-        async with running(tmp_path, clock, config(webhooks={"attempts": 2, "backoff_s": 0.01, "failing_after": 2})) as engine:  # fmt: skip
+        async with running(tmp_path, clock, config(webhooks={"attempts": 2, "backoff_s": 0.01, "failing_after": 3})) as engine:  # fmt: skip
             hook.fail_next = 1000
             sub = await engine.notifier.add(hook.url, secret="failing-secret")
             pile = Device(engine, clock, PILE)
@@ -196,9 +196,12 @@ async def test_failing_subscription_is_marked_and_ingest_goes_on(tmp_path: Path)
             assert len(active(engine)) == 2  # opened at once, whatever the receiver does
             await engine.notifier.idle()
             assert sub.failing is True
-            assert sub.consecutive_failures == 2
+            assert sub.consecutive_failures == 4  # failed attempts in a row
+            assert (sub.failed, sub.expired) == (2, 2)  # the attempts limit was reached
             assert sub.last_error == "HTTP 500"
             assert len(hook.requests) == 4  # 2 deliveries x 2 attempts
+            statuses = [d["status"] for d in engine.store.deliveries()]
+            assert statuses == ["expired", "expired"]
 
 
 async def test_open_alerts_survive_a_restart(tmp_path: Path) -> None:

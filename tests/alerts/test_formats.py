@@ -457,7 +457,6 @@ async def test_a_full_queue_drops_its_oldest_notification_and_says_so(tmp_path: 
             await asyncio.wait_for(entered.wait(), 5)  # 1 is in flight
             for alert_id in (2, 3):  # 2 waits, then 3 pushes it out
                 assert notifier.publish("opened", make_alert(id=alert_id)) == 1
-                await asyncio.wait_for(notifier._outbox.join(), 5)
             assert sub.dropped == 1
         status = {d["alert_id"]: d["status"] for d in store.deliveries()}
         assert status == {1: "pending", 2: "dropped", 3: "pending"}  # 1 and 3: next start

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.alerts.receiver import receiver
 from tests.api.district import District, artifacts_dir, serve_district
 from tests.servers import chargewatch_argv, eventually
 
@@ -155,9 +156,9 @@ def test_rider_page_live_counts_detail_and_report(d: District, browser: Any) -> 
     d.fleet.call(lambda f: f.insert_battery(cabinet["id"], slot["n"], 96.0))
 
 
-def make_key(d: District) -> str:
+def make_key(d: District, role: str = "maintainer", name: str = "console-test") -> str:
     out = subprocess.run(
-        chargewatch_argv("keys", "--data-dir", str(d.service.data_dir), "create", "--name", "console-test"),
+        chargewatch_argv("keys", "--data-dir", str(d.service.data_dir), "create", "--name", name, "--role", role),
         capture_output=True, text=True, check=True, timeout=30,
     )  # fmt: skip
     return out.stdout.split()[0]
@@ -216,3 +217,54 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     assert page.locator("#device polyline").count() >= 1
     page.screenshot(path=str(artifacts_dir() / "console.png"), full_page=True)
     context.close()
+
+
+def test_console_lists_undelivered_notifications(d: District, browser: Any) -> None:
+    """A webhook receiver is down: the notification of a new alert waits for its next try,
+    and the console's panel shows it (subscription, alert, attempts, last error)."""
+    admin = {"Authorization": f"Bearer {make_key(d, 'admin', 'console-admin')}"}
+    key = make_key(d)
+    base = d.service.base_url
+    pile = next(v for v in d.catalog.devices.values() if v.kind == "pile")
+    with receiver() as down, httpx.Client(base_url=base, timeout=10) as http:
+        down.down_for(3600)
+        created = http.post(
+            "/v1/webhooks", headers=admin, json={"url": down.url, "name": "夜班 night shift"}
+        )
+        assert created.status_code == 201, created.text
+        webhook_id = created.json()["id"]
+        try:
+            d.fleet.call(lambda f: f.inject_fault(pile.id, "over_current", 1))
+
+            def pending() -> dict[str, Any]:
+                r = http.get("/v1/notifications", headers=admin, params={"state": "pending"})
+                found = [n for n in r.json()["notifications"] if n["alert"]["device"] == pile.id]
+                assert len(found) == 1
+                assert found[0]["attempts"] >= 2
+                return found[0]
+
+            notification = eventually(pending, timeout=15)
+
+            context = browser.new_context(viewport={"width": 1200, "height": 900})
+            context.set_default_timeout(TIMEOUT_MS)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(base + "/console")
+            page.fill("#key", key)
+            page.click("#login button[type=submit]")
+            row = f'#notifications tr[data-delivery-id="{notification["id"]}"]'
+            page.wait_for_selector(row)
+            assert page.get_attribute(row, "data-state") == "pending"
+            text = page.inner_text(row)
+            assert "夜班 night shift" in text
+            assert "HTTP 500" in text
+            assert pile.id in text
+            assert page.inner_text("#notifications-count") != ""
+            page.locator("#notifications").scroll_into_view_if_needed()
+            page.screenshot(path=str(artifacts_dir() / "console-notifications.png"))
+            assert not errors, errors
+            context.close()
+        finally:
+            assert http.delete(f"/v1/webhooks/{webhook_id}", headers=admin).status_code == 204
+            d.fleet.call(lambda f: f.clear_fault(pile.id, "over_current", 1))
