@@ -133,7 +133,9 @@ class AlertEngine:
         self.store = store
         self.clock = clock
         self.tz = ZoneInfo(catalog.data.district.timezone)
-        self.notifier = Notifier(store, config.webhooks, transport=transport)
+        self.notifier = Notifier(
+            store, config.webhooks, transport=transport, supervisor=self.supervisor
+        )
         self.open: dict[Key, Alert] = {}  # unresolved alerts by condition
         self.by_id: dict[int, Alert] = {}  # unresolved alerts by id
         self._memory: dict[str, DeviceMemory] = {}

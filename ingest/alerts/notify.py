@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -52,6 +53,7 @@ import httpx
 from ingest.alerts.config import WebhookOptions
 from ingest.alerts.model import NOTIFIED_EVENTS, Alert, alert_view, rfc3339
 from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore
+from ingest.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,7 @@ SAVE_RETRY_MAX_S = 30.0  # cap of the outbox's save backoff while the store cann
 # receiver answers in well under a second; one that does not must not queue the rest) ...
 FRESH_PATIENCE_S = 1.0
 # ... with at most this many first attempts in flight per subscription.
+SAVER = "webhook:outbox"
 FRESH_IN_FLIGHT = 4
 
 
@@ -311,7 +314,7 @@ class _Outbox:
     in_flight: set[int] = field(default_factory=set)
     fresh_ready: asyncio.Event = field(default_factory=asyncio.Event)
     retry_ready: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    lanes: tuple[str, str] = ("", "")  # its supervised tasks' names (fresh, retry)
 
     def __len__(self) -> int:
         return len(self.fresh) + len(self.waiting) + len(self.in_flight)
@@ -330,9 +333,12 @@ class Notifier:
         options: WebhookOptions,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.store = store
         self.options = options
+        # the lanes and the outbox saver run under it: a death is said, alerted, restarted
+        self.supervisor = supervisor or Supervisor()
         self._transport = transport
         self.subscriptions: dict[int, Subscription] = {}
         self._boxes: dict[int, _Outbox] = {}
@@ -342,7 +348,6 @@ class Notifier:
         self._save_ready = asyncio.Event()
         self._saving = False
         self._changed = asyncio.Event()  # something finished or was saved (idle())
-        self._saver: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._last_id = 0
         self.save_failures = 0  # outbox saves that failed (the store could not write)
@@ -369,20 +374,16 @@ class Notifier:
                 self._wait_retry(box, delivery)
         if self._live:
             log.info("webhooks: %d pending deliveries resumed", len(self._live))
-        self._saver = asyncio.create_task(self._save_loop(), name="webhook-outbox")
+        self.supervisor.start(SAVER, self._save_loop)
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        tasks = [self._saver] if self._saver is not None else []
         for box in self._boxes.values():
-            tasks += box.tasks
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for name in box.lanes:
+                await self.supervisor.stop(name)
+        await self.supervisor.stop(SAVER)
         # what was in flight or waiting stays pending: sent after the next start
         error = await self._save()
         if error is not None:
@@ -395,10 +396,9 @@ class Notifier:
             await self._client.aclose()
 
     @property
-    def tasks(self) -> list[asyncio.Task[None]]:
-        """The long-lived tasks (the outbox saver, two lanes per subscription)."""
-        lanes = [task for box in self._boxes.values() for task in box.tasks]
-        return [self._saver, *lanes] if self._saver is not None else lanes
+    def task_names(self) -> list[str]:
+        """The supervised tasks' names: the outbox saver, two lanes per subscription."""
+        return [SAVER, *(name for box in self._boxes.values() for name in box.lanes)]
 
     @property
     def pending_count(self) -> int:
@@ -408,10 +408,9 @@ class Notifier:
     def _start(self, sub: Subscription) -> None:
         self.subscriptions[sub.id] = sub
         box = self._boxes[sub.id] = _Outbox(sub)
-        box.tasks = [
-            asyncio.create_task(self._fresh_lane(box), name=f"webhook:{sub.id}:fresh"),
-            asyncio.create_task(self._retry_lane(box), name=f"webhook:{sub.id}:retry"),
-        ]
+        box.lanes = (f"webhook:{sub.id}:fresh", f"webhook:{sub.id}:retry")
+        self.supervisor.start(box.lanes[0], functools.partial(self._fresh_lane, box))
+        self.supervisor.start(box.lanes[1], functools.partial(self._retry_lane, box))
 
     # -- subscriptions -----------------------------------------------------------------
 
@@ -429,11 +428,8 @@ class Notifier:
         self.subscriptions.pop(webhook_id, None)
         box = self._boxes.pop(webhook_id, None)
         if box is not None:
-            for task in box.tasks:
-                task.cancel()
-            for task in box.tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for name in box.lanes:
+                await self.supervisor.stop(name)
             for delivery in [d for d in self._live.values() if d.webhook_id == webhook_id]:
                 self._finish(delivery, "dropped", "subscription removed")
         self._unsaved_subs.discard(webhook_id)
@@ -574,6 +570,10 @@ class Notifier:
         next try, instead of ending the lane (and every later notification with it)."""
         try:
             await self._attempt(box, delivery)
+        except asyncio.CancelledError:  # a stop, or its lane died: it waits for a next try
+            if delivery.id in self._live and delivery.id not in box.waiting:
+                self._wait_retry(box, delivery)
+            raise
         except Exception:
             log.exception("webhook %d delivery %d: attempt failed", box.sub.id, delivery.id)
             if delivery.id in self._live:

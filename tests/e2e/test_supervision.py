@@ -20,6 +20,7 @@ from api import cli
 from api.settings import ServeSettings
 from devices.catalog import Catalog
 from ingest.alerts.engine import TIMER, WRITER
+from ingest.alerts.notify import SAVER
 from ingest.alerts.store import AlertQuery, AlertStore
 from ingest.config import IngestConfig
 from ingest.service import FATAL_EXIT_STATUS, PIPELINE, SOURCE, Ingest
@@ -97,12 +98,14 @@ async def _exit_status(settings: ServeSettings, found: list[Ingest]) -> object:
     return 0
 
 
-@pytest.mark.parametrize("name", [WRITER, TIMER])
+@pytest.mark.parametrize("name", [WRITER, TIMER, SAVER, "webhook:1:fresh", "webhook:1:retry"])
 async def test_a_killed_alert_task_is_said_alerted_and_restarted(tmp_path: Path, name: str) -> None:
     async with serving(tmp_path) as served:
+        assert served.ingest.alerts is not None
+        sub = await served.ingest.alerts.notifier.add("http://127.0.0.1:9/hook")  # its lanes
+        assert sub.id == 1
         sup = served.ingest.supervisor
-        killed = sup.task(name)
-        assert killed is not None
+        killed = await eventually(lambda: _running(served, name))
         killed.cancel()
 
         async def said() -> None:
@@ -121,6 +124,12 @@ async def test_a_killed_alert_task_is_said_alerted_and_restarted(tmp_path: Path,
             assert (await served.readyz())["status"] == 200
 
         await eventually(ready_again, within_s=10)  # ran healthy_after_s since
+
+
+def _running(served: Served, name: str) -> asyncio.Task[None]:
+    task = served.ingest.supervisor.task(name)
+    assert task is not None, f"{name} is not running (yet)"
+    return task
 
 
 def _restarted(served: Served, name: str, killed: object) -> None:
