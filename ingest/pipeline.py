@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from devices.catalog import DEFAULT_RELEASE_SOC, Catalog, Device
-from devices.contract import Birth, ContractError, Death, Event, Message, decode
+from devices.contract import Birth, ContractError, Death, Event, Message, decode, unknown_unit
 from devices.topics import Channel, TopicScheme
 from ingest import StoreError, StoreUnavailable
 from ingest.metrics import IngestMetrics
@@ -57,6 +57,7 @@ class Twins:
                 continue  # no longer in the catalog
             twin = Twin.from_record(dict(record))
             twin.station_id = device.station_id
+            twin.kind, twin.units = device.kind, device.spec.units  # the catalog's, always
             twin.release_soc = device.spec.release_soc or self.release_soc
             self.by_id[device.id] = twin
             restored += 1
@@ -193,10 +194,16 @@ class Pipeline:
         mtype: MessageType
         if isinstance(msg, Birth):
             mtype = "birth"
+            if msg.units != twin.units:  # the catalog's count: the authority, not the device
+                what = "ports" if device.kind == "pile" else "slots"
+                detail = f"birth says {msg.units} {what}, the catalog says {twin.units}"
+                return self._reject(batch, r, "count_mismatch", detail)
         elif isinstance(msg, Death):
             mtype = "death"
         elif isinstance(msg, Event):
             mtype = "event"
+            if wrong := unknown_unit(msg, device.kind, twin.units):
+                return self._reject(batch, r, "unknown_unit", wrong)
         else:
             mtype = "status"
             try:

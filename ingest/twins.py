@@ -60,7 +60,7 @@ class Twin:
     device_id: str
     kind: str
     station_id: str
-    units: int  # ports/slots per the catalog, until a birth says otherwise
+    units: int  # ports/slots per the catalog: the authority (a birth that differs is rejected)
     release_soc: float
     boot: str | None = None
     max_seq: int = -1  # highest seq seen in this boot (all channels)
@@ -126,7 +126,6 @@ class Twin:
             self.online_flag = True
             self.heartbeat_s = msg.heartbeat_s
             self.model, self.firmware = msg.model, msg.firmware
-            self.units = msg.units
             self.changed_ms = arrival_ms
         elif isinstance(msg, PileStatus | CabinetStatus):
             self.status_seq = msg.seq

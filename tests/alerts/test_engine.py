@@ -295,7 +295,7 @@ async def test_the_timer_skips_devices_until_the_clock_can_change_them(
     clock = Clock()
     async with running(tmp_path, clock, config(cabinet={"door_open_s": 300})) as engine:
         cabinet = Device(engine, clock, CABINET)
-        cabinet.birth(heartbeat_s=3600)  # stays online through the wait
+        cabinet.birth(heartbeat_s=600)  # stays online through the wait
         cabinet.cabinet()
         cabinet.event("door_opened")
         cabinet.cabinet(door_open=True)

@@ -57,7 +57,7 @@ async def test_charging_without_power_energy_backwards(tmp_path: Path) -> None:
     cfg = config(pile={"charging_no_power_s": 120})
     async with running(tmp_path, clock, cfg) as engine:
         pile = Device(engine, clock, PILE)
-        pile.birth(heartbeat_s=3600)  # stays online through the wait
+        pile.birth(heartbeat_s=600)  # stays online through the wait
         port = {"n": 1, "state": "charging", "power_w": 0.5, "energy_wh": 300.0, "session": "s-1"}
         pile.pile_ports([port])
         clock.advance(119)
@@ -81,7 +81,7 @@ async def test_ready_low_soc_and_door_open(tmp_path: Path) -> None:
     cfg = config(cabinet={"door_open_s": 300})
     async with running(tmp_path, clock, cfg) as engine:
         cabinet = Device(engine, clock, CABINET)
-        cabinet.birth(heartbeat_s=3600)  # stays online through the wait
+        cabinet.birth(heartbeat_s=600)  # stays online through the wait
         cabinet.cabinet({7: {"soc": 62}})
         [low] = active(engine)
         assert (low.rule, low.unit, low.last_value, low.severity) == (
@@ -107,7 +107,7 @@ async def test_station_without_anything_available_while_open(tmp_path: Path) -> 
     clock = Clock()  # 12:00 Shanghai; yungu-road is open 07:00-21:00
     async with running(tmp_path, clock, config(station_unavailable_s=600)) as engine:
         pile = Device(engine, clock, "YGR-P01")
-        pile.birth(heartbeat_s=3600)
+        pile.birth(heartbeat_s=600)
         busy = [{"n": n, "state": "charging", "power_w": 150.0} for n in range(1, 11)]
         pile.pile_ports(busy)
         engine.tick()

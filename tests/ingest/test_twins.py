@@ -91,13 +91,15 @@ def test_birth_then_status() -> None:
     assert (t.lost_messages, t.duplicates, t.out_of_order, t.reboots) == (0, 0, 0, 0)
 
 
-def test_birth_count_overrides_catalog() -> None:
+def test_birth_never_changes_the_catalog_count() -> None:
+    # the pipeline rejects a birth whose count differs (count_mismatch); the twin itself
+    # keeps the catalog's count whatever it is handed
     t = twin()
     t.apply(birth(ports=6), T0)
-    assert t.units == 6
-    with pytest.raises(CountMismatch, match="4 ports listed, the device has 6"):
-        t.check_count(status(1))
-    t.check_count(status(2, states=("available",) * 6))  # no exception: the count matches
+    assert t.units == PORTS
+    with pytest.raises(CountMismatch, match="6 ports listed, the device has 4"):
+        t.check_count(status(1, states=("available",) * 6))
+    t.check_count(status(2))  # no exception: the catalog's count
 
 
 def test_check_count_against_catalog_before_birth() -> None:
