@@ -71,6 +71,11 @@ class IngestMetrics:
         self.stale_deaths = Counter(
             "chargewatch_stale_deaths", "Wills of replaced connections, ignored", registry=r
         )
+        self.seq_jumps = Counter(
+            "chargewatch_messages_seq_jump",
+            "Messages whose seq jumped far past the device's: kept, held until it goes on",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "chargewatch_dead_letters", "Rejected messages by reason", ["reason"], registry=r
         )

@@ -260,6 +260,7 @@ class Pipeline:
             (Outcome.DUPLICATE, m.duplicates),
             (Outcome.OUT_OF_ORDER, m.out_of_order),
             (Outcome.STALE_DEATH, m.stale_deaths),
+            (Outcome.SEQ_JUMP, m.seq_jumps),
         ):
             if n := batch.outcomes.get(outcome, 0):
                 counter.inc(n)

@@ -14,6 +14,13 @@ Ordering, per device (contract v1, "How the service must read this"):
 - a death applies only to the connection it names: same boot, and ``seq`` not older than the
   latest birth of that boot. A late Will of an older connection is ignored.
 - a gap in ``seq`` counts lost messages; a late message that fills the gap un-counts it.
+- a (boot, seq) already stored (applied or not) is a duplicate, however late it comes: the
+  last ``RECENT_SEQS_KEPT`` of a boot are remembered, so a QoS 1 redelivery after newer
+  messages is counted once, not as out of order.
+- a jump leaving more than ``SEQ_JUMP_MAX`` seqs missing is held (stored, not applied,
+  nothing counted lost): one forged or corrupt seq must not freeze the real device out. The
+  next message that continues from the held one (missing at most ``SEQ_JUMP_MAX`` after it) confirms
+  it: the sequence resets there, counted as a reset, not as lost messages.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from devices.contract import (
 )
 
 RETIRED_BOOTS_KEPT = 8
-RECENT_EVENTS_KEPT = 64
+RECENT_SEQS_KEPT = 64  # per boot: a redelivery comes within the broker's in-flight window
+SEQ_JUMP_MAX = 128  # seqs missing in one gap; a larger jump is held until the device goes on
 MISSING_SEQS_KEPT = 256  # the newest seqs of gaps, so that a late arrival can be un-counted
 
 _ENCODER = msgspec.json.Encoder()
@@ -49,6 +57,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # same (boot, seq) as one already applied
     OUT_OF_ORDER = "out_of_order"  # older than what is applied: kept in history only
     STALE_DEATH = "stale_death"  # a Will of an older connection: ignored
+    SEQ_JUMP = "seq_jump"  # seq far past the highest seen: kept in history, held until confirmed
 
 
 class CountMismatch(Exception):
@@ -77,12 +86,15 @@ class Twin:
     changed_ms: int | None = None  # our clock: last change of current state
     online_since_ms: int | None = None
     retired_boots: list[str] = field(default_factory=list)
-    recent_event_seqs: list[int] = field(default_factory=list)  # to spot repeated events
+    recent_seqs: list[int] = field(default_factory=list)  # stored seqs of this boot (newest)
     missing_seqs: list[int] = field(default_factory=list)  # seqs counted as lost (newest)
+    held_seq: int | None = None  # a jump past SEQ_JUMP_MAX, until a message continues from it
     lost_messages: int = 0
     duplicates: int = 0
     out_of_order: int = 0
     reboots: int = 0
+    seq_jumps: int = 0  # messages held for a seq jump
+    seq_resets: int = 0  # held jumps the device continued from
 
     @classmethod
     def for_device(cls, device: Device, release_soc: float = DEFAULT_RELEASE_SOC) -> Twin:
@@ -142,8 +154,21 @@ class Twin:
 
     def _sequence(self, msg: Birth | PileStatus | CabinetStatus | Event) -> Outcome:
         seq = msg.seq
+        if seq in self.recent_seqs:  # stored already: a redelivery, however late
+            self.duplicates += 1
+            return Outcome.DUPLICATE
         if seq > self.max_seq:
-            if self.max_seq >= 0:
+            if self.max_seq >= 0 and seq - self.max_seq - 1 > SEQ_JUMP_MAX:
+                held = self.held_seq
+                if held is None or not held < seq <= held + 1 + SEQ_JUMP_MAX:
+                    self.held_seq = seq
+                    self.seq_jumps += 1
+                    self._remember(seq)
+                    return Outcome.SEQ_JUMP
+                self.held_seq = None  # the device goes on from the jump: a new sequence
+                self.seq_resets += 1
+                self.missing_seqs.clear()
+            elif self.max_seq >= 0:
                 self.lost_messages += seq - self.max_seq - 1
                 first = max(self.max_seq + 1, seq - MISSING_SEQS_KEPT)
                 self.missing_seqs.extend(range(first, seq))
@@ -153,10 +178,10 @@ class Twin:
             if isinstance(msg, Birth):
                 last = self.state_seq
             elif isinstance(msg, Event):
-                last = seq if seq in self.recent_event_seqs else -1  # events carry no state
+                last = -1  # events carry no state: a late one is new, and kept
             else:
                 last = self.status_seq
-            if seq == last:
+            if seq == last:  # the last of its kind, remembered past the recent window
                 self.duplicates += 1
                 return Outcome.DUPLICATE
             if seq in self.missing_seqs:  # it was late, not lost (a redelivery was neither)
@@ -164,11 +189,14 @@ class Twin:
                 self.lost_messages -= 1
             if seq < last:
                 self.out_of_order += 1
+                self._remember(seq)
                 return Outcome.OUT_OF_ORDER
-        if isinstance(msg, Event):
-            self.recent_event_seqs.append(seq)
-            del self.recent_event_seqs[:-RECENT_EVENTS_KEPT]
+        self._remember(seq)
         return Outcome.APPLIED
+
+    def _remember(self, seq: int) -> None:
+        self.recent_seqs.append(seq)
+        del self.recent_seqs[:-RECENT_SEQS_KEPT]
 
     def _apply_death(self, msg: Death, arrival_ms: int) -> Outcome:
         if self.boot is not None and msg.boot != self.boot:
@@ -194,8 +222,9 @@ class Twin:
         self.max_seq = self.state_seq = self.status_seq = -1
         self.birth_seq = None
         self.online_flag = False  # until this boot's birth arrives
-        self.recent_event_seqs.clear()
+        self.recent_seqs.clear()
         self.missing_seqs.clear()
+        self.held_seq = None
 
     # -- persistence -------------------------------------------------------------------
 

@@ -254,6 +254,34 @@ async def test_out_of_order_kept_in_history_only(rig: Rig) -> None:
     assert rig.metric("chargewatch_messages_out_of_order_total") == 1
 
 
+async def test_redelivered_older_status_is_counted_once(rig: Rig) -> None:
+    # QoS 1 redelivers a stored but unacknowledged status after newer ones (a broker restart)
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth()),
+        rig.received(PILE, "status", pile_status(1)),
+        rig.received(PILE, "status", pile_status(2, state="charging")),
+    )
+    await rig.feed(rig.received(PILE, "status", pile_status(1)))
+    assert rig.metric("chargewatch_messages_out_of_order_total") == 0
+    assert rig.metric("chargewatch_messages_duplicate_total") == 1
+    assert rig.stored_seqs(PILE) == [("birth", 0), ("status", 1), ("status", 2)]
+
+
+async def test_huge_seq_is_stored_held_and_the_device_goes_on(rig: Rig) -> None:
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth()),
+        rig.received(PILE, "status", pile_status(1)),
+        rig.received(PILE, "status", pile_status(2**53 - 1, state="disabled")),
+        rig.received(PILE, "status", pile_status(2, state="charging")),
+    )
+    twin = rig.twin(PILE)
+    assert twin.status is not None
+    assert (twin.status.seq, twin.lost_messages, twin.max_seq) == (2, 0, 2)
+    assert rig.metric("chargewatch_messages_seq_jump_total") == 1
+    assert ("status", 2**53 - 1) in rig.stored_seqs(PILE)
+    assert rig.store.dead_letters() == []
+
+
 async def test_retained_status_before_birth_leaves_device_online(rig: Rig) -> None:
     now = T0 + 5000
     await rig.feed(

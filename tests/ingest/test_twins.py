@@ -9,7 +9,14 @@ import pytest
 
 from devices.catalog import Catalog, Device, DeviceSpec
 from devices.contract import Birth, CabinetStatus, Death, Event, Message, PileStatus
-from ingest.twins import RETIRED_BOOTS_KEPT, CountMismatch, Outcome, Twin
+from ingest.twins import (
+    RECENT_SEQS_KEPT,
+    RETIRED_BOOTS_KEPT,
+    SEQ_JUMP_MAX,
+    CountMismatch,
+    Outcome,
+    Twin,
+)
 
 T0 = 1_796_284_800_000  # our clock and the device clock agree unless a test says otherwise
 PORTS = 4
@@ -344,12 +351,72 @@ def test_losses_of_a_previous_boot_stay_counted() -> None:
     assert t.lost_messages == 2
 
 
-def test_huge_gap_is_counted() -> None:
+def test_redelivered_older_status_is_a_duplicate_not_out_of_order() -> None:
+    # after a broker restart QoS 1 redelivers what was stored but never acknowledged, after
+    # newer messages: each message must be counted once (12 such "out of order" were seen)
     t = twin()
-    feed(t, birth(0), status(10**12))
-    assert t.lost_messages == 10**12 - 1
-    t.apply(status(10**12 - 1), T0 + 10)  # the message just before the jump was late
-    assert t.lost_messages == 10**12 - 2
+    feed(t, birth(0), status(1), status(2), event(3), status(4))
+    assert [t.apply(m, T0 + 10) for m in (status(2), status(1), event(3), birth(0))] == [
+        Outcome.DUPLICATE
+    ] * 4
+    assert (t.duplicates, t.out_of_order, t.lost_messages) == (4, 0, 0)
+    assert t.status is not None
+    assert t.status.seq == 4
+    # a real late message is still out of order, once; its redelivery is a duplicate
+    feed(t, status(6), status(5), status(5), at=T0 + 20)
+    assert (t.out_of_order, t.duplicates, t.lost_messages) == (1, 5, 0)
+
+
+def test_redeliveries_are_recognised_only_within_the_recent_window() -> None:
+    t = twin()
+    feed(t, birth(0), *(event(seq) for seq in range(1, RECENT_SEQS_KEPT + 2)))
+    assert t.apply(event(2), T0 + 10) is Outcome.DUPLICATE  # still remembered
+    assert t.apply(event(1), T0 + 11) is Outcome.APPLIED  # forgotten: an event is kept
+
+
+def test_one_huge_seq_jump_is_held_and_does_not_freeze_the_device() -> None:
+    # a forged (or corrupt) status with a huge seq once froze the real device out for the
+    # rest of its boot, and lost_messages read 9.22e18
+    t = twin()
+    feed(t, birth(0), status(1))
+    forged = status(2**53 - 1)
+    assert t.apply(forged, T0 + 10) is Outcome.SEQ_JUMP
+    assert t.status is not None
+    assert t.status.seq == 1  # not applied
+    real = status(2, states=("charging",) * PORTS)
+    assert feed(t, real, event(3), status(4), at=T0 + 20) == [Outcome.APPLIED] * 3
+    assert t.status.seq == 4
+    assert (t.max_seq, t.lost_messages, t.out_of_order, t.seq_jumps, t.seq_resets) == (
+        4,
+        0,
+        0,
+        1,
+        0,
+    )
+    assert t.apply(forged, T0 + 30) is Outcome.DUPLICATE  # its redelivery: counted once
+
+
+def test_a_jump_the_device_continues_from_is_a_reset() -> None:
+    # a real device whose counter jumped (or that lost more than the window) goes on from the
+    # new number: the next message confirms the jump; no billions of lost messages
+    t = twin()
+    feed(t, birth(0), status(1))
+    jump = 1 + SEQ_JUMP_MAX + 2  # SEQ_JUMP_MAX + 1 missing
+    assert t.apply(status(jump), T0 + 10) is Outcome.SEQ_JUMP
+    assert t.apply(status(jump + 2), T0 + 11) is Outcome.APPLIED  # jump + 1 lost, uncounted
+    assert t.status is not None
+    assert t.status.seq == jump + 2
+    assert (t.max_seq, t.lost_messages, t.seq_jumps, t.seq_resets) == (jump + 2, 0, 1, 1)
+    assert t.apply(status(jump + 1), T0 + 12) is Outcome.OUT_OF_ORDER  # late, as usual
+    assert t.apply(status(jump + 3), T0 + 13) is Outcome.APPLIED
+
+
+def test_gap_within_the_window_is_counted() -> None:
+    t = twin()
+    feed(t, birth(0), status(SEQ_JUMP_MAX + 1))
+    assert (t.lost_messages, t.seq_jumps) == (SEQ_JUMP_MAX, 0)
+    t.apply(status(SEQ_JUMP_MAX), T0 + 10)  # the message just before the gap's end was late
+    assert t.lost_messages == SEQ_JUMP_MAX - 1
 
 
 # -- persistence -----------------------------------------------------------------------------
@@ -421,7 +488,7 @@ def test_record_round_trip_keeps_status_and_counters() -> None:
     assert again.status.device_faults == ["vendor_x42", "smoke"]
     assert [s.soc for s in again.status.slots] == [97, 43, None, None]
     assert again.status.ts == 1_795_838_400_250  # 2026-11-28T04:00:00.250Z
-    assert (again.lost_messages, again.duplicates, again.recent_event_seqs) == (1, 1, [2])
+    assert (again.lost_messages, again.duplicates, again.recent_seqs) == (1, 1, [0, 3, 2])
     # ordering continues where it left off
     assert again.apply(event(2), T0 + 10) is Outcome.DUPLICATE
     assert again.apply(_cabinet_status(1), T0 + 11) is Outcome.OUT_OF_ORDER
