@@ -76,6 +76,11 @@ class IngestMetrics:
             "Messages whose seq jumped far past the device's: kept, held until it goes on",
             registry=r,
         )
+        self.wills_disproved = Counter(
+            "chargewatch_wills_disproved",
+            "Deaths overruled by a newer live message of the same boot (forged or early Will)",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "chargewatch_dead_letters", "Rejected messages by reason", ["reason"], registry=r
         )

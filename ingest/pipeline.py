@@ -210,7 +210,10 @@ class Pipeline:
                 twin.check_count(msg)
             except CountMismatch as exc:
                 return self._reject(batch, r, "count_mismatch", str(exc))
+        disproved = twin.wills_disproved
         outcome = twin.apply(msg, r.received_ms, retained=r.retained)
+        if twin.wills_disproved != disproved:  # rare: count it at once
+            self.metrics.wills_disproved.inc()
         batch.accepted[mtype] = batch.accepted.get(mtype, 0) + 1
         batch.outcomes[outcome] = batch.outcomes.get(outcome, 0) + 1
         if outcome is Outcome.DUPLICATE:

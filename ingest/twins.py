@@ -12,7 +12,11 @@ Ordering, per device (contract v1, "How the service must read this"):
 - a boot we have not seen starts a new sequence; the boots it replaced are remembered, and
   late messages of those are out of order.
 - a death applies only to the connection it names: same boot, and ``seq`` not older than the
-  latest birth of that boot. A late Will of an older connection is ignored.
+  latest birth of that boot. A late Will of an older connection is ignored, and so is one
+  whose ``seq`` is further past the sequence than a gap may be (it names no connection).
+- a death is disproved by a live message: a status or event of the same boot, newer than
+  everything seen when the death applied and not retained, brings the device online again
+  (counted in ``wills_disproved``). A forged Will cannot keep a talking device offline.
 - a gap in ``seq`` counts lost messages; a late message that fills the gap un-counts it.
 - a (boot, seq) already stored (applied or not) is a duplicate, however late it comes: the
   last ``RECENT_SEQS_KEPT`` of a boot are remembered, so a QoS 1 redelivery after newer
@@ -89,12 +93,14 @@ class Twin:
     recent_seqs: list[int] = field(default_factory=list)  # stored seqs of this boot (newest)
     missing_seqs: list[int] = field(default_factory=list)  # seqs counted as lost (newest)
     held_seq: int | None = None  # a jump past SEQ_JUMP_MAX, until a message continues from it
+    will_seq: int | None = None  # highest seq seen when the applied death did: newer disproves
     lost_messages: int = 0
     duplicates: int = 0
     out_of_order: int = 0
     reboots: int = 0
     seq_jumps: int = 0  # messages held for a seq jump
     seq_resets: int = 0  # held jumps the device continued from
+    wills_disproved: int = 0  # deaths a live message of the same connection overruled
 
     @classmethod
     def for_device(cls, device: Device, release_soc: float = DEFAULT_RELEASE_SOC) -> Twin:
@@ -138,13 +144,28 @@ class Twin:
             self.online_flag = True
             self.heartbeat_s = msg.heartbeat_s
             self.model, self.firmware = msg.model, msg.firmware
+            self.will_seq = None
             self.changed_ms = arrival_ms
-        elif isinstance(msg, PileStatus | CabinetStatus):
+            return Outcome.APPLIED
+        if isinstance(msg, PileStatus | CabinetStatus):
             self.status_seq = msg.seq
             self.status = msg
             self.status_ts_ms = msg.ts
             self.changed_ms = arrival_ms
+        if self.will_seq is not None and msg.seq > self.will_seq and not retained:
+            self._disprove_will(seen, arrival_ms)
         return Outcome.APPLIED
+
+    def _disprove_will(self, seen: int, arrival_ms: int) -> None:
+        """A message sent after everything we had when the Will applied: the connection the
+        Will named is alive (or a later one is, whose birth we missed)."""
+        self.will_seq = None
+        if self.online_flag or self.birth_seq is None:
+            return  # a boot with no birth yet stays offline until its birth (Sparkplug)
+        self.online_flag = True
+        self.online_since_ms = seen
+        self.wills_disproved += 1
+        self.changed_ms = arrival_ms
 
     def check_count(self, status: Status) -> None:
         """Raise CountMismatch when ``status`` lists another number of ports/slots."""
@@ -165,7 +186,9 @@ class Twin:
                     self.seq_jumps += 1
                     self._remember(seq)
                     return Outcome.SEQ_JUMP
-                self.held_seq = None  # the device goes on from the jump: a new sequence
+                self.held_seq = self.will_seq = (
+                    None  # the device goes on from the jump: a new sequence
+                )
                 self.seq_resets += 1
                 self.missing_seqs.clear()
             elif self.max_seq >= 0:
@@ -203,11 +226,14 @@ class Twin:
             return Outcome.STALE_DEATH  # an older boot's Will, or one we cannot place
         if self.birth_seq is not None and msg.seq < self.birth_seq:
             return Outcome.STALE_DEATH  # the Will of a connection that has been replaced
+        if self.max_seq >= 0 and msg.seq - self.max_seq - 1 > SEQ_JUMP_MAX:
+            return Outcome.STALE_DEATH  # names no connection we could have missed the birth of
         if not self.online_flag and self.state_seq == msg.seq and self.boot == msg.boot:
             self.duplicates += 1
             return Outcome.DUPLICATE
         if self.boot is None:
             self.boot = msg.boot
+        self.will_seq = self.max_seq
         self.online_flag = False
         self.state_seq = max(self.state_seq, msg.seq)
         self.changed_ms = arrival_ms
@@ -224,7 +250,7 @@ class Twin:
         self.online_flag = False  # until this boot's birth arrives
         self.recent_seqs.clear()
         self.missing_seqs.clear()
-        self.held_seq = None
+        self.held_seq = self.will_seq = None
 
     # -- persistence -------------------------------------------------------------------
 

@@ -305,6 +305,22 @@ async def test_stale_will_stored_but_ignored(rig: Rig) -> None:
     assert ("death", 0) in rig.stored_seqs(PILE)
 
 
+async def test_a_forged_will_does_not_keep_a_talking_device_offline(rig: Rig) -> None:
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth(0)),
+        rig.received(PILE, "status", pile_status(1)),
+    )
+    await rig.feed(rig.received(PILE, "state", will(0), at=T0 + 1000))  # forged, or early
+    assert not rig.twin(PILE).online(T0 + 1000)
+    await rig.feed(rig.received(PILE, "status", pile_status(2), at=T0 + 2000))
+    twin = rig.twin(PILE)
+    assert twin.online(T0 + 2000)
+    assert twin.wills_disproved == 1
+    assert rig.metric("chargewatch_wills_disproved_total") == 1
+    (record,) = [t for t in rig.store.load_twins() if t["device_id"] == PILE]
+    assert (record["online_flag"], record["wills_disproved"]) == (True, 1)
+
+
 async def test_cmd_topic_is_acked_and_not_data(rig: Rig) -> None:
     r = rig.received(PILE, "cmd", {"do": "reboot"})
     await rig.feed(r)

@@ -265,6 +265,66 @@ def test_online_again_after_death_and_reconnect() -> None:
     assert t.online_since_ms == T0 + 60_000
 
 
+def test_a_live_message_after_the_will_disproves_it() -> None:
+    # a forged Will (any client that may write the state topic) once kept a device offline
+    # while its statuses kept arriving: a message of the same boot newer than everything seen
+    # when the Will applied proves a live connection (Sparkplug: data after a death)
+    t = twin()
+    feed(t, birth(0), status(1))
+    assert t.apply(death(0), T0 + 5000) is Outcome.APPLIED
+    assert not t.online(T0 + 5000)
+    assert t.apply(status(2), T0 + 6000) is Outcome.APPLIED
+    assert t.online_flag
+    assert t.online(T0 + 6000)
+    assert (t.wills_disproved, t.online_since_ms) == (1, T0 + 6000)
+    # the same for an event, after the next Will
+    t.apply(death(0), T0 + 7000)
+    assert not t.online_flag
+    assert t.apply(event(3), T0 + 8000) is Outcome.APPLIED
+    assert (t.online_flag, t.wills_disproved) == (True, 2)
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        status(1),  # a redelivery of what was seen before the Will
+        event(2),  # a late message, sent before the connection died
+    ],
+)
+def test_nothing_older_than_the_will_disproves_it(after: Message) -> None:
+    t = twin()
+    feed(t, birth(0), event(1), status(3))  # 2 is late
+    t.apply(death(0), T0 + 5000)
+    t.apply(after, T0 + 6000)
+    assert (t.online_flag, t.wills_disproved) == (False, 0)
+
+
+def test_a_retained_message_does_not_disprove_a_will() -> None:
+    t = twin()
+    feed(t, birth(0), status(1))
+    t.apply(death(0), T0 + 5000)
+    # a retained status proves nothing about a live connection (it may be the broker's copy)
+    t.apply(status(2, ts=T0 + 4000), T0 + 6000, retained=True)
+    assert (t.online_flag, t.wills_disproved) == (False, 0)
+
+
+def test_a_new_boot_needs_its_birth_after_a_will() -> None:
+    t = twin()
+    feed(t, birth(0), status(1), death(0))
+    t.apply(status(1, boot="boot-b"), T0 + 6000)
+    assert (t.online_flag, t.wills_disproved) == (False, 0)
+
+
+def test_a_will_far_past_the_sequence_cannot_be_placed() -> None:
+    # it names no connection we know; applied, it would also hold back the births after it
+    t = twin()
+    feed(t, birth(0), status(1))
+    assert t.apply(death(2 + SEQ_JUMP_MAX + 1), T0 + 5000) is Outcome.STALE_DEATH
+    assert t.online_flag
+    assert t.apply(death(2 + SEQ_JUMP_MAX), T0 + 5000) is Outcome.APPLIED  # birth lost
+    assert not t.online_flag
+
+
 # -- retained messages -----------------------------------------------------------------------
 
 
