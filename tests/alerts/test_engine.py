@@ -73,7 +73,10 @@ async def test_offline_device_suppresses_its_port_alerts(tmp_path: Path) -> None
         [offline] = active(engine)
         assert (offline.rule, offline.severity, offline.unit) == ("offline", "major", None)
         assert offline.info == "Will received"
-        pile.pile({2: "relay_stuck"})  # a late snapshot of an offline device: root cause only
+        # the broker's retained copy of a snapshot proves no live connection: the device
+        # stays offline, and offline is the root cause (a live message would disprove the
+        # Will: tests/ingest/test_twins.py)
+        pile.pile({2: "relay_stuck"}, retained=True)
         engine.tick()
         assert active(engine) == [offline]
 
