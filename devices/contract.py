@@ -97,6 +97,18 @@ def parse_ts(value: str | int) -> int:
     return ms
 
 
+#: device time further than this from our arrival time is counted as clock skew
+CLOCK_SKEW_MAX_MS = 5 * 60_000
+
+
+def clock_skewed(ts_ms: int, arrival_ms: int, *, retained: bool = False) -> bool:
+    """Whether device time ``ts_ms`` is off our clock by more than ``CLOCK_SKEW_MAX_MS``. A
+    retained message may be old (the broker kept it), never from our future."""
+    if ts_ms > arrival_ms + CLOCK_SKEW_MAX_MS:
+        return True
+    return not retained and ts_ms < arrival_ms - CLOCK_SKEW_MAX_MS
+
+
 def ms_to_datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 

@@ -81,6 +81,11 @@ class IngestMetrics:
             "Deaths overruled by a newer live message of the same boot (forged or early Will)",
             registry=r,
         )
+        self.clock_skew = Counter(
+            "chargewatch_clock_skew_messages",
+            "Messages whose device time was more than 5 minutes off our clock (kept as sent)",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "chargewatch_dead_letters", "Rejected messages by reason", ["reason"], registry=r
         )

@@ -80,6 +80,7 @@ class _Batch:
     outcomes: dict[Outcome, int] = field(default_factory=dict)
     accepted: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    skewed: int = 0  # messages whose device time was off ours
 
 
 class Pipeline:
@@ -210,8 +211,10 @@ class Pipeline:
                 twin.check_count(msg)
             except CountMismatch as exc:
                 return self._reject(batch, r, "count_mismatch", str(exc))
-        disproved = twin.wills_disproved
+        disproved, skewed = twin.wills_disproved, twin.clock_skewed
         outcome = twin.apply(msg, r.received_ms, retained=r.retained)
+        if twin.clock_skewed != skewed:
+            batch.skewed += 1
         if twin.wills_disproved != disproved:  # rare: count it at once
             self.metrics.wills_disproved.inc()
         batch.accepted[mtype] = batch.accepted.get(mtype, 0) + 1
@@ -258,6 +261,8 @@ class Pipeline:
             m.accepted.labels(mtype).inc(n)
         for reason, n in batch.rejected.items():
             m.dead_letters.labels(reason).inc(n)
+        if batch.skewed:
+            m.clock_skew.inc(batch.skewed)
         for outcome, counter in (
             (Outcome.APPLIED, m.applied),
             (Outcome.DUPLICATE, m.duplicates),

@@ -46,6 +46,7 @@ from devices.contract import (
     Message,
     PileStatus,
     Status,
+    clock_skewed,
 )
 
 RETIRED_BOOTS_KEPT = 8
@@ -101,6 +102,7 @@ class Twin:
     seq_jumps: int = 0  # messages held for a seq jump
     seq_resets: int = 0  # held jumps the device continued from
     wills_disproved: int = 0  # deaths a live message of the same connection overruled
+    clock_skewed: int = 0  # messages whose ts was off our clock (kept as sent, counted)
 
     @classmethod
     def for_device(cls, device: Device, release_soc: float = DEFAULT_RELEASE_SOC) -> Twin:
@@ -131,6 +133,10 @@ class Twin:
                 return Outcome.OUT_OF_ORDER
             self._new_boot(msg.boot)
         outcome = self._sequence(msg)
+        if outcome is Outcome.DUPLICATE:
+            return outcome
+        if clock_skewed(msg.ts, arrival_ms, retained=retained):
+            self.clock_skewed += 1
         if outcome is not Outcome.APPLIED:
             return outcome
         seen = min(arrival_ms, msg.ts) if retained else arrival_ms

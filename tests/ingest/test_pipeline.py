@@ -282,6 +282,23 @@ async def test_huge_seq_is_stored_held_and_the_device_goes_on(rig: Rig) -> None:
     assert rig.store.dead_letters() == []
 
 
+async def test_device_time_is_kept_and_its_skew_counted(rig: Rig) -> None:
+    year_9999 = 253_402_300_799_000
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth(0, ts=T0 + 60_000)),  # a minute off: fine
+        rig.received(PILE, "status", pile_status(1, ts=year_9999)),
+        rig.received(PILE, "status", pile_status(1, ts=year_9999)),  # a redelivery: once
+        rig.received(PILE, "status", pile_status(2, ts=0)),
+        # a retained copy may be old (not skew), never from our future
+        rig.received(CABINET, "status", cabinet_status(5, ts=T0 - 3_600_000), retained=True),
+        rig.received(CABINET, "status", cabinet_status(6, ts=T0 + 600_000), retained=True),
+    )
+    stored = {r["seq"]: r["ts_ms"] for r in rig.store.messages(PILE)}
+    assert stored == {0: T0 + 60_000, 1: year_9999, 2: 0}  # device time, as sent
+    assert (rig.twin(PILE).clock_skewed, rig.twin(CABINET).clock_skewed) == (2, 1)
+    assert rig.metric("chargewatch_clock_skew_messages_total") == 3
+
+
 async def test_retained_status_before_birth_leaves_device_online(rig: Rig) -> None:
     now = T0 + 5000
     await rig.feed(
