@@ -51,6 +51,7 @@ from devices.contract import (
 
 RETIRED_BOOTS_KEPT = 8
 RECENT_SEQS_KEPT = 64  # per boot: a redelivery comes within the broker's in-flight window
+RECENT_EVENTS_KEPT = 64  # and of events alone: a late repeat must not raise an alert again
 SEQ_JUMP_MAX = 128  # seqs missing in one gap; a larger jump is held until the device goes on
 MISSING_SEQS_KEPT = 256  # the newest seqs of gaps, so that a late arrival can be un-counted
 
@@ -92,6 +93,7 @@ class Twin:
     online_since_ms: int | None = None
     retired_boots: list[str] = field(default_factory=list)
     recent_seqs: list[int] = field(default_factory=list)  # stored seqs of this boot (newest)
+    recent_event_seqs: list[int] = field(default_factory=list)  # to spot repeated events
     missing_seqs: list[int] = field(default_factory=list)  # seqs counted as lost (newest)
     held_seq: int | None = None  # a jump past SEQ_JUMP_MAX, until a message continues from it
     will_seq: int | None = None  # highest seq seen when the applied death did: newer disproves
@@ -181,7 +183,9 @@ class Twin:
 
     def _sequence(self, msg: Birth | PileStatus | CabinetStatus | Event) -> Outcome:
         seq = msg.seq
-        if seq in self.recent_seqs:  # stored already: a redelivery, however late
+        if seq in self.recent_seqs or (
+            isinstance(msg, Event) and seq in self.recent_event_seqs
+        ):  # stored already: a redelivery, however late
             self.duplicates += 1
             return Outcome.DUPLICATE
         if seq > self.max_seq:
@@ -220,6 +224,9 @@ class Twin:
                 self.out_of_order += 1
                 self._remember(seq)
                 return Outcome.OUT_OF_ORDER
+        if isinstance(msg, Event):
+            self.recent_event_seqs.append(seq)
+            del self.recent_event_seqs[:-RECENT_EVENTS_KEPT]
         self._remember(seq)
         return Outcome.APPLIED
 
@@ -255,6 +262,7 @@ class Twin:
         self.birth_seq = None
         self.online_flag = False  # until this boot's birth arrives
         self.recent_seqs.clear()
+        self.recent_event_seqs.clear()
         self.missing_seqs.clear()
         self.held_seq = self.will_seq = None
 

@@ -429,9 +429,18 @@ def test_redelivered_older_status_is_a_duplicate_not_out_of_order() -> None:
 
 def test_redeliveries_are_recognised_only_within_the_recent_window() -> None:
     t = twin()
-    feed(t, birth(0), *(event(seq) for seq in range(1, RECENT_SEQS_KEPT + 2)))
-    assert t.apply(event(2), T0 + 10) is Outcome.DUPLICATE  # still remembered
-    assert t.apply(event(1), T0 + 11) is Outcome.APPLIED  # forgotten: an event is kept
+    feed(
+        t, birth(0), status(1), status(2), *(status(seq) for seq in range(3, RECENT_SEQS_KEPT + 2))
+    )
+    assert t.apply(status(2), T0 + 10) is Outcome.DUPLICATE  # still remembered
+    assert t.apply(status(1), T0 + 11) is Outcome.OUT_OF_ORDER  # forgotten: older, not applied
+
+
+def test_repeated_events_are_remembered_apart_from_statuses() -> None:
+    # a late repeat of an event must not look new (its alert would be raised again)
+    t = twin()
+    feed(t, birth(0), event(1), *(status(seq) for seq in range(2, RECENT_SEQS_KEPT + 3)))
+    assert t.apply(event(1), T0 + 10) is Outcome.DUPLICATE
 
 
 def test_one_huge_seq_jump_is_held_and_does_not_freeze_the_device() -> None:
@@ -549,6 +558,7 @@ def test_record_round_trip_keeps_status_and_counters() -> None:
     assert [s.soc for s in again.status.slots] == [97, 43, None, None]
     assert again.status.ts == 1_795_838_400_250  # 2026-11-28T04:00:00.250Z
     assert (again.lost_messages, again.duplicates, again.recent_seqs) == (1, 1, [0, 3, 2])
+    assert again.recent_event_seqs == [2]
     # ordering continues where it left off
     assert again.apply(event(2), T0 + 10) is Outcome.DUPLICATE
     assert again.apply(_cabinet_status(1), T0 + 11) is Outcome.OUT_OF_ORDER
