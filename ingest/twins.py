@@ -10,7 +10,10 @@ Ordering, per device (contract v1, "How the service must read this"):
   different topics in any order: a retained status may arrive before the retained birth that
   preceded it, and must not make that birth look old.
 - a boot we have not seen starts a new sequence; the boots it replaced are remembered, and
-  late messages of those are out of order.
+  late messages of those are out of order. A retired boot that goes on (two messages in a row
+  above everything it sent before, not retained, nothing of the current boot in between) is
+  the live one again: one message with a strange boot (forged, or a firmware glitch) must not
+  freeze the real device out until it reboots (``boots_revived``).
 - a death applies only to the connection it names: same boot, and ``seq`` not older than the
   latest birth of that boot. A late Will of an older connection is ignored, and so is one
   whose ``seq`` is further past the sequence than a gap may be (it names no connection).
@@ -39,6 +42,7 @@ from devices.availability import is_online
 from devices.catalog import DEFAULT_RELEASE_SOC, Device
 from devices.contract import (
     DEFAULT_HEARTBEAT_S,
+    SEQ_MAX,
     Birth,
     CabinetStatus,
     Death,
@@ -92,6 +96,11 @@ class Twin:
     changed_ms: int | None = None  # our clock: last change of current state
     online_since_ms: int | None = None
     retired_boots: list[str] = field(default_factory=list)
+    # per retired boot: its highest seq and its birth's seq (-1: none) when it was retired
+    retired_max_seqs: list[int] = field(default_factory=list)
+    retired_birth_seqs: list[int] = field(default_factory=list)
+    revive_boot: str | None = None  # a retired boot that sent a message above its max...
+    revive_seq: int = -1  # ... with this seq: if its next message goes on, it is alive
     recent_seqs: list[int] = field(default_factory=list)  # stored seqs of this boot (newest)
     recent_event_seqs: list[int] = field(default_factory=list)  # to spot repeated events
     missing_seqs: list[int] = field(default_factory=list)  # seqs counted as lost (newest)
@@ -105,6 +114,7 @@ class Twin:
     seq_resets: int = 0  # held jumps the device continued from
     wills_disproved: int = 0  # deaths a live message of the same connection overruled
     clock_skewed: int = 0  # messages whose ts was off our clock (kept as sent, counted)
+    boots_revived: int = 0  # retired boots that went on: the boot that replaced them was not
 
     @classmethod
     def for_device(cls, device: Device, release_soc: float = DEFAULT_RELEASE_SOC) -> Twin:
@@ -131,9 +141,13 @@ class Twin:
             return self._apply_death(msg, arrival_ms)
         if msg.boot != self.boot:
             if msg.boot in self.retired_boots:
-                self.out_of_order += 1
-                return Outcome.OUT_OF_ORDER
-            self._new_boot(msg.boot)
+                if not self._revives(msg, arrival_ms, retained):
+                    self.out_of_order += 1
+                    return Outcome.OUT_OF_ORDER
+            else:
+                self._new_boot(msg.boot)
+        elif self.revive_boot is not None and not retained:
+            self.revive_boot = None  # the current boot spoke: the retired one must start over
         outcome = self._sequence(msg)
         if outcome is Outcome.DUPLICATE:
             return outcome
@@ -252,11 +266,53 @@ class Twin:
         self.changed_ms = arrival_ms
         return Outcome.APPLIED
 
+    def _revives(self, msg: Birth | Status | Event, arrival_ms: int, retained: bool) -> bool:
+        """Whether ``msg`` of a retired boot shows that boot alive (and makes it current): the
+        second message in a row above everything the boot sent before it was retired."""
+        i = self.retired_boots.index(msg.boot)
+        if retained:
+            return False  # the broker's copy proves nothing
+        if msg.seq <= self.retired_max_seqs[i]:
+            self.revive_boot = None  # a late message: not two live ones in a row
+            return False
+        held = self.revive_seq
+        if self.revive_boot != msg.boot or not held < msg.seq <= held + 1 + SEQ_JUMP_MAX:
+            self.revive_boot, self.revive_seq = msg.boot, msg.seq
+            return False
+        self.retired_boots.pop(i)
+        max_seq, birth_seq = self.retired_max_seqs.pop(i), self.retired_birth_seqs.pop(i)
+        self._retire_current()
+        self.boot = msg.boot
+        if held - max_seq - 1 <= SEQ_JUMP_MAX:
+            self.lost_messages += held - max_seq - 1
+        self.max_seq = held  # the held message was stored (out of order): it is in sequence
+        self.state_seq = self.status_seq = max_seq  # older messages of the boot stay old
+        self.birth_seq = birth_seq if birth_seq >= 0 else None
+        self.online_flag = self.birth_seq is not None
+        if self.online_flag:
+            self.online_since_ms = arrival_ms
+        self.recent_seqs = [held]
+        self.recent_event_seqs = []
+        self.missing_seqs = []
+        self.held_seq = self.will_seq = self.revive_boot = None
+        self.boots_revived += 1
+        return True
+
+    def _retire_current(self) -> None:
+        if self.boot is None:
+            return
+        self.retired_boots.append(self.boot)
+        self.retired_max_seqs.append(self.max_seq)
+        self.retired_birth_seqs.append(-1 if self.birth_seq is None else self.birth_seq)
+        del self.retired_boots[:-RETIRED_BOOTS_KEPT]
+        del self.retired_max_seqs[:-RETIRED_BOOTS_KEPT]
+        del self.retired_birth_seqs[:-RETIRED_BOOTS_KEPT]
+
     def _new_boot(self, boot: str) -> None:
         if self.boot is not None:
-            self.retired_boots.append(self.boot)
-            del self.retired_boots[:-RETIRED_BOOTS_KEPT]
+            self._retire_current()
             self.reboots += 1
+        self.revive_boot = None
         self.boot = boot
         self.max_seq = self.state_seq = self.status_seq = -1
         self.birth_seq = None
@@ -288,6 +344,10 @@ class Twin:
         status = data.pop("status", None)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         twin = cls(**known)
+        n = len(twin.retired_boots)
+        if len(twin.retired_max_seqs) != n or len(twin.retired_birth_seqs) != n:
+            # a record from before these were kept: those boots are never revived
+            twin.retired_max_seqs, twin.retired_birth_seqs = [SEQ_MAX] * n, [-1] * n
         if status is not None:
             # stored timestamps are epoch ms already; strict models accept them as they are
             twin.status = msgspec.convert(status, Status, strict=True)

@@ -1,4 +1,4 @@
-"""QoS 1 redeliveries across graceful mosquitto restarts are counted once: a message stored
+"""QoS 1 redeliveries across graceful mosquitto restarts are counted once: a message applied
 but not yet acknowledged when the broker stops comes again after the restart, after newer
 ones, and must count as a duplicate, not as out of order (issue 11, part C: 12 "out of
 order" after two restarts with nothing reordered)."""

@@ -204,12 +204,67 @@ def test_late_message_of_a_retired_boot_is_ignored(late: Message) -> None:
     assert t.last_seen_ms == T0 + 10_001
 
 
+def test_one_message_of_a_strange_boot_does_not_freeze_the_device_out() -> None:
+    # a forged (or corrupt) birth with a new boot retired the real one: every later message of
+    # the real device was "late" until it rebooted. A retired boot that goes on (two messages
+    # in a row above everything it sent before, not retained) is the live one again.
+    t = twin()
+    feed(t, birth(0), status(1, states=("charging",) * PORTS))
+    assert t.apply(birth(0, boot="forged"), T0 + 10) is Outcome.APPLIED
+    assert (t.boot, t.online_flag) == ("forged", True)  # one message: believed, for now
+    assert t.apply(status(2), T0 + 20) is Outcome.OUT_OF_ORDER  # one could be a late one
+    assert t.apply(status(3), T0 + 30) is Outcome.APPLIED  # two in a row: alive
+    assert (t.boot, t.online_flag, t.status_seq, t.max_seq) == ("boot-a", True, 3, 3)
+    assert t.status is not None
+    assert t.status.boot == "boot-a"
+    assert (t.boots_revived, t.retired_boots, t.lost_messages) == (1, ["forged"], 0)
+    assert t.apply(status(2), T0 + 40) is Outcome.DUPLICATE  # stored while held
+    assert t.apply(death(0), T0 + 50) is Outcome.APPLIED  # its Will applies again
+    assert not t.online_flag
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        status(1),  # not above what the boot sent before it was retired
+        status(3, boot="boot-b"),  # the current boot spoke in between
+    ],
+)
+def test_a_retired_boot_needs_two_live_messages_in_a_row(second: Message) -> None:
+    t = twin()
+    feed(t, birth(0), status(1), birth(0, boot="boot-b"), status(1, boot="boot-b"))
+    t.apply(status(5), T0 + 10)
+    t.apply(second, T0 + 20)
+    t.apply(status(6), T0 + 30)
+    assert (t.boot, t.boots_revived) == ("boot-b", 0)
+
+
+def test_retained_messages_of_a_retired_boot_revive_nothing() -> None:
+    t = twin()
+    feed(t, birth(0), status(1), birth(0, boot="boot-b"))
+    t.apply(status(5), T0 + 10, retained=True)
+    t.apply(status(6), T0 + 20, retained=True)
+    assert (t.boot, t.boots_revived) == ("boot-b", 0)
+
+
+def test_boots_retired_in_an_older_record_are_never_revived() -> None:
+    t = twin()
+    feed(t, birth(0), status(1), birth(0, boot="boot-b"))
+    record = t.to_record()
+    del record["retired_max_seqs"], record["retired_birth_seqs"]  # written before they were
+    again = Twin.from_record(record)
+    assert again.apply(status(5), T0 + 10) is Outcome.OUT_OF_ORDER
+    assert again.apply(status(6), T0 + 20) is Outcome.OUT_OF_ORDER
+    assert again.boot == "boot-b"
+
+
 def test_only_recent_boots_are_remembered() -> None:
     t = twin()
     boots = [f"boot-{i:02d}" for i in range(RETIRED_BOOTS_KEPT + 3)]
     for i, b in enumerate(boots):
         t.apply(birth(0, boot=b), T0 + i)
     assert t.retired_boots == boots[-RETIRED_BOOTS_KEPT - 1 : -1]
+    assert (t.retired_max_seqs, t.retired_birth_seqs) == ([0] * RETIRED_BOOTS_KEPT,) * 2
     assert t.reboots == len(boots) - 1
 
 
