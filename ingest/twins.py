@@ -22,7 +22,7 @@ Ordering, per device (contract v1, "How the service must read this"):
   (counted in ``wills_disproved``). A forged Will cannot keep a talking device offline.
 - a gap in ``seq`` counts lost messages; a late message that fills the gap un-counts it.
 - a (boot, seq) already stored (applied or not) is a duplicate, however late it comes: the
-  last ``RECENT_SEQS_KEPT`` of a boot are remembered, so a QoS 1 redelivery after newer
+  last ``RECENT_SEQS_KEPT`` (at least) of a boot are remembered, so a QoS 1 redelivery after newer
   messages is counted once, not as out of order.
 - a jump leaving more than ``SEQ_JUMP_MAX`` seqs missing is held (stored, not applied,
   nothing counted lost): one forged or corrupt seq must not freeze the real device out. The
@@ -41,6 +41,7 @@ import msgspec
 from devices.availability import is_online
 from devices.catalog import DEFAULT_RELEASE_SOC, Device
 from devices.contract import (
+    CLOCK_SKEW_MAX_MS,
     DEFAULT_HEARTBEAT_S,
     SEQ_MAX,
     Birth,
@@ -50,11 +51,10 @@ from devices.contract import (
     Message,
     PileStatus,
     Status,
-    clock_skewed,
 )
 
 RETIRED_BOOTS_KEPT = 8
-RECENT_SEQS_KEPT = 64  # per boot: a redelivery comes within the broker's in-flight window
+RECENT_SEQS_KEPT = 64  # at least, per boot: a redelivery comes within the in-flight window
 RECENT_EVENTS_KEPT = 64  # and of events alone: a late repeat must not raise an alert again
 SEQ_JUMP_MAX = 128  # seqs missing in one gap; a larger jump is held until the device goes on
 MISSING_SEQS_KEPT = 256  # the newest seqs of gaps, so that a late arrival can be un-counted
@@ -151,7 +151,10 @@ class Twin:
         outcome = self._sequence(msg)
         if outcome is Outcome.DUPLICATE:
             return outcome
-        if clock_skewed(msg.ts, arrival_ms, retained=retained):
+        ts = msg.ts
+        if not arrival_ms - CLOCK_SKEW_MAX_MS <= ts <= arrival_ms + CLOCK_SKEW_MAX_MS and (
+            ts > arrival_ms or not retained  # inline: clock_skewed(), once per message
+        ):
             self.clock_skewed += 1
         if outcome is not Outcome.APPLIED:
             return outcome
@@ -197,12 +200,10 @@ class Twin:
 
     def _sequence(self, msg: Birth | PileStatus | CabinetStatus | Event) -> Outcome:
         seq = msg.seq
-        if seq in self.recent_seqs or (
-            isinstance(msg, Event) and seq in self.recent_event_seqs
-        ):  # stored already: a redelivery, however late
-            self.duplicates += 1
-            return Outcome.DUPLICATE
-        if seq > self.max_seq:
+        if seq > self.max_seq:  # the common case: new (unless a held jump comes again)
+            if self.held_seq is not None and seq in self.recent_seqs:
+                self.duplicates += 1
+                return Outcome.DUPLICATE
             if self.max_seq >= 0 and seq - self.max_seq - 1 > SEQ_JUMP_MAX:
                 held = self.held_seq
                 if held is None or not held < seq <= held + 1 + SEQ_JUMP_MAX:
@@ -210,9 +211,7 @@ class Twin:
                     self.seq_jumps += 1
                     self._remember(seq)
                     return Outcome.SEQ_JUMP
-                self.held_seq = self.will_seq = (
-                    None  # the device goes on from the jump: a new sequence
-                )
+                self.held_seq = None  # the device goes on from the jump: a new sequence
                 self.seq_resets += 1
                 self.missing_seqs.clear()
             elif self.max_seq >= 0:
@@ -222,6 +221,11 @@ class Twin:
                 del self.missing_seqs[:-MISSING_SEQS_KEPT]
             self.max_seq = seq
         else:
+            if seq in self.recent_seqs or (
+                isinstance(msg, Event) and seq in self.recent_event_seqs
+            ):  # stored already: a redelivery, however late
+                self.duplicates += 1
+                return Outcome.DUPLICATE
             if isinstance(msg, Birth):
                 last = self.state_seq
             elif isinstance(msg, Event):
@@ -239,14 +243,21 @@ class Twin:
                 self._remember(seq)
                 return Outcome.OUT_OF_ORDER
         if isinstance(msg, Event):
-            self.recent_event_seqs.append(seq)
-            del self.recent_event_seqs[:-RECENT_EVENTS_KEPT]
-        self._remember(seq)
+            events = self.recent_event_seqs
+            events.append(seq)
+            if len(events) > 2 * RECENT_EVENTS_KEPT:  # trimmed in steps: cheaper per message
+                del events[:-RECENT_EVENTS_KEPT]
+        recent = self.recent_seqs  # _remember, inline: this runs for every message
+        recent.append(seq)
+        if len(recent) > 2 * RECENT_SEQS_KEPT:
+            del recent[:-RECENT_SEQS_KEPT]
         return Outcome.APPLIED
 
     def _remember(self, seq: int) -> None:
-        self.recent_seqs.append(seq)
-        del self.recent_seqs[:-RECENT_SEQS_KEPT]
+        recent = self.recent_seqs
+        recent.append(seq)
+        if len(recent) > 2 * RECENT_SEQS_KEPT:  # trimmed in steps: cheaper per message
+            del recent[:-RECENT_SEQS_KEPT]
 
     def _apply_death(self, msg: Death, arrival_ms: int) -> Outcome:
         if self.boot is not None and msg.boot != self.boot:

@@ -484,10 +484,10 @@ def test_redelivered_older_status_is_a_duplicate_not_out_of_order() -> None:
 
 def test_redeliveries_are_recognised_only_within_the_recent_window() -> None:
     t = twin()
-    feed(
-        t, birth(0), status(1), status(2), *(status(seq) for seq in range(3, RECENT_SEQS_KEPT + 2))
-    )
-    assert t.apply(status(2), T0 + 10) is Outcome.DUPLICATE  # still remembered
+    last = 2 * RECENT_SEQS_KEPT + 1  # the memory is trimmed to the newest 64 past 128
+    feed(t, birth(0), *(status(seq) for seq in range(1, last + 1)))
+    oldest_kept = last - RECENT_SEQS_KEPT
+    assert t.apply(status(oldest_kept), T0 + 10) is Outcome.DUPLICATE  # still remembered
     assert t.apply(status(1), T0 + 11) is Outcome.OUT_OF_ORDER  # forgotten: older, not applied
 
 
