@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from devices.contract import (
+    CLOCK_SKEW_MAX_MS,
     HEARTBEAT_MAX_S,
     MAX_PAYLOAD_BYTES,
     SEQ_MAX,
@@ -17,6 +18,7 @@ from devices.contract import (
     Death,
     Event,
     PileStatus,
+    clock_skewed,
     decode,
     ms_to_datetime,
     parse_ts,
@@ -561,3 +563,19 @@ def test_pile_device_faults() -> None:
     msg = decode("status", dumps(pile(faults=["ground_fault"])))
     assert isinstance(msg, PileStatus)
     assert msg.device_faults == ["ground_fault"]
+
+
+@pytest.mark.parametrize(
+    ("ts", "retained", "skewed"),
+    [
+        (NOON_CST_MS, False, False),
+        (NOON_CST_MS + CLOCK_SKEW_MAX_MS, False, False),
+        (NOON_CST_MS + CLOCK_SKEW_MAX_MS + 1, False, True),
+        (NOON_CST_MS - CLOCK_SKEW_MAX_MS - 1, False, True),
+        (NOON_CST_MS - CLOCK_SKEW_MAX_MS - 1, True, False),  # a retained copy may be old
+        (NOON_CST_MS + CLOCK_SKEW_MAX_MS + 1, True, True),  # never from our future
+        (0, False, True),
+    ],
+)
+def test_clock_skew(ts: int, retained: bool, skewed: bool) -> None:
+    assert clock_skewed(ts, NOON_CST_MS, retained=retained) is skewed
