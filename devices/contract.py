@@ -64,6 +64,7 @@ REASONS = (
     "count_mismatch",  # ports/slots count differs from the catalog (set by the ingestor)
     "unknown_unit",  # an event names a port/slot the device does not have (set by the ingestor)
     "internal",  # decoding raised something else: a bug, logged (set by the ingestor)
+    "store_rejected",  # the store refused the row (set by the ingestor)
 )
 
 
