@@ -28,6 +28,11 @@ from devices.topics import Channel
 PROTOCOL_VERSION = 1
 MAX_PAYLOAD_BYTES = 16 * 1024
 DEFAULT_HEARTBEAT_S = 30
+#: a birth's ``heartbeat_s`` decides how long its state counts as live (3 heartbeats): real
+#: chargers beat every 10 s to 5 min; 10 min bounds what one forged birth can show as live
+HEARTBEAT_MAX_S = 600
+#: no device has more ports or slots (the catalog's limit too)
+MAX_UNITS = 256
 
 PortState = Literal["available", "charging", "finished", "reserved", "faulted", "disabled"]
 SlotState = Literal["empty", "charging", "ready", "reserved", "faulted", "disabled"]
@@ -56,8 +61,10 @@ REASONS = (
     "topic",  # topic outside the scheme (set by the ingestor)
     "unknown_device",  # device id not in the catalog (set by the ingestor)
     "kind_mismatch",  # payload kind differs from the catalog (set by the ingestor)
-    "count_mismatch",  # ports/slots count differs from the birth (set by the ingestor)
+    "count_mismatch",  # ports/slots count differs from the catalog (set by the ingestor)
+    "unknown_unit",  # an event names a port/slot the device does not have (set by the ingestor)
     "internal",  # decoding raised something else: a bug, logged (set by the ingestor)
+    "store_rejected",  # the store refused the row (set by the ingestor)
 )
 
 
@@ -91,6 +98,18 @@ def parse_ts(value: str | int) -> int:
     return ms
 
 
+#: device time further than this from our arrival time is counted as clock skew
+CLOCK_SKEW_MAX_MS = 5 * 60_000
+
+
+def clock_skewed(ts_ms: int, arrival_ms: int, *, retained: bool = False) -> bool:
+    """Whether device time ``ts_ms`` is off our clock by more than ``CLOCK_SKEW_MAX_MS``. A
+    retained message may be old (the broker kept it), never from our future."""
+    if ts_ms > arrival_ms + CLOCK_SKEW_MAX_MS:
+        return True
+    return not retained and ts_ms < arrival_ms - CLOCK_SKEW_MAX_MS
+
+
 def ms_to_datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
@@ -107,10 +126,12 @@ class _Model(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Boot = Annotated[str, Meta(min_length=4, max_length=32)]
-# the stores keep seq as a signed 64-bit integer; a bigger one is bad input, not a store crash
-SEQ_MAX = 2**63 - 1
+# seq < 2^53: fits every store's signed 64-bit integer and a JavaScript number exactly; a
+# device sending a message a microsecond would need 285 years to get there
+SEQ_MAX = 2**53 - 1
 Seq = Annotated[int, Meta(ge=0, le=SEQ_MAX)]
-UnitNumber = Annotated[int, Meta(ge=1)]
+# whether the device has that port/slot is checked against the catalog by the ingestor
+UnitNumber = Annotated[int, Meta(ge=1, le=MAX_UNITS)]
 Percent = Annotated[float, Meta(ge=0, le=100)]
 
 
@@ -166,7 +187,7 @@ def _check_units(items: list[Port] | list[Slot], what: str) -> None:
             raise ValueError(f"{what[:-1]} {item.n} is faulted but has no fault code")
 
 
-Units = Meta(min_length=1, max_length=256)
+Units = Meta(min_length=1, max_length=MAX_UNITS)
 
 
 class PileStatus(_Header, frozen=True, kw_only=True, tag_field="kind", tag="pile"):
@@ -223,7 +244,7 @@ class CabinetStatus(_Header, frozen=True, kw_only=True, tag_field="kind", tag="c
 
 
 Status = PileStatus | CabinetStatus
-UnitCount = Annotated[int, Meta(ge=1, le=256)]
+UnitCount = Annotated[int, Meta(ge=1, le=MAX_UNITS)]
 
 
 class Birth(_Header, frozen=True, kw_only=True):
@@ -233,7 +254,7 @@ class Birth(_Header, frozen=True, kw_only=True):
     firmware: str | None = None
     ports: UnitCount | None = None
     slots: UnitCount | None = None
-    heartbeat_s: Annotated[int, Meta(ge=1, le=86400)] = DEFAULT_HEARTBEAT_S
+    heartbeat_s: Annotated[int, Meta(ge=1, le=HEARTBEAT_MAX_S)] = DEFAULT_HEARTBEAT_S
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -298,6 +319,24 @@ class Event(_Header, frozen=True, kw_only=True):
 
 
 Message = Birth | Death | PileStatus | CabinetStatus | Event
+
+_UNIT_FIELDS = {"pile": ("port",), "cabinet": ("slot", "slot_out", "slot_in")}
+
+
+def unknown_unit(event: Event, kind: DeviceKind, units: int) -> str | None:
+    """What is wrong when ``event`` names a port/slot that a ``kind`` with ``units`` ports
+    or slots does not have (a cabinet has no ports, a pile no slots); None when nothing."""
+    word = "port" if kind == "pile" else "slot"
+    for name in ("port", "slot", "slot_out", "slot_in"):
+        n = getattr(event, name)
+        if n is None:
+            continue
+        if name not in _UNIT_FIELDS[kind]:
+            return f"{name} {n}: a {kind} has no {name.removesuffix('_out').removesuffix('_in')}s"
+        if n > units:
+            return f"{name} {n}: the device has {word}s 1..{units}"
+    return None
+
 
 _STATUS = msgspec.json.Decoder(PileStatus | CabinetStatus)
 _EVENT = msgspec.json.Decoder(Event)

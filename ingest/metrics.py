@@ -71,6 +71,21 @@ class IngestMetrics:
         self.stale_deaths = Counter(
             "chargewatch_stale_deaths", "Wills of replaced connections, ignored", registry=r
         )
+        self.seq_jumps = Counter(
+            "chargewatch_messages_seq_jump",
+            "Messages whose seq jumped far past the device's: kept, held until it goes on",
+            registry=r,
+        )
+        self.wills_disproved = Counter(
+            "chargewatch_wills_disproved",
+            "Deaths overruled by a newer live message of the same boot (forged or early Will)",
+            registry=r,
+        )
+        self.clock_skew = Counter(
+            "chargewatch_clock_skew_messages",
+            "Messages whose device time was more than 5 minutes off our clock (kept as sent)",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "chargewatch_dead_letters", "Rejected messages by reason", ["reason"], registry=r
         )

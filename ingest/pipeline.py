@@ -22,7 +22,7 @@ from typing import cast
 import msgspec
 
 from devices.catalog import DEFAULT_RELEASE_SOC, Catalog, Device
-from devices.contract import Birth, ContractError, Death, Event, Message, decode
+from devices.contract import Birth, ContractError, Death, Event, Message, decode, unknown_unit
 from devices.topics import Channel, TopicScheme
 from ingest import StoreError, StoreUnavailable
 from ingest.metrics import IngestMetrics
@@ -64,6 +64,7 @@ class Twins:
                 continue  # no longer in the catalog
             twin = Twin.from_record(dict(record))
             twin.station_id = device.station_id
+            twin.kind, twin.units = device.kind, device.spec.units  # the catalog's, always
             twin.release_soc = device.spec.release_soc or self.release_soc
             self.by_id[device.id] = twin
             restored += 1
@@ -87,6 +88,7 @@ class _Batch:
     outcomes: dict[Outcome, int] = field(default_factory=dict)
     accepted: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    skewed: int = 0  # messages whose device time was off ours
 
 
 class Pipeline:
@@ -236,17 +238,28 @@ class Pipeline:
         mtype: MessageType
         if isinstance(msg, Birth):
             mtype = "birth"
+            if msg.units != twin.units:  # the catalog's count: the authority, not the device
+                what = "ports" if device.kind == "pile" else "slots"
+                detail = f"birth says {msg.units} {what}, the catalog says {twin.units}"
+                return self._reject(batch, r, "count_mismatch", detail)
         elif isinstance(msg, Death):
             mtype = "death"
         elif isinstance(msg, Event):
             mtype = "event"
+            if wrong := unknown_unit(msg, device.kind, twin.units):
+                return self._reject(batch, r, "unknown_unit", wrong)
         else:
             mtype = "status"
             try:
                 twin.check_count(msg)
             except CountMismatch as exc:
                 return self._reject(batch, r, "count_mismatch", str(exc))
+        disproved, skewed = twin.wills_disproved, twin.clock_skewed
         outcome = twin.apply(msg, r.received_ms, retained=r.retained)
+        if twin.clock_skewed != skewed:
+            batch.skewed += 1
+        if twin.wills_disproved != disproved:  # rare: count it at once
+            self.metrics.wills_disproved.inc()
         batch.accepted[mtype] = batch.accepted.get(mtype, 0) + 1
         batch.outcomes[outcome] = batch.outcomes.get(outcome, 0) + 1
         if outcome is Outcome.DUPLICATE:
@@ -291,11 +304,14 @@ class Pipeline:
             m.accepted.labels(mtype).inc(n)
         for reason, n in batch.rejected.items():
             m.dead_letters.labels(reason).inc(n)
+        if batch.skewed:
+            m.clock_skew.inc(batch.skewed)
         for outcome, counter in (
             (Outcome.APPLIED, m.applied),
             (Outcome.DUPLICATE, m.duplicates),
             (Outcome.OUT_OF_ORDER, m.out_of_order),
             (Outcome.STALE_DEATH, m.stale_deaths),
+            (Outcome.SEQ_JUMP, m.seq_jumps),
         ):
             if n := batch.outcomes.get(outcome, 0):
                 counter.inc(n)

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from devices.contract import DEFAULT_HEARTBEAT_S
+from devices.contract import DEFAULT_HEARTBEAT_S, HEARTBEAT_MAX_S
 from devices.topics import DEFAULT_PREFIX
 from simulators.errors import SimulatorError
 from simulators.model import DEFAULT_FAULT_RATE
@@ -109,8 +109,8 @@ class FleetConfig:
             raise SimulatorError(f"--speed {self.speed}: must be > 0")
         if self.duration_s is not None and self.duration_s < 0:
             raise SimulatorError(f"--duration {self.duration_s}: must be >= 0 sim seconds")
-        if not 1 <= self.heartbeat_s <= 86400:
-            raise SimulatorError(f"--heartbeat-s {self.heartbeat_s}: must be 1..86400")
+        if not 1 <= self.heartbeat_s <= HEARTBEAT_MAX_S:
+            raise SimulatorError(f"--heartbeat-s {self.heartbeat_s}: must be 1..{HEARTBEAT_MAX_S}")
         if self.fault_rate < 0:
             raise SimulatorError(f"--fault-rate {self.fault_rate}: must be >= 0 faults/day")
         if self.start is not None and self.start.tzinfo is None:

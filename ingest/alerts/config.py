@@ -16,7 +16,7 @@ class KindLimits(BaseModel):
     temp_high_c: float = 60.0
     # Slot (battery) temperature above which a critical alert opens; cabinets only.
     unit_temp_high_c: float = 60.0
-    # A temperature rising at least this fast (°C per minute, device clock) is critical.
+    # A temperature rising this fast (°C per minute, device clock per rule_time) is critical.
     temp_rise_c_per_min: float = Field(default=2.0, gt=0)
     # The rise is measured over readings at most this old ...
     temp_rise_window_s: float = Field(default=300.0, gt=0)

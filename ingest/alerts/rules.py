@@ -11,7 +11,10 @@ Per device, on every applied message and on the timer:
   last report is stale, and the offline alert is the root cause (port/slot alerts are
   suppressed, neither opened nor resolved).
 - ``temperature_high`` / ``temperature_rise``: enclosure or slot temperature over a limit, or
-  rising faster than a limit per minute of device time (critical: fire precursors).
+  rising faster than a limit per minute (critical: fire precursors). Minutes of the rule
+  clock (``rule_time``): the device's clock while it advances plausibly (simulators run
+  theirs fast, and their temperatures follow it), our arrival clock for any step where the
+  device's stalls, goes back or leaps: one status from year 9999 or 0 cannot stop the rule.
 - ``charging_no_power``, ``energy_backwards``, ``ready_low_soc``, ``door_open_long``.
 
 Per station, on the timer: ``station_unavailable`` (open, nothing free, for a while) and
@@ -49,6 +52,31 @@ class DeviceMemory:
     door_open_since: int | None = None
     energy: dict[int, tuple[str | None, float]] = field(default_factory=dict)
     energy_drop: dict[int, float] = field(default_factory=dict)
+    # (device ts, rule time, arrival) of the last status: see ``rule_time``
+    clock: tuple[int, int, int] | None = None
+
+
+#: how much faster than ours a device clock may run and still be followed: above every
+#: simulator speed we run (14,400x in tests), far below a clock leaping by years
+DEVICE_CLOCK_RATE_MAX = 100_000
+#: a device step allowed between two statuses that arrive in the same instant
+DEVICE_CLOCK_SLACK_MS = 60_000
+
+
+def rule_time(mem: DeviceMemory, ts_ms: int, received_ms: int) -> int:
+    """The time the trend rules put a status at: a clock that never goes back, advancing by
+    the device's step since its last status when that step is plausible (forward, and at
+    most ``DEVICE_CLOCK_RATE_MAX`` times ours plus a slack), else by our step."""
+    if mem.clock is None:
+        mem.clock = (ts_ms, received_ms, received_ms)
+        return received_ms
+    last_ts, last_rule, last_arrival = mem.clock
+    ours = max(0, received_ms - last_arrival)
+    theirs = ts_ms - last_ts
+    plausible = 0 < theirs <= ours * DEVICE_CLOCK_RATE_MAX + DEVICE_CLOCK_SLACK_MS
+    now = last_rule + (theirs if plausible else ours)
+    mem.clock = (ts_ms, now, max(received_ms, last_arrival))
+    return now
 
 
 def observe(
@@ -72,7 +100,8 @@ def observe(
     if isinstance(msg, (PileStatus, CabinetStatus)):  # a tuple: faster than a union
         limits = cfg.limits(twin.kind)
         mem.event_faults.clear()  # a snapshot lists every active fault: it is newer
-        _remember_temp(mem, None, msg.ts, msg.temp_c, limits.temp_rise_window_s)
+        at = rule_time(mem, msg.ts, received_ms)
+        _remember_temp(mem, None, at, msg.temp_c, limits.temp_rise_window_s)
         if isinstance(msg, CabinetStatus):
             if msg.door_open:
                 if mem.door_open_since is None:
@@ -80,7 +109,7 @@ def observe(
             else:
                 mem.door_open_since = None
             for slot in msg.slots:
-                _remember_temp(mem, slot.n, msg.ts, slot.temp_c, limits.temp_rise_window_s)
+                _remember_temp(mem, slot.n, at, slot.temp_c, limits.temp_rise_window_s)
         else:
             mem.energy_drop.clear()
             for port in msg.ports:
@@ -109,7 +138,7 @@ def _remember_temp(
     if readings is None:  # not setdefault(unit, deque()): that builds a deque every call
         readings = mem.temps[unit] = deque()
     if readings and ts_ms <= readings[-1][0]:
-        return  # device clock went back (reboot, bad clock): not a trend
+        return  # the same instant (the rule clock never goes back)
     readings.append((ts_ms, temp))
     oldest_ms = ts_ms - window_s * 1000
     while readings and readings[0][0] < oldest_ms:

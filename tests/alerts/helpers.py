@@ -71,14 +71,14 @@ class Device:
         self.seq = 0
         self.birth_seq = 0
 
-    def _send(self, channel: str, body: dict[str, Any]) -> None:
+    def _send(self, channel: str, body: dict[str, Any], *, retained: bool = False) -> None:
         payload = {"v": 1, "boot": self.boot, "seq": self.seq, **body}
         if "online" not in body or body["online"]:
-            payload["ts"] = self.clock()
+            payload.setdefault("ts", self.clock())  # device time: ours, unless a test says
         self.seq += 1
         msg = decode(channel, json.dumps(payload).encode())  # type: ignore[arg-type]
         twin = self.engine.twins[self.id]
-        assert twin.apply(msg, self.clock()) is Outcome.APPLIED
+        assert twin.apply(msg, self.clock(), retained=retained) is Outcome.APPLIED
         self.engine.observe(twin.snapshot(), msg, self.clock())  # as the pipeline does
 
     def birth(self, heartbeat_s: int = 30) -> None:
@@ -92,7 +92,9 @@ class Device:
         self._send("state", {"online": False, "seq": self.birth_seq})
         self.seq -= 1  # a death carries its birth's seq, not a new one
 
-    def pile(self, faults: dict[int, str] | None = None, **extra: Any) -> None:
+    def pile(
+        self, faults: dict[int, str] | None = None, *, retained: bool = False, **extra: Any
+    ) -> None:
         faults = faults or {}
         ports = [
             {"n": n, "state": "faulted", "fault": faults[n]}
@@ -100,7 +102,7 @@ class Device:
             else {"n": n, "state": "available"}
             for n in range(1, self.units + 1)
         ]
-        self._send("status", {"kind": "pile", "ports": ports, **extra})
+        self._send("status", {"kind": "pile", "ports": ports, **extra}, retained=retained)
 
     def pile_ports(self, ports: list[dict[str, Any]], **extra: Any) -> None:
         rest = [{"n": n, "state": "available"} for n in range(len(ports) + 1, self.units + 1)]

@@ -73,7 +73,10 @@ async def test_offline_device_suppresses_its_port_alerts(tmp_path: Path) -> None
         [offline] = active(engine)
         assert (offline.rule, offline.severity, offline.unit) == ("offline", "major", None)
         assert offline.info == "Will received"
-        pile.pile({2: "relay_stuck"})  # a late snapshot of an offline device: root cause only
+        # the broker's retained copy of a snapshot proves no live connection: the device
+        # stays offline, and offline is the root cause (a live message would disprove the
+        # Will: tests/ingest/test_twins.py)
+        pile.pile({2: "relay_stuck"}, retained=True)
         engine.tick()
         assert active(engine) == [offline]
 
@@ -298,7 +301,7 @@ async def test_the_timer_skips_devices_until_the_clock_can_change_them(
     clock = Clock()
     async with running(tmp_path, clock, config(cabinet={"door_open_s": 300})) as engine:
         cabinet = Device(engine, clock, CABINET)
-        cabinet.birth(heartbeat_s=3600)  # stays online through the wait
+        cabinet.birth(heartbeat_s=600)  # stays online through the wait
         cabinet.cabinet()
         cabinet.event("door_opened")
         cabinet.cabinet(door_open=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,58 @@ async def test_temperature_high_and_rise(tmp_path: Path) -> None:
         assert {a.unit for a in active(engine, rule="temperature_high")} == {2, None}
 
 
+YEAR_9999_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z, the last ts the contract takes
+
+
+@pytest.mark.parametrize(
+    "device_ts",
+    [
+        # one status from a clock in year 9999 once disabled the rule for the device until
+        # restart (later readings looked older); then real statuses
+        lambda i, now: YEAR_9999_MS if i == 0 else now,
+        # the same from ts 0, in the middle of the trend
+        lambda i, now: 0 if i == 1 else now,
+        # a clock that never advances (no RTC: always 0), or stuck in 9999
+        lambda i, now: 0,
+        lambda i, now: YEAR_9999_MS,
+        # a clock that runs backwards by a second a minute
+        lambda i, now: now - i * 61_000,
+    ],
+    ids=["9999-then-real", "0-mid-trend", "stuck-at-0", "stuck-in-9999", "runs-backwards"],
+)
+async def test_rise_fires_whatever_the_device_clock_says(tmp_path: Path, device_ts: Any) -> None:
+    clock = Clock()
+    async with running(tmp_path, clock) as engine:
+        cabinet = Device(engine, clock, CABINET)
+        cabinet.birth()
+        for i, temp in enumerate((30.0, 31.0, 33.0)):
+            cabinet.cabinet({2: {"temp_c": temp}}, ts=device_ts(i, clock()))
+            clock.advance(60)
+        assert active(engine) == []  # +1.5 °C/min over 2 minutes: normal
+        cabinet.cabinet({2: {"temp_c": 37.0}}, ts=device_ts(3, clock()))  # 2.33 °C/min
+        [rise] = active(engine)
+        assert (rise.rule, rise.unit, rise.last_value) == ("temperature_rise", 2, 2.33)
+
+
+async def test_rise_is_per_minute_of_a_fast_device_clock(tmp_path: Path) -> None:
+    # the simulators run their clock fast (the demo 60x, tests up to 14,400x), and their
+    # temperatures change per simulated minute: the rate is taken on the device clock while it
+    # advances plausibly, or a demo would raise fire alerts for normal charging
+    clock = Clock()
+    async with running(tmp_path, clock) as engine:
+        cabinet = Device(engine, clock, CABINET)
+        cabinet.birth()
+        device_ms = clock()
+        for temp in (30.0, 31.0, 32.0, 33.0, 34.0, 35.0):  # 1 °C per simulated minute
+            cabinet.cabinet({2: {"temp_c": temp}}, ts=device_ms)
+            clock.advance(1)
+            device_ms += 60_000
+        assert active(engine) == []
+        cabinet.cabinet({2: {"temp_c": 45.0}}, ts=device_ms)  # 10 °C in a simulated minute
+        [rise] = active(engine)
+        assert rise.rule == "temperature_rise"
+
+
 def test_rise_needs_a_span() -> None:
     assert rise_per_min([(0, 30.0), (10_000, 35.0)], 60) is None
     assert rise_per_min([(0, 30.0), (120_000, 36.0)], 60) == 3.0
@@ -57,7 +110,7 @@ async def test_charging_without_power_energy_backwards(tmp_path: Path) -> None:
     cfg = config(pile={"charging_no_power_s": 120})
     async with running(tmp_path, clock, cfg) as engine:
         pile = Device(engine, clock, PILE)
-        pile.birth(heartbeat_s=3600)  # stays online through the wait
+        pile.birth(heartbeat_s=600)  # stays online through the wait
         port = {"n": 1, "state": "charging", "power_w": 0.5, "energy_wh": 300.0, "session": "s-1"}
         pile.pile_ports([port])
         clock.advance(119)
@@ -81,7 +134,7 @@ async def test_ready_low_soc_and_door_open(tmp_path: Path) -> None:
     cfg = config(cabinet={"door_open_s": 300})
     async with running(tmp_path, clock, cfg) as engine:
         cabinet = Device(engine, clock, CABINET)
-        cabinet.birth(heartbeat_s=3600)  # stays online through the wait
+        cabinet.birth(heartbeat_s=600)  # stays online through the wait
         cabinet.cabinet({7: {"soc": 62}})
         [low] = active(engine)
         assert (low.rule, low.unit, low.last_value, low.severity) == (
@@ -107,7 +160,7 @@ async def test_station_without_anything_available_while_open(tmp_path: Path) -> 
     clock = Clock()  # 12:00 Shanghai; yungu-road is open 07:00-21:00
     async with running(tmp_path, clock, config(station_unavailable_s=600)) as engine:
         pile = Device(engine, clock, "YGR-P01")
-        pile.birth(heartbeat_s=3600)
+        pile.birth(heartbeat_s=600)
         busy = [{"n": n, "state": "charging", "power_w": 150.0} for n in range(1, 11)]
         pile.pile_ports(busy)
         engine.tick()

@@ -8,13 +8,17 @@ from typing import Any
 import pytest
 
 from devices.contract import (
+    CLOCK_SKEW_MAX_MS,
+    HEARTBEAT_MAX_S,
     MAX_PAYLOAD_BYTES,
+    SEQ_MAX,
     Birth,
     CabinetStatus,
     ContractError,
     Death,
     Event,
     PileStatus,
+    clock_skewed,
     decode,
     ms_to_datetime,
     parse_ts,
@@ -398,10 +402,10 @@ def test_number_literal_overflowing_to_infinity() -> None:
     assert reason_of("status", payload) == "schema"
 
 
-@pytest.mark.parametrize("seq", [2**63, 10**30])
-def test_seq_beyond_64_bits_rejected(seq: int) -> None:
-    # every store keeps seq as a signed 64-bit integer; a bigger one must be bad input,
-    # not an exception from the store
+@pytest.mark.parametrize("seq", [2**53, 2**63 - 1, 2**63, 10**30])
+def test_seq_from_2_53_rejected(seq: int) -> None:
+    # seq < 2^53: it fits every store's signed 64-bit integer and a JavaScript number, and a
+    # device that sends a message a microsecond takes 285 years to get there
     assert reason_of("status", dumps(pile(seq=seq))) == "schema"
     assert reason_of("state", dumps({"v": 1, "online": False, "boot": "abcd", "seq": seq})) == (
         "schema"
@@ -409,7 +413,69 @@ def test_seq_beyond_64_bits_rejected(seq: int) -> None:
 
 
 def test_largest_seq_accepted() -> None:
-    assert decode("status", dumps(pile(seq=2**63 - 1))).seq == 2**63 - 1
+    assert SEQ_MAX == 2**53 - 1
+    assert decode("status", dumps(pile(seq=2**53 - 1))).seq == 2**53 - 1
+
+
+def _numbered(count: int, n: int) -> list[dict[str, Any]]:
+    """``count`` available ports; the last one is numbered ``n``."""
+    return [{"n": i, "state": "available"} for i in range(1, count)] + [
+        {"n": n, "state": "available"}
+    ]
+
+
+@pytest.mark.parametrize("n", [257, 2**63, 10**30])
+@pytest.mark.parametrize(
+    ("channel", "data"),
+    [
+        ("event", lambda n: header(type="fault_raised", code="smoke", port=n)),
+        ("event", lambda n: header(type="fault_cleared", code="smoke", slot=n)),
+        ("event", lambda n: header(type="session_started", port=n, session="s")),
+        ("event", lambda n: header(type="session_ended", port=n, session="s", energy_wh=1)),
+        (
+            "event",
+            lambda n: header(
+                type="swap", slot_out=n, battery_out="B", soc_out=90, slot_in=1,
+                battery_in="C", soc_in=10,
+            ),
+        ),
+        (
+            "event",
+            lambda n: header(
+                type="swap", slot_out=1, battery_out="B", soc_out=90, slot_in=n,
+                battery_in="C", soc_in=10,
+            ),
+        ),
+        ("status", lambda n: header(kind="pile", ports=_numbered(1, n))),
+        ("status", lambda n: header(kind="cabinet", slots=_numbered(1, n))),
+    ],
+)  # fmt: skip
+def test_unit_numbers_beyond_256_rejected(channel: Channel, data: Any, n: int) -> None:
+    # no device has more than 256 ports or slots (the catalog's and the birth's limit); a
+    # number past 2^63 once killed the alert writer (its SQLite insert overflowed)
+    assert reason_of(channel, dumps(data(n))) == "schema"
+
+
+def test_unit_256_accepted() -> None:
+    event = decode("event", dumps(header(type="fault_raised", code="smoke", port=256)))
+    assert isinstance(event, Event)
+    assert event.port == 256
+    status = decode("status", dumps(header(kind="pile", ports=_numbered(256, 256))))
+    assert len(status.units) == 256
+
+
+@pytest.mark.parametrize(("heartbeat_s", "ok"), [(0, False), (1, True), (600, True), (601, False)])
+def test_heartbeat_bounds(heartbeat_s: int, ok: bool) -> None:
+    # a birth's heartbeat decides how long its state counts as live: 3 x 86400 s let one
+    # forged birth show fake state as online for three days
+    assert HEARTBEAT_MAX_S == 600
+    birth = header(online=True, kind="pile", ports=2, heartbeat_s=heartbeat_s)
+    if ok:
+        msg = decode("state", dumps(birth))
+        assert isinstance(msg, Birth)
+        assert msg.heartbeat_s == heartbeat_s
+    else:
+        assert reason_of("state", dumps(birth)) == "schema"
 
 
 def test_schema_detail_names_the_field() -> None:
@@ -497,3 +563,19 @@ def test_pile_device_faults() -> None:
     msg = decode("status", dumps(pile(faults=["ground_fault"])))
     assert isinstance(msg, PileStatus)
     assert msg.device_faults == ["ground_fault"]
+
+
+@pytest.mark.parametrize(
+    ("ts", "retained", "skewed"),
+    [
+        (NOON_CST_MS, False, False),
+        (NOON_CST_MS + CLOCK_SKEW_MAX_MS, False, False),
+        (NOON_CST_MS + CLOCK_SKEW_MAX_MS + 1, False, True),
+        (NOON_CST_MS - CLOCK_SKEW_MAX_MS - 1, False, True),
+        (NOON_CST_MS - CLOCK_SKEW_MAX_MS - 1, True, False),  # a retained copy may be old
+        (NOON_CST_MS + CLOCK_SKEW_MAX_MS + 1, True, True),  # never from our future
+        (0, False, True),
+    ],
+)
+def test_clock_skew(ts: int, retained: bool, skewed: bool) -> None:
+    assert clock_skewed(ts, NOON_CST_MS, retained=retained) is skewed

@@ -7,7 +7,8 @@ smoke (``set_smoke``), a hot slot (``set_temperature``) and a door left open (``
 For each condition: the right alert (rule, code, severity, station, device, port/slot) within
 2 s, one alert however many heartbeats repeat it, and auto-resolution only after the
 verification window once cleared. Then: a dropped device gets one ``offline`` alert, and
-neither a late status it sent nor faults raised meanwhile open port alerts while it is offline.
+neither a status of a boot without birth nor faults raised meanwhile open port alerts while it
+is offline.
 """
 
 from __future__ import annotations
@@ -298,15 +299,17 @@ async def offline_phase(api: Api, fleet: Fleet, broker: Process) -> None:
 
     # BACK: a fault raised while offline is queued on the device (nothing reaches the service)
     fleet.inject_fault(BACK, "ground_fault", 6)
-    # LATE: a status it sent before the drop arrives after its Will (a QoS 1 redelivery),
-    # newer than anything applied: it lists faults, yet the device is offline.
-    late_seq = late_before["status_seq"] + 100
+    # LATE: a status of its next boot arrives before that boot's birth: applied, it lists
+    # faults, yet the device is offline (online needs the boot's birth). A status of the same
+    # boot newer than everything seen would prove a live connection and disprove the Will
+    # (docs/protocol.md), so that is not what a dropped device can send late.
+    late_seq = 1
     ports = [{"n": n, "state": "available", "power_w": 0, "energy_wh": 0} for n in range(1, 11)]
     ports[1] = {"n": 2, "state": "faulted", "fault": "relay_stuck"}
     status = {
         "v": 1,
         "ts": wall_ms(),
-        "boot": late_before["boot"],
+        "boot": late_before["boot"] + "x",
         "seq": late_seq,
         "kind": "pile",
         "temp_c": 99.0,

@@ -124,10 +124,11 @@ def test_birth_status_duplicates_and_order(broker: Process, service: Service) ->
     assert station["piles"]["ports_free"] == 7
     assert station["piles"]["online"] == 1
 
-    # an exact duplicate, then an older seq with other content: neither changes state
-    pile.publish("status", pile_status("boota", 1, charging=3))
-    pile.publish("status", pile_status("boota", 2, charging=5))
+    # a duplicate (the same boot and seq, even with other content), then an older seq not
+    # seen before: neither changes state
     pile.publish("status", pile_status("boota", 1, charging=9))
+    pile.publish("status", pile_status("boota", 3, charging=5))
+    pile.publish("status", pile_status("boota", 2, charging=9))
     eventually(lambda: _assert_charging(service, 5))
     eventually(lambda: _assert_metric(service, "chargewatch_messages_duplicate_total", 1))
     eventually(lambda: _assert_metric(service, "chargewatch_messages_out_of_order_total", 1))

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from api.views import station_view
 from devices.catalog import Catalog
 from devices.topics import TopicScheme
 from ingest import StoreUnavailable
@@ -259,6 +260,51 @@ async def test_out_of_order_kept_in_history_only(rig: Rig) -> None:
     assert rig.metric("chargewatch_messages_out_of_order_total") == 1
 
 
+async def test_redelivered_older_status_is_counted_once(rig: Rig) -> None:
+    # QoS 1 redelivers a stored but unacknowledged status after newer ones (a broker restart)
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth()),
+        rig.received(PILE, "status", pile_status(1)),
+        rig.received(PILE, "status", pile_status(2, state="charging")),
+    )
+    await rig.feed(rig.received(PILE, "status", pile_status(1)))
+    assert rig.metric("chargewatch_messages_out_of_order_total") == 0
+    assert rig.metric("chargewatch_messages_duplicate_total") == 1
+    assert rig.stored_seqs(PILE) == [("birth", 0), ("status", 1), ("status", 2)]
+
+
+async def test_huge_seq_is_stored_held_and_the_device_goes_on(rig: Rig) -> None:
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth()),
+        rig.received(PILE, "status", pile_status(1)),
+        rig.received(PILE, "status", pile_status(2**53 - 1, state="disabled")),
+        rig.received(PILE, "status", pile_status(2, state="charging")),
+    )
+    twin = rig.twin(PILE)
+    assert twin.status is not None
+    assert (twin.status.seq, twin.lost_messages, twin.max_seq) == (2, 0, 2)
+    assert rig.metric("chargewatch_messages_seq_jump_total") == 1
+    assert ("status", 2**53 - 1) in rig.stored_seqs(PILE)
+    assert rig.store.dead_letters() == []
+
+
+async def test_device_time_is_kept_and_its_skew_counted(rig: Rig) -> None:
+    year_9999 = 253_402_300_799_000
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth(0, ts=T0 + 60_000)),  # a minute off: fine
+        rig.received(PILE, "status", pile_status(1, ts=year_9999)),
+        rig.received(PILE, "status", pile_status(1, ts=year_9999)),  # a redelivery: once
+        rig.received(PILE, "status", pile_status(2, ts=0)),
+        # a retained copy may be old (not skew), never from our future
+        rig.received(CABINET, "status", cabinet_status(5, ts=T0 - 3_600_000), retained=True),
+        rig.received(CABINET, "status", cabinet_status(6, ts=T0 + 600_000), retained=True),
+    )
+    stored = {r["seq"]: r["ts_ms"] for r in rig.store.messages(PILE)}
+    assert stored == {0: T0 + 60_000, 1: year_9999, 2: 0}  # device time, as sent
+    assert (rig.twin(PILE).clock_skewed, rig.twin(CABINET).clock_skewed) == (2, 1)
+    assert rig.metric("chargewatch_clock_skew_messages_total") == 3
+
+
 async def test_retained_status_before_birth_leaves_device_online(rig: Rig) -> None:
     now = T0 + 5000
     await rig.feed(
@@ -280,6 +326,22 @@ async def test_stale_will_stored_but_ignored(rig: Rig) -> None:
     assert rig.twin(PILE).online_flag
     assert rig.metric("chargewatch_stale_deaths_total") == 1
     assert ("death", 0) in rig.stored_seqs(PILE)
+
+
+async def test_a_forged_will_does_not_keep_a_talking_device_offline(rig: Rig) -> None:
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth(0)),
+        rig.received(PILE, "status", pile_status(1)),
+    )
+    await rig.feed(rig.received(PILE, "state", will(0), at=T0 + 1000))  # forged, or early
+    assert not rig.twin(PILE).online(T0 + 1000)
+    await rig.feed(rig.received(PILE, "status", pile_status(2), at=T0 + 2000))
+    twin = rig.twin(PILE)
+    assert twin.online(T0 + 2000)
+    assert twin.wills_disproved == 1
+    assert rig.metric("chargewatch_wills_disproved_total") == 1
+    (record,) = [t for t in rig.store.load_twins() if t["device_id"] == PILE]
+    assert (record["online_flag"], record["wills_disproved"]) == (True, 1)
 
 
 async def test_cmd_topic_is_acked_and_not_data(rig: Rig) -> None:
@@ -327,7 +389,20 @@ BAD: list[tuple[str, str, Any, str]] = [
     (PILE, "state", cabinet_birth(), "kind_mismatch"),
     (CABINET, "status", pile_status(1), "kind_mismatch"),
     (PILE, "status", b"{" + b" " * (16 * 1024) + b"}", "oversized"),
-]
+    # a port/slot number must exist on that device (catalog: the pile has 10, the cabinet 12)
+    (PILE, "event", {**header(1), "type": "fault_raised", "code": "smoke", "port": 11}, "unknown_unit"),
+    (PILE, "event", {**header(1), "type": "fault_raised", "code": "smoke", "port": 2**63}, "schema"),
+    (PILE, "event", {**header(1), "type": "session_started", "port": 11, "session": "s"}, "unknown_unit"),
+    (PILE, "event", {**header(1), "type": "fault_raised", "code": "smoke", "slot": 1}, "unknown_unit"),
+    (CABINET, "event", {**header(1), "type": "fault_raised", "code": "smoke", "slot": 13}, "unknown_unit"),
+    (CABINET, "event", {**header(1), "type": "fault_raised", "code": "smoke", "port": 1}, "unknown_unit"),
+    (CABINET, "event", {**header(1), "type": "swap", "slot_out": 13, "battery_out": "B", "soc_out": 95, "slot_in": 1, "battery_in": "C", "soc_in": 9}, "unknown_unit"),
+    (CABINET, "event", {**header(1), "type": "swap", "slot_out": 1, "battery_out": "B", "soc_out": 95, "slot_in": 13, "battery_in": "C", "soc_in": 9}, "unknown_unit"),
+    # the catalog is the authority on unit counts: a birth may not change them
+    (PILE, "state", pile_birth(ports=256), "count_mismatch"),
+    (PILE, "state", pile_birth(ports=8), "count_mismatch"),
+    (PILE, "state", {**pile_birth(), "heartbeat_s": 86400}, "schema"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("device", "channel", "payload", "reason"), BAD)
@@ -373,17 +448,69 @@ async def test_a_decoder_bug_is_a_dead_letter_not_a_stall(
     assert rig.stored_seqs(PILE) == [("birth", 0)]
 
 
-async def test_count_checked_against_birth(rig: Rig) -> None:
-    await rig.feed(rig.received(PILE, "state", pile_birth(ports=8)))
+async def test_unknown_units_are_dead_letters_and_the_rest_applies(rig: Rig) -> None:
+    # port 2^63 once killed the alert writer (its SQLite insert overflowed) and port 11 named
+    # nothing on a 10-port pile: both are dead letters, and the pile's other messages apply
+    heard: list[tuple[int, Any]] = []
+    rig.pipeline.observers.append(lambda twin, msg, at: heard.append((msg.seq, msg)))
+    raised = {**header(2), "type": "fault_raised", "code": "smoke"}
     await rig.feed(
-        rig.received(
-            PILE, "status", pile_status(1, ports=10)
-        ),  # the catalog's count, not the birth's
-        rig.received(PILE, "status", pile_status(2, ports=8)),
+        rig.received(PILE, "state", pile_birth(0)),
+        rig.received(PILE, "status", pile_status(1)),
+        rig.received(PILE, "event", {**raised, "port": 2**63}),
+        rig.received(PILE, "event", {**raised, "seq": 3, "port": 11}),
+        rig.received(PILE, "event", {**raised, "seq": 4, "port": 10}),
+        rig.received(PILE, "status", pile_status(5, state="charging")),
+    )
+    assert rig.store.dead_letter_counts() == {"schema": 1, "unknown_unit": 1}
+    detail = {d.reason: d.detail for d in rig.store.dead_letters()}["unknown_unit"]
+    assert detail == "port 11: the device has ports 1..10"
+    assert rig.stored_seqs(PILE) == [("birth", 0), ("status", 1), ("event", 4), ("status", 5)]
+    assert [seq for seq, _ in heard] == [0, 1, 4, 5]
+    twin = rig.twin(PILE)
+    assert twin.status is not None
+    assert twin.status.seq == 5
+    assert twin.online(T0)
+    assert len(rig.acked) == 6
+
+
+async def test_status_count_checked_against_the_catalog(rig: Rig) -> None:
+    await rig.feed(rig.received(PILE, "state", pile_birth()))
+    await rig.feed(
+        rig.received(PILE, "status", pile_status(1, ports=8)),
+        rig.received(PILE, "status", pile_status(2, ports=10)),
     )
     assert rig.store.dead_letter_counts() == {"count_mismatch": 1}
-    assert "10 ports listed, the device has 8" in rig.store.dead_letters()[0].detail
+    assert "8 ports listed, the device has 10" in rig.store.dead_letters()[0].detail
     assert rig.stored_seqs(PILE) == [("birth", 0), ("status", 2)]
+
+
+async def test_birth_cannot_change_the_catalog_count(rig: Rig) -> None:
+    # a forged (or misconfigured) birth saying 256 ports once took a station's ports_total
+    # from 600 to 846: the catalog is the authority, the birth is a dead letter
+    await rig.feed(
+        rig.received(PILE, "state", pile_birth(0)),
+        rig.received(PILE, "status", pile_status(1)),
+    )
+    station = CATALOG.stations[CATALOG.devices[PILE].station_id]
+    before = station_view(station, rig.pipeline.twins, T0)["piles"]
+    await rig.feed(rig.received(PILE, "state", pile_birth(2, ports=256, boot="boot-b")))
+    after = station_view(station, rig.pipeline.twins, T0)["piles"]
+    assert (after["ports_total"], after["ports_free"]) == (
+        before["ports_total"],
+        before["ports_free"],
+    )
+    assert before["ports_free"] == 10  # the pile's own ten, all available
+    (letter,) = rig.store.dead_letters()
+    assert (letter.reason, letter.detail) == (
+        "count_mismatch",
+        "birth says 256 ports, the catalog says 10",
+    )
+    twin = rig.twin(PILE)
+    assert (twin.units, twin.boot, twin.online_flag) == (10, "boot-a", True)
+    await rig.feed(rig.received(PILE, "status", pile_status(3)))  # the device's own count
+    assert twin.status is not None
+    assert twin.status.seq == 3
 
 
 async def test_bad_and_good_in_one_batch(rig: Rig) -> None:

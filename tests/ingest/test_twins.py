@@ -9,7 +9,14 @@ import pytest
 
 from devices.catalog import Catalog, Device, DeviceSpec
 from devices.contract import Birth, CabinetStatus, Death, Event, Message, PileStatus
-from ingest.twins import RETIRED_BOOTS_KEPT, CountMismatch, Outcome, Twin
+from ingest.twins import (
+    RECENT_SEQS_KEPT,
+    RETIRED_BOOTS_KEPT,
+    SEQ_JUMP_MAX,
+    CountMismatch,
+    Outcome,
+    Twin,
+)
 
 T0 = 1_796_284_800_000  # our clock and the device clock agree unless a test says otherwise
 PORTS = 4
@@ -91,13 +98,15 @@ def test_birth_then_status() -> None:
     assert (t.lost_messages, t.duplicates, t.out_of_order, t.reboots) == (0, 0, 0, 0)
 
 
-def test_birth_count_overrides_catalog() -> None:
+def test_birth_never_changes_the_catalog_count() -> None:
+    # the pipeline rejects a birth whose count differs (count_mismatch); the twin itself
+    # keeps the catalog's count whatever it is handed
     t = twin()
     t.apply(birth(ports=6), T0)
-    assert t.units == 6
-    with pytest.raises(CountMismatch, match="4 ports listed, the device has 6"):
-        t.check_count(status(1))
-    t.check_count(status(2, states=("available",) * 6))  # no exception: the count matches
+    assert t.units == PORTS
+    with pytest.raises(CountMismatch, match="6 ports listed, the device has 4"):
+        t.check_count(status(1, states=("available",) * 6))
+    t.check_count(status(2))  # no exception: the catalog's count
 
 
 def test_check_count_against_catalog_before_birth() -> None:
@@ -195,12 +204,67 @@ def test_late_message_of_a_retired_boot_is_ignored(late: Message) -> None:
     assert t.last_seen_ms == T0 + 10_001
 
 
+def test_one_message_of_a_strange_boot_does_not_freeze_the_device_out() -> None:
+    # a forged (or corrupt) birth with a new boot retired the real one: every later message of
+    # the real device was "late" until it rebooted. A retired boot that goes on (two messages
+    # in a row above everything it sent before, not retained) is the live one again.
+    t = twin()
+    feed(t, birth(0), status(1, states=("charging",) * PORTS))
+    assert t.apply(birth(0, boot="forged"), T0 + 10) is Outcome.APPLIED
+    assert (t.boot, t.online_flag) == ("forged", True)  # one message: believed, for now
+    assert t.apply(status(2), T0 + 20) is Outcome.OUT_OF_ORDER  # one could be a late one
+    assert t.apply(status(3), T0 + 30) is Outcome.APPLIED  # two in a row: alive
+    assert (t.boot, t.online_flag, t.status_seq, t.max_seq) == ("boot-a", True, 3, 3)
+    assert t.status is not None
+    assert t.status.boot == "boot-a"
+    assert (t.boots_revived, t.retired_boots, t.lost_messages) == (1, ["forged"], 0)
+    assert t.apply(status(2), T0 + 40) is Outcome.DUPLICATE  # stored while held
+    assert t.apply(death(0), T0 + 50) is Outcome.APPLIED  # its Will applies again
+    assert not t.online_flag
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        status(1),  # not above what the boot sent before it was retired
+        status(3, boot="boot-b"),  # the current boot spoke in between
+    ],
+)
+def test_a_retired_boot_needs_two_live_messages_in_a_row(second: Message) -> None:
+    t = twin()
+    feed(t, birth(0), status(1), birth(0, boot="boot-b"), status(1, boot="boot-b"))
+    t.apply(status(5), T0 + 10)
+    t.apply(second, T0 + 20)
+    t.apply(status(6), T0 + 30)
+    assert (t.boot, t.boots_revived) == ("boot-b", 0)
+
+
+def test_retained_messages_of_a_retired_boot_revive_nothing() -> None:
+    t = twin()
+    feed(t, birth(0), status(1), birth(0, boot="boot-b"))
+    t.apply(status(5), T0 + 10, retained=True)
+    t.apply(status(6), T0 + 20, retained=True)
+    assert (t.boot, t.boots_revived) == ("boot-b", 0)
+
+
+def test_boots_retired_in_an_older_record_are_never_revived() -> None:
+    t = twin()
+    feed(t, birth(0), status(1), birth(0, boot="boot-b"))
+    record = t.to_record()
+    del record["retired_max_seqs"], record["retired_birth_seqs"]  # written before they were
+    again = Twin.from_record(record)
+    assert again.apply(status(5), T0 + 10) is Outcome.OUT_OF_ORDER
+    assert again.apply(status(6), T0 + 20) is Outcome.OUT_OF_ORDER
+    assert again.boot == "boot-b"
+
+
 def test_only_recent_boots_are_remembered() -> None:
     t = twin()
     boots = [f"boot-{i:02d}" for i in range(RETIRED_BOOTS_KEPT + 3)]
     for i, b in enumerate(boots):
         t.apply(birth(0, boot=b), T0 + i)
     assert t.retired_boots == boots[-RETIRED_BOOTS_KEPT - 1 : -1]
+    assert (t.retired_max_seqs, t.retired_birth_seqs) == ([0] * RETIRED_BOOTS_KEPT,) * 2
     assert t.reboots == len(boots) - 1
 
 
@@ -254,6 +318,66 @@ def test_online_again_after_death_and_reconnect() -> None:
     assert t.apply(birth(1), T0 + 60_000) is Outcome.APPLIED
     assert t.online_flag
     assert t.online_since_ms == T0 + 60_000
+
+
+def test_a_live_message_after_the_will_disproves_it() -> None:
+    # a forged Will (any client that may write the state topic) once kept a device offline
+    # while its statuses kept arriving: a message of the same boot newer than everything seen
+    # when the Will applied proves a live connection (Sparkplug: data after a death)
+    t = twin()
+    feed(t, birth(0), status(1))
+    assert t.apply(death(0), T0 + 5000) is Outcome.APPLIED
+    assert not t.online(T0 + 5000)
+    assert t.apply(status(2), T0 + 6000) is Outcome.APPLIED
+    assert t.online_flag
+    assert t.online(T0 + 6000)
+    assert (t.wills_disproved, t.online_since_ms) == (1, T0 + 6000)
+    # the same for an event, after the next Will
+    t.apply(death(0), T0 + 7000)
+    assert not t.online_flag
+    assert t.apply(event(3), T0 + 8000) is Outcome.APPLIED
+    assert (t.online_flag, t.wills_disproved) == (True, 2)
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        status(1),  # a redelivery of what was seen before the Will
+        event(2),  # a late message, sent before the connection died
+    ],
+)
+def test_nothing_older_than_the_will_disproves_it(after: Message) -> None:
+    t = twin()
+    feed(t, birth(0), event(1), status(3))  # 2 is late
+    t.apply(death(0), T0 + 5000)
+    t.apply(after, T0 + 6000)
+    assert (t.online_flag, t.wills_disproved) == (False, 0)
+
+
+def test_a_retained_message_does_not_disprove_a_will() -> None:
+    t = twin()
+    feed(t, birth(0), status(1))
+    t.apply(death(0), T0 + 5000)
+    # a retained status proves nothing about a live connection (it may be the broker's copy)
+    t.apply(status(2, ts=T0 + 4000), T0 + 6000, retained=True)
+    assert (t.online_flag, t.wills_disproved) == (False, 0)
+
+
+def test_a_new_boot_needs_its_birth_after_a_will() -> None:
+    t = twin()
+    feed(t, birth(0), status(1), death(0))
+    t.apply(status(1, boot="boot-b"), T0 + 6000)
+    assert (t.online_flag, t.wills_disproved) == (False, 0)
+
+
+def test_a_will_far_past_the_sequence_cannot_be_placed() -> None:
+    # it names no connection we know; applied, it would also hold back the births after it
+    t = twin()
+    feed(t, birth(0), status(1))
+    assert t.apply(death(2 + SEQ_JUMP_MAX + 1), T0 + 5000) is Outcome.STALE_DEATH
+    assert t.online_flag
+    assert t.apply(death(2 + SEQ_JUMP_MAX), T0 + 5000) is Outcome.APPLIED  # birth lost
+    assert not t.online_flag
 
 
 # -- retained messages -----------------------------------------------------------------------
@@ -342,12 +466,81 @@ def test_losses_of_a_previous_boot_stay_counted() -> None:
     assert t.lost_messages == 2
 
 
-def test_huge_gap_is_counted() -> None:
+def test_redelivered_older_status_is_a_duplicate_not_out_of_order() -> None:
+    # after a broker restart QoS 1 redelivers what was stored but never acknowledged, after
+    # newer messages: each message must be counted once (12 such "out of order" were seen)
     t = twin()
-    feed(t, birth(0), status(10**12))
-    assert t.lost_messages == 10**12 - 1
-    t.apply(status(10**12 - 1), T0 + 10)  # the message just before the jump was late
-    assert t.lost_messages == 10**12 - 2
+    feed(t, birth(0), status(1), status(2), event(3), status(4))
+    assert [t.apply(m, T0 + 10) for m in (status(2), status(1), event(3), birth(0))] == [
+        Outcome.DUPLICATE
+    ] * 4
+    assert (t.duplicates, t.out_of_order, t.lost_messages) == (4, 0, 0)
+    assert t.status is not None
+    assert t.status.seq == 4
+    # a real late message is still out of order, once; its redelivery is a duplicate
+    feed(t, status(6), status(5), status(5), at=T0 + 20)
+    assert (t.out_of_order, t.duplicates, t.lost_messages) == (1, 5, 0)
+
+
+def test_redeliveries_are_recognised_only_within_the_recent_window() -> None:
+    t = twin()
+    last = 2 * RECENT_SEQS_KEPT + 1  # the memory is trimmed to the newest 64 past 128
+    feed(t, birth(0), *(status(seq) for seq in range(1, last + 1)))
+    oldest_kept = last - RECENT_SEQS_KEPT
+    assert t.apply(status(oldest_kept), T0 + 10) is Outcome.DUPLICATE  # still remembered
+    assert t.apply(status(1), T0 + 11) is Outcome.OUT_OF_ORDER  # forgotten: older, not applied
+
+
+def test_repeated_events_are_remembered_apart_from_statuses() -> None:
+    # a late repeat of an event must not look new (its alert would be raised again)
+    t = twin()
+    feed(t, birth(0), event(1), *(status(seq) for seq in range(2, RECENT_SEQS_KEPT + 3)))
+    assert t.apply(event(1), T0 + 10) is Outcome.DUPLICATE
+
+
+def test_one_huge_seq_jump_is_held_and_does_not_freeze_the_device() -> None:
+    # a forged (or corrupt) status with a huge seq once froze the real device out for the
+    # rest of its boot, and lost_messages read 9.22e18
+    t = twin()
+    feed(t, birth(0), status(1))
+    forged = status(2**53 - 1)
+    assert t.apply(forged, T0 + 10) is Outcome.SEQ_JUMP
+    assert t.status is not None
+    assert t.status.seq == 1  # not applied
+    real = status(2, states=("charging",) * PORTS)
+    assert feed(t, real, event(3), status(4), at=T0 + 20) == [Outcome.APPLIED] * 3
+    assert t.status.seq == 4
+    assert (t.max_seq, t.lost_messages, t.out_of_order, t.seq_jumps, t.seq_resets) == (
+        4,
+        0,
+        0,
+        1,
+        0,
+    )
+    assert t.apply(forged, T0 + 30) is Outcome.DUPLICATE  # its redelivery: counted once
+
+
+def test_a_jump_the_device_continues_from_is_a_reset() -> None:
+    # a real device whose counter jumped (or that lost more than the window) goes on from the
+    # new number: the next message confirms the jump; no billions of lost messages
+    t = twin()
+    feed(t, birth(0), status(1))
+    jump = 1 + SEQ_JUMP_MAX + 2  # SEQ_JUMP_MAX + 1 missing
+    assert t.apply(status(jump), T0 + 10) is Outcome.SEQ_JUMP
+    assert t.apply(status(jump + 2), T0 + 11) is Outcome.APPLIED  # jump + 1 lost, uncounted
+    assert t.status is not None
+    assert t.status.seq == jump + 2
+    assert (t.max_seq, t.lost_messages, t.seq_jumps, t.seq_resets) == (jump + 2, 0, 1, 1)
+    assert t.apply(status(jump + 1), T0 + 12) is Outcome.OUT_OF_ORDER  # late, as usual
+    assert t.apply(status(jump + 3), T0 + 13) is Outcome.APPLIED
+
+
+def test_gap_within_the_window_is_counted() -> None:
+    t = twin()
+    feed(t, birth(0), status(SEQ_JUMP_MAX + 1))
+    assert (t.lost_messages, t.seq_jumps) == (SEQ_JUMP_MAX, 0)
+    t.apply(status(SEQ_JUMP_MAX), T0 + 10)  # the message just before the gap's end was late
+    assert t.lost_messages == SEQ_JUMP_MAX - 1
 
 
 # -- persistence -----------------------------------------------------------------------------
@@ -419,7 +612,8 @@ def test_record_round_trip_keeps_status_and_counters() -> None:
     assert again.status.device_faults == ["vendor_x42", "smoke"]
     assert [s.soc for s in again.status.slots] == [97, 43, None, None]
     assert again.status.ts == 1_795_838_400_250  # 2026-11-28T04:00:00.250Z
-    assert (again.lost_messages, again.duplicates, again.recent_event_seqs) == (1, 1, [2])
+    assert (again.lost_messages, again.duplicates, again.recent_seqs) == (1, 1, [0, 3, 2])
+    assert again.recent_event_seqs == [2]
     # ordering continues where it left off
     assert again.apply(event(2), T0 + 10) is Outcome.DUPLICATE
     assert again.apply(_cabinet_status(1), T0 + 11) is Outcome.OUT_OF_ORDER

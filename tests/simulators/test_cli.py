@@ -94,6 +94,8 @@ async def test_the_whole_district_comes_up_holds_and_stops_gracefully(
         (["--broker", "mqtt://h:1", "--shard", "3/2"], "--shard"),
         (["--broker", "mqtt://h:1", "--catalog", "/nonexistent.json"], "cannot read catalog"),
         (["--broker", "mqtt://h:1", "--speed", "0"], "--speed"),
+        # the service rejects a birth with a longer heartbeat (contract bound)
+        (["--broker", "mqtt://h:1", "--heartbeat-s", "601"], "--heartbeat-s 601: must be 1..600"),
     ],
 )
 def test_bad_options_fail_with_a_message(
