@@ -104,7 +104,6 @@ async def test_a_killed_alert_task_is_said_alerted_and_restarted(tmp_path: Path,
         assert served.ingest.alerts is not None
         sub = await served.ingest.alerts.notifier.add("http://127.0.0.1:9/hook")  # its lanes
         assert sub.id == 1
-        sup = served.ingest.supervisor
         killed = await eventually(lambda: _running(served, name))
         killed.cancel()
 
