@@ -2,14 +2,19 @@
 alerts, API keys): WAL, a lock, and sqlite3 errors translated at this boundary.
 
 Each store opens its own ``SQLiteDB`` on the same file; WAL lets them write in turn, and a
-busy timeout makes one wait for another instead of failing.
+busy timeout makes one wait for another instead of failing. While a write waits (for the
+lock, another process, a slow disk), ``write_waiting_s`` says for how long: the service
+reports a write stuck beyond a few seconds instead of looking healthy for the whole timeout.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ingest import StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,11 +91,34 @@ class SQLiteDB:
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.Lock()
+        # writes called and not yet returned (waiting for the lock, SQLite's busy timeout,
+        # the disk): token -> time.monotonic() at the call
+        self._writes: dict[int, float] = {}
+        self._tokens = itertools.count()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        token = next(self._tokens)
+        self._writes[token] = time.monotonic()  # one dict operation: atomic under the GIL
+        try:
+            yield
+        finally:
+            del self._writes[token]
+
+    def write_waiting_s(self) -> float:
+        """How long the oldest write in progress has been going on (0: none is)."""
+        started = min(self._writes.values(), default=None)  # a copy-free read of a small dict
+        return 0.0 if started is None else time.monotonic() - started
 
     def transaction(self, statements: Sequence[Statement]) -> None:
         """Run every (sql, rows) in one transaction, or none of them: each row of ``rows``
-        through ``sql`` (executemany), or a ``BulkInsert`` of them all."""
-        with self._lock, _translated(self.path):
+        through ``sql`` (executemany), or a ``BulkInsert`` of them all.
+
+        On an error SQLite may already have rolled the transaction back itself (SQLITE_FULL,
+        SQLITE_IOERR, SQLITE_NOMEM): ROLLBACK only when one is still open, so the error
+        that surfaces is the one that happened ("database or disk is full"), not "cannot
+        rollback - no transaction is active"."""
+        with self._writing(), self._lock, _translated(self.path):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, rows in statements:
@@ -100,12 +130,22 @@ class SQLiteDB:
                         self._db.executemany(sql, rows)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        """Roll back what is still open; a failing rollback is logged, never raised (the
+        caller re-raises the error that made it necessary)."""
+        if not self._db.in_transaction:
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("%s: rollback failed: %s", self.path, exc)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         """One statement on its own (autocommit); the cursor says rowcount and lastrowid."""
-        with self._lock, _translated(self.path):
+        with self._writing(), self._lock, _translated(self.path):
             return self._db.execute(sql, args)
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
