@@ -60,6 +60,7 @@ class Ingest:
         self.source: MqttSource | GmqttSource | None = None
         self.pipeline: Pipeline | None = None
         self.state: StateStore | None = None
+        self._sqlite: SQLiteStore | None = None  # the embedded store (state, maybe history)
         self.history: HistoryStore | None = None
         self.failed: BaseException | None = None
         self.started_ms = now_ms()
@@ -96,6 +97,20 @@ class Ingest:
             f" report every {heartbeat_s}s (silent stall?)"
         )
 
+    def store_problem(self, now: int | None = None) -> str | None:
+        """The store outage: its writes fail, or one has been waiting longer than
+        ``store_stuck_s`` (a lock held elsewhere, a full or slow disk). Nothing is
+        acknowledged meanwhile; the broker keeps the messages. Returns what is wrong."""
+        waiting = self._sqlite.write_waiting_s() if self._sqlite is not None else 0.0
+        if waiting >= self.config.store_stuck_s:
+            return (
+                f"store write waiting for {waiting:.0f}s (database locked, disk full or slow?);"
+                " nothing is acknowledged meanwhile"
+            )
+        if self.pipeline is not None and not self.pipeline.store_healthy:
+            return "store writes are failing (retrying; nothing is acknowledged)"
+        return None
+
     def problems(self) -> list[str]:
         """Why the service is not ready; empty when it is."""
         problems = []
@@ -106,8 +121,9 @@ class Ingest:
             problems.append(f"not connected to the broker {self.broker_url}")
         if self._task is None or self._task.done():
             problems.append(f"ingest pipeline stopped: {self.failed!r}")
-        if self.pipeline is not None and not self.pipeline.store_healthy:
-            problems.append("store writes are failing (retrying; nothing is acknowledged)")
+        store = self.store_problem()
+        if store is not None:
+            problems.append(store)
         return problems
 
     @property
@@ -124,7 +140,7 @@ class Ingest:
                 dead_letters_kept=cfg.dead_letters_kept,
             )
             self._stack.callback(store.close)
-            self.state = store
+            self.state = self._sqlite = store
             if self._history is None and cfg.history is not None:
                 from ingest.influx import InfluxHistory  # only when asked for
 
@@ -173,6 +189,7 @@ class Ingest:
                 )
                 self.pipeline.observers.append(self.alerts.observe)
                 self.alerts.stall_check = self.stalled
+                self.alerts.store_check = self.store_problem
             self._task = asyncio.create_task(self.pipeline.run(), name="ingest-pipeline")
             self._task.add_done_callback(self._pipeline_done)
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource

@@ -5,6 +5,12 @@ Each store opens its own ``SQLiteDB`` on the same file; WAL lets them write in t
 busy timeout makes one wait for another instead of failing. While a write waits (for the
 lock, another process, a slow disk), ``write_waiting_s`` says for how long: the service
 reports a write stuck beyond a few seconds instead of looking healthy for the whole timeout.
+
+Calls on one ``SQLiteDB`` take turns (a lock). A write whose turn is held by a write that
+has waited more than ``fail_fast_after_s`` for SQLite's own lock (the file is locked, by
+another process or connection) fails at once with ``StoreUnavailable`` instead of queueing
+behind it for the busy timeout and then waiting out its own: the webhook outbox learns
+within a second that the alert store is out, and sends its notification unrecorded.
 """
 
 from __future__ import annotations
@@ -74,8 +80,10 @@ class SQLiteDB:
         *,
         synchronous: str = "FULL",
         busy_timeout_s: float = 10.0,
+        fail_fast_after_s: float = 1.0,
     ) -> None:
         self.path = Path(path)
+        self.fail_fast_after_s = fail_fast_after_s
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -95,15 +103,40 @@ class SQLiteDB:
         # the disk): token -> time.monotonic() at the call
         self._writes: dict[int, float] = {}
         self._tokens = itertools.count()
+        # the write holding the turn is waiting for SQLite's lock since (None: it is not)
+        self._locking_since: float | None = None
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
+        """A write's turn: counted in ``write_waiting_s`` from the call on, and refused at
+        once when the write holding the turn is stuck on a locked file (module docstring)."""
         token = next(self._tokens)
         self._writes[token] = time.monotonic()  # one dict operation: atomic under the GIL
         try:
-            yield
+            while not self._lock.acquire(timeout=0.05):
+                since = self._locking_since
+                if since is not None and time.monotonic() - since > self.fail_fast_after_s:
+                    raise StoreUnavailable(
+                        f"{self.path}: database is locked (a write on this connection has"
+                        f" waited {time.monotonic() - since:.1f}s for it)"
+                    )
+            try:
+                yield
+            finally:
+                self._locking_since = None
+                self._lock.release()
         finally:
             del self._writes[token]
+
+    @contextmanager
+    def _locking(self) -> Iterator[None]:
+        """Around a statement that may wait for SQLite's lock (BEGIN IMMEDIATE, a lone
+        write): a sibling waiting for the turn may give up (``_writing``)."""
+        self._locking_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._locking_since = None
 
     def write_waiting_s(self) -> float:
         """How long the oldest write in progress has been going on (0: none is)."""
@@ -118,8 +151,9 @@ class SQLiteDB:
         SQLITE_IOERR, SQLITE_NOMEM): ROLLBACK only when one is still open, so the error
         that surfaces is the one that happened ("database or disk is full"), not "cannot
         rollback - no transaction is active"."""
-        with self._writing(), self._lock, _translated(self.path):
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._writing(), _translated(self.path):
+            with self._locking():
+                self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, rows in statements:
                     if not rows:
@@ -145,7 +179,7 @@ class SQLiteDB:
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         """One statement on its own (autocommit); the cursor says rowcount and lastrowid."""
-        with self._writing(), self._lock, _translated(self.path):
+        with self._writing(), _translated(self.path), self._locking():
             return self._db.execute(sql, args)
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -153,6 +153,10 @@ class SQLiteStore:
         keys = ("device_id", "type", "ts_ms", "payload")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
+    def write_waiting_s(self) -> float:
+        """How long the oldest write in progress has been going on (0: none is)."""
+        return self._db.write_waiting_s()
+
     def count_messages(self) -> int:
         return int(self._db.query("SELECT count(*) FROM messages")[0][0])
 

@@ -70,3 +70,43 @@ def test_a_write_waiting_for_a_lock_is_visible_while_it_waits(tmp_path: Path) ->
         assert count(db) == 1  # the lock went away within the busy timeout: written
     finally:
         db.close()
+
+
+def test_a_write_does_not_queue_behind_a_stuck_one(tmp_path: Path) -> None:
+    """The alert store's writer waits out the busy timeout on a locked file; the webhook
+    outbox, on the same connection, must learn at once that the store is out (and send the
+    notification unrecorded) instead of queueing behind it for the timeout and then its own."""
+    path = tmp_path / "stuck.db"
+    db = SQLiteDB(path, SCHEMA, busy_timeout_s=5, fail_fast_after_s=0.5)
+    try:
+        with locked(path):
+            stuck = threading.Thread(target=db.transaction, args=([(INSERT, [(b"x",)])],))
+            stuck.start()
+            deadline = time.monotonic() + 5
+            while db.write_waiting_s() < 0.1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="locked"):
+                db.execute(INSERT, (b"y",))
+            assert time.monotonic() - started < 2  # not the 5 s busy timeout, twice
+        stuck.join(10)
+        db.execute(INSERT, (b"z",))  # a write that is not stuck is waited for as before
+        assert count(db) == 2
+    finally:
+        db.close()
+
+
+def test_a_write_waits_for_one_in_progress_that_is_not_stuck(tmp_path: Path) -> None:
+    db = SQLiteDB(tmp_path / "busy.db", SCHEMA, fail_fast_after_s=0.5)
+    try:
+        rows = [(b"x" * 1000,) for _ in range(20_000)]
+        writers = [
+            threading.Thread(target=db.transaction, args=([(INSERT, rows)],)) for _ in range(3)
+        ]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join(30)
+        assert count(db) == 60_000
+    finally:
+        db.close()
