@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from types import TracebackType
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from devices.catalog import Catalog
 from devices.topics import TopicScheme
+from ingest import StoreError
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
 from ingest.broker import EmbeddedBroker
@@ -66,6 +67,10 @@ class Ingest:
         self.started_ms = now_ms()
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
+        # an external broker gave our client id a session before (persisted: a crash of the
+        # broker while we were down shows at our next start); None: not tracked (embedded)
+        self._session_seen: bool | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def drain(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
         """Wait until nothing arrived for ``quiet_s`` and everything received is written
@@ -161,6 +166,8 @@ class Ingest:
                 self.broker_url = broker.url
             else:
                 self.broker_url = BrokerURL.parse(cfg.broker)
+                seen = await asyncio.to_thread(store.fact, self._session_fact)
+                self._session_seen = seen is not None
 
             self.pipeline = Pipeline(
                 catalog=self.catalog,
@@ -201,6 +208,7 @@ class Ingest:
                     deliver=self.pipeline.deliver,
                     max_inflight=cfg.max_inflight,
                     on_connection_change=lambda up: self.metrics.broker_connected.set(int(up)),
+                    on_session=self._on_session,
                 )
             )
         except BaseException:
@@ -215,7 +223,45 @@ class Ingest:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._stack.aclose()
+
+    @property
+    def _session_fact(self) -> str:
+        return f"broker_session {self.broker_url} {self.config.client_id}"
+
+    def _on_session(self, present: bool) -> None:
+        """Every (re)connect, on the loop, with CONNACK's session present flag. No session
+        for a client id that had one means the broker lost what it held for us (crash
+        without persistence, session expiry): counted, logged, alerted (docs/operations.md).
+        The very first connect of a client id has none, legitimately."""
+        if self._session_seen is None:
+            return  # the embedded broker keeps sessions in memory only: lost by design
+        if not present and self._session_seen:
+            self.metrics.sessions_lost.inc()
+            problem = (
+                f"the broker {self.broker_url} had no session for client id"
+                f" {self.config.client_id!r}: what it held for us (messages queued while we"
+                " were away, not yet acknowledged) is lost; check its persistence"
+                " (docs/operations.md)"
+            )
+            log.warning("%s", problem)
+            if self.alerts is not None:
+                self.alerts.raise_service_event("broker_session_lost", "major", problem)
+        if not self._session_seen:
+            self._session_seen = True
+            log.info("first session of client id %r at %s", self.config.client_id, self.broker_url)
+            task = asyncio.create_task(self._remember_session(), name="remember-session")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _remember_session(self) -> None:
+        if self._sqlite is None:
+            return
+        try:
+            await asyncio.to_thread(self._sqlite.remember, self._session_fact, str(now_ms()))
+        except StoreError as exc:  # this process still knows; a restart may not
+            log.warning("cannot remember the broker session: %s", exc)
 
     def _ack(self, received: Received) -> bool:
         assert self.source is not None
@@ -267,6 +313,12 @@ class _LiveCollector(Collector):
             if t.lost_messages:
                 lost.add_metric([t.device_id], t.lost_messages)
         yield lost
+        yield CounterMetricFamily(
+            "chargewatch_dead_letters_retained_repeats",
+            "Retained messages replayed on a subscribe that were dead-lettered before (not"
+            " stored again)",
+            value=ingest._sqlite.retained_repeats if ingest._sqlite is not None else 0,
+        )
         yield GaugeMetricFamily(
             "chargewatch_lost_messages",
             "Gaps in seq over all devices, current boots",
