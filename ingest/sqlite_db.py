@@ -140,7 +140,8 @@ class SQLiteDB:
 
     def write_waiting_s(self) -> float:
         """How long the oldest write in progress has been going on (0: none is)."""
-        started = min(self._writes.values(), default=None)  # a copy-free read of a small dict
+        # min() over the dict runs in C, holding the GIL: no writer thread interleaves
+        started = min(self._writes.values(), default=None)
         return 0.0 if started is None else time.monotonic() - started
 
     def transaction(self, statements: Sequence[Statement]) -> None:
