@@ -16,7 +16,6 @@ within a second that the alert store is out, and sends its notification unrecord
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import sqlite3
 import threading
@@ -99,34 +98,30 @@ class SQLiteDB:
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.Lock()
-        # writes called and not yet returned (waiting for the lock, SQLite's busy timeout,
-        # the disk): token -> time.monotonic() at the call
-        self._writes: dict[int, float] = {}
-        self._tokens = itertools.count()
+        # the write holding the turn started at (None: no write holds it). Not counted: the
+        # wait for the turn itself, behind one of our own reads (a long history query is
+        # not an outage), or behind another write (which is counted while it holds it).
+        self._write_since: float | None = None
         # the write holding the turn is waiting for SQLite's lock since (None: it is not)
         self._locking_since: float | None = None
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """A write's turn: counted in ``write_waiting_s`` from the call on, and refused at
-        once when the write holding the turn is stuck on a locked file (module docstring)."""
-        token = next(self._tokens)
-        self._writes[token] = time.monotonic()  # one dict operation: atomic under the GIL
+        """A write's turn, counted in ``write_waiting_s`` while it holds it; refused at once
+        when the write holding the turn is stuck on a locked file (module docstring)."""
+        while not self._lock.acquire(timeout=0.05):
+            since = self._locking_since
+            if since is not None and time.monotonic() - since > self.fail_fast_after_s:
+                raise StoreUnavailable(
+                    f"{self.path}: database is locked (a write on this connection has"
+                    f" waited {time.monotonic() - since:.1f}s for it)"
+                )
+        self._write_since = time.monotonic()
         try:
-            while not self._lock.acquire(timeout=0.05):
-                since = self._locking_since
-                if since is not None and time.monotonic() - since > self.fail_fast_after_s:
-                    raise StoreUnavailable(
-                        f"{self.path}: database is locked (a write on this connection has"
-                        f" waited {time.monotonic() - since:.1f}s for it)"
-                    )
-            try:
-                yield
-            finally:
-                self._locking_since = None
-                self._lock.release()
+            yield
         finally:
-            del self._writes[token]
+            self._write_since = self._locking_since = None
+            self._lock.release()
 
     @contextmanager
     def _locking(self) -> Iterator[None]:
@@ -139,9 +134,9 @@ class SQLiteDB:
             self._locking_since = None
 
     def write_waiting_s(self) -> float:
-        """How long the oldest write in progress has been going on (0: none is)."""
-        # min() over the dict runs in C, holding the GIL: no writer thread interleaves
-        started = min(self._writes.values(), default=None)
+        """How long the write in progress has been going on: waiting for SQLite's lock (a
+        lock held elsewhere), the disk, or working (0: none is)."""
+        started = self._write_since
         return 0.0 if started is None else time.monotonic() - started
 
     def transaction(self, statements: Sequence[Statement]) -> None:

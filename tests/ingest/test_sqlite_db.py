@@ -110,3 +110,28 @@ def test_a_write_waits_for_one_in_progress_that_is_not_stuck(tmp_path: Path) -> 
         assert count(db) == 60_000
     finally:
         db.close()
+
+
+def test_a_write_behind_a_slow_read_of_ours_is_not_a_stuck_store(tmp_path: Path) -> None:
+    """A long history query holds the connection's turn; the write waiting behind it is not
+    a store outage (no alert, /readyz stays ready)."""
+    db = SQLiteDB(tmp_path / "read.db", SCHEMA)
+    try:
+        db._db.create_function("pause", 1, time.sleep)  # a read that takes 1.5 s
+        reader = threading.Thread(target=db.query, args=("SELECT pause(1.5)",))
+        reader.start()
+        deadline = time.monotonic() + 5
+        while not db._lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the reader holds the turn
+        writer = threading.Thread(target=db.transaction, args=([(INSERT, [(b"x",)])],))
+        writer.start()
+        seen = []
+        while reader.is_alive():
+            seen.append(db.write_waiting_s())
+            time.sleep(0.05)
+        writer.join(10)
+        reader.join(10)
+        assert max(seen) < 0.5
+        assert count(db) == 1
+    finally:
+        db.close()
