@@ -41,8 +41,11 @@ from ingest.brokerauth import (
     new_password,
 )
 
-OUTAGE_HOURS = 12.0
-"""Store outage the ingest session's broker queue holds by default: a night."""
+OUTAGE_HOURS = 4.0
+"""Store outage the ingest session's broker queue holds by default. Not a whole night:
+mosquitto 2.0 rewrites its whole snapshot at each save, so a long queue slows the broker
+(~730 msg/s with 100,000 queued, docs/operations.md); longer outages want a broker that
+logs each change (EMQX durable sessions, mosquitto 2.1's sqlite persistence)."""
 MESSAGES_PER_DEVICE_HOUR = 3600 / DEFAULT_HEARTBEAT_S * 1.25
 """A status per heartbeat plus a quarter for events and changes: the shipped district
 measured ~13 messages/s for 412 devices (~114 per device and hour, docs/operations.md)."""
@@ -255,14 +258,17 @@ def mosquitto_conf(out: Path, options: MosquittoOptions, user: str, written: Wri
         f"user {user}",
         "",
         "# the ingest session's queue is the spool while the store is down: kept on disk",
-        "# (a snapshot every 30 s and at shutdown) and sized for",
+        "# (a snapshot after every 100 changes and at shutdown: a crash loses at most those;",
+        "# a snapshot every N seconds lost a whole ingest session) and sized for",
         f"# {options.outage_hours:g} h of {written.devices} devices"
         f" (~{MESSAGES_PER_DEVICE_HOUR:.0f} messages per device and hour)",
         "persistence true",
         f"persistence_location {out}/",
-        "autosave_interval 30",
+        "autosave_on_changes true",
+        "autosave_interval 100",
         f"max_queued_messages {written.queued_messages}",
-        "max_queued_bytes 0",
+        "# and 1 GiB of memory at most, whatever the message sizes",
+        "max_queued_bytes 1073741824",
         "# QoS 1 in flight to the ingest session (the default 20 throttles it)",
         "max_inflight_messages 1000",
         "# the contract's 16 KiB payload, its topic and header",

@@ -43,6 +43,10 @@ class IngestConfig(BaseModel):
     batch_max: int = Field(default=1000, ge=1)
     # Cap of the store retry backoff.
     store_retry_max_s: float = Field(default=30.0, gt=0)
+    # A store write still waiting after this long (a lock held elsewhere, a full or slow
+    # disk) fails /readyz and raises the store_unavailable alert at once, instead of after
+    # SQLite's 10 s busy timeout: nothing is acknowledged meanwhile. Normal batches take ms.
+    store_stuck_s: float = Field(default=2.0, gt=0)
     # Dead letters kept for inspection (counts per reason are kept forever).
     dead_letters_kept: int = Field(default=10_000, ge=10)
     # SQLite durability: FULL survives power loss, NORMAL only process crashes.

@@ -72,6 +72,7 @@ class GmqttSource:
         keepalive_s: int = 30,
         reconnect_max_s: int = 30,
         on_connection_change: Callable[[bool], None] | None = None,
+        on_session: Callable[[bool], None] | None = None,
     ) -> None:
         if not callable(getattr(MqttPackageHandler, _QOS1_HOOK, None)):
             raise BrokerConfigError(
@@ -87,6 +88,7 @@ class GmqttSource:
         self.connect_timeout_s = max(10.0, float(keepalive_s))
         self._deliver = deliver
         self._on_connection_change = on_connection_change
+        self._on_session = on_session  # CONNACK's session present flag, every connect
         self._max_inflight = max_inflight
         self._free = max_inflight  # slots not taken by a delivered, unacknowledged message
         self._waiting: deque[Received] = deque()  # arrived with every slot taken
@@ -270,14 +272,17 @@ class GmqttSource:
             return
         self._connection = client._package_handler.current_connection
         self.connected = self._was_up = True
+        session_present = bool(flags & 0x01)  # CONNACK's acknowledge flags, bit 0
         log.info(
             "connected to %s (session present: %s), subscribing to %s",
             self.url,
-            bool(flags),
+            session_present,
             self.subscription,
         )
         client.subscribe(self.subscription, qos=1)
         self._notify(True)
+        if self._on_session is not None:
+            self._on_session(session_present)
 
     def _on_subscribe(self, client: Any, mid: int, granted: Any, props: Any) -> None:
         if any(q >= 0x80 for q in granted):

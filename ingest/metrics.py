@@ -118,6 +118,11 @@ class IngestMetrics:
             "chargewatch_last_message_timestamp_seconds", "Arrival of the last message", registry=r
         )
         self.store_healthy.set(1)
+        self.sessions_lost = Counter(
+            "chargewatch_broker_sessions_lost",
+            "Reconnects that found no session for our client id: what the broker held is lost",
+            registry=r,
+        )
         self.write_seconds = Histogram(
             "chargewatch_store_write_seconds",
             "One batch written to the stores",

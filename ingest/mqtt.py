@@ -138,8 +138,10 @@ class MqttSource:
         keepalive_s: int = 30,
         reconnect_max_s: int = 30,
         on_connection_change: Callable[[bool], None] | None = None,
+        on_session: Callable[[bool], None] | None = None,
     ) -> None:
         self.url = url
+        self._on_session = on_session  # CONNACK's session present flag, every connect
         self.subscription = subscription
         self._deliver = deliver
         self._on_connection_change = on_connection_change
@@ -252,6 +254,9 @@ class MqttSource:
         )
         client.subscribe(self.subscription, qos=1)
         self._notify(True)
+        if self._on_session is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                self._loop.call_soon_threadsafe(self._on_session, bool(flags.session_present))
 
     def _on_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any

@@ -291,7 +291,9 @@ class Pipeline:
     def _reject(self, batch: _Batch, r: Received, reason: str, detail: str) -> None:
         batch.rejected[reason] = batch.rejected.get(reason, 0) + 1
         log.debug("dead letter %s on %s: %s", reason, r.topic, detail)
-        batch.dead.append(DeadLetter.of(r.received_ms, r.topic, reason, detail, r.payload))
+        batch.dead.append(
+            DeadLetter.of(r.received_ms, r.topic, reason, detail, r.payload, retained=r.retained)
+        )
 
     # -- per batch ----------------------------------------------------------------------
 

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from types import TracebackType
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from devices.catalog import Catalog
 from devices.topics import TopicScheme
+from ingest import StoreError
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
 from ingest.broker import EmbeddedBroker
@@ -71,10 +72,15 @@ class Ingest:
         self.source: MqttSource | GmqttSource | None = None
         self.pipeline: Pipeline | None = None
         self.state: StateStore | None = None
+        self._sqlite: SQLiteStore | None = None  # the embedded store (state, maybe history)
         self.history: HistoryStore | None = None
         self.started_ms = now_ms()
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
+        # an external broker gave our client id a session before (persisted: a crash of the
+        # broker while we were down shows at our next start); None: not tracked (embedded)
+        self._session_seen: bool | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def drain(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
         """Wait until nothing arrived for ``quiet_s`` and everything received is written
@@ -106,6 +112,20 @@ class Ingest:
             f" report every {heartbeat_s}s (silent stall?)"
         )
 
+    def store_problem(self, now: int | None = None) -> str | None:
+        """The store outage: its writes fail, or one has been waiting longer than
+        ``store_stuck_s`` (a lock held elsewhere, a full or slow disk). Nothing is
+        acknowledged meanwhile; the broker keeps the messages. Returns what is wrong."""
+        waiting = self._sqlite.write_waiting_s() if self._sqlite is not None else 0.0
+        if waiting >= self.config.store_stuck_s:
+            return (
+                f"store write waiting for {waiting:.0f}s (database locked, disk full or slow?);"
+                " nothing is acknowledged meanwhile"
+            )
+        if self.pipeline is not None and not self.pipeline.store_healthy:
+            return "store writes are failing (retrying; nothing is acknowledged)"
+        return None
+
     def problems(self) -> list[str]:
         """Why the service is not ready; empty when it is."""
         problems = []
@@ -117,8 +137,9 @@ class Ingest:
         if self.supervisor.task(PIPELINE) is None:
             problems.append("ingest pipeline is not running")
         problems += self.supervisor.problems()
-        if self.pipeline is not None and not self.pipeline.store_healthy:
-            problems.append("store writes are failing (retrying; nothing is acknowledged)")
+        store = self.store_problem()
+        if store is not None:
+            problems.append(store)
         return problems
 
     @property
@@ -135,7 +156,7 @@ class Ingest:
                 dead_letters_kept=cfg.dead_letters_kept,
             )
             self._stack.callback(store.close)
-            self.state = store
+            self.state = self._sqlite = store
             if self._history is None and cfg.history is not None:
                 from ingest.influx import InfluxHistory  # only when asked for
 
@@ -161,6 +182,8 @@ class Ingest:
                 self.broker_url = broker.url
             else:
                 self.broker_url = BrokerURL.parse(cfg.broker, cfg.cafile)
+                seen = await asyncio.to_thread(store.fact, self._session_fact)
+                self._session_seen = seen is not None
 
             self.pipeline = Pipeline(
                 catalog=self.catalog,
@@ -192,6 +215,7 @@ class Ingest:
                 self.pipeline.observed_through = self.alerts.observed_through
                 self.pipeline.journal_last = await asyncio.to_thread(store.unobserved_max)
                 self.alerts.stall_check = self.stalled
+                self.alerts.store_check = self.store_problem
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(
@@ -202,6 +226,7 @@ class Ingest:
                     deliver=self.pipeline.deliver,
                     max_inflight=cfg.max_inflight,
                     on_connection_change=lambda up: self.metrics.broker_connected.set(int(up)),
+                    on_session=self._on_session,
                 )
             )
             self.supervisor.start(SOURCE, self._watch_source, policy="fatal")
@@ -217,8 +242,46 @@ class Ingest:
         # which finishes the commit in progress while the source can still acknowledge it
         await self.supervisor.stop(SOURCE)
         await self.supervisor.stop(PIPELINE)
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._stack.aclose()
         await self.supervisor.close()
+
+    @property
+    def _session_fact(self) -> str:
+        return f"broker_session {self.broker_url} {self.config.client_id}"
+
+    def _on_session(self, present: bool) -> None:
+        """Every (re)connect, on the loop, with CONNACK's session present flag. No session
+        for a client id that had one means the broker lost what it held for us (crash
+        without persistence, session expiry): counted, logged, alerted (docs/operations.md).
+        The very first connect of a client id has none, legitimately."""
+        if self._session_seen is None:
+            return  # the embedded broker keeps sessions in memory only: lost by design
+        if not present and self._session_seen:
+            self.metrics.sessions_lost.inc()
+            problem = (
+                f"the broker {self.broker_url} had no session for client id"
+                f" {self.config.client_id!r}: what it held for us (messages queued while we"
+                " were away, not yet acknowledged) is lost; check its persistence"
+                " (docs/operations.md)"
+            )
+            log.warning("%s", problem)
+            if self.alerts is not None:
+                self.alerts.raise_service_event("broker_session_lost", "major", problem)
+        if not self._session_seen:
+            self._session_seen = True
+            log.info("first session of client id %r at %s", self.config.client_id, self.broker_url)
+            task = asyncio.create_task(self._remember_session(), name="remember-session")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _remember_session(self) -> None:
+        if self._sqlite is None:
+            return
+        try:
+            await asyncio.to_thread(self._sqlite.remember, self._session_fact, str(now_ms()))
+        except StoreError as exc:  # this process still knows; a restart may not
+            log.warning("cannot remember the broker session: %s", exc)
 
     def _ack(self, received: Received) -> bool:
         assert self.source is not None
@@ -281,6 +344,12 @@ class _LiveCollector(Collector):
             if t.lost_messages:
                 lost.add_metric([t.device_id], t.lost_messages)
         yield lost
+        yield CounterMetricFamily(
+            "chargewatch_dead_letters_retained_repeats",
+            "Retained messages replayed on a subscribe that were dead-lettered before (not"
+            " stored again)",
+            value=ingest._sqlite.retained_repeats if ingest._sqlite is not None else 0,
+        )
         yield GaugeMetricFamily(
             "chargewatch_lost_messages",
             "Gaps in seq over all devices, current boots",

@@ -2,14 +2,24 @@
 alerts, API keys): WAL, a lock, and sqlite3 errors translated at this boundary.
 
 Each store opens its own ``SQLiteDB`` on the same file; WAL lets them write in turn, and a
-busy timeout makes one wait for another instead of failing.
+busy timeout makes one wait for another instead of failing. While a write waits (for the
+lock, another process, a slow disk), ``write_waiting_s`` says for how long: the service
+reports a write stuck beyond a few seconds instead of looking healthy for the whole timeout.
+
+Calls on one ``SQLiteDB`` take turns (a lock). A write whose turn is held by a write that
+has waited more than ``fail_fast_after_s`` for SQLite's own lock (the file is locked, by
+another process or connection) fails at once with ``StoreUnavailable`` instead of queueing
+behind it for the busy timeout and then waiting out its own: the webhook outbox learns
+within a second that the alert store is out, and sends its notification unrecorded.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ingest import StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,10 @@ class SQLiteDB:
         *,
         synchronous: str = "FULL",
         busy_timeout_s: float = 10.0,
+        fail_fast_after_s: float = 1.0,
     ) -> None:
         self.path = Path(path)
+        self.fail_fast_after_s = fail_fast_after_s
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -84,12 +98,58 @@ class SQLiteDB:
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.Lock()
+        # the write holding the turn started at (None: no write holds it). Not counted: the
+        # wait for the turn itself, behind one of our own reads (a long history query is
+        # not an outage), or behind another write (which is counted while it holds it).
+        self._write_since: float | None = None
+        # the write holding the turn is waiting for SQLite's lock since (None: it is not)
+        self._locking_since: float | None = None
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write's turn, counted in ``write_waiting_s`` while it holds it; refused at once
+        when the write holding the turn is stuck on a locked file (module docstring)."""
+        while not self._lock.acquire(timeout=0.05):
+            since = self._locking_since
+            if since is not None and time.monotonic() - since > self.fail_fast_after_s:
+                raise StoreUnavailable(
+                    f"{self.path}: database is locked (a write on this connection has"
+                    f" waited {time.monotonic() - since:.1f}s for it)"
+                )
+        self._write_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._write_since = self._locking_since = None
+            self._lock.release()
+
+    @contextmanager
+    def _locking(self) -> Iterator[None]:
+        """Around a statement that may wait for SQLite's lock (BEGIN IMMEDIATE, a lone
+        write): a sibling waiting for the turn may give up (``_writing``)."""
+        self._locking_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._locking_since = None
+
+    def write_waiting_s(self) -> float:
+        """How long the write in progress has been going on: waiting for SQLite's lock (a
+        lock held elsewhere), the disk, or working (0: none is)."""
+        started = self._write_since
+        return 0.0 if started is None else time.monotonic() - started
 
     def transaction(self, statements: Sequence[Statement]) -> None:
         """Run every (sql, rows) in one transaction, or none of them: each row of ``rows``
-        through ``sql`` (executemany), or a ``BulkInsert`` of them all."""
-        with self._lock, _translated(self.path):
-            self._db.execute("BEGIN IMMEDIATE")
+        through ``sql`` (executemany), or a ``BulkInsert`` of them all.
+
+        On an error SQLite may already have rolled the transaction back itself (SQLITE_FULL,
+        SQLITE_IOERR, SQLITE_NOMEM): ROLLBACK only when one is still open, so the error
+        that surfaces is the one that happened ("database or disk is full"), not "cannot
+        rollback - no transaction is active"."""
+        with self._writing(), _translated(self.path):
+            with self._locking():
+                self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, rows in statements:
                     if not rows:
@@ -100,12 +160,22 @@ class SQLiteDB:
                         self._db.executemany(sql, rows)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        """Roll back what is still open; a failing rollback is logged, never raised (the
+        caller re-raises the error that made it necessary)."""
+        if not self._db.in_transaction:
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("%s: rollback failed: %s", self.path, exc)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         """One statement on its own (autocommit); the cursor says rowcount and lastrowid."""
-        with self._lock, _translated(self.path):
+        with self._writing(), _translated(self.path), self._locking():
             return self._db.execute(sql, args)
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -11,7 +11,9 @@ guarded by a lock.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,18 @@ CREATE TABLE IF NOT EXISTS dead_letter_counts (
     reason TEXT PRIMARY KEY,
     count  INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- what was dead-lettered, by digest of (topic, size, payload kept): a retained message
+-- replayed on every subscribe is recognised and counted here instead of stored again
+CREATE TABLE IF NOT EXISTS dead_letter_digests (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    digest  BLOB    NOT NULL UNIQUE,
+    repeats INTEGER NOT NULL DEFAULT 0
+);
+-- facts the service must remember across restarts (e.g. that the broker gave us a session)
+CREATE TABLE IF NOT EXISTS facts (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
 _INSERT_MESSAGES = BulkInsert(
     "INSERT OR IGNORE INTO messages (device_id, station_id, kind, type, boot, seq, ts_ms,"
@@ -92,6 +106,16 @@ class SQLiteStore:
         self.path = Path(path)
         self.dead_letters_kept = dead_letters_kept
         self._db = SQLiteDB(self.path, _SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
+        # digests of the newest ``dead_letters_kept`` dead letters (insertion-ordered)
+        self._dead_digests: dict[bytes, None] = dict.fromkeys(
+            bytes(row[0])
+            for row in self._db.query(
+                "SELECT digest FROM dead_letter_digests ORDER BY id DESC LIMIT ?",
+                (dead_letters_kept,),
+            )[::-1]
+        )
+        self._digests_lock = threading.Lock()
+        self.retained_repeats = 0  # retained replays of dead letters, since this start
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> SQLiteStore:
@@ -165,6 +189,10 @@ class SQLiteStore:
         keys = ("device_id", "type", "ts_ms", "payload")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
+    def write_waiting_s(self) -> float:
+        """How long the oldest write in progress has been going on (0: none is)."""
+        return self._db.write_waiting_s()
+
     def count_messages(self) -> int:
         return int(self._db.query("SELECT count(*) FROM messages")[0][0])
 
@@ -176,7 +204,9 @@ class SQLiteStore:
         dead_letters: Sequence[DeadLetter],
         unobserved: Sequence[Unobserved] = (),
     ) -> None:
-        self._db.transaction(self._saving(twins, dead_letters, unobserved))
+        fresh, repeats = self._sorted_out(dead_letters)
+        self._db.transaction(self._saving(twins, fresh, repeats, unobserved))
+        self._remember(fresh, repeats)
 
     def write(
         self,
@@ -188,18 +218,64 @@ class SQLiteStore:
         """``append`` and ``save`` in one transaction: one commit (and one fsync) per batch
         instead of two, and history never on disk without the twins it made (ingest uses it
         when this store keeps both)."""
-        self._db.transaction(self._appending(rows) + self._saving(twins, dead_letters, unobserved))
+        fresh, repeats = self._sorted_out(dead_letters)
+        self._db.transaction(
+            self._appending(rows) + self._saving(twins, fresh, repeats, unobserved)
+        )
+        self._remember(fresh, repeats)
 
     def unobserved_max(self) -> int:
         """The journal's highest id (0: empty): the pipeline numbers new entries after it."""
         return int(self._db.query("SELECT coalesce(max(id), 0) FROM unobserved")[0][0])
 
+    @staticmethod
+    def _digest(d: DeadLetter) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for part in (str(d.topic).encode(), b"\0", str(d.size).encode(), b"\0", d.payload):
+            h.update(part)
+        return h.digest()
+
+    def _sorted_out(
+        self, dead_letters: Sequence[DeadLetter]
+    ) -> tuple[list[tuple[DeadLetter, bytes]], list[bytes]]:
+        """(new dead letters with their digests, digests of retained replays of known ones).
+        Only a retained delivery can be a replay: the same bytes sent again live are a new
+        message, and a new dead letter."""
+        fresh: list[tuple[DeadLetter, bytes]] = []
+        repeats: list[bytes] = []
+        with self._digests_lock:
+            known = self._dead_digests
+            batch: set[bytes] = set()
+            for d in dead_letters:
+                digest = self._digest(d)
+                if d.retained and (digest in known or digest in batch):
+                    repeats.append(digest)
+                else:
+                    fresh.append((d, digest))
+                    batch.add(digest)
+        return fresh, repeats
+
+    def _remember(self, fresh: list[tuple[DeadLetter, bytes]], repeats: list[bytes]) -> None:
+        """After the commit (a failed write is retried, and must sort the same way)."""
+        if not fresh and not repeats:
+            return
+        with self._digests_lock:
+            known = self._dead_digests
+            for _, digest in fresh:
+                known.pop(digest, None)
+                known[digest] = None
+            while len(known) > self.dead_letters_kept:
+                del known[next(iter(known))]
+            self.retained_repeats += len(repeats)
+
     def _saving(
         self,
         twins: Sequence[TwinRecord],
-        dead_letters: Sequence[DeadLetter],
+        fresh: Sequence[tuple[DeadLetter, bytes]],
+        repeats: Sequence[bytes] = (),
         unobserved: Sequence[Unobserved] = (),
     ) -> list[Statement]:
+        dead_letters = [d for d, _ in fresh]
         counts: dict[str, int] = {}
         for d in dead_letters:
             counts[d.reason] = counts.get(d.reason, 0) + 1
@@ -228,7 +304,36 @@ class SQLiteStore:
                     [(self.dead_letters_kept,)],
                 )
             )
+            statements += [
+                (
+                    "INSERT INTO dead_letter_digests (digest) VALUES (?) ON CONFLICT(digest)"
+                    " DO NOTHING",
+                    [(digest,) for _, digest in fresh],
+                ),
+                (
+                    "DELETE FROM dead_letter_digests"
+                    " WHERE id <= (SELECT max(id) FROM dead_letter_digests) - ?",
+                    [(self.dead_letters_kept,)],
+                ),
+            ]
+        if repeats:
+            statements.append(
+                (
+                    "UPDATE dead_letter_digests SET repeats = repeats + 1 WHERE digest = ?",
+                    [(digest,) for digest in repeats],
+                )
+            )
         return statements
+
+    def fact(self, name: str) -> str | None:
+        rows = self._db.query("SELECT value FROM facts WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    def remember(self, name: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO facts VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
 
     def load_twins(self) -> list[dict[str, Any]]:
         rows = self._db.query("SELECT record FROM twins")

@@ -42,14 +42,23 @@ class DeadLetter:
     payload: bytes  # the first DEAD_LETTER_PAYLOAD_KEPT bytes
     size: int  # the whole payload's size
     id: int | None = None
+    # delivered as a retained message (on a subscribe): a replay of what the broker keeps,
+    # which a store may recognise as already dead-lettered (every restart replays it)
+    retained: bool = False
 
     @classmethod
     def of(
-        cls, received_ms: int, topic: str, reason: str, detail: str, payload: bytes
+        cls,
+        received_ms: int,
+        topic: str,
+        reason: str,
+        detail: str,
+        payload: bytes,
+        *,
+        retained: bool = False,
     ) -> DeadLetter:
-        return cls(
-            received_ms, topic, reason, detail, payload[:DEAD_LETTER_PAYLOAD_KEPT], len(payload)
-        )
+        excerpt = payload[:DEAD_LETTER_PAYLOAD_KEPT]
+        return cls(received_ms, topic, reason, detail, excerpt, len(payload), retained=retained)
 
 
 class HistoryStore(Protocol):

@@ -146,8 +146,12 @@ class AlertEngine:
         self._station_active: dict[str, dict[Key, Observation]] = {}
         self._station_memory: dict[str, StationMemory] = {}
         self._hold: list[Alert] = []  # offline alerts waiting one tick for station grouping
-        # service-level check (the ingest watchdog): what is wrong now, or None
+        # service-level checks (the ingest watchdog, the store): what is wrong now, or None
         self.stall_check: Callable[[int], str | None] | None = None
+        self.store_check: Callable[[int], str | None] | None = None
+        # service-level happenings that stay until a maintainer resolves them (a lost
+        # broker session): raised on the next tick (``raise_service_event``)
+        self._service_events: list[Observation] = []
         self._service_active: dict[Key, Observation] = {}
         self._next_alert = 1
         self._next_event = 1
@@ -333,16 +337,46 @@ class AlertEngine:
         if found or before:  # the common case, nothing active now nor before: nothing to do
             self._diff(before, found, now, set(raised))
 
+    def raise_service_event(self, rule: str, severity: Severity, info: str) -> None:
+        """A happening of the service itself that a maintainer must look at (it does not
+        clear by itself): raised on the next tick as a manual alert, or counted again on
+        the one still unresolved."""
+        key = Key(SERVICE_STATION, None, None, rule, rule)
+        self._service_events.append(Observation(key, severity, info=info, auto_resolve=False))
+
     def _evaluate_service(self, now: int) -> None:
-        """The silent stall: connected, yet nothing arrives while devices should report.
-        Every device looks quiet then, so this is the one alert that says why."""
-        if self.stall_check is None:
-            return
-        problem = self.stall_check(now)
-        key = Key(SERVICE_STATION, None, None, "ingest_stalled", "ingest_stalled")
-        found = {key: Observation(key, "critical", info=problem)} if problem else {}
+        """The service's own conditions, alerts of station ``service``:
+
+        - ``ingest_stalled``: connected, yet nothing arrives while devices should report.
+          Every device looks quiet then, so this is the one alert that says why.
+        - ``store_unavailable``: store writes fail or wait (database locked, disk full):
+          nothing is acknowledged, and the broker's backlog grows. The alert store shares
+          the file, so its own failing writes count too; the notification is published
+          from memory, whether or not this alert can be stored.
+
+        Both resolve once the condition is gone. Then the queued happenings
+        (``raise_service_event``)."""
+        found: dict[Key, Observation] = {}
+        checks = (
+            ("ingest_stalled", self.stall_check),
+            ("store_unavailable", self._store_problem),
+        )
+        for rule, check in checks:
+            problem = check(now) if check is not None else None
+            if problem:
+                key = Key(SERVICE_STATION, None, None, rule, rule)
+                found[key] = Observation(key, "critical", info=problem)
         before, self._service_active = self._service_active, found
         self._diff(before, found, now, set())
+        events, self._service_events = self._service_events, []
+        for obs in events:
+            self._raise(obs, now)
+
+    def _store_problem(self, now: int) -> str | None:
+        problem = self.store_check(now) if self.store_check is not None else None
+        if problem is None and not self.store_healthy:
+            problem = "alert store writes are failing (alerts are kept in memory meanwhile)"
+        return problem
 
     def _evaluate_station(self, station_id: str, now: int) -> None:
         spec = self.catalog.stations[station_id]

@@ -255,6 +255,28 @@ async def test_reconnects_and_subscribes_again_when_the_broker_lost_the_session(
     assert attempts, "each reconnect attempt is logged"
 
 
+async def test_says_on_every_connect_whether_the_broker_had_our_session(
+    kind: str, tmp_path: Path
+) -> None:
+    """CONNACK's session present flag reaches ``on_session``: False for a new client id,
+    True after a graceful broker restart (persistence on), False after a crash that lost
+    the persistence file (kill -9, file gone)."""
+    with mosquitto(tmp_path / "mosquitto") as broker:
+        sessions: list[bool] = []
+        sink = Sink()
+        async with source(kind, broker.port, f"session-{kind}", sink, on_session=sessions.append):
+            await until(lambda: sessions == [False], what="first connect, no session")
+            await asyncio.to_thread(broker.stop)  # graceful: mosquitto saves the session
+            await asyncio.to_thread(broker.start)
+            await until(lambda: len(sessions) == 2, within=30, what="reconnected")
+            assert sessions == [False, True]
+            await asyncio.to_thread(broker.kill)
+            (broker.workdir / "mosquitto.db").unlink(missing_ok=True)
+            await asyncio.to_thread(broker.start)
+            await until(lambda: len(sessions) == 3, within=30, what="reconnected after a crash")
+            assert sessions == [False, True, False]
+
+
 # -- ack after write, through the whole service -----------------------------------------------
 
 

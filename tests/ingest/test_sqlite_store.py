@@ -233,3 +233,48 @@ def test_write_after_close_fails_as_store_error(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(StoreError, match=r"x\.db"):
         s.append([row(1, T0)])
+
+
+def garbage(i: int, payload: bytes, *, retained: bool) -> DeadLetter:
+    return DeadLetter.of(T0 + i, "cw/v1/P1/status", "not_json", "bad", payload, retained=retained)
+
+
+def test_a_retained_replay_of_a_dead_letter_is_counted_not_stored_again(tmp_path: Path) -> None:
+    s = SQLiteStore.in_dir(tmp_path / "data")
+    try:
+        s.save([], [garbage(0, b"{a", retained=True)])
+        s.write([], [], [garbage(1, b"{a", retained=True)])  # the next subscribe's replay
+        s.save([], [garbage(2, b"{b", retained=False), garbage(3, b"{b", retained=False)])
+        s.save([], [garbage(4, b"{b", retained=True)])  # a live one, now replayed retained
+        assert [d.payload for d in s.dead_letters()] == [b"{b", b"{b", b"{a"]
+        assert s.dead_letter_counts() == {"not_json": 3}
+        assert s.retained_repeats == 2
+    finally:
+        s.close()
+    again = SQLiteStore.in_dir(tmp_path / "data")  # remembered across a restart
+    try:
+        again.save([], [garbage(5, b"{a", retained=True), garbage(6, b"{c", retained=True)])
+        assert again.dead_letter_counts() == {"not_json": 4}
+        assert again.retained_repeats == 1
+    finally:
+        again.close()
+
+
+def test_remembered_dead_letters_are_bounded(tmp_path: Path) -> None:
+    s = SQLiteStore.in_dir(tmp_path / "data", dead_letters_kept=10)
+    try:
+        s.save([], [garbage(i, b"{%d" % i, retained=True) for i in range(25)])
+        s.save([], [garbage(99, b"{0", retained=True)])  # long forgotten: a dead letter again
+        s.save([], [garbage(99, b"{24", retained=True)])  # recent: a repeat
+        assert s.dead_letter_counts() == {"not_json": 26}
+        assert s.retained_repeats == 1
+    finally:
+        s.close()
+    again = SQLiteStore.in_dir(tmp_path / "data", dead_letters_kept=10)
+    try:
+        kept = again._db.query("SELECT count(*) FROM dead_letter_digests")[0][0]
+        assert kept == 10
+        again.save([], [garbage(100, b"{24", retained=True)])
+        assert again.retained_repeats == 1
+    finally:
+        again.close()
