@@ -1,14 +1,21 @@
 """One connection to the service's SQLite file, shared by its stores (history and twins,
-alerts, API keys): WAL, a lock, and sqlite3 errors translated at this boundary.
+alerts, API keys, audit log): WAL, a lock, and sqlite3 errors translated at this boundary.
 
 Each store opens its own ``SQLiteDB`` on the same file; WAL lets them write in turn, and a
 busy timeout makes one wait for another instead of failing.
+
+The file holds webhook secrets and key hashes: its directory is made 0700 and the file
+(with its ``-wal`` and ``-shm``, which SQLite creates with the file's own mode) 0600. A
+looser directory or file found at start is tightened, with a log line saying so.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +24,32 @@ from pathlib import Path
 from typing import Any
 
 from ingest import StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """``path`` no looser than ``mode``: group and others lose what ``mode`` denies them."""
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if current & ~mode:
+        os.chmod(path, current & mode)
+        log.warning("%s was mode %o, readable by others: now %o", path, current, current & mode)
+
+
+def private_file(path: Path) -> None:
+    """Create ``path``'s directory (0700) and the file itself (0600) if missing, and tighten
+    them if they exist with a looser mode, before SQLite opens it."""
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    _tighten(path.parent, DIR_MODE)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, FILE_MODE))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        _tighten(p, FILE_MODE)
 
 
 @dataclass(frozen=True)
@@ -70,7 +103,7 @@ class SQLiteDB:
     ) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)
             self._db = sqlite3.connect(
                 self.path,
                 check_same_thread=False,
