@@ -9,11 +9,22 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
+from api.audit import AuditLog
 from api.auth import KeyStore
 from api.forecast import StatsCache
 from api.limits import BodyLimit
 from api.live import Live
-from api.routes import alerts, health, history, maintenance, pages, reports, riders, stream
+from api.routes import (
+    alerts,
+    health,
+    history,
+    keys,
+    maintenance,
+    pages,
+    reports,
+    riders,
+    stream,
+)
 from api.settings import ServeSettings
 from api.snapshots import StationViews
 from ingest.service import Ingest
@@ -28,6 +39,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     )
     app.state.ingest = ingest
     app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
+    app.state.audit = AuditLog.in_dir(ingest.config.data_dir)  # who did what (api.audit)
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
     # station views shared by requests, recomputed when their devices change
@@ -44,6 +56,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(history.router)
     app.include_router(maintenance.router)
     app.include_router(alerts.router)
+    app.include_router(keys.router)
     app.include_router(reports.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")

@@ -55,4 +55,5 @@ def test_a_loose_data_dir_is_tightened_at_start(
     assert _mode(data) == 0o700
     assert _mode(db) == 0o600
     said = " ".join(r.getMessage() for r in caplog.records)
-    assert "was mode 755" in said and "was mode 644" in said, said
+    assert "was mode 755" in said, said
+    assert "was mode 644" in said, said
