@@ -12,6 +12,7 @@ from api import errors
 from api.audit import AuditLog
 from api.auth import KeyStore
 from api.forecast import StatsCache
+from api.headers import SecurityHeaders
 from api.limits import BodyLimit
 from api.live import Live
 from api.routes import (
@@ -36,7 +37,10 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
         title="chargewatch",
         version="0.1.0",
         summary="Live availability of e-bike charging piles and battery-swap cabinets",
+        docs_url="/docs" if settings.docs else None,  # from a CDN: api.headers
+        redoc_url="/redoc" if settings.docs else None,
     )
+    app.state.settings = settings
     app.state.ingest = ingest
     app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
     app.state.audit = AuditLog.in_dir(ingest.config.data_dir)  # who did what (api.audit)
@@ -50,6 +54,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     errors.install(app)
     app.add_middleware(GZipIfAccepted, minimum_size=GZIP_MIN_BYTES)  # skips text/event-stream
     app.add_middleware(BodyLimit, max_bytes=settings.body_max_bytes)  # before a body is read
+    app.add_middleware(SecurityHeaders)  # CSP, nosniff, no framing (api.headers)
     app.include_router(health.router)
     app.include_router(stream.router)  # before riders: /stations/stream is not a station id
     app.include_router(riders.router)

@@ -1,12 +1,13 @@
 """Riders' hazard reports ("sentinels"): public, rate-limited per client address, per
-station and in total, text kept as plain text (control characters dropped, length limited,
-never rendered as markup). The client address is the peer's, or the one a configured proxy
+station and in total, text kept as plain text (``plain_text``: control, format and
+bidi characters dropped, so a report cannot reorder or hide what a maintainer reads; length
+limited; never rendered as markup). The client address is the peer's, or the one a configured proxy
 forwards (``trusted_proxies``): a client cannot choose its own bucket."""
 
 from __future__ import annotations
 
-import re
 import time
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -23,7 +24,22 @@ from ingest.alerts.engine import REPORT_CATEGORIES
 
 router = APIRouter(prefix="/v1", tags=["riders"])
 
-_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+# Unicode categories dropped: controls (C0, DEL, C1), format characters (bidi embeddings,
+# overrides and isolates, zero-width spaces and joiners, BOM, soft hyphen, tags...),
+# surrogates, private use, unassigned; and line/paragraph separators.
+_DROPPED = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0")  # Hangul fillers: letters that show nothing
+
+
+def plain_text(text: str) -> str:
+    """``text`` with only what shows: newlines kept, invisible and bidi characters out."""
+    return "".join(
+        c
+        for c in text
+        if c == "\n" or (c not in _BLANK and unicodedata.category(c) not in _DROPPED)
+    ).strip()
+
+
 _BUCKETS_MAX = 10_000  # distinct clients remembered; the oldest are forgotten first
 
 
@@ -101,7 +117,7 @@ async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[st
     """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``."""
     engine = engine_of(ingest)
     opts = engine.config.reports
-    text = _CONTROL.sub("", body.text).strip()
+    text = plain_text(body.text)
     if len(text) > opts.text_max:
         raise _invalid("text", f"at most {opts.text_max} characters")
     station = ingest.catalog.stations.get(body.station)
