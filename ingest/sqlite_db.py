@@ -11,6 +11,7 @@ looser directory or file found at start is tightened, with a log line saying so.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -47,7 +48,12 @@ def private_file(path: Path) -> None:
     them if they exist with a looser mode, before SQLite opens it."""
     path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     _tighten(path.parent, DIR_MODE)
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, FILE_MODE))
+    # O_EXCL: only a file this call creates is opened here. Closing any descriptor of a
+    # file drops every POSIX lock this process holds on it: opening an existing database
+    # beside the process's own connections would let another process take it for unused,
+    # checkpoint and delete its WAL under them (seen in tests/e2e/test_privacy.py).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, FILE_MODE))
     for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         _tighten(p, FILE_MODE)
 
