@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from starlette.requests import Request
+
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"
@@ -134,3 +136,9 @@ class AuditLog:
             }
             for r in rows
         ]
+
+
+def audit_log(request: Request) -> AuditLog:
+    """The app's audit log (``app.state.audit``)."""
+    log: AuditLog = request.app.state.audit
+    return log

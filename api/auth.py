@@ -36,6 +36,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from api.audit import Actor, AuditLog
+from api.text import plain_text
 from api.views import rfc3339
 from ingest.sqlite_db import SQLiteDB
 
@@ -51,6 +52,10 @@ CREATE TABLE IF NOT EXISTS api_keys (
 ) WITHOUT ROWID;
 """
 _COLUMNS = "id, name, role, created_at_ms, revoked_at_ms, expires_at_ms"
+NAME_RULE = (
+    "a key's name is shown as the actor of what it does: one line of visible characters,"
+    " no control, bidi or invisible ones, no leading or trailing space"
+)
 
 
 class KeyRefused(Exception):
@@ -111,6 +116,8 @@ class KeyStore:
         """A new key; returns it and the token (shown once, never stored)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        if not name or plain_text(name) != name or "\n" in name:
+            raise ValueError(NAME_RULE)
         now = _now_ms()
         if expires_at_ms is not None and expires_at_ms <= now:
             raise ValueError("expires_at must be in the future")
@@ -321,7 +328,11 @@ def cmd_keys(args: argparse.Namespace, data_dir: Path) -> int:
                 except ValueError as exc:
                     print(f"chargewatch: --expires {exc}")
                     return 2
-            key, token = store.create(args.name, args.role, expires)
+            try:
+                key, token = store.create(args.name, args.role, expires)
+            except ValueError as exc:
+                print(f"chargewatch: --name: {exc}")
+                return 2
             audit.record(actor, "key.create", key.id, {"name": key.name, "role": key.role,
                                                          "expires_at": rfc3339(expires)})  # fmt: skip
             print(token)

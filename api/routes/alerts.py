@@ -18,12 +18,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, HttpUrl
 from starlette.exceptions import HTTPException
 
-from api.audit import Actor
+from api.audit import Actor, audit_log
 from api.auth import Admin, ApiKey, KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
-from api.routes.keys import audit_log
 from ingest.alerts import AlertConflict, AlertEngine, AlertNotFound
 from ingest.alerts.model import SEVERITIES, alert_view, rfc3339
 from ingest.alerts.notify import FORMATS

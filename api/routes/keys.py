@@ -13,23 +13,19 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from api.audit import ACTIONS, AuditLog, AuditQuery
-from api.auth import TTL_MAX_S, Admin, KeyFirstRoute, KeyStore, key_store
+from api.audit import ACTIONS, AuditQuery, audit_log
+from api.auth import NAME_RULE, TTL_MAX_S, Admin, KeyFirstRoute, KeyStore, key_store
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
+from api.text import plain_text
 from api.views import rfc3339
 from ingest.service import now_ms
 
 router = APIRouter(prefix="/v1", tags=["admin"], route_class=KeyFirstRoute)
 
 KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{8}$", description="the key's id (8 hex digits)")]
-
-
-def audit_log(request: Request) -> AuditLog:
-    log: AuditLog = request.app.state.audit
-    return log
 
 
 class KeyIn(BaseModel):
@@ -39,6 +35,13 @@ class KeyIn(BaseModel):
     ttl_s: Annotated[
         int | None, Field(ge=1, le=TTL_MAX_S, description="or: lifetime in seconds from now")
     ] = None
+
+    @field_validator("name")
+    @classmethod
+    def _visible(cls, value: str) -> str:
+        if plain_text(value) != value or "\n" in value:
+            raise ValueError(NAME_RULE)
+        return value
 
 
 def _invalid(field: str, problem: str) -> RequestValidationError:

@@ -7,7 +7,6 @@ forwards (``trusted_proxies``): a client cannot choose its own bucket."""
 from __future__ import annotations
 
 import time
-import unicodedata
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -19,25 +18,11 @@ from api.deps import IngestDep
 from api.errors import NotFound
 from api.limits import KiB, body_max
 from api.routes.alerts import engine_of
+from api.text import plain_text
 from ingest.alerts.config import ReportOptions
 from ingest.alerts.engine import REPORT_CATEGORIES
 
 router = APIRouter(prefix="/v1", tags=["riders"])
-
-# Unicode categories dropped: controls (C0, DEL, C1), format characters (bidi embeddings,
-# overrides and isolates, zero-width spaces and joiners, BOM, soft hyphen, tags...),
-# surrogates, private use, unassigned; and line/paragraph separators.
-_DROPPED = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-_BLANK = frozenset("\u115f\u1160\u3164\uffa0")  # Hangul fillers: letters that show nothing
-
-
-def plain_text(text: str) -> str:
-    """``text`` with only what shows: newlines kept, invisible and bidi characters out."""
-    return "".join(
-        c
-        for c in text
-        if c == "\n" or (c not in _BLANK and unicodedata.category(c) not in _DROPPED)
-    ).strip()
 
 
 _BUCKETS_MAX = 10_000  # distinct clients remembered; the oldest are forgotten first

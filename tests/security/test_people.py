@@ -138,6 +138,10 @@ async def test_admins_manage_keys_over_the_api(tmp_path: Path) -> None:
         assert r.status_code == 404
         for bad in (
             {"name": ""},
+            {"name": "dae\u202enilrog"},  # shown reversed, as someone else's name
+            {"name": "li-wei\u200b"},  # looks like li-wei
+            {"name": " li-wei"},
+            {"name": "two\nlines"},
             {"name": "x", "role": "root"},
             {"name": "x", "ttl_s": 0},
             {"name": "x", "expires_at": "2020-01-01T00:00:00Z"},
@@ -183,6 +187,7 @@ def test_the_keys_command_expires_and_is_audited(tmp_path: Path) -> None:
     key_id = out.stdout.split()[2]
     assert "expires" in out.stdout
     assert run("create", "--name", "x", "--expires", "yesterday").returncode == 2
+    assert run("create", "--name", "li\u202eiew").returncode == 2
     assert run("create", "--name", "x", "--expires", "2001-01-01T00:00:00Z").returncode == 2
     assert run("revoke", key_id).returncode == 0
     listing = run("list").stdout

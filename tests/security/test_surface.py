@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from api.routes.reports import plain_text
 from api.settings import ServeSettings
+from api.text import plain_text
 from tests.security.inprocess import STATION, bearer, in_process
 
 
