@@ -11,8 +11,9 @@ A key may expire (``expires_at``); admins create, list and revoke keys over the 
 (``api.routes.keys``) or with ``chargewatch keys``; each of those is in the audit log.
 
 401: no key, a malformed or unknown key, a revoked or an expired one (the answer says
-which). 403: a valid key whose role is not enough. Routes that take a key check it before their body is read
-(``KeyFirstRoute``): a request without one is answered at once, whatever it uploads.
+which). 403: a valid key whose role is not enough. Routes that take a key check it before
+their body is read (``KeyFirstRoute``): a request without one is answered at once,
+whatever it uploads.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from starlette.exceptions import HTTPException
 from api.audit import Actor, AuditLog
 from api.text import plain_text
 from api.views import rfc3339
+from ingest import StoreError
 from ingest.sqlite_db import SQLiteDB
 
 ROLES = ("maintainer", "admin")
@@ -103,7 +105,12 @@ class KeyStore:
         self._db = SQLiteDB(self.path, _SCHEMA)
         columns = {row[1] for row in self._db.query("PRAGMA table_info(api_keys)")}
         if "expires_at_ms" not in columns:  # a data dir from before keys could expire
-            self._db.execute("ALTER TABLE api_keys ADD COLUMN expires_at_ms INTEGER")
+            try:
+                self._db.execute("ALTER TABLE api_keys ADD COLUMN expires_at_ms INTEGER")
+            except StoreError:  # another process added it first
+                columns = {row[1] for row in self._db.query("PRAGMA table_info(api_keys)")}
+                if "expires_at_ms" not in columns:
+                    raise
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> KeyStore:
@@ -133,10 +140,6 @@ class KeyStore:
     def list(self) -> list[ApiKey]:
         rows = self._db.query(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at_ms")
         return [ApiKey(*row) for row in rows]
-
-    def get(self, key_id: str) -> ApiKey | None:
-        rows = self._db.query(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
-        return ApiKey(*rows[0]) if rows else None
 
     def revoke(self, key_id: str) -> bool:
         cur = self._db.execute(

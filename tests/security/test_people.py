@@ -219,3 +219,35 @@ async def test_by_may_repeat_the_keys_name(tmp_path: Path, by: str | None) -> No
         r = await app.http.post(f"/v1/alerts/{alert_id}/ack", json=body, headers=maint)
         assert r.status_code == 200, r.text
         assert r.json()["acknowledged_by"] == "li-wei"
+
+
+def test_keys_from_before_expiry_keep_working(tmp_path: Path) -> None:
+    """A data dir whose api_keys table has no expires_at_ms column (as written before keys
+    could expire): its keys still admit, and new keys can expire."""
+    import hashlib
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = sqlite3.connect(data / "chargewatch.db")
+    db.execute(
+        "CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL,"
+        " hash TEXT NOT NULL, created_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER)"
+        " WITHOUT ROWID"
+    )
+    secret = "s" * 43
+    db.execute(
+        "INSERT INTO api_keys VALUES ('0badc0de', 'old', 'admin', ?, 1, NULL)",
+        (hashlib.sha256(secret.encode()).hexdigest(),),
+    )
+    db.commit()
+    db.close()
+    store = KeyStore.in_dir(data)
+    try:
+        old = store.check(f"cwk_0badc0de_{secret}")
+        assert (old.name, old.role, old.expires_at_ms) == ("old", "admin", None)
+        soon = time.time_ns() // 1_000_000 + 60_000
+        _, token = store.create("new", "maintainer", soon)
+        assert store.check(token).expires_at_ms == soon
+    finally:
+        store.close()
