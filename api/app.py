@@ -9,14 +9,17 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
+from api.audit import AuditLog
 from api.auth import KeyStore
 from api.forecast import StatsCache
+from api.headers import SecurityHeaders
 from api.limits import BodyLimit
 from api.live import Live
 from api.routes import (
     alerts,
     health,
     history,
+    keys,
     maintenance,
     notifications,
     pages,
@@ -35,9 +38,13 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
         title="chargewatch",
         version="0.1.0",
         summary="Live availability of e-bike charging piles and battery-swap cabinets",
+        docs_url="/docs" if settings.docs else None,  # from a CDN: api.headers
+        redoc_url="/redoc" if settings.docs else None,
     )
+    app.state.settings = settings
     app.state.ingest = ingest
     app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
+    app.state.audit = AuditLog.in_dir(ingest.config.data_dir)  # who did what (api.audit)
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
     # station views shared by requests, recomputed when their devices change
@@ -48,6 +55,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     errors.install(app)
     app.add_middleware(GZipIfAccepted, minimum_size=GZIP_MIN_BYTES)  # skips text/event-stream
     app.add_middleware(BodyLimit, max_bytes=settings.body_max_bytes)  # before a body is read
+    app.add_middleware(SecurityHeaders)  # CSP, nosniff, no framing (api.headers)
     app.include_router(health.router)
     app.include_router(stream.router)  # before riders: /stations/stream is not a station id
     app.include_router(riders.router)
@@ -55,6 +63,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(maintenance.router)
     app.include_router(alerts.router)
     app.include_router(notifications.router)
+    app.include_router(keys.router)
     app.include_router(reports.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")

@@ -3,12 +3,17 @@
 Keys are random (256 bits), so storing the SHA-256 of the secret is enough (a slow
 password hash protects guessable secrets; these are not). Only the hash is kept, in the
 data dir's SQLite file; the key itself is shown once, by ``chargewatch keys create``.
-Roles: ``maintainer`` (alerts: read, acknowledge, resolve, notes, stream; dead letters)
-and ``admin`` (everything, plus webhook subscriptions). Rider endpoints stay public.
+Roles: ``maintainer`` (alerts: read, acknowledge, resolve, notes, stream; dead letters;
+the private fields of rider answers) and ``admin`` (everything, plus webhook
+subscriptions, API keys and the audit log). Rider endpoints stay public.
 
-401: no key, a malformed or unknown key, or a revoked one. 403: a valid key whose role
-is not enough. Routes that take a key check it before their body is read
-(``KeyFirstRoute``): a request without one is answered at once, whatever it uploads.
+A key may expire (``expires_at``); admins create, list and revoke keys over the API
+(``api.routes.keys``) or with ``chargewatch keys``; each of those is in the audit log.
+
+401: no key, a malformed or unknown key, a revoked or an expired one (the answer says
+which). 403: a valid key whose role is not enough. Routes that take a key check it before
+their body is read (``KeyFirstRoute``): a request without one is answered at once,
+whatever it uploads.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import asyncio
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -30,6 +36,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from api.audit import Actor, AuditLog
+from api.text import plain_text
+from api.views import rfc3339
+from ingest import StoreError
 from ingest.sqlite_db import SQLiteDB
 
 ROLES = ("maintainer", "admin")
@@ -40,9 +50,18 @@ PREFIX = "cwk_"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, hash TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER
+    created_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER, expires_at_ms INTEGER
 ) WITHOUT ROWID;
 """
+_COLUMNS = "id, name, role, created_at_ms, revoked_at_ms, expires_at_ms"
+NAME_RULE = (
+    "a key's name is shown as the actor of what it does: one line of visible characters,"
+    " no control, bidi or invisible ones, no leading or trailing space"
+)
+
+
+class KeyRefused(Exception):
+    """A token that admits no one: why, in words a client can act on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +71,26 @@ class ApiKey:
     role: str
     created_at_ms: int
     revoked_at_ms: int | None = None
+    expires_at_ms: int | None = None
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(self.id, self.name, self.role)
+
+    def view(self) -> dict[str, Any]:
+        """What ``GET /v1/keys`` says of a key (never its token or hash)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "role": self.role,
+            "created_at": rfc3339(self.created_at_ms),
+            "expires_at": rfc3339(self.expires_at_ms),
+            "revoked_at": rfc3339(self.revoked_at_ms),
+        }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _hash(secret: str) -> str:
@@ -64,6 +103,14 @@ class KeyStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._db = SQLiteDB(self.path, _SCHEMA)
+        columns = {row[1] for row in self._db.query("PRAGMA table_info(api_keys)")}
+        if "expires_at_ms" not in columns:  # a data dir from before keys could expire
+            try:
+                self._db.execute("ALTER TABLE api_keys ADD COLUMN expires_at_ms INTEGER")
+            except StoreError:  # another process added it first
+                columns = {row[1] for row in self._db.query("PRAGMA table_info(api_keys)")}
+                if "expires_at_ms" not in columns:
+                    raise
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> KeyStore:
@@ -72,49 +119,60 @@ class KeyStore:
     def close(self) -> None:
         self._db.close()
 
-    def create(self, name: str, role: str) -> tuple[ApiKey, str]:
+    def create(self, name: str, role: str, expires_at_ms: int | None = None) -> tuple[ApiKey, str]:
         """A new key; returns it and the token (shown once, never stored)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        if not name or plain_text(name) != name or "\n" in name:
+            raise ValueError(NAME_RULE)
+        now = _now_ms()
+        if expires_at_ms is not None and expires_at_ms <= now:
+            raise ValueError("expires_at must be in the future")
         key_id = secrets.token_hex(4)
         secret = secrets.token_urlsafe(32)
-        key = ApiKey(key_id, name, role, time.time_ns() // 1_000_000)
+        key = ApiKey(key_id, name, role, now, None, expires_at_ms)
         self._db.execute(
-            "INSERT INTO api_keys VALUES (?,?,?,?,?,NULL)",
-            (key.id, key.name, key.role, _hash(secret), key.created_at_ms),
+            f"INSERT INTO api_keys (hash, {_COLUMNS}) VALUES (?,?,?,?,?,NULL,?)",
+            (_hash(secret), key.id, key.name, key.role, key.created_at_ms, expires_at_ms),
         )
         return key, f"{PREFIX}{key_id}_{secret}"
 
     def list(self) -> list[ApiKey]:
-        rows = self._db.query(
-            "SELECT id, name, role, created_at_ms, revoked_at_ms FROM api_keys"
-            " ORDER BY created_at_ms"
-        )
+        rows = self._db.query(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at_ms")
         return [ApiKey(*row) for row in rows]
 
     def revoke(self, key_id: str) -> bool:
         cur = self._db.execute(
             "UPDATE api_keys SET revoked_at_ms = ? WHERE id = ? AND revoked_at_ms IS NULL",
-            (time.time_ns() // 1_000_000, key_id),
+            (_now_ms(), key_id),
         )
         return cur.rowcount > 0
 
-    def verify(self, token: str) -> ApiKey | None:
+    def check(self, token: str, now_ms: int | None = None) -> ApiKey:
+        """The key ``token`` names, if it admits anyone now; else ``KeyRefused``."""
         if not token.startswith(PREFIX):
-            return None
+            raise KeyRefused(f"not an API key (they start with {PREFIX})")
         key_id, _, secret = token[len(PREFIX) :].partition("_")
         if not key_id or not secret:
+            raise KeyRefused("malformed API key")
+        rows = self._db.query(f"SELECT hash, {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+        # the secret is compared before anything about the key is said
+        if not rows or not hmac.compare_digest(rows[0][0], _hash(secret)):
+            raise KeyRefused("unknown API key")
+        key = ApiKey(*rows[0][1:])
+        if key.revoked_at_ms is not None:
+            raise KeyRefused(f"this API key was revoked at {rfc3339(key.revoked_at_ms)}")
+        now = _now_ms() if now_ms is None else now_ms
+        if key.expires_at_ms is not None and key.expires_at_ms <= now:
+            raise KeyRefused(f"this API key expired at {rfc3339(key.expires_at_ms)}")
+        return key
+
+    def verify(self, token: str) -> ApiKey | None:
+        """The key, or None when ``token`` admits no one (``check`` says why)."""
+        try:
+            return self.check(token)
+        except KeyRefused:
             return None
-        rows = self._db.query(
-            "SELECT id, name, role, created_at_ms, revoked_at_ms, hash FROM api_keys WHERE id = ?",
-            (key_id,),
-        )
-        row = rows[0] if rows else None
-        if row is None or row[4] is not None:
-            return None
-        if not hmac.compare_digest(row[5], _hash(secret)):
-            return None
-        return ApiKey(*row[:5])
 
 
 def key_store(request: Request) -> KeyStore:
@@ -146,9 +204,10 @@ class Require:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise _unauthorized("use Authorization: Bearer <key>")
-            key = await asyncio.to_thread(key_store(request).verify, token.strip())
-            if key is None:
-                raise _unauthorized("unknown or revoked API key")
+            try:
+                key = await asyncio.to_thread(key_store(request).check, token.strip())
+            except KeyRefused as exc:
+                raise _unauthorized(str(exc)) from None
         if _RANK[key.role] < _RANK[self.role]:
             raise HTTPException(403, f"this needs the {self.role} role; the key has {key.role}")
         request.scope[_VERIFIED] = key
@@ -157,6 +216,19 @@ class Require:
 
 def require(role: str) -> Require:
     return Require(role)
+
+
+_MAINTAINER = Require("maintainer")
+
+
+async def optional_maintainer(request: Request) -> ApiKey | None:
+    """For public routes whose answers have private fields: None without an
+    ``Authorization`` header (the public answer); the key when it is a good maintainer or
+    admin key; 401/403 when a key is given but admits no one (a maintainer who sent a
+    wrong key should hear so, not silently get the public answer)."""
+    if "authorization" not in request.headers:
+        return None
+    return await _MAINTAINER(request)
 
 
 def _required_role(dependant: Dependant) -> Require | None:
@@ -202,6 +274,11 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create = actions.add_parser("create", help="create a key and print it (once)")
     create.add_argument("--name", required=True, help="who or what uses it")
     create.add_argument("--role", choices=ROLES, default="maintainer")
+    create.add_argument(
+        "--expires",
+        metavar="WHEN",
+        help="when the key stops working: a duration (90d, 12h, 30m) or an RFC 3339 time",
+    )
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("id")
@@ -213,26 +290,72 @@ def _when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_DURATION = re.compile(r"^(\d{1,6})([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+TTL_MAX_S = 10 * 366 * 86400
+"""The longest a key may live: ten years (a key that should never end is given none)."""
+
+
+def parse_expires(value: str, now_ms: int) -> int:
+    """``--expires``: a duration from now (``90d``) or an RFC 3339 time -> epoch ms."""
+    m = _DURATION.match(value.strip())
+    if m is not None:
+        seconds = int(m[1]) * _UNIT_S[m[2]]
+        if not 0 < seconds <= TTL_MAX_S:
+            raise ValueError("a key lives from 1 s to 10 years")
+        return now_ms + seconds * 1000
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r}: give a duration (90d, 12h) or an RFC 3339 time") from None
+    if dt.tzinfo is None:
+        raise ValueError(f"{value!r}: give an offset (Z or +08:00)")
+    at = int(dt.timestamp() * 1000)
+    if not now_ms < at <= now_ms + TTL_MAX_S * 1000:
+        raise ValueError(f"{value!r}: must be in the future, at most 10 years from now")
+    return at
+
+
 def cmd_keys(args: argparse.Namespace, data_dir: Path) -> int:
+    """``chargewatch keys``: each change is in the audit log, the actor ``cli`` and the OS
+    user who ran it."""
     store = KeyStore.in_dir(data_dir)
+    audit = AuditLog.in_dir(data_dir)
+    actor = Actor.cli()
     try:
         if args.keys_command == "create":
-            key, token = store.create(args.name, args.role)
+            expires = None
+            if args.expires is not None:
+                try:
+                    expires = parse_expires(args.expires, _now_ms())
+                except ValueError as exc:
+                    print(f"chargewatch: --expires {exc}")
+                    return 2
+            try:
+                key, token = store.create(args.name, args.role, expires)
+            except ValueError as exc:
+                print(f"chargewatch: --name: {exc}")
+                return 2
+            audit.record(actor, "key.create", key.id, {"name": key.name, "role": key.role,
+                                                         "expires_at": rfc3339(expires)})  # fmt: skip
             print(token)
-            print(f"key {key.id} ({key.role}) for {key.name}: shown once, store it now")
+            until = f", expires {_when(expires)}" if expires is not None else ""
+            print(f"key {key.id} ({key.role}) for {key.name}{until}: shown once, store it now")
             return 0
         if args.keys_command == "list":
-            print(f"{'id':<10} {'role':<10} {'created':<20} {'revoked':<20} name")
+            print(f"{'id':<10} {'role':<10} {'created':<20} {'expires':<20} {'revoked':<20} name")
             for key in store.list():
                 print(
                     f"{key.id:<10} {key.role:<10} {_when(key.created_at_ms):<20}"
-                    f" {_when(key.revoked_at_ms):<20} {key.name}"
+                    f" {_when(key.expires_at_ms):<20} {_when(key.revoked_at_ms):<20} {key.name}"
                 )
             return 0
         if store.revoke(args.id):
+            audit.record(actor, "key.revoke", args.id)
             print(f"key {args.id} revoked")
             return 0
         print(f"chargewatch: no active key with id {args.id!r}")
         return 1
     finally:
+        audit.close()
         store.close()

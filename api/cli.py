@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -96,7 +97,8 @@ async def run_serve(
         tune_gc()
         url = f"http://{settings.host}:{port}"
         print(f"chargewatch: MQTT broker {ingest.broker_url}", flush=True)
-        print(f"chargewatch: serving {url} (API docs {url}/docs)", flush=True)
+        docs = f"{url}/docs" if settings.docs else f"{url}/openapi.json"
+        print(f"chargewatch: serving {url} (API docs {docs})", flush=True)
         # a task that only a new process can bring back died (ingest.supervisor): stop, and
         # exit non-zero so that systemd or the like starts the service again
         fatal = asyncio.create_task(ingest.stopping.wait(), name="fatal-watch")
@@ -166,6 +168,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.broker_port is None:
         args.broker_port = _free_port()
     settings = _settings(args)
+    if "CHARGEWATCH_DOCS" not in os.environ:  # a demo shows its API docs (CDN): api.headers
+        settings = settings.model_copy(update={"docs": True})
     catalog = _load_catalog(settings.ingest.catalog)
     broker = f"mqtt://127.0.0.1:{settings.ingest.embedded_broker_port}"
     simulator: subprocess.Popen[bytes] | None = None

@@ -26,16 +26,24 @@ class ServeSettings(BaseSettings):
     # separated). None by default: a client could otherwise pick the address that rate
     # limits key on.
     trusted_proxies: Annotated[list[str], NoDecode] = []
+    # Who may read /metrics without a key (addresses or networks, comma separated; a
+    # maintainer key reads it from anywhere). Loopback by default: a Prometheus on the same
+    # host works, and the counters (devices, alerts, errors) are not for the public.
+    metrics_allow: Annotated[list[str], NoDecode] = ["127.0.0.0/8", "::1/128"]
+    # /docs and /redoc load Swagger UI and ReDoc from a CDN: off for `serve` (a production
+    # page should not run a third party's script), on for `demo`. /openapi.json is always
+    # served (the API contract, to generate clients from).
+    docs: bool = False
     ingest: IngestConfig = IngestConfig()
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "metrics_allow", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", "metrics_allow")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         for proxy in value:

@@ -20,6 +20,9 @@ in it goes stale or its oldest view reaches ``MAX_AGE_MS``, and after a change a
 ``REFRESH_MS``. Answers are the kept JSON bytes with the station's ``data_age_s`` (exact for
 every answer) and ``distance_m`` spliced in; ETags are computed with the views, the gzipped
 station detail is kept until the view or its age changes.
+
+Each device view is kept twice: whole, for maintainer keys, and public (private fields
+null, ``api.views.public_device_view``), each with its own JSON and ETag part.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import pydantic_core
 
 from api.caching import etag_of_bytes, etag_of_json
 from api.live import Trends
-from api.views import DeviceFacts, device_facts, device_view, station_summary
+from api.views import DeviceFacts, device_facts, device_view, public_device_view, station_summary
 from devices.availability import STALE_FACTOR
 from devices.catalog import Catalog, StationSpec
 from ingest.pipeline import Twins
@@ -64,6 +67,8 @@ class _Device:
     facts: DeviceFacts
     json: bytes
     tag: bytes  # ETag material: the view without ages and countdowns
+    public_json: bytes  # the view without its private fields
+    public_tag: bytes
     due_ms: int  # recompute before answering at or after this (stale flip, MAX_AGE_MS)
     soft_ms: int  # recompute ahead of need after this (``REFRESH_PER_READ``)
     flips_ms: int  # when it goes stale without a message (or _NEVER)
@@ -101,17 +106,21 @@ class _Station:
     devices: tuple[dict[str, Any], ...]  # shared, never mutated
     updated_ms: int | None
     last_updated_ms: int | None
-    etag: str  # of the view with its devices (station detail)
+    etag: str  # of the view with its devices (station detail), whole
+    public_etag: str  # of the same without the devices' private fields
     summary_etag: str  # of the view without devices (one station in the list)
     summary_json: Template  # holes: distance_m, data_age_s
     device_json: tuple[bytes, ...]
+    public_device_json: tuple[bytes, ...]
 
-    def detail_json(self, now_ms: int) -> bytes:
+    def detail_json(self, now_ms: int, *, public: bool) -> bytes:
         """The view with its devices (``distance_m`` null), as ``to_json`` would write it:
         the summary's JSON, then the devices' own JSON joined (``devices`` is the last key).
-        Built per answer: most answers are lists, which do not need it."""
+        Built per answer: most answers are lists, which do not need it. ``public``: the
+        devices' private fields null."""
         summary = self.summary_json.fill(self.data_age_s(now_ms), None)
-        return b"".join([summary[:-1], b',"devices":[', b",".join(self.device_json), b"]}"])
+        devices = self.public_device_json if public else self.device_json
+        return b"".join([summary[:-1], b',"devices":[', b",".join(devices), b"]}"])
 
     def data_age_s(self, now_ms: int) -> float | None:
         if self.updated_ms is None:
@@ -137,7 +146,7 @@ class StationViews:
         self._changed: set[str] = set()  # stations with devices newer than their view
         self._soon: list[tuple[int, str]] = []  # (soft due, device id), a heap
         self._random = random.Random()
-        self._gzipped: dict[str, tuple[_Station, float | None, bytes]] = {}
+        self._gzipped: dict[tuple[str, bool], tuple[_Station, float | None, bytes]] = {}
         self.device_computations = 0  # views computed (tests, and the bench's profile)
 
     def on_change(self, twins: list[Twin]) -> None:
@@ -158,17 +167,17 @@ class StationViews:
             entry = self._compute(self.catalog.stations[station_id], now_ms)
         return entry
 
-    def detail_gzip(self, entry: _Station, now_ms: int) -> bytes:
+    def detail_gzip(self, entry: _Station, now_ms: int, *, public: bool) -> bytes:
         """``entry``'s station detail gzipped, compressed again only when the view or its
         age (in tenths of a second) changed: browsers ask for gzip, and compressing the
         answer for every request cost more than everything else in it."""
-        station_id: str = entry.summary["id"]
+        key = (entry.summary["id"], public)
         age = entry.data_age_s(now_ms)
-        kept = self._gzipped.get(station_id)
+        kept = self._gzipped.get(key)
         if kept is not None and kept[0] is entry and kept[1] == age:
             return kept[2]
-        data = gzip.compress(entry.detail_json(now_ms), GZIP_LEVEL, mtime=0)
-        self._gzipped[station_id] = (entry, age, data)
+        data = gzip.compress(entry.detail_json(now_ms, public=public), GZIP_LEVEL, mtime=0)
+        self._gzipped[key] = (entry, age, data)
         return data
 
     def _outdated(self, station_id: str, entry: _Station, now_ms: int, *, fresh: bool) -> bool:
@@ -215,6 +224,7 @@ class StationViews:
         self.device_computations += 1
         view = device_view(twin, now_ms, self.trends)
         data = pydantic_core.to_json(view)
+        public = pydantic_core.to_json(public_device_view(view))
         flips = _NEVER
         if view["online"] and twin.last_seen_ms is not None:
             flips = twin.last_seen_ms + STALE_FACTOR * twin.heartbeat_s * 1000
@@ -224,6 +234,8 @@ class StationViews:
             facts=device_facts(twin, view, now_ms),
             json=data,
             tag=etag_of_json(data).encode(),
+            public_json=public,
+            public_tag=etag_of_json(public).encode(),
             due_ms=min(flips, now_ms + MAX_AGE_MS),
             soft_ms=soft,
             flips_ms=flips,
@@ -241,6 +253,9 @@ class StationViews:
         )
         summary_etag = etag_of_json(summary_json)
         etag = etag_of_bytes(b";".join([summary_etag.encode(), *(d.tag for d in devices)]))
+        public_etag = etag_of_bytes(
+            b";".join([summary_etag.encode(), b"public", *(d.public_tag for d in devices)])
+        )
         due = min((d.due_ms for d in devices), default=_NEVER)
         updated = max(
             (d.facts.last_seen_ms for d in devices if d.facts.last_seen_ms is not None),
@@ -258,9 +273,11 @@ class StationViews:
             updated_ms=updated,
             last_updated_ms=last_updated,
             etag=etag,
+            public_etag=public_etag,
             summary_etag=summary_etag,
             summary_json=Template.of(summary_json),
             device_json=tuple(d.json for d in devices),
+            public_device_json=tuple(d.public_json for d in devices),
         )
         self._stations[station.id] = entry
         self._changed.discard(station.id)

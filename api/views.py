@@ -167,6 +167,29 @@ def _eta(value: float | None, elapsed_s: float) -> int | None:
     return None if value is None else max(MIN_ETA_S, round(value - elapsed_s))
 
 
+PRIVATE_DEVICE_FIELDS = ("firmware", "boot")
+"""What a rider has no use for and an attacker could: firmware versions to pick a target,
+boot ids that say when a device restarted."""
+PRIVATE_PORT_FIELDS = ("session",)
+"""A charging session's id follows one rider's charge from start to end."""
+PRIVATE_SLOT_FIELDS = ("battery",)
+"""A battery's serial follows it from rider to rider, swap after swap."""
+
+
+def public_device_view(view: dict[str, Any]) -> dict[str, Any]:
+    """``view`` (``device_view``) as the public sees it: the same fields, the private ones
+    null (each is null already when there is nothing to say, so clients keep one shape).
+    Maintainer and admin keys get ``view`` itself."""
+    out = dict(view)
+    for name in PRIVATE_DEVICE_FIELDS:
+        out[name] = None
+    if "ports" in out:
+        out["ports"] = [{**p, **dict.fromkeys(PRIVATE_PORT_FIELDS)} for p in out["ports"]]
+    if "slots" in out:
+        out["slots"] = [{**s, **dict.fromkeys(PRIVATE_SLOT_FIELDS)} for s in out["slots"]]
+    return out
+
+
 def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[str, Any]:
     online = twin.online(now_ms)
     status = twin.status

@@ -1,5 +1,5 @@
 """One connection to the service's SQLite file, shared by its stores (history and twins,
-alerts, API keys): WAL, a lock, and sqlite3 errors translated at this boundary.
+alerts, API keys, audit log): WAL, a lock, and sqlite3 errors translated at this boundary.
 
 Each store opens its own ``SQLiteDB`` on the same file; WAL lets them write in turn, and a
 busy timeout makes one wait for another instead of failing. While a write waits (for the
@@ -11,13 +11,20 @@ has waited more than ``fail_fast_after_s`` for SQLite's own lock (the file is lo
 another process or connection) fails at once with ``StoreUnavailable`` instead of queueing
 behind it for the busy timeout and then waiting out its own: the webhook outbox learns
 within a second that the alert store is out, and sends its notification unrecorded.
+
+The file holds webhook secrets and key hashes: its directory is made 0700 and the file
+(with its ``-wal`` and ``-shm``, which SQLite creates with the file's own mode) 0600. A
+looser directory or file found at start is tightened, with a log line saying so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -29,6 +36,35 @@ from typing import Any
 from ingest import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """``path`` no looser than ``mode``: group and others lose what ``mode`` denies them."""
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if current & ~mode:
+        os.chmod(path, current & mode)
+        log.warning("%s was mode %o, readable by others: now %o", path, current, current & mode)
+
+
+def private_file(path: Path) -> None:
+    """Create ``path``'s directory (0700) and the file itself (0600) if missing, and tighten
+    them if they exist with a looser mode, before SQLite opens it."""
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    _tighten(path.parent, DIR_MODE)
+    # O_EXCL: only a file this call creates is opened here. Closing any descriptor of a
+    # file drops every POSIX lock this process holds on it: opening an existing database
+    # beside the process's own connections would let another process take it for unused,
+    # checkpoint and delete its WAL under them (seen in tests/e2e/test_privacy.py).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, FILE_MODE))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        _tighten(p, FILE_MODE)
 
 
 @dataclass(frozen=True)
@@ -84,7 +120,7 @@ class SQLiteDB:
         self.path = Path(path)
         self.fail_fast_after_s = fail_fast_after_s
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)
             self._db = sqlite3.connect(
                 self.path,
                 check_same_thread=False,

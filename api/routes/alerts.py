@@ -1,5 +1,8 @@
 """Maintainers' alerts: list, detail, acknowledge, resolve, notes, the SSE change stream,
-and (admin) webhook subscriptions. Every route needs an API key (api/auth.py)."""
+and (admin) webhook subscriptions. Every route needs an API key (api/auth.py).
+
+The actor of every action is the key's owner: ``by`` in a body may repeat the key's name
+or be left out, never name someone else (422). Each action is in the audit log."""
 
 from __future__ import annotations
 
@@ -10,11 +13,13 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, HttpUrl
 from starlette.exceptions import HTTPException
 
-from api.auth import Admin, KeyFirstRoute, Maintainer
+from api.audit import Actor, audit_log
+from api.auth import Admin, ApiKey, KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
@@ -187,55 +192,85 @@ async def get_alert(ingest: IngestDep, key: Maintainer, alert_id: AlertId) -> di
     return await _detail(engine_of(ingest), alert_id)
 
 
+BY = "the key's name, the default; any other name is refused: the actor is the key's owner"
+
+
 class Action(BaseModel):
-    by: Annotated[str | None, Field(max_length=100, description="default: the key's name")] = None
+    by: Annotated[str | None, Field(max_length=100, description=BY)] = None
     note: Annotated[str | None, Field(max_length=2000)] = None
 
 
 class NoteIn(BaseModel):
     text: Annotated[str, Field(min_length=1, max_length=2000)]
-    by: Annotated[str | None, Field(max_length=100)] = None
+    by: Annotated[str | None, Field(max_length=100, description=BY)] = None
 
 
-async def _act(ingest: Ingest, alert_id: int, what: str, by: str, note: str | None) -> Any:
+def _actor(key: ApiKey, by: str | None) -> str:
+    """Who acts: the key's owner. ``by`` may say so again, not name someone else."""
+    if by is not None and by != key.name:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "by"),
+                    "msg": f"acts are recorded under the key's owner ({key.name!r});"
+                    " leave 'by' out, or use a key of your own",
+                    "type": "value_error",
+                }
+            ]
+        )
+    return key.name
+
+
+async def _audit(request: Request, actor: Actor, action: str, target: str, **detail: Any) -> None:
+    await asyncio.to_thread(audit_log(request).record, actor, action, target, detail)
+
+
+async def _act(
+    request: Request, ingest: Ingest, key: ApiKey, alert_id: int, what: str, body: Action
+) -> Any:
     engine = engine_of(ingest)
+    by = _actor(key, body.by)
     try:
         if what == "ack":
-            await engine.acknowledge(alert_id, by, note)
+            await engine.acknowledge(alert_id, by, body.note)
         else:
-            await engine.resolve(alert_id, by, note)
+            await engine.resolve(alert_id, by, body.note)
     except AlertNotFound:
         raise NotFound("alert", str(alert_id)) from None
     except AlertConflict as exc:
         raise HTTPException(409, str(exc)) from None
+    action = "alert.acknowledge" if what == "ack" else "alert.resolve"
+    await _audit(request, key.actor, action, str(alert_id), note_chars=len(body.note or ""))
     return await _detail(engine, alert_id)
 
 
 @router.post("/alerts/{alert_id}/ack", openapi_extra=SMALL_BODY)
 async def acknowledge(
-    ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: Action | None = None
-) -> dict[str, Any]:
-    body = body or Action()
-    return await _act(ingest, alert_id, "ack", body.by or key.name, body.note)  # type: ignore[no-any-return]
+    request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId,
+    body: Action | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    return await _act(request, ingest, key, alert_id, "ack", body or Action())  # type: ignore[no-any-return]
 
 
 @router.post("/alerts/{alert_id}/resolve", openapi_extra=SMALL_BODY)
 async def resolve(
-    ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: Action | None = None
-) -> dict[str, Any]:
-    body = body or Action()
-    return await _act(ingest, alert_id, "resolve", body.by or key.name, body.note)  # type: ignore[no-any-return]
+    request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId,
+    body: Action | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    return await _act(request, ingest, key, alert_id, "resolve", body or Action())  # type: ignore[no-any-return]
 
 
 @router.post("/alerts/{alert_id}/notes", status_code=201, openapi_extra=SMALL_BODY)
 async def add_note(
-    ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: NoteIn
+    request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: NoteIn
 ) -> dict[str, Any]:
     engine = engine_of(ingest)
+    by = _actor(key, body.by)
     try:
-        await engine.add_note(alert_id, body.by or key.name, body.text)
+        await engine.add_note(alert_id, by, body.text)
     except AlertNotFound:
         raise NotFound("alert", str(alert_id)) from None
+    await _audit(request, key.actor, "alert.note", str(alert_id), chars=len(body.text))
     return await _detail(engine, alert_id)
 
 
@@ -259,7 +294,9 @@ class WebhookIn(BaseModel):
 
 
 @router.post("/webhooks", status_code=201)
-async def create_webhook(ingest: IngestDep, key: Admin, body: WebhookIn) -> dict[str, Any]:
+async def create_webhook(
+    request: Request, ingest: IngestDep, key: Admin, body: WebhookIn
+) -> dict[str, Any]:
     """Subscribe a URL; the response carries the signing secret (shown this once)."""
     engine = engine_of(ingest)
     assert body.format in FORMATS
@@ -273,6 +310,9 @@ async def create_webhook(ingest: IngestDep, key: Admin, body: WebhookIn) -> dict
         rules=body.rules,
         events=list(body.events),
     )
+    # the host only: chat webhooks carry their token in the URL's path or query
+    await _audit(request, key.actor, "webhook.create", str(sub.id), host=body.url.host,
+                 format=body.format, name=body.name)  # fmt: skip
     return {**sub.view(), "secret": sub.secret}
 
 
@@ -286,7 +326,11 @@ async def list_webhooks(ingest: IngestDep, key: Admin) -> dict[str, Any]:
 
 @router.delete("/webhooks/{webhook_id}", status_code=204)
 async def delete_webhook(
-    ingest: IngestDep, key: Admin, webhook_id: Annotated[int, Path(ge=1, le=ID_MAX)]
+    request: Request,
+    ingest: IngestDep,
+    key: Admin,
+    webhook_id: Annotated[int, Path(ge=1, le=ID_MAX)],
 ) -> None:
     if not await engine_of(ingest).notifier.remove(webhook_id):
         raise NotFound("webhook", str(webhook_id))
+    await _audit(request, key.actor, "webhook.delete", str(webhook_id))

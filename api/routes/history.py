@@ -6,11 +6,17 @@ old name of ``to``, still read); ``every`` is a bucket length (``300``, ``90s``,
 ``1h``, ``1d``; 1 s to 366 d), by default about 200 buckets.
 A bucket shows the last status in it ("aggregation": "last"), held over later empty buckets
 while the device is alive; events and online changes are listed as they happened.
+
+Public history has no battery serials and no session ids (``battery_in``/``battery_out``
+with their time and station would link one rider's swaps across stations): those fields
+are left out of ``changes``, where a field is absent whenever there is nothing to say. A
+maintainer or admin key gets them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections import defaultdict
 from typing import Annotated, Any
@@ -21,7 +27,7 @@ from api.caching import cached_json
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
 from api.forecast import DEFAULT_WEEKS, StatsDep
-from api.routes.riders import parse_time
+from api.routes.riders import PUBLIC_VARY, audience, parse_time
 from api.series import HOLD_MAX_MS, Held, counts, grid, load, sum_at
 from api.views import rfc3339
 from ingest.service import Ingest, now_ms
@@ -34,6 +40,7 @@ DEFAULT_SPAN_MS = 24 * 3600 * 1000
 _EVERY = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _NICE_S = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+PRIVATE_EVENT_FIELDS = frozenset({"session", "battery_out", "battery_in"})
 EVENT_FIELDS = (
     "code", "port", "slot", "value", "info", "session", "energy_wh",
     "slot_out", "battery_out", "soc_out", "slot_in", "battery_in", "soc_in",
@@ -82,18 +89,29 @@ def _store(ingest: Ingest) -> HistoryStore:
     return ingest.history
 
 
-def _event(row: dict[str, Any]) -> dict[str, Any]:
+def _event(row: dict[str, Any], fields: tuple[str, ...] = EVENT_FIELDS) -> dict[str, Any]:
     data = load(row["payload"])
     kind = row["type"] if row["type"] != "event" else data.get("type")
     out: dict[str, Any] = {"t": rfc3339(row["ts_ms"]), "device_id": row["device_id"], "type": kind}
     if row["type"] == "event":
-        out.update({k: data[k] for k in EVENT_FIELDS if data.get(k) is not None})
+        out.update({k: data[k] for k in fields if data.get(k) is not None})
     return out
 
 
+PUBLIC_EVENT_FIELDS = tuple(f for f in EVENT_FIELDS if f not in PRIVATE_EVENT_FIELDS)
+
+
 def device_history(
-    store: HistoryStore, ingest: Ingest, device_id: str, since: int, until: int, every: int
+    store: HistoryStore,
+    ingest: Ingest,
+    device_id: str,
+    since: int,
+    until: int,
+    every: int,
+    *,
+    public: bool,
 ) -> dict[str, Any]:
+    """``public``: without the private fields of events (``PRIVATE_EVENT_FIELDS``)."""
     device = ingest.catalog.devices[device_id]
     release = float(device.spec.release_soc or ingest.config.release_soc)
     samples = store.status_samples([device_id], since, until, every)
@@ -124,7 +142,7 @@ def device_history(
         "every_s": every / 1000,
         "aggregation": "last",
         "points": points,
-        "changes": [_event(r) for r in happenings],
+        "changes": [_event(r, PUBLIC_EVENT_FIELDS if public else EVENT_FIELDS) for r in happenings],
     }
 
 
@@ -207,11 +225,13 @@ async def device_history_route(
     """Downsampled power, energy, temperature, soc and states; events and online changes."""
     if device_id not in ingest.catalog.devices:
         raise NotFound("device", device_id)
+    private = await audience(request, max_age_s=10)
     since, until, step = window(start, to, every, end=end)
     body = await asyncio.to_thread(
-        device_history, _store(ingest), ingest, device_id, since, until, step
-    )
-    return cached_json(request, body, max_age_s=10)
+        functools.partial(device_history, public=private is None),
+        _store(ingest), ingest, device_id, since, until, step,
+    )  # fmt: skip
+    return cached_json(request, body, max_age_s=10, headers=private or PUBLIC_VARY)
 
 
 @router.get("/stations/{station_id}/utilization")

@@ -1,11 +1,11 @@
 """Riders' hazard reports ("sentinels"): public, rate-limited per client address, per
-station and in total, text kept as plain text (control characters dropped, length limited,
-never rendered as markup). The client address is the peer's, or the one a configured proxy
+station and in total, text kept as plain text (``plain_text``: control, format and
+bidi characters dropped, so a report cannot reorder or hide what a maintainer reads; length
+limited; never rendered as markup). The client address is the peer's, or the one a configured proxy
 forwards (``trusted_proxies``): a client cannot choose its own bucket."""
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -18,12 +18,13 @@ from api.deps import IngestDep
 from api.errors import NotFound
 from api.limits import KiB, body_max
 from api.routes.alerts import engine_of
+from api.text import plain_text
 from ingest.alerts.config import ReportOptions
 from ingest.alerts.engine import REPORT_CATEGORIES
 
 router = APIRouter(prefix="/v1", tags=["riders"])
 
-_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
 _BUCKETS_MAX = 10_000  # distinct clients remembered; the oldest are forgotten first
 
 
@@ -101,7 +102,7 @@ async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[st
     """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``."""
     engine = engine_of(ingest)
     opts = engine.config.reports
-    text = _CONTROL.sub("", body.text).strip()
+    text = plain_text(body.text)
     if len(text) > opts.text_max:
         raise _invalid("text", f"at most {opts.text_max} characters")
     station = ingest.catalog.stations.get(body.station)

@@ -6,6 +6,12 @@ with ``limit``/``offset`` (``X-Total-Count``, ``Link``), syncs deltas with
 ``updated_since`` (stations whose ``last_updated`` is at or after it, OCPI ``date_from``
 style) and, with ``arrive_in_s``, ranks stations by the chance that what the rider needs is
 still there on arrival (``api.forecast``).
+
+Public answers carry what a rider needs and nothing that follows a rider or a battery:
+station and device detail give battery serials, charging session ids, firmware and boot
+ids as null (``api.views.public_device_view``). A maintainer or admin key
+(``Authorization: Bearer``) gets them; its answers say ``Cache-Control: private``, and
+every answer that can differ by key says ``Vary: Authorization``.
 """
 
 from __future__ import annotations
@@ -17,12 +23,20 @@ from typing import Annotated, Any, Literal
 import pydantic_core
 from fastapi import APIRouter, Query, Request, Response
 
-from api.caching import VARY, cached_bytes, cached_json, etag_of_bytes, not_modified, page_headers
+from api.auth import optional_maintainer
+from api.caching import (
+    RIDER_MAX_AGE_S,
+    cached_bytes,
+    cached_json,
+    etag_of_bytes,
+    not_modified,
+    page_headers,
+)
 from api.errors import NotFound, invalid_query
 from api.forecast import StationStats, StatsCache, arrival_estimate, district_tz
 from api.live import Trends
 from api.snapshots import StationViews
-from api.views import device_view, rfc3339, station_has
+from api.views import device_view, public_device_view, rfc3339, station_has
 from devices.catalog import distance_m
 from ingest.service import Ingest, now_ms
 
@@ -50,6 +64,23 @@ def parse_time(field: str, value: str | None) -> int | None:
     if not 0 <= ms <= TIME_MAX_MS:
         raise invalid_query(field, "must be from 1970 to 9999 (epoch ms 0 to 253402300799999)")
     return ms
+
+
+async def audience(
+    request: Request, vary: str = "Authorization", max_age_s: int = RIDER_MAX_AGE_S
+) -> dict[str, str] | None:
+    """The headers of an answer whose private fields only a key may see: None for the
+    public (no key given), else those of a private answer, which no shared cache may keep.
+    A key that admits no one is 401: a maintainer who sent a wrong key is told so."""
+    key = await optional_maintainer(request)
+    if key is None:
+        return None
+    return {"Cache-Control": f"private, max-age={max_age_s}", "Vary": vary}
+
+
+# gzip adds Accept-Encoding where it compresses; the station detail is gzipped here
+PUBLIC_VARY = {"Vary": "Authorization"}
+DETAIL_VARY = "Authorization, Accept-Encoding"
 
 
 def _app_state(request: Request) -> Any:
@@ -181,17 +212,22 @@ async def station(request: Request, station_id: str) -> Response:
     ingest: Ingest = state.ingest
     if station_id not in ingest.catalog.stations:
         raise NotFound("station", station_id)
+    private = await audience(request, DETAIL_VARY)
+    public = private is None
+    headers = {"Vary": DETAIL_VARY} if public else private
+    assert headers is not None
     views: StationViews = state.views
     now = now_ms()
     entry = views.station(station_id, now)
-    unchanged = not_modified(request, entry.etag, VARY)
+    etag = entry.public_etag if public else entry.etag
+    unchanged = not_modified(request, etag, headers)
     if unchanged is not None:
         return unchanged
     if "gzip" in request.headers.get("accept-encoding", ""):
         # kept compressed; the middleware passes an answer with an encoding through
-        data = views.detail_gzip(entry, now)
-        return cached_bytes(request, data, entry.etag, headers={**VARY, "Content-Encoding": "gzip"})
-    return cached_bytes(request, entry.detail_json(now), entry.etag)
+        data = views.detail_gzip(entry, now, public=public)
+        return cached_bytes(request, data, etag, headers={**headers, "Content-Encoding": "gzip"})
+    return cached_bytes(request, entry.detail_json(now, public=public), etag, headers=headers)
 
 
 @router.get("/devices/{device_id}")
@@ -200,5 +236,9 @@ async def device(request: Request, device_id: str) -> Response:
     ingest: Ingest = state.ingest
     if device_id not in ingest.catalog.devices:
         raise NotFound("device", device_id)
+    private = await audience(request)
     trends: Trends = state.live.trends
-    return cached_json(request, device_view(ingest.twins[device_id], now_ms(), trends))
+    view = device_view(ingest.twins[device_id], now_ms(), trends)
+    if private is None:
+        return cached_json(request, public_device_view(view), headers=PUBLIC_VARY)
+    return cached_json(request, view, headers=private)

@@ -153,7 +153,7 @@ class Api:
         return body
 
     async def device(self, device_id: str) -> dict[str, Any]:
-        r = await self.http.get(f"/v1/devices/{device_id}")
+        r = await self.http.get(f"/v1/devices/{device_id}", headers=self.headers)  # boot too
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
         return body

@@ -16,6 +16,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.alerts.keys import maintainer_get
 from tests.servers import Process, Service, chargewatch_serve, eventually
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +78,7 @@ def stored(service: Service, device: str) -> list[tuple[str, int, str]]:
 
 
 def device(service: Service, device_id: str) -> dict[str, Any]:
-    body: dict[str, Any] = service.get(f"/v1/devices/{device_id}").json()
+    body: dict[str, Any] = maintainer_get(service, f"/v1/devices/{device_id}").json()  # boot
     return body
 
 

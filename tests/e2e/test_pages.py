@@ -4,8 +4,10 @@ serve`` process and simulated devices. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -67,6 +69,21 @@ def phone(browser: Any) -> Any:
     return context
 
 
+def csp_violations(page: Any) -> list[str]:
+    """What the page's Content-Security-Policy refused, as chromium reports it (an inline
+    script, style or handler left in the pages would be here)."""
+    refused: list[str] = []
+    page.on(
+        "console",
+        lambda msg: refused.append(msg.text) if "Content Security Policy" in msg.text else None,
+    )
+    page.add_init_script(
+        "document.addEventListener('securitypolicyviolation', e => console.error("
+        "'Content Security Policy refused ' + e.violatedDirective + ' ' + e.blockedURI))"
+    )
+    return refused
+
+
 def card_counts(page: Any) -> dict[str, dict[str, str]]:
     return page.eval_on_selector_all(
         "#stations .card",
@@ -80,6 +97,7 @@ def test_rider_page_live_counts_detail_and_report(d: District, browser: Any) -> 
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    refused = csp_violations(page)
     page.goto(d.service.base_url + "/")
     page.wait_for_selector("#stations .card")
     assert page.inner_text("h1") == "骑手充换电", "Chinese by default"
@@ -152,6 +170,7 @@ def test_rider_page_live_counts_detail_and_report(d: District, browser: Any) -> 
     assert alert_id > 0
     page.screenshot(path=str(artifacts_dir() / "rider-report.png"), full_page=True)
     assert not errors, errors
+    assert not refused, refused
     context.close()
     d.fleet.call(lambda f: f.insert_battery(cabinet["id"], slot["n"], 96.0))
 
@@ -178,6 +197,7 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     context = browser.new_context(viewport={"width": 1200, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
+    refused = csp_violations(page)
     page.goto(d.service.base_url + "/console")
     page.wait_for_function("document.body.dataset.auth === 'no'")
     page.fill("#key", key)
@@ -216,6 +236,48 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     page.wait_for_selector(f'#device h3[data-device="{device}"]')
     assert page.locator("#device polyline").count() >= 1
     page.screenshot(path=str(artifacts_dir() / "console.png"), full_page=True)
+    assert not refused, refused
+    context.close()
+
+
+def test_the_console_cannot_be_framed(d: District, browser: Any) -> None:
+    """The console keeps its key in localStorage: another site must not frame it and lure a
+    maintainer into clicks. Chromium refuses the frame (frame-ancestors 'none')."""
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    # a page of another origin (another loopback port) that frames the console
+    html = f"<iframe id=f src='{d.service.base_url}/console'></iframe>".encode()
+
+    class Framing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Framing)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        page.goto(f"http://127.0.0.1:{other.server_address[1]}/")
+    finally:
+        other.shutdown()
+        other.server_close()
+    frame = page.frame_locator("#f")
+
+    def settled() -> str:
+        urls = [f.url for f in page.frames[1:]]
+        assert urls, "the frame is not there yet"
+        assert urls[0] not in ("", "about:blank"), urls
+        return urls[0]
+
+    # without the headers the frame holds the console, logged out: its #login form
+    assert eventually(settled, timeout=10).startswith("chrome-error://"), page.frames
+    assert frame.locator("#login").count() == 0
     context.close()
 
 

@@ -94,7 +94,7 @@ def service(broker: Process, tmp_path: Path) -> Iterator[Service]:
 
 
 def device(service: Service, device_id: str) -> dict[str, Any]:
-    response = service.get(f"/v1/devices/{device_id}")
+    response = maintainer_get(service, f"/v1/devices/{device_id}")  # boot: maintainers only
     assert response.status_code == 200
     body: dict[str, Any] = response.json()
     return body
