@@ -256,6 +256,8 @@ class WebhookIn(BaseModel):
     stations: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=500)] = []
     rules: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=50)] = []
     events: Annotated[list[Event], Field(max_length=3)] = ["opened", "escalated", "resolved"]
+    # chat messages and the JSON `title`/`summary` in this language; none: the setting
+    language: Literal["zh", "en"] | None = None
 
 
 @router.post("/webhooks", status_code=201)
@@ -272,6 +274,7 @@ async def create_webhook(ingest: IngestDep, key: Admin, body: WebhookIn) -> dict
         stations=body.stations,
         rules=body.rules,
         events=list(body.events),
+        language=body.language,
     )
     return {**sub.view(), "secret": sub.secret}
 
