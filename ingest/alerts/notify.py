@@ -238,6 +238,19 @@ SAVER = "webhook:outbox"
 FRESH_IN_FLIGHT = 4
 
 
+# What a notification's view tells of its alert (the console names it in words from these).
+NOTIFICATION_ALERT_FIELDS = (
+    "severity",
+    "title",
+    "station",
+    "device",
+    "rule",
+    "code",
+    "port",
+    "slot",
+)
+
+
 @dataclass(eq=False)
 class Delivery:
     """One notification to one subscription: the outbox entry and the delivery log row."""
@@ -316,7 +329,7 @@ class Delivery:
             "next_try_at": rfc3339(self.next_try_ms) if self.status == PENDING else None,
             "deadline": rfc3339(self.deadline_ms),
             "finished_at": rfc3339(self.finished_ms),
-            "alert": {k: alert.get(k) for k in ("severity", "title", "station", "device")},
+            "alert": {k: alert.get(k) for k in NOTIFICATION_ALERT_FIELDS},
         }
 
 
