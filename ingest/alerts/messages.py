@@ -499,5 +499,6 @@ def compose(event: str, payload: dict[str, Any], language: object = "zh") -> Mes
         how = "resolved_auto" if a.get("resolved_how") == "auto" else "resolved_manual"
         by = clip(a.get("resolved_by") or "—", 100)
         lines.append(f"{words['resolved']}{sep}{words[how].format(at=at, by=by)}")
-    lines.append(f"{words['alert_id']}{sep}{_number(a.get('id'))}")
+    if a.get("id") is not None:
+        lines.append(f"{words['alert_id']}{sep}{_number(a['id'])}")
     return Message(lang, title, lines, words["link"])

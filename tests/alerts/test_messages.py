@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from devices.faults import FAULT_CODES
+from ingest.alerts import notify
 from ingest.alerts.config import WebhookOptions
 from ingest.alerts.messages import RULE_WORDS, compose
-from ingest.alerts.notify import render
+from ingest.alerts.notify import Notifier, render
+from ingest.alerts.store import AlertStore
 from tests.alerts.helpers import Clock, Device, config, eventually, running
 from tests.alerts.receiver import receiver
 from tests.alerts.test_formats import CATALOG, SECRET, payload, unmarkdown
@@ -462,3 +464,25 @@ async def test_engine_notifications_speak_each_subscriptions_language(tmp_path: 
     assert body["station"]["name"] == CATALOG.stations["wanguo-south"].name.model_dump()
     assert body["device_kind"] == "cabinet"
     assert body["alert"]["code"] == "smoke"  # the alert's fields as ever
+
+
+@pytest.mark.parametrize("limit", range(8, 40))
+def test_a_cut_message_ends_on_a_whole_character_and_a_whole_escape(limit: int) -> None:
+    text = "告\\[警\\]" * 20  # 3-byte characters and two-character markdown escapes
+    cut = notify._fit(text, limit)
+    assert len(cut.encode()) <= limit
+    assert cut.endswith("…")
+    body = cut.removesuffix("…")
+    assert text.startswith(body)
+    assert (len(body) - len(body.rstrip("\\"))) % 2 == 0  # no escape cut in half
+
+
+async def test_a_subscriptions_language_survives_a_restart(tmp_path: Path) -> None:
+    store = AlertStore.in_dir(tmp_path)
+    try:
+        async with Notifier(store, WebhookOptions()) as notifier:
+            sub = await notifier.add("https://hooks.example/cw", language="en")
+        async with Notifier(store, WebhookOptions()) as notifier:
+            assert notifier.subscriptions[sub.id].language == "en"
+    finally:
+        store.close()
