@@ -122,14 +122,14 @@ REPORT_WORDS: dict[Language, dict[str, str]] = {
         "other": "其他",
     },
     "en": {
-        "smoke": "smoke",
-        "fire": "fire",
-        "water": "water",
-        "heat": "too hot",
-        "damage": "damaged",
-        "not_working": "not working",
-        "blocked": "blocked",
-        "other": "other",
+        "smoke": "Smoke",
+        "fire": "Fire",
+        "water": "Water",
+        "heat": "Too hot",
+        "damage": "Damaged",
+        "not_working": "Not working",
+        "blocked": "Blocked",
+        "other": "Other",
     },
 }
 

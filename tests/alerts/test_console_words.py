@@ -14,6 +14,7 @@ from ingest.alerts.messages import (
     EVENT_WORDS,
     FAULT_WORDS,
     LANGUAGES,
+    REPORT_WORDS,
     RULE_WORDS,
     SEVERITY_WORDS,
     STATUS_WORDS,
@@ -47,6 +48,9 @@ def test_console_words_are_the_notifications_words(lang: str) -> None:
     ):
         for key, word in table[lang].items():  # type: ignore[index]
             assert words.get(prefix + key) == word, f"{lang} {prefix}{key}"
+    for category, word in REPORT_WORDS[lang].items():  # type: ignore[index]
+        key = "cat" + "".join(part.capitalize() for part in category.split("_"))
+        assert words.get(key) == word, f"{lang} {key}: the rider page's word"
 
 
 def test_every_console_text_exists_in_both_languages() -> None:

@@ -162,7 +162,7 @@ RULES: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
     "rider_report": (
         {"code": "smoke", "info": "rider report: smoke", "last_value": None, "reports": 2},
         ["骑手报告：冒烟", "骑手报告 2 份"],
-        ["Rider report: smoke", "2 rider report(s)"],
+        ["Rider report: Smoke", "2 rider report(s)"],
     ),
     "ingest_stalled": (
         {"info": "no message for 95 s while 412 devices should report", **SERVICE},

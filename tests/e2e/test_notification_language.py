@@ -58,7 +58,7 @@ def test_the_setting_and_a_subscriptions_language_reach_the_receivers(
 
         en, zh = eventually(arrived, timeout=10)
     assert en["language"] == "en"
-    assert en["title"] == f"[CRITICAL] Opened: Rider report: fire · {station.name.en}"
+    assert en["title"] == f"[CRITICAL] Opened: Rider report: Fire · {station.name.en}"
     assert f"address: {station.address.en}" in en["summary"]
     assert en["station"]["name"] == {"zh": station.name.zh, "en": station.name.en}
     text = zh["content"]["text"]
