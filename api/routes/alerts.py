@@ -291,6 +291,8 @@ class WebhookIn(BaseModel):
     stations: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=500)] = []
     rules: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=50)] = []
     events: Annotated[list[Event], Field(max_length=3)] = ["opened", "escalated", "resolved"]
+    # chat messages and the JSON `title`/`summary` in this language; none: the setting
+    language: Literal["zh", "en"] | None = None
 
 
 @router.post("/webhooks", status_code=201)
@@ -309,6 +311,7 @@ async def create_webhook(
         stations=body.stations,
         rules=body.rules,
         events=list(body.events),
+        language=body.language,
     )
     # the host only: chat webhooks carry their token in the URL's path or query
     await _audit(request, key.actor, "webhook.create", str(sub.id), host=body.url.host,

@@ -26,6 +26,10 @@ class AlertRef(BaseModel):
     title: str | None
     station: str | None
     device: str | None
+    rule: str | None = None
+    code: str | None = None
+    port: int | None = None
+    slot: int | None = None
 
 
 class Notification(BaseModel):

@@ -5,6 +5,30 @@
 const $ = (sel) => document.querySelector(sel);
 const SEVERITY = { critical: 0, major: 1, minor: 2, warning: 3 };
 let KEY = localStorage.getItem("cw-key") || "";
+const PLACES = {}; // station id -> {names, address}, from the rider API
+
+// An alert in words of the chosen language (the words of ingest/alerts/messages.py).
+function has(key) { return Boolean(TEXTS[LANG] && TEXTS[LANG][key]); }
+function ruleWord(a) {
+  if (a.rule === "fault") return has(`fault_${a.code}`) ? t(`fault_${a.code}`) : a.code;
+  if (!has(`rule_${a.rule}`)) return t("c_unknownRule", { rule: a.rule });
+  if (a.rule === "rider_report") return `${t("rule_rider_report")}${LANG === "zh" ? "：" : ": "}${has(`cat${camel(a.code)}`) ? t(`cat${camel(a.code)}`) : a.code}`;
+  if (a.code && a.code !== a.rule) return `${t(`rule_${a.rule}`)}${LANG === "zh" ? "：" : ": "}${a.code}`;
+  return t(`rule_${a.rule}`);
+}
+function camel(code) { return (code || "").split("_").map((w) => w.charAt(0).toUpperCase() + w.slice(1)).join(""); }
+function stationName(id) {
+  if (id === "service") return t("c_service");
+  const p = PLACES[id];
+  return p ? p.names[LANG] || p.names.zh : id;
+}
+function unitText(a) {
+  if (a.port) return t("c_port", { n: a.port });
+  if (a.slot) return t("c_slot", { n: a.slot });
+  return null;
+}
+function sevWord(sev) { return has(`sev_${sev}`) ? t(`sev_${sev}`) : sev; }
+function word(prefix, value) { return has(prefix + value) ? t(prefix + value) : value; }
 
 async function api(path, options) {
   const headers = { Accept: "application/json", ...(options && options.body ? { "Content-Type": "application/json" } : {}) };
@@ -19,10 +43,20 @@ async function api(path, options) {
   return data;
 }
 
+// Times as the district reads them: its clock (the catalog's time zone, Asia/Shanghai).
+const DISTRICT_TZ = "Asia/Shanghai";
+function local(iso) {
+  try {
+    return new Date(iso).toLocaleString("sv-SE", { timeZone: DISTRICT_TZ, hourCycle: "h23" });
+  } catch (e) {
+    return `${iso.replace("T", " ").slice(0, 19)} UTC`;
+  }
+}
+
 function when(iso) {
   if (!iso) return "—";
   const age = (Date.now() - Date.parse(iso)) / 1000;
-  return `${iso.replace("T", " ").slice(0, 19)} (${ageText(age)})`;
+  return `${local(iso)} (${ageText(age)})`;
 }
 
 async function loadAlerts() {
@@ -31,27 +65,27 @@ async function loadAlerts() {
   try {
     data = await api("/v1/alerts?status=active&limit=500");
   } catch (e) {
-    body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "stale" }, e.status === 401 || e.status === 403 ? `API key needed (${e.message})` : `alerts unavailable: ${e.message}`)));
-    $("#who").textContent = KEY ? `key rejected: ${e.message}` : "not logged in";
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "stale" }, e.status === 401 || e.status === 403 ? t("c_keyNeeded", { e: e.message }) : t("c_alertsUnavailable", { e: e.message }))));
+    $("#who").textContent = KEY ? t("c_keyRejected", { e: e.message }) : t("c_notLoggedIn");
     document.body.dataset.auth = "no";
     return;
   }
   document.body.dataset.auth = "yes";
-  $("#who").textContent = "logged in";
+  $("#who").textContent = t("c_loggedIn");
   const alerts = data.alerts.sort((a, b) => (SEVERITY[a.severity] - SEVERITY[b.severity]) || (b.id - a.id));
   $("#alerts-count").textContent = `(${alerts.length})`;
   body.replaceChildren(...alerts.map((a) => el("tr", { "data-alert-id": a.id, "data-status": a.status },
-    el("td", {}, el("span", { class: `sev-${a.severity}` }, a.severity)),
-    el("td", {}, a.title, a.info ? el("div", { class: "hint" }, a.info) : null),
-    el("td", {}, [a.station, a.device, a.port ? `port ${a.port}` : null, a.slot ? `slot ${a.slot}` : null].filter(Boolean).join(" / ")),
+    el("td", {}, el("span", { class: `sev-${a.severity}`, "data-severity": a.severity }, sevWord(a.severity))),
+    el("td", {}, el("span", { class: "what" }, ruleWord(a)), el("div", { class: "hint mono" }, a.code !== a.rule ? `${a.rule} · ${a.code}` : a.rule), a.info && !["fault", "rider_report"].includes(a.rule) ? el("div", { class: "hint" }, a.info) : null),
+    el("td", {}, el("span", { class: "place" }, stationName(a.station)), el("div", { class: "hint" }, [a.device, unitText(a)].filter(Boolean).join(" · ") || null)),
     el("td", {}, when(a.opened_at)),
-    el("td", { class: "status" }, a.status, a.acknowledged_by ? el("div", { class: "hint" }, `by ${a.acknowledged_by}`) : null),
+    el("td", { class: "status" }, word("status_", a.status), a.acknowledged_by ? el("div", { class: "hint" }, t("c_by", { by: a.acknowledged_by })) : null),
     el("td", {}, a.count),
     el("td", {},
-      a.status === "open" ? el("button", { class: "act ack", type: "button", onclick: () => act(a.id, "ack") }, "确认 Ack") : null,
-      el("button", { class: "act resolve", type: "button", onclick: () => act(a.id, "resolve") }, "解决 Resolve"),
-      el("button", { class: "act note", type: "button", onclick: () => note(a.id) }, "备注 Note"),
-      el("button", { class: "act", type: "button", onclick: () => showDevice(a.device) }, "plot")))));
+      a.status === "open" ? el("button", { class: "act ack", type: "button", onclick: () => act(a.id, "ack") }, t("c_ack")) : null,
+      el("button", { class: "act resolve", type: "button", onclick: () => act(a.id, "resolve") }, t("c_resolve")),
+      el("button", { class: "act note", type: "button", onclick: () => note(a.id) }, t("c_note")),
+      a.device ? el("button", { class: "act", type: "button", onclick: () => showDevice(a.device) }, t("c_plot")) : null))));
   focusLinkedAlert();
 }
 
@@ -70,14 +104,11 @@ function focusLinkedAlert() {
 window.addEventListener("hashchange", () => { document.querySelectorAll("#alerts tr.focus").forEach((r) => r.classList.remove("focus")); focusLinkedAlert(); });
 
 // Webhook notifications that did not arrive: waiting for their next try, or given up.
-const DELIVERY_STATE = {
-  pending: "等待重试 pending", failed: "被拒绝 refused", expired: "已过期 expired", dropped: "已丢弃 dropped",
-};
 
 function until(iso) {
   if (!iso) return "—";
   const left = (Date.parse(iso) - Date.now()) / 1000;
-  return `${iso.replace("T", " ").slice(0, 19)} (${left > 0 ? t("inTime", { t: ageText(left) }) : t("dueNow")})`;
+  return `${local(iso)} (${left > 0 ? t("inTime", { t: ageText(left) }) : t("dueNow")})`;
 }
 
 async function loadNotifications() {
@@ -87,37 +118,37 @@ async function loadNotifications() {
     data = await api("/v1/notifications?limit=200");
   } catch (e) {
     $("#notifications-count").textContent = "";
-    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "stale" }, `notifications unavailable: ${e.message}`)));
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 8, class: "stale" }, t("c_notificationsUnavailable", { e: e.message }))));
     return;
   }
   const givenUp = data.notifications.filter((n) => n.state !== "pending").length;
-  $("#notifications-count").textContent = `(${data.pending} 等待 pending · ${givenUp} 放弃 given up)`;
+  $("#notifications-count").textContent = `(${t("c_pendingCount", { p: data.pending, g: givenUp })})`;
   const rows = data.notifications.map((n) => el("tr", { "data-delivery-id": n.id, "data-state": n.state, "data-alert-id": n.alert_id },
-    el("td", { class: n.state === "pending" ? "" : "stale" }, DELIVERY_STATE[n.state] || n.state),
-    el("td", {}, n.alert.severity ? el("span", { class: `sev-${n.alert.severity}` }, n.alert.severity) : null, " ",
-      el("a", { href: `#alert-${n.alert_id}` }, n.alert.title || `alert ${n.alert_id}`),
-      el("div", { class: "hint" }, [n.alert.station, n.alert.device].filter(Boolean).join(" / "))),
-    el("td", {}, n.subscription.name || `#${n.subscription.id}`, el("div", { class: "hint" }, `webhook ${n.subscription.id}`)),
-    el("td", {}, n.event),
+    el("td", { class: n.state === "pending" ? "" : "stale" }, word("c_d", n.state)),
+    el("td", {}, n.alert.severity ? el("span", { class: `sev-${n.alert.severity}` }, sevWord(n.alert.severity)) : null, " ",
+      el("a", { href: `#alert-${n.alert_id}` }, n.alert.rule ? ruleWord(n.alert) : n.alert.title || t("c_alertN", { n: n.alert_id })),
+      el("div", { class: "hint" }, [n.alert.station ? stationName(n.alert.station) : null, n.alert.device, unitText(n.alert)].filter(Boolean).join(" · "))),
+    el("td", {}, n.subscription.name || `#${n.subscription.id}`, el("div", { class: "hint" }, t("c_webhook", { n: n.subscription.id }))),
+    el("td", {}, word("event_", n.event)),
     el("td", {}, n.attempts),
     el("td", { class: "mono" }, n.last_error || "—"),
     el("td", {}, n.state === "pending" ? until(n.next_try_at) : when(n.finished_at)),
     el("td", {}, n.state === "pending" ? until(n.deadline) : "—")));
-  if (!data.complete) rows.push(el("tr", {}, el("td", { colspan: 8, class: "stale" }, "告警库暂不可读：只显示内存中的 · alert store unreadable: only those in memory")));
-  body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 8, class: "hint" }, "全部送达 all delivered"))]));
+  if (!data.complete) rows.push(el("tr", {}, el("td", { colspan: 8, class: "stale" }, t("c_storeUnreadable"))));
+  body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 8, class: "hint" }, t("c_allDelivered")))]));
 }
 
 async function act(id, what) {
   try {
     await api(`/v1/alerts/${id}/${what}`, { method: "POST", body: JSON.stringify({}) });
   } catch (e) {
-    alert(`${what} failed: ${e.message}`);
+    alert(t("c_actFailed", { e: `${what}: ${e.message}` }));
   }
   await loadAlerts();
 }
 
 async function note(id) {
-  const text = prompt("Note / 备注");
+  const text = prompt(t("c_notePrompt"));
   if (!text) return;
   await api(`/v1/alerts/${id}/notes`, { method: "POST", body: JSON.stringify({ text }) });
   await loadAlerts();
@@ -126,43 +157,44 @@ async function note(id) {
 async function loadStations() {
   const list = await api("/v1/stations");
   const details = await Promise.all(list.stations.map((s) => api(`/v1/stations/${encodeURIComponent(s.id)}`)));
+  for (const s of details) PLACES[s.id] = { names: s.names, address: s.address };
   $("#health").replaceChildren(...details.map((s) => {
     const total = s.piles.devices + s.cabinets.devices;
     const online = s.piles.online + s.cabinets.online;
     const faults = s.devices.filter((d) => d.faults.length).length;
     const cls = s.stale || online < total / 2 ? "health bad" : online < total || faults ? "health warn" : "health";
     return el("div", { class: cls, "data-station": s.id },
-      el("b", {}, s.names.zh), el("div", { class: "hint" }, s.names.en),
-      el("div", {}, `online ${online}/${total} · faults ${faults}`),
-      el("div", {}, `ports free ${s.piles.ports_free}/${s.piles.ports_total} · ready ${s.cabinets.batteries_ready}`),
-      el("div", { class: "hint" }, `updated ${when(s.updated_at)}`));
+      el("b", {}, s.names[LANG] || s.names.zh), el("div", { class: "hint" }, s.address[LANG] || s.address.zh),
+      el("div", {}, t("c_healthOnline", { o: online, t: total, f: faults })),
+      el("div", {}, t("c_healthPorts", { f: s.piles.ports_free, t: s.piles.ports_total, r: s.cabinets.batteries_ready })),
+      el("div", { class: "hint" }, t("c_updated", { t: when(s.updated_at) })));
   }));
   const offline = details.flatMap((s) => s.devices.filter((d) => !d.online).map((d) => [s, d]));
   $("#offline-count").textContent = `(${offline.length})`;
   $("#offline tbody").replaceChildren(...offline.slice(0, 200).map(([s, d]) => el("tr", { "data-device": d.id },
     el("td", {}, el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); showDevice(d.id); } }, d.id)),
-    el("td", {}, s.id),
+    el("td", {}, s.names[LANG] || s.id),
     el("td", {}, when(d.last_seen)),
-    el("td", {}, d.last_known ? d.last_known.text.en : "never heard from"))));
+    el("td", {}, d.last_known ? d.last_known.text[LANG] || d.last_known.text.zh : t("c_neverHeard")))));
 }
 
 async function loadDeadLetters() {
   try {
     const data = await api("/v1/deadletters?limit=20");
-    const counts = Object.entries(data.counts).map(([k, v]) => `${k}: ${v}`).join(" · ") || "none";
+    const counts = Object.entries(data.counts).map(([k, v]) => `${k}: ${v}`).join(" · ") || t("c_none");
     $("#deadletters").replaceChildren(el("p", {}, counts),
       el("table", {}, el("tbody", {}, data.dead_letters.map((d) => el("tr", {},
         el("td", {}, when(d.received_at)), el("td", {}, d.reason), el("td", { class: "mono" }, d.topic),
         el("td", { class: "mono" }, d.detail))))));
   } catch (e) {
-    $("#deadletters").replaceChildren(el("p", { class: "stale" }, `dead letters unavailable: ${e.message}`));
+    $("#deadletters").replaceChildren(el("p", { class: "stale" }, t("c_deadUnavailable", { e: e.message })));
   }
 }
 
 function plot(points, fields) {
   const w = 900, h = 220, pad = 30;
   const svg = svgEl("svg", { viewBox: `0 0 ${w} ${h}`, class: "plot", role: "img" });
-  if (!points.length) { svg.append(svgEl("text", { x: 20, y: 40 }, "no history in this span")); return svg; }
+  if (!points.length) { svg.append(svgEl("text", { x: 20, y: 40 }, t("c_noHistory"))); return svg; }
   const ts = points.map((p) => Date.parse(p.t));
   const t0 = Math.min(...ts), t1 = Math.max(...ts) || t0 + 1;
   fields.forEach(([field, cls, label], i) => {
@@ -188,11 +220,11 @@ async function showDevice(id) {
     api(`/v1/devices/${encodeURIComponent(id)}/history?from=${from.toISOString()}&to=${to.toISOString()}`),
   ]);
   const fields = dev.kind === "pile"
-    ? [["power_w", "l1", "power W"], ["ports_free", "l2", "free ports"], ["temp_c", "l3", "temp °C"]]
-    : [["power_w", "l1", "power W"], ["soc_mean", "l2", "mean soc %"], ["temp_c", "l3", "temp °C"]];
+    ? [["power_w", "l1", t("c_powerW")], ["ports_free", "l2", t("c_portsFree")], ["temp_c", "l3", t("c_tempC")]]
+    : [["power_w", "l1", t("c_powerW")], ["soc_mean", "l2", t("c_socMean")], ["temp_c", "l3", t("c_tempC")]];
   $("#device").replaceChildren(
-    el("h3", { "data-device": id }, `${id} · ${dev.kind} · ${dev.online ? "online" : "OFFLINE"} · faults: ${dev.faults.join(", ") || "none"}`),
-    el("p", { class: "hint" }, `last seen ${when(dev.last_seen)} · ${hist.points.length} points every ${hist.every_s}s (last status per bucket)`),
+    el("h3", { "data-device": id }, `${id} · ${t(dev.kind)} · ${dev.online ? t("c_online") : t("c_offlineState")} · ${t("c_faults")}: ${dev.faults.map((f) => word("fault_", f)).join(", ") || t("c_none")}`),
+    el("p", { class: "hint" }, t("c_lastSeen", { t: when(dev.last_seen), n: hist.points.length, s: hist.every_s })),
     plot(hist.points, fields),
     el("table", {}, el("tbody", {}, hist.changes.slice(-30).reverse().map((c) => el("tr", {},
       el("td", {}, when(c.t)), el("td", {}, c.type),
@@ -254,7 +286,9 @@ async function follow() {
 }
 
 async function refresh() {
-  await Promise.allSettled([loadAlerts(), loadNotifications(), loadStations(), loadDeadLetters()]);
+  const stations = loadStations();
+  await stations.catch(() => {}); // names for the alerts' rows; failures are shown in place
+  await Promise.allSettled([loadAlerts(), loadNotifications(), loadDeadLetters()]);
   document.body.dataset.refreshed = String(Date.now());
 }
 
@@ -268,6 +302,22 @@ $("#login").addEventListener("submit", (ev) => {
 });
 $("#logout").addEventListener("click", () => { KEY = ""; localStorage.removeItem("cw-key"); refresh(); follow(); });
 $("#device-form").addEventListener("submit", (ev) => { ev.preventDefault(); showDevice($("#device-id").value.trim()); });
+// Chinese by default; the English switch is remembered (the rider page shares it).
+function showLanguage() {
+  applyTexts();
+  document.title = `${t("c_title")} · chargewatch`;
+  $("#lang").textContent = LANG === "zh" ? "EN" : "中文";
+  document.body.dataset.lang = LANG;
+}
+$("#lang").addEventListener("click", () => {
+  LANG = LANG === "zh" ? "en" : "zh";
+  localStorage.setItem("cw-lang", LANG);
+  showLanguage();
+  refresh();
+  const shown = $("#device h3");
+  if (shown) showDevice(shown.dataset.device);
+});
+showLanguage();
 refresh();
 follow();
 setInterval(refresh, 15000);

@@ -6,6 +6,8 @@ thresholds at length.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -61,6 +63,9 @@ class WebhookOptions(BaseModel):
     # The console's public address (https://ops.example.cn): notifications then carry a link
     # to the alert (`url`, and a line in chat messages). None: no link (we cannot guess it).
     public_url: str | None = Field(default=None, pattern=r"^https?://[^\s()<>\[\]]+$")
+    # The language of chat messages and of the JSON `title`/`summary`: Chinese, the
+    # maintainers' own; "en" for English. A subscription's `language` overrides it.
+    language: Literal["zh", "en"] = "zh"
 
 
 class ReportOptions(BaseModel):

@@ -134,7 +134,7 @@ class AlertEngine:
         self.clock = clock
         self.tz = ZoneInfo(catalog.data.district.timezone)
         self.notifier = Notifier(
-            store, config.webhooks, transport=transport, supervisor=self.supervisor
+            store, config.webhooks, transport=transport, supervisor=self.supervisor, catalog=catalog
         )
         self.open: dict[Key, Alert] = {}  # unresolved alerts by condition
         self.by_id: dict[int, Alert] = {}  # unresolved alerts by id

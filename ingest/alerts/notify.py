@@ -50,7 +50,9 @@ from urllib.parse import quote_plus
 
 import httpx
 
+from devices.catalog import Catalog
 from ingest.alerts.config import WebhookOptions
+from ingest.alerts.messages import DEFAULT_TIMEZONE, LANGUAGES, clip, compose
 from ingest.alerts.model import NOTIFIED_EVENTS, Alert, alert_view, rfc3339
 from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore
 from ingest.supervisor import Supervisor
@@ -82,6 +84,7 @@ class Subscription:
     stations: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=lambda: list(NOTIFIED_EVENTS))
+    language: str | None = None  # "zh" or "en"; None: the `webhooks.language` setting
     created_at_ms: int = 0
     failing: bool = False
     consecutive_failures: int = 0
@@ -123,49 +126,49 @@ def _md(text: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", str(text))
 
 
-def _summary_lines(event: str, a: dict[str, Any]) -> tuple[str, list[str]]:
-    what = a["code"] if a["rule"] == "fault" else a["rule"]
-    where = a["device"] or a["station"]
-    unit = f" port {a['port']}" if a.get("port") else f" slot {a['slot']}" if a.get("slot") else ""
-    title = f"[{a['severity'].upper()}] {what} {event}: {where}{unit}"
-    lines = [
-        f"station: {a['station']}",
-        f"status: {a['status']}, count {a['count']}",
-        f"opened: {a['opened_at']}",
-    ]
-    if a.get("last_value") is not None:
-        lines.append(f"value: {a['last_value']} {a.get('info') or ''}".rstrip())
-    elif a.get("info"):
-        lines.append(f"info: {a['info']}")
-    if event == "escalated":
-        lines.append(f"not acknowledged; escalation {a['escalation_level']}")
-    if event == "resolved":
-        lines.append(f"resolved {a['resolved_how']} at {a['resolved_at']}")
-    lines.append(f"alert id: {a['id']}")
-    return title, lines
+WECOM_MAX_BYTES = 4096  # WeCom robot: markdown.content, UTF-8
+DINGTALK_TITLE_MAX = 64  # what a phone's notification shows of a DingTalk message
+ROBOT_TEXT_MAX_BYTES = 16_384  # DingTalk and Feishu bodies stay far below their 20 KB
 
 
-def render(fmt: str, secret: str, event: str, payload: dict[str, Any]) -> tuple[str, bytes]:
-    """(query suffix, body) for one attempt in the subscription's format."""
-    if fmt == "json":
-        return "", json.dumps(payload, separators=(",", ":")).encode()
-    title, lines = _summary_lines(event, payload["alert"])
+def _fit(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes, cut at a character and never after a lone escape."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    cut = data[: limit - len("…".encode())].decode(errors="ignore")
+    if (len(cut) - len(cut.rstrip("\\"))) % 2:  # a markdown escape cut in half
+        cut = cut[:-1]
+    return cut + "…"
+
+
+def render(
+    fmt: str, secret: str, event: str, payload: dict[str, Any], language: str = "zh"
+) -> tuple[str, bytes]:
+    """(query suffix, body) for one attempt in the subscription's format and language."""
+    message = compose(event, payload, language)
+    if fmt == "json":  # every field as published, plus the message in words
+        localized = {"language": message.language, "title": message.title}
+        body_json = {**payload, **localized, "summary": message.text}
+        return "", json.dumps(body_json, separators=(",", ":"), ensure_ascii=False).encode()
+    title, lines = message.title, list(message.lines)
     md_title = _md(title)
     md_body = "\n".join(f"> {_md(line)}" for line in lines)
     url = payload.get("url")  # ours (configured, pattern-checked), not device data
-    if url:
-        md_body += f"\n\n[控制台 Console]({url})"
-        lines = [*lines, url]
+    link = f"\n\n[{message.link_label}]({url})" if url else ""
     if fmt == "wecom":
+        head = f"**{md_title}**\n"
+        room = WECOM_MAX_BYTES - len(head.encode()) - len(link.encode())
         body: dict[str, Any] = {
             "msgtype": "markdown",
-            "markdown": {"content": f"**{md_title}**\n{md_body}"},
+            "markdown": {"content": head + _fit(md_body, room) + link},
         }
         return "", json.dumps(body, ensure_ascii=False).encode()
     if fmt == "dingtalk":
+        text = _fit(f"#### {md_title}\n{md_body}", ROBOT_TEXT_MAX_BYTES) + link
         body = {
             "msgtype": "markdown",
-            "markdown": {"title": title[:64], "text": f"#### {md_title}\n{md_body}"},
+            "markdown": {"title": clip(title, DINGTALK_TITLE_MAX), "text": text},
         }
         query = ""
         if secret:  # DingTalk robot "加签": HMAC-SHA256(secret, f"{ts}\n{secret}"), base64
@@ -174,13 +177,26 @@ def render(fmt: str, secret: str, event: str, payload: dict[str, Any]) -> tuple[
             query = f"timestamp={ts}&sign={quote_plus(base64.b64encode(digest.digest()))}"
         return query, json.dumps(body, ensure_ascii=False).encode()
     # feishu: custom bot text message; with a secret, key = f"{ts}\n{secret}", empty message
-    text = title + "\n" + "\n".join(lines)
-    body = {"msg_type": "text", "content": {"text": text}}
+    plain = _fit(message.text, ROBOT_TEXT_MAX_BYTES) + (f"\n{url}" if url else "")
+    body = {"msg_type": "text", "content": {"text": plain}}
     if secret:
         ts_s = str(int(time.time()))
         digest = hmac.new(f"{ts_s}\n{secret}".encode(), b"", hashlib.sha256)
         body = {"timestamp": ts_s, "sign": base64.b64encode(digest.digest()).decode(), **body}
     return "", json.dumps(body, ensure_ascii=False).encode()
+
+
+def place(catalog: Catalog | None, alert: Alert) -> dict[str, Any]:
+    """What a notification adds to the alert about where it is: its station as the catalog
+    names it (both languages) with the district's time zone, and its device's kind."""
+    timezone = catalog.data.district.timezone if catalog is not None else DEFAULT_TIMEZONE
+    station: dict[str, Any] = {"id": alert.station_id, "timezone": timezone}
+    spec = catalog.stations.get(alert.station_id) if catalog is not None else None
+    if spec is not None:
+        station["name"] = spec.name.model_dump()
+        station["address"] = spec.address.model_dump()
+    device = catalog.devices.get(alert.device_id or "") if catalog is not None else None
+    return {"station": station, "device_kind": device.kind if device is not None else None}
 
 
 # Robot answers that mean "too many messages, try later" (a 200 with a code in the body):
@@ -220,6 +236,19 @@ FRESH_PATIENCE_S = 1.0
 # ... with at most this many first attempts in flight per subscription.
 SAVER = "webhook:outbox"
 FRESH_IN_FLIGHT = 4
+
+
+# What a notification's view tells of its alert (the console names it in words from these).
+NOTIFICATION_ALERT_FIELDS = (
+    "severity",
+    "title",
+    "station",
+    "device",
+    "rule",
+    "code",
+    "port",
+    "slot",
+)
 
 
 @dataclass(eq=False)
@@ -300,7 +329,7 @@ class Delivery:
             "next_try_at": rfc3339(self.next_try_ms) if self.status == PENDING else None,
             "deadline": rfc3339(self.deadline_ms),
             "finished_at": rfc3339(self.finished_ms),
-            "alert": {k: alert.get(k) for k in ("severity", "title", "station", "device")},
+            "alert": {k: alert.get(k) for k in NOTIFICATION_ALERT_FIELDS},
         }
 
 
@@ -334,9 +363,12 @@ class Notifier:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         supervisor: Supervisor | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self.store = store
         self.options = options
+        # station names and addresses, the district's time zone: what messages say
+        self.catalog = catalog
         # the lanes and the outbox saver run under it: a death is said, alerted, restarted
         self.supervisor = supervisor or Supervisor()
         self._transport = transport
@@ -418,6 +450,8 @@ class Notifier:
         fmt = options.get("format", "json")
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+        if options.get("language") not in (None, *LANGUAGES):
+            raise ValueError(f"language must be one of {', '.join(LANGUAGES)}")
         secret = options.pop("secret", None) or secrets.token_urlsafe(32)
         sub = Subscription(id=0, url=url, secret=secret, created_at_ms=_now_ms(), **options)
         sub.id = await asyncio.to_thread(self.store.add_webhook, sub.record())
@@ -445,6 +479,7 @@ class Notifier:
         if self.options.public_url:
             payload["url"] = f"{self.options.public_url.rstrip('/')}/console#alert-{alert.id}"
         payload["created_at"] = rfc3339(now)
+        payload.update(place(self.catalog, alert))
         body = json.dumps(payload)
         queued = 0
         for box in list(self._boxes.values()):
@@ -637,7 +672,8 @@ class Notifier:
     async def _post(self, sub: Subscription, delivery: Delivery) -> tuple[bool, bool]:
         """One attempt: (delivered, worth retrying); sets its status and error."""
         assert self._client is not None
-        query, body = render(sub.format, sub.secret, delivery.event, delivery.payload)
+        language = sub.language or self.options.language
+        query, body = render(sub.format, sub.secret, delivery.event, delivery.payload, language)
         url = sub.url + (("&" if "?" in sub.url else "?") + query if query else "")
         headers = {
             "Content-Type": "application/json; charset=utf-8",

@@ -10,6 +10,9 @@
   sign = base64(HMAC-SHA256(key=f"{timestamp}\\n{secret}", msg=b"")), within an hour of now.
 - Plain JSON: ``X-Chargewatch-Signature: sha256=<hex HMAC-SHA256 of the exact body>``.
 
+Messages are Chinese unless a subscription or the setting says English (test_messages.py
+covers every fault code and rule in both languages).
+
 Expected signatures are computed here from the stdlib, independently of ingest/alerts/notify.py,
 and checked against a published DingTalk vector.
 """
@@ -32,16 +35,18 @@ from urllib.parse import parse_qs, quote_plus
 import httpx
 import pytest
 
+from devices.catalog import Catalog
 from ingest.alerts import notify
 from ingest.alerts.config import WebhookOptions
 from ingest.alerts.model import Alert, alert_view
-from ingest.alerts.notify import Notifier, render
+from ingest.alerts.notify import Notifier, place, render
 from ingest.alerts.store import AlertStore
 
 TS_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 TS_S = TS_MS // 1000
 SECRET = "SEC5a3ecf88f2b3eb50db30ecfc00f53033ac909c99bf7f88fd612bda89d7f3a9dc"
-OPENED_MS = 1_796_284_800_000  # 2026-12-03T08:00:00Z
+OPENED_MS = 1_796_284_800_000  # 2026-12-03T08:00:00Z, 16:00 in Hefei
+CATALOG = Catalog.load()
 
 
 def make_alert(**overrides: Any) -> Alert:
@@ -65,7 +70,9 @@ def make_alert(**overrides: Any) -> Alert:
 
 
 def payload(event: str = "opened", **overrides: Any) -> dict[str, Any]:
-    return {"event": event, "alert": alert_view(make_alert(**overrides))}
+    """As ``Notifier.publish`` builds it, with the district catalog."""
+    alert = make_alert(**overrides)
+    return {"event": event, "alert": alert_view(alert), **place(CATALOG, alert)}
 
 
 @pytest.fixture
@@ -89,8 +96,12 @@ def feishu_sign(timestamp: str, secret: str) -> str:
 
 
 def unmarkdown(text: str) -> str:
-    """What a reader sees: markdown backslash escapes removed."""
-    return re.sub(r"\\(.)", r"\1", text)
+    """What a reader sees: the line markup we write (heading, bold title, quote) and
+    markdown backslash escapes removed."""
+    lines = [re.sub(r"^(#### |> )", "", line) for line in text.split("\n")]
+    if lines and lines[0].startswith("**") and lines[0].endswith("**"):
+        lines[0] = lines[0][2:-2]
+    return re.sub(r"\\(.)", r"\1", "\n".join(lines))
 
 
 def message_text(fmt: str, body: bytes) -> str:
@@ -104,14 +115,21 @@ def message_text(fmt: str, body: bytes) -> str:
     return text
 
 
+EVENT_ZH = {"opened": "新告警", "escalated": "告警升级", "resolved": "已恢复"}
+
+
 def assert_actionable(text: str, *, event: str = "opened") -> None:
-    """Severity, what, where (station, device, slot), the event, and the id to act on."""
-    assert "CRITICAL" in text
-    assert "thermal_runaway" in text
-    assert "wanguo-south" in text
-    assert "WGS-C07 slot 9" in text
-    assert event in text
-    assert "alert id: 4711" in text  # POST /v1/alerts/4711/ack
+    """Severity, what, where (station, address, device, slot), the event, and the id to act
+    on: in Chinese, the default."""
+    assert text.startswith(
+        f"【紧急】{EVENT_ZH[event]}：热失控 · 万国农贸街区南门歇歇角 WGS-C07 9号仓位"
+    )
+    assert "站点：万国农贸街区南门歇歇角（wanguo-south）" in text
+    assert "地址：包河区滨湖世纪社区万国农贸街区南门" in text
+    assert "设备：换电柜 WGS-C07，9号仓位" in text
+    assert "故障：热失控（thermal_runaway）" in text  # the code too: what to search for
+    assert "发生时间：2026-12-03 16:00:00（北京时间）" in text
+    assert "告警编号：4711" in text  # POST /v1/alerts/4711/ack
 
 
 def test_published_dingtalk_vector_matches_our_reference() -> None:
@@ -134,7 +152,7 @@ def test_wecom_markdown_message() -> None:
     assert body.decode("utf-8")  # content must be UTF-8
     assert len(content.encode()) <= 4096  # documented limit of markdown.content
     assert_actionable(unmarkdown(content))
-    assert "81.5" in content  # the last value read
+    assert "详情：上报数值 81.5" in content  # the last value read
 
 
 @pytest.mark.usefixtures("fixed_clock")
@@ -145,10 +163,8 @@ def test_dingtalk_markdown_and_signed_query() -> None:
     title, text = message["markdown"]["title"], message["markdown"]["text"]
     assert isinstance(title, str)
     assert 0 < len(title) <= 64
-    # the title is all a phone's notification shows: severity, code and target are in it
-    assert "CRITICAL" in title
-    assert "thermal_runaway" in title
-    assert "WGS-C07" in title
+    # the title is all a phone's notification shows: severity, fault and target are in it
+    assert title == "【紧急】新告警：热失控 · 万国农贸街区南门歇歇角 WGS-C07 9号仓位"
     assert_actionable(unmarkdown(text))
     params = parse_qs(query, strict_parsing=True)
     assert set(params) == {"timestamp", "sign"}
@@ -190,7 +206,8 @@ def test_unsigned_robots_carry_no_signature_fields() -> None:
 @pytest.mark.usefixtures("fixed_clock")
 def test_device_data_cannot_inject_markdown(fmt: str) -> None:
     hostile = '[ack here](http://evil.example/x) **now** <font color="warning">x</font>'
-    _, body = render(fmt, SECRET, "opened", payload(info=hostile, last_value=None))
+    hostile_offline = payload(rule="offline", code="offline", info=hostile, last_value=None)
+    _, body = render(fmt, SECRET, "opened", hostile_offline)
     message = json.loads(body)
     content = message["markdown"]["content" if fmt == "wecom" else "text"]
     # every markup character of device data arrives escaped: no live link, bold or tag
@@ -212,8 +229,8 @@ def test_escalated_and_resolved_messages_say_so(fmt: str) -> None:
         resolved_how="auto",
     )
     for event, data, must in (
-        ("escalated", escalated, "escalation 2"),
-        ("resolved", resolved, "resolved auto at 2026-12-03T08:15:00.000Z"),
+        ("escalated", escalated, "升级：超时未确认，第 2 次升级通知"),
+        ("resolved", resolved, "恢复：2026-12-03 16:15:00（北京时间） 自动恢复"),
     ):
         text = message_text(fmt, render(fmt, SECRET, event, data)[1])
         assert_actionable(text, event=event)
@@ -230,13 +247,19 @@ def test_port_alert_names_the_port_and_device_level_names_neither() -> None:
         info="port 3",
     )
     text = json.loads(render("feishu", "", "opened", port)[1])["content"]["text"]
-    assert "[MAJOR] over_current opened: WGS-P03 port 3" in text
+    assert text.startswith("【重要】新告警：过流 · 万国农贸街区南门歇歇角 WGS-P03 3号端口\n")
+    assert "设备：充电桩 WGS-P03，3号端口\n" in text
+    english = json.loads(render("feishu", "", "opened", port, "en")[1])["content"]["text"]
+    assert english.startswith(
+        "[MAJOR] Opened: Over-current · WGS-P03 port 3 at Wanguo Market Street South Gate"
+    )
     device = payload(unit=None, unit_kind=None, code="water_leak", info=None)
     text = json.loads(render("feishu", "", "opened", device)[1])["content"]["text"]
-    assert "[CRITICAL] water_leak opened: WGS-C07\n" in text
+    assert text.startswith("【紧急】新告警：进水 · 万国农贸街区南门歇歇角 WGS-C07\n")
+    assert "设备：换电柜 WGS-C07\n" in text
     offline = payload(rule="offline", code="offline", severity="major", unit=None, info=None)
     text = json.loads(render("feishu", "", "opened", offline)[1])["content"]["text"]
-    assert "[MAJOR] offline opened: WGS-C07\n" in text
+    assert text.startswith("【重要】新告警：设备离线 · 万国农贸街区南门歇歇角 WGS-C07\n")
 
 
 # -- through the notifier: what actually goes over the wire -------------------------------
@@ -299,9 +322,15 @@ async def test_json_delivery_signs_the_exact_body(tmp_path: Path) -> None:
     assert request.headers["X-Chargewatch-Attempt"] == "1"
     assert int(request.headers["X-Chargewatch-Delivery"]) >= 1
     body = json.loads(request.content)
-    assert set(body) == {"event", "alert", "created_at"}
+    assert set(body) == {
+        "event", "alert", "created_at", "station", "device_kind", "language", "title", "summary"
+    }  # fmt: skip
     assert body["event"] == "opened"
-    assert body["alert"] == alert_view(make_alert())
+    assert body["alert"] == alert_view(make_alert())  # every field it always had
+    assert body["station"] == {"id": "wanguo-south", "timezone": "Asia/Shanghai"}  # no catalog
+    assert body["language"] == "zh"
+    assert body["title"] == "【紧急】新告警：热失控 · wanguo-south WGS-C07 9号仓位"
+    assert body["summary"].startswith(body["title"] + "\n站点：wanguo-south\n")
     created = body["created_at"]
     assert created.endswith("Z")
     assert before_ms // 1000 * 1000 <= _ms(created) <= time.time_ns() // 1_000_000
@@ -378,7 +407,7 @@ async def test_notifications_link_to_the_alert_in_the_console(tmp_path: Path, fm
         assert body["content"]["text"].endswith("\n" + link)
     else:
         assert (
-            f"[控制台 Console]({link})"
+            f"[在控制台处理]({link})"
             in body["markdown"]["text" if fmt == "dingtalk" else "content"]
         )
 

@@ -330,3 +330,72 @@ def test_console_lists_undelivered_notifications(d: District, browser: Any) -> N
         finally:
             assert http.delete(f"/v1/webhooks/{webhook_id}", headers=admin).status_code == 204
             d.fleet.call(lambda f: f.clear_fault(pile.id, "over_current", 1))
+
+
+def test_console_speaks_chinese_by_default_and_switches_to_english(
+    d: District, browser: Any
+) -> None:
+    """A first visit (nothing remembered) reads Chinese: titles, the alert's severity and
+    fault in words, the station's Chinese name, the port; the switch turns all of it English,
+    and the choice is remembered."""
+    pile = [v for v in d.catalog.devices.values() if v.kind == "pile"][-1]
+    station = d.catalog.stations[pile.station_id]
+    key = make_key(d, name="console-lang")
+    d.fleet.call(lambda f: f.inject_fault(pile.id, "lock_failure", 2))
+
+    def opened() -> int:
+        found = httpx.get(
+            f"{d.service.base_url}/v1/alerts",
+            params={"device": pile.id, "rule": "lock_failure", "status": "active"},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        ).json()["alerts"]
+        assert len(found) == 1
+        return int(found[0]["id"])
+
+    row = f'#alerts tr[data-alert-id="{eventually(opened, timeout=15)}"]'
+
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, locale="en-US")
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(d.service.base_url + "/console")
+    page.wait_for_function("document.body.dataset.auth === 'no'")
+    assert page.inner_text("h1") == "运维控制台", "Chinese by default, whatever the browser's"
+    assert page.evaluate("document.documentElement.lang") == "zh-CN"
+    assert page.inner_text("#lang") == "EN"
+    page.fill("#key", key)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector(row)
+    text = page.inner_text(row)
+    assert "次要" in text  # severity minor
+    assert "锁止故障" in text
+    assert f"{pile.id} · 2号端口" in text
+    assert station.name.zh in text
+    assert "确认" in page.inner_text(f"{row} button.ack")
+    assert page.inner_text("#alerts th >> nth=0") == "级别"
+
+    page.click("#lang")
+    page.wait_for_function("document.querySelector('h1').textContent === 'Maintenance console'")
+    assert page.evaluate("document.documentElement.lang") == "en"
+    page.wait_for_function(
+        "([sel, name]) => document.querySelector(sel)?.textContent.includes(name)",
+        arg=[row, station.name.en],
+    )
+    text = page.inner_text(row)
+    assert "MINOR" in text
+    assert "Lock failure" in text
+    assert f"{pile.id} · port 2" in text
+    assert page.inner_text(f"{row} button.ack") == "Ack"
+    assert page.inner_text("#alerts th >> nth=0") == "severity"
+    page.screenshot(path=str(artifacts_dir() / "console-en.png"), full_page=True)
+
+    page.reload()  # remembered
+    page.wait_for_selector(row)
+    assert page.inner_text("h1") == "Maintenance console"
+    page.click("#lang")
+    page.wait_for_function("document.querySelector('h1').textContent === '运维控制台'")
+    assert not errors, errors
+    context.close()
+    d.fleet.call(lambda f: f.clear_fault(pile.id, "lock_failure", 2))
