@@ -22,6 +22,7 @@ from devices.catalog import Catalog
 from devices.topics import TopicScheme
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
+from ingest.backup import DataDirLock
 from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig
 from ingest.gmqtt_source import GmqttSource
@@ -128,6 +129,10 @@ class Ingest:
     async def __aenter__(self) -> Ingest:
         cfg = self.config
         try:
+            # one service per data dir; `chargewatch restore` is refused while we hold it
+            lock = DataDirLock(cfg.data_dir)
+            await asyncio.to_thread(lock.acquire)
+            self._stack.callback(lock.release)
             store = await asyncio.to_thread(
                 SQLiteStore.in_dir,
                 cfg.data_dir,
