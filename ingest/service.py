@@ -25,6 +25,7 @@ from ingest.alerts.store import AlertStore
 from ingest.backup import DataDirLock
 from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig
+from ingest.diskusage import DiskWatch
 from ingest.gmqtt_source import GmqttSource
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
@@ -42,6 +43,7 @@ def now_ms() -> int:
 
 PIPELINE = "ingest:pipeline"
 SOURCE = "ingest:mqtt"
+DISK = "ingest:disk"
 FATAL_EXIT_STATUS = 70  # EX_SOFTWARE: a task that cannot restart in place died
 
 
@@ -76,6 +78,13 @@ class Ingest:
         self.started_ms = now_ms()
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
+        self.disk = DiskWatch(
+            config.data_dir,
+            check_s=config.disk_check_s,
+            window_s=config.disk_growth_window_s,
+            warn_days=config.disk_full_warning_days,
+            registry=self.metrics.registry,
+        )
 
     async def drain(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
         """Wait until nothing arrived for ``quiet_s`` and everything received is written
@@ -192,6 +201,8 @@ class Ingest:
                 self.pipeline.observed_through = self.alerts.observed_through
                 self.pipeline.journal_last = await asyncio.to_thread(store.unobserved_max)
                 self.alerts.stall_check = self.stalled
+                self.alerts.disk_check = self.disk.problem
+            self.supervisor.start(DISK, self.disk.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(

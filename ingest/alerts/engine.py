@@ -146,6 +146,9 @@ class AlertEngine:
         self._hold: list[Alert] = []  # offline alerts waiting one tick for station grouping
         # service-level check (the ingest watchdog): what is wrong now, or None
         self.stall_check: Callable[[int], str | None] | None = None
+        # the disk filling up (ingest.diskusage): a warning days before it is full
+        self.disk_check: Callable[[int], str | None] | None = None
+        self._disk_active: dict[Key, Observation] = {}
         self._service_active: dict[Key, Observation] = {}
         self._next_alert = 1
         self._next_event = 1
@@ -293,6 +296,7 @@ class AlertEngine:
                 self._evaluate_station(station.id, now)
                 weight += len(station.devices)
             self._evaluate_service(now)
+            self._evaluate_disk(now)
         held, self._hold = self._hold, []
         for alert in held:
             if alert.active and not alert.suppressed:
@@ -334,6 +338,13 @@ class AlertEngine:
         key = Key(SERVICE_STATION, None, None, "ingest_stalled", "ingest_stalled")
         found = {key: Observation(key, "critical", info=problem)} if problem else {}
         before, self._service_active = self._service_active, found
+        self._diff(before, found, now, set())
+
+    def _evaluate_disk(self, now: int) -> None:
+        problem = self.disk_check(now) if self.disk_check is not None else None
+        key = Key(SERVICE_STATION, None, None, "disk_filling", "disk_filling")
+        found = {key: Observation(key, "warning", info=problem)} if problem else {}
+        before, self._disk_active = self._disk_active, found
         self._diff(before, found, now, set())
 
     def _evaluate_station(self, station_id: str, now: int) -> None:
