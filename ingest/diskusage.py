@@ -15,6 +15,8 @@ Metrics (collected from the last sample, nothing blocks at scrape time)::
     chargewatch_disk_free_bytes             free for us on the data dir's file system
     chargewatch_disk_size_bytes             its size
     chargewatch_disk_full_in_seconds        projected time to full (+Inf: not filling)
+    chargewatch_history_disk_bytes          InfluxDB history's shards on its own disk (1.x);
+                                            the embedded history is in the data dir
 """
 
 from __future__ import annotations
@@ -95,12 +97,17 @@ class DiskWatch(Collector):
         self.clock = clock
         self._measure = measure
         self.samples: deque[DiskSample] = deque()
+        # the history's size where it lives elsewhere (InfluxHistory.disk_bytes), blocking
+        self.history_bytes: Callable[[], int | None] | None = None
+        self.history_last: int | None = None
         if registry is not None:
             registry.register(self)
 
     def sample(self) -> DiskSample:
         """Measure now (blocking) and keep the sample for the window."""
         s = self._measure(self.data_dir, self.clock())
+        if self.history_bytes is not None:
+            self.history_last = self.history_bytes()
         self.samples.append(s)
         while self.samples and self.samples[0].at_s < s.at_s - self.window_s:
             self.samples.popleft()
@@ -147,6 +154,12 @@ class DiskWatch(Collector):
         )
 
     def collect(self) -> Iterator[Metric]:
+        if self.history_last is not None:
+            yield GaugeMetricFamily(
+                "chargewatch_history_disk_bytes",
+                "Bytes the history's InfluxDB database takes on InfluxDB's disk (1.x shards)",
+                value=self.history_last,
+            )
         if not self.samples:
             return
         last = self.samples[-1]

@@ -157,6 +157,7 @@ class Ingest:
                     cfg.history, on_error=lambda exc: self.metrics.write_errors.inc()
                 )
                 log.info("history: %r", self._history)
+                self.disk.history_bytes = self._history.disk_bytes
             self.history = self._history or store
             if self._history is not None:
                 self._stack.callback(self._history.close)

@@ -118,18 +118,25 @@ def test_rules_and_dashboard_name_only_metrics_a_real_service_exports(
         for m in re.findall(r"\bchargewatch_[a-z_]+", expr)
     }
     assert len(wanted) >= 20
-    with chargewatch_serve(tmp_path / "serve", None) as service:
+    with influxd(tmp_path / "influxd") as server:
+        url = f"influx1://127.0.0.1:{server.port}?db=chargewatch"
+        history = InfluxHistory(url)
+        history.create_database()
+        history.append(district_rows())  # a shard to measure
+        history.close()
+        with chargewatch_serve(tmp_path / "serve", None, "--history", url) as service:
 
-        def exported() -> set[str]:
-            names = {
-                line.split()[2]
-                for line in service.get("/metrics").text.splitlines()
-                if line.startswith("# TYPE ")
-            }
-            assert "chargewatch_disk_full_in_seconds" in names
-            return names
+            def exported() -> set[str]:
+                names = {
+                    line.split()[2]
+                    for line in service.get("/metrics").text.splitlines()
+                    if line.startswith("# TYPE ")
+                }
+                assert "chargewatch_disk_full_in_seconds" in names
+                assert "chargewatch_history_disk_bytes" in names
+                return names
 
-        names = eventually(exported, timeout=20)
+            names = eventually(exported, timeout=20)
     assert sorted(wanted - names) == []
 
 
@@ -145,6 +152,10 @@ def test_every_influxql_query_of_the_dashboard_returns_rows_from_real_influxd(
             store.create_database()
             rows = district_rows()
             store.append(rows)  # the service's own writer: births, statuses, events, a death
+            assert (store.disk_bytes() or 0) > 0  # its shards, as SHOW STATS tells
+            other = InfluxHistory(f"influx1://127.0.0.1:{server.port}?db=absent", retry_s=1)
+            assert other.disk_bytes() is None  # a database with no shard: not known, not 0
+            other.close()
             # what Grafana puts in place of its macros (the station variable at "All")
             macros = {
                 "$timeFilter": f"time >= {NOW_MS - 60_000}ms and time <= {NOW_MS + 600_000}ms",
