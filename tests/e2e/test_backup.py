@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from ingest.influx import InfluxHistory
+from tests.e2e.test_influx import district_rows
 from tests.e2e.test_ingest_faults import DEVICES, Key, Stream, stored_keys
-from tests.servers import chargewatch_argv, chargewatch_serve, eventually, mosquitto
+from tests.influx_servers import influxd
+from tests.servers import chargewatch_argv, chargewatch_serve, eventually, mosquitto, need_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -97,3 +101,49 @@ def test_a_second_serve_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
         assert second.returncode != 0
         assert "stop it first" in second.stderr
         assert service.get("/readyz").status_code == 200
+
+
+def test_the_documented_influxdb_1x_backup_and_restore_bring_the_history_back(
+    tmp_path: Path,
+) -> None:
+    """docs/operations.md's commands for InfluxDB 1.x history, against influxd 1.6.7: an
+    online portable backup, restored under a new name, holds every point written."""
+    influxd_bin = need_binary("influxd", "/usr/bin/influxd")
+    with influxd(tmp_path / "influxd") as server:
+        conf = (tmp_path / "influxd" / "influxdb.conf").read_text()
+        rpc = re.search(r'^bind-address = "(.*)"', conf, re.M)
+        assert rpc is not None
+        store = InfluxHistory(f"influx1://127.0.0.1:{server.port}?db=chargewatch")
+        restored = InfluxHistory(f"influx1://127.0.0.1:{server.port}?db=chargewatch_restored")
+        try:
+            store.create_database()
+            rows = district_rows()
+            store.append(rows)
+            host = ["-host", rpc.group(1)]
+            backup_dir = str(tmp_path / "influx-backup")
+            for argv in (
+                ["backup", "-portable", *host, "-database", "chargewatch", backup_dir],
+                [
+                    "restore",
+                    "-portable",
+                    *host,
+                    "-db",
+                    "chargewatch",
+                    "-newdb",
+                    "chargewatch_restored",
+                    backup_dir,
+                ],
+            ):
+                done = subprocess.run(
+                    [influxd_bin, *argv], capture_output=True, text=True, timeout=60, check=False
+                )
+                assert done.returncode == 0, done.stderr
+            count = 'SELECT count("seq") FROM "message"'
+            assert restored.query(count) == store.query(count) == [{"time": 0, "count": len(rows)}]
+            device = next(r.device_id for r in rows)
+            back = restored.messages(device, 0, 2**62, 100)
+            assert back
+            assert back == store.messages(device, 0, 2**62, 100)
+        finally:
+            store.close()
+            restored.close()
