@@ -113,6 +113,9 @@ def backup(data_dir: str | Path, out: str | Path) -> Summary:
     if not src_path.is_file():
         raise BackupError(f"no store to back up: {src_path} does not exist")
     out = Path(out)
+    live = src_path.resolve()
+    if out.resolve().parent == live.parent and out.name.startswith(DB_FILE):
+        raise BackupError(f"{out} is among the store's own files: write the backup elsewhere")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))

@@ -62,6 +62,20 @@ def test_a_backup_holds_what_is_still_in_the_wal_and_is_private(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "naive.db", "out.bak"]
 
 
+@pytest.mark.parametrize("name", [DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}.bak"])
+def test_a_backup_never_replaces_the_live_store(tmp_path: Path, name: str) -> None:
+    data = tmp_path / "data"
+    store = _store_with(data, 10)
+    try:
+        with pytest.raises(Exception, match="own files: write the backup elsewhere"):
+            backup(data, data / name)
+        store.append([row(11, T0 + 11)])  # the live store still takes writes
+    finally:
+        store.close()
+    assert _seqs(data / DB_FILE) == list(range(1, 12))
+    backup(data, data / "backups.db")  # elsewhere in the dir is fine
+
+
 def test_backup_of_a_missing_store_says_so(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="no store to back up"):
         backup(tmp_path / "nothing", tmp_path / "out.bak")
