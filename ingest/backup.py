@@ -182,6 +182,14 @@ def restore(data_dir: str | Path, file: str | Path, *, now: datetime | None = No
     file = Path(file)
     if not file.is_file():
         raise NotABackup(f"{file} is not a file")
+    wal = Path(f"{file}-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        # a raw copy of a live store: its last commits are in the WAL, which is not copied
+        raise NotABackup(
+            f"{file} has a WAL beside it ({wal}) holding commits the file lacks: take"
+            " backups with `chargewatch backup`, or checkpoint it first"
+            f" (sqlite3 {file} 'PRAGMA wal_checkpoint(TRUNCATE)')"
+        )
     with DataDirLock(data_dir):
         target = data_dir / DB_FILE
         incoming = data_dir / f".{DB_FILE}.restoring"

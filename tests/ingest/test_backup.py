@@ -141,6 +141,20 @@ def test_restore_refuses_a_file_that_is_not_a_sound_store(
     ]
 
 
+def test_restore_refuses_a_raw_copy_whose_last_commits_are_in_a_wal_beside_it(
+    tmp_path: Path,
+) -> None:
+    raw = tmp_path / "raw"
+    live = _store_with(raw, 9)  # open: its commits are in the WAL
+    try:
+        with pytest.raises(NotABackup, match="WAL beside it"):
+            restore(tmp_path / "data", raw / DB_FILE)
+    finally:
+        live.close()  # closing checkpoints the WAL into the file and removes it
+    restore(tmp_path / "data", raw / DB_FILE)
+    assert _seqs(tmp_path / "data" / DB_FILE) == list(range(1, 10))
+
+
 def test_restore_is_refused_while_the_data_dir_is_locked(tmp_path: Path) -> None:
     data = tmp_path / "data"
     _store_with(data, 3).close()
