@@ -1,7 +1,8 @@
 """The files operators load into their own tools (deploy/): the Prometheus alert rules, checked
-and unit-tested by Debian's `promtool`; the Grafana dashboard, its PromQL parsed by
-`promtool` and every InfluxQL query run against a real influxd 1.6.7 holding history written
-by InfluxHistory; and every metric they name, exported by a real `chargewatch serve`."""
+and unit-tested by Debian's `promtool`; the Grafana dashboard, its PromQL parsed and
+evaluated by `promtool` over scrapes of a real `chargewatch serve` (which exports every metric
+the rules and the dashboard name), and every InfluxQL query run against a real influxd 1.6.7
+holding history written by InfluxHistory."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.influx import InfluxHistory
 from tests.e2e.test_influx import NOW_MS, district_rows
 from tests.influx_servers import influxd
-from tests.servers import chargewatch_serve, eventually, need_binary
+from tests.servers import Service, chargewatch_serve, eventually, free_port, need_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -101,9 +104,33 @@ def test_every_promql_expression_of_the_dashboard_parses(promtool: str, tmp_path
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout
 
 
-def test_rules_and_dashboard_name_only_metrics_a_real_service_exports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# Series that a quiet service has no child of yet: one per webhook delivery result, one per
+# task that died. A panel over them is empty until the first delivery or death.
+EMPTY_WHILE_QUIET = ("chargewatch_webhook_deliveries_total", "chargewatch_task_deaths_total")
+SAMPLE = re.compile(r"^(?P<series>[a-z_:][a-z0-9_:]*(?:\{.*\})?) (?P<value>\S+)$")
+
+
+def scrape(service: Service) -> dict[str, str]:
+    """/metrics as {series with job and instance labels: value in promtool's notation}."""
+    found = {}
+    for line in service.get("/metrics").text.splitlines():
+        m = SAMPLE.match(line)
+        if m is None:
+            continue
+        name, _, labels = m["series"].partition("{")
+        labels = labels.rstrip("}")
+        extra = 'job="chargewatch",instance="cw:8000"'
+        series = f"{name}{{{extra}{',' + labels if labels else ''}}}"
+        found[series] = {"+Inf": "Inf", "-Inf": "-Inf"}.get(m["value"], m["value"])
+    return found
+
+
+def test_rules_and_dashboard_promql_run_on_a_real_services_metrics(
+    promtool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Every metric the rules and the dashboard name is exported by a real `serve`, and every
+    PromQL expression of the dashboard, evaluated by promtool over two scrapes of it (a
+    minute apart in promtool's time), returns series (a panel that would stay empty)."""
     # the disk projection is exported once a tenth of its window is measured: make it short
     monkeypatch.setenv("CHARGEWATCH_INGEST__DISK_CHECK_S", "0.1")
     monkeypatch.setenv("CHARGEWATCH_INGEST__DISK_GROWTH_WINDOW_S", "2")
@@ -118,13 +145,16 @@ def test_rules_and_dashboard_name_only_metrics_a_real_service_exports(
         for m in re.findall(r"\bchargewatch_[a-z_]+", expr)
     }
     assert len(wanted) >= 20
+    broker_port = free_port()
     with influxd(tmp_path / "influxd") as server:
         url = f"influx1://127.0.0.1:{server.port}?db=chargewatch"
         history = InfluxHistory(url)
         history.create_database()
         history.append(district_rows())  # a shard to measure
         history.close()
-        with chargewatch_serve(tmp_path / "serve", None, "--history", url) as service:
+        with chargewatch_serve(
+            tmp_path / "serve", None, "--history", url, broker_port=broker_port
+        ) as service:
 
             def exported() -> set[str]:
                 names = {
@@ -137,7 +167,72 @@ def test_rules_and_dashboard_name_only_metrics_a_real_service_exports(
                 return names
 
             names = eventually(exported, timeout=20)
+            first = scrape(service)
+            publish_raw(broker_port, "cw/v1/SVC-P01/status", b"not json")  # a dead letter
+
+            def counted() -> dict[str, str]:
+                now = scrape(service)
+                assert any(k.startswith("chargewatch_dead_letters_total{") for k in now)
+                return now
+
+            second = eventually(counted, timeout=20)
     assert sorted(wanted - names) == []
+
+    exprs = [
+        _expand(t["expr"], {**GRAFANA_PROM_MACROS, "$__rate_interval": "3m"})
+        for t in targets("prometheus")
+    ]
+    rules_file = tmp_path / "panels.rules.yml"
+    rules_file.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "panels",
+                        "rules": [
+                            {"alert": f"Panel{i}", "expr": f"count({e}) > 0"}
+                            for i, e in enumerate(exprs)
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    series = [
+        {"series": k, "values": f"{first.get(k, '_')} {v} {v} {v}"} for k, v in second.items()
+    ]
+    cases = [
+        {
+            "eval_time": "3m",
+            "alertname": f"Panel{i}",
+            "exp_alerts": [] if any(m in e for m in EMPTY_WHILE_QUIET) else [{"exp_labels": {}}],
+        }
+        for i, e in enumerate(exprs)
+    ]
+    assert sum(1 for c in cases if c["exp_alerts"]) >= len(exprs) - 2
+    tests_file = tmp_path / "panels.test.yml"
+    tests_file.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [rules_file.name],
+                "evaluation_interval": "1m",
+                "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": cases}],
+            }
+        )
+    )
+    result = run(promtool, "test", "rules", str(tests_file))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def publish_raw(port: int, topic: str, payload: bytes) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="monitoring-test")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 # -- the dashboard's InfluxQL --------------------------------------------------------------
