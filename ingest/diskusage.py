@@ -22,6 +22,7 @@ Metrics (collected from the last sample, nothing blocks at scrape time)::
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
@@ -33,6 +34,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
 
@@ -116,7 +119,10 @@ class DiskWatch(Collector):
     async def run(self) -> None:
         """The periodic task (supervised by the service)."""
         while True:
-            await asyncio.to_thread(self.sample)
+            try:
+                await asyncio.to_thread(self.sample)
+            except OSError as exc:  # the dir replaced under us, a file system gone: say so, go on
+                log.warning("cannot measure the disk of %s: %s", self.data_dir, exc)
             await asyncio.sleep(self.check_s)
 
     def _measured(self) -> bool:

@@ -3,6 +3,7 @@ arithmetic, the real file system for the measurement, the real alert engine for 
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 
@@ -161,3 +162,24 @@ async def test_the_engine_warns_while_the_disk_is_projected_full_and_clears_afte
         clock.advance(61)  # the verification window
         engine.tick()
         assert key not in engine.open
+
+
+async def test_the_periodic_task_outlives_a_measurement_that_fails(tmp_path: Path) -> None:
+    calls: list[float] = []
+
+    def flaky(data_dir: Path, at_s: float) -> DiskSample:
+        calls.append(at_s)
+        if len(calls) == 1:
+            raise FileNotFoundError("the data dir's file system went away")
+        return DiskSample(at_s, 1, 2, 3)
+
+    watch = DiskWatch(tmp_path, check_s=0.01, measure=flaky)
+    task = asyncio.create_task(watch.run())
+    try:
+        async with asyncio.timeout(5):
+            while not watch.samples:  # noqa: ASYNC110 - bounded by the timeout
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert len(calls) >= 2
+    assert watch.samples[-1].free_bytes == 2
