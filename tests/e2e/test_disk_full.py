@@ -65,13 +65,13 @@ def test_a_full_disk_stops_acknowledging_warns_first_and_recovers_without_loss(
     monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__STARTUP_GRACE_S", "0")
     monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__VERIFY_S", "3600")  # stays visible
     with (
-        tmpfs(tmp_path / "small", "6m") as small,
+        tmpfs(tmp_path / "small", "8m") as small,
         mosquitto(tmp_path / "mosquitto") as broker,
         chargewatch_serve(tmp_path / "serve", broker.url, data_dir=small / "data") as service,
     ):
         maintainer_key(service.data_dir)  # while there is room for it
         stream = Stream(broker.port, rate=500)
-        stream.start(count=7_000)
+        stream.start(count=8_000)
 
         def warned() -> None:
             left = samples(service).get("chargewatch_disk_full_in_seconds")
