@@ -1,4 +1,5 @@
-"""The ``chargewatch`` command: serve, simulate, demo, catalog, keys, broker-config, bench."""
+"""The ``chargewatch`` command: serve, simulate, demo, catalog, keys, broker-config, backup,
+restore, bench."""
 
 from __future__ import annotations
 
@@ -255,6 +256,19 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace, data_dir: Path) -> int:
+    from ingest.backup import BackupError, backup, restore
+
+    try:
+        if args.command == "backup":
+            print(f"chargewatch: backup written: {backup(data_dir, args.out)}")
+        else:
+            print(f"chargewatch: restored: {restore(data_dir, args.file)}")
+    except BackupError as exc:
+        raise SystemExit(f"chargewatch: {exc}") from None
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chargewatch", description=__doc__)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -299,6 +313,12 @@ def _parser() -> argparse.ArgumentParser:
     from ingest.brokerconfig import add_parser as add_broker_config_parser
 
     add_broker_config_parser(sub)
+    backup = sub.add_parser("backup", help="a consistent copy of the store, while serve runs")
+    backup.add_argument("--data-dir", type=Path, help="the service's data dir")
+    backup.add_argument("--out", type=Path, required=True, help="the backup file to write")
+    restore = sub.add_parser("restore", help="put a backup in place (the service stopped)")
+    restore.add_argument("--data-dir", type=Path, help="the service's data dir")
+    restore.add_argument("file", type=Path, help="a file written by chargewatch backup")
     cat = sub.add_parser("catalog", help="summary of the site catalog")
     cat.add_argument("--catalog", type=Path)
     return p
@@ -326,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.brokerconfig import command as broker_config
 
         return broker_config(args)
+    if args.command in ("backup", "restore"):
+        return cmd_backup(args, args.data_dir or ServeSettings().ingest.data_dir)
     if args.command == "demo":
         if args.data_dir is None:
             args.data_dir = Path(".demo-data")

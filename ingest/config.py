@@ -57,5 +57,13 @@ class IngestConfig(BaseModel):
     # Release level: a cabinet slot counts as a ready battery at or above this soc
     # (a device's catalog entry may set its own).
     release_soc: float = Field(default=90.0, ge=1, le=100)
+    # How often the data dir's size and its disk's free space are measured (ingest.diskusage).
+    disk_check_s: float = Field(default=60.0, gt=0)
+    # Free space's shrink rate is measured over this long: hours smooth out a burst, and a
+    # restart forgets it (the projection waits for a tenth of it again).
+    disk_growth_window_s: float = Field(default=6 * 3600.0, gt=0)
+    # A warning alert when the disk is projected full in fewer days than this: time to
+    # order a disk or shorten retention before ingest stops acknowledging.
+    disk_full_warning_days: float = Field(default=7.0, gt=0)
     # Alert rules, lifecycle, webhooks and rider reports (docs/alerts.md).
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)

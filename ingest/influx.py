@@ -309,6 +309,29 @@ class InfluxHistory:
                     rows.append({**tags, **dict(zip(series["columns"], values, strict=True))})
         return rows
 
+    def disk_bytes(self) -> int | None:
+        """Bytes the history's database takes on InfluxDB's disk: the ``diskBytes`` of its
+        shards (``SHOW STATS``, InfluxDB 1.x, admin rights when auth is on). None when the
+        server does not say (2.x/3.x: scrape their own /metrics). One attempt, not counted
+        as a store failure: it is a measurement, not a write."""
+        params = {"q": "SHOW STATS FOR 'shard'"}
+        try:
+            data = self._get_json("/query", params)
+        except StoreError as exc:
+            log.debug("InfluxDB disk usage unknown: %s", exc)
+            return None
+        total, found = 0, False
+        for result in data.get("results", []):
+            for series in result.get("series", []):
+                if series.get("tags", {}).get("database") != self.settings.database:
+                    continue
+                for values in series.get("values", []):
+                    row = dict(zip(series.get("columns", []), values, strict=False))
+                    if isinstance(row.get("diskBytes"), int):
+                        total += row["diskBytes"]
+                        found = True
+        return total if found else None
+
     def create_database(self) -> None:
         """v1: create the database if it does not exist (InfluxDB 1.x answers this)."""
         q = f"CREATE DATABASE {quote_ident(self.settings.database)}"

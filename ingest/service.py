@@ -23,8 +23,10 @@ from devices.topics import TopicScheme
 from ingest import StoreError
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
+from ingest.backup import DataDirLock
 from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig
+from ingest.diskusage import DiskWatch
 from ingest.gmqtt_source import GmqttSource
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
@@ -42,6 +44,7 @@ def now_ms() -> int:
 
 PIPELINE = "ingest:pipeline"
 SOURCE = "ingest:mqtt"
+DISK = "ingest:disk"
 FATAL_EXIT_STATUS = 70  # EX_SOFTWARE: a task that cannot restart in place died
 
 
@@ -81,6 +84,13 @@ class Ingest:
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.disk = DiskWatch(
+            config.data_dir,
+            check_s=config.disk_check_s,
+            window_s=config.disk_growth_window_s,
+            warn_days=config.disk_full_warning_days,
+            registry=self.metrics.registry,
+        )
 
     async def drain(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
         """Wait until nothing arrived for ``quiet_s`` and everything received is written
@@ -149,6 +159,10 @@ class Ingest:
     async def __aenter__(self) -> Ingest:
         cfg = self.config
         try:
+            # one service per data dir; `chargewatch restore` is refused while we hold it
+            lock = DataDirLock(cfg.data_dir)
+            await asyncio.to_thread(lock.acquire)
+            self._stack.callback(lock.release)
             store = await asyncio.to_thread(
                 SQLiteStore.in_dir,
                 cfg.data_dir,
@@ -164,6 +178,7 @@ class Ingest:
                     cfg.history, on_error=lambda exc: self.metrics.write_errors.inc()
                 )
                 log.info("history: %r", self._history)
+                self.disk.history_bytes = self._history.disk_bytes
             self.history = self._history or store
             if self._history is not None:
                 self._stack.callback(self._history.close)
@@ -216,6 +231,8 @@ class Ingest:
                 self.pipeline.journal_last = await asyncio.to_thread(store.unobserved_max)
                 self.alerts.stall_check = self.stalled
                 self.alerts.store_check = self.store_problem
+                self.alerts.disk_check = self.disk.problem
+            self.supervisor.start(DISK, self.disk.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(

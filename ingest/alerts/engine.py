@@ -152,6 +152,9 @@ class AlertEngine:
         # service-level happenings that stay until a maintainer resolves them (a lost
         # broker session): raised on the next tick (``raise_service_event``)
         self._service_events: list[Observation] = []
+        # the disk filling up (ingest.diskusage): a warning days before it is full
+        self.disk_check: Callable[[int], str | None] | None = None
+        self._disk_active: dict[Key, Observation] = {}
         self._service_active: dict[Key, Observation] = {}
         self._next_alert = 1
         self._next_event = 1
@@ -305,6 +308,7 @@ class AlertEngine:
                 self._evaluate_station(station.id, now)
                 weight += len(station.devices)
             self._evaluate_service(now)
+            self._evaluate_disk(now)
         held, self._hold = self._hold, []
         for alert in held:
             if alert.active and not alert.suppressed:
@@ -377,6 +381,13 @@ class AlertEngine:
         if problem is None and not self.store_healthy:
             problem = "alert store writes are failing (alerts are kept in memory meanwhile)"
         return problem
+
+    def _evaluate_disk(self, now: int) -> None:
+        problem = self.disk_check(now) if self.disk_check is not None else None
+        key = Key(SERVICE_STATION, None, None, "disk_filling", "disk_filling")
+        found = {key: Observation(key, "warning", info=problem)} if problem else {}
+        before, self._disk_active = self._disk_active, found
+        self._diff(before, found, now, set())
 
     def _evaluate_station(self, station_id: str, now: int) -> None:
         spec = self.catalog.stations[station_id]

@@ -35,6 +35,9 @@ METRICS = [
     "chargewatch_store_healthy",
     "chargewatch_devices_online",
     "chargewatch_ingest_stalled",
+    "chargewatch_data_dir_bytes",
+    "chargewatch_disk_free_bytes",
+    "chargewatch_disk_size_bytes",
 ]
 
 
