@@ -87,8 +87,9 @@ RULE_WORDS: dict[Language, dict[str, str]] = {
         "rider_report": "骑手报告",
         "ingest_stalled": "数据接收停滞",
         "task_failed": "服务任务异常退出",
-        "store_unavailable": "告警存储不可写",
+        "store_unavailable": "数据存储不可写",
         "broker_session_lost": "消息代理会话丢失",
+        "disk_filling": "磁盘即将写满",
     },
     "en": {
         "fault": "Device fault",
@@ -104,8 +105,9 @@ RULE_WORDS: dict[Language, dict[str, str]] = {
         "rider_report": "Rider report",
         "ingest_stalled": "Ingest stalled",
         "task_failed": "Service task died",
-        "store_unavailable": "Alert store cannot write",
+        "store_unavailable": "Store cannot write",
         "broker_session_lost": "Broker session lost",
+        "disk_filling": "Disk filling up",
     },
 }
 
@@ -346,6 +348,11 @@ def unit_text(lang: Language, alert: dict[str, Any]) -> str | None:
 
 _LIMIT = re.compile(r"[>≥]\s*(?P<limit>-?\d+(?:\.\d+)?)")
 _OF = re.compile(r"^(?P<offline>\d+) of (?P<seen>\d+) devices offline$")
+# ingest.diskusage.DiskWatch.problem
+_DISK = re.compile(
+    r"full in (?P<days>[\d.]+) days at the measured rate \((?P<rate>[\d.]+ [KMGT]?i?B)/day;"
+    r" (?P<free>[\d.]+ [KMGT]?i?B) free of (?P<size>[\d.]+ [KMGT]?i?B)"
+)
 
 
 def detail(lang: Language, alert: dict[str, Any]) -> str | None:
@@ -406,6 +413,14 @@ def detail(lang: Language, alert: dict[str, Any]) -> str | None:
         return info_text
     if rule == "rider_report":
         return "骑手在骑手页报告了问题" if zh else "a rider reported it on the rider page"
+    if rule == "disk_filling":
+        disk = _DISK.search(info or "")
+        if disk and zh:
+            return (
+                f"按近期增长速度（每天 {disk['rate']}），数据盘约 {disk['days']} 天后写满；"
+                f"剩余 {disk['free']}，共 {disk['size']}"
+            )
+        return info_text
     if rule == "ingest_stalled":
         reason = f"{LABELS[lang]['sep']}{info_text}" if info_text else ""
         if zh:

@@ -176,8 +176,17 @@ RULES: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
     ),
     "store_unavailable": (
         {"info": "database is locked", **SERVICE},
-        ["告警存储不可写", "database is locked"],
-        ["Alert store cannot write", "database is locked"],
+        ["数据存储不可写", "database is locked"],
+        ["Store cannot write", "database is locked"],
+    ),
+    "disk_filling": (
+        {
+            "info": "the disk of /var/lib/chargewatch is full in 3.2 days at the measured rate"
+            " (1.1 GiB/day; 3.5 GiB free of 20.0 GiB, the data dir holds 9.8 GiB)",
+            **SERVICE,
+        },
+        ["磁盘即将写满", "约 3.2 天后写满", "每天 1.1 GiB", "剩余 3.5 GiB，共 20.0 GiB"],
+        ["Disk filling up", "full in 3.2 days", "1.1 GiB/day"],
     ),
     "broker_session_lost": (
         {"info": "session not present after reconnect", **SERVICE},
@@ -228,7 +237,7 @@ def readable(fmt: str, body: bytes) -> str:
 # What may stay Latin in a Chinese message: ids, codes, units and names of things.
 LATIN_OK = re.compile(
     r"WGS-[CP]\d+|wanguo-south|chargewatch|MQTT|alerts:writer|（[a-z0-9_]+）|°C|Wh|\bW\b"
-    r"|https?://\S+|database is locked|session not present after reconnect|task .* died: boom"
+    r"|GiB|https?://\S+|database is locked|session not present after reconnect|task .* died: boom"
     r"|no message for 95 s while 412 devices should report|smoke|" + UNKNOWN_CODE
 )
 

@@ -105,7 +105,7 @@ def test_rider_page_live_counts_detail_and_report(d: District, browser: Any) -> 
     # pick a location: tap the map near the middle of the district
     box = page.locator("#map").bounding_box()
     page.locator("#map").click(position={"x": box["width"] * 0.45, "y": box["height"] * 0.55})
-    page.wait_for_function("document.body.dataset.origin !== undefined")
+    page.wait_for_function("() => document.body.dataset.origin !== undefined")
     lat, lon = (float(x) for x in page.evaluate("document.body.dataset.origin").split(","))
 
     def same_as_api() -> list[dict[str, Any]]:
@@ -150,7 +150,7 @@ def test_rider_page_live_counts_detail_and_report(d: District, browser: Any) -> 
     shown_cab = page.locator(f'article[data-device="{cabinet["id"]}"] .unit').count()
     assert shown_cab == len(cabinet["slots"])
     page.wait_for_function(
-        "document.querySelector('#chart svg') || document.querySelector('#chart-note').textContent"
+        "() => document.querySelector('#chart svg') || document.querySelector('#chart-note').textContent"
     )
     # English switch
     page.click("#lang")
@@ -199,7 +199,7 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     page = context.new_page()
     refused = csp_violations(page)
     page.goto(d.service.base_url + "/console")
-    page.wait_for_function("document.body.dataset.auth === 'no'")
+    page.wait_for_function("() => document.body.dataset.auth === 'no'")
     page.fill("#key", key)
     page.click("#login button[type=submit]")
     row = f'#alerts tr[data-alert-id="{alert_id}"]'
@@ -219,7 +219,7 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     assert acked["status"] == "acknowledged"
     assert acked["acknowledged_by"] == "console-test"
     # a new alert shows up live (the SSE stream read with the key), not at the next refresh
-    page.wait_for_function("document.body.dataset.live === 'yes'")
+    page.wait_for_function("() => document.body.dataset.live === 'yes'")
     loads = int(page.evaluate("document.body.dataset.streamLoads || '0'"))
     second = httpx.post(
         d.service.base_url + "/v1/reports",
@@ -229,7 +229,7 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     assert second.status_code == 201, second.text
     page.wait_for_selector(f'#alerts tr[data-alert-id="{second.json()["alert_id"]}"]', timeout=3000)
     # loaded because the stream said so (a counter only the stream's handler moves)
-    page.wait_for_function(f"Number(document.body.dataset.streamLoads || 0) > {loads}")
+    page.wait_for_function(f"() => Number(document.body.dataset.streamLoads || 0) > {loads}")
     device = next(iter(d.catalog.devices))
     page.fill("#device-id", device)
     page.click("#device-form button[type=submit]")
@@ -361,7 +361,7 @@ def test_console_speaks_chinese_by_default_and_switches_to_english(
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(d.service.base_url + "/console")
-    page.wait_for_function("document.body.dataset.auth === 'no'")
+    page.wait_for_function("() => document.body.dataset.auth === 'no'")
     assert page.inner_text("h1") == "运维控制台", "Chinese by default, whatever the browser's"
     assert page.evaluate("document.documentElement.lang") == "zh-CN"
     assert page.inner_text("#lang") == "EN"
@@ -377,7 +377,9 @@ def test_console_speaks_chinese_by_default_and_switches_to_english(
     assert page.inner_text("#alerts th >> nth=0") == "级别"
 
     page.click("#lang")
-    page.wait_for_function("document.querySelector('h1').textContent === 'Maintenance console'")
+    page.wait_for_function(
+        "() => document.querySelector('h1').textContent === 'Maintenance console'"
+    )
     assert page.evaluate("document.documentElement.lang") == "en"
     page.wait_for_function(
         "([sel, name]) => document.querySelector(sel)?.textContent.includes(name)",
@@ -395,7 +397,7 @@ def test_console_speaks_chinese_by_default_and_switches_to_english(
     page.wait_for_selector(row)
     assert page.inner_text("h1") == "Maintenance console"
     page.click("#lang")
-    page.wait_for_function("document.querySelector('h1').textContent === '运维控制台'")
+    page.wait_for_function("() => document.querySelector('h1').textContent === '运维控制台'")
     assert not errors, errors
     context.close()
     d.fleet.call(lambda f: f.clear_fault(pile.id, "lock_failure", 2))
