@@ -158,6 +158,8 @@ class AlertEngine:
         self._service_active: dict[Key, Observation] = {}
         self._next_alert = 1
         self._next_event = 1
+        # called with every alert just opened (battery passports flag the packs at its slot)
+        self.on_opened: list[Callable[[Alert], None]] = []
         self._ops = Ops()
         self._queued = 0
         self._written = 0
@@ -341,6 +343,11 @@ class AlertEngine:
         if found or before:  # the common case, nothing active now nor before: nothing to do
             self._diff(before, found, now, set(raised))
 
+    def raise_now(self, obs: Observation) -> Alert:
+        """Open (or count again) the alert of ``obs`` now: a happening another part of the
+        service saw (a flagged battery appearing), not a condition the rules re-evaluate."""
+        return self._raise(obs, self.clock())
+
     def raise_service_event(self, rule: str, severity: Severity, info: str) -> None:
         """A happening of the service itself that a maintainer must look at (it does not
         clear by itself): raised on the next tick as a manual alert, or counted again on
@@ -456,6 +463,11 @@ class AlertEngine:
             if incident is not None:
                 alert.parent_id, alert.suppressed = incident.id, True
         self._emit("opened", alert, now)
+        for callback in self.on_opened:
+            try:
+                callback(alert)
+            except Exception:  # a hook never stops an alert
+                log.exception("on_opened %r failed", callback)
         if key.rule == "offline" and not alert.suppressed:
             self._hold.append(alert)  # one tick, so a station's losses can group
         elif key.rule == "station_offline":
