@@ -247,7 +247,7 @@ class StationViews:
         soft = now_ms + int(MAX_AGE_MS * self._random.uniform(0.5, 0.8))
         entry = _Device(
             view=view,
-            facts=device_facts(twin, view, now_ms),
+            facts=device_facts(twin, view, now_ms, self.flagged),
             json=data,
             tag=etag_of_json(data).encode(),
             public_json=public,

@@ -357,8 +357,10 @@ class DeviceFacts:
     charging: int  # slots charging (cabinet)
 
 
-def device_facts(twin: Twin, view: dict[str, Any], now_ms: int) -> DeviceFacts:
-    """``view`` is ``device_view(twin, now_ms, ...)``."""
+def device_facts(
+    twin: Twin, view: dict[str, Any], now_ms: int, flagged: Collection[str] = ()
+) -> DeviceFacts:
+    """``view`` is ``device_view(twin, now_ms, ..., flagged)``."""
     pile = twin.kind == "pile"
     return DeviceFacts(
         kind=twin.kind,
@@ -367,7 +369,7 @@ def device_facts(twin: Twin, view: dict[str, Any], now_ms: int) -> DeviceFacts:
         last_seen_ms=twin.last_seen_ms,
         last_updated_ms=last_updated_ms(twin, now_ms),
         has_status=twin.status is not None,
-        known=_last_known(twin),
+        known=_last_known(twin, flagged),
         next_in_s=view["next_free_in_s"] if pile else view["next_ready_in_s"],
         charging=0 if pile else sum(1 for s in view["slots"] if s["state"] == "charging"),
     )
@@ -385,7 +387,7 @@ def station_view(
 ) -> dict[str, Any]:
     views = [device_view(twins[spec.id], now_ms, trends, flagged) for spec in station.devices]
     facts = [
-        device_facts(twins[spec.id], view, now_ms)
+        device_facts(twins[spec.id], view, now_ms, flagged)
         for spec, view in zip(station.devices, views, strict=True)
     ]
     out = station_summary(station, facts, now_ms, origin=origin)

@@ -108,8 +108,8 @@ class PassportStore:
         self._db.close()
 
     def apply(self, ops: PassportOps) -> None:
-        """Everything in one transaction: stays closed before new ones open (a pack that
-        moved ends its old stay first), the battery rows (maxima never go down)."""
+        """Everything in one transaction: the battery rows (maxima never go down), stays
+        begun, then stays ended (a stay may begin and end within one batch)."""
         self._db.transaction(
             [
                 (
@@ -127,13 +127,13 @@ class PassportStore:
                     [(serial, *row) for serial, row in ops.batteries.items()],
                 ),
                 (
+                    "INSERT INTO battery_stays (serial, device_id, slot, from_ms) VALUES (?,?,?,?)",
+                    ops.opened,
+                ),
+                (
                     "UPDATE battery_stays SET to_ms = ? WHERE serial = ? AND device_id = ?"
                     " AND slot = ? AND from_ms = ? AND to_ms IS NULL",
                     ops.closed,
-                ),
-                (
-                    "INSERT INTO battery_stays (serial, device_id, slot, from_ms) VALUES (?,?,?,?)",
-                    ops.opened,
                 ),
                 (
                     "INSERT INTO battery_events (serial, kind, alert_id, at_ms, device_id,"

@@ -96,6 +96,13 @@ class Flag:
     reason: str | None
 
 
+def _max(a: float | None, b: float | None) -> float | None:
+    """The larger of two maxima, either unknown (None)."""
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -287,13 +294,14 @@ class Passports:
         where = self._where.get(serial)
         stay = self._slots.get(where) if where is not None else None
         first = self._first_seen.get(serial, stay.since_ms if stay else self.clock())
+        pending = self._ops.batteries.get(serial)
         self._ops.batteries[serial] = (
             first,
             where[0] if where else None,
             where[1] if where else None,
             stay.since_ms if stay else None,
-            stay.max_temp if stay else None,
-            stay.max_rise if stay else None,
+            _max(pending[4] if pending else None, stay.max_temp if stay else None),
+            _max(pending[5] if pending else None, stay.max_rise if stay else None),
         )
         self._wake.set()
 
