@@ -87,7 +87,8 @@ async def test_overheated_pack_is_flagged_locked_and_never_ready_elsewhere(
 ) -> None:
     async with in_process(tmp_path, alerts=True, passports=True) as ip:
         passports, engine = ip.ingest.passports, ip.ingest.alerts
-        assert passports is not None and engine is not None
+        assert passports is not None
+        assert engine is not None
         sender = passports.sender = Recorder()
         key = bearer(ip.key())
         feed = Feed(ip.ingest)
@@ -118,7 +119,8 @@ async def test_overheated_pack_is_flagged_locked_and_never_ready_elsewhere(
         station = (await ip.http.get(f"/v1/stations/{STATION}")).json()
         assert station["cabinets"]["batteries_ready"] == 1
         public = (await ip.http.get(f"/v1/devices/{CAB2}")).text
-        assert "B-1" not in public and "B-3" not in public
+        assert "B-1" not in public
+        assert "B-3" not in public
         slot5 = (await ip.http.get(f"/v1/devices/{CAB2}", headers=key)).json()["slots"][4]
         assert (slot5["battery"], slot5["flagged"], slot5["ready"]) == ("B-1", True, False)
         assert slot5["ocpi_status"] == "OUTOFORDER"
@@ -128,9 +130,11 @@ async def test_overheated_pack_is_flagged_locked_and_never_ready_elsewhere(
         r = await ip.http.get("/v1/batteries/B-1", headers=key)
         assert r.status_code == 200, r.text
         p = r.json()
-        assert p["flagged"] is True and p["flag_reason"] == "temperature_high"
+        assert p["flagged"] is True
+        assert p["flag_reason"] == "temperature_high"
         assert p["max_temp_c"] == 75.0
-        assert p["current"]["device_id"] == CAB2 and p["current"]["slot"] == 5
+        assert p["current"]["device_id"] == CAB2
+        assert p["current"]["slot"] == 5
         assert [(s["device_id"], s["slot"], s["until"] is None) for s in p["stays"]] == [
             (CAB2, 5, True),
             (CAB1, 3, False),
