@@ -54,7 +54,6 @@ SLOT_FAULTS = frozenset({"battery_fault", "thermal_runaway", "over_temperature"}
 """Fault codes at a slot that flag the pack in it."""
 CABINET_FAULTS = frozenset({"smoke"})
 """Fault codes at a cabinet that flag every pack in it."""
-RULE = "flagged_battery"
 
 TEMP_RANGE_C = (-60.0, 400.0)
 """Temperatures outside this are a sensor's garbage, not a pack's history."""
@@ -256,7 +255,7 @@ class Passports:
         alert_id = None
         if self.alerts is not None:
             obs = Observation(
-                Key(twin.station_id, device_id, slot, RULE, serial),
+                Key(twin.station_id, device_id, slot, "flagged_battery", serial),
                 "critical",
                 info=info,
                 auto_resolve=False,

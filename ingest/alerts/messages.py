@@ -89,6 +89,8 @@ RULE_WORDS: dict[Language, dict[str, str]] = {
         "task_failed": "服务任务异常退出",
         "store_unavailable": "告警存储不可写",
         "broker_session_lost": "消息代理会话丢失",
+        "flagged_battery": "问题电池入仓",
+        "disk_filling": "磁盘空间即将用尽",
     },
     "en": {
         "fault": "Device fault",
@@ -106,6 +108,8 @@ RULE_WORDS: dict[Language, dict[str, str]] = {
         "task_failed": "Service task died",
         "store_unavailable": "Alert store cannot write",
         "broker_session_lost": "Broker session lost",
+        "flagged_battery": "Flagged battery in a slot",
+        "disk_filling": "Disk filling up",
     },
 }
 
@@ -348,6 +352,9 @@ _LIMIT = re.compile(r"[>≥]\s*(?P<limit>-?\d+(?:\.\d+)?)")
 _OF = re.compile(r"^(?P<offline>\d+) of (?P<seen>\d+) devices offline$")
 
 
+_FLAGGED_FOR = re.compile(r"flagged for (?P<reason>[a-z_]+)")
+
+
 def detail(lang: Language, alert: dict[str, Any]) -> str | None:
     """The condition's reading in words (``info`` and ``last_value`` as the rules set them)."""
     rule, value, info = alert.get("rule"), alert.get("last_value"), alert.get("info")
@@ -406,6 +413,15 @@ def detail(lang: Language, alert: dict[str, Any]) -> str | None:
         return info_text
     if rule == "rider_report":
         return "骑手在骑手页报告了问题" if zh else "a rider reported it on the rider page"
+    if rule == "flagged_battery":
+        why = _FLAGGED_FOR.search(info_text or "")
+        reason = why["reason"] if why else None
+        word = (RULE_WORDS[lang].get(reason) or fault_word(lang, reason)) if reason else None
+        if zh:
+            past = f"（{word}）" if word else ""
+            return f"曾发生安全事件{past}的电池被放入此仓位，请勿发放给骑手"
+        past = f" ({word})" if word else ""
+        return f"a pack with a past safety event{past} is in this slot: do not release it"
     if rule == "ingest_stalled":
         reason = f"{LABELS[lang]['sep']}{info_text}" if info_text else ""
         if zh:
