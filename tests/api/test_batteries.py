@@ -180,6 +180,8 @@ async def test_smoke_flags_every_pack_in_the_cabinet(tmp_path: Path) -> None:
         feed.send(CAB1, {"type": "fault_raised", "code": "smoke"}, Event)
         assert sorted(passports.flagged) == ["S-1", "S-2"]
         assert {f.reason for f in passports.flagged.values()} == {"smoke"}
+        # no command sender wired (remote commands is another branch): counted, not sent
+        assert passports.m_locks.labels("unsent")._value.get() == 2
 
 
 async def test_lock_can_be_turned_off_and_flags_survive_a_restart(tmp_path: Path) -> None:

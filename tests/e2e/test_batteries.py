@@ -7,6 +7,7 @@ the event, and no public answer names a serial."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,8 @@ import httpx
 import pytest
 
 from tests.alerts.keys import maintainer_key
-from tests.api.district import Publisher, mini_catalog
+from tests.api.district import Publisher, artifacts_dir, mini_catalog
+from tests.e2e.test_pages import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _missing, csp_violations
 from tests.servers import Service, chargewatch_serve, eventually, mosquitto
 
 pytestmark = pytest.mark.e2e
@@ -163,6 +165,90 @@ def test_a_flagged_pack_is_caught_in_another_cabinet(
             assert f'"{serial}"' not in text, (path, serial)
     assert get("/v1/batteries/B-1").status_code == 401
     assert get("/v1/batteries").status_code == 401
+
+
+@pytest.fixture
+def chromium() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing(f"{CHROMIUM} is not installed (Debian package chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package is not installed (pip install -e '.[test]')")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_console_battery_view(served: tuple[Service, Publisher, Publisher], chromium: Any) -> None:
+    """The console in headless chromium: the flagged list (Chinese first), a passport by
+    serial with its event and stay, English on the switch, and clearing the flag with a
+    note (the prompt answered), which the API then shows."""
+    svc, one, _ = served
+    key = maintainer_key(svc.data_dir)
+    now = int(time.time() * 1000)
+    birth = {"online": True, "model": "M", "firmware": "f", "heartbeat_s": 30, "kind": "cabinet"}
+    one.send("state", {**birth, "ts": now, "slots": 6})
+    hot = _slots({2: {"battery": "C-9", "temp_c": 81.0, "state": "charging"}})
+    one.send("status", {"ts": now, "kind": "cabinet", "slots": hot})
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def flagged() -> None:
+        r = httpx.get(f"{svc.base_url}/v1/batteries/C-9", headers=auth, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["flagged"] is True, r.text
+
+    eventually(flagged, timeout=15)
+
+    context = chromium.new_context(viewport={"width": 1200, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    refused = csp_violations(page)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(svc.base_url + "/console")
+    # selectors, not wait_for_function: its polling evaluates a string, which the
+    # console's CSP (script-src 'self') refuses
+    page.wait_for_selector("body[data-auth='no']")
+    assert page.inner_text("#batteries-box h2") == "电池档案"
+    page.fill("#key", key)
+    page.click("#login button[type=submit]")
+    row = '#flagged tr[data-serial="C-9"]'
+    page.wait_for_selector(row)
+    text = page.inner_text(row)
+    assert "温度过高" in text
+    assert f"{CAB1} · 2号仓位" in text
+    assert "81 °C" in text
+    page.click(f"{row} a")
+    page.wait_for_selector('#battery h3[data-serial="C-9"][data-flagged="yes"]')
+    assert "已标记" in page.inner_text("#battery h3")
+    assert page.locator('#battery tr[data-kind="temperature_high"]').count() == 1
+    assert page.locator(f'#battery tr[data-stay="{CAB1}/2"]').count() == 1
+
+    page.click("#lang")
+    page.wait_for_selector("#batteries-box h2:text-is('Battery passports')")
+    page.wait_for_selector("#battery h3:has-text('FLAGGED')")
+    assert "Temperature high" in page.inner_text('#battery tr[data-kind="temperature_high"]')
+
+    page.on("dialog", lambda dialog: dialog.accept("cell replaced, tested OK"))
+    page.click("#battery button.clear-flag")
+    page.wait_for_selector('#battery h3[data-serial="C-9"][data-flagged="no"]')
+    assert "null" not in page.inner_text("#battery")
+    page.wait_for_selector('#flagged tr[data-serial="C-9"]', state="detached")
+    page.screenshot(path=str(artifacts_dir() / "console-batteries.png"), full_page=True)
+    passport = httpx.get(f"{svc.base_url}/v1/batteries/C-9", headers=auth, timeout=10).json()
+    assert passport["flagged"] is False
+    assert [c["note"] for c in passport["clearances"]] == ["cell replaced, tested OK"]
+
+    page.fill("#battery-serial", "NO-SUCH")
+    page.click("#battery-form button[type=submit]")
+    page.wait_for_selector('#battery p[data-missing="NO-SUCH"]')
+    assert not refused, refused
+    assert not errors, errors
+    context.close()
 
 
 def _equal(a: int, b: int) -> bool:
