@@ -166,6 +166,21 @@ def test_a_flagged_pack_is_caught_in_another_cabinet(
     assert get("/v1/batteries/B-1").status_code == 401
     assert get("/v1/batteries").status_code == 401
 
+    # a pack that arrives already hot is flagged by the status that brings it: the
+    # service runs the passports' observer before the alert engine's
+    one.send(
+        "status",
+        {"ts": now(), "kind": "cabinet",
+         "slots": _slots({4: {"battery": "B-5", "temp_c": 85.0, "state": "charging"}})},
+    )  # fmt: skip
+
+    def hot_on_arrival() -> None:
+        r = get("/v1/batteries/B-5", headers=key)
+        assert r.status_code == 200, r.text
+        assert (r.json()["flagged"], r.json()["flag_reason"]) == (True, "temperature_high")
+
+    eventually(hot_on_arrival, timeout=15)
+
 
 @pytest.fixture
 def chromium() -> Iterator[Any]:
