@@ -184,6 +184,35 @@ async def test_smoke_flags_every_pack_in_the_cabinet(tmp_path: Path) -> None:
         assert passports.m_locks.labels("unsent")._value.get() == 2
 
 
+async def test_a_flagged_pack_named_by_a_status_elsewhere_opens_an_alert_there(
+    tmp_path: Path,
+) -> None:
+    """No swap event (lost, or a maintainer moved it): the status naming the pack in
+    another cabinet is enough; its old stay ends there."""
+    async with in_process(tmp_path, alerts=True, passports=True) as ip:
+        passports, engine = ip.ingest.passports, ip.ingest.alerts
+        assert passports is not None
+        assert engine is not None
+        sender = passports.sender = Recorder()
+        feed = Feed(ip.ingest)
+        for cab in (CAB1, CAB2):
+            feed.born(cab)
+        feed.status(CAB1, {4: {"battery": "M-1"}})
+        feed.send(CAB1, {"type": "fault_raised", "code": "battery_fault", "slot": 4}, Event)
+        assert passports.flagged["M-1"].reason == "battery_fault"
+        feed.status(CAB2, {1: {"battery": "M-1"}})
+        alerts = [
+            (a.device_id, a.unit) for a in engine.by_id.values() if a.rule == "flagged_battery"
+        ]
+        assert alerts == [(CAB2, 1)]
+        assert sender.locks == [
+            (CAB1, 4, "battery M-1: battery_fault"),
+            (CAB2, 1, "flagged battery M-1"),
+        ]
+        assert passports.occupant(CAB1, 4) is None
+        assert passports.occupant(CAB2, 1) == "M-1"
+
+
 async def test_lock_can_be_turned_off_and_flags_survive_a_restart(tmp_path: Path) -> None:
     config = IngestConfig(batteries=BatteriesConfig(lock_flagged=False))
     async with in_process(tmp_path, alerts=True, passports=True, config=config) as ip:
