@@ -251,6 +251,7 @@ class Ingest:
                 self.alerts.disk_check = self.disk.problem
                 self.alerts.on_opened.append(self.passports.alert_opened)
                 self.passports.alerts = self.alerts
+                self.alerts.flagged_batteries = self.passports.flagged
             self.supervisor.start(DISK, self.disk.run)
             self.supervisor.start(PASSPORTS, self.passports.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")

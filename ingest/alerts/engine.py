@@ -23,7 +23,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -160,6 +160,8 @@ class AlertEngine:
         self._next_event = 1
         # called with every alert just opened (battery passports flag the packs at its slot)
         self.on_opened: list[Callable[[Alert], None]] = []
+        # serials of flagged packs (battery passports): never a ready battery for a station
+        self.flagged_batteries: Collection[str] = frozenset()
         self._ops = Ops()
         self._queued = 0
         self._written = 0
@@ -400,7 +402,9 @@ class AlertEngine:
         spec = self.catalog.stations[station_id]
         twins = [self.seen[d.id] for d in spec.devices]
         mem = self._station_memory.setdefault(station_id, StationMemory())
-        found = station_conditions(spec, twins, mem, now, self.config, self.tz)
+        found = station_conditions(
+            spec, twins, mem, now, self.config, self.tz, self.flagged_batteries
+        )
         before = self._station_active.get(station_id, {})
         self._station_active[station_id] = found
         self._diff(before, found, now, set())

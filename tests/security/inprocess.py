@@ -118,6 +118,7 @@ async def in_process(
             if ingest.alerts is not None:
                 ingest.alerts.on_opened.append(ingest.passports.alert_opened)
                 ingest.passports.alerts = ingest.alerts
+                ingest.alerts.flagged_batteries = ingest.passports.flagged
         app = create_app(ingest, settings or ServeSettings())
         transport = httpx.ASGITransport(app=app, client=client)
         http = await stack.enter_async_context(
