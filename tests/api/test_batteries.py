@@ -14,6 +14,7 @@ import pytest
 
 from api.audit import AuditLog, AuditQuery
 from devices.contract import Birth, CabinetStatus, Event, Message
+from ingest import StoreError
 from ingest.config import BatteriesConfig, IngestConfig
 from ingest.passport_store import PassportStore
 from ingest.passports import Passports
@@ -280,3 +281,30 @@ async def test_cost_per_status_of_a_12_slot_cabinet(tmp_path: Path, moving: bool
         print(f"passports.observe, 12 slots, packs moving={moving}: {per_msg_us:.1f} us/status")
         assert per_msg_us < (400 if moving else 100)
         await passports.flush()
+
+
+async def test_a_failing_store_keeps_what_is_pending_until_it_writes(tmp_path: Path) -> None:
+    """A closed connection stands for a store that fails (locked, disk full): the flush
+    raises, counts, keeps everything; the next one, on a working store, writes it all."""
+    async with in_process(tmp_path, passports=True) as ip:
+        passports = ip.ingest.passports
+        assert passports is not None
+        feed = Feed(ip.ingest)
+        feed.born(CAB1)
+        feed.status(CAB1, {1: {"battery": "F-1", "temp_c": 31.0}})
+        broken = passports.store
+        broken.close()
+        with pytest.raises(StoreError):
+            await passports.flush()
+        assert passports.m_write_errors._value.get() == 1
+        feed.status(CAB1, {2: {"battery": "F-1", "temp_c": 33.0}})  # moved meanwhile
+        passports.store = PassportStore.in_dir(ip.data_dir)
+        try:
+            await passports.flush()
+            p = passports.store.passport("F-1")
+        finally:
+            passports.store.close()
+            passports.store = broken
+        assert p is not None
+        assert [(s["slot"], s["to_ms"] is None) for s in p["stays"]] == [(2, True), (1, False)]
+        assert (p["slot"], p["max_temp_c"]) == (2, 33.0)

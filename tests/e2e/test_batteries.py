@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ingest.passport_store import PassportStore
 from tests.alerts.keys import maintainer_key
 from tests.api.district import Publisher, artifacts_dir, mini_catalog
 from tests.e2e.test_pages import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _missing, csp_violations
@@ -99,6 +100,17 @@ def test_a_flagged_pack_is_caught_in_another_cabinet(
         return int(r.json()["batteries_ready"])
 
     assert eventually(lambda: _equal(ready_in_two(), 2), timeout=15)
+
+    def written() -> None:  # by the writer task, no request asking for it
+        store = PassportStore.in_dir(svc.data_dir)
+        try:
+            passport = store.passport("B-2")
+        finally:
+            store.close()
+        assert passport is not None
+        assert [(s["device_id"], s["slot"]) for s in passport["stays"]] == [(CAB2, 5)]
+
+    eventually(written, timeout=10)
 
     # B-1 overheats in cabinet 1 slot 3: temperature_high, B-1 flagged
     hot = _slots({3: {"battery": "B-1", "temp_c": 78.0, "state": "charging"}})
