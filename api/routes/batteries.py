@@ -217,6 +217,6 @@ async def clear(
         await _passport(ingest, serial)  # 404 when never seen
         raise HTTPException(409, f"battery {serial!r} is not flagged")
     await asyncio.to_thread(
-        audit_log(request).record, actor, "battery.clear", serial, {"note": body.note}
+        audit_log(request).record, actor, "battery.clear", serial, {"chars": len(body.note)}
     )
     return await _passport(ingest, serial)

@@ -167,7 +167,7 @@ async def test_overheated_pack_is_flagged_locked_and_never_ready_elsewhere(
         finally:
             audit.close()
         assert [(e["target"], e["actor"]["name"], e["detail"]) for e in entries] == [
-            ("B-1", "li-wei", {"note": "inspected, cell OK"})
+            ("B-1", "li-wei", {"chars": 18})
         ]
 
 
