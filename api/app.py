@@ -17,6 +17,7 @@ from api.limits import BodyLimit
 from api.live import Live
 from api.routes import (
     alerts,
+    batteries,
     health,
     history,
     keys,
@@ -48,7 +49,15 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
     # station views shared by requests, recomputed when their devices change
-    app.state.views = views = StationViews(ingest.catalog, ingest.twins, live.trends)
+    passports = ingest.passports
+    app.state.views = views = StationViews(
+        ingest.catalog,
+        ingest.twins,
+        live.trends,
+        flagged=passports.flagged if passports is not None else frozenset(),
+    )
+    if passports is not None:
+        passports.on_flag_change.append(views.on_flag_change)
     if ingest.pipeline is not None:
         ingest.pipeline.listeners.append(live.on_change)
         ingest.pipeline.listeners.append(views.on_change)
@@ -62,6 +71,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(history.router)
     app.include_router(maintenance.router)
     app.include_router(alerts.router)
+    app.include_router(batteries.router)
     app.include_router(notifications.router)
     app.include_router(keys.router)
     app.include_router(reports.router)

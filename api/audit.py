@@ -45,6 +45,7 @@ ACTIONS = (
     "alert.acknowledge",
     "alert.resolve",
     "alert.note",
+    "battery.clear",
 )
 
 

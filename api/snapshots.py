@@ -31,6 +31,7 @@ import gzip
 import heapq
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,10 +137,19 @@ class Snapshot:
 
 
 class StationViews:
-    def __init__(self, catalog: Catalog, twins: Twins, trends: Trends) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        twins: Twins,
+        trends: Trends,
+        flagged: Collection[str] = frozenset(),
+    ) -> None:
         self.catalog = catalog
         self.twins = twins
         self.trends = trends
+        # serials of flagged packs (ingest.passports, kept live): never counted ready;
+        # ``on_flag_change`` recomputes the cabinet of a pack flagged or cleared
+        self.flagged = flagged
         self._devices: dict[str, _Device] = {}
         self._stations: dict[str, _Station] = {}
         self._dirty: dict[str, None] = {}  # devices changed since their view (in order)
@@ -148,6 +158,12 @@ class StationViews:
         self._random = random.Random()
         self._gzipped: dict[tuple[str, bool], tuple[_Station, float | None, bytes]] = {}
         self.device_computations = 0  # views computed (tests, and the bench's profile)
+
+    def on_flag_change(self, device_id: str) -> None:
+        """Battery passports: a pack in this cabinet was flagged or cleared."""
+        twin = self.twins.by_id.get(device_id)
+        if twin is not None:
+            self.on_change([twin])
 
     def on_change(self, twins: list[Twin]) -> None:
         """Pipeline listener: these devices changed."""
@@ -222,7 +238,7 @@ class StationViews:
         self._dirty.pop(twin.device_id, None)
         self._changed.add(twin.station_id)
         self.device_computations += 1
-        view = device_view(twin, now_ms, self.trends)
+        view = device_view(twin, now_ms, self.trends, self.flagged)
         data = pydantic_core.to_json(view)
         public = pydantic_core.to_json(public_device_view(view))
         flips = _NEVER
@@ -231,7 +247,7 @@ class StationViews:
         soft = now_ms + int(MAX_AGE_MS * self._random.uniform(0.5, 0.8))
         entry = _Device(
             view=view,
-            facts=device_facts(twin, view, now_ms),
+            facts=device_facts(twin, view, now_ms, self.flagged),
             json=data,
             tag=etag_of_json(data).encode(),
             public_json=public,

@@ -8,7 +8,7 @@ as free or ready; every object says when its data was last updated and how old i
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -172,8 +172,9 @@ PRIVATE_DEVICE_FIELDS = ("firmware", "boot")
 boot ids that say when a device restarted."""
 PRIVATE_PORT_FIELDS = ("session",)
 """A charging session's id follows one rider's charge from start to end."""
-PRIVATE_SLOT_FIELDS = ("battery",)
-"""A battery's serial follows it from rider to rider, swap after swap."""
+PRIVATE_SLOT_FIELDS = ("battery", "flagged")
+"""A battery's serial follows it from rider to rider, swap after swap; whether the pack in
+a slot is flagged (battery passports) is for maintainers (riders see it out of order)."""
 
 
 def public_device_view(view: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +191,10 @@ def public_device_view(view: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[str, Any]:
+def device_view(
+    twin: Twin, now_ms: int, trends: Trends | None = None, flagged: Collection[str] = ()
+) -> dict[str, Any]:
+    """``flagged``: serials of flagged packs (battery passports), never counted ready."""
     online = twin.online(now_ms)
     status = twin.status
     elapsed = _elapsed_s(twin, now_ms)
@@ -263,16 +267,18 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
         ready_at: str | None = None
         next_basis = None
         for s in slots:
-            eta, basis = _slot_eta(twin, s, trends) if online else (None, None)
+            is_flagged = s.battery is not None and s.battery in flagged
+            # a flagged pack is never ready: no countdown to it either
+            eta, basis = _slot_eta(twin, s, trends) if online and not is_flagged else (None, None)
             ready_in = _eta(eta, elapsed)
             if ready_in is not None and (next_ready is None or ready_in < next_ready):
                 next_ready, next_basis, ready_at = ready_in, basis, _at(twin, eta)
-            ready = slot_is_ready(s, twin.release_soc)
+            ready = slot_is_ready(s, twin.release_soc, flagged)
             ocpi = OCPI_SLOT[s.state]
             if not online:
                 ocpi = "UNKNOWN"
             elif s.state == "ready" and (not ready or faulted):
-                ocpi = "OUTOFORDER" if faulted else "CHARGING"
+                ocpi = "OUTOFORDER" if faulted or is_flagged else "CHARGING"
             slot_views.append(
                 {
                     "n": s.n,
@@ -285,6 +291,7 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
                     "ready": ready,
                     "ocpi_status": ocpi,
                     "ready_in_s": ready_in,
+                    "flagged": is_flagged,
                 }
             )
         view["slots"] = slot_views
@@ -293,7 +300,7 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
         view["next_ready_basis"] = next_basis
         view["release_soc"] = twin.release_soc
         view["batteries_ready"] = (
-            ready_batteries(status, twin.release_soc)
+            ready_batteries(status, twin.release_soc, flagged)
             if online and isinstance(status, CabinetStatus)
             else 0
         )
@@ -304,7 +311,7 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
     view["last_updated"] = rfc3339(last_updated_ms(twin, now_ms))
     view["last_known"] = None
     if not online and status is not None and twin.last_seen_ms is not None:
-        known = _last_known(twin)
+        known = _last_known(twin, flagged)
         age = (now_ms - twin.last_seen_ms) / 1000
         view["last_known"] = {
             "ports_free" if twin.kind == "pile" else "batteries_ready": known,
@@ -319,13 +326,13 @@ def device_view(twin: Twin, now_ms: int, trends: Trends | None = None) -> dict[s
     return view
 
 
-def _last_known(twin: Twin) -> int:
+def _last_known(twin: Twin, flagged: Collection[str] = ()) -> int:
     """What an offline device last said it had free/ready (for "last known: ..." texts)."""
     status = twin.status
     if isinstance(status, PileStatus):
         return free_ports(status)
     if isinstance(status, CabinetStatus):
-        return ready_batteries(status, twin.release_soc)
+        return ready_batteries(status, twin.release_soc, flagged)
     return 0
 
 
@@ -350,8 +357,10 @@ class DeviceFacts:
     charging: int  # slots charging (cabinet)
 
 
-def device_facts(twin: Twin, view: dict[str, Any], now_ms: int) -> DeviceFacts:
-    """``view`` is ``device_view(twin, now_ms, ...)``."""
+def device_facts(
+    twin: Twin, view: dict[str, Any], now_ms: int, flagged: Collection[str] = ()
+) -> DeviceFacts:
+    """``view`` is ``device_view(twin, now_ms, ..., flagged)``."""
     pile = twin.kind == "pile"
     return DeviceFacts(
         kind=twin.kind,
@@ -360,7 +369,7 @@ def device_facts(twin: Twin, view: dict[str, Any], now_ms: int) -> DeviceFacts:
         last_seen_ms=twin.last_seen_ms,
         last_updated_ms=last_updated_ms(twin, now_ms),
         has_status=twin.status is not None,
-        known=_last_known(twin),
+        known=_last_known(twin, flagged),
         next_in_s=view["next_free_in_s"] if pile else view["next_ready_in_s"],
         charging=0 if pile else sum(1 for s in view["slots"] if s["state"] == "charging"),
     )
@@ -374,10 +383,11 @@ def station_view(
     origin: tuple[float, float] | None = None,
     trends: Trends | None = None,
     with_devices: bool = False,
+    flagged: Collection[str] = (),
 ) -> dict[str, Any]:
-    views = [device_view(twins[spec.id], now_ms, trends) for spec in station.devices]
+    views = [device_view(twins[spec.id], now_ms, trends, flagged) for spec in station.devices]
     facts = [
-        device_facts(twins[spec.id], view, now_ms)
+        device_facts(twins[spec.id], view, now_ms, flagged)
         for spec, view in zip(station.devices, views, strict=True)
     ]
     out = station_summary(station, facts, now_ms, origin=origin)

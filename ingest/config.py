@@ -11,6 +11,12 @@ from devices.topics import DEFAULT_PREFIX
 from ingest.alerts.config import AlertsConfig
 
 
+class BatteriesConfig(BaseModel):
+    # Send lock_battery for the slot of a flagged pack (when it is flagged and wherever it
+    # appears), so a cabinet does not release it to a rider (ingest.passports).
+    lock_flagged: bool = True
+
+
 class IngestConfig(BaseModel):
     # None: start the embedded broker (amqtt) so a bare machine works.
     broker: str | None = None
@@ -67,3 +73,5 @@ class IngestConfig(BaseModel):
     disk_full_warning_days: float = Field(default=7.0, gt=0)
     # Alert rules, lifecycle, webhooks and rider reports (docs/alerts.md).
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # Battery passports: flagged packs (docs/alerts.md, "Battery passports").
+    batteries: BatteriesConfig = Field(default_factory=BatteriesConfig)

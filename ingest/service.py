@@ -30,6 +30,8 @@ from ingest.diskusage import DiskWatch
 from ingest.gmqtt_source import GmqttSource
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
+from ingest.passport_store import PassportStore
+from ingest.passports import Passports
 from ingest.pipeline import Pipeline, Twins
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryStore, StateStore
@@ -45,6 +47,7 @@ def now_ms() -> int:
 PIPELINE = "ingest:pipeline"
 SOURCE = "ingest:mqtt"
 DISK = "ingest:disk"
+PASSPORTS = "ingest:passports"
 FATAL_EXIT_STATUS = 70  # EX_SOFTWARE: a task that cannot restart in place died
 
 
@@ -80,6 +83,7 @@ class Ingest:
         self.started_ms = now_ms()
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
+        self.passports: Passports | None = None  # battery passports (ingest.passports)
         # an external broker gave our client id a session before (persisted: a crash of the
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
@@ -211,6 +215,19 @@ class Ingest:
                 batch_max=cfg.batch_max,
                 retry_max_s=cfg.store_retry_max_s,
             )
+            passport_store = await asyncio.to_thread(
+                PassportStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
+            )
+            self._stack.callback(passport_store.close)
+            self.passports = Passports(
+                passport_store,
+                self.catalog,
+                lock_flagged=cfg.batteries.lock_flagged,
+                registry=self.metrics.registry,
+            )
+            await asyncio.to_thread(self.passports.restore)
+            # before the alert engine's: an alert a status opens finds its pack in the slot
+            self.pipeline.observers.append(self.passports.observe)
             if cfg.alerts.enabled:
                 alert_store = await asyncio.to_thread(
                     AlertStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
@@ -232,7 +249,11 @@ class Ingest:
                 self.alerts.stall_check = self.stalled
                 self.alerts.store_check = self.store_problem
                 self.alerts.disk_check = self.disk.problem
+                self.alerts.on_opened.append(self.passports.alert_opened)
+                self.passports.alerts = self.alerts
+                self.alerts.flagged_batteries = self.passports.flagged
             self.supervisor.start(DISK, self.disk.run)
+            self.supervisor.start(PASSPORTS, self.passports.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(
@@ -259,6 +280,12 @@ class Ingest:
         # which finishes the commit in progress while the source can still acknowledge it
         await self.supervisor.stop(SOURCE)
         await self.supervisor.stop(PIPELINE)
+        if self.passports is not None:  # what the last batches did to the passports
+            await self.supervisor.stop(PASSPORTS)
+            try:
+                await self.passports.flush()
+            except StoreError:
+                log.error("battery passports: the last operations were not written")
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._stack.aclose()
         await self.supervisor.close()

@@ -238,7 +238,7 @@ async def device(request: Request, device_id: str) -> Response:
         raise NotFound("device", device_id)
     private = await audience(request)
     trends: Trends = state.live.trends
-    view = device_view(ingest.twins[device_id], now_ms(), trends)
+    view = device_view(ingest.twins[device_id], now_ms(), trends, state.views.flagged)
     if private is None:
         return cached_json(request, public_device_view(view), headers=PUBLIC_VARY)
     return cached_json(request, view, headers=private)

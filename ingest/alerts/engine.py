@@ -23,7 +23,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -158,6 +158,10 @@ class AlertEngine:
         self._service_active: dict[Key, Observation] = {}
         self._next_alert = 1
         self._next_event = 1
+        # called with every alert just opened (battery passports flag the packs at its slot)
+        self.on_opened: list[Callable[[Alert], None]] = []
+        # serials of flagged packs (battery passports): never a ready battery for a station
+        self.flagged_batteries: Collection[str] = frozenset()
         self._ops = Ops()
         self._queued = 0
         self._written = 0
@@ -341,6 +345,11 @@ class AlertEngine:
         if found or before:  # the common case, nothing active now nor before: nothing to do
             self._diff(before, found, now, set(raised))
 
+    def raise_now(self, obs: Observation) -> Alert:
+        """Open (or count again) the alert of ``obs`` now: a happening another part of the
+        service saw (a flagged battery appearing), not a condition the rules re-evaluate."""
+        return self._raise(obs, self.clock())
+
     def raise_service_event(self, rule: str, severity: Severity, info: str) -> None:
         """A happening of the service itself that a maintainer must look at (it does not
         clear by itself): raised on the next tick as a manual alert, or counted again on
@@ -393,7 +402,9 @@ class AlertEngine:
         spec = self.catalog.stations[station_id]
         twins = [self.seen[d.id] for d in spec.devices]
         mem = self._station_memory.setdefault(station_id, StationMemory())
-        found = station_conditions(spec, twins, mem, now, self.config, self.tz)
+        found = station_conditions(
+            spec, twins, mem, now, self.config, self.tz, self.flagged_batteries
+        )
         before = self._station_active.get(station_id, {})
         self._station_active[station_id] = found
         self._diff(before, found, now, set())
@@ -456,6 +467,11 @@ class AlertEngine:
             if incident is not None:
                 alert.parent_id, alert.suppressed = incident.id, True
         self._emit("opened", alert, now)
+        for callback in self.on_opened:
+            try:
+                callback(alert)
+            except Exception:  # a hook never stops an alert
+                log.exception("on_opened %r failed", callback)
         if key.rule == "offline" and not alert.suppressed:
             self._hold.append(alert)  # one tick, so a station's losses can group
         elif key.rule == "station_offline":

@@ -90,6 +90,7 @@ RULE_WORDS: dict[Language, dict[str, str]] = {
         "store_unavailable": "数据存储不可写",
         "broker_session_lost": "消息代理会话丢失",
         "disk_filling": "磁盘即将写满",
+        "flagged_battery": "问题电池入仓",
     },
     "en": {
         "fault": "Device fault",
@@ -107,6 +108,7 @@ RULE_WORDS: dict[Language, dict[str, str]] = {
         "task_failed": "Service task died",
         "store_unavailable": "Store cannot write",
         "broker_session_lost": "Broker session lost",
+        "flagged_battery": "Flagged battery in a slot",
         "disk_filling": "Disk filling up",
     },
 }
@@ -355,6 +357,9 @@ _DISK = re.compile(
 )
 
 
+_FLAGGED_FOR = re.compile(r"flagged for (?P<reason>[a-z_]+)")
+
+
 def detail(lang: Language, alert: dict[str, Any]) -> str | None:
     """The condition's reading in words (``info`` and ``last_value`` as the rules set them)."""
     rule, value, info = alert.get("rule"), alert.get("last_value"), alert.get("info")
@@ -421,6 +426,15 @@ def detail(lang: Language, alert: dict[str, Any]) -> str | None:
                 f"剩余 {disk['free']}，共 {disk['size']}"
             )
         return info_text
+    if rule == "flagged_battery":
+        why = _FLAGGED_FOR.search(info_text or "")
+        reason = why["reason"] if why else None
+        word = (RULE_WORDS[lang].get(reason) or fault_word(lang, reason)) if reason else None
+        if zh:
+            past = f"（{word}）" if word else ""
+            return f"曾发生安全事件{past}的电池被放入此仓位，请勿发放给骑手"
+        past = f" ({word})" if word else ""
+        return f"a pack with a past safety event{past} is in this slot: do not release it"
     if rule == "ingest_stalled":
         reason = f"{LABELS[lang]['sep']}{info_text}" if info_text else ""
         if zh:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -266,7 +266,9 @@ def station_conditions(
     now_ms: int,
     cfg: AlertsConfig,
     tz: ZoneInfo,
+    flagged: Collection[str] = (),
 ) -> dict[Key, Observation]:
+    """``flagged``: serials of flagged packs (battery passports), never counted ready."""
     seen = [t for t in twins if t.last_seen_ms is not None]
     if not seen:
         mem.unavailable_since = None
@@ -285,7 +287,7 @@ def station_conditions(
         if isinstance(t.status, PileStatus):
             available += free_ports(t.status)
         elif isinstance(t.status, CabinetStatus):
-            available += ready_batteries(t.status, t.release_soc)
+            available += ready_batteries(t.status, t.release_soc, flagged)
     if available == 0 and station.is_open(local_minute(now_ms, tz)):
         if mem.unavailable_since is None:
             mem.unavailable_since = now_ms

@@ -193,6 +193,11 @@ RULES: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
         ["消息代理会话丢失"],
         ["Broker session lost"],
     ),
+    "flagged_battery": (
+        {"code": "B-1", "info": "flagged battery B-1 in slot 9 (flagged for temperature_high)"},
+        ["问题电池入仓：B-1", "9号仓位", "曾发生安全事件（温度过高）", "请勿发放"],
+        ["Flagged battery in a slot: B-1", "slot 9", "past safety event (Temperature high)"],
+    ),
 }
 
 
@@ -355,10 +360,12 @@ def test_every_event_says_what_happened(event: str, lang: str) -> None:
 
 
 def rule_names_in_code() -> set[str]:
-    """Every rule name ingest/alerts/*.py raises or compares: ``Key(station, device, unit,
-    RULE, code)``, ``_key(twin, RULE, ...)``, ``rule=RULE`` and ``x.rule == RULE``."""
+    """Every rule name ingest/alerts/*.py (and ingest/passports.py: flagged_battery) raises
+    or compares: ``Key(station, device, unit, RULE, code)``, ``_key(twin, RULE, ...)``,
+    ``rule=RULE`` and ``x.rule == RULE``."""
     found: set[str] = set()
-    for path in sorted((ROOT / "ingest" / "alerts").glob("*.py")):
+    paths = [*(ROOT / "ingest" / "alerts").glob("*.py"), ROOT / "ingest" / "passports.py"]
+    for path in sorted(paths):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             candidates: list[ast.expr] = []
             if isinstance(node, ast.Call):

@@ -171,3 +171,22 @@ async def test_station_without_anything_available_while_open(tmp_path: Path) -> 
         clock.advance(9 * 3600 + 1)  # 21:10: closed, so the condition is clear
         engine.tick()
         assert turned_away.clearing_since_ms == clock()
+
+
+async def test_a_flagged_pack_is_no_ready_battery_for_the_station(tmp_path: Path) -> None:
+    """The station's only "ready" pack is flagged (battery passports): nothing to take."""
+    clock = Clock()  # 12:00 Shanghai; yungu-road is open 07:00-21:00
+    async with running(tmp_path, clock, config(station_unavailable_s=600)) as engine:
+        engine.flagged_batteries = {"B-1"}
+        cabinet = Device(engine, clock, "YGR-C01")
+        cabinet.birth(heartbeat_s=600)
+        empty = {n: {"state": "empty", "battery": None, "soc": None} for n in range(2, 13)}
+        cabinet.cabinet({1: {"soc": 100}, **empty})
+        engine.tick()
+        clock.advance(600)
+        engine.tick()
+        [turned_away] = active(engine, rule="station_unavailable")
+        assert turned_away.station_id == "yungu-road"
+        engine.flagged_batteries = set()  # cleared: the pack counts again
+        engine.tick()
+        assert turned_away.clearing_since_ms == clock()

@@ -199,7 +199,9 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     page = context.new_page()
     refused = csp_violations(page)
     page.goto(d.service.base_url + "/console")
-    page.wait_for_function("() => document.body.dataset.auth === 'no'")
+    # a selector, not wait_for_function: a predicate not true at once is polled as a string
+    # evaluated in the page, which the console's CSP (script-src 'self') refuses
+    page.wait_for_selector("body[data-auth='no']")
     page.fill("#key", key)
     page.click("#login button[type=submit]")
     row = f'#alerts tr[data-alert-id="{alert_id}"]'
@@ -219,7 +221,7 @@ def test_console_login_and_acknowledge(d: District, browser: Any) -> None:
     assert acked["status"] == "acknowledged"
     assert acked["acknowledged_by"] == "console-test"
     # a new alert shows up live (the SSE stream read with the key), not at the next refresh
-    page.wait_for_function("() => document.body.dataset.live === 'yes'")
+    page.wait_for_selector("body[data-live='yes']")
     loads = int(page.evaluate("document.body.dataset.streamLoads || '0'"))
     second = httpx.post(
         d.service.base_url + "/v1/reports",
@@ -361,7 +363,9 @@ def test_console_speaks_chinese_by_default_and_switches_to_english(
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(d.service.base_url + "/console")
-    page.wait_for_function("() => document.body.dataset.auth === 'no'")
+    # a selector, not wait_for_function: a predicate not true at once is polled as a string
+    # evaluated in the page, which the console's CSP (script-src 'self') refuses
+    page.wait_for_selector("body[data-auth='no']")
     assert page.inner_text("h1") == "运维控制台", "Chinese by default, whatever the browser's"
     assert page.evaluate("document.documentElement.lang") == "zh-CN"
     assert page.inner_text("#lang") == "EN"

@@ -20,6 +20,8 @@ from devices.contract import Birth, CabinetStatus, PileStatus
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
 from ingest.config import IngestConfig
+from ingest.passport_store import PassportStore
+from ingest.passports import Passports
 from ingest.service import Ingest, now_ms
 
 STATION = "yungu-road"
@@ -80,11 +82,13 @@ async def in_process(
     tmp_path: Path,
     *,
     alerts: bool = False,
+    passports: bool = False,
+    config: IngestConfig | None = None,
     settings: ServeSettings | None = None,
     client: tuple[str, int] = ("127.0.0.1", 50000),
 ) -> AsyncIterator[InProcess]:
     data_dir = tmp_path / "data"
-    config = IngestConfig(data_dir=data_dir)
+    config = (config or IngestConfig()).model_copy(update={"data_dir": data_dir})
     catalog = Catalog.load()
     ingest = Ingest(config, catalog)
     async with AsyncExitStack() as stack:
@@ -101,6 +105,20 @@ async def in_process(
                     supervisor=ingest.supervisor,
                 )
             )
+        if passports:  # wired as ingest.service wires them (fed by the test, not a pipeline)
+            passport_store = PassportStore.in_dir(data_dir)
+            stack.callback(passport_store.close)
+            ingest.passports = Passports(
+                passport_store,
+                catalog,
+                lock_flagged=config.batteries.lock_flagged,
+                registry=ingest.metrics.registry,
+            )
+            ingest.passports.restore()
+            if ingest.alerts is not None:
+                ingest.alerts.on_opened.append(ingest.passports.alert_opened)
+                ingest.passports.alerts = ingest.alerts
+                ingest.alerts.flagged_batteries = ingest.passports.flagged
         app = create_app(ingest, settings or ServeSettings())
         transport = httpx.ASGITransport(app=app, client=client)
         http = await stack.enter_async_context(

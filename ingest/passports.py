@@ -1,0 +1,390 @@
+"""Battery passports: fire safety by serial number.
+
+Every pack named in a cabinet's slots (status) or a ``swap`` event is indexed: where it is
+now (cabinet, slot, since), where it has been (stays), the highest temperature and the
+fastest rise seen in a slot, and every safety event while it sat in one. A safety event is
+an alert opening at its slot (``temperature_rise``, ``temperature_high``, faults
+``battery_fault``, ``thermal_runaway``, ``over_temperature``) or ``smoke`` at its cabinet
+(every pack in it); the pack is then **flagged**, and locked where it sits.
+
+When a flagged pack appears in a slot (a status or a swap's ``battery_in``, at any
+cabinet), a critical ``flagged_battery`` alert opens at that cabinet and slot at once (one
+per pack and slot) and, unless ``batteries.lock_flagged`` is off, ``lock_battery`` is sent
+for that slot through a ``CommandSender`` (the remote-commands service; without one the
+lock is logged and counted as unsent). The rider API never counts a flagged pack as ready
+(``flagged`` is read by ``api.snapshots.StationViews``). A maintainer clears a flag with a
+note (``clear``).
+
+Memory is bounded by the district: the occupant of every slot and the flagged serials;
+everything else is on disk (``ingest.passport_store``), written in batches by the
+``passports`` task, so ingest never waits for it. Cost: ~10 us per status of a 12-slot
+cabinet whose packs stay put (tests/ingest/test_passports.py measures it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter
+
+from devices.catalog import Catalog
+from devices.contract import CabinetStatus, Event, Message
+from ingest import StoreError
+from ingest.alerts.model import Alert, Key, Observation
+from ingest.passport_store import PassportOps, PassportStore
+from ingest.twins import Twin
+
+log = logging.getLogger(__name__)
+
+SERIAL_PATTERN = r"^[\x21-\x7e]{1,64}$"
+"""A serial we index: 1 to 64 printable ASCII characters, no spaces (anything else from a
+device is counted and ignored; the API refuses it)."""
+_SERIAL = re.compile(SERIAL_PATTERN)
+
+SLOT_RULES = frozenset({"temperature_rise", "temperature_high"})
+"""Alert rules at a slot that flag the pack in it."""
+SLOT_FAULTS = frozenset({"battery_fault", "thermal_runaway", "over_temperature"})
+"""Fault codes at a slot that flag the pack in it."""
+CABINET_FAULTS = frozenset({"smoke"})
+"""Fault codes at a cabinet that flag every pack in it."""
+
+TEMP_RANGE_C = (-60.0, 400.0)
+"""Temperatures outside this are a sensor's garbage, not a pack's history."""
+RISE_SPAN_MS = 30_000
+"""A rise is measured over at least this long (one noisy reading is not a fire)."""
+WRITE_EVERY_S = 0.5
+"""The writer task's pace: a batch at most this late on disk."""
+RETRY_MAX_S = 30.0
+"""Cap of the writer's backoff while the store fails."""
+PENDING_MAX = 100_000
+"""Operations kept while the store fails; beyond, the oldest stays are dropped (counted)."""
+
+
+class CommandSender(Protocol):
+    """Sends a device command (the remote-commands service implements it)."""
+
+    def send_lock_battery(self, device_id: str, slot: int, reason: str) -> None: ...
+
+
+class AlertRaiser(Protocol):
+    """The alert engine's door for a condition raised now (``AlertEngine.raise_now``)."""
+
+    def raise_now(self, obs: Observation) -> Alert: ...
+
+
+@dataclass(slots=True)
+class _Stay:
+    serial: str
+    since_ms: int
+    max_temp: float | None = None
+    max_rise: float | None = None
+    ref_temp: float | None = None  # the reading a rise is measured from
+    ref_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    at_ms: int | None
+    reason: str | None
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    """The larger of two maxima, either unknown (None)."""
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def valid_serial(serial: str) -> bool:
+    return _SERIAL.match(serial) is not None
+
+
+class Passports:
+    def __init__(
+        self,
+        store: PassportStore,
+        catalog: Catalog,
+        *,
+        lock_flagged: bool = True,
+        clock: Callable[[], int] = now_ms,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.lock_flagged = lock_flagged
+        self.clock = clock
+        self.alerts: AlertRaiser | None = None
+        self.sender: CommandSender | None = None  # wired by the integration (remote commands)
+        # called with a cabinet's device id when a pack in it was flagged or cleared
+        self.on_flag_change: list[Callable[[str], None]] = []
+        self.flagged: dict[str, Flag] = {}
+        self._slots: dict[tuple[str, int], _Stay] = {}  # occupant of each slot
+        self._where: dict[str, tuple[str, int]] = {}  # slot of each placed serial
+        self._first_seen: dict[str, int] = {}  # serials new since the last write
+        self._ops = PassportOps()
+        self._wake = asyncio.Event()
+        r = registry
+        self.m_refused = Counter(
+            "chargewatch_battery_serials_refused",
+            "Serials from devices not indexed (not 1-64 printable characters)",
+            registry=r,
+        )
+        self.m_flagged = Counter(
+            "chargewatch_batteries_flagged", "Packs flagged by a safety event", registry=r
+        )
+        self.m_locks = Counter(
+            "chargewatch_battery_locks",
+            "lock_battery commands for flagged packs, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.m_write_errors = Counter(
+            "chargewatch_passport_write_errors", "Failed passport writes (retried)", registry=r
+        )
+
+    def restore(self) -> None:
+        """Blocking: the flagged serials and the packs in slots, as stored."""
+        restored = self.store.restore()
+        self.flagged = {s: Flag(at, why) for s, (at, why) in restored.flagged.items()}
+        for serial, device_id, slot, since, max_temp, max_rise in restored.placed:
+            if device_id in self.catalog.devices:
+                self._slots[(device_id, slot)] = _Stay(serial, since, max_temp, max_rise)
+                self._where[serial] = (device_id, slot)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def occupant(self, device_id: str, slot: int) -> str | None:
+        stay = self._slots.get((device_id, slot))
+        return stay.serial if stay is not None else None
+
+    # -- the pipeline's observer ---------------------------------------------------------
+
+    def observe(self, twin: Twin, msg: Message, received_ms: int) -> None:
+        """Pipeline observer: one applied message, after its batch is durable. Runs before
+        the alert engine's, so an alert that a status opens finds its pack in the slot."""
+        if twin.kind != "cabinet":
+            return
+        if isinstance(msg, CabinetStatus):
+            for slot in msg.slots:
+                key = (twin.device_id, slot.n)
+                stay = self._slots.get(key)
+                serial = slot.battery
+                if serial is None or not valid_serial(serial):
+                    if serial is not None:
+                        self.m_refused.inc()
+                    if stay is not None:
+                        self._leave(key, stay, received_ms)
+                    continue
+                if stay is None or stay.serial != serial:
+                    stay = self._arrive(twin, key, serial, received_ms)
+                if slot.temp_c is not None:
+                    self._reading(stay, slot.temp_c, received_ms)
+        elif isinstance(msg, Event) and msg.type == "swap":
+            if msg.slot_out is not None and msg.battery_out is not None:
+                key = (twin.device_id, msg.slot_out)
+                stay = self._slots.get(key)
+                if stay is not None and stay.serial == msg.battery_out:
+                    self._leave(key, stay, received_ms)
+            if msg.slot_in is not None and msg.battery_in is not None:
+                if not valid_serial(msg.battery_in):
+                    self.m_refused.inc()
+                    return
+                key = (twin.device_id, msg.slot_in)
+                stay = self._slots.get(key)
+                if stay is None or stay.serial != msg.battery_in:
+                    self._arrive(twin, key, msg.battery_in, received_ms)
+
+    def _reading(self, stay: _Stay, temp: float, at_ms: int) -> None:
+        if not (math.isfinite(temp) and TEMP_RANGE_C[0] <= temp <= TEMP_RANGE_C[1]):
+            return
+        changed = False
+        if stay.max_temp is None or temp > stay.max_temp:
+            stay.max_temp = temp
+            changed = True
+        if stay.ref_temp is None:
+            stay.ref_temp, stay.ref_ms = temp, at_ms
+        elif at_ms - stay.ref_ms >= RISE_SPAN_MS:
+            rise = round((temp - stay.ref_temp) * 60_000 / (at_ms - stay.ref_ms), 3)
+            stay.ref_temp, stay.ref_ms = temp, at_ms
+            if rise > 0 and (stay.max_rise is None or rise > stay.max_rise):
+                stay.max_rise = rise
+                changed = True
+        if changed:
+            self._dirty(stay.serial)
+
+    def _leave(self, key: tuple[str, int], stay: _Stay, at_ms: int) -> None:
+        del self._slots[key]
+        if self._where.get(stay.serial) == key:
+            del self._where[stay.serial]
+        self._ops.closed.append((at_ms, stay.serial, key[0], key[1], stay.since_ms))
+        self._dirty(stay.serial)
+
+    def _arrive(self, twin: Twin, key: tuple[str, int], serial: str, at_ms: int) -> _Stay:
+        old = self._slots.get(key)
+        if old is not None:
+            self._leave(key, old, at_ms)
+        before = self._where.get(serial)
+        if before is not None:  # it moved without a swap out (or that was lost)
+            self._leave(before, self._slots[before], at_ms)
+        stay = self._slots[key] = _Stay(serial, at_ms)
+        self._where[serial] = key
+        self._first_seen.setdefault(serial, at_ms)
+        self._ops.opened.append((serial, key[0], key[1], at_ms))
+        self._dirty(serial)
+        if serial in self.flagged:
+            self._flagged_appears(twin, key, serial, at_ms)
+        return stay
+
+    def _flagged_appears(self, twin: Twin, key: tuple[str, int], serial: str, at_ms: int) -> None:
+        device_id, slot = key
+        flag = self.flagged[serial]
+        info = f"flagged battery {serial} in slot {slot}"
+        if flag.reason:
+            info += f" (flagged for {flag.reason})"
+        alert_id = None
+        if self.alerts is not None:
+            obs = Observation(
+                Key(twin.station_id, device_id, slot, "flagged_battery", serial),
+                "critical",
+                info=info,
+                auto_resolve=False,
+            )
+            alert_id = self.alerts.raise_now(obs).id
+        else:
+            log.warning("%s at %s: alerts are disabled, no alert opened", info, device_id)
+        self._ops.events.append((serial, "appeared", alert_id, at_ms, device_id, slot, info))
+        self._lock(device_id, slot, f"flagged battery {serial}")
+        for callback in self.on_flag_change:
+            callback(device_id)
+
+    def _lock(self, device_id: str, slot: int, reason: str) -> None:
+        if not self.lock_flagged:
+            self.m_locks.labels("disabled").inc()
+            return
+        if self.sender is None:
+            self.m_locks.labels("unsent").inc()
+            log.warning(
+                "lock_battery %s slot %d (%s): no command sender, not sent",
+                device_id,
+                slot,
+                reason,
+            )
+            return
+        try:
+            self.sender.send_lock_battery(device_id, slot, reason)
+        except Exception:
+            self.m_locks.labels("failed").inc()
+            log.exception("lock_battery %s slot %d failed", device_id, slot)
+        else:
+            self.m_locks.labels("sent").inc()
+
+    def _dirty(self, serial: str) -> None:
+        where = self._where.get(serial)
+        stay = self._slots.get(where) if where is not None else None
+        first = self._first_seen.get(serial, stay.since_ms if stay else self.clock())
+        pending = self._ops.batteries.get(serial)
+        self._ops.batteries[serial] = (
+            first,
+            where[0] if where else None,
+            where[1] if where else None,
+            stay.since_ms if stay else None,
+            _max(pending[4] if pending else None, stay.max_temp if stay else None),
+            _max(pending[5] if pending else None, stay.max_rise if stay else None),
+        )
+        self._wake.set()
+
+    # -- the alert engine's hook ---------------------------------------------------------
+
+    def alert_opened(self, alert: Alert) -> None:
+        """``AlertEngine.on_opened``: a safety alert flags the packs where it opened."""
+        if alert.device_id is None:
+            return
+        keys: list[tuple[str, int]] = []
+        if alert.rule == "fault" and alert.code in CABINET_FAULTS:
+            keys = [k for k in self._slots if k[0] == alert.device_id]
+        elif alert.unit is not None and (
+            alert.rule in SLOT_RULES or (alert.rule == "fault" and alert.code in SLOT_FAULTS)
+        ):
+            keys = (
+                [(alert.device_id, alert.unit)]
+                if (alert.device_id, alert.unit) in self._slots
+                else []
+            )
+        if not keys:
+            return
+        kind = alert.code if alert.rule == "fault" else alert.rule
+        at = alert.opened_at_ms
+        detail = None if alert.last_value is None else f"{alert.last_value:g}"
+        for key in sorted(keys):
+            serial = self._slots[key].serial
+            self._ops.events.append((serial, kind, alert.id, at, key[0], key[1], detail))
+            if serial not in self.flagged:
+                self.flagged[serial] = Flag(at, kind)
+                self.m_flagged.inc()
+                self._dirty(serial)
+                self._ops.flags.append((at, kind, serial))
+                self._lock(key[0], key[1], f"battery {serial}: {kind}")
+                for callback in self.on_flag_change:
+                    callback(key[0])
+        self._wake.set()
+
+    # -- maintainers ---------------------------------------------------------------------
+
+    async def clear(self, serial: str, actor_id: str, actor_name: str, note: str) -> bool:
+        """Clear the flag (False: not flagged). The pack's next safety event flags it again."""
+        await self.flush()
+        cleared = await asyncio.to_thread(
+            self.store.clear, serial, self.clock(), actor_id, actor_name, note
+        )
+        if self.flagged.pop(serial, None) is not None or cleared:
+            where = self._where.get(serial)
+            if where is not None:
+                for callback in self.on_flag_change:
+                    callback(where[0])
+        return cleared
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The writer task (supervised): pending operations to disk in batches."""
+        delay = WRITE_EVERY_S
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except StoreError:  # logged and kept: retried with what comes meanwhile
+                delay = min(delay * 2, RETRY_MAX_S)
+            else:
+                delay = WRITE_EVERY_S
+            await asyncio.sleep(delay)
+
+    async def flush(self) -> None:
+        """Write what is pending now; on failure it stays pending (retried, counted)."""
+        ops, self._ops = self._ops, PassportOps()
+        self._first_seen.clear()
+        if not len(ops):
+            return
+        try:
+            await asyncio.to_thread(self.store.apply, ops)
+        except StoreError:
+            self.m_write_errors.inc()
+            log.exception("passport write failed (%d operations kept)", len(ops))
+            ops.merge(self._ops)
+            self._ops = ops
+            if len(ops.opened) + len(ops.closed) + len(ops.events) > PENDING_MAX:
+                del ops.opened[: len(ops.opened) // 2]
+                del ops.closed[: len(ops.closed) // 2]
+            self._wake.set()
+            raise
