@@ -45,6 +45,9 @@ ACTIONS = (
     "alert.acknowledge",
     "alert.resolve",
     "alert.note",
+    "work_order.create",
+    "work_order.state",
+    "work_order.note",
 )
 
 
