@@ -149,6 +149,8 @@ class WorkOrders:
         due_at_ms: int | None = None,
         note: str | None = None,
     ) -> WorkOrder:
+        if due_at_ms is not None and due_at_ms <= self.clock():
+            raise OrderInvalid("due_at is in the past")
         alert = await self.engine.get(alert_id)  # AlertNotFound
         if not alert.active:
             raise OrderConflict(f"alert {alert_id} is resolved: nothing left to repair")
@@ -158,8 +160,6 @@ class WorkOrders:
                 f"alert {alert_id} already has work order {taken.id} ({taken.state})"
             )
         now = self.clock()
-        if due_at_ms is not None and due_at_ms <= now:
-            raise OrderInvalid("due_at is in the past")
         due = due_at_ms or now + int(self.config.due_after_s(alert.severity) * 1000)
         order = WorkOrder(
             id=self._next_id,
