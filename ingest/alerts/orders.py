@@ -312,6 +312,9 @@ class WorkOrders:
                     log.error("work orders: store write failed (%s); retrying in %.1fs", exc, delay)
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, 30.0)
+                except Exception:  # refused for good (a bug): dropped, loudly, not retried
+                    log.exception("work orders: the store refused %d changes; dropped", len(rows))
+                    break
             async with self._written_cond:
                 self._written = queued
                 self._written_cond.notify_all()
