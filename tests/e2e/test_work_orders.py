@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.alerts.receiver import receiver
 from tests.e2e.test_alerts import bearer, create_key
 from tests.mqttclients import Client
 from tests.servers import Process, Service, chargewatch_serve, eventually
@@ -198,3 +199,59 @@ def test_door_puts_the_order_on_site_and_the_healthy_device_fixes_it(
     finally:
         cabinet.client.close()
         http.close()
+
+
+def test_an_overdue_order_is_notified_like_an_escalation(
+    broker: Process, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's own timer (supervised) finds the order past its due time and sends
+    one ``overdue`` notification, with the order, to a subscription that takes escalations."""
+    for name, value in FAST.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__WORK_ORDERS__DUE_MINOR_S", "1")
+    monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__WORK_ORDERS__CHECK_S", "0.2")
+    monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__WORK_ORDERS__REPEAT_S", "0")
+    data_dir = tmp_path / "serve" / "data"
+    li = bearer(create_key(data_dir, "maintainer", "li-wei"))
+    admin = bearer(create_key(data_dir, "admin", "ops-lead"))
+    with (
+        receiver() as hook,
+        chargewatch_serve(tmp_path / "serve", broker.url, data_dir=data_dir) as svc,
+        httpx.Client(base_url=svc.base_url, timeout=10) as http,
+    ):
+        sub = http.post("/v1/webhooks", headers=admin, json={"url": hook.url, "format": "json"})
+        assert sub.status_code == 201, sub.text
+        cabinet = Cabinet(broker.port)
+        try:
+            cabinet.send(
+                "state", {"online": True, "kind": "cabinet", "heartbeat_s": 30, "slots": SLOTS}
+            )
+            cabinet.status(["lock_failure"])
+
+            def alert_id() -> int:
+                r = http.get("/v1/alerts", headers=li, params={"rule": "lock_failure"})
+                found = r.json()["alerts"]
+                assert len(found) == 1, found
+                return int(found[0]["id"])
+
+            aid = eventually(alert_id, timeout=15)
+            made = http.post(f"/v1/alerts/{aid}/work-order", headers=li, json={"assignee": "王芳"})
+            assert made.status_code == 201, made.text
+
+            def overdue() -> dict[str, Any]:
+                bodies = [r.json for r in hook.delivered() if r.json["event"] == "overdue"]
+                assert len(bodies) == 1, [r.json["event"] for r in hook.delivered()]
+                body: dict[str, Any] = bodies[0]
+                return body
+
+            body = eventually(overdue, timeout=10)
+            assert body["alert"]["id"] == aid
+            assert body["work_order"]["id"] == made.json()["id"]
+            assert body["title"].startswith("【次要】工单超时：锁止故障")
+            assert "处理人 王芳" in body["summary"]
+            order = http.get(f"/v1/work-orders/{made.json()['id']}", headers=li).json()
+            assert order["overdue"] is True
+            assert order["overdue_notices"] == 1
+            assert [e["note"] for e in order["log"] if e["what"] == "overdue"] == ["notice 1"]
+        finally:
+            cabinet.client.close()
