@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from api.auth import KeyStore
 from tests.alerts.receiver import receiver
-from tests.e2e.test_alerts import bearer, create_key
+from tests.e2e.test_alerts import bearer
 from tests.mqttclients import Client
 from tests.servers import Process, Service, chargewatch_serve, eventually
 
@@ -69,6 +70,16 @@ def served(
     }
     with chargewatch_serve(tmp_path / "serve", broker.url, data_dir=data_dir) as svc:
         yield svc, keys
+
+
+def create_key(data_dir: Path, role: str, name: str) -> str:
+    """A key in the service's data dir, as ``chargewatch keys create`` makes it (in-process:
+    that command's own test is elsewhere; a process per key costs seconds)."""
+    store = KeyStore.in_dir(data_dir)
+    try:
+        return store.create(name, role)[1]
+    finally:
+        store.close()
 
 
 def ms(rfc3339: str) -> int:
