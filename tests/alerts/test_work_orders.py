@@ -26,7 +26,8 @@ from ingest.twins import Outcome
 from tests.alerts.helpers import Clock, Device, active, config, eventually, running
 from tests.alerts.receiver import Receiver, receiver
 
-CABINET, OTHER = "WGS-C01", "WGS-C02"
+CABINET, OTHER = "WGS-C01", "WGS-C02"  # the same station
+ELSEWHERE = "GHY-C01"  # another station
 HOUR_MS = 3_600_000
 
 
@@ -180,6 +181,20 @@ async def test_door_opened_puts_on_site_and_healthy_device_fixes(tmp_path: Path)
             ("chargewatch", "fixed"),
             ("li-wei", "closed"),
         ]
+
+
+async def test_a_station_order_is_on_site_by_any_door_of_that_station(tmp_path: Path) -> None:
+    clock = Clock()
+    async with running(tmp_path, clock) as engine, orders_on(engine, tmp_path) as orders:
+        for device_id in (CABINET, ELSEWHERE):
+            Device(engine, clock, device_id).birth()
+        alert, _ = await engine.report("wanguo-south", None, None, "damage", "a bent door")
+        order = await orders.create(alert.id, "li-wei")
+        clock.advance(5)
+        device(engine, clock, ELSEWHERE, orders).event("door_opened")  # another station
+        assert order.state == "open"
+        device(engine, clock, CABINET, orders).event("door_opened")
+        assert (order.state, order.on_site_how) == ("on_site", "door")
 
 
 async def test_resolved_by_hand_fixes_and_a_new_order_needs_an_open_alert(tmp_path: Path) -> None:

@@ -207,6 +207,17 @@ def test_door_puts_the_order_on_site_and_the_healthy_device_fixes_it(
         assert http.get("/v1/stats/repair", headers=li, params={"by": "x"}).status_code == 422
         span = {"from": "2020-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}
         assert http.get("/v1/stats/repair", headers=li, params=span).status_code == 422
+
+        # the contract: answers and errors declared
+        paths = http.get("/openapi.json").json()["paths"]
+        move = paths["/v1/work-orders/{order_id}/state"]["post"]["responses"]
+        assert {"200", "401", "403", "404", "409", "422"} <= set(move)
+        assert move["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/WorkOrderDetail"
+        )
+        assert move["409"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+        listed = paths["/v1/work-orders"]["get"]["responses"]["200"]["content"]
+        assert listed["application/json"]["schema"]["$ref"].endswith("/WorkOrderList")
     finally:
         cabinet.client.close()
         http.close()
