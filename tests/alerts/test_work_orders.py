@@ -17,7 +17,7 @@ from api.settings import ServeSettings
 from devices.contract import decode
 from ingest.alerts.config import AlertsConfig, WorkOrderOptions
 from ingest.alerts.engine import AlertEngine, AlertNotFound
-from ingest.alerts.model import Alert
+from ingest.alerts.model import Alert, rfc3339
 from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.orders import OrderConflict, OrderInvalid, OrderNotFound, WorkOrders
 from ingest.alerts.repair import repair_times
@@ -343,3 +343,40 @@ def test_work_order_settings_come_from_the_environment(monkeypatch: pytest.Monke
     assert cfg.work_orders.due_after_s("critical") == 900
     assert cfg.work_orders.due_after_s("major") == 4 * 3600
     assert cfg.work_orders.repeat_s == 0
+
+
+@pytest.mark.parametrize("fmt", ["json", "wecom", "dingtalk", "feishu"])
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_an_overdue_notice_reads_in_both_languages_in_every_format(fmt: str, lang: str) -> None:
+    """The words of an overdue notice: the event, the order, its assignee, its due time in
+    the district's clock and how late it is, in each robot's format."""
+    from ingest.alerts.notify import render
+    from ingest.alerts.order_model import WorkOrder, order_view
+    from tests.alerts.test_formats import OPENED_MS, payload, unmarkdown
+
+    order = WorkOrder(
+        id=12, alert_id=4711, station_id="wanguo-south", device_id="WGS-C07", rule="fault",
+        code="thermal_runaway", severity="critical", state="assigned", assignee="王芳",
+        created_by="li-wei", created_at_ms=OPENED_MS, due_at_ms=OPENED_MS + HOUR_MS,
+        overdue_notices=1, overdue_at_ms=OPENED_MS + HOUR_MS + 90 * 60_000,
+    )  # fmt: skip
+    now = OPENED_MS + HOUR_MS + 90 * 60_000  # 1 h 30 min late
+    body = {
+        **payload("overdue"),
+        "work_order": order_view(order, now),
+        "created_at": rfc3339(now),
+    }
+    _, raw = render(fmt, "", "overdue", body, lang)
+    sent = json.loads(raw)
+    text = {
+        "json": lambda: sent["summary"],
+        "wecom": lambda: unmarkdown(sent["markdown"]["content"]),
+        "dingtalk": lambda: unmarkdown(sent["markdown"]["text"]),
+        "feishu": lambda: sent["content"]["text"],
+    }[fmt]()
+    expected = {
+        "zh": ["【紧急】工单超时：热失控", "工单：#12，已派单，处理人 王芳", "期限：", "已超过期限 90 分钟，第 1 次提醒"],
+        "en": ["[CRITICAL] Work order overdue: Thermal runaway", "work order: #12, assigned, assigned to 王芳", "due: ", "90 min past due; notice 1"],
+    }[lang]  # fmt: skip
+    for words in expected:
+        assert words in text, (fmt, lang, words, text)
