@@ -27,6 +27,7 @@ from api.routes import (
     reports,
     riders,
     stream,
+    work_orders,
 )
 from api.settings import ServeSettings
 from api.snapshots import StationViews
@@ -72,6 +73,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(maintenance.router)
     app.include_router(alerts.router)
     app.include_router(batteries.router)
+    app.include_router(work_orders.router)
     app.include_router(notifications.router)
     app.include_router(keys.router)
     app.include_router(reports.router)

@@ -46,6 +46,9 @@ ACTIONS = (
     "alert.resolve",
     "alert.note",
     "battery.clear",
+    "work_order.create",
+    "work_order.state",
+    "work_order.note",
 )
 
 

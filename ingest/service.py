@@ -22,6 +22,8 @@ from devices.catalog import Catalog
 from devices.topics import TopicScheme
 from ingest import StoreError
 from ingest.alerts.engine import AlertEngine
+from ingest.alerts.order_store import WorkOrderStore
+from ingest.alerts.orders import WorkOrders
 from ingest.alerts.store import AlertStore
 from ingest.backup import DataDirLock
 from ingest.broker import EmbeddedBroker
@@ -84,6 +86,7 @@ class Ingest:
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
         self.passports: Passports | None = None  # battery passports (ingest.passports)
+        self.orders: WorkOrders | None = None  # with the alerts (docs/alerts.md, Work orders)
         # an external broker gave our client id a session before (persisted: a crash of the
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
@@ -252,6 +255,14 @@ class Ingest:
                 self.alerts.on_opened.append(self.passports.alert_opened)
                 self.passports.alerts = self.alerts
                 self.alerts.flagged_batteries = self.passports.flagged
+                order_store = await asyncio.to_thread(
+                    WorkOrderStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
+                )
+                self._stack.callback(order_store.close)
+                self.orders = await self._stack.enter_async_context(
+                    WorkOrders(self.alerts, order_store, cfg.alerts.work_orders)
+                )
+                self.pipeline.observers.append(self.orders.observe)
             self.supervisor.start(DISK, self.disk.run)
             self.supervisor.start(PASSPORTS, self.passports.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")

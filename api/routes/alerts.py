@@ -277,7 +277,7 @@ async def add_note(
 # -- webhooks (admin) ---------------------------------------------------------------------
 
 
-Event = Literal["opened", "escalated", "resolved"]
+Event = Literal["opened", "escalated", "resolved", "overdue"]  # overdue: a work order's
 
 
 class WebhookIn(BaseModel):
@@ -290,7 +290,7 @@ class WebhookIn(BaseModel):
     ] = []
     stations: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=500)] = []
     rules: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=50)] = []
-    events: Annotated[list[Event], Field(max_length=3)] = ["opened", "escalated", "resolved"]
+    events: Annotated[list[Event], Field(max_length=4)] = ["opened", "escalated", "resolved"]
     # chat messages and the JSON `title`/`summary` in this language; none: the setting
     language: Literal["zh", "en"] | None = None
 

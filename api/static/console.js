@@ -85,6 +85,7 @@ async function loadAlerts() {
       a.status === "open" ? el("button", { class: "act ack", type: "button", onclick: () => act(a.id, "ack") }, t("c_ack")) : null,
       el("button", { class: "act resolve", type: "button", onclick: () => act(a.id, "resolve") }, t("c_resolve")),
       el("button", { class: "act note", type: "button", onclick: () => note(a.id) }, t("c_note")),
+      el("button", { class: "act order", type: "button", onclick: () => createOrder(a.id) }, t("c_createOrder")),
       a.device ? el("button", { class: "act", type: "button", onclick: () => showDevice(a.device) }, t("c_plot")) : null))));
   focusLinkedAlert();
 }
@@ -153,6 +154,61 @@ async function note(id) {
   await api(`/v1/alerts/${id}/notes`, { method: "POST", body: JSON.stringify({ text }) });
   await loadAlerts();
 }
+
+// Work orders: mine (assigned to the key's name), or every unclosed one; an alert's row
+// makes one, and each order's buttons are the moves its state allows (order_model.MANUAL).
+const NEXT = { open: ["assigned", "on_site", "fixed"], assigned: ["assigned", "on_site", "fixed"], on_site: ["fixed"], fixed: ["closed"], closed: [] };
+
+async function loadOrders() {
+  const body = $("#orders tbody");
+  const all = $("#orders-all").checked;
+  let data;
+  try {
+    data = await api(`/v1/work-orders?state=open,assigned,on_site,fixed&limit=200${all ? "" : "&mine=true"}`);
+  } catch (e) {
+    $("#orders-count").textContent = "";
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "stale" }, t("c_ordersUnavailable", { e: e.message }))));
+    return;
+  }
+  const orders = data.work_orders;
+  $("#orders-count").textContent = `(${orders.length})`;
+  const rows = orders.map((o) => el("tr", { "data-order-id": o.id, "data-state": o.state, "data-alert-id": o.alert_id },
+    el("td", {}, `#${o.id}`),
+    el("td", {}, el("span", { class: `sev-${o.severity}` }, sevWord(o.severity)), " ", el("a", { href: `#alert-${o.alert_id}` }, ruleWord(o))),
+    el("td", {}, stationName(o.station), el("div", { class: "hint" }, o.device || null)),
+    el("td", { class: "status" }, word("order_", o.state), o.on_site_how === "door" ? el("div", { class: "hint" }, t("c_byDoor")) : null),
+    el("td", {}, o.assignee || "—"),
+    el("td", { class: o.overdue ? "stale" : "" }, until(o.due_at), o.overdue ? el("div", { class: "hint" }, t("c_overdue")) : null),
+    el("td", {}, ...(NEXT[o.state] || []).map((s) => el("button", { class: `act to-${s}`, type: "button", onclick: () => moveOrder(o, s) }, t(`c_to_${s}`))))));
+  body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 7, class: "hint" }, t("c_noOrders")))]));
+}
+
+async function createOrder(alertId) {
+  const assignee = prompt(t("c_assigneePrompt"));
+  if (assignee === null) return;
+  try {
+    await api(`/v1/alerts/${alertId}/work-order`, { method: "POST", body: JSON.stringify(assignee.trim() ? { assignee: assignee.trim() } : {}) });
+  } catch (e) {
+    alert(t("c_actFailed", { e: e.message }));
+  }
+  await loadOrders();
+}
+
+async function moveOrder(order, state) {
+  const body = { state };
+  if (state === "assigned") {
+    const who = prompt(t("c_assignPrompt"), order.assignee || "");
+    if (!who || !who.trim()) return;
+    body.assignee = who.trim();
+  }
+  try {
+    await api(`/v1/work-orders/${order.id}/state`, { method: "POST", body: JSON.stringify(body) });
+  } catch (e) {
+    alert(t("c_actFailed", { e: e.message }));
+  }
+  await loadOrders();
+}
+$("#orders-all").addEventListener("change", () => loadOrders());
 
 async function loadStations() {
   const list = await api("/v1/stations");
@@ -242,7 +298,7 @@ function alertsSoon() {
   if (alertsTimer) return;
   alertsTimer = setTimeout(async () => {
     alertsTimer = null;
-    await Promise.allSettled([loadAlerts(), loadNotifications()]);
+    await Promise.allSettled([loadAlerts(), loadNotifications(), loadOrders()]);
     document.body.dataset.streamLoads = String(Number(document.body.dataset.streamLoads || 0) + 1);
   }, 150);
 }
@@ -288,7 +344,7 @@ async function follow() {
 async function refresh() {
   const stations = loadStations();
   await stations.catch(() => {}); // names for the alerts' rows; failures are shown in place
-  await Promise.allSettled([loadAlerts(), loadNotifications(), loadDeadLetters()]);
+  await Promise.allSettled([loadAlerts(), loadNotifications(), loadDeadLetters(), loadOrders()]);
   document.body.dataset.refreshed = String(Date.now());
 }
 

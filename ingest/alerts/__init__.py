@@ -3,7 +3,9 @@ lifecycle (open -> acknowledged -> resolved), persisted next to the twins, strea
 and sent to webhooks. See docs/alerts.md.
 
 Modules: ``config`` (options and thresholds), ``rules`` (pure), ``model`` (alert, key,
-view), ``store`` (SQLite), ``notify`` (webhooks), ``engine`` (lifecycle, composes the rest).
+view), ``store`` (SQLite), ``notify`` (webhooks), ``engine`` (lifecycle, composes the rest);
+work orders: ``order_model``, ``order_store``, ``orders`` (follows the engine), and
+``repair`` (time to acknowledge and to repair).
 """
 
 from ingest.alerts.config import AlertsConfig

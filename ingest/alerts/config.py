@@ -84,6 +84,26 @@ class ReportOptions(BaseModel):
     total_per_hour: float = Field(default=120.0, gt=0)
 
 
+class WorkOrderOptions(BaseModel):
+    # A work order is due this long after it is created, by its alert's severity: a
+    # critical fault (smoke, a ground fault) needs someone within the hour, a minor one
+    # within the working day. An order's own `due_at` overrides it.
+    due_critical_s: float = Field(default=3600.0, gt=0)
+    due_major_s: float = Field(default=4 * 3600.0, gt=0)
+    due_minor_s: float = Field(default=24 * 3600.0, gt=0)
+    due_warning_s: float = Field(default=72 * 3600.0, gt=0)
+    # How often the timer looks for overdue orders (a minute late is no news).
+    check_s: float = Field(default=30.0, gt=0)
+    # An overdue order is notified again this long after the last notice (0: once only) ...
+    repeat_s: float = Field(default=3600.0, ge=0)
+    # ... at most this many notices per order.
+    notices_max: int = Field(default=3, ge=1, le=100)
+
+    def due_after_s(self, severity: str) -> float:
+        value: float = getattr(self, f"due_{severity}_s", self.due_warning_s)
+        return value
+
+
 class AlertsConfig(BaseModel):
     # Off: no rules run, no alerts, no webhooks (the API still answers, with nothing).
     enabled: bool = True
@@ -115,6 +135,7 @@ class AlertsConfig(BaseModel):
     sse_keepalive_s: float = Field(default=15.0, gt=0)
     webhooks: WebhookOptions = Field(default_factory=WebhookOptions)
     reports: ReportOptions = Field(default_factory=ReportOptions)
+    work_orders: WorkOrderOptions = Field(default_factory=WorkOrderOptions)
 
     def limits(self, kind: str) -> KindLimits:
         return self.pile if kind == "pile" else self.cabinet

@@ -154,6 +154,8 @@ class AlertEngine:
         self._service_events: list[Observation] = []
         # the disk filling up (ingest.diskusage): a warning days before it is full
         self.disk_check: Callable[[int], str | None] | None = None
+        # called with each alert as it resolves, on the loop (work orders: -> fixed)
+        self.on_resolved: list[Callable[[Alert], None]] = []
         self._disk_active: dict[Key, Observation] = {}
         self._service_active: dict[Key, Observation] = {}
         self._next_alert = 1
@@ -540,6 +542,11 @@ class AlertEngine:
         self._emit("resolved", alert, now)
         if alert.notified:
             self._notify("resolved", alert)
+        for callback in self.on_resolved:
+            try:
+                callback(alert)
+            except Exception:  # a follower's bug must not stop the lifecycle
+                log.exception("alerts: on_resolved callback failed for alert %d", alert.id)
         if alert.rule == "station_offline":  # the incident is over: what is left stands alone
             for child in self.by_id.values():
                 if child.parent_id == alert.id and child.suppressed:

@@ -147,6 +147,7 @@ EVENT_WORDS: dict[Language, dict[str, str]] = {
         "clearing": "正在恢复",
         "note": "新备注",
         "report": "骑手报告",
+        "overdue": "工单超时",
     },
     "en": {
         "opened": "Opened",
@@ -157,6 +158,25 @@ EVENT_WORDS: dict[Language, dict[str, str]] = {
         "clearing": "Clearing",
         "note": "Note",
         "report": "Rider report",
+        "overdue": "Work order overdue",
+    },
+}
+
+# The states of a work order (ingest/alerts/order_model.py).
+ORDER_STATE_WORDS: dict[Language, dict[str, str]] = {
+    "zh": {
+        "open": "待派单",
+        "assigned": "已派单",
+        "on_site": "已到场",
+        "fixed": "已修复",
+        "closed": "已关闭",
+    },
+    "en": {
+        "open": "open",
+        "assigned": "assigned",
+        "on_site": "on site",
+        "fixed": "fixed",
+        "closed": "closed",
     },
 }
 
@@ -202,6 +222,10 @@ LABELS: dict[Language, dict[str, str]] = {
         "list_sep": "，",
         "unknown_rule": "告警规则 {rule}",
         "local_time": "北京时间",
+        "work_order": "工单",
+        "work_order_line": "#{id}，{state}，处理人 {assignee}",
+        "due": "期限",
+        "overdue_notice": "已超过期限 {late}，第 {n} 次提醒",
     },
     "en": {
         "station": "station",
@@ -233,6 +257,10 @@ LABELS: dict[Language, dict[str, str]] = {
         "list_sep": ", ",
         "unknown_rule": "Alert rule {rule}",
         "local_time": "Beijing time, UTC+8",
+        "work_order": "work order",
+        "work_order_line": "#{id}, {state}, assigned to {assignee}",
+        "due": "due",
+        "overdue_notice": "{late} past due; notice {n}",
     },
 }
 
@@ -524,6 +552,31 @@ def compose(event: str, payload: dict[str, Any], language: object = "zh") -> Mes
         how = "resolved_auto" if a.get("resolved_how") == "auto" else "resolved_manual"
         by = clip(a.get("resolved_by") or "—", 100)
         lines.append(f"{words['resolved']}{sep}{words[how].format(at=at, by=by)}")
+    order = payload.get("work_order")
+    if isinstance(order, dict):
+        lines += _order_lines(lang, order, payload.get("created_at"), tz_name)
     if a.get("id") is not None:
         lines.append(f"{words['alert_id']}{sep}{_number(a['id'])}")
     return Message(lang, title, lines, words["link"])
+
+
+def _order_lines(lang: Language, order: dict[str, Any], now: object, tz_name: str) -> list[str]:
+    """A work order's lines in an overdue notice: who has it, in what state, since when due."""
+    words, sep = LABELS[lang], LABELS[lang]["sep"]
+    state = ORDER_STATE_WORDS[lang].get(str(order.get("state")), clip(order.get("state"), 20))
+    line = words["work_order_line"].format(
+        id=_number(order.get("id")), state=state, assignee=clip(order.get("assignee") or "—", 100)
+    )
+    lines = [f"{words['work_order']}{sep}{line}"]
+    due = order.get("due_at")
+    lines.append(f"{words['due']}{sep}{local_time(lang, due, tz_name)}")
+    if order.get("overdue_notices") and isinstance(due, str) and isinstance(now, str):
+        try:
+            late = (datetime.fromisoformat(now) - datetime.fromisoformat(due)).total_seconds()
+        except ValueError:
+            late = 0.0
+        notice = words["overdue_notice"].format(
+            late=_duration(lang, late), n=_number(order["overdue_notices"])
+        )
+        lines.append(notice)
+    return lines

@@ -98,8 +98,10 @@ class Subscription:
     pending: int = 0  # deliveries waiting or in flight (not persisted: the outbox knows)
 
     def wants(self, event: str, alert: Alert) -> bool:
+        # an overdue work order escalates: it goes where the alert's escalations go
+        wanted = event in self.events or (event == "overdue" and "escalated" in self.events)
         return (
-            event in self.events
+            wanted
             and (not self.severities or alert.severity in self.severities)
             and (not self.stations or alert.station_id in self.stations)
             and (not self.rules or alert.rule in self.rules or alert.code in self.rules)
@@ -471,11 +473,12 @@ class Notifier:
 
     # -- publishing --------------------------------------------------------------------
 
-    def publish(self, event: str, alert: Alert) -> int:
+    def publish(self, event: str, alert: Alert, extra: dict[str, Any] | None = None) -> int:
         """Send ``event`` of ``alert`` to every subscription that wants it: on the loop, at
-        once, from memory (the outbox is saved behind it)."""
+        once, from memory (the outbox is saved behind it). ``extra``: more top-level fields
+        of the payload (an overdue notice's ``work_order``)."""
         now = _now_ms()
-        payload: dict[str, Any] = {"event": event, "alert": alert_view(alert)}
+        payload: dict[str, Any] = {"event": event, "alert": alert_view(alert), **(extra or {})}
         if self.options.public_url:
             payload["url"] = f"{self.options.public_url.rstrip('/')}/console#alert-{alert.id}"
         payload["created_at"] = rfc3339(now)

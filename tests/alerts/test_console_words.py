@@ -14,6 +14,7 @@ from ingest.alerts.messages import (
     EVENT_WORDS,
     FAULT_WORDS,
     LANGUAGES,
+    ORDER_STATE_WORDS,
     REPORT_WORDS,
     RULE_WORDS,
     SEVERITY_WORDS,
@@ -45,6 +46,7 @@ def test_console_words_are_the_notifications_words(lang: str) -> None:
         ("rule_", RULE_WORDS),
         ("event_", EVENT_WORDS),
         ("status_", STATUS_WORDS),
+        ("order_", ORDER_STATE_WORDS),
     ):
         for key, word in table[lang].items():  # type: ignore[index]
             assert words.get(prefix + key) == word, f"{lang} {prefix}{key}"
