@@ -232,8 +232,8 @@ async def record_report(
     category: str,
     text: str,
 ) -> Report:
-    """Keep a report that ``engine.report`` took; one that joined an alert of the rules is
-    confirmed by telemetry at once."""
+    """Keep a report that ``engine.report`` took: confirmed by telemetry at once when it
+    joined an alert of the rules or one already opened at its place (within the window)."""
     store = sentinel_store(request)
     unit_kind = None
     if unit is not None and device_id is not None:
@@ -251,6 +251,9 @@ async def record_report(
                 points=_points(engine, category),
             )
         )  # fmt: skip
+    elif await settle(request, engine, [report]):
+        settled = await asyncio.to_thread(store.report, report.id)
+        report = settled if settled is not None else report
     return report
 
 
