@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
@@ -103,6 +103,12 @@ async def require_rider(request: Request) -> Rider:
 
 
 RiderDep = Annotated[Rider, Depends(require_rider)]
+
+
+def _private(response: Response) -> None:
+    """A rider's data: kept by no cache, shared or not, and one per credential."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Vary"] = "Authorization"
 
 
 # -- answers -------------------------------------------------------------------------------
@@ -352,9 +358,12 @@ def _register_limit(request: Request, engine: AlertEngine | None) -> RateLimiter
     openapi_extra=SMALL_BODY,
     responses=_errors(404, 422, 429),
 )
-async def register(request: Request, ingest: IngestDep, body: RiderIn) -> RiderCreated:
+async def register(
+    request: Request, response: Response, ingest: IngestDep, body: RiderIn
+) -> RiderCreated:
     """Register a rider at a station: the answer's ``token`` is shown this once (only its
     hash is kept). No phone numbers or names: a nickname that looks like one is refused."""
+    _private(response)
     if ingest.catalog.stations.get(body.station_id) is None:
         raise NotFound("station", body.station_id)
     problem = nickname_problem(body.nickname)
@@ -386,16 +395,18 @@ async def register(request: Request, ingest: IngestDep, body: RiderIn) -> RiderC
 
 
 @router.get("/riders/me", response_model=RiderOut, responses=_errors(401))
-async def me(request: Request, rider: RiderDep, cursor: Cursor = None,
+async def me(request: Request, response: Response, rider: RiderDep, cursor: Cursor = None,
              limit: Limit = 100) -> RiderOut:  # fmt: skip
     """The rider's points: the balance (the ledger's sum) and the ledger, newest first."""
+    _private(response)
     return await _rider_out(request, rider, cursor, limit, private=False)
 
 
 @router.get("/riders/me/reports", response_model=ReportsOut, responses=_errors(401))
-async def my_reports(request: Request, rider: RiderDep, cursor: Cursor = None,
-                     limit: Limit = 100) -> ReportsOut:  # fmt: skip
+async def my_reports(request: Request, response: Response, rider: RiderDep,
+                     cursor: Cursor = None, limit: Limit = 100) -> ReportsOut:  # fmt: skip
     """The rider's reports, newest first, each with its outcome and the points it earned."""
+    _private(response)
     reports = await _settled_reports(request, rider_id=rider.id, before_id=cursor, limit=limit)
     return ReportsOut(
         reports=[report_out(r, private=False) for r in reports],
@@ -404,9 +415,11 @@ async def my_reports(request: Request, rider: RiderDep, cursor: Cursor = None,
 
 
 @router.get("/riders/{rider_id}", response_model=RiderOut, responses=_errors(401, 403, 404))
-async def rider_detail(request: Request, key: Maintainer, rider_id: RiderId,
-                       cursor: Cursor = None, limit: Limit = 100) -> RiderOut:  # fmt: skip
+async def rider_detail(request: Request, response: Response, key: Maintainer,
+                       rider_id: RiderId, cursor: Cursor = None,
+                       limit: Limit = 100) -> RiderOut:  # fmt: skip
     """A rider's points and ledger, for maintainers (the actors by name)."""
+    _private(response)
     rider = await asyncio.to_thread(sentinel_store(request).rider, rider_id)
     if rider is None:
         raise NotFound("rider", rider_id)
@@ -419,6 +432,7 @@ async def rider_detail(request: Request, key: Maintainer, rider_id: RiderId,
 @router.get("/reports", response_model=ReportsOut, responses=_errors(401, 403, 422))
 async def list_reports(
     request: Request,
+    response: Response,
     key: Maintainer,
     rider: Annotated[str | None, Query(pattern=r"^[0-9a-f]{8}$")] = None,
     outcome: Annotated[str | None, Query(description=", ".join(OUTCOMES))] = None,
@@ -427,6 +441,7 @@ async def list_reports(
     limit: Limit = 100,
 ) -> ReportsOut:
     """Rider reports (anonymous ones too), newest first, with their rider and outcome."""
+    _private(response)
     if outcome is not None and outcome not in OUTCOMES:
         raise RequestValidationError(
             [{"loc": ("query", "outcome"), "msg": f"one of {', '.join(OUTCOMES)}",

@@ -24,7 +24,7 @@ from ingest.alerts.config import (
     ReportOptions,
     SentinelOptions,
 )
-from ingest.alerts.engine import AlertEngine
+from ingest.alerts.engine import REPORT_CATEGORIES, AlertEngine
 from ingest.alerts.store import AlertStore
 from ingest.config import IngestConfig
 from ingest.service import Ingest
@@ -131,6 +131,11 @@ async def test_register_shows_the_token_once_and_keeps_only_its_hash(tmp_path: P
         stored = b"".join(p.read_bytes() for p in s.data_dir.glob("chargewatch.db*"))
         assert secret.encode() not in stored
         assert created["rider_id"].encode() in stored
+        assert r.headers["cache-control"] == "no-store", "the token is in this answer"
+        for path in ("/v1/riders/me", "/v1/riders/me/reports"):
+            r = await s.http.get(path, headers={"Authorization": f"Rider {token}"})
+            assert r.headers["cache-control"] == "no-store", path
+            assert "Authorization" in r.headers["vary"], path
         me, reports = await s.mine({"Authorization": f"Rider {token}"})
         assert (me["rider_id"], me["nickname"], me["points"], me["ledger"]) == (
             created["rider_id"], "小王", 0, [],
@@ -431,3 +436,24 @@ async def test_telemetry_confirms_and_what_nothing_confirms_expires(tmp_path: Pa
         assert me["points"] == SMOKE_POINTS
         r = await s.http.post(f"/v1/reports/{broken['report_id']}/confirm", headers=s.key())
         assert (r.json()["outcome"], r.json()["points"]) == ("confirmed", 3)
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+def test_point_rates_cover_every_category_and_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert set(PointRates.model_fields) == set(REPORT_CATEGORIES)
+    monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__SENTINELS__POINTS__FIRE", "50")
+    monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__SENTINELS__CONFIRM_WINDOW_S", "900")
+    monkeypatch.setenv("CHARGEWATCH_INGEST__ALERTS__REPORTS__RIDER_BURST", "5")
+    alerts = ServeSettings().ingest.alerts
+    assert (alerts.sentinels.points.fire, alerts.sentinels.points.smoke) == (50, 20)
+    assert alerts.sentinels.confirm_window_s == 900
+    assert (alerts.reports.rider_burst, alerts.reports.burst) == (5, 3)
+    for name, bad in (("POINTS__FIRE", "1001"), ("POINTS__FIRE", "-1"), ("CONFIRM_WINDOW_S", "0")):
+        monkeypatch.setenv(f"CHARGEWATCH_INGEST__ALERTS__SENTINELS__{name}", bad)
+        with pytest.raises(ValueError, match=name.split("__")[-1].lower()):
+            ServeSettings()
+        monkeypatch.delenv(f"CHARGEWATCH_INGEST__ALERTS__SENTINELS__{name}")
