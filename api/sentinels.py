@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS rider_reports (
 );
 CREATE INDEX IF NOT EXISTS rider_reports_by_rider ON rider_reports (rider_id, id);
 CREATE INDEX IF NOT EXISTS rider_reports_by_outcome ON rider_reports (outcome, id);
+CREATE INDEX IF NOT EXISTS rider_reports_by_station ON rider_reports (station_id, id);
 CREATE TABLE IF NOT EXISTS rider_points (
     id INTEGER PRIMARY KEY AUTOINCREMENT, rider_id TEXT NOT NULL, delta INTEGER NOT NULL,
     reason TEXT NOT NULL, note TEXT, report_id INTEGER, alert_id INTEGER,
@@ -74,6 +75,7 @@ CREATE TABLE IF NOT EXISTS rider_points (
     actor TEXT NOT NULL, actor_role TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rider_points_by_rider ON rider_points (rider_id, id);
+CREATE INDEX IF NOT EXISTS rider_points_by_report ON rider_points (report_id);
 CREATE UNIQUE INDEX IF NOT EXISTS rider_points_once_per_incident
     ON rider_points (rider_id, incident_id) WHERE reverses IS NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS rider_points_reversed_once
