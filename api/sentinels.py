@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS rider_reports (
     device_id TEXT, unit INTEGER, unit_kind TEXT, category TEXT NOT NULL, text TEXT NOT NULL,
     alert_id INTEGER NOT NULL, at_ms INTEGER NOT NULL, outcome TEXT NOT NULL,
     decided_at_ms INTEGER, decided_by TEXT, decided_role TEXT, decision_note TEXT,
-    confirmed_by_alert INTEGER, duplicate_of INTEGER
+    confirmed_by_alert INTEGER, duplicate_of INTEGER, no_points TEXT
 );
 CREATE INDEX IF NOT EXISTS rider_reports_by_rider ON rider_reports (rider_id, id);
 CREATE INDEX IF NOT EXISTS rider_reports_by_outcome ON rider_reports (outcome, id);
@@ -158,6 +158,7 @@ class Report:
     decision_note: str | None
     confirmed_by_alert: int | None
     duplicate_of: int | None
+    no_points: str | None  # why a confirmed report earned nothing: duplicate, known
     points: int = 0  # the ledger's sum for this report
 
 
@@ -181,7 +182,7 @@ class Entry:
 _REPORT_COLUMNS = (
     "id, rider_id, station_id, device_id, unit, unit_kind, category, text, alert_id, at_ms,"
     " outcome, decided_at_ms, decided_by, decided_role, decision_note, confirmed_by_alert,"
-    " duplicate_of"
+    " duplicate_of, no_points"
 )
 _REPORT_SELECT = (
     f"SELECT {', '.join('r.' + c.strip() for c in _REPORT_COLUMNS.split(','))},"
@@ -357,10 +358,12 @@ class SentinelStore:
         note: str | None = None,
         confirmed_by_alert: int | None = None,
         points: int = 0,
+        known: bool = False,
         allowed: Sequence[str] = ("pending",),
     ) -> Report:
         """Decide a report's outcome (from one of ``allowed``) and, for a confirmed report of
-        a rider, award ``points`` unless the rider already earned for this incident."""
+        a rider, award ``points`` unless the rider already earned for this incident, or
+        the incident was ``known`` long before the report (it told nobody anything new)."""
         with self._deciding:
             report = self.report(report_id)
             if report is None:
@@ -368,8 +371,10 @@ class SentinelStore:
             if report.outcome not in allowed:
                 raise Conflict(f"report {report_id} is {report.outcome} already")
             statements: list[tuple[str, Sequence[Sequence[Any]]]] = []
-            duplicate_of = None
-            if outcome == "confirmed" and report.rider_id is not None and points > 0:
+            duplicate_of = no_points = None
+            if outcome == "confirmed" and report.rider_id is not None and known:
+                no_points = "known"
+            elif outcome == "confirmed" and report.rider_id is not None and points > 0:
                 related = {report.alert_id, confirmed_by_alert or report.alert_id}
                 marks = ",".join("?" * len(related))
                 earlier = self._db.query(
@@ -378,7 +383,7 @@ class SentinelStore:
                     (report.rider_id, *related, *related),
                 )
                 if earlier:
-                    duplicate_of = earlier[0][0]
+                    duplicate_of, no_points = earlier[0][0], "duplicate"
                 else:
                     reason = (
                         "confirmed_by_maintainer" if role != "system" else "confirmed_by_telemetry"
@@ -402,9 +407,9 @@ class SentinelStore:
                 (
                     "UPDATE rider_reports SET outcome = ?, decided_at_ms = ?, decided_by = ?,"
                     " decided_role = ?, decision_note = ?, confirmed_by_alert = ?,"
-                    " duplicate_of = ? WHERE id = ?",
+                    " duplicate_of = ?, no_points = ? WHERE id = ?",
                     [(outcome, now_ms, actor, role, note, confirmed_by_alert, duplicate_of,
-                      report_id)],
+                      no_points, report_id)],
                 ),
             )  # fmt: skip
             self._db.transaction(statements)

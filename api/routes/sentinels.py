@@ -136,6 +136,10 @@ class ReportOut(BaseModel):
     duplicate_of: int | None = Field(
         description="confirmed, but the rider earned for this incident with that report"
     )
+    no_points: str | None = Field(
+        description="why a confirmed report earned nothing: duplicate (see duplicate_of), or"
+        " known (it joined an alert of the rules opened longer than the window before it)"
+    )
 
 
 class ReportsOut(BaseModel):
@@ -201,6 +205,7 @@ def report_out(r: Report, *, private: bool) -> ReportOut:
         confirmed_by_alert=r.confirmed_by_alert,
         points=r.points,
         duplicate_of=r.duplicate_of,
+        no_points=r.no_points,
     )
 
 
@@ -239,7 +244,9 @@ async def record_report(
     text: str,
 ) -> Report:
     """Keep a report that ``engine.report`` took: confirmed by telemetry at once when it
-    joined an alert of the rules or one already opened at its place (within the window)."""
+    joined an alert of the rules or one already opened at its place (within the window).
+    Joining an alert that opened longer than the window before earns nothing: the page
+    shows offline devices to everyone, and reporting them is not news."""
     store = sentinel_store(request)
     unit_kind = None
     if unit is not None and device_id is not None:
@@ -251,12 +258,12 @@ async def record_report(
         unit_kind, category, text, alert.id, now,
     )  # fmt: skip
     if alert.rule != "rider_report":
-        report = await asyncio.to_thread(
-            lambda: store.decide(
-                report.id, "confirmed", now, confirmed_by_alert=alert.id,
-                points=_points(engine, category),
-            )
+        window_ms = engine.config.sentinels.confirm_window_s * 1000
+        decide = functools.partial(
+            store.decide, report.id, "confirmed", now, confirmed_by_alert=alert.id,
+            points=_points(engine, category), known=now - alert.opened_at_ms > window_ms,
         )  # fmt: skip
+        report = await asyncio.to_thread(decide)
     elif await settle(request, engine, [report]):
         settled = await asyncio.to_thread(store.report, report.id)
         report = settled if settled is not None else report

@@ -387,7 +387,8 @@ function reportLine(r) {
     .filter(Boolean).join(" ");
   const parts = [`#${r.id}`, t(CATEGORY_TEXT[r.category] || "catOther"), where, t("outcome_" + r.outcome)];
   if (r.points) parts.push(t("mineEarned", { n: r.points }));
-  else if (r.duplicate_of) parts.push(t("mineDuplicate"));
+  else if (r.no_points === "duplicate") parts.push(t("mineDuplicate"));
+  else if (r.no_points === "known") parts.push(t("mineKnown"));
   if (r.decision_note) parts.push(r.decision_note);
   return el("li", { "data-report": r.id, "data-outcome": r.outcome, "data-points": r.points }, parts.join(" · "));
 }

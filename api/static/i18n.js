@@ -30,7 +30,7 @@ const TEXTS = {
     mineForget: "在本机退出", mineLost: "登记已失效，请重新登记", mineNone: "还没有上报",
     mineFailed: "暂时无法读取：{e}", mineLedger: "积分记录",
     outcome_pending: "待确认", outcome_confirmed: "已确认", outcome_rejected: "未采纳",
-    outcome_expired: "未能确认", mineEarned: "+{n} 分", mineDuplicate: "同一事件已计分",
+    outcome_expired: "未能确认", mineEarned: "+{n} 分", mineDuplicate: "同一事件已计分", mineKnown: "设备早已报告，不计分",
     reason_confirmed_by_telemetry: "设备数据确认", reason_confirmed_by_maintainer: "运维确认",
     reason_reversed: "撤销",
     // the console (c_*), and the alert words of ingest/alerts/messages.py (kept equal:
@@ -185,7 +185,7 @@ const TEXTS = {
     mineForget: "Sign out on this phone", mineLost: "Registration not recognised, please register again",
     mineNone: "No reports yet", mineFailed: "Cannot load now: {e}", mineLedger: "Points history",
     outcome_pending: "pending", outcome_confirmed: "confirmed", outcome_rejected: "not accepted",
-    outcome_expired: "not confirmed", mineEarned: "+{n} points", mineDuplicate: "already counted for this incident",
+    outcome_expired: "not confirmed", mineEarned: "+{n} points", mineDuplicate: "already counted for this incident", mineKnown: "the device reported it long before: no points",
     reason_confirmed_by_telemetry: "confirmed by the devices", reason_confirmed_by_maintainer: "confirmed by a maintainer",
     reason_reversed: "reversed",
     // the console (c_*), and the alert words of ingest/alerts/messages.py (kept equal:

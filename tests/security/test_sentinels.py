@@ -437,6 +437,16 @@ async def test_telemetry_confirms_and_what_nothing_confirms_expires(tmp_path: Pa
         r = await s.http.post(f"/v1/reports/{broken['report_id']}/confirm", headers=s.key())
         assert (r.json()["outcome"], r.json()["points"]) == ("confirmed", 3)
 
+        # the cabinet's smoke alert is old news now: joining it confirms, and earns nothing
+        s.clock.advance(1)
+        late = await s.report(await s.register("晚到"), device=CABINET)
+        assert (late["alert_id"], late["outcome"], late["points"]) == (fault.id, "confirmed", 0)
+        r = await s.http.get("/v1/reports", headers=s.key())
+        listed = {x["id"]: x for x in r.json()["reports"]}
+        assert listed[late["report_id"]]["no_points"] == "known"
+        assert listed[joined["report_id"]]["no_points"] == "duplicate"
+        assert listed[theirs["report_id"]]["no_points"] is None
+
 
 # -- settings ------------------------------------------------------------------------------
 
