@@ -333,10 +333,18 @@ async function sendReport(ev) {
     if (unit !== null) body[d.kind === "pile" ? "port" : "slot"] = unit;
   }
   const out = $("#report-result");
+  const post = () => fetch("/v1/reports", {
+    method: "POST", headers: { "Content-Type": "application/json", ...riderAuth() }, body: JSON.stringify(body),
+  });
   try {
-    const response = await fetch("/v1/reports", {
-      method: "POST", headers: { "Content-Type": "application/json", ...riderAuth() }, body: JSON.stringify(body),
-    });
+    let response = await post();
+    if (response.status === 401 && localStorage.getItem(RIDER_TOKEN)) {
+      // this phone's registration is gone (a reset service): a hazard report still goes
+      // through, anonymous, and the panel asks to register again
+      localStorage.removeItem(RIDER_TOKEN);
+      state.riderLost = true;
+      response = await post();
+    }
     const data = await response.json().catch(() => ({}));
     if (!response.ok) {
       const detail = Array.isArray(data.detail) ? data.detail.map((p) => `${p.field}: ${p.problem}`).join("; ") : data.detail || response.status;
@@ -400,7 +408,7 @@ function ledgerLine(e) {
 }
 
 async function loadMine() {
-  if (!localStorage.getItem(RIDER_TOKEN)) { showRegister(); return; }
+  if (!localStorage.getItem(RIDER_TOKEN)) { showRegister(state.riderLost ? t("mineLost") : ""); return; }
   let me, mine;
   try {
     const headers = { Accept: "application/json", ...riderAuth() };
@@ -440,6 +448,7 @@ async function register(ev) {
     const data = await response.json().catch(() => ({}));
     if (!response.ok) throw new Error(problemText(data, response));
     localStorage.setItem(RIDER_TOKEN, data.token);  // shown once: this phone keeps it
+    state.riderLost = false;
     out.textContent = "";
     out.className = "result";
     await loadMine();

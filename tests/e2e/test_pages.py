@@ -463,6 +463,28 @@ def test_rider_registers_reports_and_sees_outcome_and_points(tmp_path: Path, bro
         assert page.inner_text("#mine h2") == "My reports"
         assert "confirmed" in page.inner_text(mine)
         page.screenshot(path=str(artifacts_dir() / "rider-mine.png"), full_page=True)
+
+        # the service forgot this phone's registration (a forged token is the same): the
+        # next hazard report still goes through, anonymous, and the panel says so
+        page.evaluate("localStorage.setItem('cw-rider', 'cwr_deadbeef_forged')")
+        page.click(f'#stations [data-station="{station}"] .card-btn')
+        page.wait_for_selector(f'[data-station-title="{station}"]')
+        page.click("#report-open")
+        page.select_option("#report-category", "smoke")
+        page.click("#report button[type=submit]")
+        page.wait_for_selector("#report-result.ok")
+        anonymous = page.get_attribute("#report-result", "data-report-id")
+        assert anonymous != report_id
+        assert page.evaluate("localStorage.getItem('cw-rider')") is None
+        page.click("#back")
+        page.wait_for_selector("#register:not([hidden])")
+        assert "register again" in page.inner_text("#mine-status")
+        listed = httpx.get(
+            f"{service.base_url}/v1/reports",
+            headers={"Authorization": f"Bearer {maintainer_key(service.data_dir)}"},
+            timeout=10,
+        ).json()["reports"]
+        assert (listed[0]["id"], listed[0]["rider_id"]) == (int(anonymous), None)
         assert not errors, errors
         assert not refused, refused
         context.close()
