@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Annotated, Any
@@ -40,9 +41,12 @@ from api.sentinels import (
 from api.sentinels import NotFound as SentinelNotFound
 from api.text import plain_text
 from api.views import rfc3339
+from ingest import StoreError
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.model import Alert
 from ingest.alerts.store import AlertQuery
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from api.routes.reports import RateLimiter
@@ -286,9 +290,13 @@ async def settle(request: Request, engine: AlertEngine | None, reports: list[Rep
     changed = False
     for station, group in by_station.items():
         since = min(r.at_ms for r in group) - window_ms
-        alerts = await engine.query(
-            AlertQuery(station=station, since_ms=since, limit=ALERTS_PER_SETTLE)
-        )
+        try:
+            alerts = await engine.query(
+                AlertQuery(station=station, since_ms=since, limit=ALERTS_PER_SETTLE)
+            )
+        except StoreError as exc:  # the alert store is out: they stay pending, for now
+            log.warning("sentinels: cannot settle reports at %s: %s", station, exc)
+            continue
         for r in group:
             found = confirming_alert(r, alerts, window_ms)
             try:

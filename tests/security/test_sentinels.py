@@ -467,3 +467,17 @@ def test_point_rates_cover_every_category_and_come_from_the_environment(
         with pytest.raises(ValueError, match=name.split("__")[-1].lower()):
             ServeSettings()
         monkeypatch.delenv(f"CHARGEWATCH_INGEST__ALERTS__SENTINELS__{name}")
+
+
+async def test_a_rider_sees_their_points_while_the_alert_store_is_out(tmp_path: Path) -> None:
+    async with sentinels(tmp_path) as s:
+        rider = await s.register()
+        first = await s.report(rider)
+        r = await s.http.post(f"/v1/reports/{first['report_id']}/confirm", headers=s.key())
+        assert r.json()["points"] == SMOKE_POINTS
+        second = await s.report(rider, category="blocked", station=OTHER)
+        s.engine.store.close()  # unreadable from now on (what a broken disk looks like)
+        me, reports = await s.mine(rider)
+        assert me["points"] == SMOKE_POINTS
+        got = [(x["id"], x["outcome"]) for x in reports]
+        assert got == [(second["report_id"], "pending"), (first["report_id"], "confirmed")]
