@@ -26,9 +26,11 @@ from api.routes import (
     pages,
     reports,
     riders,
+    sentinels,
     stream,
     work_orders,
 )
+from api.sentinels import SentinelStore
 from api.settings import ServeSettings
 from api.snapshots import StationViews
 from ingest.service import Ingest
@@ -47,6 +49,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.state.ingest = ingest
     app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
     app.state.audit = AuditLog.in_dir(ingest.config.data_dir)  # who did what (api.audit)
+    app.state.sentinels = SentinelStore.in_dir(ingest.config.data_dir)  # riders, points
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
     # station views shared by requests, recomputed when their devices change
@@ -77,6 +80,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(notifications.router)
     app.include_router(keys.router)
     app.include_router(reports.router)
+    app.include_router(sentinels.router)  # after reports: POST /v1/reports is there
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     return app

@@ -1,5 +1,6 @@
 """The audit log: who did what to what, and when. One entry per maintainer or admin action
-that changes something (API keys, webhooks, alert acknowledgements, resolutions and notes),
+that changes something (API keys, webhooks, alert acknowledgements, resolutions and notes,
+rider reports confirmed or rejected, points reversed),
 whether it came over the API (the actor is the key: id, name, role) or from the
 ``chargewatch keys`` command (the actor is ``cli`` and the OS user). Kept in the data
 dir's SQLite file next to what it describes; admins read it at ``GET /v1/audit``.
@@ -49,6 +50,9 @@ ACTIONS = (
     "work_order.create",
     "work_order.state",
     "work_order.note",
+    "report.confirm",  # api.routes.sentinels
+    "report.reject",
+    "points.reverse",
 )
 
 

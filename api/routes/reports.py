@@ -18,6 +18,7 @@ from api.deps import IngestDep
 from api.errors import NotFound
 from api.limits import KiB, body_max
 from api.routes.alerts import engine_of
+from api.routes.sentinels import optional_rider, record_report
 from api.text import plain_text
 from ingest.alerts.config import ReportOptions
 from ingest.alerts.engine import REPORT_CATEGORIES
@@ -68,13 +69,17 @@ class ReportLimits:
     when all three allow it, and only then takes from each."""
 
     def __init__(self, opts: ReportOptions) -> None:
+        self.rider = RateLimiter(opts.rider_burst, opts.rider_per_hour)
         self.client = RateLimiter(opts.burst, opts.per_hour)
         self.station = RateLimiter(opts.station_burst, opts.station_per_hour)
         self.total = RateLimiter(opts.total_burst, opts.total_per_hour)
 
-    def take(self, client: str, station: str, now: float) -> None:
-        """Take one report, or raise 429 saying which limit and when to come back."""
+    def take(self, client: str, station: str, now: float, rider: str | None = None) -> None:
+        """Take one report, or raise 429 saying which limit and when to come back. A
+        registered rider's report also takes from the rider's own bucket."""
+        riders = [(self.rider, rider)] if rider is not None else []
         for limiter, key, why in (
+            *((r, k, "too many reports from this rider") for r, k in riders),
             (self.client, client, "too many reports from this client"),
             (
                 self.station,
@@ -86,7 +91,12 @@ class ReportLimits:
             wait = limiter.wait(key, now)
             if wait > 0:
                 raise HTTPException(429, why, headers={"Retry-After": str(int(wait) + 1)})
-        for limiter, key in ((self.client, client), (self.station, station), (self.total, "")):
+        for limiter, key in (
+            *riders,
+            (self.client, client),
+            (self.station, station),
+            (self.total, ""),
+        ):
             limiter.take(key, now)
 
 
@@ -99,7 +109,10 @@ def _limits(request: Request, opts: ReportOptions) -> ReportLimits:
 
 @router.post("/reports", status_code=201, openapi_extra=body_max(64 * KiB))
 async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[str, Any]:
-    """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``."""
+    """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``.
+    With ``Authorization: Rider <token>`` it is that rider's (``/v1/riders/me/reports``);
+    a token that admits no one is refused (401), never taken for anonymous."""
+    rider = await optional_rider(request)
     engine = engine_of(ingest)
     opts = engine.config.reports
     text = plain_text(body.text)
@@ -124,7 +137,21 @@ async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[st
         raise _invalid("device", "a port or slot needs its device")
     # the peer's address, or X-Forwarded-For's when the peer is a configured proxy
     client = request.client.host if request.client is not None else "unknown"
-    _limits(request, opts).take(client, station.id, time.monotonic())
+    _limits(request, opts).take(
+        client, station.id, time.monotonic(), rider.id if rider is not None else None
+    )
     assert body.category in REPORT_CATEGORIES
     alert, attached = await engine.report(station.id, body.device, unit, body.category, text)
-    return {"alert_id": alert.id, "attached": attached, "severity": alert.severity}
+    kept = await record_report(
+        request, engine, rider, alert, device_id=body.device, unit=unit,
+        category=body.category, text=text,
+    )  # fmt: skip
+    return {
+        "alert_id": alert.id,
+        "attached": attached,
+        "severity": alert.severity,
+        # the report's own record: outcome and points at /v1/riders/me/reports
+        "report_id": kept.id,
+        "outcome": kept.outcome,
+        "points": kept.points,
+    }

@@ -241,6 +241,7 @@ function closeDetail() {
   state.detail = null;
   $("#detail").hidden = true;
   $("#home").hidden = false;
+  loadMine();
 }
 
 async function refreshDetail() {
@@ -332,10 +333,18 @@ async function sendReport(ev) {
     if (unit !== null) body[d.kind === "pile" ? "port" : "slot"] = unit;
   }
   const out = $("#report-result");
+  const post = () => fetch("/v1/reports", {
+    method: "POST", headers: { "Content-Type": "application/json", ...riderAuth() }, body: JSON.stringify(body),
+  });
   try {
-    const response = await fetch("/v1/reports", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-    });
+    let response = await post();
+    if (response.status === 401 && localStorage.getItem(RIDER_TOKEN)) {
+      // this phone's registration is gone (a reset service): a hazard report still goes
+      // through, anonymous, and the panel asks to register again
+      localStorage.removeItem(RIDER_TOKEN);
+      state.riderLost = true;
+      response = await post();
+    }
     const data = await response.json().catch(() => ({}));
     if (!response.ok) {
       const detail = Array.isArray(data.detail) ? data.detail.map((p) => `${p.field}: ${p.problem}`).join("; ") : data.detail || response.status;
@@ -344,8 +353,107 @@ async function sendReport(ev) {
     out.textContent = t("reportSent", { id: data.alert_id });
     out.className = "result ok";
     out.dataset.alertId = data.alert_id;
+    if (data.report_id) out.dataset.reportId = data.report_id;
+    loadMine();
   } catch (e) {
     out.textContent = t("reportFailed", { e: e.message });
+    out.className = "result bad";
+  }
+}
+
+// -- my reports (sentinels): the rider's token stays on this phone ------------------------
+
+const RIDER_TOKEN = "cw-rider";
+const CATEGORY_TEXT = {
+  smoke: "catSmoke", fire: "catFire", water: "catWater", heat: "catHeat", damage: "catDamage",
+  not_working: "catNotWorking", blocked: "catBlocked", other: "catOther",
+};
+
+function riderAuth() {
+  const token = localStorage.getItem(RIDER_TOKEN);
+  return token ? { Authorization: `Rider ${token}` } : {};
+}
+
+function problemText(data, response) {
+  return Array.isArray(data.detail) ? data.detail.map((p) => p.problem).join("; ") : data.detail || response.status;
+}
+
+function showRegister(message) {
+  $("#mine-body").hidden = true;
+  $("#register").hidden = false;
+  const select = $("#register-station");
+  const current = select.value;
+  select.replaceChildren(...state.all.map((s) => el("option", { value: s.id }, stationName(state.byId.get(s.id) || s))));
+  if (current) select.value = current;
+  $("#mine-status").textContent = message || "";
+  $("#mine-status").className = message ? "result bad" : "result";
+}
+
+function reportLine(r) {
+  const station = state.byId.get(r.station);
+  const where = [station ? stationName(station) : r.station, r.device, r.port ? `#${r.port}` : r.slot ? `#${r.slot}` : null]
+    .filter(Boolean).join(" ");
+  const parts = [`#${r.id}`, t(CATEGORY_TEXT[r.category] || "catOther"), where, t("outcome_" + r.outcome)];
+  if (r.points) parts.push(t("mineEarned", { n: r.points }));
+  else if (r.no_points === "duplicate") parts.push(t("mineDuplicate"));
+  else if (r.no_points === "known") parts.push(t("mineKnown"));
+  if (r.decision_note) parts.push(r.decision_note);
+  return el("li", { "data-report": r.id, "data-outcome": r.outcome, "data-points": r.points }, parts.join(" · "));
+}
+
+function ledgerLine(e) {
+  const sign = e.delta > 0 ? `+${e.delta}` : String(e.delta);
+  const parts = [sign, t("reason_" + e.reason), e.report_id ? `#${e.report_id}` : null, e.note];
+  return el("li", { "data-entry": e.id }, parts.filter(Boolean).join(" · "));
+}
+
+async function loadMine() {
+  if (!localStorage.getItem(RIDER_TOKEN)) { showRegister(state.riderLost ? t("mineLost") : ""); return; }
+  let me, mine;
+  try {
+    const headers = { Accept: "application/json", ...riderAuth() };
+    const [a, b] = await Promise.all([fetch("/v1/riders/me", { headers }), fetch("/v1/riders/me/reports", { headers })]);
+    if (a.status === 401 || b.status === 401) {
+      localStorage.removeItem(RIDER_TOKEN);
+      showRegister(t("mineLost"));
+      return;
+    }
+    if (!a.ok || !b.ok) throw new Error(String(a.ok ? b.status : a.status));
+    [me, mine] = [await a.json(), await b.json()];
+  } catch (e) {
+    $("#mine-status").textContent = t("mineFailed", { e: e.message });
+    $("#mine-status").className = "result bad";
+    return;
+  }
+  $("#register").hidden = true;
+  $("#mine-body").hidden = false;
+  $("#mine-status").textContent = "";
+  $("#mine-who").textContent = me.nickname;
+  $("#mine-points").textContent = String(me.points);
+  const list = $("#mine-reports");
+  list.replaceChildren(...mine.reports.map(reportLine));
+  if (!mine.reports.length) list.append(el("li", { class: "empty" }, t("mineNone")));
+  $("#mine-ledger").replaceChildren(...me.ledger.map(ledgerLine));
+  document.body.dataset.mineLoaded = String(Date.now());
+}
+
+async function register(ev) {
+  ev.preventDefault();
+  const out = $("#register-result");
+  try {
+    const response = await fetch("/v1/riders", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ station_id: $("#register-station").value, nickname: $("#register-nickname").value.trim() }),
+    });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(problemText(data, response));
+    localStorage.setItem(RIDER_TOKEN, data.token);  // shown once: this phone keeps it
+    state.riderLost = false;
+    out.textContent = "";
+    out.className = "result";
+    await loadMine();
+  } catch (e) {
+    out.textContent = t("registerFailed", { e: e.message });
     out.className = "result bad";
   }
 }
@@ -375,6 +483,7 @@ async function start() {
     renderList();
     drawMap();
     if (state.detailView) renderDetail(state.detailView);
+    loadMine();
   });
   $("#locate").addEventListener("click", () => {
     if (!navigator.geolocation) return;
@@ -395,11 +504,16 @@ async function start() {
   $("#back").addEventListener("click", closeDetail);
   $("#report-open").addEventListener("click", () => { $("#report").hidden = !$("#report").hidden; });
   $("#report").addEventListener("submit", sendReport);
+  $("#register").addEventListener("submit", register);
+  $("#mine-refresh").addEventListener("click", loadMine);
+  $("#mine-link").addEventListener("click", () => { if (state.detail) closeDetail(); });
+  $("#mine-forget").addEventListener("click", () => { localStorage.removeItem(RIDER_TOKEN); showRegister(); });
   const all = await getJSON("/v1/stations");
   state.all = all.stations;
   for (const view of all.stations) remember(view);
   state.proj = projection(state.all);
   await loadList();
+  loadMine();
   subscribe();
   setInterval(tick, 1000);
 }

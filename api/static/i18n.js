@@ -23,6 +23,16 @@ const TEXTS = {
     state_finished: "已充满待拔", state_reserved: "已预约", state_faulted: "故障",
     state_disabled: "停用", state_empty: "空仓", state_ready: "满电",
     inTime: "{t}后", dueNow: "现在",
+    // my reports (sentinels)
+    mine: "我的上报", mineShort: "我的", mineHint: "在驿站登记成为安全哨兵：上报被设备数据或运维确认后得积分。只需昵称，请勿填写手机号或姓名。",
+    registerStation: "登记驿站", registerNickname: "昵称", registerSend: "登记",
+    registerFailed: "登记失败：{e}", minePoints: "积分", mineRefresh: "刷新",
+    mineForget: "在本机退出", mineLost: "登记已失效，请重新登记", mineNone: "还没有上报",
+    mineFailed: "暂时无法读取：{e}", mineLedger: "积分记录",
+    outcome_pending: "待确认", outcome_confirmed: "已确认", outcome_rejected: "未采纳",
+    outcome_expired: "未能确认", mineEarned: "+{n} 分", mineDuplicate: "同一事件已计分", mineKnown: "设备早已报告，不计分",
+    reason_confirmed_by_telemetry: "设备数据确认", reason_confirmed_by_maintainer: "运维确认",
+    reason_reversed: "撤销",
     // the console (c_*), and the alert words of ingest/alerts/messages.py (kept equal:
     // tests/alerts/test_console_words.py compares them)
     c_title: "运维控制台",
@@ -220,6 +230,15 @@ const TEXTS = {
     state_charging: "charging", state_finished: "done, plugged", state_reserved: "reserved",
     state_faulted: "fault", state_disabled: "disabled", state_empty: "empty",
     state_ready: "ready", inTime: "in {t}", dueNow: "now",
+    mine: "My reports", mineShort: "Mine", mineHint: "Register at a station as a safety sentinel: reports confirmed by the devices or a maintainer earn points. A nickname is all we need: no phone number, no name.",
+    registerStation: "Station", registerNickname: "Nickname", registerSend: "Register",
+    registerFailed: "Could not register: {e}", minePoints: "Points", mineRefresh: "Refresh",
+    mineForget: "Sign out on this phone", mineLost: "Registration not recognised, please register again",
+    mineNone: "No reports yet", mineFailed: "Cannot load now: {e}", mineLedger: "Points history",
+    outcome_pending: "pending", outcome_confirmed: "confirmed", outcome_rejected: "not accepted",
+    outcome_expired: "not confirmed", mineEarned: "+{n} points", mineDuplicate: "already counted for this incident", mineKnown: "the device reported it long before: no points",
+    reason_confirmed_by_telemetry: "confirmed by the devices", reason_confirmed_by_maintainer: "confirmed by a maintainer",
+    reason_reversed: "reversed",
     // the console (c_*), and the alert words of ingest/alerts/messages.py (kept equal:
     // tests/alerts/test_console_words.py compares them)
     c_title: "Maintenance console",

@@ -82,6 +82,36 @@ class ReportOptions(BaseModel):
     # Reports to the whole service, at once and then per hour.
     total_burst: int = Field(default=30, ge=1)
     total_per_hour: float = Field(default=120.0, gt=0)
+    # Reports one registered rider may send at once, then per hour, from any address: a
+    # token does not buy a rider more than an address gets.
+    rider_burst: int = Field(default=3, ge=1)
+    rider_per_hour: float = Field(default=10.0, gt=0)
+
+
+class PointRates(BaseModel):
+    """Points a confirmed report earns, per category: hazards that page someone most."""
+
+    smoke: int = Field(default=20, ge=0, le=1000)
+    fire: int = Field(default=20, ge=0, le=1000)
+    water: int = Field(default=15, ge=0, le=1000)
+    heat: int = Field(default=10, ge=0, le=1000)
+    damage: int = Field(default=5, ge=0, le=1000)
+    not_working: int = Field(default=3, ge=0, le=1000)
+    blocked: int = Field(default=2, ge=0, le=1000)
+    other: int = Field(default=1, ge=0, le=1000)
+
+
+class SentinelOptions(BaseModel):
+    """Registered riders ("sentinels") and their points (docs/alerts.md, "Sentinels")."""
+
+    # A report is confirmed by telemetry when an alert of the rules opens at its place this
+    # close to it (before or after); past it, a report nobody confirmed is `expired`.
+    confirm_window_s: float = Field(default=1800.0, gt=0, le=7 * 86400)
+    points: PointRates = Field(default_factory=PointRates)
+    # Registrations from one client address at once, then per hour: riders register at a
+    # station, often many behind its one Wi-Fi address; raise it for a registration day.
+    register_burst: int = Field(default=10, ge=1)
+    register_per_hour: float = Field(default=30.0, gt=0)
 
 
 class WorkOrderOptions(BaseModel):
@@ -136,6 +166,7 @@ class AlertsConfig(BaseModel):
     webhooks: WebhookOptions = Field(default_factory=WebhookOptions)
     reports: ReportOptions = Field(default_factory=ReportOptions)
     work_orders: WorkOrderOptions = Field(default_factory=WorkOrderOptions)
+    sentinels: SentinelOptions = Field(default_factory=SentinelOptions)
 
     def limits(self, kind: str) -> KindLimits:
         return self.pile if kind == "pile" else self.cabinet

@@ -10,14 +10,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.alerts.keys import maintainer_key
 from tests.alerts.receiver import receiver
 from tests.api.district import District, artifacts_dir, serve_district
-from tests.servers import chargewatch_argv, eventually
+from tests.servers import chargewatch_argv, chargewatch_serve, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -405,3 +407,90 @@ def test_console_speaks_chinese_by_default_and_switches_to_english(
     assert not errors, errors
     context.close()
     d.fleet.call(lambda f: f.clear_fault(pile.id, "lock_failure", 2))
+
+
+def test_rider_registers_reports_and_sees_outcome_and_points(tmp_path: Path, browser: Any) -> None:
+    """A service of its own (no devices: nothing confirms by telemetry, and the district's
+    report limits stay for the other tests): register on the page, report, then a
+    maintainer confirms over the API and the page shows the report confirmed and the points."""
+    with chargewatch_serve(tmp_path, None) as service:
+        context = phone(browser)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        refused = csp_violations(page)
+        page.goto(service.base_url + "/")
+        page.wait_for_selector("#register:not([hidden])")
+        assert page.inner_text("#mine h2") == "我的上报"
+        station = page.eval_on_selector("#register-station", "s => s.options[1].value")
+        page.select_option("#register-station", station)
+        page.fill("#register-nickname", "138 0013 8000")  # refused: no phone numbers
+        page.click("#register button[type=submit]")
+        page.wait_for_selector("#register-result.bad")
+        assert "phone number" in page.inner_text("#register-result")
+        page.fill("#register-nickname", "哨兵小王")
+        page.click("#register button[type=submit]")
+        page.wait_for_selector("#mine-body:not([hidden])")
+        assert page.inner_text("#mine-who") == "哨兵小王"
+        assert page.inner_text("#mine-points") == "0"
+        token = page.evaluate("localStorage.getItem('cw-rider')")
+        assert token.startswith("cwr_")
+        rider = {"Authorization": f"Rider {token}"}
+
+        page.click(f'#stations [data-station="{station}"] .card-btn')
+        page.wait_for_selector(f'[data-station-title="{station}"]')
+        page.click("#report-open")
+        page.select_option("#report-category", "damage")
+        page.fill("#report-text", "充电口外壳裂了")
+        page.click("#report button[type=submit]")
+        page.wait_for_selector("#report-result.ok")
+        report_id = page.get_attribute("#report-result", "data-report-id")
+        page.click("#back")
+        mine = f'#mine-reports li[data-report="{report_id}"]'
+        page.wait_for_selector(f'{mine}[data-outcome="pending"]')
+        assert "待确认" in page.inner_text(mine)
+
+        r = httpx.post(
+            f"{service.base_url}/v1/reports/{report_id}/confirm",
+            headers={"Authorization": f"Bearer {maintainer_key(service.data_dir)}"},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        earned = r.json()["points"]
+        assert earned == 5, "the default rate of damage"
+        page.click("#mine-refresh")
+        page.wait_for_selector(f'{mine}[data-outcome="confirmed"]')
+        assert page.inner_text("#mine-points") == str(earned)
+        assert f"+{earned}" in page.inner_text(mine)
+        assert "运维确认" in page.inner_text("#mine-ledger")
+        me = httpx.get(f"{service.base_url}/v1/riders/me", headers=rider, timeout=10).json()
+        assert me["points"] == earned
+        page.click("#lang")
+        assert page.inner_text("#mine h2") == "My reports"
+        assert "confirmed" in page.inner_text(mine)
+        page.screenshot(path=str(artifacts_dir() / "rider-mine.png"), full_page=True)
+
+        # the service forgot this phone's registration (a forged token is the same): the
+        # next hazard report still goes through, anonymous, and the panel says so
+        page.evaluate("localStorage.setItem('cw-rider', 'cwr_deadbeef_forged')")
+        page.click(f'#stations [data-station="{station}"] .card-btn')
+        page.wait_for_selector(f'[data-station-title="{station}"]')
+        page.click("#report-open")
+        page.select_option("#report-category", "smoke")
+        page.click("#report button[type=submit]")
+        page.wait_for_selector("#report-result.ok")
+        anonymous = page.get_attribute("#report-result", "data-report-id")
+        assert anonymous != report_id
+        assert page.evaluate("localStorage.getItem('cw-rider')") is None
+        page.click("#back")
+        page.wait_for_selector("#register:not([hidden])")
+        assert "register again" in page.inner_text("#mine-status")
+        listed = httpx.get(
+            f"{service.base_url}/v1/reports",
+            headers={"Authorization": f"Bearer {maintainer_key(service.data_dir)}"},
+            timeout=10,
+        ).json()["reports"]
+        assert (listed[0]["id"], listed[0]["rider_id"]) == (int(anonymous), None)
+        assert not errors, errors
+        assert not refused, refused
+        context.close()
