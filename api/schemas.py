@@ -45,6 +45,7 @@ class InvalidBody(BaseModel):
 
 ERROR_TEXT = {
     304: "Not modified: the ETag in If-None-Match is still current",
+    400: "The body could not be read (not UTF-8 JSON)",
     401: "No key where one is needed, or a key that admits no one",
     403: "The key's role may not do this (or, /metrics, not from an allowed network)",
     404: "No such thing",

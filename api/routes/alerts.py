@@ -252,7 +252,7 @@ async def _act(
 @router.post(
     "/alerts/{alert_id}/ack",
     openapi_extra=SMALL_BODY,
-    **answers(AlertDetail, 401, 404, 409, 413, 422, 503),
+    **answers(AlertDetail, 400, 401, 404, 409, 413, 422, 503),
 )
 async def acknowledge(
     request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId,
@@ -264,7 +264,7 @@ async def acknowledge(
 @router.post(
     "/alerts/{alert_id}/resolve",
     openapi_extra=SMALL_BODY,
-    **answers(AlertDetail, 401, 404, 409, 413, 422, 503),
+    **answers(AlertDetail, 400, 401, 404, 409, 413, 422, 503),
 )
 async def resolve(
     request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId,
@@ -276,7 +276,7 @@ async def resolve(
 @router.post(
     "/alerts/{alert_id}/notes",
     openapi_extra=SMALL_BODY,
-    **answers(AlertDetail, 401, 404, 413, 422, 503, status=201),
+    **answers(AlertDetail, 400, 401, 404, 413, 422, 503, status=201),
 )
 async def add_note(
     request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: NoteIn
@@ -312,7 +312,7 @@ class WebhookIn(BaseModel):
     language: Literal["zh", "en"] | None = None
 
 
-@router.post("/webhooks", **answers(WebhookCreated, 401, 403, 413, 422, 503, status=201))
+@router.post("/webhooks", **answers(WebhookCreated, 400, 401, 403, 413, 422, 503, status=201))
 async def create_webhook(
     request: Request, ingest: IngestDep, key: Admin, body: WebhookIn
 ) -> dict[str, Any]:

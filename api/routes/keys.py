@@ -52,7 +52,7 @@ def _invalid(field: str, problem: str) -> RequestValidationError:
 @router.post(
     "/keys",
     openapi_extra=body_max(4 * KiB),
-    **answers(KeyCreated, 401, 403, 413, 422, status=201),
+    **answers(KeyCreated, 400, 401, 403, 413, 422, status=201),
 )
 async def create_key(request: Request, key: Admin, body: KeyIn) -> dict[str, Any]:
     """A new key; the answer carries its ``token``, shown this once and never again."""

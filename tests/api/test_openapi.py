@@ -42,7 +42,7 @@ def _routes(app: FastAPI) -> list[tuple[str, APIRoute]]:
 
 def _needs(route: APIRoute) -> set[int]:
     """The errors a route can give, from what it takes: a key (401, and 403 below the
-    admin role... for admin routes), path parameters (404), a body (413, 422), any
+    admin role... for admin routes), path parameters (404), a body (400, 413, 422), any
     parameter (422)."""
     dep = route.dependant
     needs: set[int] = set()
@@ -54,7 +54,7 @@ def _needs(route: APIRoute) -> set[int]:
     if dep.path_params:
         needs.add(404)
     if route.body_field is not None:
-        needs |= {413, 422}
+        needs |= {400, 413, 422}
     if dep.query_params or dep.path_params or dep.header_params or route.body_field:
         needs.add(422)
     return needs
