@@ -11,7 +11,6 @@ errors are declared like any other and checked in ``test_openapi``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
