@@ -10,6 +10,7 @@ errors are declared like any other and checked in ``test_openapi``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -30,7 +31,7 @@ from tests.servers import Service, chargewatch_serve
 
 pytestmark = pytest.mark.e2e
 
-EXAMPLES = 10
+EXAMPLES = int(os.environ.get("CHARGEWATCH_SCHEMATHESIS_EXAMPLES", "10"))  # more: a deeper run
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
