@@ -38,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/chargewatch bench
 
 clean:
-	rm -rf $(VENV) .demo-data chargewatch-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo-data chargewatch-data .pytest_cache .mypy_cache .ruff_cache .hypothesis

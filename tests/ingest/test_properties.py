@@ -13,6 +13,7 @@ import asyncio
 import copy
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,9 @@ from tests.ingest.test_pipeline import (
     pile_status,
 )
 
+SCALE = int(os.environ.get("CHARGEWATCH_HYPOTHESIS_SCALE", "1"))  # more: a deeper run
 BOUNDED = settings(
-    max_examples=60,
+    max_examples=60 * SCALE,
     deadline=None,
     derandomize=True,
     database=None,
@@ -162,7 +164,7 @@ def _snapshot(rig: Rig, device_id: str) -> dict[str, Any]:
     return copy.deepcopy(dataclasses.asdict(rig.twin(device_id)))
 
 
-@settings(BOUNDED, max_examples=40)
+@settings(BOUNDED, max_examples=40 * SCALE)
 @given(
     channel=st.sampled_from(CHANNELS),
     payload=payloads,
