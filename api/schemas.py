@@ -27,7 +27,7 @@ class ErrorBody(BaseModel):
         description="unauthorized, forbidden, not_found, conflict, too_large, rate_limited,"
         " unavailable, bad_request, method_not_allowed"
     )
-    detail: Any = Field(description="what happened, for a person")
+    detail: str = Field(description="what happened, for a person")
 
 
 class Problem(BaseModel):
