@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test check lint bench clean
+.PHONY: demo test check audit lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/chargewatch demo
 
-## test: lint, type-check, then every test (real mosquitto/influxd/victoria-metrics when installed)
-test: check
+## test: lint, type-check, audit the dependencies, then every test (real mosquitto/influxd/victoria-metrics when installed)
+test: check audit
 	$(BIN)/python -m pytest
 
 ## check: ruff (lint + format) and mypy --strict on the packages
@@ -28,10 +28,14 @@ check: $(STAMP)
 
 lint: check
 
+## audit: known vulnerabilities of the installed dependencies (pip-audit); says so when it cannot reach its advisory source
+audit: $(STAMP)
+	$(BIN)/python .ci/audit.py
+
 ## bench: benchmarks, printed as ratios to ceilings measured in the same run
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/chargewatch bench
 
 clean:
-	rm -rf $(VENV) .demo-data chargewatch-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo-data chargewatch-data .pytest_cache .mypy_cache .ruff_cache .hypothesis

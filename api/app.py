@@ -8,7 +8,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors
+from api import errors, schemas
 from api.audit import AuditLog
 from api.auth import KeyStore
 from api.forecast import StatsCache
@@ -66,6 +66,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
         ingest.pipeline.listeners.append(live.on_change)
         ingest.pipeline.listeners.append(views.on_change)
     errors.install(app)
+    schemas.install(app)  # our 422 body in the OpenAPI document
     app.add_middleware(GZipIfAccepted, minimum_size=GZIP_MIN_BYTES)  # skips text/event-stream
     app.add_middleware(BodyLimit, max_bytes=settings.body_max_bytes)  # before a body is read
     app.add_middleware(SecurityHeaders)  # CSP, nosniff, no framing (api.headers)

@@ -15,6 +15,7 @@ fails the fast typed decode is decoded again step by step, only to name the reas
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, get_args
@@ -58,6 +59,7 @@ REASONS = (
     "not_object",  # JSON, but not an object
     "version",  # "v" missing or not 1
     "schema",  # a field missing, of the wrong type, or out of range
+    "duplicate_key",  # an object names a key twice: readers disagree on which value counts
     "topic",  # topic outside the scheme (set by the ingestor)
     "unknown_device",  # device id not in the catalog (set by the ingestor)
     "kind_mismatch",  # payload kind differs from the catalog (set by the ingestor)
@@ -344,6 +346,85 @@ _BIRTH = msgspec.json.Decoder(Birth)  # births outnumber deaths; a death takes t
 _ANY = msgspec.json.Decoder()
 
 
+# -- duplicate keys -----------------------------------------------------------------------
+# msgspec keeps the last of two equal keys in an object, JavaScript too, other readers the
+# first: {"state":"available","state":"faulted"} could say one thing to us and another to
+# the next reader of the stored payload. An exact check (Python's parser with a hook) costs
+# 3x the typed decode, so it runs only when a C-speed copy says a key may be repeated: a
+# "keys" mirror of the models (each known field a verbatim ``Raw``, absent ones UNSET and
+# left out when encoded) is decoded and encoded again. The copy drops repeated keys,
+# unknown keys and whitespace and never adds a byte, so it is as long as the payload only
+# when there was none of them (compact JSON, as devices send). Any other payload takes
+# the exact check, which names the repeated key or lets the payload through.
+
+
+def _keys_mirror(
+    name: str, models: tuple[type[msgspec.Struct], ...], nested: dict[str, type[Any]]
+) -> type[msgspec.Struct]:
+    """A struct with every field (and tag) of ``models`` as a verbatim optional ``Raw``;
+    ``nested`` fields as lists of their own mirrors."""
+    names: dict[str, Any] = {}
+    for model in models:
+        tag = model.__struct_config__.tag_field
+        for field in (*([tag] if tag else []), *model.__struct_fields__):
+            item: Any = nested.get(field)
+            names[field] = (msgspec.Raw if item is None else list[item]) | msgspec.UnsetType
+    return msgspec.defstruct(
+        name,
+        [(field, kind, msgspec.UNSET) for field, kind in names.items()],
+        kw_only=True,
+        omit_defaults=True,
+    )
+
+
+_UNIT_KEYS = {
+    "ports": _keys_mirror("PortKeys", (Port,), {}),
+    "slots": _keys_mirror("SlotKeys", (Slot,), {}),
+}
+_KEYS: dict[str, msgspec.json.Decoder[Any]] = {
+    "status": msgspec.json.Decoder(
+        _keys_mirror("StatusKeys", (PileStatus, CabinetStatus), _UNIT_KEYS)
+    ),
+    "event": msgspec.json.Decoder(_keys_mirror("EventKeys", (Event,), {})),
+    "state": msgspec.json.Decoder(_keys_mirror("StateKeys", (Birth, Death), {})),
+}
+_KEYS_ENCODER = msgspec.json.Encoder()
+
+
+class _Repeated(Exception):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Repeated(key)
+            seen.add(key)
+    return out
+
+
+def _check_unique_keys(channel: Channel, payload: bytes) -> None:
+    """Raise ``duplicate_key`` when an object of ``payload`` (valid JSON) repeats a key."""
+    try:
+        keys = _KEYS_ENCODER.encode(_KEYS[channel].decode(payload))
+    except msgspec.ValidationError:
+        pass  # a vendor field named like the other kind's units ("slots" in a pile's status)
+    else:
+        if len(keys) == len(payload):
+            return  # the common case: compact JSON, only known keys, each once
+    try:
+        json.loads(payload, object_pairs_hook=_unique)
+    except _Repeated as exc:
+        raise ContractError(
+            "duplicate_key", f"the key {exc.args[0]!r} appears twice in one object"
+        ) from None
+    except (ValueError, RecursionError):
+        pass  # msgspec read it: what Python's parser refuses is no repeated key
+
+
 def _where(exc: msgspec.ValidationError) -> str:
     """msgspec's "Expected `int`, got `str` - at `$.ports[1].n`" as "ports.1.n: Expected ..."."""
     text = str(exc)
@@ -359,17 +440,19 @@ def decode(channel: Channel, payload: bytes) -> Message:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ContractError("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     try:
+        message: Message
         if channel == "status":
-            # a variable, not a type: ignore: msgspec < 0.23 types a union decoder's result Any
-            status: Status = _STATUS.decode(payload)
-            return status
-        if channel == "event":
-            return _EVENT.decode(payload)
-        if channel == "state":
-            return _BIRTH.decode(payload)
+            message = _STATUS.decode(payload)
+        elif channel == "event":
+            message = _EVENT.decode(payload)
+        elif channel == "state":
+            message = _BIRTH.decode(payload)
+        else:
+            return _decode_steps(channel, payload)
     except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
-        pass  # find out why, below
-    return _decode_steps(channel, payload)
+        return _decode_steps(channel, payload)  # find out why
+    _check_unique_keys(channel, payload)
+    return message
 
 
 def _decode_steps(channel: Channel, payload: bytes) -> Message:
@@ -405,6 +488,8 @@ def _decode_steps(channel: Channel, payload: bytes) -> Message:
     else:
         raise ContractError("topic", f"channel {channel!r} carries no device data")
     try:
-        return msgspec.convert(data, model, strict=True)  # type: ignore[no-any-return]
+        message: Message = msgspec.convert(data, model, strict=True)
     except msgspec.ValidationError as exc:
         raise ContractError("schema", _where(exc)) from None
+    _check_unique_keys(channel, payload)
+    return message

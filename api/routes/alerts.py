@@ -23,6 +23,7 @@ from api.auth import Admin, ApiKey, KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
+from api.schemas import AlertDetail, AlertList, WebhookCreated, Webhooks, answers
 from ingest.alerts import AlertConflict, AlertEngine, AlertNotFound
 from ingest.alerts.model import SEVERITIES, alert_view, rfc3339
 from ingest.alerts.notify import FORMATS
@@ -55,7 +56,7 @@ def _csv(value: str | None, field: str, allowed: tuple[str, ...]) -> list[str]:
     return items
 
 
-@router.get("/alerts")
+@router.get("/alerts", **answers(AlertList, 401, 422, 503))
 async def list_alerts(
     ingest: IngestDep,
     key: Maintainer,
@@ -95,7 +96,11 @@ def _sse(event_id: int, event: str, data: str) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
 
 
-@router.get("/alerts/stream")
+@router.get(
+    "/alerts/stream",
+    response_class=StreamingResponse,
+    **answers(None, 401, 422, 503, media_type="text/event-stream"),
+)
 async def stream(
     request: Request,
     ingest: IngestDep,
@@ -187,7 +192,7 @@ async def _detail(engine: AlertEngine, alert_id: int) -> dict[str, Any]:
     return view
 
 
-@router.get("/alerts/{alert_id}")
+@router.get("/alerts/{alert_id}", **answers(AlertDetail, 401, 404, 422, 503))
 async def get_alert(ingest: IngestDep, key: Maintainer, alert_id: AlertId) -> dict[str, Any]:
     return await _detail(engine_of(ingest), alert_id)
 
@@ -244,7 +249,11 @@ async def _act(
     return await _detail(engine, alert_id)
 
 
-@router.post("/alerts/{alert_id}/ack", openapi_extra=SMALL_BODY)
+@router.post(
+    "/alerts/{alert_id}/ack",
+    openapi_extra=SMALL_BODY,
+    **answers(AlertDetail, 400, 401, 404, 409, 413, 422, 503),
+)
 async def acknowledge(
     request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId,
     body: Action | None = None,
@@ -252,7 +261,11 @@ async def acknowledge(
     return await _act(request, ingest, key, alert_id, "ack", body or Action())  # type: ignore[no-any-return]
 
 
-@router.post("/alerts/{alert_id}/resolve", openapi_extra=SMALL_BODY)
+@router.post(
+    "/alerts/{alert_id}/resolve",
+    openapi_extra=SMALL_BODY,
+    **answers(AlertDetail, 400, 401, 404, 409, 413, 422, 503),
+)
 async def resolve(
     request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId,
     body: Action | None = None,
@@ -260,7 +273,11 @@ async def resolve(
     return await _act(request, ingest, key, alert_id, "resolve", body or Action())  # type: ignore[no-any-return]
 
 
-@router.post("/alerts/{alert_id}/notes", status_code=201, openapi_extra=SMALL_BODY)
+@router.post(
+    "/alerts/{alert_id}/notes",
+    openapi_extra=SMALL_BODY,
+    **answers(AlertDetail, 400, 401, 404, 413, 422, 503, status=201),
+)
 async def add_note(
     request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: NoteIn
 ) -> dict[str, Any]:
@@ -295,7 +312,7 @@ class WebhookIn(BaseModel):
     language: Literal["zh", "en"] | None = None
 
 
-@router.post("/webhooks", status_code=201)
+@router.post("/webhooks", **answers(WebhookCreated, 400, 401, 403, 413, 422, 503, status=201))
 async def create_webhook(
     request: Request, ingest: IngestDep, key: Admin, body: WebhookIn
 ) -> dict[str, Any]:
@@ -319,7 +336,7 @@ async def create_webhook(
     return {**sub.view(), "secret": sub.secret}
 
 
-@router.get("/webhooks")
+@router.get("/webhooks", **answers(Webhooks, 401, 403, 503))
 async def list_webhooks(ingest: IngestDep, key: Admin) -> dict[str, Any]:
     """Subscriptions with their health: ``failing`` after repeated failed deliveries."""
     engine = engine_of(ingest)
@@ -327,7 +344,7 @@ async def list_webhooks(ingest: IngestDep, key: Admin) -> dict[str, Any]:
     return {"webhooks": subs, "failing": [s["id"] for s in subs if s["failing"]]}
 
 
-@router.delete("/webhooks/{webhook_id}", status_code=204)
+@router.delete("/webhooks/{webhook_id}", **answers(None, 401, 403, 404, 422, 503, status=204))
 async def delete_webhook(
     request: Request,
     ingest: IngestDep,

@@ -20,18 +20,19 @@ from starlette.exceptions import HTTPException
 
 from api.auth import optional_maintainer
 from api.deps import IngestDep
+from api.schemas import Health, Readiness, answers
 from api.settings import ServeSettings
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", **answers(Health))
 async def healthz() -> dict[str, Any]:
     """The process is up (says nothing about the broker or the store)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", **answers(Readiness, also={503: Readiness}))
 async def readyz(ingest: IngestDep) -> JSONResponse:
     """Ready only while connected to the broker, the pipeline alive and the store writing."""
     problems = ingest.problems()
@@ -63,7 +64,9 @@ def metrics_allowed(request: Request, settings: ServeSettings) -> bool:
     return any(address in net for net in _networks(tuple(settings.metrics_allow)))
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics", response_class=Response, **answers(None, 401, 403, media_type=CONTENT_TYPE_LATEST)
+)
 async def metrics(request: Request, ingest: IngestDep) -> Response:
     """Prometheus text: from ``metrics_allow`` (loopback by default), or with a key."""
     settings: ServeSettings = request.app.state.settings

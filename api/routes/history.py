@@ -28,6 +28,7 @@ from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
 from api.forecast import DEFAULT_WEEKS, StatsDep
 from api.routes.riders import PUBLIC_VARY, audience, parse_time
+from api.schemas import DeviceHistory, Forecast, Utilization, answers
 from api.series import HOLD_MAX_MS, Held, counts, grid, load, sum_at
 from api.views import rfc3339
 from ingest.service import Ingest, now_ms
@@ -212,7 +213,7 @@ def station_utilization(
     }
 
 
-@router.get("/devices/{device_id}/history")
+@router.get("/devices/{device_id}/history", **answers(DeviceHistory, 304, 401, 404, 422, 503))
 async def device_history_route(
     request: Request,
     ingest: IngestDep,
@@ -234,7 +235,7 @@ async def device_history_route(
     return cached_json(request, body, max_age_s=10, headers=private or PUBLIC_VARY)
 
 
-@router.get("/stations/{station_id}/utilization")
+@router.get("/stations/{station_id}/utilization", **answers(Utilization, 304, 404, 422, 503))
 async def utilization_route(
     request: Request,
     ingest: IngestDep,
@@ -254,7 +255,7 @@ async def utilization_route(
     return cached_json(request, body, max_age_s=10)
 
 
-@router.get("/stations/{station_id}/forecast")
+@router.get("/stations/{station_id}/forecast", **answers(Forecast, 304, 404, 422, 503))
 async def forecast_route(
     request: Request,
     ingest: IngestDep,

@@ -19,6 +19,7 @@ from api.audit import ACTIONS, AuditQuery, audit_log
 from api.auth import NAME_RULE, TTL_MAX_S, Admin, KeyFirstRoute, KeyStore, key_store
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
+from api.schemas import AuditPage, KeyCreated, Keys, answers
 from api.text import plain_text
 from api.views import rfc3339
 from ingest.service import now_ms
@@ -48,7 +49,11 @@ def _invalid(field: str, problem: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", field), "msg": problem, "type": "value_error"}])
 
 
-@router.post("/keys", status_code=201, openapi_extra=body_max(4 * KiB))
+@router.post(
+    "/keys",
+    openapi_extra=body_max(4 * KiB),
+    **answers(KeyCreated, 400, 401, 403, 413, 422, status=201),
+)
 async def create_key(request: Request, key: Admin, body: KeyIn) -> dict[str, Any]:
     """A new key; the answer carries its ``token``, shown this once and never again."""
     now = now_ms()
@@ -70,7 +75,7 @@ async def create_key(request: Request, key: Admin, body: KeyIn) -> dict[str, Any
     return {**new.view(), "token": token}
 
 
-@router.get("/keys")
+@router.get("/keys", **answers(Keys, 401, 403))
 async def list_keys(request: Request, key: Admin) -> dict[str, Any]:
     """Every key, revoked and expired ones too (never a token or its hash)."""
     keys = await asyncio.to_thread(key_store(request).list)
@@ -87,7 +92,7 @@ async def list_keys(request: Request, key: Admin) -> dict[str, Any]:
     }
 
 
-@router.delete("/keys/{key_id}", status_code=204)
+@router.delete("/keys/{key_id}", **answers(None, 401, 403, 404, 422, status=204))
 async def revoke_key(request: Request, key: Admin, key_id: KeyId) -> None:
     """Revoke a key at once: its next request gets 401."""
     if not await asyncio.to_thread(key_store(request).revoke, key_id):
@@ -95,7 +100,7 @@ async def revoke_key(request: Request, key: Admin, key_id: KeyId) -> None:
     await asyncio.to_thread(audit_log(request).record, key.actor, "key.revoke", key_id, {})
 
 
-@router.get("/audit")
+@router.get("/audit", **answers(AuditPage, 401, 403, 422))
 async def audit(
     request: Request,
     key: Admin,

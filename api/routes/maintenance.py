@@ -9,12 +9,13 @@ from fastapi import APIRouter, Query
 
 from api.auth import KeyFirstRoute, Maintainer
 from api.deps import IngestDep
+from api.schemas import DeadLetters, answers
 from api.views import rfc3339
 
 router = APIRouter(prefix="/v1", tags=["maintenance"], route_class=KeyFirstRoute)
 
 
-@router.get("/deadletters")
+@router.get("/deadletters", **answers(DeadLetters, 401, 422, 503))
 async def dead_letters(
     ingest: IngestDep, key: Maintainer, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from api.auth import Maintainer
 from api.deps import IngestDep
 from api.routes.alerts import engine_of
+from api.schemas import answers
 
 router = APIRouter(prefix="/v1", tags=["alerts"])
 
@@ -62,7 +63,7 @@ class Notifications(BaseModel):
     )
 
 
-@router.get("/notifications", response_model=Notifications)
+@router.get("/notifications", **answers(Notifications, 401, 422, 503))
 async def list_notifications(
     ingest: IngestDep,
     key: Maintainer,

@@ -9,7 +9,10 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-router = APIRouter(include_in_schema=False)
+from api.schemas import answers
+
+router = APIRouter(tags=["pages"])
+HTML = answers(None, media_type="text/html", description="the page")
 
 STATIC_DIR = Path(str(resources.files("api") / "static"))
 
@@ -22,11 +25,11 @@ def _page(name: str) -> FileResponse:
     )
 
 
-@router.get("/")
+@router.get("/", response_class=FileResponse, **HTML)
 async def rider_page() -> FileResponse:
     return _page("index.html")
 
 
-@router.get("/console")
+@router.get("/console", response_class=FileResponse, **HTML)
 async def console_page() -> FileResponse:
     return _page("console.html")

@@ -19,6 +19,7 @@ from api.errors import NotFound
 from api.limits import KiB, body_max
 from api.routes.alerts import engine_of
 from api.routes.sentinels import optional_rider, record_report
+from api.schemas import ReportAccepted, answers
 from api.text import plain_text
 from ingest.alerts.config import ReportOptions
 from ingest.alerts.engine import REPORT_CATEGORIES
@@ -107,7 +108,11 @@ def _limits(request: Request, opts: ReportOptions) -> ReportLimits:
     return limits
 
 
-@router.post("/reports", status_code=201, openapi_extra=body_max(64 * KiB))
+@router.post(
+    "/reports",
+    openapi_extra=body_max(64 * KiB),
+    **answers(ReportAccepted, 400, 404, 413, 422, 429, 503, status=201),
+)
 async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[str, Any]:
     """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``.
     With ``Authorization: Rider <token>`` it is that rider's (``/v1/riders/me/reports``);

@@ -35,6 +35,7 @@ from api.caching import (
 from api.errors import NotFound, invalid_query
 from api.forecast import StationStats, StatsCache, arrival_estimate, district_tz
 from api.live import Trends
+from api.schemas import DeviceView, StationDetail, StationList, answers
 from api.snapshots import StationViews
 from api.views import device_view, public_device_view, rfc3339, station_has
 from devices.catalog import distance_m
@@ -89,7 +90,7 @@ def _app_state(request: Request) -> Any:
     return request.app.state
 
 
-@router.get("/stations")
+@router.get("/stations", **answers(StationList, 304, 422))
 async def stations(
     request: Request,
     lat: Annotated[float | None, Query(ge=-90, le=90)] = None,
@@ -206,7 +207,7 @@ async def _ranked(
     return cached_json(request, body, headers=headers)
 
 
-@router.get("/stations/{station_id}")
+@router.get("/stations/{station_id}", **answers(StationDetail, 304, 401, 404))
 async def station(request: Request, station_id: str) -> Response:
     state = _app_state(request)
     ingest: Ingest = state.ingest
@@ -230,7 +231,7 @@ async def station(request: Request, station_id: str) -> Response:
     return cached_bytes(request, entry.detail_json(now, public=public), etag, headers=headers)
 
 
-@router.get("/devices/{device_id}")
+@router.get("/devices/{device_id}", **answers(DeviceView, 304, 401, 404))
 async def device(request: Request, device_id: str) -> Response:
     state = _app_state(request)
     ingest: Ingest = state.ingest

@@ -24,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import IngestDep
 from api.errors import invalid_query
 from api.live import LiveDep
+from api.schemas import answers
 from api.snapshots import StationViews
 from ingest.service import now_ms
 
@@ -40,7 +41,10 @@ def _event(event_id: int, data: bytes) -> bytes:
     return b"event: station\nid: %d\ndata: %s\n\n" % (event_id, data)
 
 
-@router.get("/stations/stream")
+@router.get(
+    "/stations/stream", response_class=StreamingResponse,
+    **answers(None, 422, media_type="text/event-stream"),
+)  # fmt: skip
 async def stream(
     request: Request,
     ingest: IngestDep,

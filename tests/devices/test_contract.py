@@ -579,3 +579,66 @@ def test_pile_device_faults() -> None:
 )
 def test_clock_skew(ts: int, retained: bool, skewed: bool) -> None:
     assert clock_skewed(ts, NOON_CST_MS, retained=retained) is skewed
+
+
+def _dup(payload: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in payload
+    return payload.replace(old, new, 1)
+
+
+@pytest.mark.parametrize(
+    ("channel", "payload", "key"),
+    [
+        # the smuggling case: a reader that keeps the first value sees "available"
+        (
+            "status",
+            _dup(PILE_STATUS, b'"state":"charging"', b'"state":"available","state":"charging"'),
+            "state",
+        ),
+        ("status", _dup(PILE_STATUS, b'"seq":42', b'"seq":42,"seq":43'), "seq"),
+        ("status", _dup(CABINET_STATUS, b'"smoke":false', b'"smoke":true,"smoke":false'), "smoke"),
+        (
+            "status",
+            _dup(CABINET_STATUS, b'"fault":"lock_failure"', b'"fault":"x","fault":"lock_failure"'),
+            "fault",
+        ),
+        # a duplicate the typed decode does not know (vendor field) and one after whitespace
+        ("status", _dup(PILE_STATUS, b'"seq":42', b'"seq":42,"x":1,"x":2'), "x"),
+        ("status", _dup(PILE_STATUS, b'"seq":42', b'"seq" :41 ,"seq":42'), "seq"),
+        ("status", _dup(PILE_STATUS, b'"seq":42', b'"\\u0073eq":41,"seq":42'), "seq"),
+        (
+            "event",
+            b'{"v":1,"ts":1796284800000,"boot":"c0ff","seq":8,"type":"fault_raised",'
+            b'"code":"a","code":"over_temp"}',
+            "code",
+        ),
+        (
+            "state",
+            b'{"v":1,"ts":1796284800000,"boot":"7f3a","seq":0,"online":true,"kind":"pile",'
+            b'"ports":10,"ports":2}',
+            "ports",
+        ),
+        ("state", b'{"v":1,"online":false,"boot":"7f3a","boot":"abcd","seq":3}', "boot"),
+    ],
+)
+def test_duplicate_keys_are_rejected(channel: Channel, payload: bytes, key: str) -> None:
+    """msgspec keeps the last of two equal keys, other JSON readers the first: a device
+    (or someone in its name) could show one state to us and another to the next reader."""
+    with pytest.raises(ContractError) as info:
+        decode(channel, payload)
+    assert info.value.reason == "duplicate_key"
+    assert repr(key) in info.value.detail
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        PILE_STATUS,
+        CABINET_STATUS,
+        # equal keys in different objects, a colon-quote inside a string, a vendor field
+        _dup(PILE_STATUS, b'"seq":42', b'"seq":42,"vendor":{"seq":1,"note":"a\\":b"}'),
+        _dup(PILE_STATUS, b'"seq":42', b'"seq":42,"slots":"vendor"'),
+    ],
+)
+def test_equal_keys_in_different_objects_are_fine(payload: bytes) -> None:
+    assert decode("status", payload).seq in (7, 42)

@@ -402,6 +402,9 @@ BAD: list[tuple[str, str, Any, str]] = [
     (PILE, "state", pile_birth(ports=256), "count_mismatch"),
     (PILE, "state", pile_birth(ports=8), "count_mismatch"),
     (PILE, "state", {**pile_birth(), "heartbeat_s": 86400}, "schema"),
+    # a key said twice: we would read the last value, another reader the first
+    (PILE, "status", json.dumps(pile_status(1), separators=(",", ":")).replace('"state":"available"', '"state":"faulted","state":"available"', 1).encode(), "duplicate_key"),
+    (CABINET, "state", json.dumps(cabinet_birth()).replace('"slots": 12', '"slots": 4, "slots": 12').encode(), "duplicate_key"),
 ]  # fmt: skip
 
 
