@@ -28,6 +28,7 @@ from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig
 from ingest.diskusage import DiskWatch
 from ingest.gmqtt_source import GmqttSource
+from ingest.housekeeping import Housekeeping
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.pipeline import Pipeline, Twins
@@ -45,6 +46,7 @@ def now_ms() -> int:
 PIPELINE = "ingest:pipeline"
 SOURCE = "ingest:mqtt"
 DISK = "ingest:disk"
+HOUSEKEEPING = "ingest:housekeeping"
 FATAL_EXIT_STATUS = 70  # EX_SOFTWARE: a task that cannot restart in place died
 
 
@@ -80,6 +82,7 @@ class Ingest:
         self.started_ms = now_ms()
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
+        self.housekeeping: Housekeeping | None = None  # the embedded history only
         # an external broker gave our client id a session before (persisted: a crash of the
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
@@ -233,6 +236,16 @@ class Ingest:
                 self.alerts.store_check = self.store_problem
                 self.alerts.disk_check = self.disk.problem
             self.supervisor.start(DISK, self.disk.run)
+            if self.history is store:  # compaction and retention of the embedded history
+                self.housekeeping = Housekeeping(
+                    store,
+                    now_ms,
+                    history_days=cfg.history_days,
+                    grace_s=cfg.compact_grace_s,
+                    every_s=cfg.housekeeping_s,
+                    first_after_s=cfg.housekeeping_s,
+                )
+                self.supervisor.start(HOUSEKEEPING, self.housekeeping.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(
