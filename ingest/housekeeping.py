@@ -1,8 +1,8 @@
 """Housekeeping of the embedded history: compaction and retention, in the background.
 
-Every ``every_s``: statuses of hours of device time that ended ``grace_s`` ago are compacted
-into blocks (``SQLiteStore.compact``), then history older than ``history_days`` is deleted
-(``SQLiteStore.prune``). Each batch is one short transaction in a worker thread, and the
+Every ``every_s``: history older than ``history_days`` is deleted (``SQLiteStore.prune``),
+then statuses of hours of device time that ended ``grace_s`` ago are compacted into blocks
+(``SQLiteStore.compact``). Each batch is one short transaction in a worker thread, and the
 loop yields between batches, so ingest's writes interleave with a prune of any size.
 A store error is logged and the pass retried on the next round (the supervisor restarts
 the task if anything else escapes).
@@ -59,13 +59,14 @@ class Housekeeping:
 
     async def once(self) -> None:
         now = self.clock_ms()
-        before = now - round(self.grace_s * 1000)
-        while n := await asyncio.to_thread(self.store.compact, before, 8):
-            self.blocks_compacted += n
-            await asyncio.sleep(0)
+        # retention first: what goes anyway is not compacted before
         cutoff = now - round(self.history_days * DAY_MS)
         while n := await asyncio.to_thread(self.store.prune, cutoff, self.batch):
             self.pruned += n
+            await asyncio.sleep(0)
+        before = now - round(self.grace_s * 1000)
+        while n := await asyncio.to_thread(self.store.compact, before, 8):
+            self.blocks_compacted += n
             await asyncio.sleep(0)
         self.passes += 1
         log.debug(
