@@ -2,7 +2,8 @@
 
 Every ``every_s``: history older than ``history_days`` is deleted (``SQLiteStore.prune``),
 then statuses of hours of device time that ended ``grace_s`` ago are compacted into blocks
-(``SQLiteStore.compact``). Each batch is one short transaction in a worker thread, and the
+(``SQLiteStore.compact``), and those hours rolled up per device and station
+(``ingest.rollups``; rollups outlive the raw history). Each batch is one short transaction in a worker thread, and the
 loop yields between batches, so ingest's writes interleave with a prune of any size.
 A store error is logged and the pass retried on the next round (the supervisor restarts
 the task if anything else escapes).
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ingest import StoreError
+from ingest.rollups import HourlyRollups
 from ingest.sqlite_store import SQLiteStore
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,10 @@ class Housekeeping:
     every_s: float = 300.0
     first_after_s: float = 300.0
     batch: int = 500
+    rollups: HourlyRollups | None = None
     blocks_compacted: int = 0
     pruned: int = 0
+    hours_rolled_up: int = 0
     passes: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -68,6 +72,10 @@ class Housekeeping:
         while n := await asyncio.to_thread(self.store.compact, before, 8):
             self.blocks_compacted += n
             await asyncio.sleep(0)
+        if self.rollups is not None:
+            roll = self.rollups.catch_up
+            while await asyncio.to_thread(roll, before, 1, cutoff):
+                self.hours_rolled_up += 1
         self.passes += 1
         log.debug(
             "history housekeeping: %d blocks compacted, %d pruned in all",

@@ -32,6 +32,7 @@ from ingest.housekeeping import Housekeeping
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.pipeline import Pipeline, Twins
+from ingest.rollups import HourlyRollups
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryStore, StateStore
 from ingest.supervisor import Supervisor
@@ -244,6 +245,7 @@ class Ingest:
                     grace_s=cfg.compact_grace_s,
                     every_s=cfg.housekeeping_s,
                     first_after_s=cfg.housekeeping_s,
+                    rollups=HourlyRollups(store, self.catalog, cfg.release_soc),
                 )
                 self.supervisor.start(HOUSEKEEPING, self.housekeeping.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")

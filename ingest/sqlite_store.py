@@ -95,6 +95,14 @@ CREATE TABLE IF NOT EXISTS status_blocks (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS status_blocks_key ON status_blocks (device_id, hour_ms);
 CREATE INDEX IF NOT EXISTS status_blocks_by_hour ON status_blocks (hour_ms);
+-- hourly rollups (devices.rollup) of a device or a station, kept for years
+CREATE TABLE IF NOT EXISTS rollups (
+    scope   TEXT    NOT NULL,
+    id      TEXT    NOT NULL,
+    hour_ms INTEGER NOT NULL,
+    data    TEXT    NOT NULL,
+    PRIMARY KEY (scope, id, hour_ms)
+) WITHOUT ROWID;
 -- facts the service must remember across restarts (e.g. that the broker gave us a session)
 CREATE TABLE IF NOT EXISTS facts (
     name  TEXT PRIMARY KEY,
@@ -282,6 +290,67 @@ class SQLiteStore:
         raw = self._db.query("SELECT count(*) FROM messages")[0][0]
         compacted = self._db.query("SELECT coalesce(sum(statuses), 0) FROM status_blocks")[0][0]
         return int(raw) + int(compacted)
+
+    def last_state_before(self, device_id: str, t_ms: int) -> tuple[str, str] | None:
+        """The last birth or death of the device before ``t_ms`` as (type, payload)."""
+        rows = self._db.query(
+            "SELECT type, payload FROM messages WHERE device_id = ? AND ts_ms < ?"
+            " AND type IN ('birth', 'death') ORDER BY ts_ms DESC, seq DESC LIMIT 1",
+            (device_id, t_ms),
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def active_devices(self, since_ms: int, until_ms: int) -> set[str]:
+        """Devices with any message in [since_ms, until_ms) of device time."""
+        raw = self._db.query(
+            "SELECT DISTINCT device_id FROM messages WHERE ts_ms >= ? AND ts_ms < ?",
+            (since_ms, until_ms),
+        )
+        blocks = self._db.query(
+            "SELECT DISTINCT device_id FROM status_blocks WHERE hour_ms > ? AND hour_ms < ?",
+            (since_ms - BLOCK_MS, until_ms),
+        )
+        return {str(r[0]) for r in raw} | {str(r[0]) for r in blocks}
+
+    def first_ts(self) -> int | None:
+        """The oldest device time in the history (None: empty)."""
+        raw = self._db.query("SELECT min(ts_ms) FROM messages")[0][0]
+        block = self._db.query("SELECT min(hour_ms) FROM status_blocks")[0][0]
+        known = [int(t) for t in (raw, block) if t is not None]
+        return min(known) if known else None
+
+    def save_rollups(self, rows: Sequence[tuple[str, str, int, str]], through_ms: int) -> None:
+        """Upsert (scope, id, hour_ms, data) rollups, and remember that every hour before
+        ``through_ms`` is rolled up, in one transaction."""
+        self._db.transaction(
+            [
+                (
+                    "INSERT INTO rollups VALUES (?, ?, ?, ?) ON CONFLICT(scope, id, hour_ms)"
+                    " DO UPDATE SET data = excluded.data",
+                    rows,
+                ),
+                (
+                    "INSERT INTO facts VALUES ('rollups_through', ?) ON CONFLICT(name)"
+                    " DO UPDATE SET value = excluded.value",
+                    [(str(through_ms),)],
+                ),
+            ]
+        )
+
+    def rollups(
+        self, scope: str, ids: Sequence[str], since_ms: int, until_ms: int
+    ) -> list[dict[str, Any]]:
+        """Rollups of the hours starting in [since_ms, until_ms), by id then hour, as
+        ``{id, hour_ms, data}``."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows = self._db.query(
+            f"SELECT id, hour_ms, data FROM rollups WHERE scope = ? AND id IN ({marks})"
+            " AND hour_ms >= ? AND hour_ms < ? ORDER BY id, hour_ms",
+            (scope, *ids, since_ms, until_ms),
+        )
+        return [{"id": i, "hour_ms": int(h), "data": json.loads(d)} for i, h, d in rows]
 
     def compact(self, before_ms: int, max_blocks: int = 64) -> int:
         """Move the statuses of hours of device time that end at or before ``before_ms``

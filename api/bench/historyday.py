@@ -14,136 +14,114 @@ vacuumed (what each further day adds), both per device-day.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from devices.catalog import Catalog, Device
 from devices.contract import decode
 from devices.topics import Channel
 from ingest.sqlite_store import BLOCK_MS, DB_FILE, SQLiteStore
 from ingest.store import HistoryRow, MessageType
-from simulators import payloads
-from simulators.cabinet import CabinetModel
-from simulators.model import DEFAULT_FAULT_RATE, STEP_S, DeviceModel
-from simulators.pile import PileModel
-from simulators.rng import device_rng
 
-HEARTBEAT_S = 30.0
-DAY_START_S = 1_796_140_800.0  # 2026-12-01T00:00:00+08:00, midnight local
 BATCH = 1000
 TARGET_MB = 0.25
+DAY_START_S = 1_796_140_800.0  # simulators.virtualday's: 2026-12-02T00:00:00+08:00
 
 
-class _Device:
-    def __init__(self, device: Device, start: float, seed: int) -> None:
-        self.device = device
-        model_type = PileModel if device.kind == "pile" else CabinetModel
-        rng = device_rng(seed, device.id)
-        self.model: DeviceModel = model_type(device.spec, rng, start, fault_rate=DEFAULT_FAULT_RATE)
-        self.model.drain()
-        self.boot = f"{rng.getrandbits(48):012x}"
-        self.seq = 0
-        self.beat_s = HEARTBEAT_S * rng.uniform(0.8, 0.95)
-        self.last_status = start
+def history_row(
+    device_id: str, station_id: str, kind: str, channel: Channel, at: float, boot: str,
+    seq: int, text: str,
+) -> HistoryRow:  # fmt: skip
+    """The row ingest stores for one publish (its device time; a death's is its arrival)."""
+    msg = decode(channel, text.encode())
+    types: dict[str, MessageType] = {"status": "status", "event": "event"}
+    online = getattr(msg, "online", False)
+    mtype = ("birth" if online else "death") if channel == "state" else types[channel]
+    ts = msg.ts if msg.ts is not None else round(at * 1000)
+    return HistoryRow(device_id, station_id, kind, mtype, boot, seq, ts, ts + 40, text, msg)
 
-    def row(self, channel: Channel, at: float, text: str) -> HistoryRow:
-        msg = decode(channel, text.encode())
-        mtype: MessageType = "birth" if channel == "state" else channel  # type: ignore[assignment]
-        ts = msg.ts if msg.ts is not None else round(at * 1000)
-        d = self.device
-        return HistoryRow(d.id, d.station_id, d.kind, mtype, self.boot, self.seq, ts,
-                          ts + 40, text, msg)  # fmt: skip
 
-    def send(self, channel: Channel, at: float, body: dict[str, Any]) -> HistoryRow:
-        text = payloads.message(self.device.kind, at, self.boot, self.seq, body)
-        row = self.row(channel, at, text)
-        self.seq += 1
-        if channel == "status":
-            self.last_status = at
-        return row
-
-    def birth(self, at: float) -> list[HistoryRow]:
-        body = payloads.birth_body(self.model.birth_fields(), int(HEARTBEAT_S))
-        return [self.send("state", at, body), self.send("status", at, self.model.snapshot())]
-
-    def until(self, t: float) -> list[HistoryRow]:
-        """What the device publishes in (t - STEP_S, t]: events, a status on change, and
-        heartbeats (a device beats ``beat_s`` after its last status)."""
-        rows: list[HistoryRow] = []
-        self.model.advance_to(t)
-        drained = self.model.drain()
-        for event in drained.events:
-            rows.append(self.send("event", event.at, event.body))
-        if drained.changed:
-            rows.append(self.send("status", t, self.model.snapshot()))
-        while self.last_status + self.beat_s <= t:
-            at = self.last_status + self.beat_s
-            rows.append(self.send("status", at, self.model.snapshot()))
-        return rows
+def _published(devices: int | None, hours: float) -> Iterator[dict[str, Any]]:
+    """The virtual district's publishes, from ``python -m simulators.virtualday`` (api may
+    not import the simulators: tests/test_architecture.py)."""
+    argv = [sys.executable, "-m", "simulators.virtualday", "--hours", str(hours)]
+    if devices is not None:
+        argv += ["--devices", str(devices)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            yield json.loads(line)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode}")
 
 
 def _file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def district_day(
-    work: Path, devices: int | None = None, hours: float = 24.0, seed: int = 1
-) -> dict[str, Any]:
-    """Run ``hours`` of the district (the first ``devices`` of the catalog, spread over it)
-    into a fresh embedded store; sizes per device-day."""
+def district_day(work: Path, devices: int | None = None, hours: float = 24.0) -> dict[str, Any]:
+    """Run ``hours`` of the district (``devices`` spread over the catalog; None: all) into
+    a fresh embedded store; sizes per device-day."""
+    from devices.catalog import Catalog
+
     catalog = Catalog.load()
-    every = list(catalog.devices.values())
-    chosen = (
-        every
-        if devices is None or devices >= len(every)
-        else every[:: len(every) // devices][:devices]
-    )
     data = work / "history-day"
     data.mkdir(parents=True, exist_ok=True)
     path = data / DB_FILE
     for old in data.glob(DB_FILE + "*"):
         old.unlink()
     store = SQLiteStore(path, synchronous="NORMAL")
-    sims = [_Device(d, DAY_START_S, seed) for d in chosen]
     started = time.monotonic()
     messages = statuses = 0
+    seen: dict[str, str] = {}  # device -> kind
     pending: list[HistoryRow] = []
-
-    def flush() -> None:
-        nonlocal pending
-        for i in range(0, len(pending), BATCH):
-            store.append(pending[i : i + BATCH])
-        pending = []
-
+    next_compact = DAY_START_S + 3600
+    at = DAY_START_S
     try:
-        for sim in sims:
-            pending += sim.birth(DAY_START_S)
-        t = DAY_START_S
-        end = DAY_START_S + hours * 3600
-        next_compact = DAY_START_S + 3600
-        while t + STEP_S <= end:
-            t += STEP_S
-            for sim in sims:
-                pending += sim.until(t)
+        for w in _published(devices, hours):
+            device = catalog.devices[w["device_id"]]
+            seen[device.id] = device.kind
+            at = w["at"]
+            pending.append(
+                history_row(
+                    device.id,
+                    device.station_id,
+                    device.kind,
+                    w["channel"],
+                    at,
+                    w["boot"],
+                    w["seq"],
+                    w["text"],
+                )
+            )
             if len(pending) >= BATCH:
                 messages += len(pending)
                 statuses += sum(1 for r in pending if r.type == "status")
-                flush()
-            if t >= next_compact:  # the hour just over, as housekeeping does
-                while store.compact(round(t * 1000)):
+                store.append(pending)
+                pending = []
+            if at >= next_compact:  # the hour just over, as housekeeping does
+                messages += len(pending)
+                statuses += sum(1 for r in pending if r.type == "status")
+                store.append(pending)
+                pending = []
+                while store.compact(round(at * 1000)):
                     pass
                 next_compact += 3600
         messages += len(pending)
         statuses += sum(1 for r in pending if r.type == "status")
-        flush()
-        while store.compact(round(t * 1000)):
+        store.append(pending)
+        while store.compact(round(at * 1000)):
             pass
         elapsed = time.monotonic() - started
         stored = store.count_messages()
     finally:
         store.close()
+    end = DAY_START_S + hours * 3600
     db = sqlite3.connect(path)
     try:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -164,11 +142,11 @@ def district_day(
     finally:
         db.close()
     day_only = _file_bytes(path)
-    device_days = len(sims) * hours / 24
+    device_days = len(seen) * hours / 24
     return {
-        "devices": len(sims),
-        "piles": sum(1 for s in sims if s.device.kind == "pile"),
-        "cabinets": sum(1 for s in sims if s.device.kind == "cabinet"),
+        "devices": len(seen),
+        "piles": sum(1 for k in seen.values() if k == "pile"),
+        "cabinets": sum(1 for k in seen.values() if k == "cabinet"),
         "hours": hours,
         "messages": messages,
         "stored": stored,
