@@ -2,11 +2,12 @@
 
 Each minute of the hour is judged at its midpoint (``hour + 30 s + k min``) by the
 availability rules (``devices.availability``): *online* when the last birth/death said
-online and a message arrived within ``STALE_FACTOR`` heartbeats; *available* when also
-within the station's opening hours and a port is free / a battery ready, and
-``free_minutes`` sums the free ports / ready batteries over those minutes (unit-minutes:
-/ 60 is the hour's mean). Events count in the hour they happened (device time). A
-station's rollup is the sum of its devices' (``Rollup.add``).
+online and a message arrived within ``STALE_FACTOR`` heartbeats; then, within the station's
+opening hours, ``minutes_port_free`` / ``minutes_battery_ready`` count the minutes with a
+free port / a ready battery, and ``port_minutes`` / ``battery_minutes`` sum how many
+(unit-minutes: / 60 is the hour's mean). Events count in the hour they happened (device time). A
+station's rollup is the sum of its devices' (``Rollup.add``), except its minutes with a free
+port / a ready battery: minutes in which any of its piles / cabinets had one.
 
 Pure: decoded messages in, numbers out.
 """
@@ -37,13 +38,19 @@ class Rollup:
     devices: int = 1
     minutes_online: int = 0
     minutes_open: int = 0  # minutes of the hour within the station's opening hours
-    minutes_available: int = 0  # online, open, a port free / a battery ready
-    free_minutes: int = 0  # free ports / ready batteries summed over the open online minutes
+    minutes_port_free: int = 0  # open minutes in which a pile (of the station) had a free port
+    minutes_battery_ready: int = 0  # ... in which a cabinet had a ready battery
+    port_minutes: int = 0  # free ports summed over the open minutes (/ 60: the hour's mean)
+    battery_minutes: int = 0  # ready batteries summed over the open minutes
     energy_wh: float = 0.0  # of sessions that ended in the hour
     sessions: int = 0  # sessions started
     sessions_ended: int = 0
     swaps: int = 0
     faults: dict[str, int] = field(default_factory=dict)  # fault_raised, by code
+    # free ports (piles) / ready batteries (cabinets) in each minute: how a station's
+    # minutes with a free port are counted (not stored)
+    ports_by_minute: list[int] = field(default_factory=lambda: [0] * 60, repr=False)
+    batteries_by_minute: list[int] = field(default_factory=lambda: [0] * 60, repr=False)
 
     @property
     def minutes_offline(self) -> int:
@@ -53,8 +60,16 @@ class Rollup:
         self.devices += other.devices
         self.minutes_online += other.minutes_online
         self.minutes_open += other.minutes_open
-        self.minutes_available += other.minutes_available
-        self.free_minutes += other.free_minutes
+        self.port_minutes += other.port_minutes
+        self.battery_minutes += other.battery_minutes
+        self.ports_by_minute = [
+            a + b for a, b in zip(self.ports_by_minute, other.ports_by_minute, strict=True)
+        ]
+        self.batteries_by_minute = [
+            a + b for a, b in zip(self.batteries_by_minute, other.batteries_by_minute, strict=True)
+        ]
+        self.minutes_port_free = sum(1 for n in self.ports_by_minute if n)
+        self.minutes_battery_ready = sum(1 for n in self.batteries_by_minute if n)
         self.energy_wh = round(self.energy_wh + other.energy_wh, 1)
         self.sessions += other.sessions
         self.sessions_ended += other.sessions_ended
@@ -63,10 +78,13 @@ class Rollup:
             self.faults[code] = self.faults.get(code, 0) + n
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "minutes_offline": self.minutes_offline}
+        data = asdict(self)
+        del data["ports_by_minute"], data["batteries_by_minute"]
+        return {**data, "minutes_offline": self.minutes_offline}
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Rollup:
+        """A stored rollup (without its minutes)."""
         return cls(**{k: v for k, v in data.items() if k != "minutes_offline"})
 
 
@@ -116,13 +134,16 @@ def device_hour(
         out.minutes_online += 1
         if not opened or status is None:
             continue
-        free = (
-            free_ports(status)
-            if isinstance(status, PileStatus)
-            else ready_batteries(status, release_soc)
-        )
-        out.free_minutes += free
-        out.minutes_available += free > 0
+        if isinstance(status, PileStatus):
+            free = free_ports(status)
+            out.port_minutes += free
+            out.minutes_port_free += free > 0
+            out.ports_by_minute[k] = free
+        else:
+            ready = ready_batteries(status, release_soc)
+            out.battery_minutes += ready
+            out.minutes_battery_ready += ready > 0
+            out.batteries_by_minute[k] = ready
     for s in items:
         msg = s.message
         if not (hour_ms <= s.ts_ms < hour_ms + HOUR_MS) or not isinstance(msg, Event):

@@ -65,6 +65,7 @@ def expected(rows: list[HistoryRow], device_id: str, kind: str, hour_ms: int) ->
     times = [r.ts_ms for r in mine]
     out: dict[str, Any] = defaultdict(int)
     out["faults"] = {}
+    by_minute = {"port": [0] * 60, "battery": [0] * 60}
     for k in range(60):
         t = hour_ms + k * 60_000 + 30_000
         before = mine[: bisect.bisect_right(times, t)]
@@ -85,8 +86,10 @@ def expected(rows: list[HistoryRow], device_id: str, kind: str, hour_ms: int) ->
         else:
             free = sum(1 for u in s["slots"] if u["state"] == "ready" and "fault" not in u
                        and u.get("soc", 0) >= RELEASE)  # fmt: skip
-        out["free_minutes"] += free
-        out["minutes_available"] += free > 0
+        unit = "port" if kind == "pile" else "battery"
+        out[f"{unit}_minutes"] += free
+        out["minutes_port_free" if kind == "pile" else "minutes_battery_ready"] += free > 0
+        by_minute[unit][k] = free
     for r in mine:
         if r.type != "event" or not hour_ms <= r.ts_ms < hour_ms + HOUR_MS:
             continue
@@ -100,7 +103,9 @@ def expected(rows: list[HistoryRow], device_id: str, kind: str, hour_ms: int) ->
             out["swaps"] += 1
         elif e["type"] == "fault_raised":
             out["faults"][e["code"]] = out["faults"].get(e["code"], 0) + 1
-    return dict(out)
+    for field in ("port_minutes", "battery_minutes", "minutes_port_free", "minutes_battery_ready"):
+        out[field] += 0
+    return {**out, "by_minute": by_minute}
 
 
 def test_rollups_of_a_simulated_station_match_the_published_messages(tmp_path: Path) -> None:
@@ -120,25 +125,38 @@ def test_rollups_of_a_simulated_station_match_the_published_messages(tmp_path: P
         got = store.rollups("device", ids, first_hour, end_ms)
         assert len(got) == HOURS * len(ids)
         totals: dict[str, int] = defaultdict(int)
+        station_minutes: dict[int, dict[str, list[int]]] = {}
         for row in got:
             kind = CATALOG.devices[row["id"]].kind
             want = expected(rows, row["id"], kind, row["hour_ms"])
+            minutes = station_minutes.setdefault(
+                row["hour_ms"], {"port": [0] * 60, "battery": [0] * 60}
+            )
+            for unit, counts in want.pop("by_minute").items():
+                minutes[unit] = [a + b for a, b in zip(minutes[unit], counts, strict=True)]
             have = {k: row["data"][k] for k in want}
             have["energy_wh"] = round(have.get("energy_wh", 0.0), 1)
             want["energy_wh"] = round(want.get("energy_wh", 0.0), 1)
             assert have == want, (row["id"], row["hour_ms"])
-            for k in ("minutes_online", "free_minutes", "sessions", "swaps"):
+            for k in ("minutes_online", "port_minutes", "battery_minutes", "sessions", "swaps"):
                 totals[k] += row["data"][k]
         dead = [r for r in got if r["id"] == STATION.devices[0].id]
         assert [r["data"]["minutes_offline"] for r in dead] == [0, 20, 0]
         assert totals["sessions"] + totals["swaps"] > 0, "the hours saw riders"
-        assert totals["free_minutes"] > 0
+        assert totals["port_minutes"] > 0
+        assert totals["battery_minutes"] > 0
         stations = store.rollups("station", [STATION.id], first_hour, end_ms)
         assert [s["data"]["minutes_online"] for s in stations] == [
             sum(r["data"]["minutes_online"] for r in got if r["hour_ms"] == s["hour_ms"])
             for s in stations
         ]
         assert [s["data"]["minutes_open"] for s in stations] == [0] + [60 * len(ids)] * (HOURS - 1)
+        for s in stations:  # minutes in which any pile had a free port, any cabinet a battery
+            minutes = station_minutes[s["hour_ms"]]
+            assert s["data"]["minutes_port_free"] == sum(1 for n in minutes["port"] if n)
+            assert s["data"]["minutes_battery_ready"] == sum(1 for n in minutes["battery"] if n)
+            assert s["data"]["port_minutes"] == sum(minutes["port"])
+        assert any(s["data"]["minutes_port_free"] for s in stations)
         # idempotent: rolling an hour again changes nothing
         rollups.roll(first_hour + HOUR_MS)
         assert store.rollups("device", ids, first_hour, end_ms) == got
