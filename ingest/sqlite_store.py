@@ -337,6 +337,10 @@ class SQLiteStore:
             ]
         )
 
+    def rolled_through(self) -> int | None:
+        mark = self.fact("rollups_through")
+        return None if mark is None else int(mark)
+
     def rollups(
         self, scope: str, ids: Sequence[str], since_ms: int, until_ms: int
     ) -> list[dict[str, Any]]:

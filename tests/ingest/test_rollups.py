@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from api.bench.historyday import history_row
+from api.forecast import compute_stats
 from devices.catalog import Catalog
 from devices.rollup import HOUR_MS
 from ingest.rollups import HourlyRollups
@@ -162,3 +163,31 @@ def test_rollups_of_a_simulated_station_match_the_published_messages(tmp_path: P
         assert store.rollups("device", ids, first_hour, end_ms) == got
     finally:
         store.close()
+
+
+def test_the_forecast_reads_rollups_instead_of_raw_statuses(tmp_path: Path) -> None:
+    rows = traffic()
+    store = SQLiteStore(tmp_path / "cw.db")
+    try:
+        store.append(rows)
+        end_ms = round((START_S + HOURS * 3600) * 1000)
+        raw = compute_stats(store, CATALOG, STATION, end_ms, release_soc=RELEASE)
+        HourlyRollups(store, CATALOG, RELEASE).catch_up(end_ms, max_hours=HOURS + 5)
+        rolled = compute_stats(store, CATALOG, STATION, end_ms, release_soc=RELEASE)
+    finally:
+        store.close()
+    assert raw.forecast["statuses_read"] >= 3 * 4 * (HOURS - 1), "3 devices, 4 buckets an hour"
+    # only the last rolled hour's, to hold what stands into the hour still open
+    assert rolled.forecast["statuses_read"] <= 3 * 4
+    assert rolled.forecast["rollup_hours_read"] == HOURS
+    assert rolled.rates == raw.rates, "sessions and swaps per hour: the same events"
+    assert rolled.forecast["days"] == raw.forecast["days"]
+    # open hours: the hour's mean over its minutes vs four instants; close, not equal
+    compared = 0
+    for a, b in zip(raw.forecast["by_hour"], rolled.forecast["by_hour"], strict=True):
+        if 7 <= a["hour"] < 6 + HOURS:  # rolled up and open
+            assert b["samples"] == 4
+            assert abs(a["ports_free"] - b["ports_free"]) <= 2.0, (a, b)
+            assert abs(a["batteries_ready"] - b["batteries_ready"]) <= 2.0, (a, b)
+            compared += 1
+    assert compared == HOURS - 1
