@@ -42,6 +42,8 @@ class Rollup:
     minutes_battery_ready: int = 0  # ... in which a cabinet had a ready battery
     port_minutes: int = 0  # free ports summed over the open minutes (/ 60: the hour's mean)
     battery_minutes: int = 0  # ready batteries summed over the open minutes
+    busy_port_minutes: int = 0  # ports charging or finished, summed over the online minutes
+    charging_slot_minutes: int = 0  # slots charging, summed over the online minutes
     energy_wh: float = 0.0  # of sessions that ended in the hour
     sessions: int = 0  # sessions started
     sessions_ended: int = 0
@@ -61,6 +63,8 @@ class Rollup:
         self.minutes_online += other.minutes_online
         self.minutes_open += other.minutes_open
         self.port_minutes += other.port_minutes
+        self.busy_port_minutes += other.busy_port_minutes
+        self.charging_slot_minutes += other.charging_slot_minutes
         self.battery_minutes += other.battery_minutes
         self.ports_by_minute = [
             a + b for a, b in zip(self.ports_by_minute, other.ports_by_minute, strict=True)
@@ -132,7 +136,13 @@ def device_hour(
         if not (online and is_fresh(last_seen, heartbeat_s, t)):
             continue
         out.minutes_online += 1
-        if not opened or status is None:
+        if status is None:
+            continue
+        if isinstance(status, PileStatus):
+            out.busy_port_minutes += sum(p.state in ("charging", "finished") for p in status.ports)
+        else:
+            out.charging_slot_minutes += sum(u.state == "charging" for u in status.slots)
+        if not opened:
             continue
         if isinstance(status, PileStatus):
             free = free_ports(status)

@@ -77,9 +77,17 @@ def expected(rows: list[HistoryRow], device_id: str, kind: str, hour_ms: int) ->
         out["minutes_open"] += opened
         out["minutes_online"] += online
         statuses = [r for r in before if r.type == "status"][-1:]
-        if not (online and opened and statuses):
+        if not (online and statuses):
             continue
         s = json.loads(statuses[-1].payload)
+        if kind == "pile":
+            out["busy_port_minutes"] += sum(
+                p["state"] in ("charging", "finished") for p in s["ports"]
+            )
+        else:
+            out["charging_slot_minutes"] += sum(u["state"] == "charging" for u in s["slots"])
+        if not opened:
+            continue
         if s.get("faults") or s.get("smoke"):
             free = 0
         elif kind == "pile":
@@ -104,7 +112,8 @@ def expected(rows: list[HistoryRow], device_id: str, kind: str, hour_ms: int) ->
             out["swaps"] += 1
         elif e["type"] == "fault_raised":
             out["faults"][e["code"]] = out["faults"].get(e["code"], 0) + 1
-    for field in ("port_minutes", "battery_minutes", "minutes_port_free", "minutes_battery_ready"):
+    for field in ("port_minutes", "battery_minutes", "minutes_port_free", "minutes_battery_ready",
+                  "busy_port_minutes", "charging_slot_minutes"):  # fmt: skip
         out[field] += 0
     return {**out, "by_minute": by_minute}
 
@@ -146,6 +155,7 @@ def test_rollups_of_a_simulated_station_match_the_published_messages(tmp_path: P
         assert totals["sessions"] + totals["swaps"] > 0, "the hours saw riders"
         assert totals["port_minutes"] > 0
         assert totals["battery_minutes"] > 0
+        assert sum(r["data"]["busy_port_minutes"] for r in got) > 0
         stations = store.rollups("station", [STATION.id], first_hour, end_ms)
         assert [s["data"]["minutes_online"] for s in stations] == [
             sum(r["data"]["minutes_online"] for r in got if r["hour_ms"] == s["hour_ms"])
