@@ -8,13 +8,16 @@ from __future__ import annotations
 import bisect
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from api.bench.historyday import history_row
 from api.forecast import compute_stats
+from api.routes.history import station_utilization
 from devices.catalog import Catalog
 from devices.rollup import HOUR_MS
+from ingest.config import IngestConfig
 from ingest.rollups import HourlyRollups
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryRow
@@ -201,3 +204,47 @@ def test_the_forecast_reads_rollups_instead_of_raw_statuses(tmp_path: Path) -> N
             assert abs(a["batteries_ready"] - b["batteries_ready"]) <= 2.0, (a, b)
             compared += 1
     assert compared == HOURS - 1
+
+
+@dataclass
+class _Service:
+    """What ``station_utilization`` reads of the running service: catalog and config."""
+
+    catalog: Catalog
+    config: IngestConfig
+
+
+def test_utilization_older_than_the_raw_window_comes_from_rollups(tmp_path: Path) -> None:
+    rows = traffic()
+    store = SQLiteStore(tmp_path / "cw.db")
+    first_hour = round(START_S * 1000)
+    end_ms = first_hour + HOURS * HOUR_MS
+    try:
+        store.append(rows)
+        HourlyRollups(store, CATALOG, RELEASE).catch_up(end_ms, max_hours=HOURS + 5)
+
+        def utilization(history_days: float) -> dict[str, Any]:
+            service = _Service(CATALOG, IngestConfig(history_days=history_days))
+            return station_utilization(
+                store,
+                service,
+                STATION.id,
+                first_hour,
+                end_ms,
+                HOUR_MS,  # type: ignore[arg-type]
+            )
+
+        raw = utilization(36_500)["points"]  # everything in the raw window
+        # the data ended over half a day ago: with half a day of raw history it is all old
+        old = utilization(0.5)["points"]
+    finally:
+        store.close()
+    assert not any(p.get("from_rollups") for p in raw)
+    assert [p["from_rollups"] for p in old] == [True] * HOURS
+    assert [p["t"] for p in old] == [p["t"] for p in raw]
+    for a, b in zip(raw, old, strict=True):
+        for key in ("energy_wh", "sessions_started", "sessions_ended", "swaps"):
+            assert a[key] == b[key], key  # the same events, counted the same way
+        assert abs(a["ports_busy"] - b["ports_busy"]) <= 3  # an instant vs the hour's mean
+        assert abs(a["batteries_charging"] - b["batteries_charging"]) <= 3
+    assert sum(p["ports_busy"] for p in old) > 0
