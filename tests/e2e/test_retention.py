@@ -42,9 +42,25 @@ def old_row(
     return HistoryRow(device_id, "st", "pile", mtype, boot, seq, ts_ms, ts_ms, payload, _MSG)
 
 
+def yesterday(t0: int) -> list[HistoryRow]:
+    """A catalog pile's birth and an hour of statuses every 30 s, a day ago."""
+    ports = [{"n": n, "state": "available"} for n in range(1, 11)]
+    birth = {"v": 1, "ts": t0, "boot": "yday", "seq": 0, "online": True, "kind": "pile",
+             "ports": 10, "heartbeat_s": 30}  # fmt: skip
+    rows = [HistoryRow(DEVICE, "service-centre", "pile", "birth", "yday", 0, t0, t0,
+                       json.dumps(birth), _MSG)]  # fmt: skip
+    for seq in range(1, 121):
+        ts = t0 + seq * 30_000
+        status = {"v": 1, "ts": ts, "boot": "yday", "seq": seq, "kind": "pile", "ports": ports}
+        rows.append(HistoryRow(DEVICE, "service-centre", "pile", "status", "yday", seq, ts, ts,
+                               json.dumps(status), _MSG))  # fmt: skip
+    return rows
+
+
 def big_store(data_dir: Path) -> None:
     """OLD_ROWS statuses of 200 days ago (past the 90-day retention) and RECENT_ROWS of
-    yesterday, of devices not in the catalog (history only)."""
+    yesterday, of devices not in the catalog (history only); an hour of a catalog pile
+    yesterday."""
     store = SQLiteStore.in_dir(data_dir, synchronous="OFF")
     old = now_ms() - 200 * DAY_MS
     payload = json.dumps({"v": 1, "kind": "pile", "pad": "x" * 300})
@@ -60,6 +76,7 @@ def big_store(data_dir: Path) -> None:
         store.append(
             [old_row("OLD-0", "event", "new", i, recent + i, payload) for i in range(RECENT_ROWS)]
         )
+        store.append(yesterday(recent))
     finally:
         store.close()
 
@@ -68,6 +85,27 @@ def count_old(data_dir: Path) -> int:
     db = sqlite3.connect(data_dir / "chargewatch.db", timeout=10)
     try:
         return int(db.execute("SELECT count(*) FROM messages WHERE boot = 'old'").fetchone()[0])
+    finally:
+        db.close()
+
+
+def housekept(data_dir: Path) -> None:
+    """Yesterday's statuses are compacted, and its hours rolled up for the pile."""
+    db = sqlite3.connect(data_dir / "chargewatch.db", timeout=10)
+    try:
+        raw = db.execute("SELECT count(*) FROM messages WHERE boot = 'yday' AND type = 'status'")
+        blocks = db.execute(
+            "SELECT sum(statuses) FROM status_blocks WHERE device_id = ?", (DEVICE,)
+        )
+        online = db.execute(
+            "SELECT sum(json_extract(data, '$.minutes_online')) FROM rollups"
+            " WHERE scope = 'device' AND id = ?",
+            (DEVICE,),
+        )
+        assert (raw.fetchone()[0], blocks.fetchone()[0]) == (0, 120)
+        # the pile reported for an hour a day ago: 60 minutes online, give or take a minute
+        # at each end (when the hour starts and when three heartbeats have passed)
+        assert 58 <= (online.fetchone()[0] or 0) <= 62
     finally:
         db.close()
 
@@ -124,6 +162,7 @@ def test_publish_to_api_latency_while_a_large_prune_runs(
             if left_after == 0:
                 break
         assert count_old(data) == 0, "the prune finished"
+        eventually(lambda: housekept(data), timeout=60, interval=0.2)
     print(
         f"publish-to-API while pruning {OLD_ROWS} rows: {len(during)} samples,"
         f" median {statistics.median(during) * 1000:.0f} ms, max {max(during) * 1000:.0f} ms"
