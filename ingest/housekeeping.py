@@ -14,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ingest import StoreError
 from ingest.rollups import HourlyRollups
@@ -26,8 +29,8 @@ log = logging.getLogger(__name__)
 DAY_MS = 86_400_000
 
 
-@dataclass
-class Housekeeping:
+@dataclass(eq=False)  # hashable: a registered collector
+class Housekeeping(Collector):
     store: SQLiteStore
     clock_ms: Callable[[], int]
     history_days: float = 90.0
@@ -51,6 +54,29 @@ class Housekeeping:
             except StoreError as exc:
                 log.warning("history housekeeping: %s (retried in %.0f s)", exc, self.every_s)
             await self._sleep(self.every_s)
+
+    def collect(self) -> Iterator[Metric]:
+        """Metrics (the service registers this collector)."""
+        yield CounterMetricFamily(
+            "chargewatch_history_pruned",
+            "Messages and status blocks deleted past history_days",
+            value=self.pruned,
+        )
+        yield CounterMetricFamily(
+            "chargewatch_history_blocks_compacted",
+            "Status blocks written (a device's statuses of one hour, compacted)",
+            value=self.blocks_compacted,
+        )
+        yield CounterMetricFamily(
+            "chargewatch_history_hours_rolled_up",
+            "Hours rolled up per device and station",
+            value=self.hours_rolled_up,
+        )
+        yield CounterMetricFamily(
+            "chargewatch_history_housekeeping_passes",
+            "Passes of compaction, retention and rollups completed",
+            value=self.passes,
+        )
 
     def wake(self) -> None:
         """Run a pass now (tests, and an operator who just shortened the retention)."""
@@ -76,6 +102,7 @@ class Housekeeping:
             roll = self.rollups.catch_up
             while await asyncio.to_thread(roll, before, 1, cutoff):
                 self.hours_rolled_up += 1
+                await asyncio.sleep(0)
         self.passes += 1
         log.debug(
             "history housekeeping: %d blocks compacted, %d pruned in all",

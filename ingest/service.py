@@ -247,6 +247,7 @@ class Ingest:
                     first_after_s=cfg.housekeeping_s,
                     rollups=HourlyRollups(store, self.catalog, cfg.release_soc),
                 )
+                self.metrics.registry.register(self.housekeeping)
                 self.supervisor.start(HOUSEKEEPING, self.housekeeping.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource

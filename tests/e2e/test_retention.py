@@ -163,6 +163,14 @@ def test_publish_to_api_latency_while_a_large_prune_runs(
                 break
         assert count_old(data) == 0, "the prune finished"
         eventually(lambda: housekept(data), timeout=60, interval=0.2)
+        metrics = dict(
+            line.rsplit(" ", 1)
+            for line in service.get("/metrics").text.splitlines()
+            if line.startswith("chargewatch_history_")
+        )
+        assert float(metrics["chargewatch_history_pruned_total"]) == OLD_ROWS
+        # yesterday's hour of statuses spans two hours of the clock
+        assert float(metrics["chargewatch_history_blocks_compacted_total"]) in (1, 2)
     print(
         f"publish-to-API while pruning {OLD_ROWS} rows: {len(during)} samples,"
         f" median {statistics.median(during) * 1000:.0f} ms, max {max(during) * 1000:.0f} ms"
