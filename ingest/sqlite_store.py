@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS messages (
 -- and inserting them into a clustered index measured 4x slower (50 vs 13 us a row)
 CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages (device_id, boot, seq, type);
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (device_id, ts_ms);
+-- housekeeping's reads by time (statuses to compact, history past retention, who spoke in
+-- an hour) without scanning the table while ingest waits for the connection
+CREATE INDEX IF NOT EXISTS messages_by_type_time ON messages (type, ts_ms);
 CREATE TABLE IF NOT EXISTS twins (
     device_id TEXT PRIMARY KEY,
     record    TEXT NOT NULL
@@ -115,6 +118,7 @@ _INSERT_MESSAGES = BulkInsert(
     9,
 )
 BLOCK_MS = 3_600_000
+_TYPES = "('birth', 'death', 'status', 'event')"  # every type: the (type, ts_ms) index serves
 """Statuses are compacted per device and this much device time (epoch-aligned hours)."""
 _BLOCK_ROW = ("boot", "seq", "ts_ms", "received_ms", "station_id", "kind", "payload")
 _UPSERT_TWINS = BulkInsert(
@@ -237,11 +241,12 @@ class SQLiteStore:
             return []
         marks = ",".join("?" * len(device_ids))
         # SQLite returns the bare columns of the row that holds max(): the last status per
-        # bucket, ties broken by seq the way the InfluxDB store's timestamps break them
+        # bucket, ties broken by seq the way the InfluxDB store's timestamps break them.
+        # ``+type``: by device (messages_by_time), not all devices' statuses by time
         sql = (
             "SELECT device_id, ts_ms - ts_ms % ? AS bucket,"
             " max(ts_ms * 1000000 + seq % 1000000), payload FROM messages"
-            f" WHERE device_id IN ({marks}) AND type = 'status' AND ts_ms >= ? AND ts_ms < ?"
+            f" WHERE device_id IN ({marks}) AND +type = 'status' AND ts_ms >= ? AND ts_ms < ?"
             " GROUP BY device_id, bucket ORDER BY device_id, bucket"
         )
         args = (every_ms, *device_ids, since_ms, until_ms)
@@ -303,7 +308,8 @@ class SQLiteStore:
     def active_devices(self, since_ms: int, until_ms: int) -> set[str]:
         """Devices with any message in [since_ms, until_ms) of device time."""
         raw = self._db.query(
-            "SELECT DISTINCT device_id FROM messages WHERE ts_ms >= ? AND ts_ms < ?",
+            f"SELECT DISTINCT device_id FROM messages WHERE type IN {_TYPES}"
+            " AND ts_ms >= ? AND ts_ms < ?",
             (since_ms, until_ms),
         )
         blocks = self._db.query(
@@ -374,7 +380,7 @@ class SQLiteStore:
     def _compact_block(self, device_id: str, hour_ms: int) -> None:
         raw = self._db.query(
             "SELECT rowid, boot, seq, ts_ms, received_ms, station_id, kind, payload"
-            " FROM messages WHERE device_id = ? AND type = 'status' AND ts_ms >= ?"
+            " FROM messages WHERE device_id = ? AND +type = 'status' AND ts_ms >= ?"
             " AND ts_ms < ?",
             (device_id, hour_ms, hour_ms + BLOCK_MS),
         )
@@ -403,7 +409,8 @@ class SQLiteStore:
         and ``batch`` // 50 whole blocks (of hours that ended by then) in one short
         transaction. Returns what went (0: done)."""
         gone = self._db.query(
-            "SELECT rowid FROM messages WHERE ts_ms < ? LIMIT ?", (before_ms, batch)
+            f"SELECT rowid FROM messages WHERE type IN {_TYPES} AND ts_ms < ? LIMIT ?",
+            (before_ms, batch),
         )
         blocks = self._db.query(
             "SELECT rowid FROM status_blocks WHERE hour_ms <= ? LIMIT ?",
