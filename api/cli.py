@@ -313,6 +313,9 @@ def _parser() -> argparse.ArgumentParser:
     from ingest.brokerconfig import add_parser as add_broker_config_parser
 
     add_broker_config_parser(sub)
+    from ingest.influxsetup import add_parser as add_influx_parser
+
+    add_influx_parser(sub)
     backup = sub.add_parser("backup", help="a consistent copy of the store, while serve runs")
     backup.add_argument("--data-dir", type=Path, help="the service's data dir")
     backup.add_argument("--out", type=Path, required=True, help="the backup file to write")
@@ -346,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.brokerconfig import command as broker_config
 
         return broker_config(args)
+    if args.command == "influx":
+        from ingest.influxsetup import command as influx_command
+
+        return influx_command(args)
     if args.command in ("backup", "restore"):
         return cmd_backup(args, args.data_dir or ServeSettings().ingest.data_dir)
     if args.command == "demo":

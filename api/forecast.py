@@ -34,9 +34,10 @@ from fastapi import Depends, Request
 from api.series import Held, grid, load, sum_at
 from api.views import rfc3339
 from devices.catalog import Catalog, StationSpec
-from ingest.store import HistoryStore
+from ingest.store import HistoryStore, RollupStore
 
 FORECAST_EVERY_MS = 15 * 60 * 1000
+HOUR_MS = 3_600_000
 DEFAULT_WEEKS = 4
 RATE_DAYS = 7
 """Demand rates for arrival estimates come from this many recent days."""
@@ -77,8 +78,20 @@ def compute_stats(
     ids = [d.id for d in station.devices]
     piles = [d.id for d in station.devices if d.kind == "pile"]
     cabinets = [d.id for d in station.devices if d.kind == "cabinet"]
-    samples = store.status_samples(ids, since, now_ms, FORECAST_EVERY_MS)
-    happenings = store.happenings(ids, since - 86400_000, now_ms, MAX_HAPPENINGS)
+    rate_since = now_ms - RATE_DAYS * 86400 * 1000
+    # closed hours from the station's hourly rollups when the store keeps them (no raw
+    # statuses read for them); the hours since, from raw history
+    rolled: list[dict[str, Any]] = []
+    raw_since = since
+    if isinstance(store, RollupStore):
+        through = store.rolled_through()
+        if through is not None and through > since:
+            rolled = store.rollups("station", [station.id], since - since % HOUR_MS, through)
+            raw_since = min(through, now_ms)
+    # after rollups, the statuses standing when they end are held into the raw part
+    lead = HOUR_MS if rolled else 0
+    samples = store.status_samples(ids, raw_since - lead, now_ms, FORECAST_EVERY_MS)
+    happenings = store.happenings(ids, raw_since - 86400_000, now_ms, MAX_HAPPENINGS)
     held = Held(samples, happenings, _release(catalog, station, release_soc), FORECAST_EVERY_MS)
 
     hour_sum: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
@@ -89,8 +102,33 @@ def compute_stats(
     days: set[str] = set()
     instants = 0
     first_ms: int | None = None
-    rate_since = now_ms - RATE_DAYS * 86400 * 1000
-    for t in grid(since, now_ms, FORECAST_EVERY_MS):
+    takes_pile: dict[int, int] = defaultdict(int)
+    frees_pile: dict[int, int] = defaultdict(int)
+    takes_cab: dict[int, int] = defaultdict(int)
+    per_hour = HOUR_MS // FORECAST_EVERY_MS  # an hour's rollup weighs as its instants
+    for row in rolled:
+        r = row["data"]
+        local = datetime.fromtimestamp(row["hour_ms"] / 1000, tz=UTC).astimezone(tz)
+        if row["hour_ms"] >= rate_since:
+            takes_pile[local.hour] += r["sessions"]
+            frees_pile[local.hour] += r["sessions_ended"]
+            takes_cab[local.hour] += r["swaps"]
+        if not r["minutes_online"]:
+            continue
+        if row["hour_ms"] >= rate_since:
+            recent_hour_days[local.hour].add(local.date().isoformat())
+        first_ms = first_ms if first_ms is not None else row["hour_ms"]
+        instants += per_hour
+        day = local.date().isoformat()
+        days.add(day)
+        key = (local.isoweekday(), local.hour)
+        for bucket in (hour_sum[local.hour], week_sum[key]):
+            bucket[0] += r["port_minutes"] * per_hour / 60  # the hour's mean, per instant
+            bucket[1] += r["battery_minutes"] * per_hour / 60
+            bucket[2] += per_hour
+        hour_days[local.hour].add(day)
+        week_days[key].add(day)
+    for t in grid(raw_since, now_ms, FORECAST_EVERY_MS):
         present = sum_at(held, ids, t)
         if not present:
             continue
@@ -142,12 +180,9 @@ def compute_stats(
         rows.sort(key=lambda r: (-r[0], r[1]))
         return [hour for _, hour in rows[:3]]
 
-    # demand per local hour over the recent days
-    takes_pile: dict[int, int] = defaultdict(int)
-    frees_pile: dict[int, int] = defaultdict(int)
-    takes_cab: dict[int, int] = defaultdict(int)
+    # demand per local hour over the recent days (after the rollups: from events)
     for row in happenings:
-        if row["type"] != "event" or row["ts_ms"] < rate_since:
+        if row["type"] != "event" or row["ts_ms"] < max(rate_since, raw_since):
             continue
         event = load(row["payload"]).get("type")
         hour = datetime.fromtimestamp(row["ts_ms"] / 1000, tz=UTC).astimezone(tz).hour
@@ -173,6 +208,7 @@ def compute_stats(
         "samples": instants,
         "days": len(days),
         "statuses_read": held.samples,
+        "rollup_hours_read": len(rolled),
         "ports_total": sum(d.units for d in station.devices if d.kind == "pile"),
         "slots_total": sum(d.units for d in station.devices if d.kind == "cabinet"),
         "by_hour": by_hour,
@@ -185,7 +221,9 @@ def compute_stats(
             f"mean of the station's free ports / ready batteries sampled every"
             f" {FORECAST_EVERY_MS // 60000} min over the history (each device's last status"
             f" held until its next one or its death), by local hour of day and by ISO"
-            f" weekday (1 = Monday) and hour; samples = instants, days = distinct dates"
+            f" weekday (1 = Monday) and hour; samples = instants, days = distinct dates."
+            f" Hours already rolled up count as their {HOUR_MS // FORECAST_EVERY_MS} instants at"
+            f" the hour's mean over its minutes within opening hours (rollup_hours_read)"
         ),
     }
     return StationStats(forecast, rates, time.monotonic())

@@ -71,6 +71,14 @@ class IngestConfig(BaseModel):
     # A warning alert when the disk is projected full in fewer days than this: time to
     # order a disk or shorten retention before ingest stops acknowledging.
     disk_full_warning_days: float = Field(default=7.0, gt=0)
+    # Raw history (every message, byte-exact) of the embedded store is kept this many days
+    # of device time; older history is deleted in the background, in small batches.
+    history_days: float = Field(default=90.0, gt=0, le=36_500)
+    # Statuses of an hour of device time are compacted (one zlib block per device and hour,
+    # ~20x smaller) this long after the hour ended: late messages still land before it.
+    compact_grace_s: float = Field(default=600.0, ge=0, le=86_400)
+    # How often compaction and retention run (the first pass one period after start).
+    housekeeping_s: float = Field(default=300.0, gt=0, le=86_400)
     # Alert rules, lifecycle, webhooks and rider reports (docs/alerts.md).
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     # Battery passports: flagged packs (docs/alerts.md, "Battery passports").

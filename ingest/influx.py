@@ -337,6 +337,10 @@ class InfluxHistory:
         q = f"CREATE DATABASE {quote_ident(self.settings.database)}"
         self._retrying("create database", partial(self._post_query, q), self.retry_s)
 
+    def execute(self, influxql: str) -> None:
+        """Run one InfluxQL statement that changes something (POST /query)."""
+        self._retrying("query", partial(self._post_query, influxql), self.retry_s)
+
     def ping(self) -> bool:
         try:
             return self._http.get("/ping").status_code == 204

@@ -30,11 +30,13 @@ from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig
 from ingest.diskusage import DiskWatch
 from ingest.gmqtt_source import GmqttSource
+from ingest.housekeeping import Housekeeping
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.passport_store import PassportStore
 from ingest.passports import Passports
 from ingest.pipeline import Pipeline, Twins
+from ingest.rollups import HourlyRollups
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryStore, StateStore
 from ingest.supervisor import Supervisor
@@ -50,6 +52,7 @@ PIPELINE = "ingest:pipeline"
 SOURCE = "ingest:mqtt"
 DISK = "ingest:disk"
 PASSPORTS = "ingest:passports"
+HOUSEKEEPING = "ingest:housekeeping"
 FATAL_EXIT_STATUS = 70  # EX_SOFTWARE: a task that cannot restart in place died
 
 
@@ -87,6 +90,7 @@ class Ingest:
         self.alerts: AlertEngine | None = None
         self.passports: Passports | None = None  # battery passports (ingest.passports)
         self.orders: WorkOrders | None = None  # with the alerts (docs/alerts.md, Work orders)
+        self.housekeeping: Housekeeping | None = None  # the embedded history only
         # an external broker gave our client id a session before (persisted: a crash of the
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
@@ -265,6 +269,18 @@ class Ingest:
                 self.pipeline.observers.append(self.orders.observe)
             self.supervisor.start(DISK, self.disk.run)
             self.supervisor.start(PASSPORTS, self.passports.run)
+            if self.history is store:  # compaction and retention of the embedded history
+                self.housekeeping = Housekeeping(
+                    store,
+                    now_ms,
+                    history_days=cfg.history_days,
+                    grace_s=cfg.compact_grace_s,
+                    every_s=cfg.housekeeping_s,
+                    first_after_s=cfg.housekeeping_s,
+                    rollups=HourlyRollups(store, self.catalog, cfg.release_soc),
+                )
+                self.metrics.registry.register(self.housekeeping)
+                self.supervisor.start(HOUSEKEEPING, self.housekeeping.run)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(

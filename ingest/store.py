@@ -96,6 +96,20 @@ class HistoryStore(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class RollupStore(Protocol):
+    """A history store that keeps hourly rollups (ingest.rollups; the embedded store)."""
+
+    def rolled_through(self) -> int | None:
+        """Every hour before this (epoch ms) is rolled up (None: none yet)."""
+
+    def rollups(
+        self, scope: str, ids: Sequence[str], since_ms: int, until_ms: int
+    ) -> list[dict[str, Any]]:
+        """Rollups (``scope`` "device" or "station") of the hours starting in
+        [since_ms, until_ms), by id then hour, as ``{id, hour_ms, data}``."""
+
+
 class TwinRecord(NamedTuple):
     device_id: str
     data: bytes  # the twin as a JSON object (ingest.twins.Twin.encode)

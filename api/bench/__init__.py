@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="chargewatch bench", description=__doc__.splitlines()[0])
     p.add_argument("--short", action="store_true", help="the <60 s CI check: throughput only")
     p.add_argument("--parts", help=f"comma-separated subset of {','.join(suite.PARTS)}")
+    p.add_argument(
+        "--history-devices", type=int, help="devices of the history part's day (default all)"
+    )
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="report file")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--no-report", action="store_true", help="print JSON only")
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown parts: {', '.join(sorted(unknown))}")
         plan.parts = frozenset(args.parts.split(","))
+    if args.history_devices is not None:
+        plan.history_devices = args.history_devices
     if args.render is not None:
         results = json.loads(args.render.read_text())
         return _write_report(results, args.out, results.get("command", "chargewatch bench"))

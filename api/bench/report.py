@@ -284,6 +284,29 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
             "InfluxDB: data + WAL dirs after the cache was snapshotted to TSM, before compactions.",
             "",
         ]
+    hd = results.get("history")
+    if hd:
+        lines += [
+            "Embedded history of a simulated district day (`--parts history`: the shipped",
+            f"catalog's 10-port piles and 12-slot cabinets, {hd['devices']} devices, the simulators'"
+            " models in virtual time: heartbeats every 0.8-0.95 x 30 s of device time, statuses"
+            " on change, events; hourly compaction as the service's housekeeping does):",
+            "",
+            "| devices | messages | statuses per device-day | MB per device-day"
+            " (compacted day) | bytes per message | MB per device-day (whole file) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {hd['devices']} ({hd['piles']} piles, {hd['cabinets']} cabinets) |"
+            f" {hd['messages']:,} | {hd['statuses_per_device_day']:,.0f} |"
+            f" {hd['mb_per_device_day']:.3f} | {hd['bytes_per_message']:.0f} |"
+            f" {hd['mb_per_device_day_file']:.3f} |",
+            "",
+            f"Target <= {hd['target_mb']} MB per device-day: "
+            f"{_yes(hd['mb_per_device_day'] <= hd['target_mb'])}. *Compacted day*: the day's"
+            " history once every hour is compacted, vacuumed (what each further day adds).",
+            " *Whole file*: also the space the raw statuses of the hour still open take and"
+            " leave free for the next hour (a constant per device, not per day).",
+            "",
+        ]
     sim = results.get("simulator")
     if sim and "runs" in sim:
         lines += [

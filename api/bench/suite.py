@@ -61,6 +61,7 @@ class Plan:
     api_seconds: float = 5.0
     simulator_devices: int = 10_000
     simulator_processes: int = 1
+    history_devices: int | None = None  # devices of the district day (None: all 412)
     parts: frozenset[str] = field(default_factory=lambda: frozenset(PARTS))  # all of them
 
     @classmethod
@@ -795,6 +796,12 @@ def alerts(work: Path, plan: Plan) -> dict[str, Any] | None:
     return alert_latency(work, plan.probes // 5)
 
 
+def history(work: Path, plan: Plan) -> dict[str, Any]:
+    from api.bench.historyday import district_day
+
+    return district_day(work, plan.history_devices)
+
+
 PARTS: dict[str, Callable[[Path, Plan], Any]] = {
     "throughput": throughput,
     "scale": scale,
@@ -803,6 +810,7 @@ PARTS: dict[str, Callable[[Path, Plan], Any]] = {
     "footprint": footprint,
     "simulator": simulator,
     "alerts": alerts,
+    "history": history,
     "profile": profile,
     "stages": lambda work, plan: stages.stages(work, plan.devices),
 }

@@ -32,11 +32,12 @@ from api.schemas import DeviceHistory, Forecast, Utilization, answers
 from api.series import HOLD_MAX_MS, Held, counts, grid, load, sum_at
 from api.views import rfc3339
 from ingest.service import Ingest, now_ms
-from ingest.store import HistoryStore
+from ingest.store import HistoryStore, RollupStore
 
 router = APIRouter(prefix="/v1", tags=["history"])
 
 MAX_POINTS = 2000
+HOUR_MS = 3_600_000
 DEFAULT_SPAN_MS = 24 * 3600 * 1000
 _EVERY = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -147,6 +148,43 @@ def device_history(
     }
 
 
+def _rolled_points(
+    store: RollupStore, station_id: str, ends: list[int], every: int, ports_total: int
+) -> dict[int, dict[str, Any]]:
+    """Points of the buckets ending at ``ends`` from the station's hourly rollups: means
+    over each bucket's minutes (free ports / ready batteries within opening hours) and the
+    bucket's energy, sessions and swaps."""
+    if not ends:
+        return {}
+    rows = store.rollups("station", [station_id], ends[0] - every, ends[-1])
+    by_hour = {r["hour_ms"]: r["data"] for r in rows}
+    points: dict[int, dict[str, Any]] = {}
+    for t in ends:
+        hours = [by_hour[h] for h in range(t - every, t, HOUR_MS) if h in by_hour]
+        if not hours:
+            continue
+        minutes = 60 * len(hours)
+
+        def total(key: str, hours: list[dict[str, Any]] = hours) -> float:
+            return float(sum(h.get(key, 0) for h in hours))
+
+        busy = total("busy_port_minutes") / minutes
+        points[t] = {
+            "devices_reporting": round(total("minutes_online") / minutes),
+            "ports_busy": round(busy),
+            "ports_free": round(total("port_minutes") / minutes),
+            "utilization": round(busy / ports_total, 3) if ports_total else None,
+            "batteries_ready": round(total("battery_minutes") / minutes),
+            "batteries_charging": round(total("charging_slot_minutes") / minutes),
+            "energy_wh": round(total("energy_wh"), 1),
+            "sessions_started": int(total("sessions")),
+            "sessions_ended": int(total("sessions_ended")),
+            "swaps": int(total("swaps")),
+            "from_rollups": True,
+        }
+    return points
+
+
 def station_utilization(
     store: HistoryStore, ingest: Ingest, station_id: str, since: int, until: int, every: int
 ) -> dict[str, Any]:
@@ -174,7 +212,16 @@ def station_utilization(
             bucket["swaps"] += 1
     points = []
     ports_total = sum(d.units for d in station.devices if d.kind == "pile")
+    # buckets of whole hours that end before the raw history kept: from the hourly rollups
+    rolled: dict[int, dict[str, Any]] = {}
+    if isinstance(store, RollupStore) and every % HOUR_MS == 0:
+        raw_from = now_ms() - round(ingest.config.history_days * 86_400_000)
+        old = [t for t in grid(since, until, every) if t <= raw_from and t % every == 0]
+        rolled = _rolled_points(store, station_id, old, every, ports_total)
     for t in grid(since, until, every):
+        if t in rolled:
+            points.append({"t": rfc3339(t - every), "at": rfc3339(t), **rolled[t]})
+            continue
         present = sum_at(held, ids, t)
         piles = [c for c in present if c.kind == "pile"]
         cabinets = [c for c in present if c.kind == "cabinet"]
@@ -207,7 +254,9 @@ def station_utilization(
         "method": (
             "counts at the end of each bucket (each device's last status held until its next"
             " one or its death); energy_wh, sessions and swaps from events within the bucket"
-            " (energy of sessions that ended in it)"
+            " (energy of sessions that ended in it). Buckets of whole hours older than the"
+            " raw history kept (from_rollups: true): means over the bucket's minutes from the"
+            " hourly rollups, free ports / ready batteries within opening hours"
         ),
         "points": points,
     }

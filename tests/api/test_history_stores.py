@@ -111,8 +111,12 @@ def story() -> list[HistoryRow]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SQLiteStore, InfluxHistory]]:
+@pytest.fixture(scope="module", params=["raw", "compacted"])
+def stores(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[SQLiteStore, InfluxHistory]]:
+    """``compacted``: the embedded store's statuses of the first six hours are in blocks,
+    and the first half is redelivered after that (stored once all the same)."""
     tmp: Path = tmp_path_factory.mktemp("stores")
     rows = story()
     with influxd(tmp / "influxd") as server:
@@ -122,6 +126,13 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SQLiteSto
         for store in (sqlite, influx):
             store.append(rows[: len(rows) // 2])
             store.append(rows)  # a redelivery of the first half is stored once
+        if request.param == "compacted":
+            while sqlite.compact(T0 + 6 * HOUR, max_blocks=3):
+                pass
+            assert sqlite.compact(T0 + 6 * HOUR) == 0
+            blocks = sqlite._db.query("SELECT count(*) FROM status_blocks")[0][0]
+            assert blocks == 2 * 6
+            sqlite.append(rows[: len(rows) // 2])
         try:
             yield sqlite, influx
         finally:

@@ -278,3 +278,58 @@ def test_remembered_dead_letters_are_bounded(tmp_path: Path) -> None:
         assert again.retained_repeats == 1
     finally:
         again.close()
+
+
+HOUR = 3_600_000
+
+
+def _story() -> list[HistoryRow]:
+    """Three hours of statuses every 30 s, an event every ten minutes, a second boot."""
+    rows = []
+    for i in range(360):
+        boot = "boot-a" if i < 200 else "boot-b"
+        rows.append(row(i, T0 + i * 30_000, boot=boot))
+        if i % 20 == 0:
+            rows.append(row(10_000 + i, T0 + i * 30_000 + 1, type="event", boot=boot))
+    return rows
+
+
+def test_compacted_history_reads_the_same(store: SQLiteStore) -> None:
+    rows = _story()
+    store.append(rows)
+    before = store.messages("P1", limit=10_000)
+    samples = store.status_samples(["P1"], T0 - HOUR, T0 + 4 * HOUR, 7 * 60_000)
+    happenings = store.happenings(["P1"], T0, T0 + 4 * HOUR)
+    assert store.compact(T0 + 2 * HOUR + 1) == 2  # T0 is an hour's start: two are over
+    assert store.compact(T0 + 2 * HOUR + 1) == 0
+    raw = store._db.query("SELECT count(*) FROM messages WHERE type = 'status'")[0][0]
+    assert raw == 360 - 240
+    store.append(rows[:50])  # redelivered after their hour was compacted
+    assert store.messages("P1", limit=10_000) == before
+    assert store.status_samples(["P1"], T0 - HOUR, T0 + 4 * HOUR, 7 * 60_000) == samples
+    assert store.happenings(["P1"], T0, T0 + 4 * HOUR) == happenings
+    window = store.messages("P1", T0 + 10 * 60_000, T0 + 70 * 60_000, limit=30)
+    assert window == [m for m in before if m["ts_ms"] >= T0 + 10 * 60_000][:30]
+    again = sum(1 for r in rows[:50] if r.type == "status")  # events stay in place: once
+    assert store.count_messages() == len(rows) + again
+    assert store.compact(T0 + 2 * HOUR + 1) == 1  # folds the redelivered ones in, once
+    assert store.count_messages() == len(rows)
+    assert store.messages("P1", limit=10_000) == before
+
+
+def test_prune_drops_what_is_older_than_the_cutoff(store: SQLiteStore) -> None:
+    rows = _story()
+    store.append(rows)
+    store.compact(T0 + 2 * HOUR)
+    cutoff = T0 + HOUR + 15 * 60_000
+    gone = 0
+    while n := store.prune(cutoff, batch=50):
+        gone += n
+    kept = store.messages("P1", limit=10_000)
+    # the first hour's block went whole; the second hour's block stays until it is over
+    assert min(m["ts_ms"] for m in kept) == T0 + HOUR
+    assert next(m for m in kept if m["type"] == "event")["ts_ms"] >= T0 + HOUR
+    assert gone == 1 + sum(1 for r in rows if r.type == "event" and r.ts_ms < cutoff)
+    assert len(kept) == len(rows) - 120 - sum(
+        1 for r in rows if r.type == "event" and r.ts_ms < cutoff
+    )
