@@ -17,6 +17,7 @@ from api.auth import KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound
 from api.limits import KiB, body_max
+from api.schemas import answers
 from api.views import rfc3339
 from ingest.passports import SERIAL_PATTERN, Passports
 from ingest.service import Ingest
@@ -33,12 +34,6 @@ Serial = Annotated[
     ),
 ]
 SMALL_BODY = body_max(16 * KiB)  # a note of 2,000 characters is at most 12 KiB of JSON
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "no or a bad API key"},
-    403: {"description": "the key is not a maintainer's"},
-    404: {"description": "no pack with this serial was ever seen"},
-    503: {"description": "the passport store cannot be read"},
-}
 
 
 class Place(BaseModel):
@@ -172,7 +167,7 @@ async def _passport(ingest: Ingest, serial: str) -> Passport:
     )
 
 
-@router.get("/batteries", responses=ERRORS)
+@router.get("/batteries", **answers(BatteryPage, 401, 422, 503))
 async def list_batteries(
     ingest: IngestDep,
     key: Maintainer,
@@ -195,7 +190,7 @@ async def list_batteries(
     )
 
 
-@router.get("/batteries/{serial}", responses=ERRORS)
+@router.get("/batteries/{serial}", **answers(Passport, 401, 404, 422, 503))
 async def battery(ingest: IngestDep, key: Maintainer, serial: Serial) -> Passport:
     """One pack's passport: where it is, where it has been, its safety events."""
     return await _passport(ingest, serial)
@@ -204,7 +199,7 @@ async def battery(ingest: IngestDep, key: Maintainer, serial: Serial) -> Passpor
 @router.post(
     "/batteries/{serial}/clear",
     openapi_extra=SMALL_BODY,
-    responses={**ERRORS, 409: {"description": "the pack is not flagged"}},
+    **answers(Passport, 400, 401, 404, 409, 413, 422, 503),
 )
 async def clear(
     request: Request, ingest: IngestDep, key: Maintainer, serial: Serial, body: ClearIn

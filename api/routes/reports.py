@@ -111,7 +111,7 @@ def _limits(request: Request, opts: ReportOptions) -> ReportLimits:
 @router.post(
     "/reports",
     openapi_extra=body_max(64 * KiB),
-    **answers(ReportAccepted, 400, 404, 413, 422, 429, 503, status=201),
+    **answers(ReportAccepted, 400, 401, 404, 413, 422, 429, 503, status=201),
 )
 async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[str, Any]:
     """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``.

@@ -27,6 +27,7 @@ from api.auth import KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound
 from api.limits import ID_MAX, KiB, body_max
+from api.schemas import answers
 from api.sentinels import (
     OUTCOMES,
     Conflict,
@@ -61,15 +62,6 @@ Cursor = Annotated[int | None, Query(ge=1, le=ID_MAX, description="next_cursor o
 Limit = Annotated[int, Query(ge=1, le=500)]
 ALERTS_PER_SETTLE = 1000
 """Alerts of one station read to settle its pending reports (newest first)."""
-
-
-class ErrorOut(BaseModel):
-    error: str = Field(description="unauthorized, not_found, conflict, rate_limited, ...")
-    detail: Any
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut} for code in codes}
 
 
 # -- who is asking -------------------------------------------------------------------------
@@ -368,10 +360,8 @@ def _register_limit(request: Request, engine: AlertEngine | None) -> RateLimiter
 
 @router.post(
     "/riders",
-    status_code=201,
-    response_model=RiderCreated,
     openapi_extra=SMALL_BODY,
-    responses=_errors(404, 422, 429),
+    **answers(RiderCreated, 400, 404, 413, 422, 429, 503, status=201),
 )
 async def register(
     request: Request, response: Response, ingest: IngestDep, body: RiderIn
@@ -409,7 +399,7 @@ async def register(
     )
 
 
-@router.get("/riders/me", response_model=RiderOut, responses=_errors(401))
+@router.get("/riders/me", **answers(RiderOut, 401, 422, 503))
 async def me(request: Request, response: Response, rider: RiderDep, cursor: Cursor = None,
              limit: Limit = 100) -> RiderOut:  # fmt: skip
     """The rider's points: the balance (the ledger's sum) and the ledger, newest first."""
@@ -417,7 +407,7 @@ async def me(request: Request, response: Response, rider: RiderDep, cursor: Curs
     return await _rider_out(request, rider, cursor, limit, private=False)
 
 
-@router.get("/riders/me/reports", response_model=ReportsOut, responses=_errors(401))
+@router.get("/riders/me/reports", **answers(ReportsOut, 401, 422, 503))
 async def my_reports(request: Request, response: Response, rider: RiderDep,
                      cursor: Cursor = None, limit: Limit = 100) -> ReportsOut:  # fmt: skip
     """The rider's reports, newest first, each with its outcome and the points it earned."""
@@ -429,7 +419,7 @@ async def my_reports(request: Request, response: Response, rider: RiderDep,
     )
 
 
-@router.get("/riders/{rider_id}", response_model=RiderOut, responses=_errors(401, 403, 404))
+@router.get("/riders/{rider_id}", **answers(RiderOut, 401, 404, 422, 503))
 async def rider_detail(request: Request, response: Response, key: Maintainer,
                        rider_id: RiderId, cursor: Cursor = None,
                        limit: Limit = 100) -> RiderOut:  # fmt: skip
@@ -444,7 +434,7 @@ async def rider_detail(request: Request, response: Response, key: Maintainer,
 # -- maintainers ---------------------------------------------------------------------------
 
 
-@router.get("/reports", response_model=ReportsOut, responses=_errors(401, 403, 422))
+@router.get("/reports", **answers(ReportsOut, 401, 422, 503))
 async def list_reports(
     request: Request,
     response: Response,
@@ -514,9 +504,8 @@ async def _decide(
 
 @router.post(
     "/reports/{report_id}/confirm",
-    response_model=ReportOut,
     openapi_extra=SMALL_BODY,
-    responses=_errors(401, 403, 404, 409),
+    **answers(ReportOut, 400, 401, 404, 409, 413, 422, 503),
 )
 async def confirm(request: Request, key: Maintainer, report_id: ReportId,
                   body: DecisionIn | None = None) -> ReportOut:  # fmt: skip
@@ -527,9 +516,8 @@ async def confirm(request: Request, key: Maintainer, report_id: ReportId,
 
 @router.post(
     "/reports/{report_id}/reject",
-    response_model=ReportOut,
     openapi_extra=SMALL_BODY,
-    responses=_errors(401, 403, 404, 409),
+    **answers(ReportOut, 400, 401, 404, 409, 413, 422, 503),
 )
 async def reject(request: Request, key: Maintainer, report_id: ReportId,
                  body: DecisionIn | None = None) -> ReportOut:  # fmt: skip
@@ -540,10 +528,8 @@ async def reject(request: Request, key: Maintainer, report_id: ReportId,
 
 @router.post(
     "/points/{entry_id}/reverse",
-    status_code=201,
-    response_model=EntryOut,
     openapi_extra=SMALL_BODY,
-    responses=_errors(401, 403, 404, 409, 422),
+    **answers(EntryOut, 400, 401, 404, 409, 413, 422, 503, status=201),
 )
 async def reverse(request: Request, key: Maintainer, entry_id: EntryId,
                   body: ReverseIn) -> EntryOut:  # fmt: skip

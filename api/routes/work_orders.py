@@ -23,6 +23,7 @@ from api.auth import ApiKey, KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
+from api.schemas import answers
 from api.text import plain_text
 from ingest.alerts import AlertNotFound
 from ingest.alerts.engine import REQUEST_FLUSH_S
@@ -44,23 +45,6 @@ OrderId = Annotated[int, Path(ge=1, le=ID_MAX)]
 SMALL_BODY = body_max(16 * KiB)
 DUE_MAX = timedelta(days=366)
 STATS_SPAN_MAX = timedelta(days=366)
-
-
-class ErrorOut(BaseModel):
-    error: str
-    detail: Any
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    said = {
-        401: "no key, or an unknown, revoked or expired one",
-        403: "the key's role is not enough",
-        404: "no such alert or work order",
-        409: "the alert's or the order's state does not allow it",
-        422: "a value out of range or not allowed",
-        503: "work orders are disabled (alerts.enabled=false), or the store is busy",
-    }
-    return {c: {"model": ErrorOut, "description": said[c]} for c in codes}
 
 
 def _one_line(value: str) -> str:
@@ -93,7 +77,7 @@ class StateIn(BaseModel):
     note: Note | None = None
 
 
-class NoteIn(BaseModel):
+class OrderNoteIn(BaseModel):
     text: Annotated[str, Field(min_length=1, max_length=2000)]
 
 
@@ -221,10 +205,8 @@ async def _create(
 
 @router.post(
     "/alerts/{alert_id}/work-order",
-    status_code=201,
     openapi_extra=SMALL_BODY,
-    response_model=WorkOrderDetail,
-    responses=_errors(401, 403, 404, 409, 422, 503),
+    **answers(WorkOrderDetail, 400, 401, 404, 409, 413, 422, 503, status=201),
 )
 async def create_for_alert(
     request: Request,
@@ -241,10 +223,8 @@ async def create_for_alert(
 
 @router.post(
     "/work-orders",
-    status_code=201,
     openapi_extra=SMALL_BODY,
-    response_model=WorkOrderDetail,
-    responses=_errors(401, 403, 404, 409, 422, 503),
+    **answers(WorkOrderDetail, 400, 401, 404, 409, 413, 422, 503, status=201),
 )
 async def create_order(
     request: Request, ingest: IngestDep, key: Maintainer, body: OrderCreate
@@ -253,7 +233,7 @@ async def create_order(
     return await _create(request, ingest, key, body.alert_id, body)
 
 
-@router.get("/work-orders", response_model=WorkOrderList, responses=_errors(401, 403, 422, 503))
+@router.get("/work-orders", **answers(WorkOrderList, 401, 422, 503))
 async def list_orders(
     ingest: IngestDep,
     key: Maintainer,
@@ -289,8 +269,7 @@ async def list_orders(
 
 @router.get(
     "/work-orders/{order_id}",
-    response_model=WorkOrderDetail,
-    responses=_errors(401, 403, 404, 422, 503),
+    **answers(WorkOrderDetail, 401, 404, 422, 503),
 )
 async def get_order(ingest: IngestDep, key: Maintainer, order_id: OrderId) -> dict[str, Any]:
     orders = orders_of(ingest)
@@ -304,8 +283,7 @@ async def get_order(ingest: IngestDep, key: Maintainer, order_id: OrderId) -> di
 @router.post(
     "/work-orders/{order_id}/state",
     openapi_extra=SMALL_BODY,
-    response_model=WorkOrderDetail,
-    responses=_errors(401, 403, 404, 409, 422, 503),
+    **answers(WorkOrderDetail, 400, 401, 404, 409, 413, 422, 503),
 )
 async def move_order(
     request: Request, ingest: IngestDep, key: Maintainer, order_id: OrderId, body: StateIn
@@ -333,13 +311,11 @@ async def move_order(
 
 @router.post(
     "/work-orders/{order_id}/notes",
-    status_code=201,
     openapi_extra=SMALL_BODY,
-    response_model=WorkOrderDetail,
-    responses=_errors(401, 403, 404, 422, 503),
+    **answers(WorkOrderDetail, 400, 401, 404, 413, 422, 503, status=201),
 )
 async def add_note(
-    request: Request, ingest: IngestDep, key: Maintainer, order_id: OrderId, body: NoteIn
+    request: Request, ingest: IngestDep, key: Maintainer, order_id: OrderId, body: OrderNoteIn
 ) -> dict[str, Any]:
     orders = orders_of(ingest)
     try:
@@ -352,9 +328,7 @@ async def add_note(
 
 @router.get(
     "/stats/repair",
-    response_model=RepairStats,
-    response_model_by_alias=True,
-    responses=_errors(401, 403, 422, 503),
+    **answers(RepairStats, 401, 422, 503),
 )
 async def repair_stats(
     ingest: IngestDep,

@@ -118,3 +118,10 @@ async def test_the_422_body_is_the_declared_one(tmp_path: Path) -> None:
         r = await ip.http.get("/v1/alerts/1", headers=bearer(ip.key()))
         assert r.status_code == 404
         assert ErrorBody.model_validate(r.json()).error == "not_found"
+
+
+def test_every_component_has_a_name_of_its_own(app: FastAPI) -> None:
+    """Two models of one name in different modules become ``api__routes__x__Name``: a
+    client generated from the document would get that module path as a class name."""
+    names = app.openapi()["components"]["schemas"]
+    assert [n for n in names if "__" in n] == []
