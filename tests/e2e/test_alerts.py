@@ -273,7 +273,12 @@ def test_keys_guard_every_maintenance_endpoint_and_riders_report(
         assert first.status_code == 201, first.text
         assert (first.json()["attached"], first.json()["severity"]) == (False, "critical")
         again = http.post("/v1/reports", json={**report, "text": "still smoking"})
-        assert again.json() == {**first.json(), "attached": True}
+        # the same alert, attached; each report has its own id (sentinels)
+        assert again.json() == {
+            **first.json(),
+            "attached": True,
+            "report_id": first.json()["report_id"] + 1,
+        }
         alert_id = first.json()["alert_id"]
         detail = http.get(f"/v1/alerts/{alert_id}", headers=bearer(keys["maintainer"])).json()
         assert (detail["rule"], detail["code"], detail["slot"], detail["reports"]) == (

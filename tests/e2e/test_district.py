@@ -8,7 +8,7 @@ import json
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,9 @@ def ground_truth(truth: Path) -> dict[str, dict[str, Any]]:
     return last
 
 
-def expected_device(truth: dict[str, Any]) -> dict[str, Any]:
+def expected_device(truth: dict[str, Any], flagged: Collection[str] = ()) -> dict[str, Any]:
+    """What the service must show for a device, from the ground truth; ``flagged``: serials
+    of packs with a recorded safety event (battery passports), never counted ready."""
     assert "status" in truth, "device has not published a status yet"
     status = truth["status"]
     online = truth["state"]["online"]
@@ -131,7 +133,10 @@ def expected_device(truth: dict[str, Any]) -> dict[str, Any]:
         free = sum(
             1
             for u in units
-            if u["state"] == "ready" and not u["fault"] and (u["soc"] or 0) >= RELEASE_SOC
+            if u["state"] == "ready"
+            and not u["fault"]
+            and (u["soc"] or 0) >= RELEASE_SOC
+            and u["battery"] not in flagged
         )
     return {
         "online": online,
@@ -153,6 +158,17 @@ def actual_device(view: dict[str, Any]) -> dict[str, Any]:
     return {"online": view["online"], "units": units, "faults": view["faults"], "free": free}
 
 
+def flagged_packs(service: Service, view: dict[str, Any]) -> set[str]:
+    """The packs a cabinet holds that the service flagged, each checked to have a recorded
+    safety event in its passport (the simulator's injected faults flag packs)."""
+    flagged = {s["battery"] for s in view.get("slots", []) if s.get("flagged")}
+    for serial in flagged:
+        passport = maintainer_get(service, f"/v1/batteries/{serial}").json()
+        assert passport["flagged"] is True, passport
+        assert passport["events"], f"{serial} is flagged with no safety event: {passport}"
+    return flagged
+
+
 def assert_matches_truth(service: Service, truth_file: Path, catalog: Catalog) -> None:
     truth = ground_truth(truth_file)
     assert len(truth) == len(catalog.devices), "every device published"
@@ -164,7 +180,7 @@ def assert_matches_truth(service: Service, truth_file: Path, catalog: Catalog) -
         expected_free = {"pile": 0, "cabinet": 0}
         online = {"pile": 0, "cabinet": 0}
         for spec in station.devices:
-            want = expected_device(truth[spec.id])
+            want = expected_device(truth[spec.id], flagged_packs(service, views[spec.id]))
             got = actual_device(views[spec.id])
             if want != got:
                 mismatches.append((spec.id, want, got))
