@@ -207,6 +207,8 @@ def row_lines(row: HistoryRow) -> list[str]:
                     ("slot", msg.slot),
                     ("value", _float(msg.value)),
                     ("info", msg.info),
+                    ("cmd", msg.cmd),
+                    ("result", msg.result),
                     ("session", msg.session),
                     ("energy_wh", _float(msg.energy_wh)),
                     ("slot_out", msg.slot_out),
