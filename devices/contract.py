@@ -393,7 +393,7 @@ class Command(_Model, frozen=True, kw_only=True, omit_defaults=True):
     def unit(self) -> int | None:
         """The port or slot the command is about (None: the whole device)."""
         field = COMMAND_UNIT[self.type]
-        return None if field is None else getattr(self, field)  # type: ignore[no-any-return]
+        return None if field is None else getattr(self, field)
 
     def encode(self) -> bytes:
         return _COMMAND_JSON.encode(self)

@@ -18,7 +18,8 @@ measurement     tags                         fields
                                              battery, fault
 ``event``       device, station, type        boot, seq, code, port, slot, value, info,
                                              session, energy_wh, slot_out, battery_out,
-                                             soc_out, slot_in, battery_in, soc_in
+                                             soc_out, slot_in, battery_in, soc_in, cmd,
+                                             result
 ==============  ===========================  ==============================================
 
 ``type`` is ``birth``/``death``/``status``/``event`` on ``message`` and the event type on
