@@ -15,6 +15,7 @@ from api.limits import BodyLimit
 from api.live import Live
 from api.routes import (
     alerts,
+    commands,
     health,
     history,
     maintenance,
@@ -54,6 +55,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(history.router)
     app.include_router(maintenance.router)
     app.include_router(alerts.router)
+    app.include_router(commands.router)
     app.include_router(notifications.router)
     app.include_router(reports.router)
     app.include_router(pages.router)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from devices.topics import DEFAULT_PREFIX
 from ingest.alerts.config import AlertsConfig
+from ingest.commands.config import CommandsConfig
 
 
 class IngestConfig(BaseModel):
@@ -55,3 +56,5 @@ class IngestConfig(BaseModel):
     release_soc: float = Field(default=90.0, ge=1, le=100)
     # Alert rules, lifecycle, webhooks and rider reports (docs/alerts.md).
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # Remote commands to devices (contract v1.1, docs/commands.md).
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)

@@ -23,6 +23,8 @@ from devices.topics import TopicScheme
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
 from ingest.broker import EmbeddedBroker
+from ingest.commands.service import Commands
+from ingest.commands.store import CommandStore
 from ingest.config import IngestConfig
 from ingest.gmqtt_source import GmqttSource
 from ingest.metrics import IngestMetrics
@@ -75,6 +77,7 @@ class Ingest:
         self.started_ms = now_ms()
         self.metrics.registry.register(_LiveCollector(self))
         self.alerts: AlertEngine | None = None
+        self.commands: Commands | None = None
 
     async def drain(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
         """Wait until nothing arrived for ``quiet_s`` and everything received is written
@@ -192,6 +195,23 @@ class Ingest:
                 self.pipeline.observed_through = self.alerts.observed_through
                 self.pipeline.journal_last = await asyncio.to_thread(store.unobserved_max)
                 self.alerts.stall_check = self.stalled
+            command_store = await asyncio.to_thread(
+                CommandStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
+            )
+            self._stack.callback(command_store.close)
+            self.commands = await self._stack.enter_async_context(
+                Commands(
+                    cfg.commands,
+                    self.catalog,
+                    self.scheme,
+                    command_store,
+                    self.broker_url,
+                    client_id=f"{cfg.client_id}-cmd",
+                    supervisor=self.supervisor,
+                    registry=self.metrics.registry,
+                )
+            )
+            self.pipeline.observers.append(self.commands.observe)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(
