@@ -205,8 +205,6 @@ class Ingest:
                     self.catalog,
                     self.scheme,
                     command_store,
-                    self.broker_url,
-                    client_id=f"{cfg.client_id}-cmd",
                     supervisor=self.supervisor,
                     registry=self.metrics.registry,
                 )
@@ -224,6 +222,8 @@ class Ingest:
                     on_connection_change=lambda up: self.metrics.broker_connected.set(int(up)),
                 )
             )
+            assert self.source is not None
+            self.commands.attach(self.source)  # commands go out on its connection
             self.supervisor.start(SOURCE, self._watch_source, policy="fatal")
         except BaseException:
             await self.__aexit__(None, None, None)

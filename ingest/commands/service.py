@@ -28,6 +28,7 @@ import secrets
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -38,9 +39,7 @@ from devices.topics import TopicScheme
 from ingest.commands import CommandInvalid, CommandNotFound, TooManyCommands
 from ingest.commands.config import CommandsConfig
 from ingest.commands.model import CommandRecord
-from ingest.commands.publisher import CommandPublisher
 from ingest.commands.store import CommandStore
-from ingest.mqtt import BrokerURL
 from ingest.supervisor import Supervisor
 from ingest.twins import Twin
 
@@ -48,6 +47,19 @@ log = logging.getLogger(__name__)
 
 TASK = "commands"
 LIST_MAX = 1000
+
+Ticket = tuple[int, int]  # (connection generation, packet id) of a publish
+
+
+class Publisher(Protocol):
+    """What publishes commands: the ingest MQTT source, on its own connection (why not
+    another: ``ingest.gmqtt_source``)."""
+
+    connected: bool
+    generation: int  # +1 per connection
+    on_published: Callable[[Ticket], None] | None  # set by us: the broker acknowledged
+
+    def publish(self, topic: str, payload: bytes) -> Ticket | None: ...
 
 
 def now_ms() -> int:
@@ -61,9 +73,7 @@ class Commands:
         catalog: Catalog,
         scheme: TopicScheme,
         store: CommandStore,
-        broker: BrokerURL,
         *,
-        client_id: str,
         supervisor: Supervisor,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], int] = now_ms,
@@ -74,16 +84,15 @@ class Commands:
         self.store = store
         self.supervisor = supervisor
         self.clock = clock
-        self.publisher = CommandPublisher(
-            broker, client_id=client_id, on_sent=self._on_sent, on_connected=self._on_connected
-        )
+        self.publisher: Publisher | None = None  # attach()
+        self._tickets: dict[Ticket, str] = {}  # published, PUBACK awaited
+        self._generation = 0  # of the publisher's connection we last sent everything on
         self.open: dict[str, CommandRecord] = {}
         self._dirty: dict[str, CommandRecord] = {}  # changed, not yet written
         self._results: collections.deque[tuple[str, str, str, str | None, int]] = (
             collections.deque()
         )
         self._resend_devices: set[str] = set()
-        self._resend_all = False
         self._wake = asyncio.Event()
         r = registry or CollectorRegistry()
         self.m_created = Counter(
@@ -112,7 +121,6 @@ class Commands:
             self.open[record.id] = record
         if self.open:
             log.info("commands: %d open commands restored; resending", len(self.open))
-        await self.publisher.__aenter__()
         self.supervisor.start(TASK, self._run)
         return self
 
@@ -120,8 +128,16 @@ class Commands:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.supervisor.stop(TASK)
-        await self.publisher.__aexit__(et, e, tb)
+        if self.publisher is not None:
+            self.publisher.on_published = None
         await self._flush()
+
+    def attach(self, publisher: Publisher) -> None:
+        """Publish through ``publisher`` from now on (every open command at its first
+        connection, and again at every new one)."""
+        self.publisher = publisher
+        publisher.on_published = self._on_published
+        self._wake.set()
 
     # -- asking -----------------------------------------------------------------------------
 
@@ -236,24 +252,28 @@ class Commands:
     # -- the publisher's side ---------------------------------------------------------------
 
     def _send(self, record: CommandRecord) -> None:
+        if self.publisher is None:
+            return
         topic = self.scheme.build(record.device_id, "cmd")
-        if self.publisher.publish(record.id, topic, record.payload.encode()):
-            record.sends += 1
-            record.last_sent_at_ms = self.clock()
-            self.m_sends.inc()
-            self._mark(record)
+        ticket = self.publisher.publish(topic, record.payload.encode())
+        if ticket is None:
+            return  # not connected: sent again at the next connection
+        self._tickets[ticket] = record.id
+        record.sends += 1
+        record.last_sent_at_ms = self.clock()
+        self.m_sends.inc()
+        self._mark(record)
 
-    def _on_sent(self, command_id: str) -> None:
+    def _on_published(self, ticket: Ticket) -> None:
+        command_id = self._tickets.pop(ticket, None)
+        if command_id is None:
+            return
         record = self.open.get(command_id)
         if record is None or record.state != "pending":
             return
         record.state = "sent"
         record.sent_at_ms = self.clock()
         self._mark(record)
-
-    def _on_connected(self) -> None:
-        self._resend_all = True
-        self._wake.set()
 
     def _mark(self, record: CommandRecord) -> None:
         record.updated_at_ms = self.clock()
@@ -317,8 +337,14 @@ class Commands:
             log.info("command %s on %s expired unanswered", record.id, record.device_id)
 
     def _resend(self, now: int, resend_ms: int) -> None:
-        everything, devices = self._resend_all, self._resend_devices
-        self._resend_all, self._resend_devices = False, set()
+        publisher = self.publisher
+        if publisher is None or not publisher.connected:
+            return
+        everything = publisher.generation != self._generation  # a new connection
+        if everything:
+            self._generation = publisher.generation
+            self._tickets.clear()  # the old connection's PUBACKs will not come
+        devices, self._resend_devices = self._resend_devices, set()
         for record in list(self.open.values()):
             last = record.last_sent_at_ms
             if everything or record.device_id in devices or last is None or now - last >= resend_ms:

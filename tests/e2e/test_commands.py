@@ -80,12 +80,13 @@ class Served:
 
 @asynccontextmanager
 async def serve(
-    broker: Process, data_dir: Path, catalog: Catalog, **commands: Any
+    broker: Process, data_dir: Path, catalog: Catalog, mqtt_client: str = "gmqtt", **commands: Any
 ) -> AsyncIterator[Served]:
     config = IngestConfig(
         broker=broker.url,
         client_id=f"ingest-{data_dir.name}",
         data_dir=data_dir,
+        mqtt_client=mqtt_client,
         commands=CommandsConfig(**({"ttl_min_s": 1.0, "resend_s": 0.5} | commands)),
     )
     keys = KeyStore.in_dir(data_dir)
@@ -237,7 +238,9 @@ async def test_commands_that_do_not_fit_are_refused_before_sending(
             assert r.status_code == status, (body, r.text)
         r = await svc.http.post(f"/v1/devices/{PILE}/commands", json={"type": "reboot"})
         assert r.status_code == 401
-        assert (await svc.http.get("/v1/commands/c-doesnotexist", headers=svc.auth)).status_code == 404
+        assert (
+            await svc.http.get("/v1/commands/c-doesnotexist", headers=svc.auth)
+        ).status_code == 404
         nothing = await svc.http.get(f"/v1/devices/{PILE}/commands", headers=svc.auth)
         assert nothing.json() == {"commands": []}
 
@@ -324,19 +327,20 @@ def _assert(condition: bool) -> None:
 # -- a restart with an open command ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("client", ["gmqtt", "paho"])  # commands go out on its connection
 async def test_an_open_command_survives_a_restart_and_completes(
-    broker: Process, tmp_path: Path, catalog: Catalog
+    broker: Process, tmp_path: Path, catalog: Catalog, client: str
 ) -> None:
     data = tmp_path / "data"
     device = HandDevice(broker.port, HAND)
     try:
-        async with serve(broker, data, catalog) as svc:
+        async with serve(broker, data, catalog, client) as svc:
             asked = (await svc.send(HAND, "disable_port", port=4, ttl_s=60)).json()
             await svc.state_becomes(asked["id"], "sent")  # the broker has it; no device yet
         # the service is down; the device comes on line (a clean session: nothing queued)
         await asyncio.to_thread(device.start)
         assert device.received(asked["id"]) == 0
-        async with serve(broker, data, catalog) as svc:
+        async with serve(broker, data, catalog, client) as svc:
             await eventually(lambda: _assert(device.received(asked["id"]) >= 1), within_s=5)
             still = await svc.command(asked["id"])
             assert (still["state"], still["requested_by"]) == ("sent", "li-wei")
