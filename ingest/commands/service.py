@@ -86,7 +86,7 @@ class Commands:
         self.clock = clock
         self.publisher: Publisher | None = None  # attach()
         self._tickets: dict[Ticket, str] = {}  # published, PUBACK awaited
-        self._generation = 0  # of the publisher's connection we last sent everything on
+        self._sent_on: dict[str, int] = {}  # open command -> connection it was last sent on
         self.open: dict[str, CommandRecord] = {}
         self._dirty: dict[str, CommandRecord] = {}  # changed, not yet written
         self._results: collections.deque[tuple[str, str, str, str | None, int]] = (
@@ -259,6 +259,7 @@ class Commands:
         if ticket is None:
             return  # not connected: sent again at the next connection
         self._tickets[ticket] = record.id
+        self._sent_on[record.id] = ticket[0]
         record.sends += 1
         record.last_sent_at_ms = self.clock()
         self.m_sends.inc()
@@ -307,6 +308,7 @@ class Commands:
                 record.state, record.result, record.info = result, result, info
                 record.result_at_ms = at_ms
                 del self.open[ident]
+                self._sent_on.pop(ident, None)
                 self._mark(record)
                 self.m_results.labels("applied").inc()
                 self.m_finished.labels(result).inc()
@@ -331,6 +333,7 @@ class Commands:
     def _expire(self, now: int) -> None:
         for record in [r for r in self.open.values() if r.expires_at_ms <= now]:
             del self.open[record.id]
+            self._sent_on.pop(record.id, None)
             record.state = "expired"
             self._mark(record)
             self.m_finished.labels("expired").inc()
@@ -340,14 +343,18 @@ class Commands:
         publisher = self.publisher
         if publisher is None or not publisher.connected:
             return
-        everything = publisher.generation != self._generation  # a new connection
-        if everything:
-            self._generation = publisher.generation
-            self._tickets.clear()  # the old connection's PUBACKs will not come
+        generation = publisher.generation
+        for ticket in [t for t in self._tickets if t[0] != generation]:
+            del self._tickets[ticket]  # an old connection's PUBACKs will not come
         devices, self._resend_devices = self._resend_devices, set()
         for record in list(self.open.values()):
             last = record.last_sent_at_ms
-            if everything or record.device_id in devices or last is None or now - last >= resend_ms:
+            if (
+                self._sent_on.get(record.id) != generation  # not yet on this connection
+                or record.device_id in devices  # the device is back
+                or last is None
+                or now - last >= resend_ms
+            ):
                 self._send(record)
 
     async def _flush(self) -> None:

@@ -352,3 +352,56 @@ async def test_an_open_command_survives_a_restart_and_completes(
             assert (stored["state"], stored["info"]) == ("done", "port 4 disabled")
     finally:
         device.close()
+
+
+async def test_a_device_coming_back_gets_its_open_commands_at_once(
+    broker: Process, tmp_path: Path, catalog: Catalog
+) -> None:
+    """The periodic resend is an hour away: only the device's birth can bring it now."""
+    async with serve(broker, tmp_path / "data", catalog, resend_s=3600) as svc:
+        asked = (await svc.send(HAND, "disable_port", port=5, ttl_s=60)).json()
+        await svc.state_becomes(asked["id"], "sent")  # to the broker; nobody subscribed
+        device = HandDevice(broker.port, HAND)
+        try:
+            await asyncio.to_thread(device.start)  # subscribe, then the birth
+            started = time.monotonic()
+            await eventually(lambda: _assert(device.received(asked["id"]) == 1), within_s=5)
+            assert time.monotonic() - started < 3
+            await asyncio.to_thread(device.answer, asked["id"])
+            assert (await svc.state_becomes(asked["id"], "done"))["sends"] == 2
+        finally:
+            device.close()
+
+
+async def test_the_commands_task_dies_and_comes_back_with_its_state(
+    broker: Process, tmp_path: Path, catalog: Catalog
+) -> None:
+    async with serve(broker, tmp_path / "data", catalog) as svc:
+        device = HandDevice(broker.port, HAND)
+        await asyncio.to_thread(device.start)
+        try:
+            asked = (await svc.send(HAND, "disable_port", port=6, ttl_s=60)).json()
+            await svc.state_becomes(asked["id"], "sent")
+            supervisor = svc.ingest.supervisor
+            supervisor.restart_min_s = 0.05
+            task = supervisor.task("commands")
+            assert task is not None
+            task.cancel()  # someone else cancelling it counts as a death
+            await eventually(lambda: _assert("commands" in supervisor.deaths))
+            assert supervisor.deaths["commands"].deaths == 1
+            assert any("commands" in p for p in svc.ingest.problems())
+            await eventually(lambda: _assert(supervisor.task("commands") is not None))
+            await asyncio.to_thread(device.answer, asked["id"])
+            await svc.state_becomes(asked["id"], "done")
+        finally:
+            device.close()
+
+
+async def test_a_command_body_is_small(broker: Process, tmp_path: Path, catalog: Catalog) -> None:
+    async with serve(broker, tmp_path / "data", catalog) as svc:
+        r = await svc.http.post(
+            f"/v1/devices/{PILE}/commands",
+            headers=svc.auth | {"Content-Type": "application/json"},
+            content=json.dumps({"type": "reboot", "pad": "x" * 2000}),
+        )
+        assert r.status_code == 413, r.text
