@@ -20,6 +20,9 @@ class CommandsConfig(BaseModel):
     # Open (pending/sent) commands per device: one stuck device cannot grow the store
     # without bound, and nobody needs more than this queued for one device.
     open_max_per_device: int = Field(default=50, ge=1, le=10_000)
+    # Open commands in all: each is resent every resend_s, so this bounds that traffic
+    # (10,000 every 30 s is ~330 publishes a second) and the store.
+    open_max: int = Field(default=10_000, ge=1, le=1_000_000)
     # Commands kept in the store (newest); older ones are pruned as new ones come.
     kept: int = Field(default=100_000, ge=100)
 

@@ -88,6 +88,7 @@ class Commands:
         self._tickets: dict[Ticket, str] = {}  # published, PUBACK awaited
         self._sent_on: dict[str, int] = {}  # open command -> connection it was last sent on
         self.open: dict[str, CommandRecord] = {}
+        self._open_per_device: collections.Counter[str] = collections.Counter()
         self._dirty: dict[str, CommandRecord] = {}  # changed, not yet written
         self._results: collections.deque[tuple[str, str, str, str | None, int]] = (
             collections.deque()
@@ -118,7 +119,7 @@ class Commands:
 
     async def __aenter__(self) -> Commands:
         for record in await asyncio.to_thread(self.store.load_open):
-            self.open[record.id] = record
+            self._opened(record)
         if self.open:
             log.info("commands: %d open commands restored; resending", len(self.open))
         self.supervisor.start(TASK, self._run)
@@ -182,12 +183,13 @@ class Commands:
     ) -> CommandRecord:
         """Store a new command (``pending``), then publish it. Durable before it returns."""
         station_id, ttl = self.check(device_id, ctype, unit, ttl_s)
-        if sum(1 for r in self.open.values() if r.device_id == device_id) >= (
-            self.config.open_max_per_device
-        ):
+        cfg = self.config
+        if self._open_per_device[device_id] >= cfg.open_max_per_device:
             raise TooManyCommands(
-                f"{device_id} has {self.config.open_max_per_device} open commands already"
+                f"{device_id} has {cfg.open_max_per_device} open commands already"
             )
+        if len(self.open) >= cfg.open_max:
+            raise TooManyCommands(f"{cfg.open_max} commands are open already")
         now = self.clock()
         ident = f"c-{secrets.token_urlsafe(18)}"  # 144 random bits: not guessable
         field = COMMAND_UNIT[ctype]
@@ -216,7 +218,7 @@ class Commands:
             updated_at_ms=now,
         )
         await asyncio.to_thread(self.store.save, [record], self.config.kept)
-        self.open[ident] = record
+        self._opened(record)
         self.m_created.labels(ctype).inc()
         log.info("command %s %s for %s by %s", ident, ctype, device_id, requested_by)
         self._send(record)
@@ -243,9 +245,7 @@ class Commands:
             assert msg.result is not None
             self._results.append((twin.device_id, msg.cmd, msg.result, msg.info, received_ms))
             self._wake.set()
-        elif isinstance(msg, Birth) and any(
-            r.device_id == twin.device_id for r in self.open.values()
-        ):
+        elif isinstance(msg, Birth) and twin.device_id in self._open_per_device:
             self._resend_devices.add(twin.device_id)
             self._wake.set()
 
@@ -275,6 +275,17 @@ class Commands:
         record.state = "sent"
         record.sent_at_ms = self.clock()
         self._mark(record)
+
+    def _opened(self, record: CommandRecord) -> None:
+        self.open[record.id] = record
+        self._open_per_device[record.device_id] += 1
+
+    def _closed(self, record: CommandRecord) -> None:
+        del self.open[record.id]
+        self._sent_on.pop(record.id, None)
+        self._open_per_device[record.device_id] -= 1
+        if not self._open_per_device[record.device_id]:
+            del self._open_per_device[record.device_id]
 
     def _mark(self, record: CommandRecord) -> None:
         record.updated_at_ms = self.clock()
@@ -307,8 +318,7 @@ class Commands:
             if record is not None and record.device_id == device_id:
                 record.state, record.result, record.info = result, result, info
                 record.result_at_ms = at_ms
-                del self.open[ident]
-                self._sent_on.pop(ident, None)
+                self._closed(record)
                 self._mark(record)
                 self.m_results.labels("applied").inc()
                 self.m_finished.labels(result).inc()
@@ -332,8 +342,7 @@ class Commands:
 
     def _expire(self, now: int) -> None:
         for record in [r for r in self.open.values() if r.expires_at_ms <= now]:
-            del self.open[record.id]
-            self._sent_on.pop(record.id, None)
+            self._closed(record)
             record.state = "expired"
             self._mark(record)
             self.m_finished.labels("expired").inc()

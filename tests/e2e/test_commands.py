@@ -397,11 +397,18 @@ async def test_the_commands_task_dies_and_comes_back_with_its_state(
             device.close()
 
 
-async def test_a_command_body_is_small(broker: Process, tmp_path: Path, catalog: Catalog) -> None:
-    async with serve(broker, tmp_path / "data", catalog) as svc:
+async def test_a_command_body_is_small_and_open_commands_are_bounded(
+    broker: Process, tmp_path: Path, catalog: Catalog
+) -> None:
+    async with serve(broker, tmp_path / "data", catalog, open_max_per_device=2, open_max=3) as svc:
         r = await svc.http.post(
             f"/v1/devices/{PILE}/commands",
             headers=svc.auth | {"Content-Type": "application/json"},
             content=json.dumps({"type": "reboot", "pad": "x" * 2000}),
         )
         assert r.status_code == 413, r.text
+        # nobody answers HAND or OTHER: their commands stay open
+        assert [(await svc.send(HAND, "resend")).status_code for _ in range(3)] == [202, 202, 429]
+        assert (await svc.send(OTHER, "resend")).status_code == 202
+        full = await svc.send(OTHER, "resend")  # 3 open in all
+        assert (full.status_code, full.json()["error"]) == (429, "rate_limited")
