@@ -131,6 +131,7 @@ class Commands:
         await self.supervisor.stop(TASK)
         if self.publisher is not None:
             self.publisher.on_published = None
+        await self._apply_results()  # what the pipeline's last batch brought
         await self._flush()
 
     def attach(self, publisher: Publisher) -> None:

@@ -28,7 +28,7 @@ from simulators.config import BrokerAddress, FleetConfig
 from simulators.fleet import Fleet
 from tests.alerts.helpers import eventually
 from tests.mqttclients import Client
-from tests.servers import Process
+from tests.servers import Process, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -412,3 +412,27 @@ async def test_a_command_body_is_small_and_open_commands_are_bounded(
         assert (await svc.send(OTHER, "resend")).status_code == 202
         full = await svc.send(OTHER, "resend")  # 3 open in all
         assert (full.status_code, full.json()["error"]) == (429, "rate_limited")
+
+
+async def test_commands_through_the_embedded_broker(tmp_path: Path, catalog: Catalog) -> None:
+    """``chargewatch serve`` with no broker (the demo): amqtt carries commands too."""
+    config = IngestConfig(broker=None, embedded_broker_port=free_port(), data_dir=tmp_path / "data")
+    keys = KeyStore.in_dir(config.data_dir)
+    _, token = keys.create("li-wei", "maintainer")
+    keys.close()
+    async with Ingest(config, catalog) as ingest:
+        assert ingest.broker_url is not None
+        fleet_cfg = FleetConfig(
+            broker=BrokerAddress("127.0.0.1", ingest.broker_url.port), fault_rate=0.0
+        )
+        transport = httpx.ASGITransport(app=create_app(ingest))
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://cw") as http,
+            Fleet(catalog, fleet_cfg, only=[CABINET]) as fleet,
+        ):
+            await fleet.ready()
+            svc = Served(ingest, http, token)
+            await eventually(lambda: _connected(ingest), within_s=10)
+            asked = await svc.send(CABINET, "open_door")
+            assert asked.status_code == 202, asked.text
+            await svc.state_becomes(asked.json()["id"], "done")
