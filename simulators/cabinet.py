@@ -53,10 +53,10 @@ class SlotSim:
 
     def derive_state(self) -> bool:
         """Recompute ``state`` from battery, soc and fault; True when it changed."""
-        if self.disabled:
-            state = "disabled"
-        elif self.fault is not None:
+        if self.fault is not None:  # a fault shows through a disabled slot
             state = "faulted"
+        elif self.disabled:
+            state = "disabled"
         elif self.battery is None:
             state = "empty"
         elif self.locked:
@@ -257,7 +257,8 @@ class CabinetModel(DeviceModel):
 
     def set_slot_enabled(self, unit: int, enabled: bool) -> str:
         """``disable_slot`` / ``enable_slot``: a disabled slot stops charging and serves no
-        rider; it reads ``disabled`` (whatever else it is) until enabled."""
+        rider; it reads ``disabled`` until enabled, unless it is faulted: disabling never
+        hides a fault from the service (it reads ``faulted`` until the fault clears)."""
         self._check_unit(unit)
         slot = self.slots[unit - 1]
         slot.disabled = not enabled
@@ -265,7 +266,10 @@ class CabinetModel(DeviceModel):
             slot.power_w = 0.0
         slot.derive_state()
         self._touch()
-        return f"slot {unit} {'enabled' if enabled else 'disabled'}"
+        done = f"slot {unit} {'enabled' if enabled else 'disabled'}"
+        if slot.fault is not None:
+            return f"{done}; it reads faulted ({slot.fault}) until the fault clears"
+        return done
 
     def set_battery_locked(self, unit: int, locked: bool) -> str:
         """``lock_battery`` holds the pack in ``unit`` (no rider gets it: the slot reads

@@ -49,7 +49,8 @@ class PortSim:
     def as_json(self) -> Body:
         port: Body = {
             "n": self.n,
-            "state": "disabled" if self.disabled else self.state,
+            # a fault shows through: disabling a port never hides it from the service
+            "state": "disabled" if self.disabled and self.state != "faulted" else self.state,
             "power_w": round(self.power_w, 1),
             "energy_wh": round(self.energy_wh, 1),
         }
@@ -211,7 +212,10 @@ class PileModel(DeviceModel):
         else:
             port.disabled = False
         self._touch()
-        return f"port {unit} {'enabled' if enabled else 'disabled'}"
+        done = f"port {unit} {'enabled' if enabled else 'disabled'}"
+        if port.state == "faulted":
+            return f"{done}; it reads faulted ({port.fault}) until the fault clears"
+        return done
 
     def set_temperature(self, unit: int | None, temp_c: float | None) -> None:
         if unit is not None:
