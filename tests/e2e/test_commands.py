@@ -308,13 +308,21 @@ async def test_a_plain_device_answering_late_twice_never_and_for_another(
 
             await eventually(kept)
             assert svc.metric("late") == 1
-            # every answer is in the history too
-            history = await svc.http.get(f"/v1/devices/{HAND}/commands", headers=svc.auth)
-            states = {c["id"]: c["state"] for c in history.json()["commands"]}
+            listed = await svc.http.get(f"/v1/devices/{HAND}/commands", headers=svc.auth)
+            states = {c["id"]: c["state"] for c in listed.json()["commands"]}
             assert states == {
                 late["id"]: "done", twice["id"]: "rejected", theirs["id"]: "done",
                 never["id"]: "expired",
             }  # fmt: skip
+            # every answer is in the device's history too, the repeated and the late ones
+            history = (await svc.http.get(f"/v1/devices/{HAND}/history")).json()
+            answers = [
+                (c["cmd"], c["result"]) for c in history["changes"] if c["type"] == "command_result"
+            ]
+            assert answers == [
+                (late["id"], "done"), (twice["id"], "rejected"), (twice["id"], "done"),
+                (theirs["id"], "done"), (never["id"], "done"),
+            ]  # fmt: skip
         finally:
             device.close()
             other.close()
