@@ -150,7 +150,9 @@ class HandDevice:
 async def test_every_command_through_mosquitto_to_the_simulator_and_back(
     broker: Process, tmp_path: Path, catalog: Catalog
 ) -> None:
-    fleet_cfg = FleetConfig(broker=BrokerAddress("127.0.0.1", broker.port), fault_rate=0.0)
+    fleet_cfg = FleetConfig(  # behaviour frozen: no rider takes the port or the pack meanwhile
+        broker=BrokerAddress("127.0.0.1", broker.port), fault_rate=0.0, duration_s=0
+    )
     async with (
         serve(broker, tmp_path / "data", catalog) as svc,
         Fleet(catalog, fleet_cfg, only=[PILE, CABINET]) as fleet,

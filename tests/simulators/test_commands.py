@@ -3,6 +3,7 @@ real mosquitto and the simulated devices answer every command type as the contra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -93,7 +94,7 @@ async def test_pile_ports_disable_enable_range_and_repeats(
     broker: Process, catalog: Catalog, service: Service
 ) -> None:
     (pile_id,) = pick(catalog, 1, 0)
-    async with Fleet(catalog, fleet_config(broker.port, speed=1.0), only=[pile_id]) as fleet:
+    async with Fleet(catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[pile_id]) as fleet:
         await within(fleet.ready())
         model = fleet.device(pile_id).model
         assert isinstance(model, PileModel)
@@ -144,7 +145,7 @@ async def test_expired_unreadable_and_unknown_commands(
     broker: Process, catalog: Catalog, service: Service
 ) -> None:
     (cabinet_id,) = pick(catalog, 0, 1)
-    async with Fleet(catalog, fleet_config(broker.port, speed=1.0), only=[cabinet_id]) as fleet:
+    async with Fleet(catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[cabinet_id]) as fleet:
         await within(fleet.ready())
         device = fleet.device(cabinet_id)
         expired = service.send(cabinet_id, "disable_slot", slot=1, ttl_s=-1)
@@ -160,11 +161,12 @@ async def test_expired_unreadable_and_unknown_commands(
         assert not model.slots[0].disabled
 
 
+
 async def test_cabinet_slots_locks_and_door(
     broker: Process, catalog: Catalog, service: Service
 ) -> None:
     (cabinet_id,) = pick(catalog, 0, 1)
-    async with Fleet(catalog, fleet_config(broker.port, speed=1.0), only=[cabinet_id]) as fleet:
+    async with Fleet(catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[cabinet_id]) as fleet:
         await within(fleet.ready())
         model = fleet.device(cabinet_id).model
         assert isinstance(model, CabinetModel)
@@ -217,7 +219,7 @@ async def test_reboot_is_a_new_boot_and_resend_a_fresh_birth(
     broker: Process, catalog: Catalog, service: Service
 ) -> None:
     (pile_id,) = pick(catalog, 1, 0)
-    async with Fleet(catalog, fleet_config(broker.port, speed=1.0), only=[pile_id]) as fleet:
+    async with Fleet(catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[pile_id]) as fleet:
         await within(fleet.ready())
         await within(fleet.settle())
         device = fleet.device(pile_id)
@@ -263,3 +265,14 @@ async def test_reboot_is_a_new_boot_and_resend_a_fresh_birth(
         await eventually(lambda: _assert(len(service.results(pile_id, reboot)) == 2))
         await within(fleet.settle())
         assert device.reboots == 1
+
+
+async def test_a_fleet_left_before_its_hold_point_stops(broker: Process, catalog: Catalog) -> None:
+    """Leaving a fleet with a ``duration`` before behaviour froze: the hold waiter ends with
+    it (it waited for a hold that a stopped device never reaches, and the fleet never
+    stopped)."""
+    (pile_id,) = pick(catalog, 1, 0)
+    config = fleet_config(broker.port, speed=1.0, duration_s=3600)  # an hour away
+    async with asyncio.timeout(15):
+        async with Fleet(catalog, config, only=[pile_id]) as fleet:
+            await within(fleet.ready())
