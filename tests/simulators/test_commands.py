@@ -94,7 +94,9 @@ async def test_pile_ports_disable_enable_range_and_repeats(
     broker: Process, catalog: Catalog, service: Service
 ) -> None:
     (pile_id,) = pick(catalog, 1, 0)
-    async with Fleet(catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[pile_id]) as fleet:
+    async with Fleet(
+        catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[pile_id]
+    ) as fleet:
         await within(fleet.ready())
         model = fleet.device(pile_id).model
         assert isinstance(model, PileModel)
@@ -145,7 +147,9 @@ async def test_expired_unreadable_and_unknown_commands(
     broker: Process, catalog: Catalog, service: Service
 ) -> None:
     (cabinet_id,) = pick(catalog, 0, 1)
-    async with Fleet(catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[cabinet_id]) as fleet:
+    async with Fleet(
+        catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[cabinet_id]
+    ) as fleet:
         await within(fleet.ready())
         device = fleet.device(cabinet_id)
         expired = service.send(cabinet_id, "disable_slot", slot=1, ttl_s=-1)
@@ -161,12 +165,13 @@ async def test_expired_unreadable_and_unknown_commands(
         assert not model.slots[0].disabled
 
 
-
 async def test_cabinet_slots_locks_and_door(
     broker: Process, catalog: Catalog, service: Service
 ) -> None:
     (cabinet_id,) = pick(catalog, 0, 1)
-    async with Fleet(catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[cabinet_id]) as fleet:
+    async with Fleet(
+        catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[cabinet_id]
+    ) as fleet:
         await within(fleet.ready())
         model = fleet.device(cabinet_id).model
         assert isinstance(model, CabinetModel)
@@ -219,7 +224,9 @@ async def test_reboot_is_a_new_boot_and_resend_a_fresh_birth(
     broker: Process, catalog: Catalog, service: Service
 ) -> None:
     (pile_id,) = pick(catalog, 1, 0)
-    async with Fleet(catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[pile_id]) as fleet:
+    async with Fleet(
+        catalog, fleet_config(broker.port, speed=1.0, duration_s=0), only=[pile_id]
+    ) as fleet:
         await within(fleet.ready())
         await within(fleet.settle())
         device = fleet.device(pile_id)
