@@ -183,7 +183,9 @@ async def test_every_command_through_mosquitto_to_the_simulator_and_back(
             (CABINET, "reboot", {}, None),
         ]
         boot_before = fleet.device(CABINET).boot
+        took: list[float] = []
         for device, ctype, unit, shows in steps:
+            started = time.monotonic()
             r = await svc.send(device, ctype, **unit)
             assert r.status_code == 202, r.text
             asked = r.json()
@@ -194,6 +196,7 @@ async def test_every_command_through_mosquitto_to_the_simulator_and_back(
             )
             assert asked["sends"] == 1
             done = await svc.state_becomes(asked["id"], "done")
+            took.append(time.monotonic() - started)
             assert done["result_at"] is not None
             assert done["sent_at"] is not None  # the broker acknowledged it before the answer
             if shows is not None:
@@ -206,6 +209,7 @@ async def test_every_command_through_mosquitto_to_the_simulator_and_back(
             assert twin["boot"] != boot_before  # and the reboot made a new boot
 
         await eventually(door_open, within_s=10)
+        print(f"commands: POST to done in {min(took):.3f}-{max(took):.3f}s (polled every 20 ms)")
         listed = await svc.http.get(f"/v1/devices/{CABINET}/commands", headers=svc.auth)
         assert [c["type"] for c in listed.json()["commands"]] == [
             "reboot", "open_door", "unlock_battery", "lock_battery", "enable_slot", "disable_slot",
