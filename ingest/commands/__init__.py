@@ -3,8 +3,9 @@ publishes it to the device's ``cmd`` topic and resends it until the device answe
 ``command_result`` event or the command expires. See docs/commands.md.
 
 Modules: ``config`` (options), ``model`` (the command record and its view), ``store``
-(SQLite, the service's file), ``publisher`` (an MQTT client of its own), ``service``
-(``Commands``: create, resend, expire, apply results; composes the rest).
+(SQLite, the service's file), ``service`` (``Commands``: create, resend, expire, apply
+results; publishes through the ingest MQTT source's own connection, see
+``ingest.gmqtt_source`` for why).
 
 Exceptions::
 

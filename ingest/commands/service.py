@@ -4,8 +4,9 @@ Open commands (``pending``/``sent``) live in memory and in the store; every chan
 made on the event loop, marked dirty, and written by the service's task (``commands``,
 supervised: a death is reported and the task restarted, its state is this object's).
 That task also handles the answers in arrival order, resends open commands every
-``resend_s`` (and at once when the publisher reconnects or the device is born again),
-and marks a command ``expired`` when its ``expires`` passes without an answer.
+``resend_s`` (and at once on a new connection of the ingest source, which publishes them,
+or when the device is born again), and marks a command ``expired`` when its ``expires``
+passes without an answer.
 
 A ``command_result`` event reaches us as a pipeline observer, after its batch is stored
 (history keeps it). The first answer to an open command decides its state; any later one
