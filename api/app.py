@@ -18,6 +18,7 @@ from api.live import Live
 from api.routes import (
     alerts,
     batteries,
+    commands,
     health,
     history,
     keys,
@@ -78,6 +79,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(alerts.router)
     app.include_router(batteries.router)
     app.include_router(work_orders.router)
+    app.include_router(commands.router)
     app.include_router(notifications.router)
     app.include_router(keys.router)
     app.include_router(reports.router)

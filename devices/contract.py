@@ -45,12 +45,55 @@ EventType = Literal[
     "swap",
     "door_opened",
     "door_closed",
+    "command_result",  # v1.1: a device's answer to a command
 ]
 DeviceKind = Literal["pile", "cabinet"]
 
 PORT_STATES: tuple[str, ...] = get_args(PortState)
 SLOT_STATES: tuple[str, ...] = get_args(SlotState)
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+
+# -- v1.1: commands, service -> device on ``cmd``, answered by a ``command_result`` event --
+
+CommandType = Literal[
+    "disable_port",
+    "enable_port",
+    "disable_slot",
+    "enable_slot",
+    "lock_battery",
+    "unlock_battery",
+    "open_door",
+    "reboot",
+    "resend",
+]
+CommandResult = Literal["done", "rejected", "failed"]
+COMMAND_TYPES: tuple[str, ...] = get_args(CommandType)
+COMMAND_RESULTS: tuple[str, ...] = get_args(CommandResult)
+#: the unit field a command type needs ("port"/"slot"), or None for the whole device
+COMMAND_UNIT: dict[str, str | None] = {
+    "disable_port": "port",
+    "enable_port": "port",
+    "disable_slot": "slot",
+    "enable_slot": "slot",
+    "lock_battery": "slot",
+    "unlock_battery": "slot",
+    "open_door": None,
+    "reboot": None,
+    "resend": None,
+}
+#: the device kind a command type is for; None: every kind
+COMMAND_KIND: dict[str, DeviceKind | None] = {
+    "disable_port": "pile",
+    "enable_port": "pile",
+    "disable_slot": "cabinet",
+    "enable_slot": "cabinet",
+    "lock_battery": "cabinet",
+    "unlock_battery": "cabinet",
+    "open_door": "cabinet",
+    "reboot": None,
+    "resend": None,
+}
+COMMAND_ID_MIN, COMMAND_ID_MAX = 8, 64
 
 #: Every reason a message can be rejected for; the ingestor adds the ones that need context.
 REASONS = (
@@ -135,6 +178,7 @@ Seq = Annotated[int, Meta(ge=0, le=SEQ_MAX)]
 # whether the device has that port/slot is checked against the catalog by the ingestor
 UnitNumber = Annotated[int, Meta(ge=1, le=MAX_UNITS)]
 Percent = Annotated[float, Meta(ge=0, le=100)]
+CommandId = Annotated[str, Meta(min_length=COMMAND_ID_MIN, max_length=COMMAND_ID_MAX)]
 
 
 def _ts_ms(model: msgspec.Struct, value: str | int | None) -> None:
@@ -294,6 +338,7 @@ _EVENT_NEEDS: dict[str, tuple[str, ...]] = {
     "session_started": ("port", "session"),
     "session_ended": ("port", "session", "energy_wh"),
     "swap": ("slot_out", "battery_out", "soc_out", "slot_in", "battery_in", "soc_in"),
+    "command_result": ("cmd", "result"),
 }
 
 
@@ -312,6 +357,8 @@ class Event(_Header, frozen=True, kw_only=True):
     slot_in: UnitNumber | None = None
     battery_in: str | None = None
     soc_in: Percent | None = None
+    cmd: CommandId | None = None  # command_result: the id of the command it answers
+    result: CommandResult | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -321,6 +368,40 @@ class Event(_Header, frozen=True, kw_only=True):
 
 
 Message = Birth | Death | PileStatus | CabinetStatus | Event
+
+
+class Command(_Model, frozen=True, kw_only=True, omit_defaults=True):
+    """A command, service -> device (v1.1). ``ts`` and ``expires`` are epoch ms; a port or
+    slot command names its unit (whether the device has it, the device decides)."""
+
+    v: Literal[1]
+    id: CommandId
+    if TYPE_CHECKING:
+        ts: int
+    else:
+        ts: int | str
+    type: CommandType
+    expires: Annotated[int, Meta(ge=0, lt=_TS_MAX_MS)]
+    port: UnitNumber | None = None
+    slot: UnitNumber | None = None
+
+    def __post_init__(self) -> None:
+        _ts_ms(self, self.ts)
+        unit = COMMAND_UNIT[self.type]
+        if unit is not None and getattr(self, unit) is None:
+            raise ValueError(f"command {self.type} needs {unit}")
+
+    @property
+    def unit(self) -> int | None:
+        """The port or slot the command is about (None: the whole device)."""
+        field = COMMAND_UNIT[self.type]
+        return None if field is None else getattr(self, field)
+
+    def encode(self) -> bytes:
+        return _COMMAND_JSON.encode(self)
+
+
+_COMMAND_JSON = msgspec.json.Encoder()
 
 _UNIT_FIELDS = {"pile": ("port",), "cabinet": ("slot", "slot_out", "slot_in")}
 
@@ -342,6 +423,7 @@ def unknown_unit(event: Event, kind: DeviceKind, units: int) -> str | None:
 
 _STATUS = msgspec.json.Decoder(PileStatus | CabinetStatus)
 _EVENT = msgspec.json.Decoder(Event)
+_COMMAND = msgspec.json.Decoder(Command)
 _BIRTH = msgspec.json.Decoder(Birth)  # births outnumber deaths; a death takes the steps below
 _ANY = msgspec.json.Decoder()
 
@@ -493,3 +575,41 @@ def _decode_steps(channel: Channel, payload: bytes) -> Message:
         raise ContractError("schema", _where(exc)) from None
     _check_unique_keys(channel, payload)
     return message
+
+
+def decode_command(payload: bytes) -> Command:
+    """A command as a device reads it; raises ContractError with a reason."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ContractError("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        return _COMMAND.decode(payload)
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
+        pass
+    try:
+        data = _ANY.decode(payload)
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError) as exc:
+        raise ContractError("not_json", str(exc)) from None
+    if not isinstance(data, dict):
+        raise ContractError("not_object", f"JSON {type(data).__name__}, object expected")
+    version = data.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ContractError("version", f"v={version!r}, this device speaks v1")
+    try:
+        return msgspec.convert(data, Command, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ContractError("schema", _where(exc)) from None
+
+
+def command_id(payload: bytes) -> str | None:
+    """The id of a command that may not decode (to answer it ``rejected``), when it has a
+    valid one; None otherwise."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    try:
+        data = _ANY.decode(payload)
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
+        return None
+    ident = data.get("id") if isinstance(data, dict) else None
+    if isinstance(ident, str) and COMMAND_ID_MIN <= len(ident) <= COMMAND_ID_MAX:
+        return ident
+    return None

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from devices.topics import DEFAULT_PREFIX
 from ingest.alerts.config import AlertsConfig
+from ingest.commands.config import CommandsConfig
 
 
 class BatteriesConfig(BaseModel):
@@ -83,3 +84,5 @@ class IngestConfig(BaseModel):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     # Battery passports: flagged packs (docs/alerts.md, "Battery passports").
     batteries: BatteriesConfig = Field(default_factory=BatteriesConfig)
+    # Remote commands to devices (contract v1.1, docs/commands.md).
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)

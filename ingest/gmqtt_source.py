@@ -17,6 +17,12 @@ back-pressure: the broker keeps the rest in our persistent session, and never ha
 its own in-flight window unacknowledged). An ack frees a slot, which the oldest waiting
 message takes; reading resumes once nothing waits.
 
+Commands (contract v1.1) go out on this connection too (``publish``): the deployed broker
+makes a client's id its username (``use_username_as_clientid``), so a second connection
+with the ingest identity would take this session over. gmqtt numbers them and handles
+their PUBACK; ``_handle_puback_packet`` is wrapped to tell ``on_published``. While reading
+is paused (every slot taken) a command is still written, its PUBACK read later.
+
 Reconnects are ours, as in ``MqttSource``: a fresh gmqtt client per connection (gmqtt's own
 reconnect, a fixed 6 s delay without jitter, is switched off), capped and jittered
 exponential backoff, each attempt logged, subscribing again on every connect. MQTT 3.1.1 with
@@ -103,6 +109,8 @@ class GmqttSource:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.generation = 0
+        # called on the loop with publish()'s ticket when the broker acknowledged it
+        self.on_published: Callable[[tuple[int, int]], None] | None = None
 
     async def __aenter__(self) -> GmqttSource:
         self._task = asyncio.create_task(self._run(), name="mqtt-ingest")
@@ -154,6 +162,10 @@ class GmqttSource:
         client.on_message = functools.partial(self._on_qos0, generation)
         # QoS 1: ours, so the PUBACK waits for the store (module docstring)
         setattr(client._package_handler, _QOS1_HOOK, functools.partial(self._on_qos1, generation))
+        puback = client._package_handler._handle_puback_packet
+        client._package_handler._handle_puback_packet = functools.partial(
+            self._on_puback, generation, puback
+        )
         self._client = client
         self._lost.clear()
         self._was_up = False
@@ -216,6 +228,21 @@ class GmqttSource:
             acked = True
         self._release()
         return acked
+
+    def publish(self, topic: str, payload: bytes) -> tuple[int, int] | None:
+        """Publish at QoS 1, not retained, on the current connection: a ticket
+        (generation, packet id) that ``on_published`` gets at the PUBACK; None when not
+        connected (nothing is kept to send later: the caller resends)."""
+        conn = self._connection
+        if not self.connected or conn is None or conn.is_closing():
+            return None
+        mid, _ = conn.publish(gmqtt.Message(topic, payload, qos=1, retain=False))
+        return self.generation, mid
+
+    def _on_puback(self, generation: int, handle: Any, cmd: int, packet: bytes) -> None:
+        handle(cmd, packet)  # gmqtt frees the packet id
+        if generation == self.generation and self.on_published is not None and len(packet) >= 2:
+            self.on_published((generation, int.from_bytes(packet[:2], "big")))
 
     def _flush_acks(self) -> None:
         """One write of every PUBACK queued since the last, to the connection that is still

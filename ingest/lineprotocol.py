@@ -18,7 +18,8 @@ measurement     tags                         fields
                                              battery, fault
 ``event``       device, station, type        boot, seq, code, port, slot, value, info,
                                              session, energy_wh, slot_out, battery_out,
-                                             soc_out, slot_in, battery_in, soc_in
+                                             soc_out, slot_in, battery_in, soc_in, cmd,
+                                             result
 ==============  ===========================  ==============================================
 
 ``type`` is ``birth``/``death``/``status``/``event`` on ``message`` and the event type on
@@ -207,6 +208,8 @@ def row_lines(row: HistoryRow) -> list[str]:
                     ("slot", msg.slot),
                     ("value", _float(msg.value)),
                     ("info", msg.info),
+                    ("cmd", msg.cmd),
+                    ("result", msg.result),
                     ("session", msg.session),
                     ("energy_wh", _float(msg.energy_wh)),
                     ("slot_out", msg.slot_out),

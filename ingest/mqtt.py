@@ -6,6 +6,10 @@ before it is handed to the asyncio side; the slot is freed when the message is a
 back-pressure, and the broker keeps the rest in our persistent session. Memory stays bounded
 by ``max_inflight``.
 
+Commands (contract v1.1) go out on this connection (``publish``; see
+``ingest.gmqtt_source`` for why not on another). paho writes them from its network thread,
+which waits while every in-flight slot is taken: a command then waits for the store too.
+
 Reconnects: our network thread waits a jittered exponential backoff (1 s doubling, capped at
 ``reconnect_max_s``, times 0.5-1 so many ingest workers don't reconnect in step), logs each
 attempt, and subscribes again on every connect.
@@ -152,6 +156,8 @@ class MqttSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = False
         self.generation = 0
+        # called on the loop with publish()'s ticket when the broker acknowledged it
+        self.on_published: Callable[[tuple[int, int]], None] | None = None
         self.keepalive_s = keepalive_s
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -173,6 +179,7 @@ class MqttSource:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
 
     async def __aenter__(self) -> MqttSource:
         self._loop = asyncio.get_running_loop()
@@ -235,7 +242,26 @@ class MqttSource:
         self._slots.release()
         return acked
 
+    def publish(self, topic: str, payload: bytes) -> tuple[int, int] | None:
+        """Publish at QoS 1, not retained: a ticket (generation, packet id) that
+        ``on_published`` gets at the PUBACK; None when not connected."""
+        if not self.connected:
+            return None
+        generation = self.generation
+        info = self._client.publish(topic, payload, qos=1, retain=False)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return None
+        return generation, info.mid
+
     # -- paho thread --------------------------------------------------------------------
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        # on the loop: publish() returned (and its caller kept the ticket) before this runs
+        if self._loop is not None and self.on_published is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                self._loop.call_soon_threadsafe(self.on_published, (self.generation, mid))
 
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any

@@ -27,6 +27,8 @@ from ingest.alerts.orders import WorkOrders
 from ingest.alerts.store import AlertStore
 from ingest.backup import DataDirLock
 from ingest.broker import EmbeddedBroker
+from ingest.commands.service import Commands
+from ingest.commands.store import CommandStore
 from ingest.config import IngestConfig
 from ingest.diskusage import DiskWatch
 from ingest.gmqtt_source import GmqttSource
@@ -102,6 +104,7 @@ class Ingest:
             warn_days=config.disk_full_warning_days,
             registry=self.metrics.registry,
         )
+        self.commands: Commands | None = None
 
     async def drain(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
         """Wait until nothing arrived for ``quiet_s`` and everything received is written
@@ -281,6 +284,22 @@ class Ingest:
                 )
                 self.metrics.registry.register(self.housekeeping)
                 self.supervisor.start(HOUSEKEEPING, self.housekeeping.run)
+            command_store = await asyncio.to_thread(
+                CommandStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
+            )
+            self._stack.callback(command_store.close)
+            self.commands = await self._stack.enter_async_context(
+                Commands(
+                    cfg.commands,
+                    self.catalog,
+                    self.scheme,
+                    command_store,
+                    supervisor=self.supervisor,
+                    registry=self.metrics.registry,
+                )
+            )
+            self.pipeline.observers.append(self.commands.observe)
+            self.passports.sender = self.commands  # lock_battery for a flagged pack
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(
@@ -294,6 +313,8 @@ class Ingest:
                     on_session=self._on_session,
                 )
             )
+            assert self.source is not None
+            self.commands.attach(self.source)  # commands go out on its connection
             self.supervisor.start(SOURCE, self._watch_source, policy="fatal")
         except BaseException:
             await self.__aexit__(None, None, None)

@@ -9,12 +9,13 @@ Errors::
 
     SimulatorError        anything the simulator refuses to do
      +-- UnknownDevice    a device id that this fleet does not run
-     +-- UnsupportedUnit  an injection that makes no sense for this kind of device
+     +-- UnsupportedUnit  an injection (or a command) that makes no sense for this device
+     +-- LockFailed       a command tried and not carried out (its result is ``failed``)
 
 simulators depends only on ``devices`` of ours and the stdlib: its MQTT 3.1.1 client is its
 own (``mqtt``), one asyncio protocol per device connection.
 """
 
-from simulators.errors import SimulatorError, UnknownDevice, UnsupportedUnit
+from simulators.errors import LockFailed, SimulatorError, UnknownDevice, UnsupportedUnit
 
-__all__ = ["SimulatorError", "UnknownDevice", "UnsupportedUnit"]
+__all__ = ["LockFailed", "SimulatorError", "UnknownDevice", "UnsupportedUnit"]

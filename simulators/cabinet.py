@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from devices.catalog import DEFAULT_RELEASE_SOC, DeviceSpec
 from simulators.daycycle import ambient_c, arrival_probability
-from simulators.errors import UnsupportedUnit
+from simulators.errors import LockFailed, UnsupportedUnit
 from simulators.model import STEP_S, Body, DeviceModel
 
 SWAPS_PER_HOUR = 2.0
@@ -44,6 +44,8 @@ class SlotSim:
     temp_c: float = 0.0
     state: str = "empty"
     soc_pin: int | None = None  # set_slot_soc: reported instead of the pack's own soc
+    disabled: bool = False  # out of service by command: no charging, no rider
+    locked: bool = False  # lock_battery: the pack is held (reads "reserved")
 
     @property
     def soc_reported(self) -> int:
@@ -51,10 +53,14 @@ class SlotSim:
 
     def derive_state(self) -> bool:
         """Recompute ``state`` from battery, soc and fault; True when it changed."""
-        if self.fault is not None:
+        if self.fault is not None:  # a fault shows through a disabled slot
             state = "faulted"
+        elif self.disabled:
+            state = "disabled"
         elif self.battery is None:
             state = "empty"
+        elif self.locked:
+            state = "reserved"
         elif self.soc_reported >= self.release_soc:
             state = "ready"
         else:
@@ -124,7 +130,8 @@ class CabinetModel(DeviceModel):
         rng = self.rng
         ambient = ambient_c(t)
         for slot in self.slots:
-            if slot.battery is not None and slot.fault is None and slot.soc < 100:
+            charges = slot.fault is None and not slot.disabled
+            if slot.battery is not None and charges and slot.soc < 100:
                 slot.power_w = charger_power(slot.soc) * rng.uniform(0.97, 1.03)
                 gained = slot.power_w * STEP_S / 3600 / slot.capacity_wh * 100
                 slot.soc = min(100.0, slot.soc + gained)
@@ -209,6 +216,7 @@ class CabinetModel(DeviceModel):
             raise UnsupportedUnit(f"{self.spec.id} slot {unit} holds no battery")
         battery = slot.battery
         slot.battery, slot.soc, slot.power_w, slot.soc_pin = None, 0.0, 0.0, None
+        slot.locked = False
         slot.derive_state()
         self._touch()
         return battery
@@ -244,6 +252,50 @@ class CabinetModel(DeviceModel):
             raise UnsupportedUnit(f"soc {soc} is outside 0..100")
         slot.soc_pin = math.floor(soc)
         self._touch()
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def set_slot_enabled(self, unit: int, enabled: bool) -> str:
+        """``disable_slot`` / ``enable_slot``: a disabled slot stops charging and serves no
+        rider; it reads ``disabled`` until enabled, unless it is faulted: disabling never
+        hides a fault from the service (it reads ``faulted`` until the fault clears)."""
+        self._check_unit(unit)
+        slot = self.slots[unit - 1]
+        slot.disabled = not enabled
+        if not enabled:
+            slot.power_w = 0.0
+        slot.derive_state()
+        self._touch()
+        done = f"slot {unit} {'enabled' if enabled else 'disabled'}"
+        if slot.fault is not None:
+            return f"{done}; it reads faulted ({slot.fault}) until the fault clears"
+        return done
+
+    def set_battery_locked(self, unit: int, locked: bool) -> str:
+        """``lock_battery`` holds the pack in ``unit`` (no rider gets it: the slot reads
+        ``reserved``); ``unlock_battery`` releases it. An empty slot is refused
+        (UnsupportedUnit); a slot whose lock is faulty cannot do it (LockFailed)."""
+        self._check_unit(unit)
+        slot = self.slots[unit - 1]
+        if slot.battery is None:
+            raise UnsupportedUnit(f"slot {unit} holds no battery")
+        if slot.fault == "lock_failure":
+            raise LockFailed(f"slot {unit}: lock_failure, the latch did not move")
+        slot.locked = locked
+        slot.derive_state()
+        self._touch()
+        return f"battery {slot.battery} in slot {unit} {'locked' if locked else 'released'}"
+
+    def open_door(self, at: float) -> str:
+        """``open_door``: refused while there is smoke (air feeds a fire); a faulty door
+        cannot open (LockFailed)."""
+        if self.smoke:
+            raise UnsupportedUnit("smoke in the cabinet: the door stays shut")
+        if "door_fault" in self.faults:
+            raise LockFailed("door_fault: the door did not open")
+        self.set_door(True, at)
+        self._touch()
+        return "door open"
 
     def snapshot(self) -> Body:
         return {

@@ -18,6 +18,16 @@ One task per device, and two timers on the fleet's ``TimerWheel``:
   seconds (times 0.8-0.95, this device's own pace).
 
 A graceful ``stop`` publishes the queued messages, then the death itself, then disconnects.
+
+Commands (contract v1.1): every connection subscribes to the device's own ``cmd`` topic. A
+command is answered with a ``command_result`` event, then a fresh status that shows its
+effect; one whose ``expires`` has passed (by the wall clock, as firmware set by NTP) is
+ignored; an id seen before gets the answer it got then, without acting again (kept across
+reboots, as firmware keeps it in flash). ``reboot`` publishes the death, disconnects and
+comes back as a new boot (seq 0); ``resend`` disconnects gracefully (the broker drops the
+Will) and reconnects within the boot: a fresh birth, whose seq the new Will names, and a
+fresh status. A birth on the same connection would leave the Will naming an older birth,
+which the service then ignores as stale.
 """
 
 from __future__ import annotations
@@ -28,19 +38,27 @@ import logging
 import random
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from devices.catalog import DeviceSpec
-from devices.contract import DEFAULT_HEARTBEAT_S
+from devices.contract import (
+    COMMAND_KIND,
+    COMMAND_UNIT,
+    DEFAULT_HEARTBEAT_S,
+    Command,
+    ContractError,
+    command_id,
+    decode_command,
+)
 from devices.topics import Channel, TopicScheme
 from simulators import payloads
 from simulators.backoff import Backoff
 from simulators.cabinet import CabinetModel
 from simulators.clock import SimClock
-from simulators.errors import UnsupportedUnit
+from simulators.errors import LockFailed, SimulatorError, UnsupportedUnit
 from simulators.model import STEP_S, Body, DeviceModel
 from simulators.mqtt import Link, MqttError, Will, publish_topic
 from simulators.pile import PileModel
@@ -62,6 +80,10 @@ issue, reported; the wire was right)."""
 MIN_TICK_S = 0.2
 """Shortest wall time between two behaviour updates of a device (at high ``--speed`` one
 update runs several model steps)."""
+
+ANSWERS_KEPT = 1000
+"""Command ids a device remembers with their answers (the service resends a command until
+it expires, at most a day)."""
 
 Recorder = Callable[[str, bool, str], None]
 """Called with (topic, retain, payload) for every publish the broker acknowledged."""
@@ -111,6 +133,15 @@ class Outgoing:
     body: Body
 
 
+@dataclass(frozen=True, slots=True)
+class _Reconnect:
+    """In the outbox after a command's result: end this connection gracefully once
+    everything before it is acknowledged, and connect again (``new_boot``: as a new boot,
+    publishing the death first)."""
+
+    new_boot: bool
+
+
 @dataclass(slots=True)
 class _Sent:
     """A message on the wire, waiting for its PUBACK."""
@@ -145,6 +176,7 @@ class SimDevice:
         self.topics: dict[Channel, str] = {
             ch: ctx.scheme.build(spec.id, ch) for ch in ("state", "status", "event")
         }
+        self._cmd_topic = ctx.scheme.build(spec.id, "cmd")
         self._wire_topics = {ch: publish_topic(t) for ch, t in self.topics.items()}
         self.born = asyncio.Event()  # the first birth was acknowledged
         self.held = asyncio.Event()  # behaviour froze and everything queued is acknowledged
@@ -154,7 +186,14 @@ class SimDevice:
         self.dropped = 0
         self._seq = 0
         self._birth_seq = 0  # of the current connection: what its Will names
-        self._outbox: deque[Outgoing | None] = deque()  # None: the graceful stop
+        # None: the graceful stop
+        self._outbox: deque[Outgoing | _Reconnect | None] = deque()
+        self._reconnect: _Reconnect | None = None  # taken from the outbox, in progress
+        # command id -> (result, info): a repeated id gets the same answer
+        self._answers: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._after_done: dict[str, Callable[[], None]] = {}  # reboot/resend, after the answer
+        self.commands_ignored = 0  # expired or unreadable: not answered
+        self.reboots = 0
         self._inflight: dict[int, _Sent] = {}  # packet id -> message, in publish order
         self._settled = asyncio.Event()  # nothing queued, nothing unacknowledged
         self._settled.set()
@@ -224,6 +263,7 @@ class SimDevice:
                 self.ctx.port,
                 self.id,
                 on_ack=self._on_ack,
+                on_message=self._on_message,
                 keepalive_s=self.ctx.keepalive_s,
                 will=will,
                 username=self.id,
@@ -252,6 +292,13 @@ class SimDevice:
             else:
                 backoff.reset()
                 lost = await self._session(link, will_seq)
+            if self._reconnect is not None and not self._stop.is_set():
+                if self._reconnect.new_boot:  # reboot: a new boot, its seq starts at 0
+                    self.boot, self._seq = self._new_boot(), 0
+                    self.reboots += 1
+                self._reconnect = None
+                if lost is None:
+                    continue  # ended on purpose: connect again at once
             if lost is None or self._stop.is_set():
                 if lost is not None:
                     log.debug("%s: connection ended while stopping (%s)", self.id, lost)
@@ -274,6 +321,7 @@ class SimDevice:
         self.ctx.stats.connected += 1
         try:
             self._requeue_for_session()
+            link.subscribe(self._cmd_topic)
             assert self._seq == will_seq, "the birth must carry the seq its Will names"
             birth = payloads.birth_body(self.model.birth_fields(), self.ctx.heartbeat_s)
             self._send("state", self.ctx.clock.now(), birth, role="birth")
@@ -298,6 +346,14 @@ class SimDevice:
             if item is None:  # graceful stop: the same death the Will carries
                 self._outbox.clear()
                 self._publish_text("state", payloads.death(self.boot, self._birth_seq), "death")
+                return
+            if isinstance(item, _Reconnect):
+                self._reconnect = item
+                if item.new_boot:  # reboot: the death first, then disconnect (_on_ack)
+                    death = payloads.death(self.boot, self._birth_seq)
+                    self._publish_text("state", death, "death")
+                else:
+                    link.disconnect()
                 return
             self._send(item.channel, item.at, item.body)
         self._check_settled()
@@ -350,7 +406,11 @@ class SimDevice:
     def _requeue_for_session(self) -> None:
         """Before a birth: a fresh snapshot first, then the events still waiting (statuses
         from before the connection are stale and dropped), then a pending stop."""
-        waiting = [item for item in self._outbox if item is None or item.channel == "event"]
+        waiting = [
+            item
+            for item in self._outbox
+            if item is None or isinstance(item, _Reconnect) or item.channel == "event"
+        ]
         self._outbox.clear()
         self._outbox.append(Outgoing("status", self.ctx.clock.now(), self.model.snapshot()))
         self._outbox.extend(waiting)
@@ -433,6 +493,89 @@ class SimDevice:
             self._last_status = time.monotonic()
             wait = self._beat_s
         self.ctx.timers.call_later(wait, self._heartbeat)
+
+    # -- commands (contract v1.1) ----------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        """A PUBLISH from the broker: only our own ``cmd`` topic is subscribed."""
+        if topic != self._cmd_topic or self._stop.is_set():
+            return
+        try:
+            command = decode_command(payload)
+        except ContractError as exc:
+            ident = command_id(payload)
+            if ident is None:  # nothing to answer to
+                self.commands_ignored += 1
+                log.warning("%s: unreadable command ignored: %s", self.id, exc)
+                return
+            self._answer(ident, "rejected", f"{exc.reason}: {exc.detail}")
+            return
+        if command.expires < time.time_ns() // 1_000_000:
+            self.commands_ignored += 1
+            log.info("%s: command %s expired; ignored", self.id, command.id)
+            return
+        self._answer(command.id, *self._obey(command))
+
+    def _answer(self, ident: str, result: str, info: str) -> None:
+        """Publish the ``command_result``; an id answered before gets that answer again."""
+        now = self._advance()
+        before = self._answers.get(ident)
+        if before is not None:
+            result, info = before
+        else:
+            self._answers[ident] = (result, info)
+            while len(self._answers) > ANSWERS_KEPT:
+                self._answers.popitem(last=False)
+        body = {"type": "command_result", "cmd": ident, "result": result, "info": info}
+        self._enqueue("event", now, body)
+        self._sync(now)  # what the command changed: its events, then a status
+        if before is None and result == "done":
+            self._after_done.pop(ident, lambda: None)()
+
+    def _obey(self, command: Command) -> tuple[str, str]:
+        """Carry out a command once; (result, info)."""
+        if command.id in self._answers:
+            return self._answers[command.id]
+        kind = COMMAND_KIND[command.type]
+        if kind is not None and kind != self.kind:
+            unit = COMMAND_UNIT[command.type]
+            return "rejected", f"{command.type}: a {self.kind} has no {unit or 'door'}s"
+        now = self._advance()
+        try:
+            info = self._carry_out(command, now)
+        except LockFailed as exc:
+            return "failed", str(exc)
+        except SimulatorError as exc:  # out of range, in use, unsafe now
+            return "rejected", str(exc)
+        return "done", info
+
+    def _carry_out(self, command: Command, now: float) -> str:
+        unit = command.unit
+        match command.type:
+            case "disable_port" | "enable_port":
+                assert unit is not None
+                return self._pile().set_port_enabled(unit, command.type == "enable_port")
+            case "disable_slot" | "enable_slot":
+                assert unit is not None
+                return self._cabinet().set_slot_enabled(unit, command.type == "enable_slot")
+            case "lock_battery" | "unlock_battery":
+                assert unit is not None
+                return self._cabinet().set_battery_locked(unit, command.type == "lock_battery")
+            case "open_door":
+                return self._cabinet().open_door(now)
+            case "reboot" | "resend":
+                reconnect = _Reconnect(new_boot=command.type == "reboot")
+                self._after_done[command.id] = lambda: self._queue_reconnect(reconnect)
+                return "rebooting" if reconnect.new_boot else "birth and status follow"
+        raise UnsupportedUnit(f"unknown command type {command.type}")  # pragma: no cover
+
+    def _queue_reconnect(self, reconnect: _Reconnect) -> None:
+        """After the result and its status: end the connection and connect again."""
+        if self._stop.is_set():
+            return
+        self._outbox.append(reconnect)
+        self._settled.clear()
+        self._pump()
 
     # -- injections (for tests and demos; they apply even after behaviour froze) ---------------
 

@@ -16,3 +16,8 @@ class UnknownDevice(SimulatorError, KeyError):
 
 class UnsupportedUnit(SimulatorError, ValueError):
     """An injection that makes no sense for this kind of device (or a unit out of range)."""
+
+
+class LockFailed(SimulatorError):
+    """A command the device tried and could not carry out (a faulty lock or door): its
+    ``command_result`` is ``failed``."""

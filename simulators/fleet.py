@@ -85,6 +85,7 @@ class Fleet:
                 )
         self.devices: dict[str, SimDevice] = {d.id: SimDevice(d.spec, self.context) for d in chosen}
         self._held = asyncio.Event()
+        self._hold_task: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
 
     def __len__(self) -> int:
@@ -104,7 +105,7 @@ class Fleet:
         for device in self.devices.values():
             tg.create_task(device.run(), name=f"device:{device.id}")
         if self.context.end is not None:
-            tg.create_task(self._hold(), name="fleet:hold")
+            self._hold_task = tg.create_task(self._hold(), name="fleet:hold")
         return self
 
     async def __aexit__(
@@ -122,6 +123,8 @@ class Fleet:
         """Graceful stop of every device (deaths published); ``__aexit__`` waits for it."""
         for device in self.devices.values():
             device.stop()
+        if self._hold_task is not None and not self._held.is_set():
+            self._hold_task.cancel()  # a stopped device never reaches the hold
 
     async def ready(self) -> None:
         """Return once every device's first birth was acknowledged."""

@@ -1,5 +1,7 @@
 """A device's MQTT 3.1.1 connection, as small as firmware's: CONNECT (with the Will), QoS 1
-PUBLISH, PUBACK, PINGREQ, DISCONNECT; nothing is subscribed, so nothing else arrives.
+PUBLISH, PUBACK, PINGREQ, DISCONNECT, and one SUBSCRIBE (the device's own ``cmd`` topic,
+contract v1.1): a PUBLISH that arrives is acknowledged at once and handed to ``on_message``
+(commands are idempotent by id, so at-least-once is enough).
 
 One ``Link`` is an ``asyncio.Protocol`` on the fleet's event loop: no thread, no task and no
 timer per connection but a keepalive check, so ten thousand of them cost little more than
@@ -17,15 +19,21 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl as ssl_module
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
+
 Scheduler = Callable[[float, Callable[[], None]], object]
 """``call_later(delay_s, callback)``: the loop's own, or a ``TimerWheel``'s."""
 
-CONNACK, PUBACK, PINGRESP = 0x20, 0x40, 0xD0
+CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP = 0x20, 0x30, 0x40, 0x90, 0xD0
+MAX_INCOMING = 64 * 1024
+"""Largest packet a device takes from the broker (a command is at most 16 KiB); a longer
+one closes the connection, as firmware with a fixed receive buffer would."""
 PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 _MAX_PACKET_ID = 0xFFFF
@@ -113,8 +121,10 @@ class Link(asyncio.Protocol):
         on_ack: Callable[[int], None],
         keepalive_s: int,
         call_later: Scheduler | None = None,
+        on_message: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.on_ack = on_ack
+        self.on_message = on_message
         self.keepalive_s = keepalive_s
         self._call_later: Scheduler = call_later or asyncio.get_running_loop().call_later
         self.closed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
@@ -137,6 +147,7 @@ class Link(asyncio.Protocol):
         client_id: str,
         *,
         on_ack: Callable[[int], None],
+        on_message: Callable[[str, bytes], None] | None = None,
         keepalive_s: int = 60,
         will: Will | None = None,
         username: str | None = None,
@@ -151,7 +162,7 @@ class Link(asyncio.Protocol):
         try:
             async with asyncio.timeout(timeout_s):
                 _, link = await loop.create_connection(
-                    lambda: cls(on_ack, keepalive_s, call_later),
+                    lambda: cls(on_ack, keepalive_s, call_later, on_message),
                     host,
                     port,
                     ssl=ssl,
@@ -219,6 +230,16 @@ class Link(asyncio.Protocol):
         self._write(publish_packet(topic, payload, self._next_id, retain=retain))
         return self._next_id
 
+    def subscribe(self, topic: str) -> int:
+        """SUBSCRIBE to ``topic`` at QoS 1; returns its packet id (the SUBACK is not awaited:
+        the broker handles the packets of a connection in order)."""
+        if self._transport is None:
+            raise MqttError("not connected")
+        self._next_id = self._next_id % _MAX_PACKET_ID + 1
+        body = self._next_id.to_bytes(2, "big") + mqtt_string(topic.encode("utf-8")) + b"\x01"
+        self._write(b"\x82" + remaining_length(len(body)) + body)
+        return self._next_id
+
     def _write(self, data: bytes) -> None:
         assert self._transport is not None
         self._transport.write(data)
@@ -243,15 +264,40 @@ class Link(asyncio.Protocol):
                     size, shift, head = size | (digit & 0x7F) << shift, shift + 7, head + 1
                     if not digit & 0x80:
                         break
+            if size > MAX_INCOMING:
+                self.abort()
+                return
             if end - at < head + size:
                 break
+            flags = buffer[at] & 0x0F
             body = buffer[at + head : at + head + size]
             at += head + size
             if kind == PUBACK:
                 self.on_ack(int.from_bytes(body[:2], "big"))
+            elif kind == PUBLISH:
+                self._on_publish(flags, body)
+            elif kind == SUBACK and body[2:3] == b"\x80":
+                log.warning("the broker refused a subscription (ACL?)")
             elif kind == CONNACK:
                 self._on_connack(body)
         self._buffer = buffer[at:]
+
+    def _on_publish(self, flags: int, body: bytes) -> None:
+        """An incoming PUBLISH: acknowledged (QoS 1) before it is handled, like firmware
+        that queues a command and answers it later."""
+        qos = (flags >> 1) & 0x03
+        if len(body) < 2:
+            return
+        length = int.from_bytes(body[:2], "big")
+        topic, rest = body[2 : 2 + length], body[2 + length :]
+        if qos:
+            if len(rest) < 2:
+                return
+            packet_id, rest = rest[:2], rest[2:]
+            if self._transport is not None:
+                self._write(b"\x40\x02" + packet_id)
+        if self.on_message is not None:
+            self.on_message(topic.decode("utf-8", "replace"), rest)
 
     def _on_connack(self, body: bytes) -> None:
         if self._connack.done():

@@ -37,6 +37,7 @@ class PortSim:
     rated_w: float = 0.0
     unplug_at: float | None = None
     power_pin: float | None = None  # set_port_power: the power reported while charging
+    disabled: bool = False  # out of service by command: reads "disabled", takes no rider
 
     def end_session(self) -> None:
         self.state = "available"
@@ -48,7 +49,8 @@ class PortSim:
     def as_json(self) -> Body:
         port: Body = {
             "n": self.n,
-            "state": self.state,
+            # a fault shows through: disabling a port never hides it from the service
+            "state": "disabled" if self.disabled and self.state != "faulted" else self.state,
             "power_w": round(self.power_w, 1),
             "energy_wh": round(self.energy_wh, 1),
         }
@@ -137,7 +139,7 @@ class PileModel(DeviceModel):
             elif port.state == "finished" and port.unplug_at is not None and t >= port.unplug_at:
                 self._end_session(port, t)
         arrives = rng.random() < arrival_probability(ARRIVALS_PER_HOUR, t, STEP_S)
-        free = [p for p in self.ports if p.state == "available"]
+        free = [p for p in self.ports if p.state == "available" and not p.disabled]
         if arrives and free and not self.faults:  # otherwise the rider rides on
             self._start_session(rng.choice(free), t)
         charging = sum(1 for p in self.ports if p.state == "charging")
@@ -196,6 +198,24 @@ class PileModel(DeviceModel):
         port = self._charging_port(unit)
         port.energy_wh = max(0.0, port.energy_wh - wh)
         self._touch()
+
+    def set_port_enabled(self, unit: int, enabled: bool) -> str:
+        """Take a port out of service (``disable_port``) or back (``enable_port``); returns
+        what happened. A port in use (a rider's pack plugged in) is not disabled: refused
+        with UnsupportedUnit, like a charger that will not cut a session short."""
+        self._check_unit(unit)
+        port = self.ports[unit - 1]
+        if not enabled:
+            if not port.disabled and port.state in ("charging", "finished"):
+                raise UnsupportedUnit(f"port {unit} is in use ({port.state}): not disabled")
+            port.disabled = True
+        else:
+            port.disabled = False
+        self._touch()
+        done = f"port {unit} {'enabled' if enabled else 'disabled'}"
+        if port.state == "faulted":
+            return f"{done}; it reads faulted ({port.fault}) until the fault clears"
+        return done
 
     def set_temperature(self, unit: int | None, temp_c: float | None) -> None:
         if unit is not None:

@@ -45,7 +45,7 @@ _NICE_S = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 PRIVATE_EVENT_FIELDS = frozenset({"session", "battery_out", "battery_in"})
 EVENT_FIELDS = (
     "code", "port", "slot", "value", "info", "session", "energy_wh",
-    "slot_out", "battery_out", "soc_out", "slot_in", "battery_in", "soc_in",
+    "slot_out", "battery_out", "soc_out", "slot_in", "battery_in", "soc_in", "cmd", "result",
 )  # fmt: skip
 
 FromQ = Annotated[str | None, Query(alias="from", description="RFC 3339; default to - 24 h")]

@@ -286,6 +286,7 @@ async function showDevice(id) {
       el("td", {}, when(c.t)), el("td", {}, c.type),
       el("td", { class: "mono" }, Object.entries(c).filter(([k]) => !["t", "type", "device_id"].includes(k)).map(([k, v]) => `${k}=${v}`).join(" ")))))));
   document.body.dataset.device = id;
+  if (typeof showCommands === "function") showCommands(id, dev);  // commands.js
 }
 
 // Alert changes as they happen: the SSE stream read with fetch, because a browser's

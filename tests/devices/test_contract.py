@@ -9,17 +9,23 @@ import pytest
 
 from devices.contract import (
     CLOCK_SKEW_MAX_MS,
+    COMMAND_KIND,
+    COMMAND_TYPES,
+    COMMAND_UNIT,
     HEARTBEAT_MAX_S,
     MAX_PAYLOAD_BYTES,
     SEQ_MAX,
     Birth,
     CabinetStatus,
+    Command,
     ContractError,
     Death,
     Event,
     PileStatus,
     clock_skewed,
+    command_id,
     decode,
+    decode_command,
     ms_to_datetime,
     parse_ts,
 )
@@ -642,3 +648,72 @@ def test_duplicate_keys_are_rejected(channel: Channel, payload: bytes, key: str)
 )
 def test_equal_keys_in_different_objects_are_fine(payload: bytes) -> None:
     assert decode("status", payload).seq in (7, 42)
+
+
+# -- v1.1: commands and their results ---------------------------------------------------------
+
+
+def command(**fields: Any) -> dict[str, Any]:
+    return {"v": 1, "id": "c-12345678", "ts": 1796284800000, "expires": 1796284860000, **fields}
+
+
+@pytest.mark.parametrize("ctype", COMMAND_TYPES)
+def test_every_command_type_round_trips(ctype: str) -> None:
+    unit = COMMAND_UNIT[ctype]
+    fields = command(type=ctype, **({unit: 3} if unit else {}))
+    decoded = decode_command(dumps(fields))
+    assert decoded.type == ctype
+    assert decoded.unit == (3 if unit else None)
+    assert json.loads(decoded.encode()) == fields  # v, ts as epoch ms, no null port/slot
+    assert decode_command(decoded.encode()) == decoded
+    assert COMMAND_KIND[ctype] in ("pile", "cabinet", None)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        (command(type="disable_port"), "schema"),  # no port
+        (command(type="disable_slot", port=2), "schema"),  # a slot command names a slot
+        (command(type="disable_port", port=0), "schema"),
+        (command(type="disable_port", port=257), "schema"),  # past MAX_UNITS
+        (command(type="self_destruct"), "schema"),
+        (command(type="reboot", id="short"), "schema"),  # ids are 8-64 chars
+        (command(type="reboot", id="x" * 65), "schema"),
+        (command(type="reboot", expires=-1), "schema"),
+        (command(type="reboot", expires=2**63), "schema"),
+        (command(type="reboot", expires="soon"), "schema"),
+        (command(type="reboot", ts="yesterday"), "schema"),
+        (command(type="reboot", v=2), "version"),
+    ],
+)
+def test_bad_commands_are_refused_with_a_reason(fields: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ContractError) as info:
+        decode_command(dumps(fields))
+    assert info.value.reason == reason
+
+
+def test_a_bad_command_still_names_its_id_when_it_has_one() -> None:
+    assert command_id(dumps(command(type="self_destruct"))) == "c-12345678"
+    assert command_id(dumps(command(type="reboot", id="short"))) is None
+    assert command_id(b"[1]") is None
+    assert command_id(b"not json") is None
+    assert command_id(b"{" * 100_000) is None  # oversized
+
+
+def test_command_result_event() -> None:
+    result = header(type="command_result", cmd="c-12345678", result="done", info="port 3 disabled")
+    event = decode("event", dumps(result))
+    assert isinstance(event, Event)
+    assert (event.cmd, event.result, event.info) == ("c-12345678", "done", "port 3 disabled")
+    for bad in (
+        header(type="command_result", result="done"),  # which command?
+        header(type="command_result", cmd="c-12345678"),  # what result?
+        header(type="command_result", cmd="c-12345678", result="maybe"),
+        header(type="command_result", cmd="short", result="done"),
+    ):
+        assert reason_of("event", dumps(bad)) == "schema"
+
+
+def test_command_model_checks_its_unit_when_built() -> None:
+    with pytest.raises(ValueError, match="needs slot"):
+        Command(v=1, id="c-12345678", ts=0, type="lock_battery", expires=1)

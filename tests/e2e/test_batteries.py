@@ -145,6 +145,20 @@ def test_a_flagged_pack_is_caught_in_another_cabinet(
     assert (alert["device"], alert["slot"], alert["severity"]) == (CAB2, 5, "critical")
     assert waited < 5, waited  # at once: no tick, no verification window
 
+    # and the service holds the pack: a lock_battery command for that slot, asked by itself
+    # (the plain client as the cabinet never answers, so it stays pending or sent)
+    def lock_sent() -> dict[str, Any]:
+        r = get(f"/v1/devices/{CAB2}/commands", headers=key)
+        assert r.status_code == 200, r.text
+        locks = [c for c in r.json()["commands"] if c["type"] == "lock_battery"]
+        assert len(locks) == 1, locks
+        lock: dict[str, Any] = locks[0]
+        return lock
+
+    lock = eventually(lock_sent, timeout=10)
+    assert (lock["slot"], lock["state"]) in ((5, "pending"), (5, "sent")), lock
+    assert lock["requested_by"].startswith("chargewatch"), lock
+
     # the cabinet reports B-1 ready at 100 %: riders see one ready battery, not two
     two.send(
         "status",

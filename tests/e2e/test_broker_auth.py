@@ -23,8 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
+from api.auth import KeyStore
 from ingest import brokertls
 from ingest.brokerauth import Credentials
 from tests.mqttclients import Client
@@ -332,6 +334,21 @@ def test_service_and_simulator_over_tls_with_credentials(
                 assert _online(service) == 2, sim_log.read_text()[-2000:]
 
             eventually(both_online, timeout=30)
+            # a command through the ACL: the ingest user writes A's cmd, only A reads it
+            _, token = KeyStore.in_dir(service.data_dir).create("ops", "maintainer")
+            auth = {"Authorization": f"Bearer {token}"}
+            asked = httpx.post(
+                f"{service.base_url}/v1/devices/{A}/commands",
+                json={"type": "disable_port", "port": 1}, headers=auth, timeout=10,
+            )  # fmt: skip
+            assert asked.status_code == 202, asked.text
+
+            def done() -> None:
+                got = service.get(f"/v1/commands/{asked.json()['id']}")
+                got = httpx.get(got.url, headers=auth, timeout=10)
+                assert got.json()["state"] in ("done", "rejected"), got.text  # port 1 in use?
+
+            eventually(done, timeout=15)
         finally:
             sim.terminate()
             sim.wait(20)

@@ -494,3 +494,67 @@ def test_rider_registers_reports_and_sees_outcome_and_points(tmp_path: Path, bro
         assert not errors, errors
         assert not refused, refused
         context.close()
+
+
+def test_console_disables_a_port_and_shows_the_command_state(d: District, browser: Any) -> None:
+    """The device view's "disable" button of a free port sends the command through the
+    service and mosquitto to the simulated pile; the command's row goes to done, the port
+    reads disabled; then the page enables it again."""
+    key = make_key(d, name="console-commands")
+    auth = {"Authorization": f"Bearer {key}"}
+    base = d.service.base_url
+    pile = next(v for v in d.catalog.devices.values() if v.kind == "pile")
+    port = next(
+        p["n"] for p in d.get(f"/v1/devices/{pile.id}")["ports"] if p["state"] == "available"
+    )
+
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, locale="zh-CN")
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(base + "/console")
+    page.fill("#key", key)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector("body[data-auth='yes']")
+    page.fill("#device-id", pile.id)
+    page.click("#device-form button[type=submit]")
+    button = f'#device-units tr[data-unit="{port}"] button[data-cmd="disable_port"]'
+    page.wait_for_selector(button)
+    assert page.inner_text(button) == "停用此口"  # Chinese first
+    page.click(button)
+    row = '#device-commands-table tr[data-type="disable_port"]'
+    page.wait_for_selector(f'{row}[data-state="done"]')
+    assert "已完成" in page.inner_text(row)
+    assert "console-commands" in page.inner_text(row)  # who asked
+    [command] = [
+        c
+        for c in httpx.get(
+            f"{base}/v1/devices/{pile.id}/commands", headers=auth, timeout=10
+        ).json()["commands"]
+        if c["type"] == "disable_port"
+    ]
+    assert (command["state"], command["port"], command["requested_by"]) == (
+        "done", port, "console-commands",
+    )  # fmt: skip
+
+    def disabled() -> None:
+        ports = d.get(f"/v1/devices/{pile.id}")["ports"]
+        assert next(p for p in ports if p["n"] == port)["state"] == "disabled"
+
+    eventually(disabled)
+    page.wait_for_selector(f'#recent-commands tr[data-command-id="{command["id"]}"]')
+    page.locator("#device-commands").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts_dir() / "console-commands.png"))
+    # once done, the view shows the port as it is now: "enable" is offered
+    enable = f'#device-units tr[data-unit="{port}"][data-state="disabled"] button[data-cmd="enable_port"]'
+    page.click(enable)
+    page.wait_for_selector('#device-commands-table tr[data-type="enable_port"][data-state="done"]')
+    eventually(lambda: _assert_state(d, pile.id, port, "available"))
+    assert not errors, errors
+    context.close()
+
+
+def _assert_state(d: District, device: str, port: int, state: str) -> None:
+    ports = d.get(f"/v1/devices/{device}")["ports"]
+    assert next(p for p in ports if p["n"] == port)["state"] == state
