@@ -47,6 +47,7 @@ ACTIONS = (
     "alert.resolve",
     "alert.note",
     "battery.clear",
+    "command.create",  # api.routes.commands
     "work_order.create",
     "work_order.state",
     "work_order.note",

@@ -6,17 +6,20 @@ the key's name. See docs/commands.md."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from api.audit import audit_log
 from api.auth import KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound
 from api.limits import KiB, body_max
+from api.schemas import answers
 from devices.contract import COMMAND_ID_MAX, COMMAND_ID_MIN, MAX_UNITS, CommandType
 from devices.topics import DEVICE_ID_PATTERN
 from ingest.commands import CommandInvalid, CommandNotFound, TooManyCommands
@@ -81,17 +84,11 @@ def _invalid(field: str, problem: str) -> RequestValidationError:
 
 @router.post(
     "/devices/{device_id}/commands",
-    status_code=202,
-    response_model=CommandOut,
     openapi_extra=body_max(1 * KiB),
-    responses={
-        404: {"description": "no such device"},
-        422: {"description": "the command does not fit the device"},
-        429: {"description": "too many open commands for this device"},
-    },
+    **answers(CommandOut, 400, 401, 404, 413, 422, 429, 503, status=202),
 )
 async def create_command(
-    ingest: IngestDep, key: Maintainer, device_id: DeviceId, body: CommandIn
+    request: Request, ingest: IngestDep, key: Maintainer, device_id: DeviceId, body: CommandIn
 ) -> CommandOut:
     """Send a command; 202: stored and on its way, its state follows."""
     commands = commands_of(ingest)
@@ -114,10 +111,15 @@ async def create_command(
         raise _invalid(field if problem else "type", problem or str(exc)) from None
     except TooManyCommands as exc:
         raise HTTPException(429, str(exc)) from None
-    return CommandOut(**record.view())
+    answer = CommandOut(**record.view())  # as created: the audit write lets it move on
+    detail = {"device": device_id, "type": body.type, "unit": unit}
+    await asyncio.to_thread(
+        audit_log(request).record, key.actor, "command.create", record.id, detail
+    )
+    return answer
 
 
-@router.get("/commands/{command_id}", response_model=CommandOut, responses={404: {}})
+@router.get("/commands/{command_id}", **answers(CommandOut, 401, 404, 422, 503))
 async def get_command(ingest: IngestDep, key: Maintainer, command_id: CommandId) -> CommandOut:
     record = await commands_of(ingest).get(command_id)
     if record is None:
@@ -125,7 +127,7 @@ async def get_command(ingest: IngestDep, key: Maintainer, command_id: CommandId)
     return CommandOut(**record.view())
 
 
-@router.get("/devices/{device_id}/commands", response_model=CommandList, responses={404: {}})
+@router.get("/devices/{device_id}/commands", **answers(CommandList, 401, 404, 422, 503))
 async def device_commands(
     ingest: IngestDep,
     key: Maintainer,
@@ -139,7 +141,7 @@ async def device_commands(
     return CommandList(commands=[CommandOut(**r.view()) for r in records])
 
 
-@router.get("/commands", response_model=CommandList)
+@router.get("/commands", **answers(CommandList, 401, 422, 503))
 async def recent_commands(
     ingest: IngestDep, key: Maintainer, limit: Annotated[int, Query(ge=1, le=LIST_MAX)] = 100
 ) -> CommandList:

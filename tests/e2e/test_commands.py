@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from api.app import create_app
+from api.audit import AuditQuery
 from api.auth import KeyStore
 from devices.catalog import Catalog
 from ingest.commands.config import CommandsConfig
@@ -214,6 +215,13 @@ async def test_every_command_through_mosquitto_to_the_simulator_and_back(
         assert [c["type"] for c in listed.json()["commands"]] == [
             "reboot", "open_door", "unlock_battery", "lock_battery", "enable_slot", "disable_slot",
         ]  # fmt: skip
+        # every command is in the audit log, the key's owner as the actor
+        audit = svc.http._transport.app.state.audit  # type: ignore[attr-defined]
+        logged = audit.query(AuditQuery(action="command.create", limit=100))
+        assert len(logged) == len(steps)
+        assert {(e["actor"]["name"], e["actor"]["role"]) for e in logged} == {
+            ("li-wei", "maintainer")
+        }
 
         # refusals by the device: a charging port is in use
         busy = next((p.n for p in pile.ports if p.state == "charging"), None)  # type: ignore[attr-defined]
