@@ -133,7 +133,9 @@ def test_forecast_by_hour_matches_the_ground_truth(history: History) -> None:
         days[local.hour].add(local.date().isoformat())
     assert fc["samples"] == instants
     assert instants >= DAYS * 96 - 2, "two days of 15-minute instants"
-    assert fc["days"] == len(set().union(*days.values())) == DAYS + 1
+    # DAYS + 1 calendar days, or DAYS when the window starts in the last minutes of a day
+    # (local): its first instants then come before any status (it failed 23:45-24:00 CST)
+    assert fc["days"] == len(set().union(*days.values())) in (DAYS, DAYS + 1)
     for row in fc["by_hour"]:
         want = sums[row["hour"]]
         assert row["samples"] == int(want[2]), row
