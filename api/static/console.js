@@ -345,7 +345,8 @@ async function follow() {
 async function refresh() {
   const stations = loadStations();
   await stations.catch(() => {}); // names for the alerts' rows; failures are shown in place
-  await Promise.allSettled([loadAlerts(), loadNotifications(), loadDeadLetters(), loadOrders()]);
+  const more = typeof loadRecentCommands === "function" ? [loadRecentCommands()] : []; // commands.js
+  await Promise.allSettled([loadAlerts(), loadNotifications(), loadDeadLetters(), loadOrders(), ...more]);
   document.body.dataset.refreshed = String(Date.now());
 }
 
