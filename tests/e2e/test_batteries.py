@@ -7,7 +7,6 @@ the event, and no public answer names a serial."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from ingest.passport_store import PassportStore
 from tests.alerts.keys import maintainer_key
 from tests.api.district import Publisher, artifacts_dir, mini_catalog
-from tests.e2e.test_pages import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _missing, csp_violations
+from tests.e2e.test_pages import TIMEOUT_MS, csp_violations
 from tests.servers import Service, chargewatch_serve, eventually, mosquitto
 
 pytestmark = pytest.mark.e2e
@@ -208,23 +207,7 @@ def test_a_flagged_pack_is_caught_in_another_cabinet(
     eventually(hot_on_arrival, timeout=15)
 
 
-@pytest.fixture
-def chromium() -> Iterator[Any]:
-    if not os.access(CHROMIUM, os.X_OK):
-        _missing(f"{CHROMIUM} is not installed (Debian package chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("the playwright package is not installed (pip install -e '.[test]')")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-def test_console_battery_view(served: tuple[Service, Publisher, Publisher], chromium: Any) -> None:
+def test_console_battery_view(served: tuple[Service, Publisher, Publisher], browser: Any) -> None:
     """The console in headless chromium: the flagged list (Chinese first), a passport by
     serial with its event and stay, English on the switch, and clearing the flag with a
     note (the prompt answered), which the API then shows."""
@@ -244,7 +227,7 @@ def test_console_battery_view(served: tuple[Service, Publisher, Publisher], chro
 
     eventually(flagged, timeout=15)
 
-    context = chromium.new_context(viewport={"width": 1200, "height": 900})
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     refused = csp_violations(page)

@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from tests.api.district import District, artifacts_dir
-from tests.e2e.test_pages import TIMEOUT_MS, browser, csp_violations, d, make_key
+from tests.e2e.test_pages import TIMEOUT_MS, csp_violations, d, make_key
 
 pytestmark = pytest.mark.e2e
-__all__ = ["browser", "d"]  # the fixtures, shared with test_pages
+__all__ = ["d"]  # the fixture, shared with test_pages (browser: tests/e2e/conftest.py)
 
 
 def test_console_makes_and_moves_a_work_order(d: District, browser: Any) -> None:
