@@ -164,6 +164,17 @@ class PassportStore:
         ]
         return Restored(flagged, placed)
 
+    def alerts_recorded(self, alert_ids: list[int]) -> set[tuple[str, int]]:
+        """(serial, alert id) of the recorded safety events among ``alert_ids``."""
+        if not alert_ids:
+            return set()
+        marks = ",".join("?" * len(alert_ids))
+        rows = self._db.query(
+            f"SELECT serial, alert_id FROM battery_events WHERE alert_id IN ({marks})",
+            alert_ids,
+        )
+        return {(str(r[0]), int(r[1])) for r in rows}
+
     def clear(self, serial: str, at_ms: int, actor_id: str, actor_name: str, note: str) -> bool:
         """Clear ``serial``'s flag with ``note``; False when it is not flagged."""
         rows = self._db.query(

@@ -28,7 +28,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -306,28 +306,54 @@ class Passports:
 
     # -- the alert engine's hook ---------------------------------------------------------
 
-    def alert_opened(self, alert: Alert) -> None:
-        """``AlertEngine.on_opened``: a safety alert flags the packs where it opened."""
+    async def reconcile(self, open_alerts: list[Alert], twins: Mapping[str, Twin]) -> int:
+        """At start: a safety alert still open whose event never reached the passports (a
+        crash within a write period after it opened: the alert store saved the alert, so it
+        will not open again) flags the packs its slots hold, as it would have. The packs are
+        read from the restored twins' statuses, which are durable with each ingest batch
+        (the passports' own record of the slots may have been lost with the flag). An event
+        already recorded is left alone: a maintainer's clearance stands. Returns how many
+        alerts were taken up again."""
+        ids = [a.id for a in open_alerts if a.device_id is not None]
+        recorded = await asyncio.to_thread(self.store.alerts_recorded, ids)
+        taken = 0
+        for alert in open_alerts:
+            twin = twins.get(alert.device_id) if alert.device_id is not None else None
+            status = twin.status if twin is not None else None
+            if not isinstance(status, CabinetStatus):
+                continue
+            held = {(twin.device_id, s.n): s.battery for s in status.slots if s.battery}  # type: ignore[union-attr]
+            packs = [(key, held[key]) for key in self._keys(alert, held) if key in held]
+            if packs and not any((serial, alert.id) in recorded for _, serial in packs):
+                self._record(alert, packs)
+                taken += 1
+        return taken
+
+    @staticmethod
+    def _keys(alert: Alert, slots: Collection[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The slots a safety alert concerns, among ``slots`` (those holding a pack)."""
         if alert.device_id is None:
-            return
-        keys: list[tuple[str, int]] = []
+            return []
         if alert.rule == "fault" and alert.code in CABINET_FAULTS:
-            keys = [k for k in self._slots if k[0] == alert.device_id]
-        elif alert.unit is not None and (
+            return sorted(k for k in slots if k[0] == alert.device_id)
+        if alert.unit is not None and (
             alert.rule in SLOT_RULES or (alert.rule == "fault" and alert.code in SLOT_FAULTS)
         ):
-            keys = (
-                [(alert.device_id, alert.unit)]
-                if (alert.device_id, alert.unit) in self._slots
-                else []
-            )
-        if not keys:
-            return
+            key = (alert.device_id, alert.unit)
+            return [key] if key in slots else []
+        return []
+
+    def alert_opened(self, alert: Alert) -> None:
+        """``AlertEngine.on_opened``: a safety alert flags the packs where it opened."""
+        keys = self._keys(alert, self._slots)
+        if keys:
+            self._record(alert, [(key, self._slots[key].serial) for key in keys])
+
+    def _record(self, alert: Alert, packs: list[tuple[tuple[str, int], str]]) -> None:
         kind = alert.code if alert.rule == "fault" else alert.rule
         at = alert.opened_at_ms
         detail = None if alert.last_value is None else f"{alert.last_value:g}"
-        for key in sorted(keys):
-            serial = self._slots[key].serial
+        for key, serial in packs:
             self._ops.events.append((serial, kind, alert.id, at, key[0], key[1], detail))
             if serial not in self.flagged:
                 self.flagged[serial] = Flag(at, kind)

@@ -262,6 +262,13 @@ class Ingest:
                 self.alerts.on_opened.append(self.passports.alert_opened)
                 self.passports.alerts = self.alerts
                 self.alerts.flagged_batteries = self.passports.flagged
+                # alerts opened before the passports heard of them (replayed at start, or a
+                # crash right after one opened) flag their packs now
+                taken = await self.passports.reconcile(
+                    list(self.alerts.by_id.values()), self.twins.by_id
+                )
+                if taken:
+                    log.info("passports: %d open safety alerts taken up at start", taken)
                 order_store = await asyncio.to_thread(
                     WorkOrderStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
                 )

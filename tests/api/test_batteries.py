@@ -6,6 +6,7 @@ written on another branch; the integration wires it."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from api.audit import AuditLog, AuditQuery
 from devices.contract import Birth, CabinetStatus, Event, Message
 from ingest import StoreError
 from ingest.config import BatteriesConfig, IngestConfig
-from ingest.passport_store import PassportStore
+from ingest.passport_store import PassportOps, PassportStore
 from ingest.passports import Passports
 from ingest.service import Ingest, now_ms
 from tests.security.inprocess import InProcess, bearer, in_process
@@ -308,3 +309,44 @@ async def test_a_failing_store_keeps_what_is_pending_until_it_writes(tmp_path: P
         assert p is not None
         assert [(s["slot"], s["to_ms"] is None) for s in p["stays"]] == [(2, True), (1, False)]
         assert (p["slot"], p["max_temp_c"]) == (2, 33.0)
+
+
+async def test_a_flag_lost_in_a_crash_is_taken_up_again_from_the_open_alert(
+    tmp_path: Path,
+) -> None:
+    """The crash window: the alert store saved the safety alert, the passports' write of
+    the flag (due within half a second) never happened. At the next start the alert is
+    restored open, so it will not open again; ``reconcile`` flags the pack its slot holds,
+    read from the restored twin. A recorded event whose flag a maintainer cleared stays
+    cleared."""
+    async with in_process(tmp_path, alerts=True, passports=True) as ip:
+        passports, engine = ip.ingest.passports, ip.ingest.alerts
+        assert passports is not None
+        assert engine is not None
+        feed = Feed(ip.ingest)
+        feed.born(CAB1)
+        feed.status(CAB1, {4: {"battery": "L-1", "temp_c": 80.0}})
+        assert "L-1" in passports.flagged
+        await engine.flush(timeout_s=10)  # the alert is durable ...
+        passports._ops = PassportOps()  # ... the flag's write is lost: the crash
+        status = ip.ingest.twins[CAB1].status
+    async with in_process(tmp_path, alerts=True, passports=True) as ip:
+        passports, engine = ip.ingest.passports, ip.ingest.alerts
+        assert passports is not None
+        assert engine is not None
+        assert "L-1" not in passports.flagged  # lost, as the crash left it
+        (alert,) = [a for a in engine.by_id.values() if a.rule == "temperature_high"]
+        twin = ip.ingest.twins[CAB1]  # as restored from the state store
+        twin.status = status
+        assert await passports.reconcile(list(engine.by_id.values()), ip.ingest.twins.by_id) == 1
+        assert passports.flagged["L-1"].reason == "temperature_high"
+        await passports.flush()
+        passport = await asyncio.to_thread(passports.store.passport, "L-1")
+        assert passport is not None
+        assert [(e["kind"], e["alert_id"]) for e in passport["events"]] == [
+            ("temperature_high", alert.id)
+        ]
+        # a maintainer clears it; the next start finds the event recorded: no new flag
+        assert await passports.clear("L-1", "k1", "li-wei", "replaced the cell")
+        assert await passports.reconcile(list(engine.by_id.values()), ip.ingest.twins.by_id) == 0
+        assert "L-1" not in passports.flagged
