@@ -146,8 +146,9 @@ class GmqttSource:
             if self._stopping.is_set():
                 return
             failures, delay = reconnect_backoff(self.url, failures, was_up, self.reconnect_max_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            with contextlib.suppress(TimeoutError):  # not wait_for: 3.11's can swallow a cancel
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
 
     async def _connect_once(self) -> bool:
         """One connection, a new generation: True once it was up, when it has dropped."""

@@ -83,8 +83,9 @@ class Housekeeping(Collector):
         self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        with contextlib.suppress(TimeoutError):  # not wait_for: 3.11's can swallow a cancel
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         self._wake.clear()
 
     async def once(self) -> None:

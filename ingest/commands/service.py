@@ -337,8 +337,11 @@ class Commands:
             due = [r.expires_at_ms for r in self.open.values()]
             due += [(r.last_sent_at_ms or now) + resend_ms for r in self.open.values()]
             wait_s = min([1.0, *((d - self.clock()) / 1000 for d in due)])
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel
+            # that lands as the wait ends, and a task that ignores its cancel never stops
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.01, wait_s))
+                async with asyncio.timeout(max(0.01, wait_s)):
+                    await self._wake.wait()
 
     async def _apply_results(self) -> None:
         while self._results:
