@@ -12,6 +12,7 @@ secrets or note texts (those are in the alert itself).
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import os
@@ -151,3 +152,8 @@ def audit_log(request: Request) -> AuditLog:
     """The app's audit log (``app.state.audit``)."""
     log: AuditLog = request.app.state.audit
     return log
+
+
+async def audit(request: Request, actor: Actor, action: str, target: str, **detail: Any) -> None:
+    """Record one action in the app's audit log (from a worker thread: it writes SQLite)."""
+    await asyncio.to_thread(audit_log(request).record, actor, action, target, detail)

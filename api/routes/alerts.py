@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, HttpUrl
 from starlette.exceptions import HTTPException
 
-from api.audit import Actor, audit_log
+from api.audit import audit
 from api.auth import Admin, ApiKey, KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
@@ -226,10 +226,6 @@ def _actor(key: ApiKey, by: str | None) -> str:
     return key.name
 
 
-async def _audit(request: Request, actor: Actor, action: str, target: str, **detail: Any) -> None:
-    await asyncio.to_thread(audit_log(request).record, actor, action, target, detail)
-
-
 async def _act(
     request: Request, ingest: Ingest, key: ApiKey, alert_id: int, what: str, body: Action
 ) -> Any:
@@ -245,7 +241,7 @@ async def _act(
     except AlertConflict as exc:
         raise HTTPException(409, str(exc)) from None
     action = "alert.acknowledge" if what == "ack" else "alert.resolve"
-    await _audit(request, key.actor, action, str(alert_id), note_chars=len(body.note or ""))
+    await audit(request, key.actor, action, str(alert_id), note_chars=len(body.note or ""))
     return await _detail(engine, alert_id)
 
 
@@ -287,7 +283,7 @@ async def add_note(
         await engine.add_note(alert_id, by, body.text)
     except AlertNotFound:
         raise NotFound("alert", str(alert_id)) from None
-    await _audit(request, key.actor, "alert.note", str(alert_id), chars=len(body.text))
+    await audit(request, key.actor, "alert.note", str(alert_id), chars=len(body.text))
     return await _detail(engine, alert_id)
 
 
@@ -331,7 +327,7 @@ async def create_webhook(
         language=body.language,
     )
     # the host only: chat webhooks carry their token in the URL's path or query
-    await _audit(request, key.actor, "webhook.create", str(sub.id), host=body.url.host,
+    await audit(request, key.actor, "webhook.create", str(sub.id), host=body.url.host,
                  format=body.format, name=body.name)  # fmt: skip
     return {**sub.view(), "secret": sub.secret}
 
@@ -353,4 +349,4 @@ async def delete_webhook(
 ) -> None:
     if not await engine_of(ingest).notifier.remove(webhook_id):
         raise NotFound("webhook", str(webhook_id))
-    await _audit(request, key.actor, "webhook.delete", str(webhook_id))
+    await audit(request, key.actor, "webhook.delete", str(webhook_id))

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from api.audit import audit_log
+from api.audit import audit
 from api.auth import KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound
@@ -211,7 +211,5 @@ async def clear(
     if not await passports.clear(serial, actor.id, actor.name, body.note):
         await _passport(ingest, serial)  # 404 when never seen
         raise HTTPException(409, f"battery {serial!r} is not flagged")
-    await asyncio.to_thread(
-        audit_log(request).record, actor, "battery.clear", serial, {"chars": len(body.note)}
-    )
+    await audit(request, actor, "battery.clear", serial, chars=len(body.note))
     return await _passport(ingest, serial)

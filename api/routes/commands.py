@@ -6,7 +6,6 @@ the key's name. See docs/commands.md."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
@@ -14,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from api.audit import audit_log
+from api.audit import audit
 from api.auth import KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound
@@ -112,10 +111,10 @@ async def create_command(
     except TooManyCommands as exc:
         raise HTTPException(429, str(exc)) from None
     answer = CommandOut(**record.view())  # as created: the audit write lets it move on
-    detail = {"device": device_id, "type": body.type, "unit": unit}
-    await asyncio.to_thread(
-        audit_log(request).record, key.actor, "command.create", record.id, detail
-    )
+    await audit(
+        request, key.actor, "command.create", record.id, device=device_id, type=body.type,
+        unit=unit,
+    )  # fmt: skip
     return answer
 
 

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, field_validator
 
 from api.audit import ACTIONS, AuditQuery, audit_log
+from api.audit import audit as record_action
 from api.auth import NAME_RULE, TTL_MAX_S, Admin, KeyFirstRoute, KeyStore, key_store
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
@@ -70,8 +71,10 @@ async def create_key(request: Request, key: Admin, body: KeyIn) -> dict[str, Any
         expires = now + body.ttl_s * 1000
     store: KeyStore = key_store(request)
     new, token = await asyncio.to_thread(store.create, body.name, body.role, expires)
-    detail = {"name": new.name, "role": new.role, "expires_at": rfc3339(expires)}
-    await asyncio.to_thread(audit_log(request).record, key.actor, "key.create", new.id, detail)
+    await record_action(
+        request, key.actor, "key.create", new.id,
+        name=new.name, role=new.role, expires_at=rfc3339(expires),
+    )  # fmt: skip
     return {**new.view(), "token": token}
 
 
@@ -97,7 +100,7 @@ async def revoke_key(request: Request, key: Admin, key_id: KeyId) -> None:
     """Revoke a key at once: its next request gets 401."""
     if not await asyncio.to_thread(key_store(request).revoke, key_id):
         raise NotFound("active key", key_id)
-    await asyncio.to_thread(audit_log(request).record, key.actor, "key.revoke", key_id, {})
+    await record_action(request, key.actor, "key.revoke", key_id)
 
 
 @router.get("/audit", **answers(AuditPage, 401, 403, 422))

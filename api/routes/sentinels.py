@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from api.audit import audit_log
+from api.audit import audit
 from api.auth import KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound
@@ -495,9 +495,9 @@ async def _decide(
     except Conflict as exc:
         raise HTTPException(409, str(exc)) from None
     action = "report.confirm" if outcome == "confirmed" else "report.reject"
-    await asyncio.to_thread(
-        audit_log(request).record, key.actor, action, str(report_id),
-        {"rider": decided.rider_id, "points": decided.points, "note_chars": len(note or "")},
+    await audit(
+        request, key.actor, action, str(report_id),
+        rider=decided.rider_id, points=decided.points, note_chars=len(note or ""),
     )  # fmt: skip
     return report_out(decided, private=True)
 
@@ -548,8 +548,8 @@ async def reverse(request: Request, key: Maintainer, entry_id: EntryId,
         raise NotFound("ledger entry", str(entry_id)) from None
     except Conflict as exc:
         raise HTTPException(409, str(exc)) from None
-    await asyncio.to_thread(
-        audit_log(request).record, key.actor, "points.reverse", str(entry_id),
-        {"rider": entry.rider_id, "delta": entry.delta, "reason_chars": len(reason)},
+    await audit(
+        request, key.actor, "points.reverse", str(entry_id),
+        rider=entry.rider_id, delta=entry.delta, reason_chars=len(reason),
     )  # fmt: skip
     return entry_out(entry, private=True)

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from api.audit import audit_log
+from api.audit import audit
 from api.auth import ApiKey, KeyFirstRoute, Maintainer
 from api.deps import IngestDep
 from api.errors import NotFound, invalid_query
@@ -153,10 +153,6 @@ def _ms(when: datetime, field: str) -> int:
     return int(when.timestamp() * 1000)
 
 
-async def _audit(request: Request, key: ApiKey, action: str, target: str, **detail: Any) -> None:
-    await asyncio.to_thread(audit_log(request).record, key.actor, action, target, detail)
-
-
 async def _detail(orders: WorkOrders, order: WorkOrder) -> dict[str, Any]:
     view = order_view(order, orders.clock())
     view["log"] = [
@@ -198,8 +194,8 @@ async def _create(
         raise RequestValidationError(
             [{"loc": ("body", "due_at"), "msg": str(exc), "type": "value_error"}]
         ) from None
-    await _audit(request, key, "work_order.create", str(order.id), alert_id=alert_id,
-                 assignee=order.assignee, due_at=_time(order.due_at_ms))  # fmt: skip
+    await audit(request, key.actor, "work_order.create", str(order.id), alert_id=alert_id,
+                    assignee=order.assignee, due_at=_time(order.due_at_ms))  # fmt: skip
     return await _detail(orders, order)
 
 
@@ -304,7 +300,7 @@ async def move_order(
         raise RequestValidationError(
             [{"loc": ("body", "assignee"), "msg": str(exc), "type": "value_error"}]
         ) from None
-    await _audit(request, key, "work_order.state", str(order_id), state=body.state,
+    await audit(request, key.actor, "work_order.state", str(order_id), state=body.state,
                  assignee=order.assignee, note_chars=len(body.note or ""))  # fmt: skip
     return await _detail(orders, order)
 
@@ -322,7 +318,7 @@ async def add_note(
         order = await orders.add_note(order_id, key.name, body.text)
     except OrderNotFound:
         raise NotFound("work order", str(order_id)) from None
-    await _audit(request, key, "work_order.note", str(order_id), chars=len(body.text))
+    await audit(request, key.actor, "work_order.note", str(order_id), chars=len(body.text))
     return await _detail(orders, order)
 
 
