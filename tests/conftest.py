@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg_server import PgServer, postgresql
 from tests.servers import Process, mosquitto
 
 
@@ -13,3 +14,21 @@ def broker(tmp_path: Path) -> Iterator[Process]:
     """A real mosquitto on a free loopback port, persistence on, stopped by PID afterwards."""
     with mosquitto(tmp_path / "mosquitto") as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def pg_session() -> Iterator[PgServer]:
+    """One real PostgreSQL for the whole run (tests that must stop or break their server start
+    their own with ``tests.pg_server.postgresql()``)."""
+    with postgresql() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_session: PgServer, request: pytest.FixtureRequest) -> str:
+    """A new, empty database on the session's PostgreSQL, for one test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    return pg_session.create_database(f"t_{name}_{uuid.uuid4().hex[:8]}")
