@@ -16,6 +16,16 @@ ingest user reads everything and writes commands. Our amqtt plugins do it
 own ``TopicAccessControlListPlugin`` knows only fixed topic lists per user (no ``%u``
 patterns) and does not check Will topics at all, and its ``FileAuthPlugin`` does not read
 mosquitto's ``$7$`` hashes. Binding anything but loopback without credentials is refused.
+
+Two defects of amqtt 0.12.1 (amqtt/broker.py) are mended by ``_broker``, found by
+tests/ingest/test_embedded_broker_auth.py:
+- at every connect it replays to the new client the retained messages of EVERY filter any
+  client holds (ingest's ``cw/v1/+/+`` too), without asking the topic rules: each device
+  received every other device's retained status, battery serials included. A client now gets
+  the retained messages of its own subscriptions only.
+- it walks its table of subscriptions across awaits (that replay, and each broadcast asking
+  the topic rules), so a client subscribing meanwhile raised "dictionary changed size during
+  iteration" in another client's connect: the table now iterates over a snapshot.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import concurrent.futures
 import ipaddress
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -137,7 +148,7 @@ class EmbeddedBroker:
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "plugins": plugins,
         }
-        self._broker = Broker(config)
+        self._broker = _broker(Broker, config)
         await self._broker.start()
 
     async def __aexit__(
@@ -154,3 +165,31 @@ class EmbeddedBroker:
                 log.warning("embedded broker shutdown: %r", exc)
         loop.call_soon_threadsafe(loop.stop)
         await asyncio.to_thread(thread.join, 10)
+
+
+class _SnapshotDict(dict[str, Any]):
+    """A dict whose iteration walks a copy: amqtt awaits inside loops over its subscriptions."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(super().items())
+
+
+def _broker(base: type[Any], config: dict[str, Any]) -> Any:
+    """amqtt's ``Broker`` with the two defects above mended (see the module docstring)."""
+
+    class Broker(base):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._subscriptions: dict[str, Any] = _SnapshotDict(vars(self)["_subscriptions"])
+
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Any
+        ) -> None:
+            holders = self._subscriptions.get(subscription[0], ())
+            if any(held.client_id == session.client_id for held, _ in holders):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return Broker(config)

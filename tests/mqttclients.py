@@ -96,9 +96,9 @@ class Client:
         assert self._subscribed.wait(5), "no SUBACK"
         return self.granted
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """QoS 1, waits for the PUBACK (mosquitto acknowledges a denied publish too)."""
-        info = self.client.publish(topic, payload, qos=1)
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         info.wait_for_publish(5)
         assert info.is_published()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +139,68 @@ def test_serve_with_credentials_ingests_an_authenticated_device(tmp_path: Path) 
         finally:
             a.close()
             anonymous.close()
+
+
+def test_a_device_gets_no_retained_message_of_another(broker: EmbeddedBroker) -> None:
+    """amqtt 0.12.1, on every connect, sends the new client every retained message that
+    matches ANY subscription in the broker (the ingest user's ``cw/v1/+/+`` included), with
+    no ACL check: a device saw every other device's retained status (battery serials).
+    Our broker sends a client only what its own subscriptions match and its rules allow."""
+    ingest = Client(broker.port, CREDS.ingest_username, CREDS.ingest_password)
+    a, b = device(broker, A), device(broker, B)
+    try:
+        assert not ingest.connect().is_failure
+        assert ingest.subscribe("cw/v1/+/+") == [1]
+        assert not b.connect().is_failure
+        b.publish(f"cw/v1/{B}/status", b'{"battery": "SN-OF-B"}', retain=True)
+        ingest.wait_for(f"cw/v1/{B}/status")
+        assert not a.connect().is_failure
+        assert a.subscribe(f"cw/v1/{A}/cmd") == [1]
+        ingest.publish(f"cw/v1/{A}/cmd", b'{"cmd": 1}')
+        a.wait_for(f"cw/v1/{A}/cmd")
+        assert a.topics() == [f"cw/v1/{A}/cmd"]
+    finally:
+        for client in (ingest, a, b):
+            client.close()
+
+
+def test_devices_connecting_at_once_all_get_their_commands(tmp_path: Path) -> None:
+    """amqtt 0.12.1 walks its subscription table across awaits (a connect replays retained
+    messages for every filter in the broker; a broadcast asks the topic rules about each
+    subscriber), so a client subscribing meanwhile raised "dictionary changed size during
+    iteration" inside another client's connect: ``make demo`` logged hundreds of these as
+    the district's devices connected, and the sessions they hit went deaf."""
+    names = [f"D{i:03d}" for i in range(60)]
+    creds = Credentials("ingest", "ingest-pw", {"P0": "p-pw", **{d: "pw" for d in names}})
+    path = tmp_path / "credentials.json"
+    path.write_text(creds.to_json())
+    embedded = EmbeddedBroker("127.0.0.1", free_port(), credentials=path)
+    asyncio.run(embedded.__aenter__())
+    ingest = Client(embedded.port, "ingest", "ingest-pw")
+    publisher = Client(embedded.port, "P0", "p-pw")
+    devices = {d: Client(embedded.port, d, "pw") for d in names}
+
+    def join(name: str) -> None:
+        assert not devices[name].connect().is_failure
+        assert devices[name].subscribe(f"cw/v1/{name}/cmd") == [1]
+
+    try:
+        assert not ingest.connect().is_failure
+        assert ingest.subscribe("cw/v1/+/+") == [1]
+        assert not publisher.connect().is_failure
+        for i in range(20):  # what the broker replays on each connect
+            publisher.publish("cw/v1/P0/status", str(i).encode(), retain=True)
+        threads = [threading.Thread(target=join, args=(d,)) for d in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for name in names:
+            ingest.publish(f"cw/v1/{name}/cmd", name.encode())
+        for name, client in devices.items():
+            client.wait_for(f"cw/v1/{name}/cmd")
+            assert client.topics() == [f"cw/v1/{name}/cmd"]
+    finally:
+        for client in (ingest, publisher, *devices.values()):
+            client.close()
+        asyncio.run(embedded.__aexit__(None, None, None))
