@@ -78,6 +78,7 @@ class Deployment:
     port: int
     tls_port: int
     broker: Process
+    ingest_port: int
 
     @property
     def creds(self) -> Credentials:
@@ -96,7 +97,7 @@ class Deployment:
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
     need_binary("mosquitto", "/usr/sbin/mosquitto")
     out = broker_config_dir()
-    port, tls_port = free_port(), free_port()
+    port, tls_port, ingest_port = free_port(), free_port(), free_port()
     catalog = small_catalog(tmp_path / "catalog.json")
     try:
         generated = broker_config(
@@ -106,12 +107,13 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
             "--bind", "127.0.0.1",
             "--tls",
             "--tls-port", str(tls_port),
+            "--ingest-port", str(ingest_port),
         )  # fmt: skip
         creds = Credentials.load(out / "credentials.json")
         for secret in (creds.ingest_password, *creds.devices.values()):
             assert secret not in generated.stdout + generated.stderr
         with mosquitto_from(out, port, tmp_path / "log") as broker:
-            yield Deployment(out, catalog, port, tls_port, broker)
+            yield Deployment(out, catalog, port, tls_port, broker, ingest_port)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -153,6 +155,43 @@ def test_anonymous_and_wrong_passwords_are_refused(deployment: Deployment) -> No
         assert not accepted.connect().is_failure
     finally:
         accepted.close()
+
+
+def test_ingest_workers_choose_their_client_ids_on_their_own_listener(
+    deployment: Deployment,
+) -> None:
+    """Partitioned ingest (``chargewatch ingest``) runs one persistent session per partition,
+    each with its own client id, all as the ingest user. The device listener makes every
+    client id the username (so a device cannot take over another's session): two partition
+    sessions there would throw each other out. The ingest listener lets them choose, and
+    lets no device in."""
+    c = deployment.creds
+    workers = [
+        Client(
+            deployment.ingest_port, c.ingest_username, c.ingest_password, client_id=f"cw-p{p:02d}"
+        )
+        for p in range(2)
+    ]
+    device = deployment.device(A)
+    intruders = [
+        Client(deployment.ingest_port, A, c.devices[A]),
+        Client(deployment.ingest_port, A, c.devices[A], client_id=B),
+        Client(deployment.ingest_port),
+    ]
+    try:
+        for worker in workers:
+            assert not worker.connect().is_failure
+            assert worker.subscribe(f"cw/v1/{A}/+") == [1]
+        for intruder in intruders:
+            assert intruder.connect().is_failure
+        assert not device.connect().is_failure
+        device.publish(f"cw/v1/{A}/status", b"{}")
+        for worker in workers:  # both still connected: neither took the other's session
+            worker.wait_for(f"cw/v1/{A}/status")
+            assert worker.connected
+    finally:
+        for client in (*workers, device, *intruders):
+            client.close()
 
 
 def test_a_device_publishing_as_another_never_reaches_the_service(
