@@ -34,8 +34,8 @@ import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from api.bench import agents, procs, stages
-from api.bench.workload import Stream, birth_payload, specs_of, write_catalog
+from bench import agents, procs, stages
+from bench.workload import Stream, birth_payload, specs_of, write_catalog
 from devices.catalog import Catalog, Device
 from ingest.config import IngestConfig
 
@@ -512,10 +512,10 @@ def _ms(text: str) -> float:
 def _open_loop(
     url: str, rate: float, seconds: float, server_pid: int, *headers: str
 ) -> dict[str, Any]:
-    """``api.bench.openloop`` in its own process: ``rate`` requests/s on a fixed schedule,
+    """``bench.openloop`` in its own process: ``rate`` requests/s on a fixed schedule,
     latency from each request's scheduled time (no coordinated omission); with the server's
     CPU per request and the load average, since the machine is shared."""
-    argv = [sys.executable, "-m", "api.bench.openloop", url, str(rate), str(seconds)]
+    argv = [sys.executable, "-m", "bench.openloop", url, str(rate), str(seconds)]
     argv += [f"--header={h}" for h in headers]
     cpu0 = _cpu_s(server_pid)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
@@ -791,13 +791,13 @@ def simulator(work: Path, plan: Plan) -> dict[str, Any]:
 
 
 def alerts(work: Path, plan: Plan) -> dict[str, Any] | None:
-    from api.bench.alertbench import alert_latency
+    from bench.alertbench import alert_latency
 
     return alert_latency(work, plan.probes // 5)
 
 
 def history(work: Path, plan: Plan) -> dict[str, Any]:
-    from api.bench.historyday import district_day
+    from bench.historyday import district_day
 
     return district_day(work, plan.history_devices)
 

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from api.bench import procs, stages
+from bench import procs, stages
 
 TARGETS = {
     "vs_mosquitto_sub": 0.40,
@@ -82,7 +82,7 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
             f"{t['messages']:,} contract statuses (~270 bytes, two-port piles) of {t['devices']:,}"
             f" simulated devices, each device's birth first; median of {t['rounds']} round(s). Each"
             " subscriber drains the same preloaded persistent session of one mosquitto (see",
-            "`api/bench/suite.py`). Publisher (paho, one process) reached"
+            "`bench/suite.py`). Publisher (paho, one process) reached"
             f" {t['publisher_rate']:,.0f} msg/s filling the queues.",
             "",
             "| subscriber | msg/s | vs mosquitto_sub | vs bare paho | vs bare gmqtt"
@@ -208,7 +208,7 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
         rps = api.get("open_loop_rps", 500)
         lines += [
             "",
-            f"Fixed rate: {rps:.0f} requests/s on a schedule (open loop, `api/bench/openloop.py`),"
+            f"Fixed rate: {rps:.0f} requests/s on a schedule (open loop, `bench/openloop.py`),"
             " latency from each request's *scheduled* time, so a stall counts for every request"
             " due during it; CPU is the server's per request (ingest included), load is the"
             " machine's 1-minute load average after the run (2 cores, shared):",
