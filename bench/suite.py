@@ -35,7 +35,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import agents, procs, stages
-from bench.workload import Stream, birth_payload, specs_of, write_catalog
+from bench.workload import Stream, birth_payload, specs_of, status_sizes, write_catalog
 from devices.catalog import Catalog, Device
 from ingest.config import IngestConfig
 
@@ -126,6 +126,10 @@ def throughput(work: Path, plan: Plan) -> dict[str, Any]:
     embedded-store pipeline with the default MQTT client (``pipeline_sqlite``) and with the
     other one (``pipeline_sqlite_<client>``), and a bare gmqtt subscriber alongside."""
     catalog = write_catalog(work / "catalog.json", plan.devices)
+    log(
+        "statuses of the district's shapes, mean bytes: "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in status_sizes(specs_of(catalog)).items())
+    )
     alt = next(c for c in MQTT_CLIENTS if c != DEFAULT_MQTT_CLIENT)
     kinds = ["mosquitto_sub", "bare", "bare_gmqtt", "pipeline_sqlite", f"pipeline_sqlite_{alt}"]
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
@@ -179,6 +183,7 @@ def throughput(work: Path, plan: Plan) -> dict[str, Any]:
         "rates": med,
         "runs": results,
         "publisher_rate": statistics.median(p["rate"] for p in publisher),
+        "status_bytes": status_sizes(specs_of(catalog)),
         "ratios": {
             k: {"vs_mosquitto_sub": med[k] / ceiling, "vs_bare": med[k] / own_bare(k)}
             for k in med
