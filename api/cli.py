@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 from api.settings import ServeSettings
 from devices.catalog import Catalog, CatalogError
 from ingest import IngestError
+from ingest.gcpolicy import tune_gc
 
 if TYPE_CHECKING:
     from ingest.service import Ingest
@@ -42,17 +42,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def tune_gc() -> None:
-    """Once start-up is done: what exists now (catalog, twins, the app) lives as long as the
-    process, so the collector stops scanning it (``gc.freeze``), and young collections run
-    every 10,000 allocations instead of 700. Ingest allocates a handful of short-lived
-    objects per message; with the defaults the collector took about a third of the time
-    to handle one (decode, order, twin; docs/benchmarks.md)."""
-    gc.collect()  # start-up's garbage first, or freezing would keep it forever
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 async def run_serve(
@@ -332,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "simulate":
         return cmd_simulate(argv[1:])
     if argv and argv[0] == "bench":
-        from api.bench import main as bench
+        from bench.cli import main as bench  # dev tooling, outside the product packages
 
         return bench(argv[1:])
     args = _parser().parse_args(argv)

@@ -75,7 +75,11 @@ class Twins:
 
 
 @dataclass
-class _Batch:
+class Batch:
+    """Messages handled together: applied to the twins, written in one transaction, then
+    acknowledged. ``run`` makes them; tests and the in-process benchmarks (``bench/``) drive
+    the same steps one by one: ``handle`` each message, ``write``, ``commit``."""
+
     received: list[Received] = field(default_factory=list)
     rows: list[HistoryRow] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
@@ -157,16 +161,16 @@ class Pipeline:
                 while not queue:
                     self._arrived.clear()
                     await self._arrived.wait()
-                batch = _Batch()
+                batch = Batch()
                 for _ in range(min(len(queue), self.batch_max)):
-                    self._handle_safely(queue.popleft(), batch)
+                    self.handle(queue.popleft(), batch)
                 self._journal(batch)
                 # the twins' records now, before the next batch changes them: state must
                 # never get ahead of the history written with it
                 records = [TwinRecord(d, t.encode()) for d, t in batch.changed.items()]
                 if writing is not None:
                     await asyncio.shield(writing)  # a stop waits for it below
-                writing = asyncio.create_task(self._commit(batch, records), name="ingest-write")
+                writing = asyncio.create_task(self.commit(batch, records), name="ingest-write")
         finally:
             if writing is not None and not writing.done():
                 # a stop: let the commit in progress finish, acknowledge and be observed
@@ -178,7 +182,7 @@ class Pipeline:
                     log.warning("stopping with a store write still in progress")
                     writing.cancel()
 
-    def _handle_safely(self, r: Received, batch: _Batch) -> None:
+    def handle(self, r: Received, batch: Batch) -> None:
         """One message; a bug handling it costs that message (a dead letter), not ingest."""
         try:
             self._handle(r, batch)
@@ -188,7 +192,7 @@ class Pipeline:
                 batch.received.append(r)
             self._reject(batch, r, "internal", f"{type(exc).__name__}: {exc}")
 
-    def _journal(self, batch: _Batch) -> None:
+    def _journal(self, batch: Batch) -> None:
         if self.observed_through is None:
             return
         for twin, msg, received_ms in batch.applied:
@@ -201,7 +205,7 @@ class Pipeline:
 
     # -- per message --------------------------------------------------------------------
 
-    def _handle(self, r: Received, batch: _Batch) -> None:
+    def _handle(self, r: Received, batch: Batch) -> None:
         batch.received.append(r)
         self.last_message_ms = r.received_ms
         route = self._routes.get(r.topic)
@@ -288,7 +292,7 @@ class Pipeline:
         )
         return None
 
-    def _reject(self, batch: _Batch, r: Received, reason: str, detail: str) -> None:
+    def _reject(self, batch: Batch, r: Received, reason: str, detail: str) -> None:
         batch.rejected[reason] = batch.rejected.get(reason, 0) + 1
         log.debug("dead letter %s on %s: %s", reason, r.topic, detail)
         batch.dead.append(
@@ -297,7 +301,7 @@ class Pipeline:
 
     # -- per batch ----------------------------------------------------------------------
 
-    def _count(self, batch: _Batch) -> None:
+    def _count(self, batch: Batch) -> None:
         m = self.metrics
         m.received.inc(len(batch.received))
         if batch.received:
@@ -318,7 +322,7 @@ class Pipeline:
             if n := batch.outcomes.get(outcome, 0):
                 counter.inc(n)
 
-    async def _commit(self, batch: _Batch, records: list[TwinRecord] | None = None) -> None:
+    async def commit(self, batch: Batch, records: list[TwinRecord] | None = None) -> None:
         self._count(batch)
         if records is None:
             records = [TwinRecord(d, t.encode()) for d, t in batch.changed.items()]
@@ -327,7 +331,7 @@ class Pipeline:
         while True:
             try:
                 with self.metrics.write_seconds.time():
-                    await asyncio.to_thread(self._write, rows, records, dead, batch.unobserved)
+                    await asyncio.to_thread(self.write, rows, records, dead, batch.unobserved)
                 break
             except StoreUnavailable as exc:
                 self._store_failed(exc, delay)
@@ -402,7 +406,7 @@ class Pipeline:
                 self.metrics.dead_letters.labels("store_rejected").inc()
         return kept, refused
 
-    def _write(
+    def write(
         self,
         rows: list[HistoryRow],
         records: list[TwinRecord],

@@ -73,7 +73,7 @@ class BulkInsert:
 
     ``executemany`` runs SQLite once per row and takes the GIL back after each; from the
     ingest's worker thread, while the event loop is busy, every row then waits out the
-    interpreter's switch interval, and a 500-row batch took 10x its time (`api/bench/notes.md`).
+    interpreter's switch interval, and a 500-row batch took 10x its time (`bench/notes.md`).
     One statement per ``CHUNK`` rows waits once per chunk, and binds faster too."""
 
     head: str  # "INSERT ... INTO table (a, b, c)"

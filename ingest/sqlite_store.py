@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS unobserved (
 );
 """
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     device_id   TEXT    NOT NULL,
     boot        TEXT    NOT NULL,
@@ -112,7 +112,7 @@ CREATE TABLE IF NOT EXISTS facts (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 """
-_INSERT_MESSAGES = BulkInsert(
+INSERT_MESSAGES = BulkInsert(
     "INSERT OR IGNORE INTO messages (device_id, station_id, kind, type, boot, seq, ts_ms,"
     " received_ms, payload)",
     9,
@@ -161,7 +161,7 @@ class SQLiteStore:
     ) -> None:
         self.path = Path(path)
         self.dead_letters_kept = dead_letters_kept
-        self._db = SQLiteDB(self.path, _SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
+        self._db = SQLiteDB(self.path, SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
         # digests of the newest ``dead_letters_kept`` dead letters (insertion-ordered)
         self._dead_digests: dict[bytes, None] = dict.fromkeys(
             bytes(row[0])
@@ -185,7 +185,7 @@ class SQLiteStore:
     @staticmethod
     def _appending(rows: Sequence[HistoryRow]) -> list[Statement]:
         # HistoryRow's first nine fields are the columns, in this order
-        return [(_INSERT_MESSAGES, [r[:9] for r in rows])]
+        return [(INSERT_MESSAGES, [r[:9] for r in rows])]
 
     def messages(
         self,

@@ -1,7 +1,8 @@
 """Import edges between our packages, read with ast (nothing is imported or executed).
 
 devices is pure and depends on nothing of ours; simulators and ingest depend only on devices;
-api may use ingest; only api/cli.py, the composition root, may reach simulators (lazily).
+api may use ingest; only api/cli.py, the composition root, may reach simulators and bench
+(lazily). bench (dev tooling, not product) may use every package; none uses it.
 """
 
 from __future__ import annotations
@@ -13,21 +14,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("devices", "simulators", "ingest", "api")
+PACKAGES = ("devices", "simulators", "ingest", "api", "bench")
 
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "devices": frozenset({"ingest", "api", "simulators"}),
-    "simulators": frozenset({"ingest", "api"}),
-    "ingest": frozenset({"api", "simulators"}),
-    "api": frozenset({"simulators"}),
+    "devices": frozenset({"ingest", "api", "simulators", "bench"}),
+    "simulators": frozenset({"ingest", "api", "bench"}),
+    "ingest": frozenset({"api", "simulators", "bench"}),
+    "api": frozenset({"simulators", "bench"}),
+    "bench": frozenset(),
 }
 # devices does no I/O: no event loop, database, sockets, MQTT or HTTP
 DEVICES_FORBIDDEN_LIBS = frozenset(
     {"asyncio", "sqlite3", "socket", "paho", "aiomqtt", "httpx", "fastapi"}
 )
-# the composition root may start the simulators, importing their CLI inside a function
+# the composition root may start the simulators and the benchmarks, importing their CLI
+# inside a function
 COMPOSITION_ROOT = "api/cli.py"
-COMPOSITION_ROOT_MAY_IMPORT = frozenset({"simulators.cli"})
+COMPOSITION_ROOT_MAY_IMPORT = frozenset({"simulators.cli", "bench.cli"})
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,23 @@ def violations(rel_path: str, source: str) -> list[str]:
     return found
 
 
+def private_imports(rel_path: str, source: str) -> list[str]:
+    """Names with a leading underscore that a file imports from another of our packages
+    (``from ingest.pipeline import _Batch``): a private name is no seam to build on."""
+    package = Path(rel_path).parts[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            top = node.module.split(".")[0]
+            if top in PACKAGES and top != package:
+                found.extend(
+                    f"{rel_path}:{node.lineno}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_")
+                )
+    return found
+
+
 def sources(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
@@ -112,6 +132,22 @@ def test_no_forbidden_imports(package: str) -> None:
         for v in violations(f.relative_to(ROOT).as_posix(), f.read_text(encoding="utf-8"))
     ]
     assert problems == []
+
+
+def test_bench_imports_no_private_names_of_the_product() -> None:
+    files = sources("bench")
+    assert files, "no Python files under bench/"
+    problems = [
+        v
+        for f in files
+        for v in private_imports(f.relative_to(ROOT).as_posix(), f.read_text(encoding="utf-8"))
+    ]
+    assert problems == []
+
+
+def test_private_imports_are_seen() -> None:
+    source = "from ingest.pipeline import Pipeline, _Batch\nfrom bench.rig import _x\n"
+    assert private_imports("bench/x.py", source) == ["bench/x.py:1: ingest.pipeline._Batch"]
 
 
 def test_devices_imports_only_devices_of_ours() -> None:
@@ -175,6 +211,27 @@ def test_devices_imports_only_devices_of_ours() -> None:
             ["api/cli.py:2: api -> simulators.fleet"],
         ),
         ("api/cli.py", "def demo():\n    from simulators.cli import main\n", []),
+        ("api/cli.py", "def main():\n    from bench.cli import main\n", []),
+        ("api/cli.py", "from bench.cli import main\n", ["api/cli.py:1: api -> bench.cli"]),
+        (
+            "api/cli.py",
+            "def main():\n    from bench.suite import Plan\n",
+            ["api/cli.py:2: api -> bench.suite"],
+        ),
+        # bench is dev tooling: the product never imports it, it may import the product
+        (
+            "ingest/x.py",
+            "from bench.rig import pipeline_rig\n",
+            ["ingest/x.py:1: ingest -> bench.rig"],
+        ),
+        ("api/app.py", "import bench\n", ["api/app.py:1: api -> bench"]),
+        (
+            "simulators/x.py",
+            "def f():\n    import bench.workload\n",
+            ["simulators/x.py:2: simulators -> bench.workload"],
+        ),
+        ("devices/x.py", "from bench import cli\n", ["devices/x.py:1: devices -> bench"]),
+        ("bench/x.py", "from ingest.pipeline import Pipeline\nimport simulators.pile\n", []),
         ("api/cli.py", "async def demo():\n    import simulators.cli\n", []),
         # relative imports resolve to the package they name
         ("devices/x.py", "from ..ingest import twins\n", ["devices/x.py:1: devices -> ingest"]),

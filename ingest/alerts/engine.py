@@ -280,17 +280,17 @@ class AlertEngine:
     def tick(self) -> None:
         """Absences, verification windows and escalation: one whole pass (the timer makes the
         same pass in slices, ``_tick_in_slices``)."""
-        for _ in self._tick_steps():
+        for _ in self.tick_steps():
             pass
 
     async def _tick_in_slices(self) -> None:
         """The timer's pass, giving the event loop back every ``TICK_SLICE`` devices: every
         device costs ~5-8 us, so one pass over 50,000 of them held the loop (API requests,
         ingest) ~400 ms; in slices, nothing waits longer than ~5 ms."""
-        for _ in self._tick_steps():
+        for _ in self.tick_steps():
             await asyncio.sleep(0)
 
-    def _tick_steps(self) -> Iterator[None]:
+    def tick_steps(self) -> Iterator[None]:
         """The pass as a generator that stops after every ``TICK_SLICE`` devices. Between
         steps ``observe`` may run: each device is read from ``seen`` when its turn comes (a
         snapshot taken before the pass could be older than what ``observe`` judged)."""

@@ -11,7 +11,7 @@ from typing import Any
 from devices.topics import TopicScheme
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
-from ingest.pipeline import Pipeline, Twins, _Batch
+from ingest.pipeline import Batch, Pipeline, Twins
 from ingest.sqlite_store import SQLiteStore
 from tests.alerts.helpers import CATALOG, Clock, active, running
 
@@ -58,10 +58,10 @@ async def test_a_fault_and_its_snapshot_in_one_batch_make_one_alert(tmp_path: Pa
                 received(3, "status", {"kind": "pile", "ports": ports(faulted=3)}, now),
                 received(4, "status", {"kind": "pile", "ports": ports(faulted=3)}, now + 1),
             ]
-            batch = _Batch()
+            batch = Batch()
             for r in messages:  # one batch: every twin change happens before any rule runs
-                pipeline._handle(r, batch)
-            await pipeline._commit(batch)
+                pipeline.handle(r, batch)
+            await pipeline.commit(batch)
             [alert] = active(engine)
             assert (alert.code, alert.unit, alert.count) == ("over_current", 3, 1)
     finally:

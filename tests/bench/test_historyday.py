@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api.bench.historyday import district_day
+from bench.historyday import district_day
 
 
 def test_a_short_district_run_is_stored_whole_and_compacted(tmp_path: Path) -> None:

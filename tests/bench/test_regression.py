@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from api.bench import suite
+from bench import suite
 from tests.servers import need_binary
 
 BASELINE = json.loads((Path(__file__).with_name("baseline.json")).read_text())

@@ -21,7 +21,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from api.bench.workload import Stream, specs_of
+from bench.workload import Stream, specs_of
 from devices.catalog import Catalog
 from devices.topics import TopicScheme
 from ingest.broker import EmbeddedBroker

@@ -20,7 +20,7 @@ from devices.topics import TopicScheme
 from ingest import StoreUnavailable
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
-from ingest.pipeline import Pipeline, Twins, _Batch
+from ingest.pipeline import Batch, Pipeline, Twins
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
 from ingest.twins import Twin
@@ -95,11 +95,11 @@ class Rig:
 
     async def feed(self, *messages: Received) -> None:
         """Handle ``messages`` as one batch, the way ``run`` does."""
-        batch = _Batch()
+        batch = Batch()
         for r in messages:
             self.pipeline.unacked += 1
-            self.pipeline._handle(r, batch)
-        await self.pipeline._commit(batch)
+            self.pipeline.handle(r, batch)
+        await self.pipeline.commit(batch)
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.bench.historyday import history_row
 from api.forecast import compute_stats
 from api.routes.history import station_utilization
+from bench.historyday import history_row
 from devices.catalog import Catalog
 from devices.rollup import HOUR_MS
 from ingest.config import IngestConfig

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from api.bench.workload import write_catalog
+from bench.workload import write_catalog
 from devices.catalog import Catalog
 from devices.contract import Death, decode
 from devices.topics import TopicScheme

@@ -1,4 +1,4 @@
-"""An open-loop HTTP load generator: ``python -m api.bench.openloop URL RATE SECONDS``.
+"""An open-loop HTTP load generator: ``python -m bench.openloop URL RATE SECONDS``.
 
 wrk (4.1, no wrk2 package in Debian) is closed-loop: each connection sends its next request
 only after the answer, so a slow answer lowers the offered rate and hides its own cost
@@ -140,7 +140,7 @@ async def run(
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m api.bench.openloop", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.openloop", description=__doc__)
     p.add_argument("url")
     p.add_argument("rate", type=float, help="requests per second offered")
     p.add_argument("seconds", type=float, help="measured seconds (after --warmup)")

@@ -1,5 +1,5 @@
 """Why the embedded store inserts a chunk of rows per statement: a worker thread's writes
-against a busy event loop. ``python -m api.bench.writes``
+against a busy event loop. ``python -m bench.writes``
 
 The ingest writes each batch from a worker thread while the event loop handles the next
 one. ``executemany`` runs SQLite once per row and takes the GIL back after each; while
@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ingest.sqlite_db import SQLiteDB
-from ingest.sqlite_store import _INSERT_MESSAGES, _SCHEMA
+from ingest.sqlite_store import INSERT_MESSAGES, SCHEMA
 
 PAYLOAD = '{"v":1,"ts":"2026-11-29T18:04:33.291+08:00","boot":"f3206d14475b","seq":2,' + (
     '"kind":"pile","ports":[{"n":1,"state":"available","power_w":0,"energy_wh":0},'
     '{"n":2,"state":"charging","power_w":151.0,"energy_wh":120.3,"session":"s-0065"}]}'
 )
-SQL = _INSERT_MESSAGES.sql(1)  # the store's own statement, one row at a time
+SQL = INSERT_MESSAGES.sql(1)  # the store's own statement, one row at a time
 Writer = Callable[[sqlite3.Connection, Sequence[Sequence[Any]]], None]
 
 
@@ -50,8 +50,9 @@ def rows(n: int, devices: int = 10_000) -> list[tuple[Any, ...]]:
 
 def _run(write: Writer, data: list[tuple[Any, ...]], busy: bool, batch: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        db = SQLiteDB(Path(tmp) / "w.db", _SCHEMA)
-        conn = db._db
+        SQLiteDB(Path(tmp) / "w.db", SCHEMA).close()  # the store's schema
+        conn = sqlite3.connect(Path(tmp) / "w.db", isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
         out: dict[str, float] = {}
         stop, spins = threading.Event(), [0]
 
@@ -80,7 +81,7 @@ def _run(write: Writer, data: list[tuple[Any, ...]], busy: bool, batch: int) -> 
         if busy:
             spinner.join()
             out["spins_per_s"] = spins[0] / (time.perf_counter() - began)
-        db.close()
+        conn.close()
     return out
 
 
@@ -92,7 +93,7 @@ def main(n: int = 30_000, batch: int = 500) -> None:
     data = rows(n)
     ways: dict[str, Writer] = {
         "executemany": _executemany,
-        "BulkInsert": _INSERT_MESSAGES.run,
+        "BulkInsert": INSERT_MESSAGES.run,
     }
     print(f"{n:,} rows in batches of {batch}; us per row (writer thread)")
     for name, write in ways.items():

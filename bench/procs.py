@@ -236,9 +236,9 @@ def wait_ready(base_url: str, timeout: float = 60.0) -> None:
 
 
 def agent(work: Path, name: str, **args: Any) -> Proc:
-    """A measuring agent (``api.bench.agents``) in its own process; JSON result on stdout."""
+    """A measuring agent (``bench.agents``) in its own process; JSON result on stdout."""
     work.mkdir(parents=True, exist_ok=True)
-    argv = python_argv("-m", "api.bench.agents", name, json.dumps(args, default=str))
+    argv = python_argv("-m", "bench.agents", name, json.dumps(args, default=str))
     return Proc(argv, work / f"{name}.log", stdout=work / f"{name}.json")
 
 

@@ -34,8 +34,8 @@ import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from api.bench import agents, procs, stages
-from api.bench.workload import Stream, birth_payload, specs_of, write_catalog
+from bench import agents, procs, stages
+from bench.workload import Stream, birth_payload, specs_of, status_sizes, write_catalog
 from devices.catalog import Catalog, Device
 from ingest.config import IngestConfig
 
@@ -126,6 +126,10 @@ def throughput(work: Path, plan: Plan) -> dict[str, Any]:
     embedded-store pipeline with the default MQTT client (``pipeline_sqlite``) and with the
     other one (``pipeline_sqlite_<client>``), and a bare gmqtt subscriber alongside."""
     catalog = write_catalog(work / "catalog.json", plan.devices)
+    log(
+        "statuses of the district's shapes, mean bytes: "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in status_sizes(specs_of(catalog)).items())
+    )
     alt = next(c for c in MQTT_CLIENTS if c != DEFAULT_MQTT_CLIENT)
     kinds = ["mosquitto_sub", "bare", "bare_gmqtt", "pipeline_sqlite", f"pipeline_sqlite_{alt}"]
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
@@ -179,6 +183,7 @@ def throughput(work: Path, plan: Plan) -> dict[str, Any]:
         "rates": med,
         "runs": results,
         "publisher_rate": statistics.median(p["rate"] for p in publisher),
+        "status_bytes": status_sizes(specs_of(catalog)),
         "ratios": {
             k: {"vs_mosquitto_sub": med[k] / ceiling, "vs_bare": med[k] / own_bare(k)}
             for k in med
@@ -512,10 +517,10 @@ def _ms(text: str) -> float:
 def _open_loop(
     url: str, rate: float, seconds: float, server_pid: int, *headers: str
 ) -> dict[str, Any]:
-    """``api.bench.openloop`` in its own process: ``rate`` requests/s on a fixed schedule,
+    """``bench.openloop`` in its own process: ``rate`` requests/s on a fixed schedule,
     latency from each request's scheduled time (no coordinated omission); with the server's
     CPU per request and the load average, since the machine is shared."""
-    argv = [sys.executable, "-m", "api.bench.openloop", url, str(rate), str(seconds)]
+    argv = [sys.executable, "-m", "bench.openloop", url, str(rate), str(seconds)]
     argv += [f"--header={h}" for h in headers]
     cpu0 = _cpu_s(server_pid)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
@@ -791,13 +796,13 @@ def simulator(work: Path, plan: Plan) -> dict[str, Any]:
 
 
 def alerts(work: Path, plan: Plan) -> dict[str, Any] | None:
-    from api.bench.alertbench import alert_latency
+    from bench.alertbench import alert_latency
 
     return alert_latency(work, plan.probes // 5)
 
 
 def history(work: Path, plan: Plan) -> dict[str, Any]:
-    from api.bench.historyday import district_day
+    from bench.historyday import district_day
 
     return district_day(work, plan.history_devices)
 

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from api.bench import procs, stages
+from bench import procs, stages
 
 TARGETS = {
     "vs_mosquitto_sub": 0.40,
@@ -54,6 +54,12 @@ def _yes(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def _sizes(t: dict[str, Any]) -> str:
+    """Mean status sizes, as the run measured them."""
+    sizes = t.get("status_bytes") or {}
+    return ", ".join(f"a {kind}'s status {n:,.0f} bytes" for kind, n in sizes.items()) or "?"
+
+
 def render(results: dict[str, Any], command: str, plot: str | None) -> str:
     lines = [
         "# Benchmarks",
@@ -79,10 +85,12 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
         lines += [
             "## 1. Ingest throughput (QoS 1, ack after write)",
             "",
-            f"{t['messages']:,} contract statuses (~270 bytes, two-port piles) of {t['devices']:,}"
-            f" simulated devices, each device's birth first; median of {t['rounds']} round(s). Each"
+            f"{t['messages']:,} contract statuses of {t['devices']:,} devices shaped like the"
+            " district's (10-port piles and 12-slot cabinets in its proportions, payloads from"
+            f" the simulators' models: {_sizes(t)}), each device's birth first;"
+            f" median of {t['rounds']} round(s). Each"
             " subscriber drains the same preloaded persistent session of one mosquitto (see",
-            "`api/bench/suite.py`). Publisher (paho, one process) reached"
+            "`bench/suite.py`). Publisher (paho, one process) reached"
             f" {t['publisher_rate']:,.0f} msg/s filling the queues.",
             "",
             "| subscriber | msg/s | vs mosquitto_sub | vs bare paho | vs bare gmqtt"
@@ -208,7 +216,7 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
         rps = api.get("open_loop_rps", 500)
         lines += [
             "",
-            f"Fixed rate: {rps:.0f} requests/s on a schedule (open loop, `api/bench/openloop.py`),"
+            f"Fixed rate: {rps:.0f} requests/s on a schedule (open loop, `bench/openloop.py`),"
             " latency from each request's *scheduled* time, so a stall counts for every request"
             " due during it; CPU is the server's per request (ingest included), load is the"
             " machine's 1-minute load average after the run (2 cores, shared):",
@@ -248,7 +256,7 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
             "## 5. Footprint",
             "",
             "Resident memory (VmRSS) of `chargewatch serve` after every device sent a birth and a",
-            "status (synthetic catalogs of two-port piles):",
+            "status (synthetic catalogs shaped like the district: 10-port piles, 12-slot cabinets):",
             "",
             "| devices | RSS idle | RSS with every twin | MB per 1,000 devices |",
             "| ---: | ---: | ---: | ---: |",

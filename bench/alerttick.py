@@ -1,4 +1,4 @@
-"""What the alert engine's timer pass costs as the fleet grows. ``python -m api.bench.alerttick``
+"""What the alert engine's timer pass costs as the fleet grows. ``python -m bench.alerttick``
 
 Every ``tick_s`` the engine looks at every device and station for what only the clock can
 change (silence, doors, stuck ports, stations with nothing free). This feeds each device's
@@ -13,11 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from api.bench.rig import pipeline_rig
-from api.bench.workload import Stream, write_catalog
+from bench.rig import pipeline_rig
+from bench.workload import Stream, write_catalog
 from devices.catalog import Catalog
 from ingest.mqtt import Received
-from ingest.pipeline import _Batch
+from ingest.pipeline import Batch
 
 
 async def one_pass(devices: int, work: Path) -> tuple[float, float]:
@@ -26,18 +26,18 @@ async def one_pass(devices: int, work: Path) -> tuple[float, float]:
     specs = [d.spec for d in catalog.devices.values()]
     now = time.time_ns() // 1_000_000
     stream = Stream(specs, births=True, seed=1).messages(2 * devices, now)
-    async with pipeline_rig(catalog, work, synchronous="OFF") as (pipeline, engine, config):
+    rig = pipeline_rig(catalog, work, synchronous="OFF", startup_grace_s=0)
+    async with rig as (pipeline, engine, _):
         pipeline.observers.append(lambda *a: None)  # keep the per-message snapshots
-        batch = _Batch()
+        batch = Batch()
         for i, (topic, payload) in enumerate(stream):
-            pipeline._handle(Received(topic, payload, 1, False, i, now, 0), batch)
+            pipeline.handle(Received(topic, payload, 1, False, i, now, 0), batch)
         for twin, msg, received_ms in batch.applied:
             engine.observe(twin, msg, received_ms)
-        engine._started_ms -= int(config.alerts.startup_grace_s * 1000) + 1
         slices = []
         cpu = time.thread_time()
         began = time.perf_counter()
-        for _ in engine._tick_steps():
+        for _ in engine.tick_steps():
             slices.append(time.perf_counter() - began)
             began = time.perf_counter()
         slices.append(time.perf_counter() - began)

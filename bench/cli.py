@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from api.bench import report, suite
+from bench import report, suite
 
 
 def run(plan: suite.Plan, work: Path) -> dict[str, Any]:

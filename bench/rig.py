@@ -19,11 +19,18 @@ from ingest.sqlite_store import SQLiteStore
 
 @contextlib.asynccontextmanager
 async def pipeline_rig(
-    catalog: Catalog, work: Path, *, synchronous: str | None = None
+    catalog: Catalog,
+    work: Path,
+    *,
+    synchronous: str | None = None,
+    startup_grace_s: float | None = None,
 ) -> AsyncIterator[tuple[Pipeline, AlertEngine, IngestConfig]]:
     """A pipeline and a started alert engine on the same twins, stores under ``work``
-    (``synchronous``: the store's, default as ``chargewatch serve`` sets it)."""
+    (``synchronous``: the store's, default as ``chargewatch serve`` sets it;
+    ``startup_grace_s``: the alert engine's, default as configured)."""
     config = IngestConfig(data_dir=work)
+    if startup_grace_s is not None:
+        config.alerts.startup_grace_s = startup_grace_s
     store = SQLiteStore.in_dir(work, synchronous=synchronous or config.sqlite_synchronous)
     metrics = IngestMetrics()
     twins = Twins(catalog, config.release_soc)

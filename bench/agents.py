@@ -1,4 +1,4 @@
-"""Measuring agents, each run as its own process: ``python -m api.bench.agents NAME JSON``.
+"""Measuring agents, each run as its own process: ``python -m bench.agents NAME JSON``.
 
 - ``publish``: contract statuses from a catalog's devices at QoS 1, as fast as the broker
   takes them or at a fixed rate; every loop is bounded by ``count`` and ``max_s``.
@@ -27,7 +27,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.registry import Collector
 
-from api.bench.workload import Stream, specs_of
+from bench.workload import Stream, specs_of
 
 LOOPBACK = "127.0.0.1"
 SUBSCRIPTION = "cw/v1/+/+"
@@ -208,10 +208,20 @@ def quantile(hist: Collector, q: float) -> float | None:
     return None
 
 
+class _Value:
+    """A counter's current value through its public ``collect()`` (one metric, cheap)."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+
+    def get(self) -> float:
+        return float(self.counter.collect()[0].samples[0].value)
+
+
 async def _pipeline(args: dict[str, Any]) -> dict[str, Any]:
-    from api.cli import tune_gc
     from devices.catalog import Catalog
     from ingest.config import IngestConfig
+    from ingest.gcpolicy import tune_gc
     from ingest.service import Ingest
 
     count, max_s = int(args["count"]), float(args.get("max_s", 300))
@@ -226,9 +236,7 @@ async def _pipeline(args: dict[str, Any]) -> dict[str, Any]:
     async with Ingest(config, catalog) as ingest:
         tune_gc()  # as `chargewatch serve` does once it is up
         m = ingest.metrics
-        received = m.received._value  # the counters' own values: read, never reset
-        acked = m.acked._value
-        written = m.written._value
+        received, acked, written = (_Value(c) for c in (m.received, m.acked, m.written))
         deadline = time.monotonic() + max_s
         while received.get() < 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a counter
             await asyncio.sleep(0.002)

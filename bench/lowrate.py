@@ -1,5 +1,5 @@
 """What a message costs the event loop at district rates, where every batch is one message.
-``python -m api.bench.lowrate``
+``python -m bench.lowrate``
 
 Draining, the pipeline spends ~50 us of its loop thread a message; at 133 msg/s (10x
 district) ``serve`` spends ~1.3 ms. This feeds the real ``Pipeline`` (embedded store with
@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from api.bench.rig import pipeline_rig
-from api.bench.workload import Stream
-from api.cli import tune_gc
+from bench.rig import pipeline_rig
+from bench.workload import Stream
 from devices.catalog import Catalog
+from ingest.gcpolicy import tune_gc
 from ingest.mqtt import Received
 
 

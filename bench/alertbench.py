@@ -21,8 +21,8 @@ import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from api.bench import procs
-from api.bench.workload import Stream, specs_of
+from bench import procs
+from bench.workload import Stream, specs_of
 
 
 class _Receiver(ThreadingHTTPServer):

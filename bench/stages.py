@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from api.bench.rig import pipeline_rig
-from api.bench.workload import Stream, write_catalog
-from api.cli import tune_gc
+from bench.rig import pipeline_rig
+from bench.workload import Stream, write_catalog
 from devices.catalog import Catalog
+from ingest.gcpolicy import tune_gc
 from ingest.mqtt import Received
-from ingest.pipeline import _Batch
+from ingest.pipeline import Batch
 from ingest.store import TwinRecord
 
 STAGES = ("handle", "records", "write", "ack", "alerts")
@@ -43,18 +43,18 @@ async def _round(catalog: Catalog, messages: list[Received], work: Path) -> dict
     async with pipeline_rig(catalog, work) as (pipeline, engine, config):
         pipeline.observers.append(lambda *a: None)  # keep the per-message snapshots
         for i in range(0, len(messages), config.batch_max):
-            batch = _Batch()
+            batch = Batch()
             with timing("handle"):
                 for r in messages[i : i + config.batch_max]:
                     pipeline.deliver(r)
                     pipeline.queue.popleft()
-                    pipeline._handle(r, batch)
+                    pipeline.handle(r, batch)
             with timing("records"):
                 records = [TwinRecord(d, t.encode()) for d, t in batch.changed.items()]
             with timing("write"):
-                pipeline._write(batch.rows, records, batch.dead, batch.unobserved)
+                pipeline.write(batch.rows, records, batch.dead, batch.unobserved)
             with timing("ack"):  # counters and acks; nothing left to write
-                await pipeline._commit(_Batch(received=batch.received), [])
+                await pipeline.commit(Batch(received=batch.received), [])
             with timing("alerts"):
                 for twin, msg, received_ms in batch.applied:
                     engine.observe(twin, msg, received_ms)
@@ -108,7 +108,7 @@ def render(result: dict[str, Any] | None) -> list[str]:
         f"{result['messages']:,} messages (births, then statuses) of {result['devices']:,}"
         " devices fed straight into `Pipeline` with the real SQLite store and alert engine;"
         " CPU per message of each stage (`time.thread_time`, best of"
-        f" {result['rounds']} rounds; see `api/bench/stages.py`).",
+        f" {result['rounds']} rounds; see `bench/stages.py`).",
         "",
         "| stage | us per message | with the collector off |",
         "| --- | ---: | ---: |",
