@@ -29,6 +29,7 @@ from api.routes import (
     riders,
     sentinels,
     stream,
+    summaries,
     work_orders,
 )
 from api.sentinels import SentinelStore
@@ -86,6 +87,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(keys.router)
     app.include_router(reports.router)
     app.include_router(sentinels.router)  # after reports: POST /v1/reports is there
+    app.include_router(summaries.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     return app

@@ -154,11 +154,11 @@ def summarize(
         start = span_of(int(row["hour_ms"]))
         if start is not None and row["id"] in wanted:
             acc[row["id"], start].add_hour(row["data"])
-    for station, _code, opened, acked, resolved in timings:
+    for where, _code, opened, acked, resolved in timings:
         start = span_of(opened)
-        if start is None or station not in wanted or station == SERVICE_STATION:
+        if start is None or where not in wanted or where == SERVICE_STATION:
             continue
-        group = acc[station, start].repair
+        group = acc[where, start].repair
         group.alerts += 1
         if acked is not None and acked >= opened:
             group.ack_s.append((acked - opened) / 1000)
@@ -184,7 +184,9 @@ def summarize(
                     "hours": (end - start) // HOUR_MS,
                     "hours_rolled_up": a.hours_rolled_up,
                     "open_minutes": a.open_minutes,
-                    "port_free_share": _share(a.port_free_minutes, a.open_minutes, station.piles > 0),
+                    "port_free_share": _share(
+                        a.port_free_minutes, a.open_minutes, station.piles > 0
+                    ),
                     "battery_ready_share": _share(
                         a.battery_ready_minutes, a.open_minutes, station.cabinets > 0
                     ),

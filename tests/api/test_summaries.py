@@ -77,7 +77,7 @@ def test_periods_follow_a_zone_with_daylight_saving() -> None:
 
 
 STATIONS = [
-    StationInfo("a", "甲站", "Station A, \"north\"", piles=2, cabinets=1),
+    StationInfo("a", "甲站", 'Station A, "north"', piles=2, cabinets=1),
     StationInfo("b", "乙站", "Station B", piles=1, cabinets=0),
 ]
 DAY1 = ms("2026-12-02T00:00:00+08:00")
@@ -143,7 +143,8 @@ def test_a_stations_period_adds_up_its_hours_alerts_and_reports() -> None:
     }  # fmt: skip
     assert (a2["open_minutes"], a2["port_free_share"], a2["battery_ready_share"]) == (60, 0.1, 0.0)
     assert (a2["alerts"], a2["mtta_s"], a2["mttr_s"]) == (1, None, 3600.0)
-    assert a2["reports_expired"] == 1 and a2["sessions"] == 0
+    assert a2["reports_expired"] == 1
+    assert a2["sessions"] == 0
     assert b1["port_free_share"] == 0.25
     assert b1["battery_ready_share"] is None, "no cabinet at b"
     assert b1["reports_confirmed"] == 0
