@@ -32,7 +32,7 @@ from ingest.rollups import HourlyRollups
 from ingest.service import Ingest
 from ingest.sqlite_store import SQLiteStore
 from tests.alerts.helpers import Clock
-from tests.ingest.test_rollups import HOURS, RELEASE, START_S, STATION, traffic
+from tests.ingest.test_rollups import HOURS, START_S, STATION, traffic
 
 FIRST_HOUR = round(START_S * 1000)  # 2026-12-02T06:00:00+08:00
 END_MS = FIRST_HOUR + HOURS * HOUR_MS
