@@ -29,6 +29,7 @@ from api.routes import (
     riders,
     sentinels,
     stream,
+    summaries,
     work_orders,
 )
 from api.sentinels import SentinelStore
@@ -51,6 +52,8 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
     app.state.audit = AuditLog.in_dir(ingest.config.data_dir)  # who did what (api.audit)
     app.state.sentinels = SentinelStore.in_dir(ingest.config.data_dir)  # riders, points
+    if ingest.housekeeping is not None and ingest.housekeeping.rollups is not None:
+        ingest.housekeeping.rollups.reports = app.state.sentinels  # reports in the rollups
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
     # station views shared by requests, recomputed when their devices change
@@ -84,6 +87,7 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
     app.include_router(keys.router)
     app.include_router(reports.router)
     app.include_router(sentinels.router)  # after reports: POST /v1/reports is there
+    app.include_router(summaries.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     return app

@@ -31,7 +31,7 @@ DOCS_CSP = (
     f" {DOCS_CDN}; img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self';"
     f" worker-src blob:; font-src {DOCS_CDN} https://fonts.gstatic.com; frame-ancestors 'none'"
 )
-PAGES = frozenset({"/", "/console"})
+PAGES = frozenset({"/", "/console", "/console/summaries"})
 DOCS = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
 
 _COMMON = [

@@ -42,6 +42,7 @@ from api.text import plain_text
 from ingest import StoreError
 from ingest.alerts.engine import REPORT_CATEGORIES, SERVICE_STATION
 from ingest.alerts.model import Alert
+from ingest.rollups import RiderReport
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"
@@ -68,6 +69,7 @@ CREATE TABLE IF NOT EXISTS rider_reports (
 CREATE INDEX IF NOT EXISTS rider_reports_by_rider ON rider_reports (rider_id, id);
 CREATE INDEX IF NOT EXISTS rider_reports_by_outcome ON rider_reports (outcome, id);
 CREATE INDEX IF NOT EXISTS rider_reports_by_station ON rider_reports (station_id, id);
+CREATE INDEX IF NOT EXISTS rider_reports_by_time ON rider_reports (at_ms);
 CREATE TABLE IF NOT EXISTS rider_points (
     id INTEGER PRIMARY KEY AUTOINCREMENT, rider_id TEXT NOT NULL, delta INTEGER NOT NULL,
     reason TEXT NOT NULL, note TEXT, report_id INTEGER, alert_id INTEGER,
@@ -346,6 +348,23 @@ class SentinelStore:
             f"{_REPORT_SELECT}{clause} ORDER BY r.id DESC LIMIT ?", (*args, limit)
         )
         return [Report(*row) for row in rows]
+
+    def made_between(self, since_ms: int, until_ms: int, limit: int = 1_000_000) -> list[Report]:
+        """Reports made in [since_ms, until_ms), oldest first."""
+        rows = self._db.query(
+            f"{_REPORT_SELECT} WHERE r.at_ms >= ? AND r.at_ms < ? ORDER BY r.at_ms, r.id LIMIT ?",
+            (since_ms, until_ms, limit),
+        )
+        return [Report(*row) for row in rows]
+
+    def reports_made(self, since_ms: int, until_ms: int) -> list[RiderReport]:
+        """What the hourly rollups count (``ingest.rollups.ReportSource``)."""
+        rows = self._db.query(
+            "SELECT station_id, device_id, category, at_ms FROM rider_reports"
+            " WHERE at_ms >= ? AND at_ms < ? ORDER BY at_ms, id",
+            (since_ms, until_ms),
+        )
+        return [RiderReport(str(s), d, str(c), int(t)) for s, d, c, t in rows]
 
     def decide(
         self,

@@ -5,7 +5,8 @@ availability rules (``devices.availability``): *online* when the last birth/deat
 online and a message arrived within ``STALE_FACTOR`` heartbeats; then, within the station's
 opening hours, ``minutes_port_free`` / ``minutes_battery_ready`` count the minutes with a
 free port / a ready battery, and ``port_minutes`` / ``battery_minutes`` sum how many
-(unit-minutes: / 60 is the hour's mean). Events count in the hour they happened (device time). A
+(unit-minutes: / 60 is the hour's mean). Events count in the hour they happened (device time),
+riders' reports in the hour they were made (service time; ``Rollup.add_reports``). A
 station's rollup is the sum of its devices' (``Rollup.add``), except its minutes with a free
 port / a ready battery: minutes in which any of its piles / cabinets had one.
 
@@ -49,6 +50,8 @@ class Rollup:
     sessions_ended: int = 0
     swaps: int = 0
     faults: dict[str, int] = field(default_factory=dict)  # fault_raised, by code
+    reports: int = 0  # riders' reports made in the hour (its device's, or the station's)
+    reports_by_category: dict[str, int] = field(default_factory=dict)
     # free ports (piles) / ready batteries (cabinets) in each minute: how a station's
     # minutes with a free port are counted (not stored)
     ports_by_minute: list[int] = field(default_factory=lambda: [0] * 60, repr=False)
@@ -80,6 +83,13 @@ class Rollup:
         self.swaps += other.swaps
         for code, n in other.faults.items():
             self.faults[code] = self.faults.get(code, 0) + n
+        self.add_reports(other.reports_by_category)
+
+    def add_reports(self, by_category: dict[str, int]) -> None:
+        """Count riders' reports (how many of each category)."""
+        for category, n in by_category.items():
+            self.reports += n
+            self.reports_by_category[category] = self.reports_by_category.get(category, 0) + n
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -6,14 +6,21 @@ sums each station's devices, and upserts them all with the mark "rolled up throu
 transaction: running an hour again gives the same rows (idempotent). ``catch_up`` rolls
 the hours after the mark that are over, a few per call (the housekeeping task calls it).
 Rollups are kept when raw history is pruned: they are what remains of older days.
+
+Riders' reports count in the hour they were made, from a ``ReportSource`` (the API's
+sentinel store, which keeps every report: ``api.sentinels``): a report naming a device in
+its device's rollup and its station's, one naming only the station in the station's.
+Without a source (ingest running without the API) the rollups count none.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from typing import NamedTuple, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from devices.catalog import Catalog, StationSpec
@@ -38,6 +45,18 @@ _CHANNEL: dict[str, Channel] = {
 }
 
 
+class RiderReport(NamedTuple):
+    station_id: str
+    device_id: str | None
+    category: str
+    at_ms: int
+
+
+class ReportSource(Protocol):
+    def reports_made(self, since_ms: int, until_ms: int) -> Sequence[RiderReport]:
+        """Riders' reports made in [since_ms, until_ms) (epoch ms)."""
+
+
 def district_tz(catalog: Catalog) -> tzinfo:
     try:
         return ZoneInfo(catalog.data.district.timezone)
@@ -46,10 +65,17 @@ def district_tz(catalog: Catalog) -> tzinfo:
 
 
 class HourlyRollups:
-    def __init__(self, store: SQLiteStore, catalog: Catalog, release_soc: float = 90.0) -> None:
+    def __init__(
+        self,
+        store: SQLiteStore,
+        catalog: Catalog,
+        release_soc: float = 90.0,
+        reports: ReportSource | None = None,
+    ) -> None:
         self.store = store
         self.catalog = catalog
         self.release_soc = release_soc
+        self.reports = reports
         self.tz = district_tz(catalog)
         self.undecodable = 0
 
@@ -97,6 +123,7 @@ class HourlyRollups:
         stations: dict[str, Rollup] = {}
         # a device silent since before the lookback is offline all hour (stale): no reads
         active = self.store.active_devices(hour_ms - LOOKBACK_MS, hour_ms + HOUR_MS)
+        reported = self._reports(hour_ms)
         for station in self.catalog.stations.values():
             total = Rollup(devices=0)
             silent: Rollup | None = None
@@ -109,12 +136,31 @@ class HourlyRollups:
                         minutes = sum(opened(hour_ms + k * 60_000 + 30_000) for k in range(60))
                         silent = Rollup(minutes_open=minutes)
                     r = silent
+                if (station.id, spec.id) in reported:  # silent devices share one rollup
+                    r = replace(r, faults=dict(r.faults), reports_by_category={})
+                    r.add_reports(reported[station.id, spec.id])
                 rows.append(("device", spec.id, hour_ms, json.dumps(r.as_dict())))
                 total.add(r)
+            total.add_reports(reported.get((station.id, None), {}))
             rows.append(("station", station.id, hour_ms, json.dumps(total.as_dict())))
             stations[station.id] = total
         self.store.save_rollups(rows, hour_ms + HOUR_MS)
         return stations
+
+    def _reports(self, hour_ms: int) -> dict[tuple[str, str | None], dict[str, int]]:
+        """The hour's reports by (station, device or None), then category; a device
+        that is not the station's (a catalog change since) counts at the station."""
+        out: dict[tuple[str, str | None], dict[str, int]] = {}
+        if self.reports is None:
+            return out
+        for r in self.reports.reports_made(hour_ms, hour_ms + HOUR_MS):
+            station = self.catalog.stations.get(r.station_id)
+            if station is None:
+                continue
+            device = r.device_id if any(d.id == r.device_id for d in station.devices) else None
+            counts = out.setdefault((station.id, device), {})
+            counts[r.category] = counts.get(r.category, 0) + 1
+        return out
 
     def catch_up(self, before_ms: int, max_hours: int = 6, since_ms: int = 0) -> int:
         """Roll up to ``max_hours`` hours that ended by ``before_ms``, after the mark (or

@@ -1,4 +1,5 @@
-"""The two web pages: riders at ``/``, maintainers at ``/console``; their files under
+"""The web pages: riders at ``/``, maintainers at ``/console`` (and its operator reports at
+``/console/summaries``); their files under
 ``/static``. Everything is served by the service itself: no CDN, no map tiles."""
 
 from __future__ import annotations
@@ -33,3 +34,8 @@ async def rider_page() -> FileResponse:
 @router.get("/console", response_class=FileResponse, **HTML)
 async def console_page() -> FileResponse:
     return _page("console.html")
+
+
+@router.get("/console/summaries", response_class=FileResponse, **HTML)
+async def summaries_page() -> FileResponse:
+    return _page("summaries.html")

@@ -248,3 +248,49 @@ def test_utilization_older_than_the_raw_window_comes_from_rollups(tmp_path: Path
         assert abs(a["ports_busy"] - b["ports_busy"]) <= 3  # an instant vs the hour's mean
         assert abs(a["batteries_charging"] - b["batteries_charging"]) <= 3
     assert sum(p["ports_busy"] for p in old) > 0
+
+
+def test_rollups_count_riders_reports_of_the_hour_per_device_and_station(
+    tmp_path: Path,
+) -> None:
+    """Reports kept by the API's sentinel store (the same SQLite file) count in the hour
+    they were made: a device's in its rollup and its station's, a station's in the
+    station's only; a silent device's report is its own (silent devices share a rollup)."""
+    from api.sentinels import SentinelStore
+
+    rows = traffic()
+    store = SQLiteStore(tmp_path / "cw.db")
+    sentinels = SentinelStore(tmp_path / "cw.db")
+    first_hour = round(START_S * 1000)
+    end_ms = first_hour + HOURS * HOUR_MS
+    live, silent, other_silent = STATION.devices[0].id, STATION.devices[5].id, STATION.devices[6].id
+    try:
+        store.append(rows)
+        made = [  # (station, device, category, at)
+            (STATION.id, live, "smoke", first_hour + HOUR_MS + 5 * 60_000),
+            (STATION.id, live, "damage", first_hour + HOUR_MS + 59 * 60_000),
+            (STATION.id, None, "blocked", first_hour + HOUR_MS + 1),
+            (STATION.id, silent, "not_working", first_hour + 2 * HOUR_MS),
+            ("ziyun-road", None, "other", first_hour + HOUR_MS),
+            (STATION.id, live, "smoke", end_ms),  # the next hour: not rolled up yet
+        ]
+        for i, (station, device, category, at) in enumerate(made):
+            sentinels.add_report(None, station, device, None, None, category, "", i + 1, at)
+        HourlyRollups(store, CATALOG, RELEASE, reports=sentinels).catch_up(end_ms, max_hours=9)
+
+        def reports(scope: str, ident: str) -> list[tuple[int, dict[str, int]]]:
+            got = store.rollups(scope, [ident], first_hour, end_ms + HOUR_MS)
+            return [(r["data"]["reports"], r["data"]["reports_by_category"]) for r in got]
+
+        assert reports("device", live) == [(0, {}), (2, {"smoke": 1, "damage": 1}), (0, {})]
+        assert reports("device", silent) == [(0, {}), (0, {}), (1, {"not_working": 1})]
+        assert reports("device", other_silent) == [(0, {})] * HOURS
+        assert reports("station", STATION.id) == [
+            (0, {}),
+            (3, {"smoke": 1, "damage": 1, "blocked": 1}),
+            (1, {"not_working": 1}),
+        ]
+        assert reports("station", "ziyun-road") == [(0, {}), (1, {"other": 1}), (0, {})]
+    finally:
+        sentinels.close()
+        store.close()
