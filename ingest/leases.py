@@ -64,7 +64,8 @@ from ingest.partitions import check_partitions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCK_SPACE = 0x63770001  # first key of every advisory lock ours; the member lock is +1
+DEFAULT_LOCK_SPACE = 0x63770001  # first key of our advisory locks: partitions; +1 members,
+# +2 the lease schema, +3 the recording consumer's schema
 
 
 class LeaseError(IngestError):

@@ -42,7 +42,13 @@ from devices.catalog import Catalog
 from devices.topics import TopicScheme
 from ingest import IngestError, StoreUnavailable
 from ingest.gmqtt_source import GmqttSource
-from ingest.leases import LeaseConfig, LeaseError, LeaseManager, check_fence
+from ingest.leases import (
+    DEFAULT_LOCK_SPACE,
+    LeaseConfig,
+    LeaseError,
+    LeaseManager,
+    check_fence,
+)
 from ingest.mqtt import BrokerURL, Received
 from ingest.partitions import DEFAULT_PARTITIONS, PartitionMap
 
@@ -302,7 +308,9 @@ class RecordingConsumer:
             async with asyncio.timeout(10):
                 self.conn = await psycopg.AsyncConnection.connect(self.db, connect_timeout=5)
                 async with self.conn.transaction():
-                    await self.conn.execute("SELECT pg_advisory_xact_lock(1668743170, 1)")
+                    await self.conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s, 0)", (DEFAULT_LOCK_SPACE + 3,)
+                    )
                     await self.conn.execute(RECORDS_SCHEMA.encode())
                 cur = await self.conn.execute(
                     "SELECT count(*) FROM ingest_records WHERE partition = %s", (self.partition,)
