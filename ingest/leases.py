@@ -183,7 +183,6 @@ class LeaseManager:
         self._pending: dict[int, tuple[int, float]] = {}  # locked, in grace: epoch, ready at
         self.member_id: int | None = None
         self.backend_pid: int | None = None  # of the lease connection, for tests and logs
-        self.connected = asyncio.Event()
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._task: asyncio.Task[None] | None = None
         self.losses = 0  # times every lease was dropped at once
@@ -273,7 +272,6 @@ class LeaseManager:
             )
             self.member_id = member_id
         log.info("lease database: joined as member %d (%s)", member_id, cfg.worker)
-        self.connected.set()
 
     async def _health(self) -> None:
         cfg = self.config
@@ -352,7 +350,6 @@ class LeaseManager:
         self._owner.dropped_all()  # first: nothing more is acknowledged
         self.owned.clear()
         self._pending.clear()
-        self.connected.clear()
         self.losses += 1
         log.error("lease database lost (%s): dropped partitions %s", exc or type(exc).__name__, had)
         self.member_id = self.backend_pid = None
