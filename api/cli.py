@@ -1,5 +1,5 @@
-"""The ``chargewatch`` command: serve, simulate, demo, catalog, keys, broker-config, backup,
-restore, bench."""
+"""The ``chargewatch`` command: serve, ingest, simulate, demo, catalog, keys, broker-config,
+backup, restore, bench."""
 
 from __future__ import annotations
 
@@ -305,6 +305,9 @@ def _parser() -> argparse.ArgumentParser:
     from ingest.influxsetup import add_parser as add_influx_parser
 
     add_influx_parser(sub)
+    from ingest.worker import add_parser as add_ingest_parser
+
+    add_ingest_parser(sub)
     backup = sub.add_parser("backup", help="a consistent copy of the store, while serve runs")
     backup.add_argument("--data-dir", type=Path, help="the service's data dir")
     backup.add_argument("--out", type=Path, required=True, help="the backup file to write")
@@ -342,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.influxsetup import command as influx_command
 
         return influx_command(args)
+    if args.command == "ingest":
+        from ingest.worker import command as ingest_command
+
+        return ingest_command(args)
     if args.command in ("backup", "restore"):
         return cmd_backup(args, args.data_dir or ServeSettings().ingest.data_dir)
     if args.command == "demo":

@@ -28,6 +28,13 @@ reconnect, a fixed 6 s delay without jitter, is switched off), capped and jitter
 exponential backoff, each attempt logged, subscribing again on every connect. MQTT 3.1.1 with
 a persistent session (clean session off), like the paho source: the embedded broker (amqtt)
 speaks only 3.1.1, and 3.1.1 sessions need no expiry setting to outlive a disconnect.
+
+Partition sessions (``ingest.worker``): one source per partition, with the partition's own
+client id and exactly its devices' filters (``subscription`` takes a list; subscribed on
+every connect, at most ``_SUBSCRIBE_BATCH`` filters per SUBSCRIBE), ``add_subscription`` for
+a device added at run time, and leaving the context is a clean detach: the PUBACKs of what
+the store has are written, then DISCONNECT, and the broker keeps the session (clean session
+off) with everything not acknowledged, for the next owner of the partition to resume.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 _PUBACK = struct.Struct("!BBH")  # MQTT 3.1.1 PUBACK: type 0x40, remaining length 2, packet id
 _DISCONNECT = b"\xe0\x00"
 _QOS1_HOOK = "_handle_qos_1_publish_packet"
+_SUBSCRIBE_BATCH = 100  # topic filters per SUBSCRIBE packet
 
 
 class _Client(gmqtt.Client):  # type: ignore[misc]  # gmqtt has no type information
@@ -72,7 +80,7 @@ class GmqttSource:
         url: BrokerURL,
         *,
         client_id: str,
-        subscription: str,
+        subscription: str | Sequence[str],
         deliver: Callable[[Received], None],
         max_inflight: int = 1000,
         keepalive_s: int = 30,
@@ -88,7 +96,8 @@ class GmqttSource:
         self.url = url
         self._ssl = url.ssl_context()  # once: loading a CA file is blocking work
         self.client_id = client_id
-        self.subscription = subscription
+        self.subscriptions = [subscription] if isinstance(subscription, str) else [*subscription]
+        self.subacks = 0  # SUBACKs received (all connections)
         self.keepalive_s = keepalive_s
         self.reconnect_max_s = reconnect_max_s
         self.connect_timeout_s = max(10.0, float(keepalive_s))
@@ -302,19 +311,35 @@ class GmqttSource:
         self.connected = self._was_up = True
         session_present = bool(flags & 0x01)  # CONNACK's acknowledge flags, bit 0
         log.info(
-            "connected to %s (session present: %s), subscribing to %s",
+            "connected to %s as %s (session present: %s), subscribing to %d filter(s)",
             self.url,
+            self.client_id,
             session_present,
-            self.subscription,
+            len(self.subscriptions),
         )
-        client.subscribe(self.subscription, qos=1)
+        for i in range(0, len(self.subscriptions), _SUBSCRIBE_BATCH):
+            batch = self.subscriptions[i : i + _SUBSCRIBE_BATCH]
+            client.subscribe([gmqtt.Subscription(f, qos=1) for f in batch])
         self._notify(True)
         if self._on_session is not None:
             self._on_session(session_present)
 
+    def add_subscription(self, topic_filter: str) -> bool:
+        """Subscribe to one more filter, now when connected and on every connect from now
+        on (a device added at run time); False when it was already there."""
+        if topic_filter in self.subscriptions:
+            return False
+        self.subscriptions.append(topic_filter)
+        if self.connected and self._client is not None:
+            self._client.subscribe(topic_filter, qos=1)
+        return True
+
     def _on_subscribe(self, client: Any, mid: int, granted: Any, props: Any) -> None:
+        if client is not self._client:
+            return
+        self.subacks += 1
         if any(q >= 0x80 for q in granted):
-            log.error("subscription to %s refused: %s", self.subscription, granted)
+            log.error("%s: a subscription was refused: %s", self.client_id, granted)
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
         if client is not self._client or self._lost.is_set():

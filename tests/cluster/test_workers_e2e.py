@@ -1,0 +1,245 @@
+"""``chargewatch ingest`` worker processes against real mosquitto and PostgreSQL: a worker
+killed with SIGKILL mid-stream, a worker joining mid-stream, PostgreSQL stopped mid-stream. What was stored is read
+back from the recording consumer's table (one row per (device, boot, seq), ``deliveries``
+counting a message stored again)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as paho
+import psycopg
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devices.catalog import Catalog
+from ingest.leases import DEFAULT_LOCK_SPACE
+from ingest.partitions import PartitionMap
+from tests.servers import Process, eventually, free_port
+
+pytestmark = pytest.mark.e2e
+
+LEASE_S = 2.0
+# the issue says 30 s; the behaviour is the same past the lease timeout and the reconnect cap
+OUTAGE_S = float(os.environ.get("CW_TEST_PG_OUTAGE_S", "6"))
+CATALOG = Catalog.load()
+PM = PartitionMap(CATALOG)
+BUSY = sum(1 for p in range(16) if PM.devices(p))  # partitions with devices: 7
+# two devices of every station: every busy partition carries traffic
+DEVICES = [d.id for s in CATALOG.stations.values() for d in CATALOG.station_devices(s.id)[:2]]
+
+
+@contextmanager
+def worker(
+    name: str, broker: Process, db: str, tmp: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "ingest", "--broker", broker.url, "--db", db,
+         "--worker", name, "--metrics-port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "CHARGEWATCH_LEASE_TIMEOUT_S": str(LEASE_S)},
+    )  # fmt: skip
+    try:
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        log.close()
+
+
+def gauge(port: int, name: str) -> float:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+class Publisher(threading.Thread):
+    """QoS 1 status messages round-robin over DEVICES, ``rate`` per second."""
+
+    def __init__(self, port: int, count: int, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.count, self.rate = port, count, rate
+        self.sent: list[tuple[str, str, int]] = []
+
+    def run(self) -> None:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="e2e-pub", protocol=paho.MQTTv311)
+        c.max_inflight_messages_set(100)
+        c.connect("127.0.0.1", self.port)
+        c.loop_start()
+        try:
+            start = time.monotonic()
+            infos = []
+            for i in range(self.count):
+                device, seq = DEVICES[i % len(DEVICES)], i // len(DEVICES)
+                body = json.dumps({"v": 1, "boot": "e2e", "seq": seq})
+                infos.append(c.publish(f"cw/v1/{device}/status", body, qos=1))
+                self.sent.append((device, "e2e", seq))
+                time.sleep(max(0.0, start + (i + 1) / self.rate - time.monotonic()))
+            for info in infos:
+                info.wait_for_publish(10)
+        finally:
+            c.disconnect()
+            c.loop_stop()
+
+
+class LockSampler(threading.Thread):
+    """Reads pg_locks throughout: fails if two backends ever hold one partition's lock."""
+
+    def __init__(self, db: str) -> None:
+        super().__init__(daemon=True)
+        self.db = db
+        self.stop = threading.Event()
+        self.samples = 0
+        self.double: list[tuple[int, int]] = []
+
+    def run(self) -> None:
+        with psycopg.connect(self.db, autocommit=True) as conn:
+            while not self.stop.is_set():
+                rows = conn.execute(
+                    "SELECT objid::text::int FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND objsubid = 2 AND classid = %s::oid AND database ="
+                    " (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    (DEFAULT_LOCK_SPACE,),
+                ).fetchall()
+                self.samples += 1
+                counts = collections.Counter(int(str(r[0])) for r in rows)
+                self.double += [(p, n) for p, n in counts.items() if n > 1]
+                self.stop.wait(0.01)
+
+
+def stored(db: str) -> dict[tuple[str, str, int], tuple[int, str]]:
+    with psycopg.connect(db) as conn:
+        try:
+            rows = conn.execute(
+                "SELECT device, boot, seq, deliveries, worker FROM ingest_records"
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return {}
+    return {(d, b, int(s)): (int(n), str(w)) for d, b, s, n, w in rows}
+
+
+def wait_subscribed(ports: list[int]) -> None:
+    def check() -> None:
+        assert sum(gauge(p, "chargewatch_ingest_partitions_subscribed") for p in ports) == BUSY
+
+    eventually(check, timeout=30, interval=0.1)
+
+
+def wait_all_stored(
+    db: str, sent: list[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], tuple[int, str]]:
+    def check() -> dict[tuple[str, str, int], tuple[int, str]]:
+        got = stored(db)
+        missing = set(sent) - set(got)
+        assert not missing, f"{len(missing)} not stored yet"
+        return got
+
+    got = eventually(check, timeout=40, interval=0.2)
+    assert set(got) == set(sent)  # nothing else, and each (device, boot, seq) once
+    return got
+
+
+def test_a_worker_killed_mid_stream_loses_nothing(
+    broker: Process, pg_url: str, tmp_path: Path
+) -> None:
+    with (
+        worker("a", broker, pg_url, tmp_path) as (a, a_port),
+        worker("b", broker, pg_url, tmp_path) as (_b, b_port),
+    ):
+        wait_subscribed([a_port, b_port])
+        eventually(lambda: _assert(gauge(a_port, "chargewatch_ingest_partitions_owned") == 8), 20)
+        pub = Publisher(broker.port, count=1200, rate=300)
+        pub.start()
+        time.sleep(1.5)
+        a.kill()  # SIGKILL mid-stream
+        killed = time.monotonic()
+        eventually(
+            lambda: _assert(gauge(b_port, "chargewatch_ingest_partitions_owned") == 16),
+            timeout=LEASE_S + 3,
+        )
+        moved_s = time.monotonic() - killed
+        pub.join(30)
+        got = wait_all_stored(pg_url, pub.sent)
+        again = sum(n - 1 for n, _ in got.values())
+        assert {w for _, w in got.values()} == {"a", "b"}
+        print(f"\nkill -9: partitions moved in {moved_s:.2f}s; {len(got)} stored once, "
+              f"{again} delivered again after the kill (deduplicated)")  # fmt: skip
+
+
+def test_a_worker_joining_mid_stream_processes_nothing_twice(
+    broker: Process, pg_url: str, tmp_path: Path
+) -> None:
+    sampler = LockSampler(pg_url)
+    with worker("a", broker, pg_url, tmp_path) as (_, a_port):
+        wait_subscribed([a_port])
+        sampler.start()
+        pub = Publisher(broker.port, count=1200, rate=300)
+        pub.start()
+        time.sleep(1.5)
+        with worker("b", broker, pg_url, tmp_path) as (_, b_port):
+            eventually(
+                lambda: _assert(gauge(b_port, "chargewatch_ingest_partitions_owned") == 8), 20
+            )
+            pub.join(30)
+            got = wait_all_stored(pg_url, pub.sent)
+    sampler.stop.set()
+    sampler.join(5)
+    assert sampler.samples > 50
+    assert sampler.double == []
+    assert all(n == 1 for n, _ in got.values()), collections.Counter(n for n, _ in got.values())
+    assert {w for _, w in got.values()} == {"a", "b"}
+
+
+def _assert(ok: bool) -> None:
+    assert ok
+
+
+def test_postgresql_stopped_mid_stream_nothing_acked_then_resumes(
+    broker: Process, tmp_path: Path
+) -> None:
+    from tests.pg_server import postgresql
+
+    with postgresql() as pg, worker("a", broker, pg.url(), tmp_path) as (_, port):
+        db = pg.url()
+        wait_subscribed([port])
+        pub = Publisher(broker.port, count=1500, rate=250)
+        pub.start()
+        time.sleep(1.5)
+        pg.process.stop(signal.SIGINT)  # fast shutdown: clients are cut off
+        # every lease dropped within the health check bound; from then on nothing is acked
+        eventually(
+            lambda: _assert(gauge(port, "chargewatch_ingest_partitions_owned") == 0),
+            timeout=LEASE_S,
+        )
+        acked = gauge(port, "chargewatch_ingest_acked_total")
+        time.sleep(OUTAGE_S)
+        assert gauge(port, "chargewatch_ingest_acked_total") == acked
+        assert gauge(port, "chargewatch_ingest_partitions_owned") == 0
+        pg.start()
+        pub.join(30)
+        got = wait_all_stored(db, pub.sent)
+        assert gauge(port, "chargewatch_ingest_acked_total") >= len(got)
+        print(f"\nPostgreSQL down {OUTAGE_S}s: {len(got)} stored once, acked {acked:.0f} before")
