@@ -228,7 +228,7 @@ def test_postgresql_stopped_mid_stream_nothing_acked_then_resumes(
         pub = Publisher(broker.port, count=1500, rate=250)
         pub.start()
         time.sleep(1.5)
-        pg.process.stop(signal.SIGINT)  # fast shutdown: clients are cut off
+        pg.stop()  # fast shutdown: clients are cut off
         # every lease dropped within the health check bound; from then on nothing is acked
         eventually(
             lambda: _assert(gauge(port, "chargewatch_ingest_partitions_owned") == 0),
