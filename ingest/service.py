@@ -38,16 +38,13 @@ from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.passport_store import PassportStore
 from ingest.passports import Passports
 from ingest.pipeline import Pipeline, Twins
+from ingest.readside import now_ms as now_ms
 from ingest.rollups import HourlyRollups
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryStore, StateStore
 from ingest.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 PIPELINE = "ingest:pipeline"
