@@ -6,8 +6,10 @@ answer through httpx's ASGI transport. No broker, no socket, no mocks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,21 @@ class Service:
         await self.ingest.drain(quiet_s=0, max_s=5)
         assert self.ingest.pipeline is not None
         assert self.ingest.pipeline.unacked == 0, "the injected message was not handled in 5 s"
+
+    async def get_until(
+        self, path: str, holds: Callable[[Any], bool], within_s: float = 3.0
+    ) -> Any:
+        """GET ``path`` until ``holds(json)`` (bounded): shared station views refresh a
+        changed station within ``api.snapshots.REFRESH_MS``."""
+        deadline = time.monotonic() + within_s
+        while True:
+            r = await self.http.get(path)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            if holds(body):
+                return body
+            assert time.monotonic() < deadline, f"{path} never held within {within_s}s: {body}"
+            await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

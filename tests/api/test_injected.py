@@ -4,9 +4,11 @@ asserted (tests/api/injected.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ingest.alerts.config import AlertsConfig
 from ingest.config import IngestConfig
+from ingest.inprocess import read_and_act
 from tests.api.injected import header, service
 
 STATION = "yungu-road"
@@ -21,6 +23,8 @@ async def test_station_availability_follows_an_injected_status(tmp_path: Path) -
         pile = next(d for d in s.ingest.catalog.stations[STATION].devices if d.kind == "pile")
         before = (await s.http.get(f"/v1/devices/{pile.id}")).json()
         assert before["online"] is False
+        listed = (await s.http.get("/v1/stations")).json()["stations"]  # the views kept now
+        assert next(x for x in listed if x["id"] == STATION)["piles"]["online"] == 0
         await s.fire(pile.id, "state", {**header(0), "online": True, "kind": "pile",
                                         "ports": pile.units, "heartbeat_s": 30})  # fmt: skip
         ports = [{"n": 1, "state": "charging", "power_w": 150.0}]
@@ -32,15 +36,22 @@ async def test_station_availability_follows_an_injected_status(tmp_path: Path) -
         device = r.json()
         assert device["online"] is True
         assert [p["state"] for p in device["ports"]][:2] == ["charging", "available"]
-        r = await s.http.get(f"/v1/stations/{STATION}")
-        assert r.status_code == 200, r.text
-        piles = [d for d in r.json()["devices"] if d["id"] == pile.id]
-        assert piles[0]["online"] is True
-        station = next(
-            x for x in (await s.http.get("/v1/stations")).json()["stations"] if x["id"] == STATION
+
+        def ours(stations: Any) -> Any:
+            return next(x for x in stations["stations"] if x["id"] == STATION)
+
+        # the kept station views follow the change within REFRESH_MS (0.25 s) because the
+        # read side tells them (else only when they fall due, seconds later)
+        listed = await s.get_until(
+            "/v1/stations", lambda b: ours(b)["piles"]["online"] == 1, within_s=1.0
         )
-        # the other piles of the station never reported: only this one's free ports count
-        assert station["piles"]["online"] == 1
+        station = ours(listed)
+        detail = await s.get_until(
+            f"/v1/stations/{STATION}",
+            lambda b: any(d["id"] == pile.id and d["online"] for d in b["devices"]),
+            within_s=1.0,
+        )
+        assert detail["piles"]["online"] == 1
         assert station["piles"]["ports_free"] == pile.units - 1
 
 
@@ -95,3 +106,15 @@ async def test_alert_routes_say_503_when_alerts_are_disabled(tmp_path: Path) -> 
             assert r.status_code == 503, (path, r.text)
             assert r.json()["error"] == "unavailable"
             assert "alerts" in r.json()["detail"]
+
+
+async def test_the_read_side_tells_its_listeners_which_twins_changed(tmp_path: Path) -> None:
+    async with service(tmp_path) as s:
+        read, _ = read_and_act(s.ingest)
+        heard: list[list[str]] = []
+        read.on_twins_changed(lambda twins: heard.append([t.device_id for t in twins]))
+        pile = next(d for d in s.ingest.catalog.stations[STATION].devices if d.kind == "pile")
+        await s.fire(pile.id, "state", {**header(0), "online": True, "kind": "pile",
+                                        "ports": pile.units, "heartbeat_s": 30})  # fmt: skip
+        assert heard == [[pile.id]]
+        assert read.twins[pile.id].online_flag is True
