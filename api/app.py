@@ -1,5 +1,6 @@
 """The FastAPI application: one router per audience, JSON errors, body limits
-(``api.limits``), the running ingest in ``app.state.ingest``."""
+(``api.limits``); ingest's read side and actions (``ingest.readside``) in ``app.state.read``
+and ``app.state.actions``."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ from api.routes import (
 from api.sentinels import SentinelStore
 from api.settings import ServeSettings
 from api.snapshots import StationViews
-from ingest.service import Ingest
+from ingest.readside import Actions, ReadSide
 
 
-def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(read: ReadSide, actions: Actions, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     app = FastAPI(
         title="chargewatch",
@@ -48,27 +49,20 @@ def create_app(ingest: Ingest, settings: ServeSettings | None = None) -> FastAPI
         redoc_url="/redoc" if settings.docs else None,
     )
     app.state.settings = settings
-    app.state.ingest = ingest
-    app.state.keys = KeyStore.in_dir(ingest.config.data_dir)  # maintenance API keys
-    app.state.audit = AuditLog.in_dir(ingest.config.data_dir)  # who did what (api.audit)
-    app.state.sentinels = SentinelStore.in_dir(ingest.config.data_dir)  # riders, points
-    if ingest.housekeeping is not None and ingest.housekeeping.rollups is not None:
-        ingest.housekeeping.rollups.reports = app.state.sentinels  # reports in the rollups
+    app.state.read = read
+    app.state.actions = actions
+    app.state.keys = KeyStore.in_dir(read.data_dir)  # maintenance API keys
+    app.state.audit = AuditLog.in_dir(read.data_dir)  # who did what (api.audit)
+    app.state.sentinels = SentinelStore.in_dir(read.data_dir)  # riders, points
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
     # station views shared by requests, recomputed when their devices change
-    passports = ingest.passports
     app.state.views = views = StationViews(
-        ingest.catalog,
-        ingest.twins,
-        live.trends,
-        flagged=passports.flagged if passports is not None else frozenset(),
+        read.catalog, read.twins, live.trends, flagged=read.flagged_batteries
     )
-    if passports is not None:
-        passports.on_flag_change.append(views.on_flag_change)
-    if ingest.pipeline is not None:
-        ingest.pipeline.listeners.append(live.on_change)
-        ingest.pipeline.listeners.append(views.on_change)
+    read.on_flag_change(views.on_flag_change)
+    read.on_twins_changed(live.on_change)
+    read.on_twins_changed(views.on_change)
     errors.install(app)
     schemas.install(app)  # our 422 body in the OpenAPI document
     app.add_middleware(GZipIfAccepted, minimum_size=GZIP_MIN_BYTES)  # skips text/event-stream

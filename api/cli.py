@@ -53,10 +53,12 @@ async def run_serve(
     """Serve until SIGINT/SIGTERM. ``on_ready(url, ingest)`` runs once HTTP is up; ``on_stop()``
     after HTTP stopped but while the broker and ingest still run."""
     from api.app import create_app
+    from ingest.inprocess import read_and_act
     from ingest.service import FATAL_EXIT_STATUS, Ingest  # at run time: paho, sqlite, amqtt
 
     async with Ingest(settings.ingest, catalog) as ingest:
-        app = create_app(ingest, settings)
+        app = create_app(*read_and_act(ingest), settings)  # the API sees nothing else
+        ingest.count_reports_from(app.state.sentinels)  # riders' reports in the rollups
         server = _Server(
             uvicorn.Config(
                 app,

@@ -1,4 +1,5 @@
-"""What routes read: the running ingest (twins, stores, metrics), taken from app state."""
+"""What routes read and do through ingest: the read side and the actions
+(``ingest.readside``), set on the app by ``create_app``. Routes never see the ``Ingest``."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ingest.service import Ingest
+from ingest.readside import Actions, ReadSide
 
 
-def get_ingest(request: Request) -> Ingest:
-    ingest: Ingest = request.app.state.ingest
-    return ingest
+def get_read(request: Request) -> ReadSide:
+    read: ReadSide = request.app.state.read
+    return read
 
 
-IngestDep = Annotated[Ingest, Depends(get_ingest)]
+def get_actions(request: Request) -> Actions:
+    actions: Actions = request.app.state.actions
+    return actions
+
+
+ReadDep = Annotated[ReadSide, Depends(get_read)]
+ActionsDep = Annotated[Actions, Depends(get_actions)]

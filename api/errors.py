@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ingest import StoreError
+from ingest.readside import Unavailable
 
 _CODES = {
     400: "bad_request",
@@ -59,3 +60,8 @@ def install(app: FastAPI) -> None:
             status_code=503,
             headers={"Retry-After": "5"},
         )
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        """A part of the service that does not run here (alerts disabled, ...): 503."""
+        return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)

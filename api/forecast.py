@@ -25,15 +25,14 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import Depends, Request
 
 from api.series import Held, grid, load, sum_at
 from api.views import rfc3339
-from devices.catalog import Catalog, StationSpec
+from devices.catalog import Catalog, StationSpec, district_tz
 from ingest.store import HistoryStore, RollupStore
 
 FORECAST_EVERY_MS = 15 * 60 * 1000
@@ -43,13 +42,6 @@ RATE_DAYS = 7
 """Demand rates for arrival estimates come from this many recent days."""
 STATS_TTL_S = 300.0
 MAX_HAPPENINGS = 200_000
-
-
-def district_tz(catalog: Catalog) -> tzinfo:
-    try:
-        return ZoneInfo(catalog.data.district.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        return timezone(timedelta(hours=8), "Asia/Shanghai")
 
 
 def _release(catalog: Catalog, station: StationSpec, default: float) -> dict[str, float]:

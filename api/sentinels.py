@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from api.text import plain_text
+from devices.rollup import RiderReport
 from ingest import StoreError
-from ingest.alerts.engine import REPORT_CATEGORIES, SERVICE_STATION
-from ingest.alerts.model import Alert
-from ingest.rollups import RiderReport
+from ingest.alerts.model import REPORT_CATEGORIES, SERVICE_STATION, Alert
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"

@@ -31,7 +31,7 @@ import gzip
 import heapq
 import random
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,6 @@ from api.live import Trends
 from api.views import DeviceFacts, device_facts, device_view, public_device_view, station_summary
 from devices.availability import STALE_FACTOR
 from devices.catalog import Catalog, StationSpec
-from ingest.pipeline import Twins
 from ingest.twins import Twin
 
 REFRESH_MS = 250
@@ -140,7 +139,7 @@ class StationViews:
     def __init__(
         self,
         catalog: Catalog,
-        twins: Twins,
+        twins: Mapping[str, Twin],
         trends: Trends,
         flagged: Collection[str] = frozenset(),
     ) -> None:
@@ -161,7 +160,7 @@ class StationViews:
 
     def on_flag_change(self, device_id: str) -> None:
         """Battery passports: a pack in this cabinet was flagged or cleared."""
-        twin = self.twins.by_id.get(device_id)
+        twin = self.twins.get(device_id)
         if twin is not None:
             self.on_change([twin])
 

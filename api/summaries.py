@@ -32,7 +32,7 @@ from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, Literal, NamedTuple
 
 from devices.faults import FAULT_CODES
-from ingest.alerts.engine import SERVICE_STATION
+from ingest.alerts.model import SERVICE_STATION
 from ingest.alerts.repair import RepairGroup, Timing
 
 Period = Literal["day", "week", "month"]

@@ -8,7 +8,7 @@ as free or ready; every object says when its data was last updated and how old i
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from devices.availability import STALE_FACTOR, free_ports, ready_batteries, slot_is_ready
 from devices.catalog import StationSpec, distance_m
 from devices.contract import CabinetStatus, PileStatus, Port, Slot
-from ingest.pipeline import Twins
 from ingest.twins import Twin
 
 if TYPE_CHECKING:
@@ -377,7 +376,7 @@ def device_facts(
 
 def station_view(
     station: StationSpec,
-    twins: Twins,
+    twins: Mapping[str, Twin],
     now_ms: int,
     *,
     origin: tuple[float, float] | None = None,

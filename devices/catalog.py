@@ -11,9 +11,11 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from datetime import timedelta, timezone, tzinfo
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -182,3 +184,12 @@ def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     dp, dl = p2 - p1, math.radians(lon2 - lon1)
     a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
     return 2 * r * math.asin(math.sqrt(a))
+
+
+def district_tz(catalog: Catalog) -> tzinfo:
+    """The district's time zone (opening hours, days, reports); China Standard Time when the
+    catalog names one this machine does not know."""
+    try:
+        return ZoneInfo(catalog.data.district.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return timezone(timedelta(hours=8), "Asia/Shanghai")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from devices.availability import free_ports, is_fresh, ready_batteries
 from devices.contract import (
@@ -32,6 +32,15 @@ from devices.contract import (
 
 HOUR_MS = 3_600_000
 MINUTE_MS = 60_000
+
+
+class RiderReport(NamedTuple):
+    """A rider's report, counted in the hour it was made (the API keeps them)."""
+
+    station_id: str
+    device_id: str | None
+    category: str
+    at_ms: int
 
 
 @dataclass(slots=True)

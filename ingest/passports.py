@@ -39,13 +39,11 @@ from devices.contract import CabinetStatus, Event, Message
 from ingest import StoreError
 from ingest.alerts.model import Alert, Key, Observation
 from ingest.passport_store import PassportOps, PassportStore
+from ingest.readside import SERIAL_PATTERN
 from ingest.twins import Twin
 
 log = logging.getLogger(__name__)
 
-SERIAL_PATTERN = r"^[\x21-\x7e]{1,64}$"
-"""A serial we index: 1 to 64 printable ASCII characters, no spaces (anything else from a
-device is counted and ignored; the API refuses it)."""
 _SERIAL = re.compile(SERIAL_PATTERN)
 
 SLOT_RULES = frozenset({"temperature_rise", "temperature_high"})

@@ -19,13 +19,12 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta, timezone, tzinfo
-from typing import NamedTuple, Protocol
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from datetime import UTC, datetime
+from typing import Protocol
 
-from devices.catalog import Catalog, StationSpec
+from devices.catalog import Catalog, StationSpec, district_tz
 from devices.contract import ContractError, Death, decode
-from devices.rollup import HOUR_MS, Rollup, Stored, device_hour
+from devices.rollup import HOUR_MS, RiderReport, Rollup, Stored, device_hour
 from devices.topics import Channel
 from ingest.sqlite_store import SQLiteStore
 
@@ -45,23 +44,9 @@ _CHANNEL: dict[str, Channel] = {
 }
 
 
-class RiderReport(NamedTuple):
-    station_id: str
-    device_id: str | None
-    category: str
-    at_ms: int
-
-
 class ReportSource(Protocol):
     def reports_made(self, since_ms: int, until_ms: int) -> Sequence[RiderReport]:
         """Riders' reports made in [since_ms, until_ms) (epoch ms)."""
-
-
-def district_tz(catalog: Catalog) -> tzinfo:
-    try:
-        return ZoneInfo(catalog.data.district.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        return timezone(timedelta(hours=8), "Asia/Shanghai")
 
 
 class HourlyRollups:

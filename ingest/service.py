@@ -3,7 +3,9 @@
     async with Ingest(config, catalog) as ingest:
         ...  # ingest.twins, ingest.metrics, ingest.ready
 
-With no broker configured it starts the embedded one first.
+With no broker configured it starts the embedded one first. ``connect=False`` runs
+everything but the broker and the MQTT source: messages come in by ``inject`` (the tests'
+middle layer, like Home Assistant's ``async_fire_mqtt_message``).
 """
 
 from __future__ import annotations
@@ -38,16 +40,13 @@ from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.passport_store import PassportStore
 from ingest.passports import Passports
 from ingest.pipeline import Pipeline, Twins
-from ingest.rollups import HourlyRollups
+from ingest.readside import now_ms as now_ms
+from ingest.rollups import HourlyRollups, ReportSource
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryStore, StateStore
 from ingest.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 PIPELINE = "ingest:pipeline"
@@ -66,8 +65,10 @@ class Ingest:
         *,
         history: HistoryStore | None = None,
         metrics: IngestMetrics | None = None,
+        connect: bool = True,
     ) -> None:
         self.config = config
+        self.connect = connect
         self.catalog = catalog
         self.scheme = TopicScheme(config.topic_prefix)
         self.metrics = metrics or IngestMetrics()
@@ -105,6 +106,12 @@ class Ingest:
             registry=self.metrics.registry,
         )
         self.commands: Commands | None = None
+        self._injected = 0  # message ids of injected messages
+
+    def count_reports_from(self, source: ReportSource) -> None:
+        """Riders' reports (kept by the API) count in the hourly rollups from now on."""
+        if self.housekeeping is not None and self.housekeeping.rollups is not None:
+            self.housekeeping.rollups.reports = source
 
     async def drain(self, quiet_s: float = 0.5, max_s: float = 10.0) -> None:
         """Wait until nothing arrived for ``quiet_s`` and everything received is written
@@ -199,7 +206,9 @@ class Ingest:
             restored = self.twins.restore(await asyncio.to_thread(store.load_twins))
             log.info("store %s: %d device twins restored", store.path, restored)
 
-            if cfg.broker is None:
+            if not self.connect:
+                pass  # no broker: messages come by inject()
+            elif cfg.broker is None:
                 broker = await self._stack.enter_async_context(
                     EmbeddedBroker(
                         cfg.embedded_broker_host,
@@ -308,6 +317,9 @@ class Ingest:
             self.pipeline.observers.append(self.commands.observe)
             self.passports.sender = self.commands  # lock_battery for a flagged pack
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
+            if not self.connect:
+                return self
+            assert self.broker_url is not None
             source_type = GmqttSource if cfg.mqtt_client == "gmqtt" else MqttSource
             self.source = await self._stack.enter_async_context(
                 source_type(
@@ -383,8 +395,19 @@ class Ingest:
             log.warning("cannot remember the broker session: %s", exc)
 
     def _ack(self, received: Received) -> bool:
-        assert self.source is not None
+        if self.source is None:
+            return not self.connect  # an injected message has no broker to answer
         return self.source.ack(received)
+
+    def inject(self, topic: str, payload: bytes, *, retained: bool = False) -> None:
+        """Hand the pipeline one message as the MQTT source would (QoS 1), with no broker:
+        for a service made with ``connect=False``. ``drain`` waits until it is handled."""
+        if self.connect or self.pipeline is None:
+            raise RuntimeError("inject needs a started Ingest(..., connect=False)")
+        self._injected += 1
+        self.pipeline.deliver(
+            Received(topic, payload, 1, retained, self._injected, now_ms(), generation=0)
+        )
 
     async def _watch_source(self) -> None:
         """The MQTT source runs its own connection loop (reconnecting by itself); this task

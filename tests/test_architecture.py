@@ -1,8 +1,11 @@
 """Import edges between our packages, read with ast (nothing is imported or executed).
 
-devices is pure and depends on nothing of ours; simulators and ingest depend only on devices;
-api may use ingest; only api/cli.py, the composition root, may reach simulators and bench
-(lazily). bench (dev tooling, not product) may use every package; none uses it.
+devices is pure and depends on nothing of ours; simulators and ingest depend only on devices.
+api reaches ingest through one door: the read-side protocols (``ingest.readside``: what the
+API reads, and the maintainers' actions) and the plain records, errors and options they
+name (``API_MAY_IMPORT``, each with why). Only api/cli.py, the composition root, builds the
+running ``Ingest`` (any ingest module) and may reach simulators and bench (lazily). bench
+(dev tooling, not product) may use every package; none uses it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,20 @@ DEVICES_FORBIDDEN_LIBS = frozenset(
 # inside a function
 COMPOSITION_ROOT = "api/cli.py"
 COMPOSITION_ROOT_MAY_IMPORT = frozenset({"simulators.cli", "bench.cli"})
+# the ingest modules api/ may import (a module, not its submodules), and why
+API_MAY_IMPORT: dict[str, str] = {
+    "ingest.readside": "the door: ReadSide, Actions, Unavailable, now_ms and the bounds",
+    "ingest": "the package's error bases (StoreError) the stores raise through the door",
+    "ingest.config": "IngestConfig, part of ServeSettings (one settings class per process)",
+    "ingest.twins": "Twin: the plain record of a device's state the read side hands out",
+    "ingest.store": "HistoryStore/RollupStore protocols and DeadLetter, named by the read side",
+    "ingest.alerts.model": "Alert, AlertQuery, StreamEvent, the alert errors, categories",
+    "ingest.alerts.order_model": "WorkOrder, OrderQuery, the order states and errors",
+    "ingest.alerts.config": "AlertsConfig: the alert options the read side hands out",
+    "ingest.alerts.repair": "pure arithmetic of times to acknowledge/repair over Timing rows",
+    "ingest.commands": "the command errors (CommandInvalid, CommandNotFound, TooManyCommands)",
+    "ingest.sqlite_db": "the SQLite adapter under the API's own stores (keys, audit, riders)",
+}
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,15 @@ def violations(rel_path: str, source: str) -> list[str]:
             )
             if not allowed:
                 found.append(f"{rel_path}:{imp.line}: {package} -> {imp.module}")
+        if (
+            package == "api"
+            and imp.top == "ingest"
+            and rel_path != COMPOSITION_ROOT
+            and imp.module not in API_MAY_IMPORT
+        ):
+            found.append(
+                f"{rel_path}:{imp.line}: api -> {imp.module} (not through ingest.readside)"
+            )
         if package == "devices" and imp.top in DEVICES_FORBIDDEN_LIBS:
             found.append(f"{rel_path}:{imp.line}: devices -> {imp.module} (devices does no I/O)")
     return found
@@ -241,7 +267,25 @@ def test_devices_imports_only_devices_of_ours() -> None:
         # allowed edges
         ("ingest/x.py", "from devices.contract import decode\nimport sqlite3\n", []),
         ("simulators/x.py", "import aiomqtt\nfrom devices.topics import TopicScheme\n", []),
-        ("api/x.py", "from ingest.pipeline import Twins\nimport fastapi\n", []),
+        ("api/x.py", "from ingest.readside import ReadSide\nimport fastapi\n", []),
+        ("api/x.py", "from ingest.alerts.model import Alert\nfrom ingest import StoreError\n", []),
+        # api reaches ingest only through the read side and the records it names
+        (
+            "api/x.py",
+            "from ingest.pipeline import Twins\n",
+            ["api/x.py:1: api -> ingest.pipeline (not through ingest.readside)"],
+        ),
+        (
+            "api/routes/x.py",
+            "def f():\n    from ingest.service import Ingest\n",
+            ["api/routes/x.py:2: api -> ingest.service (not through ingest.readside)"],
+        ),
+        (
+            "api/x.py",
+            "from ingest.alerts import AlertEngine\n",
+            ["api/x.py:1: api -> ingest.alerts (not through ingest.readside)"],
+        ),
+        ("api/cli.py", "from ingest.service import Ingest\n", []),  # the composition root
         ("devices/x.py", "import re, json, math\nfrom pydantic import BaseModel\n", []),
         ("devices/x.py", "import devices_extra\n", []),  # a name that merely starts alike
     ],

@@ -20,15 +20,19 @@ from starlette.exceptions import HTTPException
 
 from api.audit import audit
 from api.auth import Admin, ApiKey, KeyFirstRoute, Maintainer
-from api.deps import IngestDep
+from api.deps import ActionsDep, ReadDep
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
 from api.schemas import AlertDetail, AlertList, WebhookCreated, Webhooks, answers
-from ingest.alerts import AlertConflict, AlertEngine, AlertNotFound
-from ingest.alerts.model import SEVERITIES, alert_view, rfc3339
-from ingest.alerts.notify import FORMATS
-from ingest.alerts.store import AlertQuery
-from ingest.service import Ingest
+from ingest.alerts.config import AlertsConfig
+from ingest.alerts.model import (
+    SEVERITIES,
+    AlertConflict,
+    AlertNotFound,
+    AlertQuery,
+    alert_view,
+)
+from ingest.readside import Actions, ReadSide, Unavailable
 
 router = APIRouter(prefix="/v1", tags=["alerts"], route_class=KeyFirstRoute)
 
@@ -38,10 +42,12 @@ SMALL_BODY = body_max(16 * KiB)  # a note of 2,000 characters is at most 12 KiB 
 STATUSES = ("open", "acknowledged", "resolved")
 
 
-def engine_of(ingest: Ingest) -> AlertEngine:
-    if ingest.alerts is None:
-        raise HTTPException(503, "alerts are disabled in this service (alerts.enabled=false)")
-    return ingest.alerts
+def alerts_config(read: ReadSide) -> AlertsConfig:
+    """The alert options; 503 when alerts are disabled here."""
+    config = read.alerts_config
+    if config is None:
+        raise Unavailable("alerts are disabled in this service (alerts.enabled=false)")
+    return config
 
 
 def _csv(value: str | None, field: str, allowed: tuple[str, ...]) -> list[str]:
@@ -58,7 +64,7 @@ def _csv(value: str | None, field: str, allowed: tuple[str, ...]) -> list[str]:
 
 @router.get("/alerts", **answers(AlertList, 401, 422, 503))
 async def list_alerts(
-    ingest: IngestDep,
+    read: ReadDep,
     key: Maintainer,
     status: Annotated[str | None, Query(description="open, acknowledged, resolved, active")] = None,
     severity: str | None = None,
@@ -72,7 +78,6 @@ async def list_alerts(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Alerts, newest first; ``next_cursor`` pages on."""
-    engine = engine_of(ingest)
     if since is not None and since.tzinfo is None:
         raise invalid_query("since", "give an offset (Z or +08:00)")
     q = AlertQuery(
@@ -85,7 +90,7 @@ async def list_alerts(
         before_id=cursor,
         limit=limit,
     )
-    alerts = await engine.query(q)
+    alerts = await read.alerts(q)
     return {
         "alerts": [alert_view(a) for a in alerts],
         "next_cursor": alerts[-1].id if len(alerts) == limit else None,
@@ -103,14 +108,14 @@ def _sse(event_id: int, event: str, data: str) -> str:
 )
 async def stream(
     request: Request,
-    ingest: IngestDep,
+    read: ReadDep,
     key: Maintainer,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[int | None, Query(ge=0, le=ID_MAX, description="like Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Server-Sent Events of every alert change. Each event's ``id`` is one more than the
     previous one; reconnect with ``Last-Event-ID`` (or ``?after=``) to get what was missed."""
-    engine = engine_of(ingest)
+    keepalive = alerts_config(read).sse_keepalive_s
     resume: int | None = after
     if last_event_id is not None:
         try:
@@ -119,26 +124,24 @@ async def stream(
             raise invalid_query("Last-Event-ID", "must be an event id (integer)") from None
         if not 0 <= resume <= ID_MAX:
             raise invalid_query("Last-Event-ID", f"must be an event id, 0 to {ID_MAX}")
-    queue = engine.subscribe()  # before reading the backlog: nothing falls in between
-    live_from = engine.last_event_id
-    keepalive = engine.config.sse_keepalive_s
+    # subscribed before reading the backlog: nothing falls in between
+    queue, live_from = read.subscribe_alerts()
 
     async def events() -> AsyncIterator[str]:
         try:
             yield "retry: 2000\n: chargewatch alert stream\n\n"
             last = live_from
             if resume is not None and resume < live_from:
-                await engine.flush()
-                oldest = await asyncio.to_thread(engine.store.oldest_event_id)
+                oldest = await read.oldest_alert_event()
                 if oldest is not None and resume + 1 < oldest:
                     gone = {"from": resume + 1, "to": oldest - 1, "detail": "events pruned"}
                     yield f"event: reset\ndata: {json.dumps(gone)}\n\n"
                 last = resume
                 while True:
-                    rows = await asyncio.to_thread(engine.store.events_after, last, 500)
-                    for event_id, type_, data in rows:
-                        yield _sse(event_id, type_, data)
-                        last = event_id
+                    rows = await read.alert_events_after(last, 500)
+                    for row in rows:
+                        yield _sse(row.id, row.type, row.data)
+                        last = row.id
                     if len(rows) < 500:
                         break
             elif resume is not None:
@@ -156,7 +159,7 @@ async def stream(
                 yield _sse(item.id, item.type, item.data)
                 last = item.id
         finally:
-            engine.unsubscribe(queue)
+            read.unsubscribe_alerts(queue)
 
     return StreamingResponse(
         events(),
@@ -165,36 +168,20 @@ async def stream(
     )
 
 
-async def _detail(engine: AlertEngine, alert_id: int) -> dict[str, Any]:
+async def _detail(read: ReadSide, alert_id: int) -> dict[str, Any]:
     try:
-        alert = await engine.get(alert_id)
+        alert = await read.alert(alert_id)
     except AlertNotFound:
         raise NotFound("alert", str(alert_id)) from None
     view = alert_view(alert)
-    view["notes"] = await engine.notes(alert_id)
-    view["deliveries"] = [
-        {
-            "id": d.id,
-            "webhook_id": d.webhook_id,
-            "event": d.event,
-            "status": d.status,
-            "attempts": d.attempts,
-            "http_status": d.http_status,
-            "error": d.error,
-            "created_at": rfc3339(d.created_ms),
-            "finished_at": rfc3339(d.finished_ms),
-            "last_attempt_at": rfc3339(d.last_attempt_ms),
-            "next_try_at": rfc3339(d.next_try_ms),
-            "deadline": rfc3339(d.deadline_ms),
-        }
-        for d in await engine.notifier.log(alert_id)
-    ]
+    view["notes"] = await read.alert_notes(alert_id)
+    view["deliveries"] = await read.alert_deliveries(alert_id)
     return view
 
 
 @router.get("/alerts/{alert_id}", **answers(AlertDetail, 401, 404, 422, 503))
-async def get_alert(ingest: IngestDep, key: Maintainer, alert_id: AlertId) -> dict[str, Any]:
-    return await _detail(engine_of(ingest), alert_id)
+async def get_alert(read: ReadDep, key: Maintainer, alert_id: AlertId) -> dict[str, Any]:
+    return await _detail(read, alert_id)
 
 
 BY = "the key's name, the default; any other name is refused: the actor is the key's owner"
@@ -227,22 +214,27 @@ def _actor(key: ApiKey, by: str | None) -> str:
 
 
 async def _act(
-    request: Request, ingest: Ingest, key: ApiKey, alert_id: int, what: str, body: Action
+    request: Request,
+    read: ReadSide,
+    actions: Actions,
+    key: ApiKey,
+    alert_id: int,
+    what: str,
+    body: Action,
 ) -> Any:
-    engine = engine_of(ingest)
     by = _actor(key, body.by)
     try:
         if what == "ack":
-            await engine.acknowledge(alert_id, by, body.note)
+            await actions.acknowledge(alert_id, by, body.note)
         else:
-            await engine.resolve(alert_id, by, body.note)
+            await actions.resolve(alert_id, by, body.note)
     except AlertNotFound:
         raise NotFound("alert", str(alert_id)) from None
     except AlertConflict as exc:
         raise HTTPException(409, str(exc)) from None
     action = "alert.acknowledge" if what == "ack" else "alert.resolve"
     await audit(request, key.actor, action, str(alert_id), note_chars=len(body.note or ""))
-    return await _detail(engine, alert_id)
+    return await _detail(read, alert_id)
 
 
 @router.post(
@@ -251,10 +243,10 @@ async def _act(
     **answers(AlertDetail, 400, 401, 404, 409, 413, 422, 503),
 )
 async def acknowledge(
-    request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId,
+    request: Request, read: ReadDep, actions: ActionsDep, key: Maintainer, alert_id: AlertId,
     body: Action | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    return await _act(request, ingest, key, alert_id, "ack", body or Action())  # type: ignore[no-any-return]
+    return await _act(request, read, actions, key, alert_id, "ack", body or Action())  # type: ignore[no-any-return]
 
 
 @router.post(
@@ -263,10 +255,10 @@ async def acknowledge(
     **answers(AlertDetail, 400, 401, 404, 409, 413, 422, 503),
 )
 async def resolve(
-    request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId,
+    request: Request, read: ReadDep, actions: ActionsDep, key: Maintainer, alert_id: AlertId,
     body: Action | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    return await _act(request, ingest, key, alert_id, "resolve", body or Action())  # type: ignore[no-any-return]
+    return await _act(request, read, actions, key, alert_id, "resolve", body or Action())  # type: ignore[no-any-return]
 
 
 @router.post(
@@ -275,16 +267,20 @@ async def resolve(
     **answers(AlertDetail, 400, 401, 404, 413, 422, 503, status=201),
 )
 async def add_note(
-    request: Request, ingest: IngestDep, key: Maintainer, alert_id: AlertId, body: NoteIn
+    request: Request,
+    read: ReadDep,
+    actions: ActionsDep,
+    key: Maintainer,
+    alert_id: AlertId,
+    body: NoteIn,
 ) -> dict[str, Any]:
-    engine = engine_of(ingest)
     by = _actor(key, body.by)
     try:
-        await engine.add_note(alert_id, by, body.text)
+        await actions.add_alert_note(alert_id, by, body.text)
     except AlertNotFound:
         raise NotFound("alert", str(alert_id)) from None
     await audit(request, key.actor, "alert.note", str(alert_id), chars=len(body.text))
-    return await _detail(engine, alert_id)
+    return await _detail(read, alert_id)
 
 
 # -- webhooks (admin) ---------------------------------------------------------------------
@@ -310,12 +306,10 @@ class WebhookIn(BaseModel):
 
 @router.post("/webhooks", **answers(WebhookCreated, 400, 401, 403, 413, 422, 503, status=201))
 async def create_webhook(
-    request: Request, ingest: IngestDep, key: Admin, body: WebhookIn
+    request: Request, actions: ActionsDep, key: Admin, body: WebhookIn
 ) -> dict[str, Any]:
     """Subscribe a URL; the response carries the signing secret (shown this once)."""
-    engine = engine_of(ingest)
-    assert body.format in FORMATS
-    sub = await engine.notifier.add(
+    created = await actions.add_webhook(
         str(body.url),
         name=body.name,
         secret=body.secret,
@@ -327,26 +321,25 @@ async def create_webhook(
         language=body.language,
     )
     # the host only: chat webhooks carry their token in the URL's path or query
-    await audit(request, key.actor, "webhook.create", str(sub.id), host=body.url.host,
+    await audit(request, key.actor, "webhook.create", str(created["id"]), host=body.url.host,
                  format=body.format, name=body.name)  # fmt: skip
-    return {**sub.view(), "secret": sub.secret}
+    return created
 
 
 @router.get("/webhooks", **answers(Webhooks, 401, 403, 503))
-async def list_webhooks(ingest: IngestDep, key: Admin) -> dict[str, Any]:
+async def list_webhooks(read: ReadDep, key: Admin) -> dict[str, Any]:
     """Subscriptions with their health: ``failing`` after repeated failed deliveries."""
-    engine = engine_of(ingest)
-    subs = [s.view() for s in engine.notifier.subscriptions.values()]
+    subs = read.webhooks()
     return {"webhooks": subs, "failing": [s["id"] for s in subs if s["failing"]]}
 
 
 @router.delete("/webhooks/{webhook_id}", **answers(None, 401, 403, 404, 422, 503, status=204))
 async def delete_webhook(
     request: Request,
-    ingest: IngestDep,
+    actions: ActionsDep,
     key: Admin,
     webhook_id: Annotated[int, Path(ge=1, le=ID_MAX)],
 ) -> None:
-    if not await engine_of(ingest).notifier.remove(webhook_id):
+    if not await actions.remove_webhook(webhook_id):
         raise NotFound("webhook", str(webhook_id))
     await audit(request, key.actor, "webhook.delete", str(webhook_id))

@@ -5,7 +5,6 @@ Serials never appear in public answers (api.views.PRIVATE_SLOT_FIELDS)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -14,13 +13,12 @@ from starlette.exceptions import HTTPException
 
 from api.audit import audit
 from api.auth import KeyFirstRoute, Maintainer
-from api.deps import IngestDep
+from api.deps import ActionsDep, ReadDep
 from api.errors import NotFound
 from api.limits import KiB, body_max
 from api.schemas import answers
 from api.views import rfc3339
-from ingest.passports import SERIAL_PATTERN, Passports
-from ingest.service import Ingest
+from ingest.readside import SERIAL_PATTERN, ReadSide
 
 router = APIRouter(prefix="/v1", tags=["batteries"], route_class=KeyFirstRoute)
 
@@ -97,16 +95,10 @@ class ClearIn(BaseModel):
     note: Annotated[str, Field(min_length=1, max_length=2000, description="why it is safe")]
 
 
-def passports_of(ingest: Ingest) -> Passports:
-    if ingest.passports is None:
-        raise HTTPException(503, "battery passports are not running")
-    return ingest.passports
-
-
-def _summary(ingest: Ingest, row: dict[str, Any]) -> dict[str, Any]:
+def _summary(read: ReadSide, row: dict[str, Any]) -> dict[str, Any]:
     current = None
     if row["device_id"] is not None:
-        spec = ingest.catalog.devices.get(row["device_id"])
+        spec = read.catalog.devices.get(row["device_id"])
         current = {
             "device_id": row["device_id"],
             "station_id": spec.station_id if spec is not None else None,
@@ -125,14 +117,12 @@ def _summary(ingest: Ingest, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _passport(ingest: Ingest, serial: str) -> Passport:
-    passports = passports_of(ingest)
-    await passports.flush()  # what the last messages did, written first
-    row = await asyncio.to_thread(passports.store.passport, serial)
+async def _passport(read: ReadSide, serial: str) -> Passport:
+    row = await read.battery(serial)
     if row is None:
         raise NotFound("battery", serial)
     return Passport(
-        **_summary(ingest, row),
+        **_summary(read, row),
         stays=[
             Stay(
                 device_id=s["device_id"],
@@ -169,7 +159,7 @@ async def _passport(ingest: Ingest, serial: str) -> Passport:
 
 @router.get("/batteries", **answers(BatteryPage, 401, 422, 503))
 async def list_batteries(
-    ingest: IngestDep,
+    read: ReadDep,
     key: Maintainer,
     flagged: Annotated[bool | None, Query(description="true: flagged only; false: others")] = None,
     cursor: Annotated[
@@ -179,21 +169,17 @@ async def list_batteries(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> BatteryPage:
     """Packs ever seen, by serial; ``next_cursor`` pages on."""
-    passports = passports_of(ingest)
-    await passports.flush()
-    rows = await asyncio.to_thread(
-        passports.store.batteries, flagged=flagged, after=cursor, limit=limit
-    )
+    rows = await read.batteries(flagged=flagged, after=cursor, limit=limit)
     return BatteryPage(
-        batteries=[BatterySummary(**_summary(ingest, r)) for r in rows],
+        batteries=[BatterySummary(**_summary(read, r)) for r in rows],
         next_cursor=rows[-1]["serial"] if len(rows) == limit else None,
     )
 
 
 @router.get("/batteries/{serial}", **answers(Passport, 401, 404, 422, 503))
-async def battery(ingest: IngestDep, key: Maintainer, serial: Serial) -> Passport:
+async def battery(read: ReadDep, key: Maintainer, serial: Serial) -> Passport:
     """One pack's passport: where it is, where it has been, its safety events."""
-    return await _passport(ingest, serial)
+    return await _passport(read, serial)
 
 
 @router.post(
@@ -202,14 +188,18 @@ async def battery(ingest: IngestDep, key: Maintainer, serial: Serial) -> Passpor
     **answers(Passport, 400, 401, 404, 409, 413, 422, 503),
 )
 async def clear(
-    request: Request, ingest: IngestDep, key: Maintainer, serial: Serial, body: ClearIn
+    request: Request,
+    read: ReadDep,
+    actions: ActionsDep,
+    key: Maintainer,
+    serial: Serial,
+    body: ClearIn,
 ) -> Passport:
     """Clear the pack's flag with a note (recorded with who cleared it). It counts as a
     ready battery again; its next safety event flags it again."""
-    passports = passports_of(ingest)
     actor = key.actor
-    if not await passports.clear(serial, actor.id, actor.name, body.note):
-        await _passport(ingest, serial)  # 404 when never seen
+    if not await actions.clear_battery(serial, actor.id, actor.name, body.note):
+        await _passport(read, serial)  # 404 when never seen
         raise HTTPException(409, f"battery {serial!r} is not flagged")
     await audit(request, actor, "battery.clear", serial, chars=len(body.note))
-    return await _passport(ingest, serial)
+    return await _passport(read, serial)

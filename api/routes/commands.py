@@ -15,15 +15,14 @@ from starlette.exceptions import HTTPException
 
 from api.audit import audit
 from api.auth import KeyFirstRoute, Maintainer
-from api.deps import IngestDep
+from api.deps import ActionsDep, ReadDep
 from api.errors import NotFound
 from api.limits import KiB, body_max
 from api.schemas import answers
 from devices.contract import COMMAND_ID_MAX, COMMAND_ID_MIN, MAX_UNITS, CommandType
 from devices.topics import DEVICE_ID_PATTERN
 from ingest.commands import CommandInvalid, CommandNotFound, TooManyCommands
-from ingest.commands.service import LIST_MAX, Commands
-from ingest.service import Ingest
+from ingest.readside import COMMANDS_LIST_MAX as LIST_MAX
 
 router = APIRouter(prefix="/v1", tags=["commands"], route_class=KeyFirstRoute)
 
@@ -71,12 +70,6 @@ class CommandList(BaseModel):
     commands: list[CommandOut]
 
 
-def commands_of(ingest: Ingest) -> Commands:
-    if ingest.commands is None:
-        raise HTTPException(503, "commands are not running in this service")
-    return ingest.commands
-
-
 def _invalid(field: str, problem: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", field), "msg": problem, "type": "value_error"}])
 
@@ -87,15 +80,14 @@ def _invalid(field: str, problem: str) -> RequestValidationError:
     **answers(CommandOut, 400, 401, 404, 413, 422, 429, 503, status=202),
 )
 async def create_command(
-    request: Request, ingest: IngestDep, key: Maintainer, device_id: DeviceId, body: CommandIn
+    request: Request, actions: ActionsDep, key: Maintainer, device_id: DeviceId, body: CommandIn
 ) -> CommandOut:
     """Send a command; 202: stored and on its way, its state follows."""
-    commands = commands_of(ingest)
     unit = body.port if body.port is not None else body.slot
     if body.port is not None and body.slot is not None:
         raise _invalid("slot", "give port or slot, not both")
     try:
-        record = await commands.create(
+        record = await actions.send_command(
             device_id,
             body.type,
             unit,
@@ -119,8 +111,8 @@ async def create_command(
 
 
 @router.get("/commands/{command_id}", **answers(CommandOut, 401, 404, 422, 503))
-async def get_command(ingest: IngestDep, key: Maintainer, command_id: CommandId) -> CommandOut:
-    record = await commands_of(ingest).get(command_id)
+async def get_command(read: ReadDep, key: Maintainer, command_id: CommandId) -> CommandOut:
+    record = await read.command(command_id)
     if record is None:
         raise NotFound("command", command_id)
     return CommandOut(**record.view())
@@ -128,22 +120,22 @@ async def get_command(ingest: IngestDep, key: Maintainer, command_id: CommandId)
 
 @router.get("/devices/{device_id}/commands", **answers(CommandList, 401, 404, 422, 503))
 async def device_commands(
-    ingest: IngestDep,
+    read: ReadDep,
     key: Maintainer,
     device_id: DeviceId,
     limit: Annotated[int, Query(ge=1, le=LIST_MAX)] = 100,
 ) -> CommandList:
     """A device's commands, newest first."""
-    if device_id not in ingest.catalog.devices:
+    if device_id not in read.catalog.devices:
         raise NotFound("device", device_id)
-    records = await commands_of(ingest).recent(device_id, limit)
+    records = await read.commands(device_id, limit)
     return CommandList(commands=[CommandOut(**r.view()) for r in records])
 
 
 @router.get("/commands", **answers(CommandList, 401, 422, 503))
 async def recent_commands(
-    ingest: IngestDep, key: Maintainer, limit: Annotated[int, Query(ge=1, le=LIST_MAX)] = 100
+    read: ReadDep, key: Maintainer, limit: Annotated[int, Query(ge=1, le=LIST_MAX)] = 100
 ) -> CommandList:
     """Every device's commands, newest first."""
-    records = await commands_of(ingest).recent(None, limit)
+    records = await read.commands(None, limit)
     return CommandList(commands=[CommandOut(**r.view()) for r in records])

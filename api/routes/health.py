@@ -15,11 +15,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from api.auth import optional_maintainer
-from api.deps import IngestDep
+from api.deps import ReadDep
 from api.schemas import Health, Readiness, answers
 from api.settings import ServeSettings
 
@@ -33,9 +33,9 @@ async def healthz() -> dict[str, Any]:
 
 
 @router.get("/readyz", **answers(Readiness, also={503: Readiness}))
-async def readyz(ingest: IngestDep) -> JSONResponse:
+async def readyz(read: ReadDep) -> JSONResponse:
     """Ready only while connected to the broker, the pipeline alive and the store writing."""
-    problems = ingest.problems()
+    problems = read.problems()
     return JSONResponse(
         {"ready": not problems, "problems": problems}, status_code=503 if problems else 200
     )
@@ -67,7 +67,7 @@ def metrics_allowed(request: Request, settings: ServeSettings) -> bool:
 @router.get(
     "/metrics", response_class=Response, **answers(None, 401, 403, media_type=CONTENT_TYPE_LATEST)
 )
-async def metrics(request: Request, ingest: IngestDep) -> Response:
+async def metrics(request: Request, read: ReadDep) -> Response:
     """Prometheus text: from ``metrics_allow`` (loopback by default), or with a key."""
     settings: ServeSettings = request.app.state.settings
     if not metrics_allowed(request, settings) and await optional_maintainer(request) is None:
@@ -76,4 +76,4 @@ async def metrics(request: Request, ingest: IngestDep) -> Response:
             "/metrics is for the configured networks (CHARGEWATCH_METRICS_ALLOW) or a"
             " maintainer key (Authorization: Bearer)",
         )
-    return Response(generate_latest(ingest.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(read.metrics(), media_type=CONTENT_TYPE_LATEST)

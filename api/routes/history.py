@@ -24,14 +24,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from api.caching import cached_json
-from api.deps import IngestDep
+from api.deps import ReadDep
 from api.errors import NotFound, invalid_query
 from api.forecast import DEFAULT_WEEKS, StatsDep
 from api.routes.riders import PUBLIC_VARY, audience, parse_time
 from api.schemas import DeviceHistory, Forecast, Utilization, answers
 from api.series import HOLD_MAX_MS, Held, counts, grid, load, sum_at
 from api.views import rfc3339
-from ingest.service import Ingest, now_ms
+from ingest.readside import ReadSide, now_ms
 from ingest.store import HistoryStore, RollupStore
 
 router = APIRouter(prefix="/v1", tags=["history"])
@@ -85,10 +85,10 @@ def window(
     return since, until, step
 
 
-def _store(ingest: Ingest) -> HistoryStore:
-    if ingest.history is None:
+def _store(read: ReadSide) -> HistoryStore:
+    if read.history is None:
         raise NotFound("history store", "(not started)")
-    return ingest.history
+    return read.history
 
 
 def _event(row: dict[str, Any], fields: tuple[str, ...] = EVENT_FIELDS) -> dict[str, Any]:
@@ -105,7 +105,7 @@ PUBLIC_EVENT_FIELDS = tuple(f for f in EVENT_FIELDS if f not in PRIVATE_EVENT_FI
 
 def device_history(
     store: HistoryStore,
-    ingest: Ingest,
+    read: ReadSide,
     device_id: str,
     since: int,
     until: int,
@@ -114,8 +114,8 @@ def device_history(
     public: bool,
 ) -> dict[str, Any]:
     """``public``: without the private fields of events (``PRIVATE_EVENT_FIELDS``)."""
-    device = ingest.catalog.devices[device_id]
-    release = float(device.spec.release_soc or ingest.config.release_soc)
+    device = read.catalog.devices[device_id]
+    release = float(device.spec.release_soc or read.release_soc)
     samples = store.status_samples([device_id], since, until, every)
     happenings = store.happenings([device_id], since, until, 10_000)
     points = []
@@ -186,11 +186,11 @@ def _rolled_points(
 
 
 def station_utilization(
-    store: HistoryStore, ingest: Ingest, station_id: str, since: int, until: int, every: int
+    store: HistoryStore, read: ReadSide, station_id: str, since: int, until: int, every: int
 ) -> dict[str, Any]:
-    station = ingest.catalog.stations[station_id]
+    station = read.catalog.stations[station_id]
     ids = [d.id for d in station.devices]
-    release = {d.id: float(d.release_soc or ingest.config.release_soc) for d in station.devices}
+    release = {d.id: float(d.release_soc or read.release_soc) for d in station.devices}
     # statuses from before the window stand at its start (up to the hold limit)
     lead = HOLD_MAX_MS
     samples = store.status_samples(ids, since - lead, until, every)
@@ -215,7 +215,7 @@ def station_utilization(
     # buckets of whole hours that end before the raw history kept: from the hourly rollups
     rolled: dict[int, dict[str, Any]] = {}
     if isinstance(store, RollupStore) and every % HOUR_MS == 0:
-        raw_from = now_ms() - round(ingest.config.history_days * 86_400_000)
+        raw_from = now_ms() - round(read.history_days * 86_400_000)
         old = [t for t in grid(since, until, every) if t <= raw_from and t % every == 0]
         rolled = _rolled_points(store, station_id, old, every, ports_total)
     for t in grid(since, until, every):
@@ -265,7 +265,7 @@ def station_utilization(
 @router.get("/devices/{device_id}/history", **answers(DeviceHistory, 304, 401, 404, 422, 503))
 async def device_history_route(
     request: Request,
-    ingest: IngestDep,
+    read: ReadDep,
     device_id: str,
     start: FromQ = None,
     to: ToQ = None,
@@ -273,13 +273,13 @@ async def device_history_route(
     end: EndQ = None,
 ) -> Response:
     """Downsampled power, energy, temperature, soc and states; events and online changes."""
-    if device_id not in ingest.catalog.devices:
+    if device_id not in read.catalog.devices:
         raise NotFound("device", device_id)
     private = await audience(request, max_age_s=10)
     since, until, step = window(start, to, every, end=end)
     body = await asyncio.to_thread(
         functools.partial(device_history, public=private is None),
-        _store(ingest), ingest, device_id, since, until, step,
+        _store(read), read, device_id, since, until, step,
     )  # fmt: skip
     return cached_json(request, body, max_age_s=10, headers=private or PUBLIC_VARY)
 
@@ -287,7 +287,7 @@ async def device_history_route(
 @router.get("/stations/{station_id}/utilization", **answers(Utilization, 304, 404, 422, 503))
 async def utilization_route(
     request: Request,
-    ingest: IngestDep,
+    read: ReadDep,
     station_id: str,
     start: FromQ = None,
     to: ToQ = None,
@@ -295,11 +295,11 @@ async def utilization_route(
     end: EndQ = None,
 ) -> Response:
     """Busy ports, ready batteries, energy delivered and swaps per bucket."""
-    if station_id not in ingest.catalog.stations:
+    if station_id not in read.catalog.stations:
         raise NotFound("station", station_id)
     since, until, step = window(start, to, every, end=end)
     body = await asyncio.to_thread(
-        station_utilization, _store(ingest), ingest, station_id, since, until, step
+        station_utilization, _store(read), read, station_id, since, until, step
     )
     return cached_json(request, body, max_age_s=10)
 
@@ -307,16 +307,16 @@ async def utilization_route(
 @router.get("/stations/{station_id}/forecast", **answers(Forecast, 304, 404, 422, 503))
 async def forecast_route(
     request: Request,
-    ingest: IngestDep,
+    read: ReadDep,
     stats: StatsDep,
     station_id: str,
     weeks: Annotated[int, Query(ge=1, le=12)] = DEFAULT_WEEKS,
 ) -> Response:
     """Expected free ports / ready batteries by local hour (and weekday), with sample sizes."""
-    spec = ingest.catalog.stations.get(station_id)
+    spec = read.catalog.stations.get(station_id)
     if spec is None:
         raise NotFound("station", station_id)
     result = await asyncio.to_thread(
-        stats.get, _store(ingest), ingest.catalog, spec, now_ms(), weeks, ingest.config.release_soc
+        stats.get, _store(read), read.catalog, spec, now_ms(), weeks, read.release_soc
     )
     return cached_json(request, result.forecast, max_age_s=60)

@@ -23,7 +23,7 @@ from api.limits import ID_MAX, KiB, body_max
 from api.schemas import AuditPage, KeyCreated, Keys, answers
 from api.text import plain_text
 from api.views import rfc3339
-from ingest.service import now_ms
+from ingest.readside import now_ms
 
 router = APIRouter(prefix="/v1", tags=["admin"], route_class=KeyFirstRoute)
 

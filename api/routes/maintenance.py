@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
 from api.auth import KeyFirstRoute, Maintainer
-from api.deps import IngestDep
+from api.deps import ReadDep
 from api.schemas import DeadLetters, answers
 from api.views import rfc3339
 
@@ -17,15 +16,10 @@ router = APIRouter(prefix="/v1", tags=["maintenance"], route_class=KeyFirstRoute
 
 @router.get("/deadletters", **answers(DeadLetters, 401, 422, 503))
 async def dead_letters(
-    ingest: IngestDep, key: Maintainer, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    read: ReadDep, key: Maintainer, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     """Recent rejected messages with their reason, and a count per reason since the start."""
-    assert ingest.state is not None
-    state = ingest.state
-    rows, counts = await asyncio.gather(
-        asyncio.to_thread(state.dead_letters, limit),
-        asyncio.to_thread(state.dead_letter_counts),
-    )
+    rows, counts = await read.dead_letters(limit)
     return {
         "counts": counts,
         "dead_letters": [

@@ -10,8 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from api.auth import Maintainer
-from api.deps import IngestDep
-from api.routes.alerts import engine_of
+from api.deps import ReadDep
 from api.schemas import answers
 
 router = APIRouter(prefix="/v1", tags=["alerts"])
@@ -65,7 +64,7 @@ class Notifications(BaseModel):
 
 @router.get("/notifications", **answers(Notifications, 401, 422, 503))
 async def list_notifications(
-    ingest: IngestDep,
+    read: ReadDep,
     key: Maintainer,
     state: Annotated[
         Literal["undelivered", "pending", "failed"],
@@ -75,12 +74,11 @@ async def list_notifications(
 ) -> Notifications:
     """Notifications not delivered: pending ones oldest first, then given-up ones newest
     first."""
-    notifier = engine_of(ingest).notifier
-    pending = notifier.pending()
+    pending = read.pending_notifications()
     found = pending[:limit] if state != "failed" else []
     complete = True
     if state != "pending":
-        failed, complete = await notifier.undelivered(limit)
+        failed, complete = await read.undelivered_notifications(limit)
         found += failed[: limit - len(found)]
     return Notifications.model_validate(
         {"notifications": found, "pending": len(pending), "complete": complete}

@@ -14,15 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from api.deps import IngestDep
+from api.deps import ActionsDep, ReadDep
 from api.errors import NotFound
 from api.limits import KiB, body_max
-from api.routes.alerts import engine_of
+from api.routes.alerts import alerts_config
 from api.routes.sentinels import optional_rider, record_report
 from api.schemas import ReportAccepted, answers
 from api.text import plain_text
 from ingest.alerts.config import ReportOptions
-from ingest.alerts.engine import REPORT_CATEGORIES
+from ingest.alerts.model import REPORT_CATEGORIES
 
 router = APIRouter(prefix="/v1", tags=["riders"])
 
@@ -113,24 +113,25 @@ def _limits(request: Request, opts: ReportOptions) -> ReportLimits:
     openapi_extra=body_max(64 * KiB),
     **answers(ReportAccepted, 400, 401, 404, 413, 422, 429, 503, status=201),
 )
-async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[str, Any]:
+async def report(
+    request: Request, read: ReadDep, actions: ActionsDep, body: ReportIn
+) -> dict[str, Any]:
     """Report a hazard: attaches to the matching open alert, or opens a ``rider_report``.
     With ``Authorization: Rider <token>`` it is that rider's (``/v1/riders/me/reports``);
     a token that admits no one is refused (401), never taken for anonymous."""
     rider = await optional_rider(request)
-    engine = engine_of(ingest)
-    opts = engine.config.reports
+    opts = alerts_config(read).reports
     text = plain_text(body.text)
     if len(text) > opts.text_max:
         raise _invalid("text", f"at most {opts.text_max} characters")
-    station = ingest.catalog.stations.get(body.station)
+    station = read.catalog.stations.get(body.station)
     if station is None:
         raise NotFound("station", body.station)
     if body.port is not None and body.slot is not None:
         raise _invalid("slot", "give a port or a slot, not both")
     unit = body.port if body.port is not None else body.slot
     if body.device is not None:
-        device = ingest.catalog.devices.get(body.device)
+        device = read.catalog.devices.get(body.device)
         if device is None or device.station_id != station.id:
             raise NotFound("device at this station", body.device)
         if unit is not None:
@@ -146,9 +147,9 @@ async def report(request: Request, ingest: IngestDep, body: ReportIn) -> dict[st
         client, station.id, time.monotonic(), rider.id if rider is not None else None
     )
     assert body.category in REPORT_CATEGORIES
-    alert, attached = await engine.report(station.id, body.device, unit, body.category, text)
+    alert, attached = await actions.report(station.id, body.device, unit, body.category, text)
     kept = await record_report(
-        request, engine, rider, alert, device_id=body.device, unit=unit,
+        request, read, rider, alert, device_id=body.device, unit=unit,
         category=body.category, text=text,
     )  # fmt: skip
     return {

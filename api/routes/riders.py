@@ -33,13 +33,13 @@ from api.caching import (
     page_headers,
 )
 from api.errors import NotFound, invalid_query
-from api.forecast import StationStats, StatsCache, arrival_estimate, district_tz
+from api.forecast import StationStats, StatsCache, arrival_estimate
 from api.live import Trends
 from api.schemas import DeviceView, StationDetail, StationList, answers
 from api.snapshots import StationViews
 from api.views import device_view, public_device_view, rfc3339, station_has
-from devices.catalog import distance_m
-from ingest.service import Ingest, now_ms
+from devices.catalog import distance_m, district_tz
+from ingest.readside import ReadSide, now_ms
 
 router = APIRouter(prefix="/v1", tags=["riders"])
 
@@ -115,11 +115,11 @@ async def stations(
     now = now_ms()
     origin = (lat, lon) if lat is not None and lon is not None else None
     state = _app_state(request)
-    ingest: Ingest = state.ingest
+    read: ReadSide = state.read
     shared: StationViews = state.views
     chosen: list[tuple[float | None, str]] = []  # (distance, station) of those that match
     entries = {}
-    for station_id, spec in ingest.catalog.stations.items():
+    for station_id, spec in read.catalog.stations.items():
         entry = shared.station(station_id, now)
         distance = None
         if origin is not None:
@@ -135,7 +135,7 @@ async def stations(
     if origin is not None:
         chosen.sort(key=lambda c: c[0] or 0.0)
     if arrive_in_s is not None:
-        return await _ranked(request, state.stats, ingest, shared, now, chosen, kind,
+        return await _ranked(request, state.stats, read, shared, now, chosen, kind,
                              arrive_in_s, limit, offset)  # fmt: skip
     # the common query: the kept views' JSON, with each answer's distance and age spliced in
     total = len(chosen)
@@ -159,7 +159,7 @@ async def stations(
 async def _ranked(
     request: Request,
     stats: StatsCache,
-    ingest: Ingest,
+    read: ReadSide,
     shared: StationViews,
     now: int,
     chosen: list[tuple[float | None, str]],
@@ -176,14 +176,14 @@ async def _ranked(
         if distance is not None:
             v["distance_m"] = distance
         full.append(v)
-    hour = datetime.fromtimestamp(now / 1000, tz=UTC).astimezone(district_tz(ingest.catalog)).hour
-    history = ingest.history
+    hour = datetime.fromtimestamp(now / 1000, tz=UTC).astimezone(district_tz(read.catalog)).hour
+    history = read.history
     for v in full:
-        spec = ingest.catalog.stations[v["id"]]
+        spec = read.catalog.stations[v["id"]]
         station_stats: StationStats | None = None
         if history is not None:
             station_stats = await asyncio.to_thread(
-                stats.get, history, ingest.catalog, spec, now, 4, ingest.config.release_soc
+                stats.get, history, read.catalog, spec, now, 4, read.release_soc
             )
         v["arrival"] = arrival_estimate(v, v["devices"], station_stats, arrive_in_s, hour)
     field = {"pile": "p_port", "cabinet": "p_battery", None: "p_any"}[kind]
@@ -210,8 +210,8 @@ async def _ranked(
 @router.get("/stations/{station_id}", **answers(StationDetail, 304, 401, 404))
 async def station(request: Request, station_id: str) -> Response:
     state = _app_state(request)
-    ingest: Ingest = state.ingest
-    if station_id not in ingest.catalog.stations:
+    read: ReadSide = state.read
+    if station_id not in read.catalog.stations:
         raise NotFound("station", station_id)
     private = await audience(request, DETAIL_VARY)
     public = private is None
@@ -234,12 +234,12 @@ async def station(request: Request, station_id: str) -> Response:
 @router.get("/devices/{device_id}", **answers(DeviceView, 304, 401, 404))
 async def device(request: Request, device_id: str) -> Response:
     state = _app_state(request)
-    ingest: Ingest = state.ingest
-    if device_id not in ingest.catalog.devices:
+    read: ReadSide = state.read
+    if device_id not in read.catalog.devices:
         raise NotFound("device", device_id)
     private = await audience(request)
     trends: Trends = state.live.trends
-    view = device_view(ingest.twins[device_id], now_ms(), trends, state.views.flagged)
+    view = device_view(read.twins[device_id], now_ms(), trends, state.views.flagged)
     if private is None:
         return cached_json(request, public_device_view(view), headers=PUBLIC_VARY)
     return cached_json(request, view, headers=private)

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from api.audit import audit
 from api.auth import KeyFirstRoute, Maintainer
-from api.deps import IngestDep
+from api.deps import ReadDep, get_read
 from api.errors import NotFound
 from api.limits import ID_MAX, KiB, body_max
 from api.schemas import answers
@@ -43,9 +43,8 @@ from api.sentinels import NotFound as SentinelNotFound
 from api.text import plain_text
 from api.views import rfc3339
 from ingest import StoreError
-from ingest.alerts.engine import AlertEngine
-from ingest.alerts.model import Alert
-from ingest.alerts.store import AlertQuery
+from ingest.alerts.model import Alert, AlertQuery
+from ingest.readside import ReadSide
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +222,15 @@ def entry_out(e: Entry, *, private: bool) -> EntryOut:
 # -- outcomes ------------------------------------------------------------------------------
 
 
-def _points(engine: AlertEngine, category: str) -> int:
-    rate: int = getattr(engine.config.sentinels.points, category, 0)
+def _points(read: ReadSide, category: str) -> int:
+    config = read.alerts_config
+    rate: int = getattr(config.sentinels.points, category, 0) if config is not None else 0
     return rate
 
 
 async def record_report(
     request: Request,
-    engine: AlertEngine,
+    read: ReadSide,
     rider: Rider | None,
     alert: Alert,
     *,
@@ -239,43 +239,45 @@ async def record_report(
     category: str,
     text: str,
 ) -> Report:
-    """Keep a report that ``engine.report`` took: confirmed by telemetry at once when it
+    """Keep a report that ``Actions.report`` took: confirmed by telemetry at once when it
     joined an alert of the rules or one already opened at its place (within the window).
     Joining an alert that opened longer than the window before earns nothing: the page
     shows offline devices to everyone, and reporting them is not news."""
     store = sentinel_store(request)
     unit_kind = None
     if unit is not None and device_id is not None:
-        spec = engine.catalog.devices.get(device_id)
+        spec = read.catalog.devices.get(device_id)
         unit_kind = "port" if spec is not None and spec.kind == "pile" else "slot"
-    now = engine.clock()
+    now = read.clock_ms()
     report = await asyncio.to_thread(
         store.add_report, rider.id if rider else None, alert.station_id, device_id, unit,
         unit_kind, category, text, alert.id, now,
     )  # fmt: skip
-    if alert.rule != "rider_report":
-        window_ms = engine.config.sentinels.confirm_window_s * 1000
+    config = read.alerts_config
+    if alert.rule != "rider_report" and config is not None:
+        window_ms = config.sentinels.confirm_window_s * 1000
         decide = functools.partial(
             store.decide, report.id, "confirmed", now, confirmed_by_alert=alert.id,
-            points=_points(engine, category), known=now - alert.opened_at_ms > window_ms,
+            points=_points(read, category), known=now - alert.opened_at_ms > window_ms,
         )  # fmt: skip
         report = await asyncio.to_thread(decide)
-    elif await settle(request, engine, [report]):
+    elif await settle(request, read, [report]):
         settled = await asyncio.to_thread(store.report, report.id)
         report = settled if settled is not None else report
     return report
 
 
-async def settle(request: Request, engine: AlertEngine | None, reports: list[Report]) -> bool:
+async def settle(request: Request, read: ReadSide, reports: list[Report]) -> bool:
     """Decide what telemetry decides of ``reports`` that are pending: confirmed by an
     alert of the rules at their place within the window, expired once the window passed
     without one. True when any changed."""
     pending = [r for r in reports if r.outcome == "pending"]
-    if engine is None or not pending:
+    config = read.alerts_config
+    if config is None or not pending:
         return False
     store = sentinel_store(request)
-    window_ms = int(engine.config.sentinels.confirm_window_s * 1000)
-    now = engine.clock()
+    window_ms = int(config.sentinels.confirm_window_s * 1000)
+    now = read.clock_ms()
     by_station: dict[str, list[Report]] = defaultdict(list)
     for r in pending:
         by_station[r.station_id].append(r)
@@ -283,7 +285,7 @@ async def settle(request: Request, engine: AlertEngine | None, reports: list[Rep
     for station, group in by_station.items():
         since = min(r.at_ms for r in group) - window_ms
         try:
-            alerts = await engine.query(
+            alerts = await read.alerts(
                 AlertQuery(station=station, since_ms=since, limit=ALERTS_PER_SETTLE)
             )
         except StoreError as exc:  # the alert store is out: they stay pending, for now
@@ -295,7 +297,7 @@ async def settle(request: Request, engine: AlertEngine | None, reports: list[Rep
                 if found is not None:
                     decide = functools.partial(
                         store.decide, r.id, "confirmed", now, confirmed_by_alert=found.id,
-                        points=_points(engine, r.category),
+                        points=_points(read, r.category),
                     )  # fmt: skip
                     await asyncio.to_thread(decide)
                     changed = True
@@ -307,15 +309,10 @@ async def settle(request: Request, engine: AlertEngine | None, reports: list[Rep
     return changed
 
 
-def _engine(request: Request) -> AlertEngine | None:
-    engine: AlertEngine | None = request.app.state.ingest.alerts
-    return engine
-
-
 async def _settled_reports(request: Request, **query: Any) -> list[Report]:
     store = sentinel_store(request)
     reports = await asyncio.to_thread(lambda: store.reports(**query))
-    if await settle(request, _engine(request), reports):
+    if await settle(request, get_read(request), reports):
         reports = await asyncio.to_thread(lambda: store.reports(**query))
     return reports
 
@@ -347,12 +344,13 @@ class RiderIn(BaseModel):
     ]
 
 
-def _register_limit(request: Request, engine: AlertEngine | None) -> RateLimiter:
+def _register_limit(request: Request, read: ReadSide) -> RateLimiter:
     from api.routes.reports import RateLimiter  # here: reports imports this module
 
     limiter: RateLimiter | None = getattr(request.app.state, "register_limit", None)
     if limiter is None:
-        opts = engine.config.sentinels if engine is not None else None
+        config = read.alerts_config
+        opts = config.sentinels if config is not None else None
         burst, per_hour = (opts.register_burst, opts.register_per_hour) if opts else (10, 30.0)
         limiter = request.app.state.register_limit = RateLimiter(burst, per_hour)
     return limiter
@@ -364,12 +362,12 @@ def _register_limit(request: Request, engine: AlertEngine | None) -> RateLimiter
     **answers(RiderCreated, 400, 404, 413, 422, 429, 503, status=201),
 )
 async def register(
-    request: Request, response: Response, ingest: IngestDep, body: RiderIn
+    request: Request, response: Response, read: ReadDep, body: RiderIn
 ) -> RiderCreated:
     """Register a rider at a station: the answer's ``token`` is shown this once (only its
     hash is kept). No phone numbers or names: a nickname that looks like one is refused."""
     _private(response)
-    if ingest.catalog.stations.get(body.station_id) is None:
+    if read.catalog.stations.get(body.station_id) is None:
         raise NotFound("station", body.station_id)
     problem = nickname_problem(body.nickname)
     if problem is not None:
@@ -377,7 +375,7 @@ async def register(
             [{"loc": ("body", "nickname"), "msg": problem, "type": "value_error"}]
         )
     client = request.client.host if request.client is not None else "unknown"
-    limiter = _register_limit(request, ingest.alerts)
+    limiter = _register_limit(request, read)
     now = time.monotonic()
     wait = limiter.wait(client, now)
     if wait > 0:
@@ -474,14 +472,14 @@ async def _decide(
     request: Request, key: Any, report_id: int, outcome: str, body: DecisionIn | None
 ) -> ReportOut:
     store = sentinel_store(request)
-    engine = _engine(request)
+    read = get_read(request)
     report = await asyncio.to_thread(store.report, report_id)
     if report is None:
         raise NotFound("report", str(report_id))
-    await settle(request, engine, [report])  # telemetry may have decided it already
+    await settle(request, read, [report])  # telemetry may have decided it already
     note = plain_text(body.note) if body is not None and body.note else None
-    points = _points(engine, report.category) if engine is not None else 0
-    now = engine.clock() if engine is not None else time.time_ns() // 1_000_000
+    points = _points(read, report.category)
+    now = read.clock_ms()
     try:
         decided = await asyncio.to_thread(
             lambda: store.decide(

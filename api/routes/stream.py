@@ -21,12 +21,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import IngestDep
+from api.deps import ReadDep
 from api.errors import invalid_query
 from api.live import LiveDep
 from api.schemas import answers
 from api.snapshots import StationViews
-from ingest.service import now_ms
+from ingest.readside import now_ms
 
 router = APIRouter(prefix="/v1", tags=["riders"])
 
@@ -47,14 +47,14 @@ def _event(event_id: int, data: bytes) -> bytes:
 )  # fmt: skip
 async def stream(
     request: Request,
-    ingest: IngestDep,
+    read: ReadDep,
     live: LiveDep,
     stations: Annotated[
         str | None, Query(description="comma-separated station ids; default: all")
     ] = None,
 ) -> StreamingResponse:
     """Availability changes of the asked-for stations as Server-Sent Events."""
-    catalog = ingest.catalog
+    catalog = read.catalog
     wanted = list(catalog.stations) if not stations else [s for s in stations.split(",") if s]
     unknown = [s for s in wanted if s not in catalog.stations]
     if unknown:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.auth import Maintainer
-from api.deps import IngestDep
+from api.deps import ReadDep
 from api.errors import NotFound, invalid_query
 from api.routes.riders import parse_time
 from api.routes.sentinels import sentinel_store, settle
@@ -34,9 +34,8 @@ from api.summaries import (
     to_csv,
 )
 from api.views import rfc3339
-from ingest.alerts.engine import REQUEST_FLUSH_S
-from ingest.rollups import district_tz
-from ingest.service import Ingest, now_ms
+from devices.catalog import district_tz
+from ingest.readside import ReadSide, now_ms
 from ingest.store import RollupStore
 
 router = APIRouter(prefix="/v1", tags=["summaries"])
@@ -111,19 +110,20 @@ def _bound(field: str, value: str | None, tz: Any) -> int | None:
     return parse_time(field, value)
 
 
-def _rollup_store(ingest: Ingest) -> RollupStore:
-    store = ingest.history
+def _rollup_store(read: ReadSide) -> RollupStore:
+    store = read.history
     if not isinstance(store, RollupStore):
         raise NotFound("hourly rollups", "(this history store keeps none)")
     return store
 
 
-def _stations(ingest: Ingest, station: str | None) -> list[StationInfo]:
-    specs = list(ingest.catalog.stations.values())
+def _stations(read: ReadSide, station: str | None) -> list[StationInfo]:
+    catalog = read.catalog
+    specs = list(catalog.stations.values())
     if station is not None:
-        if station not in ingest.catalog.stations:
+        if station not in catalog.stations:
             raise NotFound("station", station)
-        specs = [ingest.catalog.stations[station]]
+        specs = [catalog.stations[station]]
     return [
         StationInfo(
             s.id,
@@ -137,13 +137,13 @@ def _stations(ingest: Ingest, station: str | None) -> list[StationInfo]:
 
 
 async def _outcomes(
-    request: Request, ingest: Ingest, since: int, until: int
+    request: Request, read: ReadSide, since: int, until: int
 ) -> list[ReportOutcome]:
     """The outcomes of the reports made in [since, until); pending ones are settled first
     (telemetry decides them when someone looks: ``api.routes.sentinels.settle``)."""
     store = sentinel_store(request)
     reports = await asyncio.to_thread(store.made_between, since, until)
-    if await settle(request, ingest.alerts, reports):
+    if await settle(request, read, reports):
         reports = await asyncio.to_thread(store.made_between, since, until)
     return [ReportOutcome(r.station_id, r.at_ms, r.outcome) for r in reports]
 
@@ -151,7 +151,7 @@ async def _outcomes(
 @router.get("/summaries/stations", **_ANSWERS)
 async def station_summaries(
     request: Request,
-    ingest: IngestDep,
+    read: ReadDep,
     key: Maintainer,
     from_: Annotated[
         str | None, Query(alias="from", description="date, RFC 3339 or epoch ms; to - 30 d")
@@ -163,7 +163,7 @@ async def station_summaries(
     """Per station and day, week or month: availability within opening hours, offline
     minutes, faults by code, time to acknowledge and repair, energy, sessions, swaps and
     riders' reports with their outcome. JSON, or CSV with ``Accept: text/csv``."""
-    tz = district_tz(ingest.catalog)
+    tz = district_tz(read.catalog)
     until = _bound("to", to, tz) or now_ms()
     since = _bound("from", from_, tz)
     if since is None:
@@ -174,17 +174,14 @@ async def station_summaries(
         raise invalid_query("from", f"a window of at most {SPAN_MAX_DAYS} days")
     if until > UNTIL_MAX_MS:
         raise invalid_query("to", "must be before 9998-12-01")
-    stations = _stations(ingest, station)
-    store = _rollup_store(ingest)
+    stations = _stations(read, station)
+    store = _rollup_store(read)
     spans = periods(since, until, period, tz)
     first, last = spans[0][0], spans[-1][1]
     ids = [s.id for s in stations]
     rollups = await asyncio.to_thread(store.rollups, "station", ids, first, last)
-    timings: list[Any] = []
-    if ingest.alerts is not None:
-        await ingest.alerts.flush(REQUEST_FLUSH_S)
-        timings = await asyncio.to_thread(ingest.alerts.store.timings, first, last)
-    outcomes = await _outcomes(request, ingest, first, last)
+    timings = await read.alert_timings(first, last)
+    outcomes = await _outcomes(request, read, first, last)
     through = await asyncio.to_thread(store.rolled_through)
     rows = summarize(stations, spans, rollups, timings, outcomes, period=period, tz=tz)
     headers = {"Cache-Control": "private, no-store", "Vary": "Accept, Authorization"}

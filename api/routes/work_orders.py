@@ -9,7 +9,6 @@ maintainer with a key of their own assigns to that name to see them in "my order
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -20,24 +19,22 @@ from starlette.exceptions import HTTPException
 
 from api.audit import audit
 from api.auth import ApiKey, KeyFirstRoute, Maintainer
-from api.deps import IngestDep
+from api.deps import ActionsDep, ReadDep
 from api.errors import NotFound, invalid_query
 from api.limits import ID_MAX, KiB, body_max
 from api.schemas import answers
 from api.text import plain_text
-from ingest.alerts import AlertNotFound
-from ingest.alerts.engine import REQUEST_FLUSH_S
-from ingest.alerts.model import rfc3339
-from ingest.alerts.order_model import ORDER_STATES, WorkOrder, order_view
-from ingest.alerts.order_store import OrderQuery
-from ingest.alerts.orders import (
+from ingest.alerts.model import AlertNotFound, rfc3339
+from ingest.alerts.order_model import (
+    ORDER_STATES,
     OrderConflict,
     OrderInvalid,
     OrderNotFound,
-    WorkOrders,
+    OrderQuery,
+    WorkOrder,
+    order_view,
 )
-from ingest.alerts.repair import repair_times
-from ingest.service import Ingest
+from ingest.readside import Actions, ReadSide
 
 router = APIRouter(prefix="/v1", tags=["work orders"], route_class=KeyFirstRoute)
 
@@ -139,12 +136,6 @@ class RepairStats(BaseModel):
     groups: list[RepairGroupOut]
 
 
-def orders_of(ingest: Ingest) -> WorkOrders:
-    if ingest.orders is None:
-        raise HTTPException(503, "work orders need alerts (alerts.enabled=false)")
-    return ingest.orders
-
-
 def _ms(when: datetime, field: str) -> int:
     if when.tzinfo is None:
         raise RequestValidationError(
@@ -153,8 +144,8 @@ def _ms(when: datetime, field: str) -> int:
     return int(when.timestamp() * 1000)
 
 
-async def _detail(orders: WorkOrders, order: WorkOrder) -> dict[str, Any]:
-    view = order_view(order, orders.clock())
+async def _detail(read: ReadSide, order: WorkOrder) -> dict[str, Any]:
+    view = order_view(order, read.clock_ms())
     view["log"] = [
         {
             "at": _time(r["at_ms"]),
@@ -162,7 +153,7 @@ async def _detail(orders: WorkOrders, order: WorkOrder) -> dict[str, Any]:
             "what": r["what"],
             "note": r["note"],
         }
-        for r in await orders.history(order.id)
+        for r in await read.work_order_log(order.id)
     ]
     return view
 
@@ -172,9 +163,8 @@ def _time(ms: int) -> str:
 
 
 async def _create(
-    request: Request, ingest: Ingest, key: ApiKey, alert_id: int, body: OrderIn
+    request: Request, read: ReadSide, actions: Actions, key: ApiKey, alert_id: int, body: OrderIn
 ) -> dict[str, Any]:
-    orders = orders_of(ingest)
     due_ms = None
     if body.due_at is not None:
         due_ms = _ms(body.due_at, "due_at")
@@ -183,7 +173,7 @@ async def _create(
                 [{"loc": ("body", "due_at"), "msg": "at most a year ahead", "type": "value_error"}]
             )
     try:
-        order = await orders.create(
+        order = await actions.create_work_order(
             alert_id, key.name, assignee=body.assignee, due_at_ms=due_ms, note=body.note
         )
     except AlertNotFound:
@@ -196,7 +186,7 @@ async def _create(
         ) from None
     await audit(request, key.actor, "work_order.create", str(order.id), alert_id=alert_id,
                     assignee=order.assignee, due_at=_time(order.due_at_ms))  # fmt: skip
-    return await _detail(orders, order)
+    return await _detail(read, order)
 
 
 @router.post(
@@ -206,7 +196,8 @@ async def _create(
 )
 async def create_for_alert(
     request: Request,
-    ingest: IngestDep,
+    read: ReadDep,
+    actions: ActionsDep,
     key: Maintainer,
     alert_id: Annotated[int, Path(ge=1, le=ID_MAX)],
     body: OrderIn | None = None,
@@ -214,7 +205,7 @@ async def create_for_alert(
     """A work order for an unresolved alert (one per alert until it is closed: else 409).
     Due by the alert's severity unless ``due_at`` says; ``assigned`` when an assignee is
     given, else ``open``."""
-    return await _create(request, ingest, key, alert_id, body or OrderIn())
+    return await _create(request, read, actions, key, alert_id, body or OrderIn())
 
 
 @router.post(
@@ -223,15 +214,15 @@ async def create_for_alert(
     **answers(WorkOrderDetail, 400, 401, 404, 409, 413, 422, 503, status=201),
 )
 async def create_order(
-    request: Request, ingest: IngestDep, key: Maintainer, body: OrderCreate
+    request: Request, read: ReadDep, actions: ActionsDep, key: Maintainer, body: OrderCreate
 ) -> dict[str, Any]:
     """The same as ``POST /v1/alerts/{alert_id}/work-order``, the alert in the body."""
-    return await _create(request, ingest, key, body.alert_id, body)
+    return await _create(request, read, actions, key, body.alert_id, body)
 
 
 @router.get("/work-orders", **answers(WorkOrderList, 401, 422, 503))
 async def list_orders(
-    ingest: IngestDep,
+    read: ReadDep,
     key: Maintainer,
     state: Annotated[str | None, Query(max_length=100, description="comma-separated")] = None,
     assignee: Annotated[str | None, Query(max_length=100)] = None,
@@ -241,7 +232,6 @@ async def list_orders(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Work orders, newest first; ``next_cursor`` pages on."""
-    orders = orders_of(ingest)
     states = [s.strip() for s in (state or "").split(",") if s.strip()]
     bad = [s for s in states if s not in ORDER_STATES]
     if bad:
@@ -255,8 +245,8 @@ async def list_orders(
         before_id=cursor,
         limit=limit,
     )
-    found = await orders.query(q)
-    now = orders.clock()
+    found = await read.work_orders(q)
+    now = read.clock_ms()
     return {
         "work_orders": [order_view(o, now) for o in found],
         "next_cursor": found[-1].id if len(found) == limit else None,
@@ -267,13 +257,12 @@ async def list_orders(
     "/work-orders/{order_id}",
     **answers(WorkOrderDetail, 401, 404, 422, 503),
 )
-async def get_order(ingest: IngestDep, key: Maintainer, order_id: OrderId) -> dict[str, Any]:
-    orders = orders_of(ingest)
+async def get_order(read: ReadDep, key: Maintainer, order_id: OrderId) -> dict[str, Any]:
     try:
-        order = await orders.get(order_id)
+        order = await read.work_order(order_id)
     except OrderNotFound:
         raise NotFound("work order", str(order_id)) from None
-    return await _detail(orders, order)
+    return await _detail(read, order)
 
 
 @router.post(
@@ -282,14 +271,18 @@ async def get_order(ingest: IngestDep, key: Maintainer, order_id: OrderId) -> di
     **answers(WorkOrderDetail, 400, 401, 404, 409, 413, 422, 503),
 )
 async def move_order(
-    request: Request, ingest: IngestDep, key: Maintainer, order_id: OrderId, body: StateIn
+    request: Request,
+    read: ReadDep,
+    actions: ActionsDep,
+    key: Maintainer,
+    order_id: OrderId,
+    body: StateIn,
 ) -> dict[str, Any]:
     """Move an order: ``assigned`` (to ``assignee``, or again to someone else),
     ``on_site``, ``fixed`` (only once its alert is resolved: else 409), ``closed`` (only
     when fixed). A move its state does not allow is 409."""
-    orders = orders_of(ingest)
     try:
-        order = await orders.move(
+        order = await actions.move_work_order(
             order_id, body.state, key.name, assignee=body.assignee, note=body.note
         )
     except OrderNotFound:
@@ -302,7 +295,7 @@ async def move_order(
         ) from None
     await audit(request, key.actor, "work_order.state", str(order_id), state=body.state,
                  assignee=order.assignee, note_chars=len(body.note or ""))  # fmt: skip
-    return await _detail(orders, order)
+    return await _detail(read, order)
 
 
 @router.post(
@@ -311,15 +304,19 @@ async def move_order(
     **answers(WorkOrderDetail, 400, 401, 404, 413, 422, 503, status=201),
 )
 async def add_note(
-    request: Request, ingest: IngestDep, key: Maintainer, order_id: OrderId, body: OrderNoteIn
+    request: Request,
+    read: ReadDep,
+    actions: ActionsDep,
+    key: Maintainer,
+    order_id: OrderId,
+    body: OrderNoteIn,
 ) -> dict[str, Any]:
-    orders = orders_of(ingest)
     try:
-        order = await orders.add_note(order_id, key.name, body.text)
+        order = await actions.add_work_order_note(order_id, key.name, body.text)
     except OrderNotFound:
         raise NotFound("work order", str(order_id)) from None
     await audit(request, key.actor, "work_order.note", str(order_id), chars=len(body.text))
-    return await _detail(orders, order)
+    return await _detail(read, order)
 
 
 @router.get(
@@ -327,7 +324,7 @@ async def add_note(
     **answers(RepairStats, 401, 422, 503),
 )
 async def repair_stats(
-    ingest: IngestDep,
+    read: ReadDep,
     key: Maintainer,
     from_: Annotated[datetime | None, Query(alias="from", description="default: to - 30 d")] = None,
     to: Annotated[datetime | None, Query(description="default: now")] = None,
@@ -335,7 +332,6 @@ async def repair_stats(
 ) -> dict[str, Any]:
     """Mean and median time to acknowledge (opened -> acknowledged) and to repair (opened
     -> resolved) of the alerts opened in [from, to), per station or per fault code."""
-    orders = orders_of(ingest)
     for name, value in (("from", from_), ("to", to)):
         if value is not None and value.tzinfo is None:
             raise invalid_query(name, "give an offset (Z or +08:00)")
@@ -346,12 +342,10 @@ async def repair_stats(
     if end - start > STATS_SPAN_MAX:
         raise invalid_query("from", "a span of at most 366 days")
     start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
-    engine = orders.engine
-    await engine.flush(REQUEST_FLUSH_S)
-    rows = await asyncio.to_thread(engine.store.timings, start_ms, end_ms)
+    groups = await read.repair_times(start_ms, end_ms, by)
     return {
         "by": by,
         "from": _time(start_ms),
         "to": _time(end_ms),
-        "groups": [g.view() for g in repair_times(rows, by)],
+        "groups": groups,
     }

@@ -9,6 +9,7 @@ work orders: ``order_model``, ``order_store``, ``orders`` (follows the engine), 
 """
 
 from ingest.alerts.config import AlertsConfig
-from ingest.alerts.engine import AlertConflict, AlertEngine, AlertError, AlertNotFound
+from ingest.alerts.engine import AlertEngine
+from ingest.alerts.model import AlertConflict, AlertError, AlertNotFound
 
 __all__ = ["AlertConflict", "AlertEngine", "AlertError", "AlertNotFound", "AlertsConfig"]

@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 from zoneinfo import ZoneInfo
@@ -37,7 +36,20 @@ from devices.contract import ContractError, Message, decode
 from devices.faults import Severity
 from ingest import StoreError, StoreUnavailable
 from ingest.alerts.config import AlertsConfig
-from ingest.alerts.model import SEVERITY_RANK, Alert, Key, Observation, alert_view, rfc3339
+from ingest.alerts.model import (  # the errors and records are the model's, named here too
+    REPORT_CATEGORIES,
+    SERVICE_STATION,
+    SEVERITY_RANK,
+    Alert,
+    AlertConflict,
+    AlertNotFound,
+    AlertQuery,
+    Key,
+    Observation,
+    StreamEvent,
+    alert_view,
+    rfc3339,
+)
 from ingest.alerts.notify import Notifier
 from ingest.alerts.rules import (
     DeviceMemory,
@@ -47,7 +59,7 @@ from ingest.alerts.rules import (
     observe,
     station_conditions,
 )
-from ingest.alerts.store import AlertQuery, AlertStore, Ops
+from ingest.alerts.store import AlertStore, Ops
 from ingest.pipeline import Twins
 from ingest.supervisor import Supervisor
 from ingest.twins import Twin
@@ -55,34 +67,8 @@ from ingest.twins import Twin
 log = logging.getLogger(__name__)
 
 SYSTEM = "chargewatch"
-REPORT_CATEGORIES: dict[str, Severity] = {
-    "smoke": "critical",
-    "fire": "critical",
-    "water": "critical",
-    "heat": "major",
-    "damage": "major",
-    "not_working": "minor",
-    "blocked": "minor",
-    "other": "warning",
-}
-
-
-SERVICE_STATION = "service"
-"""The ``station`` of alerts about the service itself (not a catalog station)."""
 TICK_SLICE = 500
 """Devices the timer's pass evaluates before it lets the event loop run (~3-5 ms of CPU)."""
-
-
-class AlertError(ValueError):
-    pass
-
-
-class AlertNotFound(AlertError):
-    pass
-
-
-class AlertConflict(AlertError):
-    pass
 
 
 class AlertStoreBusy(StoreError):
@@ -97,13 +83,6 @@ TIMER = "alerts:timer"
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEvent:
-    id: int
-    type: str
-    data: str  # JSON
 
 
 class AlertEngine:

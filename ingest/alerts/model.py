@@ -8,6 +8,7 @@ alert (``count`` + 1) instead of opening a new one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,6 +24,55 @@ EventType = Literal[
     "opened", "repeated", "clearing", "acknowledged", "escalated", "resolved", "note", "report"
 ]
 NOTIFIED_EVENTS: tuple[str, ...] = ("opened", "escalated", "resolved")
+
+
+class AlertError(ValueError):
+    pass
+
+
+class AlertNotFound(AlertError):
+    """No alert with that id."""
+
+
+class AlertConflict(AlertError):
+    """The alert's state does not allow the change (e.g. already resolved)."""
+
+
+REPORT_CATEGORIES: dict[str, Severity] = {
+    "smoke": "critical",
+    "fire": "critical",
+    "water": "critical",
+    "heat": "major",
+    "damage": "major",
+    "not_working": "minor",
+    "blocked": "minor",
+    "other": "warning",
+}
+
+
+SERVICE_STATION = "service"
+"""The ``station`` of alerts about the service itself (not a catalog station)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One change of the alert stream (SSE): its id, type and JSON."""
+
+    id: int
+    type: str
+    data: str  # JSON
+
+
+@dataclass(frozen=True, slots=True)
+class AlertQuery:
+    status: Sequence[str] = ()
+    severity: Sequence[str] = ()
+    station: str | None = None
+    device: str | None = None
+    rule: str | None = None
+    since_ms: int | None = None
+    before_id: int | None = None
+    limit: int = 100
 
 
 def rfc3339(ms: int | None) -> str | None:

@@ -13,6 +13,7 @@ maintainer resolved the alert), and at once when it resolves; ``closed`` by hand
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from typing import Any, Literal
 
@@ -31,6 +32,31 @@ MANUAL: dict[str, tuple[OrderState, ...]] = {
     "fixed": ("closed",),
     "closed": (),
 }
+
+
+class WorkOrderError(ValueError):
+    pass
+
+
+class OrderNotFound(WorkOrderError):
+    pass
+
+
+class OrderConflict(WorkOrderError):
+    pass
+
+
+class OrderInvalid(WorkOrderError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class OrderQuery:
+    states: Sequence[str] = ()
+    assignee: str | None = None
+    station: str | None = None
+    before_id: int | None = None
+    limit: int = 100
 
 
 @dataclass(slots=True)

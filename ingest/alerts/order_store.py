@@ -7,11 +7,10 @@ One order per alert while it is not closed: a partial unique index says so to an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingest.alerts.order_model import ORDER_COLUMNS, WorkOrder
+from ingest.alerts.order_model import ORDER_COLUMNS, OrderQuery, WorkOrder
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as the other stores
@@ -37,15 +36,6 @@ CREATE INDEX IF NOT EXISTS work_order_log_by_order ON work_order_log (order_id, 
 """
 
 LOG_COLUMNS = ("id", "order_id", "at_ms", "actor", "what", "note")
-
-
-@dataclass(frozen=True, slots=True)
-class OrderQuery:
-    states: Sequence[str] = ()
-    assignee: str | None = None
-    station: str | None = None
-    before_id: int | None = None
-    limit: int = 100
 
 
 class WorkOrderStore:

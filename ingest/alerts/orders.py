@@ -30,30 +30,23 @@ from ingest import StoreUnavailable
 from ingest.alerts.config import WorkOrderOptions
 from ingest.alerts.engine import REQUEST_FLUSH_S, AlertEngine, AlertStoreBusy
 from ingest.alerts.model import Alert
-from ingest.alerts.order_model import MANUAL, UNFINISHED, WorkOrder, order_view
-from ingest.alerts.order_store import OrderQuery, WorkOrderStore
+from ingest.alerts.order_model import (  # the errors are the model's, named here too
+    MANUAL,
+    UNFINISHED,
+    OrderConflict,
+    OrderInvalid,
+    OrderNotFound,
+    OrderQuery,
+    WorkOrder,
+    order_view,
+)
+from ingest.alerts.order_store import WorkOrderStore
 from ingest.twins import Twin
 
 log = logging.getLogger(__name__)
 
 WRITER = "orders:writer"
 TIMER = "orders:timer"
-
-
-class WorkOrderError(ValueError):
-    pass
-
-
-class OrderNotFound(WorkOrderError):
-    pass
-
-
-class OrderConflict(WorkOrderError):
-    pass
-
-
-class OrderInvalid(WorkOrderError):
-    pass
 
 
 LogRow = tuple[int, int, str, str, str | None]  # order_id, at_ms, actor, what, note

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ingest.alerts.engine import SERVICE_STATION
+from ingest.alerts.model import SERVICE_STATION
 
 GroupBy = Literal["station", "code"]
 Timing = tuple[str, str, int, int | None, int | None]  # station, code, opened, ack, resolved

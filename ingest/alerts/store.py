@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest.alerts.model import ALERT_COLUMNS, Alert
+from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery
 from ingest.sqlite_db import SQLiteDB
 from ingest.sqlite_store import UNOBSERVED_SCHEMA
 
@@ -105,18 +105,6 @@ class Ops:
         self.events += other.events
         self.notes += other.notes
         self.unobserved_through = max(self.unobserved_through, other.unobserved_through)
-
-
-@dataclass(frozen=True, slots=True)
-class AlertQuery:
-    status: Sequence[str] = ()
-    severity: Sequence[str] = ()
-    station: str | None = None
-    device: str | None = None
-    rule: str | None = None
-    since_ms: int | None = None
-    before_id: int | None = None
-    limit: int = 100
 
 
 class AlertStore:

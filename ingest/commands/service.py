@@ -49,7 +49,6 @@ SYSTEM_ACTOR = "chargewatch"
 """Who asks for a command the service sends by itself (a flagged pack's lock)."""
 
 TASK = "commands"
-LIST_MAX = 1000
 
 Ticket = tuple[int, int]  # (connection generation, packet id) of a publish
 

@@ -11,7 +11,8 @@ import pytest
 
 from devices.contract import Event
 from ingest.alerts.engine import TIMER, WRITER, AlertStoreBusy
-from ingest.alerts.store import AlertQuery, AlertStore
+from ingest.alerts.model import AlertQuery
+from ingest.alerts.store import AlertStore
 from ingest.pipeline import Twins
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import Unobserved

@@ -10,7 +10,7 @@ import pytest
 
 from devices.contract import Message
 from ingest.alerts import engine as engine_module
-from ingest.alerts.store import AlertQuery
+from ingest.alerts.model import AlertQuery
 from ingest.pipeline import Twins
 from ingest.twins import Twin
 from tests.alerts.helpers import CATALOG, Clock, Device, active, config, eventually, running

@@ -16,10 +16,11 @@ import pytest
 from api.settings import ServeSettings
 from devices.contract import decode
 from ingest.alerts.config import AlertsConfig, WorkOrderOptions
-from ingest.alerts.engine import AlertEngine, AlertNotFound
-from ingest.alerts.model import Alert, rfc3339
+from ingest.alerts.engine import AlertEngine
+from ingest.alerts.model import Alert, AlertNotFound, rfc3339
+from ingest.alerts.order_model import OrderConflict, OrderInvalid, OrderNotFound
 from ingest.alerts.order_store import WorkOrderStore
-from ingest.alerts.orders import OrderConflict, OrderInvalid, OrderNotFound, WorkOrders
+from ingest.alerts.orders import WorkOrders
 from ingest.alerts.repair import repair_times
 from ingest.alerts.store import AlertStore, Ops
 from ingest.twins import Outcome

@@ -16,6 +16,7 @@ from api.app import create_app
 from api.auth import _required_role
 from devices.catalog import Catalog
 from ingest.config import IngestConfig
+from ingest.inprocess import read_and_act
 from ingest.service import Ingest
 from tests.security.inprocess import bearer, in_process
 
@@ -26,7 +27,7 @@ INVALID = "#/components/schemas/InvalidBody"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     data_dir = tmp_path_factory.mktemp("openapi")
-    return create_app(Ingest(IngestConfig(data_dir=data_dir), Catalog.load()))
+    return create_app(*read_and_act(Ingest(IngestConfig(data_dir=data_dir), Catalog.load())))
 
 
 def _routes(app: FastAPI) -> list[tuple[str, APIRoute]]:

@@ -28,6 +28,7 @@ from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
 from ingest.config import IngestConfig
 from ingest.housekeeping import Housekeeping
+from ingest.inprocess import read_and_act
 from ingest.rollups import HourlyRollups
 from ingest.service import Ingest
 from ingest.sqlite_store import SQLiteStore
@@ -71,7 +72,8 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         keys = KeyStore.in_dir(data_dir)
         token = keys.create("li-wei", "maintainer")[1]
         keys.close()
-        app = create_app(ingest, ServeSettings())
+        app = create_app(*read_and_act(ingest), ServeSettings())
+        ingest.count_reports_from(app.state.sentinels)  # as the composition root does
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
         http = await stack.enter_async_context(
             httpx.AsyncClient(transport=transport, base_url="http://testserver")

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from api.summaries import StationInfo, periods, summarize
+from devices.catalog import district_tz
 from devices.rollup import HOUR_MS
-from ingest.rollups import HourlyRollups, district_tz
+from ingest.rollups import HourlyRollups
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryRow
 from simulators.model import STEP_S

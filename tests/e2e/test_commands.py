@@ -24,6 +24,7 @@ from api.auth import KeyStore
 from devices.catalog import Catalog
 from ingest.commands.config import CommandsConfig
 from ingest.config import IngestConfig
+from ingest.inprocess import read_and_act
 from ingest.service import Ingest
 from simulators.config import BrokerAddress, FleetConfig
 from simulators.fleet import Fleet
@@ -94,7 +95,7 @@ async def serve(
     _, token = keys.create("li-wei", "maintainer")
     keys.close()
     async with Ingest(config, catalog) as ingest:
-        app = create_app(ingest)
+        app = create_app(*read_and_act(ingest))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cw") as http:
             await eventually(lambda: _connected(ingest), within_s=10)
@@ -447,7 +448,7 @@ async def test_commands_through_the_embedded_broker(tmp_path: Path, catalog: Cat
         fleet_cfg = FleetConfig(
             broker=BrokerAddress("127.0.0.1", ingest.broker_url.port), fault_rate=0.0
         )
-        transport = httpx.ASGITransport(app=create_app(ingest))
+        transport = httpx.ASGITransport(app=create_app(*read_and_act(ingest)))
         async with (
             httpx.AsyncClient(transport=transport, base_url="http://cw") as http,
             Fleet(catalog, fleet_cfg, only=[CABINET]) as fleet,

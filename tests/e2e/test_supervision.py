@@ -20,8 +20,9 @@ from api import cli
 from api.settings import ServeSettings
 from devices.catalog import Catalog
 from ingest.alerts.engine import TIMER, WRITER
+from ingest.alerts.model import AlertQuery
 from ingest.alerts.notify import SAVER
-from ingest.alerts.store import AlertQuery, AlertStore
+from ingest.alerts.store import AlertStore
 from ingest.config import IngestConfig
 from ingest.service import FATAL_EXIT_STATUS, PIPELINE, SOURCE, Ingest
 from tests.alerts.helpers import eventually

@@ -17,7 +17,6 @@ from api.routes.history import station_utilization
 from bench.historyday import history_row
 from devices.catalog import Catalog
 from devices.rollup import HOUR_MS
-from ingest.config import IngestConfig
 from ingest.rollups import HourlyRollups
 from ingest.sqlite_store import SQLiteStore
 from ingest.store import HistoryRow
@@ -208,10 +207,11 @@ def test_the_forecast_reads_rollups_instead_of_raw_statuses(tmp_path: Path) -> N
 
 @dataclass
 class _Service:
-    """What ``station_utilization`` reads of the running service: catalog and config."""
+    """What ``station_utilization`` reads of the read side: catalog and options."""
 
     catalog: Catalog
-    config: IngestConfig
+    history_days: float
+    release_soc: float = RELEASE
 
 
 def test_utilization_older_than_the_raw_window_comes_from_rollups(tmp_path: Path) -> None:
@@ -224,7 +224,7 @@ def test_utilization_older_than_the_raw_window_comes_from_rollups(tmp_path: Path
         HourlyRollups(store, CATALOG, RELEASE).catch_up(end_ms, max_hours=HOURS + 5)
 
         def utilization(history_days: float) -> dict[str, Any]:
-            service = _Service(CATALOG, IngestConfig(history_days=history_days))
+            service = _Service(CATALOG, history_days)
             return station_utilization(
                 store,
                 service,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ingest.alerts.engine import AlertEngine
-from ingest.alerts.store import AlertQuery
+from ingest.alerts.model import AlertQuery
 from tests.alerts.helpers import Clock, running
 
 

@@ -20,6 +20,7 @@ from devices.contract import Birth, CabinetStatus, PileStatus
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.store import AlertStore
 from ingest.config import IngestConfig
+from ingest.inprocess import read_and_act
 from ingest.passport_store import PassportStore
 from ingest.passports import Passports
 from ingest.service import Ingest, now_ms
@@ -119,7 +120,7 @@ async def in_process(
                 ingest.alerts.on_opened.append(ingest.passports.alert_opened)
                 ingest.passports.alerts = ingest.alerts
                 ingest.alerts.flagged_batteries = ingest.passports.flagged
-        app = create_app(ingest, settings or ServeSettings())
+        app = create_app(*read_and_act(ingest), settings or ServeSettings())
         transport = httpx.ASGITransport(app=app, client=client)
         http = await stack.enter_async_context(
             httpx.AsyncClient(transport=transport, base_url="http://testserver")

@@ -24,9 +24,11 @@ from ingest.alerts.config import (
     ReportOptions,
     SentinelOptions,
 )
-from ingest.alerts.engine import REPORT_CATEGORIES, AlertEngine
+from ingest.alerts.engine import AlertEngine
+from ingest.alerts.model import REPORT_CATEGORIES
 from ingest.alerts.store import AlertStore
 from ingest.config import IngestConfig
+from ingest.inprocess import read_and_act
 from ingest.service import Ingest
 from tests.alerts.helpers import Clock, Device
 from tests.security.inprocess import bearer
@@ -105,7 +107,7 @@ async def sentinels(tmp_path: Path, **options: Any) -> AsyncIterator[App]:
         engine = AlertEngine(alerts, catalog, ingest.twins, store, clock=clock,
                              supervisor=ingest.supervisor)  # fmt: skip
         ingest.alerts = await stack.enter_async_context(engine)
-        app = create_app(ingest, ServeSettings())
+        app = create_app(*read_and_act(ingest), ServeSettings())
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
         http = await stack.enter_async_context(
             httpx.AsyncClient(transport=transport, base_url="http://testserver")
