@@ -1,5 +1,5 @@
 """The ``chargewatch`` command: serve, simulate, demo, catalog, keys, broker-config, backup,
-restore, bench."""
+restore, db, bench."""
 
 from __future__ import annotations
 
@@ -322,6 +322,9 @@ def _parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="put a backup in place (the service stopped)")
     restore.add_argument("--data-dir", type=Path, help="the service's data dir")
     restore.add_argument("file", type=Path, help="a file written by chargewatch backup")
+    from ingest.db.cli import add_parser as add_db_parser
+
+    add_db_parser(sub)
     cat = sub.add_parser("catalog", help="summary of the site catalog")
     cat.add_argument("--catalog", type=Path)
     return p
@@ -353,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.influxsetup import command as influx_command
 
         return influx_command(args)
+    if args.command == "db":
+        from ingest.db.cli import cmd_db
+
+        return cmd_db(args)
     if args.command in ("backup", "restore"):
         return cmd_backup(args, args.data_dir or ServeSettings().ingest.data_dir)
     if args.command == "demo":

@@ -33,85 +33,7 @@ from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
 
 DB_FILE = "chargewatch.db"
 
-# Events stored, whose alert effects are not durable yet: written with the batch that stores
-# them, deleted by the alert store in the transaction that makes their effects durable, and
-# observed again at start-up when a stop or a crash came in between (ingest.alerts.engine).
-UNOBSERVED_SCHEMA = """
-CREATE TABLE IF NOT EXISTS unobserved (
-    id          INTEGER PRIMARY KEY,
-    device_id   TEXT    NOT NULL,
-    received_ms INTEGER NOT NULL,
-    payload     TEXT    NOT NULL
-);
-"""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    device_id   TEXT    NOT NULL,
-    boot        TEXT    NOT NULL,
-    seq         INTEGER NOT NULL,
-    type        TEXT    NOT NULL,
-    station_id  TEXT    NOT NULL,
-    kind        TEXT    NOT NULL,
-    ts_ms       INTEGER NOT NULL,
-    received_ms INTEGER NOT NULL,
-    payload     TEXT    NOT NULL
-);
--- a rowid table with a unique index, not WITHOUT ROWID: rows carry a ~0.3-1 KiB payload,
--- and inserting them into a clustered index measured 4x slower (50 vs 13 us a row)
-CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages (device_id, boot, seq, type);
-CREATE INDEX IF NOT EXISTS messages_by_time ON messages (device_id, ts_ms);
--- housekeeping's reads by time (statuses to compact, history past retention, who spoke in
--- an hour) without scanning the table while ingest waits for the connection
-CREATE INDEX IF NOT EXISTS messages_by_type_time ON messages (type, ts_ms);
-CREATE TABLE IF NOT EXISTS twins (
-    device_id TEXT PRIMARY KEY,
-    record    TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_ms INTEGER NOT NULL,
-    topic       TEXT    NOT NULL,
-    reason      TEXT    NOT NULL,
-    detail      TEXT    NOT NULL,
-    payload     BLOB    NOT NULL,
-    size        INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dead_letter_counts (
-    reason TEXT PRIMARY KEY,
-    count  INTEGER NOT NULL
-) WITHOUT ROWID;
--- what was dead-lettered, by digest of (topic, size, payload kept): a retained message
--- replayed on every subscribe is recognised and counted here instead of stored again
-CREATE TABLE IF NOT EXISTS dead_letter_digests (
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    digest  BLOB    NOT NULL UNIQUE,
-    repeats INTEGER NOT NULL DEFAULT 0
-);
--- the statuses of one device and hour of device time, once the hour is over: a zlib'd JSON
--- list of [boot, seq, ts_ms, received_ms, station_id, kind, payload], by (ts_ms, seq)
-CREATE TABLE IF NOT EXISTS status_blocks (
-    device_id TEXT    NOT NULL,
-    hour_ms   INTEGER NOT NULL,
-    statuses  INTEGER NOT NULL,
-    data      BLOB    NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS status_blocks_key ON status_blocks (device_id, hour_ms);
-CREATE INDEX IF NOT EXISTS status_blocks_by_hour ON status_blocks (hour_ms);
--- hourly rollups (devices.rollup) of a device or a station, kept for years
-CREATE TABLE IF NOT EXISTS rollups (
-    scope   TEXT    NOT NULL,
-    id      TEXT    NOT NULL,
-    hour_ms INTEGER NOT NULL,
-    data    TEXT    NOT NULL,
-    PRIMARY KEY (scope, id, hour_ms)
-) WITHOUT ROWID;
--- facts the service must remember across restarts (e.g. that the broker gave us a session)
-CREATE TABLE IF NOT EXISTS facts (
-    name  TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-) WITHOUT ROWID;
-"""
 _INSERT_MESSAGES = BulkInsert(
     "INSERT OR IGNORE INTO messages (device_id, station_id, kind, type, boot, seq, ts_ms,"
     " received_ms, payload)",
@@ -161,7 +83,7 @@ class SQLiteStore:
     ) -> None:
         self.path = Path(path)
         self.dead_letters_kept = dead_letters_kept
-        self._db = SQLiteDB(self.path, _SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
+        self._db = SQLiteDB(self.path, synchronous=synchronous)
         # digests of the newest ``dead_letters_kept`` dead letters (insertion-ordered)
         self._dead_digests: dict[bytes, None] = dict.fromkeys(
             bytes(row[0])
