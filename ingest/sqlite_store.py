@@ -20,14 +20,13 @@ guarded by a lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ingest.replays import RetainedReplays
 from ingest.sqlite_db import BulkInsert, SQLiteDB, Statement
 from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
 
@@ -84,16 +83,22 @@ class SQLiteStore:
         self.path = Path(path)
         self.dead_letters_kept = dead_letters_kept
         self._db = SQLiteDB(self.path, synchronous=synchronous)
-        # digests of the newest ``dead_letters_kept`` dead letters (insertion-ordered)
-        self._dead_digests: dict[bytes, None] = dict.fromkeys(
-            bytes(row[0])
-            for row in self._db.query(
-                "SELECT digest FROM dead_letter_digests ORDER BY id DESC LIMIT ?",
-                (dead_letters_kept,),
-            )[::-1]
+        # digests of the newest ``dead_letters_kept`` dead letters
+        self._replays = RetainedReplays(
+            dead_letters_kept,
+            (
+                bytes(row[0])
+                for row in self._db.query(
+                    "SELECT digest FROM dead_letter_digests ORDER BY id DESC LIMIT ?",
+                    (dead_letters_kept,),
+                )[::-1]
+            ),
         )
-        self._digests_lock = threading.Lock()
-        self.retained_repeats = 0  # retained replays of dead letters, since this start
+
+    @property
+    def retained_repeats(self) -> int:
+        """Retained replays of dead letters, since this start."""
+        return self._replays.repeats
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> SQLiteStore:
@@ -354,9 +359,9 @@ class SQLiteStore:
         dead_letters: Sequence[DeadLetter],
         unobserved: Sequence[Unobserved] = (),
     ) -> None:
-        fresh, repeats = self._sorted_out(dead_letters)
+        fresh, repeats = self._replays.sort_out(dead_letters)
         self._db.transaction(self._saving(twins, fresh, repeats, unobserved))
-        self._remember(fresh, repeats)
+        self._replays.remember(fresh, repeats)
 
     def write(
         self,
@@ -368,55 +373,15 @@ class SQLiteStore:
         """``append`` and ``save`` in one transaction: one commit (and one fsync) per batch
         instead of two, and history never on disk without the twins it made (ingest uses it
         when this store keeps both)."""
-        fresh, repeats = self._sorted_out(dead_letters)
+        fresh, repeats = self._replays.sort_out(dead_letters)
         self._db.transaction(
             self._appending(rows) + self._saving(twins, fresh, repeats, unobserved)
         )
-        self._remember(fresh, repeats)
+        self._replays.remember(fresh, repeats)
 
     def unobserved_max(self) -> int:
         """The journal's highest id (0: empty): the pipeline numbers new entries after it."""
         return int(self._db.query("SELECT coalesce(max(id), 0) FROM unobserved")[0][0])
-
-    @staticmethod
-    def _digest(d: DeadLetter) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        for part in (str(d.topic).encode(), b"\0", str(d.size).encode(), b"\0", d.payload):
-            h.update(part)
-        return h.digest()
-
-    def _sorted_out(
-        self, dead_letters: Sequence[DeadLetter]
-    ) -> tuple[list[tuple[DeadLetter, bytes]], list[bytes]]:
-        """(new dead letters with their digests, digests of retained replays of known ones).
-        Only a retained delivery can be a replay: the same bytes sent again live are a new
-        message, and a new dead letter."""
-        fresh: list[tuple[DeadLetter, bytes]] = []
-        repeats: list[bytes] = []
-        with self._digests_lock:
-            known = self._dead_digests
-            batch: set[bytes] = set()
-            for d in dead_letters:
-                digest = self._digest(d)
-                if d.retained and (digest in known or digest in batch):
-                    repeats.append(digest)
-                else:
-                    fresh.append((d, digest))
-                    batch.add(digest)
-        return fresh, repeats
-
-    def _remember(self, fresh: list[tuple[DeadLetter, bytes]], repeats: list[bytes]) -> None:
-        """After the commit (a failed write is retried, and must sort the same way)."""
-        if not fresh and not repeats:
-            return
-        with self._digests_lock:
-            known = self._dead_digests
-            for _, digest in fresh:
-                known.pop(digest, None)
-                known[digest] = None
-            while len(known) > self.dead_letters_kept:
-                del known[next(iter(known))]
-            self.retained_repeats += len(repeats)
 
     def _saving(
         self,

@@ -10,7 +10,7 @@ Exceptions (``ingest.StoreError`` subclasses)::
 ``upgrade(url)`` migrates; ``ensure_current(url)`` only checks (``ingest`` and ``api`` start
 with it and refuse a database behind them). ``ensure_sqlite(path)`` is what each embedded
 store does when it opens the file: nothing but one query when the file is current, else an
-upgrade under a lock file (several stores and processes open the same file).
+upgrade, one process at a time (several stores and processes open the same file).
 
 A SQLite file written before migrations existed (the stores' tables, no ``alembic_version``)
 is adopted: what an older release lacked is added (missing tables, indexes and nullable
@@ -273,8 +273,9 @@ def ensure_sqlite(path: str | Path) -> None:
     path = Path(path)
     if path.exists() and _sqlite_revision(path) == head():
         return
-    lock = path.with_name(path.name + ".migrating")
-    held = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+    # the upgrade's turn among processes: a flock on the file's directory (no lock file left
+    # beside the store; SQLite's own locks are fcntl locks on the file, untouched by this)
+    held = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
         if _sqlite_revision(path) != head():
