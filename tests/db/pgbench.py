@@ -211,33 +211,75 @@ def measure(write: Callable[[Batch], None], batches: list[Batch]) -> tuple[float
     return n / (time.perf_counter() - wall), n / max(1e-9, time.process_time() - cpu)
 
 
-def main(argv: list[str] | None = None) -> int:
+def store_rates(batches: list[Batch], rounds: int) -> dict[str, tuple[float, float]]:
+    """The embedded store's ``write`` and the PostgreSQL store's on the same batches."""
+    import tempfile
+    from pathlib import Path
+
+    from ingest.db import migrate
+    from ingest.pg_store import PostgresStore
+    from ingest.sqlite_store import SQLiteStore
+    from tests.pg_server import postgresql
+
+    best: dict[str, tuple[float, float]] = {}
+
+    def keep(name: str, rate: tuple[float, float]) -> None:
+        if name not in best or rate[0] > best[name][0]:
+            best[name] = rate
+
+    with postgresql() as pg:
+        for rnd in range(rounds):
+            for sync in ("FULL", "NORMAL"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    sq = SQLiteStore(Path(tmp) / "c.db", synchronous=sync)
+                    keep(f"SQLiteStore.write (synchronous={sync})",
+                         measure(lambda b, s=sq: s.write(b[0], b[1], ()), batches))  # fmt: skip
+                    sq.close()
+            url = pg.create_database(f"s{rnd}")
+            migrate.upgrade(url)
+            ps = PostgresStore(url, now_ms=batches[0][0][0].ts_ms)
+            keep(
+                "PostgresStore.write (fsync off)",
+                measure(lambda b, s=ps: s.write(b[0], b[1], ()), batches),
+            )
+            ps.close()
+    return best
+
+
+def driver_rates(batches: list[Batch], rounds: int) -> dict[str, tuple[float, float]]:
+    """Each candidate driver's write of the same batches."""
     from ingest.db import migrate
     from tests.pg_server import postgresql
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--messages", type=int, default=20_000)
-    p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--rounds", type=int, default=3)
-    args = p.parse_args(argv)
-    batches = district_batches(args.messages, args.batch)
-    twins = sum(len(t) for _, t in batches) / len(batches)
-    size = sum(len(r.payload) for rows, _ in batches for r in rows) / (len(batches) * args.batch)
-    print(f"{len(batches)} batches of {args.batch} messages (mean payload {size:.0f} B,"
-          f" {twins:.0f} twins upserted per batch)")  # fmt: skip
     best: dict[str, tuple[float, float]] = {}
     with postgresql() as pg:
-        for rnd in range(args.rounds):
-            for name, make in CANDIDATES.items():
-                url = migrate.engine_url(
-                    pg.create_database(f"b{rnd}_{len(best)}_{abs(hash(name)) % 10**6}")
-                )
+        for rnd in range(rounds):
+            for i, (name, make) in enumerate(CANDIDATES.items()):
+                url = migrate.engine_url(pg.create_database(f"b{rnd}_{i}"))
                 migrate.upgrade(url)
                 for ddl in partitions_for(batches):
                     pg.psql(ddl, url.rsplit("/", 1)[1])
                 rate = measure(make(url), batches)
                 if name not in best or rate[0] > best[name][0]:
                     best[name] = rate
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=20_000)
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--stores", action="store_true", help="the stores' write, not the drivers")
+    args = p.parse_args(argv)
+    batches = district_batches(args.messages, args.batch)
+    twins = sum(len(t) for _, t in batches) / len(batches)
+    size = sum(len(r.payload) for rows, _ in batches for r in rows) / (len(batches) * args.batch)
+    print(f"{len(batches)} batches of {args.batch} messages (mean payload {size:.0f} B,"
+          f" {twins:.0f} twins upserted per batch)")  # fmt: skip
+    rates = store_rates if args.stores else driver_rates
+    best = rates(batches, args.rounds)
     print(f"{'candidate':44} {'msg/s (wall)':>13} {'msg/s of CPU':>13}")
     for name, (wall, cpu) in best.items():
         print(f"{name:44} {wall:13,.0f} {cpu:13,.0f}")
