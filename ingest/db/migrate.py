@@ -73,8 +73,13 @@ def engine_url(url: str) -> str:
 
 
 def shown(url: str) -> str:
-    """The URL without its password, for messages."""
-    return make_url(engine_url(url)).render_as_string(hide_password=True)
+    """The URL as given, its password masked, for messages."""
+    if "://" not in url:
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return "(an unreadable URL)"
 
 
 def connect(url: str, **options: Any) -> Engine:

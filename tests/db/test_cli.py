@@ -63,7 +63,7 @@ def test_an_unreachable_server_fails_with_its_reason(capsys: pytest.CaptureFixtu
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
     assert main(["db", "upgrade", "--db", url]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("chargewatch db upgrade: database postgresql+psycopg://")
+    assert err.startswith(f"chargewatch db upgrade: database {url}: ")
     assert "Connection refused" in err or "connection failed" in err
 
 

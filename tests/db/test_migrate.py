@@ -126,11 +126,15 @@ def test_a_foreign_file_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
 def test_a_database_behind_is_refused_with_what_to_run(pg_url: str) -> None:
     with pytest.raises(migrate.SchemaBehind) as exc:
         migrate.ensure_current(pg_url)
-    shown = pg_url.replace("postgresql://", "postgresql+psycopg://")
     assert str(exc.value) == (
-        f"database {shown} is at revision none (never migrated), this chargewatch needs"
-        f" {migrate.head()}: run `chargewatch db upgrade --db {shown}`"
+        f"database {pg_url} is at revision none (never migrated), this chargewatch needs"
+        f" {migrate.head()}: run `chargewatch db upgrade --db {pg_url}`"
     )
+
+
+def test_messages_never_show_a_password() -> None:
+    url = "postgresql://cw:s3cret@127.0.0.1:5432/cw"
+    assert migrate.shown(url) == "postgresql://cw:***@127.0.0.1:5432/cw"
 
 
 def test_a_database_of_a_newer_release_is_refused(tmp_path: Path) -> None:
