@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,6 +55,7 @@ from ingest.replays import RetainedReplays
 from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
 
 DAY_MS = 86_400_000
+_PARTITION_LOCK = 0x6377_7061  # "cwpa"
 _HISTORY_KEYS = ("device_id", "station_id", "kind", "type", "boot", "seq", "ts_ms",
                  "received_ms", "payload")  # fmt: skip
 _INSERT_HISTORY = insert(messages).on_conflict_do_nothing()
@@ -147,13 +148,16 @@ class PostgresStore:
             days.add(int(date.timestamp()) // 86_400)
         return days
 
-    def ensure_partitions(self, days: Sequence[int] | range) -> None:
+    def ensure_partitions(self, days: Iterable[int]) -> None:
         """The partitions of ``days`` (days since the epoch, UTC) exist."""
         with self._days_lock:
             missing = sorted(set(days) - self._days)
         if not missing:
             return
         with self._connection() as conn:
+            # workers making the same day's partition take turns (two concurrent CREATE ..
+            # IF NOT EXISTS can still collide in the catalog); released at commit
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PARTITION_LOCK})
             for day in missing:
                 conn.execute(
                     text(
@@ -181,7 +185,7 @@ class PostgresStore:
         unobserved: Sequence[Unobserved] = (),
     ) -> None:
         """History, twins, dead letters and the event journal of a batch in one transaction."""
-        self.ensure_partitions({r.ts_ms // DAY_MS for r in rows})  # type: ignore[arg-type]
+        self.ensure_partitions({r.ts_ms // DAY_MS for r in rows})
         fresh, repeats = self._replays.sort_out(dead_letters)
         with self._connection() as conn:
             self._append(conn, rows)

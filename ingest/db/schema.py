@@ -7,8 +7,9 @@ Portable types: ids and epoch-millisecond times are ``BigInteger`` on PostgreSQL
 (``BLOB`` / ``bytea``), reals ``DOUBLE PRECISION`` / ``REAL``. Ids the database numbers are
 identity columns on PostgreSQL; ids the service numbers itself (alerts, their events, work
 orders, the event journal) are plain keys. SQLite-only shape (``WITHOUT ROWID``,
-``AUTOINCREMENT``) is a dialect option, so the SQLite file stays byte-for-byte what the
-stores wrote before migrations existed (``ingest.db.migrate`` adopts such a file).
+``AUTOINCREMENT``) is a dialect option, so a SQLite file has the tables, keys, rowid aliases
+and indexes the stores made before migrations existed (``ingest.db.migrate`` adopts such a
+file; tests/db/pre_alembic_schema.sql is their DDL).
 
 History (``messages``) is one table on both engines: on PostgreSQL it is range-partitioned
 by device time, a partition per day (``messages_pYYYYMMDD``, made ahead and dropped whole

@@ -202,3 +202,31 @@ def test_a_refused_batch_leaves_nothing(pg_store: PostgresStore) -> None:
 def test_a_database_behind_is_refused(pg_url: str) -> None:
     with pytest.raises(migrate.SchemaBehind, match="run `chargewatch db upgrade --db"):
         PostgresStore(pg_url)
+
+
+def test_two_stores_making_the_same_partition_at_once_both_write(pg_url: str) -> None:
+    import threading
+
+    migrate.upgrade(pg_url)
+    stores = [PostgresStore(pg_url, now_ms=T0, days_ahead=0) for _ in range(2)]
+    start = threading.Barrier(2)
+    failed: list[BaseException] = []
+
+    def write(i: int) -> None:
+        start.wait()
+        try:
+            stores[i].write([row(i, T0 + 9 * DAY_MS, device_id=f"P{i}")], [], [])
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert failed == []
+        assert [len(stores[0].messages(f"P{i}")) for i in range(2)] == [1, 1]
+    finally:
+        for s in stores:
+            s.close()
