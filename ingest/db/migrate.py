@@ -186,10 +186,10 @@ def revision_of(url: str) -> str | None:
 def ensure_current(url: str) -> None:
     """Raise ``SchemaBehind`` (or ``SchemaAhead``) unless the database is at this
     chargewatch's revision."""
-    _judge(shown(url), revision_of(url), url)
+    _judge(shown(url), revision_of(url))
 
 
-def _judge(where: str, rev: str | None, url: str) -> None:
+def _judge(where: str, rev: str | None) -> None:
     want = head()
     if rev == want:
         return
@@ -218,7 +218,7 @@ def upgrade(url: str) -> str:
             _adopt(conn, shown(url))
         elif rev != head():
             if rev is not None and rev not in _known():
-                _judge(shown(url), rev, url)
+                _judge(shown(url), rev)
             cfg = _config()
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
@@ -250,7 +250,7 @@ def _adopt(conn: Connection, where: str) -> None:
         listed = "\n".join(f"  {d}" for d in left[:20])
         raise SchemaError(
             f"database {where} has tables but no migration record, and they differ from this"
-            f" chargewatch's schema; nothing was changed by the check:\n{listed}"
+            f" chargewatch's schema; nothing was changed:\n{listed}"
         )
     cfg = _config()
     cfg.attributes["connection"] = conn
