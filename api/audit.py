@@ -29,15 +29,6 @@ DB_FILE = "chargewatch.db"
 DETAIL_MAX_CHARS = 2000
 """A detail's JSON is cut (and marked so) past this: an entry stays small whatever it says."""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL,
-    actor_id TEXT NOT NULL, actor_name TEXT NOT NULL, actor_role TEXT NOT NULL,
-    action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_by_actor ON audit_log (actor_id, id);
-CREATE INDEX IF NOT EXISTS audit_by_action ON audit_log (action, id);
-"""
 
 ACTIONS = (
     "key.create",
@@ -90,7 +81,7 @@ class AuditLog:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = SQLiteDB(self.path, _SCHEMA)
+        self._db = SQLiteDB(self.path)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> AuditLog:

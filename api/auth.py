@@ -39,7 +39,6 @@ from starlette.exceptions import HTTPException
 from api.audit import Actor, AuditLog
 from api.text import plain_text
 from api.views import rfc3339
-from ingest import StoreError
 from ingest.sqlite_db import SQLiteDB
 
 ROLES = ("maintainer", "admin")
@@ -47,12 +46,6 @@ _RANK = {"maintainer": 0, "admin": 1}
 DB_FILE = "chargewatch.db"
 PREFIX = "cwk_"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, hash TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER, expires_at_ms INTEGER
-) WITHOUT ROWID;
-"""
 _COLUMNS = "id, name, role, created_at_ms, revoked_at_ms, expires_at_ms"
 NAME_RULE = (
     "a key's name is shown as the actor of what it does: one line of visible characters,"
@@ -102,15 +95,7 @@ class KeyStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = SQLiteDB(self.path, _SCHEMA)
-        columns = {row[1] for row in self._db.query("PRAGMA table_info(api_keys)")}
-        if "expires_at_ms" not in columns:  # a data dir from before keys could expire
-            try:
-                self._db.execute("ALTER TABLE api_keys ADD COLUMN expires_at_ms INTEGER")
-            except StoreError:  # another process added it first
-                columns = {row[1] for row in self._db.query("PRAGMA table_info(api_keys)")}
-                if "expires_at_ms" not in columns:
-                    raise
+        self._db = SQLiteDB(self.path)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> KeyStore:

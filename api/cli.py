@@ -1,5 +1,5 @@
-"""The ``chargewatch`` command: serve, ingest, simulate, demo, catalog, keys, broker-config,
-backup, restore, bench."""
+"""The ``chargewatch`` command: serve, ingest, db, simulate, demo, catalog, keys,
+broker-config, backup, restore, bench."""
 
 from __future__ import annotations
 
@@ -316,6 +316,9 @@ def _parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="put a backup in place (the service stopped)")
     restore.add_argument("--data-dir", type=Path, help="the service's data dir")
     restore.add_argument("file", type=Path, help="a file written by chargewatch backup")
+    from ingest.db.cli import add_parser as add_db_parser
+
+    add_db_parser(sub)
     cat = sub.add_parser("catalog", help="summary of the site catalog")
     cat.add_argument("--catalog", type=Path)
     return p
@@ -351,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.worker import command as ingest_command
 
         return ingest_command(args)
+    if args.command == "db":
+        from ingest.db.cli import cmd_db
+
+        return cmd_db(args)
     if args.command in ("backup", "restore"):
         return cmd_backup(args, args.data_dir or ServeSettings().ingest.data_dir)
     if args.command == "demo":

@@ -53,36 +53,6 @@ Outcome = Literal["pending", "confirmed", "rejected", "expired"]
 OUTCOMES: tuple[str, ...] = ("pending", "confirmed", "rejected", "expired")
 Reason = Literal["confirmed_by_telemetry", "confirmed_by_maintainer", "reversed"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS riders (
-    id TEXT PRIMARY KEY, hash TEXT NOT NULL, nickname TEXT NOT NULL,
-    station_id TEXT NOT NULL, created_at_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rider_reports (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, rider_id TEXT, station_id TEXT NOT NULL,
-    device_id TEXT, unit INTEGER, unit_kind TEXT, category TEXT NOT NULL, text TEXT NOT NULL,
-    alert_id INTEGER NOT NULL, at_ms INTEGER NOT NULL, outcome TEXT NOT NULL,
-    decided_at_ms INTEGER, decided_by TEXT, decided_role TEXT, decision_note TEXT,
-    confirmed_by_alert INTEGER, duplicate_of INTEGER, no_points TEXT
-);
-CREATE INDEX IF NOT EXISTS rider_reports_by_rider ON rider_reports (rider_id, id);
-CREATE INDEX IF NOT EXISTS rider_reports_by_outcome ON rider_reports (outcome, id);
-CREATE INDEX IF NOT EXISTS rider_reports_by_station ON rider_reports (station_id, id);
-CREATE INDEX IF NOT EXISTS rider_reports_by_time ON rider_reports (at_ms);
-CREATE TABLE IF NOT EXISTS rider_points (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, rider_id TEXT NOT NULL, delta INTEGER NOT NULL,
-    reason TEXT NOT NULL, note TEXT, report_id INTEGER, alert_id INTEGER,
-    incident_id INTEGER, reverses INTEGER, at_ms INTEGER NOT NULL,
-    actor TEXT NOT NULL, actor_role TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rider_points_by_rider ON rider_points (rider_id, id);
-CREATE INDEX IF NOT EXISTS rider_points_by_report ON rider_points (report_id);
-CREATE UNIQUE INDEX IF NOT EXISTS rider_points_once_per_incident
-    ON rider_points (rider_id, incident_id) WHERE reverses IS NULL;
-CREATE UNIQUE INDEX IF NOT EXISTS rider_points_reversed_once
-    ON rider_points (reverses) WHERE reverses IS NOT NULL;
-"""
-
 
 class SentinelError(ValueError):
     pass
@@ -237,7 +207,7 @@ class SentinelStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = SQLiteDB(self.path, _SCHEMA)
+        self._db = SQLiteDB(self.path)
         # a decision reads, then writes: one at a time in this process (the only writer)
         self._deciding = threading.Lock()
 

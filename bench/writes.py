@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.sqlite_db import SQLiteDB
-from ingest.sqlite_store import INSERT_MESSAGES, SCHEMA
+from ingest.sqlite_store import INSERT_MESSAGES
 
 PAYLOAD = '{"v":1,"ts":"2026-11-29T18:04:33.291+08:00","boot":"f3206d14475b","seq":2,' + (
     '"kind":"pile","ports":[{"n":1,"state":"available","power_w":0,"energy_wh":0},'
@@ -50,7 +50,7 @@ def rows(n: int, devices: int = 10_000) -> list[tuple[Any, ...]]:
 
 def _run(write: Writer, data: list[tuple[Any, ...]], busy: bool, batch: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        SQLiteDB(Path(tmp) / "w.db", SCHEMA).close()  # the store's schema
+        SQLiteDB(Path(tmp) / "w.db").close()  # the store's schema (made by the migrations)
         conn = sqlite3.connect(Path(tmp) / "w.db", isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         out: dict[str, float] = {}

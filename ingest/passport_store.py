@@ -23,30 +23,6 @@ from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS battery (
-    serial TEXT PRIMARY KEY, flagged INTEGER NOT NULL DEFAULT 0, flagged_at_ms INTEGER,
-    flag_reason TEXT, max_temp_c REAL, max_rise_c_per_min REAL, first_seen_ms INTEGER NOT NULL,
-    device_id TEXT, slot INTEGER, since_ms INTEGER
-);
-CREATE INDEX IF NOT EXISTS battery_flagged ON battery (flagged, serial);
-CREATE TABLE IF NOT EXISTS battery_stays (
-    id INTEGER PRIMARY KEY, serial TEXT NOT NULL, device_id TEXT NOT NULL,
-    slot INTEGER NOT NULL, from_ms INTEGER NOT NULL, to_ms INTEGER
-);
-CREATE INDEX IF NOT EXISTS stays_by_serial ON battery_stays (serial, from_ms);
-CREATE TABLE IF NOT EXISTS battery_events (
-    id INTEGER PRIMARY KEY, serial TEXT NOT NULL, kind TEXT NOT NULL, alert_id INTEGER,
-    at_ms INTEGER NOT NULL, device_id TEXT, slot INTEGER, detail TEXT
-);
-CREATE INDEX IF NOT EXISTS battery_events_by_serial ON battery_events (serial, id);
-CREATE TABLE IF NOT EXISTS battery_clearances (
-    id INTEGER PRIMARY KEY, serial TEXT NOT NULL, at_ms INTEGER NOT NULL,
-    actor_id TEXT NOT NULL, actor_name TEXT NOT NULL, note TEXT NOT NULL,
-    flagged_at_ms INTEGER, flag_reason TEXT
-);
-CREATE INDEX IF NOT EXISTS clearances_by_serial ON battery_clearances (serial, id);
-"""
 
 STAYS_SHOWN = 200
 """Stays and events one passport answer lists (newest first)."""
@@ -98,7 +74,7 @@ class Restored:
 class PassportStore:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        self._db = SQLiteDB(self.path, _SCHEMA, synchronous=synchronous)
+        self._db = SQLiteDB(self.path, synchronous=synchronous)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> PassportStore:

@@ -1,5 +1,6 @@
 """One connection to the service's SQLite file, shared by its stores (history and twins,
 alerts, API keys, audit log): WAL, a lock, and sqlite3 errors translated at this boundary.
+The file's tables are the migrations' (``ingest.db``): opening it brings it to the schema.
 
 Each store opens its own ``SQLiteDB`` on the same file; WAL lets them write in turn, and a
 busy timeout makes one wait for another instead of failing. While a write waits (for the
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest import StoreError, StoreUnavailable
+from ingest.db.migrate import ensure_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,6 @@ class SQLiteDB:
     def __init__(
         self,
         path: str | Path,
-        schema: str,
         *,
         synchronous: str = "FULL",
         busy_timeout_s: float = 10.0,
@@ -121,6 +122,8 @@ class SQLiteDB:
         self.fail_fast_after_s = fail_fast_after_s
         try:
             private_file(self.path)
+            # the schema is the migrations' (ingest.db): one query when the file is current
+            ensure_sqlite(self.path)
             self._db = sqlite3.connect(
                 self.path,
                 check_same_thread=False,
@@ -130,7 +133,6 @@ class SQLiteDB:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._db.executescript(schema)
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.Lock()

@@ -20,98 +20,19 @@ guarded by a lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ingest.replays import RetainedReplays
 from ingest.sqlite_db import BulkInsert, SQLiteDB, Statement
 from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
 
 DB_FILE = "chargewatch.db"
 
-# Events stored, whose alert effects are not durable yet: written with the batch that stores
-# them, deleted by the alert store in the transaction that makes their effects durable, and
-# observed again at start-up when a stop or a crash came in between (ingest.alerts.engine).
-UNOBSERVED_SCHEMA = """
-CREATE TABLE IF NOT EXISTS unobserved (
-    id          INTEGER PRIMARY KEY,
-    device_id   TEXT    NOT NULL,
-    received_ms INTEGER NOT NULL,
-    payload     TEXT    NOT NULL
-);
-"""
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    device_id   TEXT    NOT NULL,
-    boot        TEXT    NOT NULL,
-    seq         INTEGER NOT NULL,
-    type        TEXT    NOT NULL,
-    station_id  TEXT    NOT NULL,
-    kind        TEXT    NOT NULL,
-    ts_ms       INTEGER NOT NULL,
-    received_ms INTEGER NOT NULL,
-    payload     TEXT    NOT NULL
-);
--- a rowid table with a unique index, not WITHOUT ROWID: rows carry a ~0.3-1 KiB payload,
--- and inserting them into a clustered index measured 4x slower (50 vs 13 us a row)
-CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages (device_id, boot, seq, type);
-CREATE INDEX IF NOT EXISTS messages_by_time ON messages (device_id, ts_ms);
--- housekeeping's reads by time (statuses to compact, history past retention, who spoke in
--- an hour) without scanning the table while ingest waits for the connection
-CREATE INDEX IF NOT EXISTS messages_by_type_time ON messages (type, ts_ms);
-CREATE TABLE IF NOT EXISTS twins (
-    device_id TEXT PRIMARY KEY,
-    record    TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_ms INTEGER NOT NULL,
-    topic       TEXT    NOT NULL,
-    reason      TEXT    NOT NULL,
-    detail      TEXT    NOT NULL,
-    payload     BLOB    NOT NULL,
-    size        INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dead_letter_counts (
-    reason TEXT PRIMARY KEY,
-    count  INTEGER NOT NULL
-) WITHOUT ROWID;
--- what was dead-lettered, by digest of (topic, size, payload kept): a retained message
--- replayed on every subscribe is recognised and counted here instead of stored again
-CREATE TABLE IF NOT EXISTS dead_letter_digests (
-    id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    digest  BLOB    NOT NULL UNIQUE,
-    repeats INTEGER NOT NULL DEFAULT 0
-);
--- the statuses of one device and hour of device time, once the hour is over: a zlib'd JSON
--- list of [boot, seq, ts_ms, received_ms, station_id, kind, payload], by (ts_ms, seq)
-CREATE TABLE IF NOT EXISTS status_blocks (
-    device_id TEXT    NOT NULL,
-    hour_ms   INTEGER NOT NULL,
-    statuses  INTEGER NOT NULL,
-    data      BLOB    NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS status_blocks_key ON status_blocks (device_id, hour_ms);
-CREATE INDEX IF NOT EXISTS status_blocks_by_hour ON status_blocks (hour_ms);
--- hourly rollups (devices.rollup) of a device or a station, kept for years
-CREATE TABLE IF NOT EXISTS rollups (
-    scope   TEXT    NOT NULL,
-    id      TEXT    NOT NULL,
-    hour_ms INTEGER NOT NULL,
-    data    TEXT    NOT NULL,
-    PRIMARY KEY (scope, id, hour_ms)
-) WITHOUT ROWID;
--- facts the service must remember across restarts (e.g. that the broker gave us a session)
-CREATE TABLE IF NOT EXISTS facts (
-    name  TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-) WITHOUT ROWID;
-"""
 INSERT_MESSAGES = BulkInsert(
     "INSERT OR IGNORE INTO messages (device_id, station_id, kind, type, boot, seq, ts_ms,"
     " received_ms, payload)",
@@ -161,17 +82,23 @@ class SQLiteStore:
     ) -> None:
         self.path = Path(path)
         self.dead_letters_kept = dead_letters_kept
-        self._db = SQLiteDB(self.path, SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
-        # digests of the newest ``dead_letters_kept`` dead letters (insertion-ordered)
-        self._dead_digests: dict[bytes, None] = dict.fromkeys(
-            bytes(row[0])
-            for row in self._db.query(
-                "SELECT digest FROM dead_letter_digests ORDER BY id DESC LIMIT ?",
-                (dead_letters_kept,),
-            )[::-1]
+        self._db = SQLiteDB(self.path, synchronous=synchronous)
+        # digests of the newest ``dead_letters_kept`` dead letters
+        self._replays = RetainedReplays(
+            dead_letters_kept,
+            (
+                bytes(row[0])
+                for row in self._db.query(
+                    "SELECT digest FROM dead_letter_digests ORDER BY id DESC LIMIT ?",
+                    (dead_letters_kept,),
+                )[::-1]
+            ),
         )
-        self._digests_lock = threading.Lock()
-        self.retained_repeats = 0  # retained replays of dead letters, since this start
+
+    @property
+    def retained_repeats(self) -> int:
+        """Retained replays of dead letters, since this start."""
+        return self._replays.repeats
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> SQLiteStore:
@@ -432,9 +359,9 @@ class SQLiteStore:
         dead_letters: Sequence[DeadLetter],
         unobserved: Sequence[Unobserved] = (),
     ) -> None:
-        fresh, repeats = self._sorted_out(dead_letters)
+        fresh, repeats = self._replays.sort_out(dead_letters)
         self._db.transaction(self._saving(twins, fresh, repeats, unobserved))
-        self._remember(fresh, repeats)
+        self._replays.remember(fresh, repeats)
 
     def write(
         self,
@@ -446,55 +373,15 @@ class SQLiteStore:
         """``append`` and ``save`` in one transaction: one commit (and one fsync) per batch
         instead of two, and history never on disk without the twins it made (ingest uses it
         when this store keeps both)."""
-        fresh, repeats = self._sorted_out(dead_letters)
+        fresh, repeats = self._replays.sort_out(dead_letters)
         self._db.transaction(
             self._appending(rows) + self._saving(twins, fresh, repeats, unobserved)
         )
-        self._remember(fresh, repeats)
+        self._replays.remember(fresh, repeats)
 
     def unobserved_max(self) -> int:
         """The journal's highest id (0: empty): the pipeline numbers new entries after it."""
         return int(self._db.query("SELECT coalesce(max(id), 0) FROM unobserved")[0][0])
-
-    @staticmethod
-    def _digest(d: DeadLetter) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        for part in (str(d.topic).encode(), b"\0", str(d.size).encode(), b"\0", d.payload):
-            h.update(part)
-        return h.digest()
-
-    def _sorted_out(
-        self, dead_letters: Sequence[DeadLetter]
-    ) -> tuple[list[tuple[DeadLetter, bytes]], list[bytes]]:
-        """(new dead letters with their digests, digests of retained replays of known ones).
-        Only a retained delivery can be a replay: the same bytes sent again live are a new
-        message, and a new dead letter."""
-        fresh: list[tuple[DeadLetter, bytes]] = []
-        repeats: list[bytes] = []
-        with self._digests_lock:
-            known = self._dead_digests
-            batch: set[bytes] = set()
-            for d in dead_letters:
-                digest = self._digest(d)
-                if d.retained and (digest in known or digest in batch):
-                    repeats.append(digest)
-                else:
-                    fresh.append((d, digest))
-                    batch.add(digest)
-        return fresh, repeats
-
-    def _remember(self, fresh: list[tuple[DeadLetter, bytes]], repeats: list[bytes]) -> None:
-        """After the commit (a failed write is retried, and must sort the same way)."""
-        if not fresh and not repeats:
-            return
-        with self._digests_lock:
-            known = self._dead_digests
-            for _, digest in fresh:
-                known.pop(digest, None)
-                known[digest] = None
-            while len(known) > self.dead_letters_kept:
-                del known[next(iter(known))]
-            self.retained_repeats += len(repeats)
 
     def _saving(
         self,

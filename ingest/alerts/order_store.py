@@ -15,25 +15,6 @@ from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as the other stores
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS work_orders (
-    id INTEGER PRIMARY KEY, alert_id INTEGER NOT NULL, station_id TEXT NOT NULL,
-    device_id TEXT, rule TEXT NOT NULL, code TEXT NOT NULL, severity TEXT NOT NULL,
-    state TEXT NOT NULL, assignee TEXT, created_by TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, due_at_ms INTEGER NOT NULL, assigned_at_ms INTEGER,
-    on_site_at_ms INTEGER, on_site_how TEXT, fixed_at_ms INTEGER, closed_at_ms INTEGER,
-    closed_by TEXT, overdue_notices INTEGER NOT NULL, overdue_at_ms INTEGER,
-    updated_at_ms INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS work_orders_one_per_alert
-    ON work_orders (alert_id) WHERE state != 'closed';
-CREATE INDEX IF NOT EXISTS work_orders_by_state ON work_orders (state, id);
-CREATE TABLE IF NOT EXISTS work_order_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, order_id INTEGER NOT NULL, at_ms INTEGER NOT NULL,
-    actor TEXT NOT NULL, what TEXT NOT NULL, note TEXT
-);
-CREATE INDEX IF NOT EXISTS work_order_log_by_order ON work_order_log (order_id, id);
-"""
 
 LOG_COLUMNS = ("id", "order_id", "at_ms", "actor", "what", "note")
 
@@ -41,7 +22,7 @@ LOG_COLUMNS = ("id", "order_id", "at_ms", "actor", "what", "note")
 class WorkOrderStore:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        self._db = SQLiteDB(self.path, _SCHEMA, synchronous=synchronous)
+        self._db = SQLiteDB(self.path, synchronous=synchronous)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> WorkOrderStore:

@@ -3,8 +3,8 @@ outbox: rows ``pending`` until delivered or given up), in the data dir's SQLite 
 a connection of their own (WAL lets it share the file with the ingest store). Blocking: the
 engine and the notifier call it from a worker thread.
 
-A file written by an earlier release is brought up to date when it is opened: tables and
-columns that are missing are added (``_MIGRATIONS``)."""
+A file written by an earlier release is brought up to date when it is opened, by the
+migrations (``ingest.db``)."""
 
 from __future__ import annotations
 
@@ -16,53 +16,9 @@ from typing import Any
 
 from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery
 from ingest.sqlite_db import SQLiteDB
-from ingest.sqlite_store import UNOBSERVED_SCHEMA
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS alerts (
-    id INTEGER PRIMARY KEY, rule TEXT NOT NULL, code TEXT NOT NULL, severity TEXT NOT NULL,
-    status TEXT NOT NULL, station_id TEXT NOT NULL, device_id TEXT, unit INTEGER,
-    unit_kind TEXT, opened_at_ms INTEGER NOT NULL, last_seen_at_ms INTEGER NOT NULL,
-    count INTEGER NOT NULL, last_value REAL, info TEXT, acknowledged_at_ms INTEGER,
-    acknowledged_by TEXT, resolved_at_ms INTEGER, resolved_by TEXT, resolved_how TEXT,
-    clearing_since_ms INTEGER, escalation_level INTEGER NOT NULL, escalated_at_ms INTEGER,
-    parent_id INTEGER, suppressed INTEGER NOT NULL, notified INTEGER NOT NULL,
-    reports INTEGER NOT NULL, auto_resolve INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS alerts_by_status ON alerts (status, id);
-CREATE INDEX IF NOT EXISTS alerts_by_device ON alerts (device_id, id);
-CREATE INDEX IF NOT EXISTS alerts_by_station ON alerts (station_id, id);
-CREATE TABLE IF NOT EXISTS alert_events (
-    id INTEGER PRIMARY KEY, alert_id INTEGER NOT NULL, type TEXT NOT NULL,
-    at_ms INTEGER NOT NULL, data TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS alert_notes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, alert_id INTEGER NOT NULL, at_ms INTEGER NOT NULL,
-    author TEXT NOT NULL, source TEXT NOT NULL, text TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS notes_by_alert ON alert_notes (alert_id, id);
-CREATE TABLE IF NOT EXISTS webhooks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, record TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, webhook_id INTEGER NOT NULL,
-    alert_id INTEGER NOT NULL, event TEXT NOT NULL, status TEXT NOT NULL,
-    attempts INTEGER NOT NULL, http_status INTEGER, error TEXT,
-    created_at_ms INTEGER NOT NULL, finished_at_ms INTEGER, body TEXT NOT NULL,
-    next_try_at_ms INTEGER, deadline_at_ms INTEGER, last_attempt_at_ms INTEGER
-);
-CREATE INDEX IF NOT EXISTS deliveries_by_alert ON deliveries (alert_id, id);
-CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (status);
-"""
-
-# Columns added since the first release: (table, column, type), added when missing.
-_MIGRATIONS = (
-    ("deliveries", "next_try_at_ms", "INTEGER"),
-    ("deliveries", "deadline_at_ms", "INTEGER"),
-    ("deliveries", "last_attempt_at_ms", "INTEGER"),
-)
 
 DELIVERY_COLUMNS = (
     "id", "webhook_id", "alert_id", "event", "status", "attempts", "http_status", "error",
@@ -110,14 +66,7 @@ class Ops:
 class AlertStore:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        self._db = SQLiteDB(self.path, _SCHEMA + UNOBSERVED_SCHEMA, synchronous=synchronous)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        for table, column, kind in _MIGRATIONS:
-            have = {str(row[1]) for row in self._query(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._db = SQLiteDB(self.path, synchronous=synchronous)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> AlertStore:

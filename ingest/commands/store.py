@@ -12,20 +12,6 @@ from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS commands (
-    id TEXT PRIMARY KEY, device_id TEXT NOT NULL, station_id TEXT NOT NULL,
-    type TEXT NOT NULL, unit INTEGER, state TEXT NOT NULL, requested_by TEXT NOT NULL,
-    requested_key TEXT, requested_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
-    payload TEXT NOT NULL, sends INTEGER NOT NULL, sent_at_ms INTEGER,
-    last_sent_at_ms INTEGER, result TEXT, info TEXT, result_at_ms INTEGER,
-    late_result TEXT, late_info TEXT, late_result_at_ms INTEGER, repeats INTEGER NOT NULL,
-    updated_at_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device_id, requested_at_ms);
-CREATE INDEX IF NOT EXISTS commands_by_time ON commands (requested_at_ms);
-CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state);
-"""
 
 _UPSERT = (
     f"INSERT INTO commands ({','.join(COLUMNS)}) VALUES ({','.join('?' for _ in COLUMNS)})"
@@ -37,7 +23,7 @@ _SELECT = f"SELECT {','.join(COLUMNS)} FROM commands"
 class CommandStore:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        self._db = SQLiteDB(self.path, _SCHEMA, synchronous=synchronous)
+        self._db = SQLiteDB(self.path, synchronous=synchronous)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> CommandStore:

@@ -49,8 +49,8 @@ def test_a_backup_holds_what_is_still_in_the_wal_and_is_private(tmp_path: Path) 
         assert (data / f"{DB_FILE}-wal").stat().st_size > 0
         # copying the database file alone misses them: what the test would miss without WAL
         shutil.copy(data / DB_FILE, tmp_path / "naive.db")
-        with pytest.raises(sqlite3.OperationalError, match="no such table"):
-            _seqs(tmp_path / "naive.db")  # even the schema is only in the WAL yet
+        # the migrations made the schema before WAL was on; every row is only in the WAL yet
+        assert _seqs(tmp_path / "naive.db") == []
 
         summary = backup(data, tmp_path / "out.bak")
     finally:

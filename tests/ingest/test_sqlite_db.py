@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,12 +19,19 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, data BLOB NOT NU
 INSERT = "INSERT INTO t (data) VALUES (?)"
 
 
+def _open(path: Path, **options: Any) -> SQLiteDB:
+    """The store's file (the migrations' schema) with a test table of its own."""
+    db = SQLiteDB(path, **options)
+    db.execute(SCHEMA)
+    return db
+
+
 def count(db: SQLiteDB) -> int:
     return int(db.query("SELECT count(*) FROM t")[0][0])
 
 
 def test_a_full_database_says_so_and_keeps_working(tmp_path: Path) -> None:
-    db = SQLiteDB(tmp_path / "full.db", SCHEMA)
+    db = _open(tmp_path / "full.db")
     try:
         db.transaction([(INSERT, [(b"a",)])])
         pages = int(db.query("PRAGMA page_count")[0][0])
@@ -41,7 +49,7 @@ def test_a_full_database_says_so_and_keeps_working(tmp_path: Path) -> None:
 
 def test_a_lock_held_by_another_process_says_locked(tmp_path: Path) -> None:
     path = tmp_path / "locked.db"
-    db = SQLiteDB(path, SCHEMA, busy_timeout_s=0.3)
+    db = _open(path, busy_timeout_s=0.3)
     try:
         with locked(path):
             with pytest.raises(StoreUnavailable, match="database is locked"):
@@ -55,7 +63,7 @@ def test_a_lock_held_by_another_process_says_locked(tmp_path: Path) -> None:
 
 def test_a_write_waiting_for_a_lock_is_visible_while_it_waits(tmp_path: Path) -> None:
     path = tmp_path / "waiting.db"
-    db = SQLiteDB(path, SCHEMA, busy_timeout_s=5)
+    db = _open(path, busy_timeout_s=5)
     try:
         assert db.write_waiting_s() == 0
         with locked(path):
@@ -77,7 +85,7 @@ def test_a_write_does_not_queue_behind_a_stuck_one(tmp_path: Path) -> None:
     outbox, on the same connection, must learn at once that the store is out (and send the
     notification unrecorded) instead of queueing behind it for the timeout and then its own."""
     path = tmp_path / "stuck.db"
-    db = SQLiteDB(path, SCHEMA, busy_timeout_s=5, fail_fast_after_s=0.5)
+    db = _open(path, busy_timeout_s=5, fail_fast_after_s=0.5)
     try:
         with locked(path):
             stuck = threading.Thread(target=db.transaction, args=([(INSERT, [(b"x",)])],))
@@ -97,7 +105,7 @@ def test_a_write_does_not_queue_behind_a_stuck_one(tmp_path: Path) -> None:
 
 
 def test_a_write_waits_for_one_in_progress_that_is_not_stuck(tmp_path: Path) -> None:
-    db = SQLiteDB(tmp_path / "busy.db", SCHEMA, fail_fast_after_s=0.5)
+    db = _open(tmp_path / "busy.db", fail_fast_after_s=0.5)
     try:
         rows = [(b"x" * 1000,) for _ in range(20_000)]
         writers = [
@@ -115,7 +123,7 @@ def test_a_write_waits_for_one_in_progress_that_is_not_stuck(tmp_path: Path) -> 
 def test_a_write_behind_a_slow_read_of_ours_is_not_a_stuck_store(tmp_path: Path) -> None:
     """A long history query holds the connection's turn; the write waiting behind it is not
     a store outage (no alert, /readyz stays ready)."""
-    db = SQLiteDB(tmp_path / "read.db", SCHEMA)
+    db = _open(tmp_path / "read.db")
     try:
         db._db.create_function("pause", 1, time.sleep)  # a read that takes 1.5 s
         reader = threading.Thread(target=db.query, args=("SELECT pause(1.5)",))
