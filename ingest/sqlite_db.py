@@ -32,9 +32,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+from sqlalchemy.sql.expression import Executable
 
 from ingest import StoreError, StoreUnavailable
+from ingest.db.database import CoreStatement, Done, Params, positional, sqlite_sql
 from ingest.db.migrate import ensure_sqlite
 
 log = logging.getLogger(__name__)
@@ -95,7 +98,7 @@ class BulkInsert:
             db.execute(self.sql(len(chunk)), [value for row in chunk for value in row])
 
 
-Statement = tuple[str | BulkInsert, Sequence[Sequence[Any]]]
+Statement = tuple[str | BulkInsert, Sequence[Sequence[Any]]] | CoreStatement
 
 
 @contextmanager
@@ -179,7 +182,8 @@ class SQLiteDB:
 
     def transaction(self, statements: Sequence[Statement]) -> None:
         """Run every (sql, rows) in one transaction, or none of them: each row of ``rows``
-        through ``sql`` (executemany), or a ``BulkInsert`` of them all.
+        through ``sql`` (executemany), or a ``BulkInsert`` of them all. ``sql`` may be a
+        SQLAlchemy Core statement with rows of named parameters (``ingest.db.database``).
 
         On an error SQLite may already have rolled the transaction back itself (SQLITE_FULL,
         SQLITE_IOERR, SQLITE_NOMEM): ROLLBACK only when one is still open, so the error
@@ -193,7 +197,10 @@ class SQLiteDB:
                     if not rows:
                         continue
                     if isinstance(sql, BulkInsert):
-                        sql.run(self._db, rows)
+                        sql.run(self._db, rows)  # type: ignore[arg-type]
+                    elif isinstance(sql, Executable):
+                        text, names = sqlite_sql(sql, list(rows[0]))
+                        self._db.executemany(text, [positional(names, r) for r in rows])  # type: ignore[arg-type]
                     else:
                         self._db.executemany(sql, rows)
                 self._db.execute("COMMIT")
@@ -211,14 +218,36 @@ class SQLiteDB:
         except sqlite3.Error as exc:
             log.error("%s: rollback failed: %s", self.path, exc)
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
-        """One statement on its own (autocommit); the cursor says rowcount and lastrowid."""
+    @overload
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor: ...
+
+    @overload
+    def execute(self, sql: Executable, args: Params | None = None) -> Done: ...
+
+    def execute(self, sql: Any, args: Any = ()) -> sqlite3.Cursor | Done:
+        """One statement on its own (autocommit); the cursor says rowcount and lastrowid,
+        or for a Core statement, ``Done`` (rowcount and the rows RETURNING gave)."""
+        if isinstance(sql, Executable):
+            text, names = sqlite_sql(sql, list(args or ()))
+            with self._writing(), _translated(self.path), self._locking():
+                cur = self._db.execute(text, positional(names, args))
+                rows = cur.fetchall()  # RETURNING's; rowcount counts once they are read
+                return Done(cur.rowcount if cur.rowcount >= 0 else len(rows), rows)
         with self._writing(), _translated(self.path), self._locking():
             return self._db.execute(sql, args)
 
-    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def query(self, sql: str | Executable, args: Any = ()) -> list[tuple[Any, ...]]:
+        """The rows of a read: SQL with positional ``args``, or a Core statement with named
+        ones."""
+        if isinstance(sql, Executable):
+            sql, args = self._sqlite(sql, args)
         with self._lock, _translated(self.path):
             return self._db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _sqlite(statement: Executable, params: Params | None) -> tuple[str, tuple[Any, ...]]:
+        text, names = sqlite_sql(statement)
+        return text, positional(names, params)
 
     def close(self) -> None:
         with self._lock:
