@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from devices.faults import Severity
 
@@ -145,3 +145,14 @@ def alert_view(alert: Alert) -> dict[str, Any]:
         "reports": alert.reports,
     }
     return view
+
+
+class Timing(NamedTuple):
+    """An alert's times in epoch ms (``AlertStore.timings``)."""
+
+    station_id: str
+    code: str
+    opened_ms: int
+    acked_ms: int | None
+    resolved_ms: int | None
+    device_id: str | None = None  # None: the station's own alert (or the service's)
