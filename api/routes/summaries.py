@@ -51,8 +51,8 @@ DEFAULT_SPAN_MS = 30 * DAY_MS
 UNTIL_MAX_MS = int(datetime(9998, 12, 1, tzinfo=UTC).timestamp() * 1000)
 CSV_TYPE = "text/csv; charset=utf-8"
 METHOD = (
-    "per station (or device) and whole period (district time zone; week = ISO week from Monday) from the"
-    " hourly rollups: port_free_share / battery_ready_share = minutes within opening hours"
+    "per station (or device) and whole period (district time zone; week = ISO week from"
+    " Monday) from the hourly rollups: port_free_share / battery_ready_share = minutes within opening hours"
     " with at least one free port / ready battery over the station's open minutes rolled up"
     " (a device's: its own, a pile has no battery share, a cabinet no port share);"
     " offline_minutes in device-minutes; energy_wh of sessions ended, sessions started, swaps,"
