@@ -1,7 +1,7 @@
-"""Operator reports: per station and calendar period (day, week or month of the district's
-time zone), from the hourly rollups (``ingest.rollups``), the alerts' timestamps and the
-riders' reports. Pure: plain rows in, rows of numbers out; the route (``api.routes.summaries``)
-reads the stores and renders JSON or CSV.
+"""Operator reports: per station or per device and calendar period (day, week or month of
+the district's time zone), from the hourly rollups (``ingest.rollups``), the alerts'
+timestamps and the riders' reports. Pure: plain rows in, rows of numbers out; the route
+(``api.routes.summaries``) reads the stores and renders JSON or CSV.
 
 - ``port_free_share`` / ``battery_ready_share``: of the station's minutes within opening
   hours, the share in which at least one pile had a free port / one cabinet a ready battery
@@ -10,11 +10,15 @@ reads the stores and renders JSON or CSV.
   one; a station of 12 devices offline for an hour counts 720).
 - ``energy_wh`` of the sessions that ended in the period; ``sessions`` started; ``swaps``;
   ``faults`` raised, by code.
-- ``alerts`` opened in the period at the station, ``mtta_s`` (opened -> acknowledged, over
-  those acknowledged) and ``mttr_s`` (opened -> resolved, over those resolved).
+- ``alerts`` opened in the period at the station (of the device, for a device's row: a
+  station's own alerts, e.g. a report naming no device, count at the station only),
+  ``mtta_s`` (opened -> acknowledged, over those acknowledged) and ``mttr_s`` (opened ->
+  resolved, over those resolved).
 - ``reports``: riders' reports made in the period (from the rollups); ``reports_<outcome>``:
   what became of the reports made in the period (from the sentinel store, as of now: an
-  outcome is decided after the hour is rolled up).
+  outcome is decided after the hour is rolled up); a device's are those naming it.
+A device's row has its own rollups: its shares are of its own minutes (a pile has no
+``battery_ready_share``, a cabinet no ``port_free_share``).
 Periods are whole: every day, ISO week (Monday first) or calendar month that [from, to)
 touches. ``hours_rolled_up`` says how much of a period the rollups cover (the current hour,
 the grace after it, and hours before the history began are not rolled up).
@@ -32,8 +36,8 @@ from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, Literal, NamedTuple
 
 from devices.faults import FAULT_CODES
-from ingest.alerts.model import SERVICE_STATION
-from ingest.alerts.repair import RepairGroup, Timing
+from ingest.alerts.model import SERVICE_STATION, Timing
+from ingest.alerts.repair import RepairGroup
 
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[Period, ...] = ("day", "week", "month")
@@ -50,11 +54,35 @@ class StationInfo:
     piles: int
     cabinets: int
 
+    def labels(self) -> dict[str, str]:
+        """The row's first columns: which station."""
+        return {"station_id": self.id, "name_zh": self.name_zh, "name_en": self.name_en}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    id: str
+    kind: str  # "pile" or "cabinet"
+    station: StationInfo
+
+    @property
+    def piles(self) -> int:
+        return int(self.kind == "pile")
+
+    @property
+    def cabinets(self) -> int:
+        return int(self.kind == "cabinet")
+
+    def labels(self) -> dict[str, str]:
+        """The row's first columns: which device, of which station."""
+        return {"device_id": self.id, "kind": self.kind, **self.station.labels()}
+
 
 class ReportOutcome(NamedTuple):
     station_id: str
     at_ms: int
     outcome: str
+    device_id: str | None = None  # the device the rider named, if any
 
 
 def _local_midnight(day: date, tz: tzinfo) -> int:
@@ -129,7 +157,7 @@ def _share(minutes: int, of: int, has: bool) -> float | None:
 
 
 def summarize(
-    stations: Sequence[StationInfo],
+    subjects: Sequence[StationInfo] | Sequence[DeviceInfo],
     spans: Sequence[tuple[int, int]],
     rollups: Iterable[dict[str, Any]],
     timings: Iterable[Timing],
@@ -138,12 +166,12 @@ def summarize(
     period: Period,
     tz: tzinfo,
 ) -> list[dict[str, Any]]:
-    """One row per station (in the given order) and period (``spans``, oldest first).
-    ``rollups``: the stations' hourly rollups as ``{id, hour_ms, data}``; ``timings``: the
-    alerts as (station, code, opened, acknowledged, resolved) ms; ``outcomes``: the riders'
-    reports."""
+    """One row per subject (station or device, in the given order) and period (``spans``,
+    oldest first). ``rollups``: the subjects' hourly rollups as ``{id, hour_ms, data}``;
+    ``timings``: the alerts; ``outcomes``: the riders' reports."""
     starts = [s for s, _ in spans]
-    wanted = {s.id for s in stations}
+    wanted = {s.id for s in subjects}
+    by_device = any(isinstance(s, DeviceInfo) for s in subjects)
     acc: dict[tuple[str, int], _Acc] = defaultdict(_Acc)
 
     def span_of(t_ms: int) -> int | None:
@@ -154,30 +182,25 @@ def summarize(
         start = span_of(int(row["hour_ms"]))
         if start is not None and row["id"] in wanted:
             acc[row["id"], start].add_hour(row["data"])
-    for where, _code, opened, acked, resolved in timings:
-        start = span_of(opened)
-        if start is None or where not in wanted or where == SERVICE_STATION:
+    for t in timings:
+        where = t.device_id if by_device else t.station_id
+        start = span_of(t.opened_ms)
+        if start is None or where not in wanted or t.station_id == SERVICE_STATION:
             continue
-        group = acc[where, start].repair
-        group.alerts += 1
-        if acked is not None and acked >= opened:
-            group.ack_s.append((acked - opened) / 1000)
-        if resolved is not None and resolved >= opened:
-            group.repair_s.append((resolved - opened) / 1000)
+        acc[where, start].repair.add(t)
     for report in outcomes:
         start = span_of(report.at_ms)
-        if start is not None and report.station_id in wanted and report.outcome in OUTCOMES:
-            acc[report.station_id, start].outcomes[report.outcome] += 1
+        where = report.device_id if by_device else report.station_id
+        if start is not None and where in wanted and report.outcome in OUTCOMES:
+            acc[where, start].outcomes[report.outcome] += 1
     out: list[dict[str, Any]] = []
-    for station in stations:
+    for subject in subjects:
         for start, end in spans:
-            a = acc.get((station.id, start)) or _Acc()
+            a = acc.get((subject.id, start)) or _Acc()
             repair = a.repair.view()
             out.append(
                 {
-                    "station_id": station.id,
-                    "name_zh": station.name_zh,
-                    "name_en": station.name_en,
+                    **subject.labels(),
                     "period": period,
                     "start": _local_time(start, tz),
                     "end": _local_time(end, tz),
@@ -185,10 +208,10 @@ def summarize(
                     "hours_rolled_up": a.hours_rolled_up,
                     "open_minutes": a.open_minutes,
                     "port_free_share": _share(
-                        a.port_free_minutes, a.open_minutes, station.piles > 0
+                        a.port_free_minutes, a.open_minutes, subject.piles > 0
                     ),
                     "battery_ready_share": _share(
-                        a.battery_ready_minutes, a.open_minutes, station.cabinets > 0
+                        a.battery_ready_minutes, a.open_minutes, subject.cabinets > 0
                     ),
                     "offline_minutes": a.offline_minutes,
                     "energy_wh": round(a.energy_wh, 1),
@@ -204,7 +227,7 @@ def summarize(
                     **{f"reports_{o}": a.outcomes[o] for o in OUTCOMES},
                 }
             )
-    assert len(out) == len(stations) * len(starts)
+    assert len(out) == len(subjects) * len(starts)
     return out
 
 
@@ -215,22 +238,25 @@ def _local_time(ms: int, tz: tzinfo) -> str:
 # -- CSV -------------------------------------------------------------------------------
 
 _KNOWN_FAULTS = tuple(sorted(FAULT_CODES))
-CSV_COLUMNS: tuple[str, ...] = (
-    "station_id", "name_zh", "name_en", "period", "start", "end", "hours", "hours_rolled_up",
+_METRIC_COLUMNS: tuple[str, ...] = (
+    "period", "start", "end", "hours", "hours_rolled_up",
     "open_minutes", "port_free_share", "battery_ready_share", "offline_minutes", "energy_wh",
     "sessions", "swaps", "faults_total", *(f"faults_{c}" for c in _KNOWN_FAULTS),
     "faults_other", "alerts", "acknowledged", "resolved", "mtta_s", "mttr_s", "reports",
     *(f"reports_{o}" for o in OUTCOMES),
 )  # fmt: skip
+CSV_COLUMNS: tuple[str, ...] = ("station_id", "name_zh", "name_en", *_METRIC_COLUMNS)
+DEVICE_CSV_COLUMNS: tuple[str, ...] = ("device_id", "kind", *CSV_COLUMNS)
 
 
-def to_csv(rows: Iterable[dict[str, Any]]) -> str:
-    """A header row (``CSV_COLUMNS``), then one row per station and period: faults one
-    column per contract code (vendors' own codes summed in ``faults_other``), an empty
-    cell for no value, numbers as Python writes them (a dot, no thousands separator)."""
+def to_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> str:
+    """A header row (``columns``: ``CSV_COLUMNS`` for stations, ``DEVICE_CSV_COLUMNS`` for
+    devices), then one row per station or device and period: faults one column per
+    contract code (vendors' own codes summed in ``faults_other``), an empty cell for no
+    value, numbers as Python writes them (a dot, no thousands separator)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(columns)
     for row in rows:
         faults: dict[str, int] = row["faults"]
         flat = {
@@ -239,5 +265,5 @@ def to_csv(rows: Iterable[dict[str, Any]]) -> str:
             **{f"faults_{c}": faults.get(c, 0) for c in _KNOWN_FAULTS},
             "faults_other": sum(n for c, n in faults.items() if c not in FAULT_CODES),
         }
-        writer.writerow(["" if flat[c] is None else flat[c] for c in CSV_COLUMNS])
+        writer.writerow(["" if flat[c] is None else flat[c] for c in columns])
     return buf.getvalue()

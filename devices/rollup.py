@@ -8,7 +8,11 @@ free port / a ready battery, and ``port_minutes`` / ``battery_minutes`` sum how 
 (unit-minutes: / 60 is the hour's mean). Events count in the hour they happened (device time),
 riders' reports in the hour they were made (service time; ``Rollup.add_reports``). A
 station's rollup is the sum of its devices' (``Rollup.add``), except its minutes with a free
-port / a ready battery: minutes in which any of its piles / cabinets had one.
+port / a ready battery: minutes in which any of its piles / cabinets had one. Its
+``minutes_open`` is summed too: ``devices`` x the station's open minutes of the hour (every
+device of a station keeps the station's hours), so a reader divides by ``devices`` for the
+station's own open minutes (``api.summaries`` does) and compares ``minutes_port_free``
+(station minutes, not summed) with that quotient.
 
 Pure: decoded messages in, numbers out.
 """
@@ -47,7 +51,8 @@ class RiderReport(NamedTuple):
 class Rollup:
     devices: int = 1
     minutes_online: int = 0
-    minutes_open: int = 0  # minutes of the hour within the station's opening hours
+    minutes_open: int = 0  # minutes of the hour within the station's opening hours (a
+    # station's: summed over its devices, devices x its own open minutes)
     minutes_port_free: int = 0  # open minutes in which a pile (of the station) had a free port
     minutes_battery_ready: int = 0  # ... in which a cabinet had a ready battery
     port_minutes: int = 0  # free ports summed over the open minutes (/ 60: the hour's mean)

@@ -174,12 +174,19 @@ class InfluxHistory:
     # -- HistoryStore -------------------------------------------------------------------
 
     def append(self, rows: Sequence[HistoryRow]) -> None:
-        lines = rows_lines(rows)
+        self.write_lines(rows_lines(rows))
+
+    def write_lines(self, lines: Sequence[str], *, rp: str = "", bucket: str = "") -> None:
+        """Write line-protocol points, in chunks, retried like ``append``; to retention
+        policy ``rp`` (v1) / ``bucket`` (v2) instead of the URL's when given."""
         for start in range(0, len(lines), self.chunk_points):
             chunk = lines[start : start + self.chunk_points]
             body = "\n".join(chunk)
-            send = self._write_v1 if self.settings.mode == "v1" else self._write_v2
-            self._retrying("write", partial(send, body), self.retry_s)
+            if self.settings.mode == "v1":
+                send = partial(self._write_v1, body, rp or self.settings.retention_policy)
+            else:
+                send = partial(self._write_v2, body, bucket or self.settings.bucket)
+            self._retrying("write", send, self.retry_s)
             self.points_written += len(chunk)
 
     def messages(
@@ -193,7 +200,7 @@ class InfluxHistory:
         until_ns = MAX_TIME_NS if until_ms is None else min(int(until_ms) * 1_000_000, MAX_TIME_NS)
         columns = ", ".join(quote_ident(c) for c in _MESSAGE_COLUMNS)
         q = (
-            f"SELECT {columns} FROM {self._measurement('message')}"
+            f"SELECT {columns} FROM {self.measurement('message')}"
             f" WHERE {quote_ident('device')} = {quote_string(device_id)}"
             f" AND time >= {since_ns} AND time < {until_ns}"
             f" ORDER BY time ASC LIMIT {max(0, int(limit))}"
@@ -227,7 +234,7 @@ class InfluxHistory:
         # last() picks the highest timestamp: device time, then seq (ingest.lineprotocol)
         q = (
             f"SELECT last({quote_ident('payload')}) AS {quote_ident('payload')}"
-            f" FROM {self._measurement('message')}"
+            f" FROM {self.measurement('message')}"
             f" WHERE {quote_ident('type')} = 'status' AND {_devices_match(device_ids)}"
             f" AND time >= {since_ns} AND time < {until_ns}"
             f" GROUP BY time({int(every_ms)}ms), {quote_ident('device')} fill(none)"
@@ -256,7 +263,7 @@ class InfluxHistory:
         since_ns, until_ns = _time_range(since_ms, until_ms)
         columns = ", ".join(quote_ident(c) for c in ("device", "type", "boot", "seq", "payload"))
         q = (
-            f"SELECT {columns} FROM {self._measurement('message')}"
+            f"SELECT {columns} FROM {self.measurement('message')}"
             f" WHERE {quote_ident('type')} != 'status' AND {_devices_match(device_ids)}"
             f" AND time >= {since_ns} AND time < {until_ns}"
         )
@@ -349,15 +356,16 @@ class InfluxHistory:
 
     # -- transport ----------------------------------------------------------------------
 
-    def _measurement(self, name: str) -> str:
+    def measurement(self, name: str) -> str:
+        """A measurement of the history, in the URL's retention policy if it names one."""
         rp = self.settings.retention_policy
         return f"{quote_ident(rp)}.{quote_ident(name)}" if rp else quote_ident(name)
 
-    def _write_v1(self, body: str) -> None:
+    def _write_v1(self, body: str, rp: str) -> None:
         s = self.settings
         params = {"db": s.database, "precision": "ns"}
-        if s.retention_policy:
-            params["rp"] = s.retention_policy
+        if rp:
+            params["rp"] = rp
         content = gzip.compress(body.encode(), compresslevel=self.gzip_level)
         try:
             response = self._http.post(
@@ -370,12 +378,12 @@ class InfluxHistory:
             raise StoreUnavailable(f"{s.base_url}/write: {type(exc).__name__}: {exc}") from exc
         _check(response.status_code, response.text, f"{s.base_url}/write")
 
-    def _write_v2(self, body: str) -> None:
+    def _write_v2(self, body: str, bucket: str) -> None:
         s = self.settings
         where = f"{s.base_url}/api/v2/write"
         try:
             self._write_api.write(
-                bucket=s.bucket, org=s.org, record=body, write_precision=WritePrecision.NS
+                bucket=bucket, org=s.org, record=body, write_precision=WritePrecision.NS
             )
         except ApiException as exc:
             _check(int(exc.status or 0), str(getattr(exc, "message", "") or exc.body), where)

@@ -15,10 +15,10 @@ from prometheus_client import generate_latest
 from devices.catalog import Catalog
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.engine import REQUEST_FLUSH_S, AlertEngine
-from ingest.alerts.model import Alert, AlertQuery, StreamEvent, rfc3339
+from ingest.alerts.model import Alert, AlertQuery, StreamEvent, Timing, rfc3339
 from ingest.alerts.order_model import OrderQuery, WorkOrder
 from ingest.alerts.orders import WorkOrders
-from ingest.alerts.repair import Timing, repair_times
+from ingest.alerts.repair import repair_times
 from ingest.commands.model import CommandRecord
 from ingest.commands.service import Commands
 from ingest.passports import Passports

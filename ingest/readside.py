@@ -34,9 +34,8 @@ from typing import Any, Literal, Protocol
 from devices.catalog import Catalog
 from ingest import IngestError
 from ingest.alerts.config import AlertsConfig
-from ingest.alerts.model import Alert, AlertQuery, StreamEvent
+from ingest.alerts.model import Alert, AlertQuery, StreamEvent, Timing
 from ingest.alerts.order_model import OrderQuery, WorkOrder
-from ingest.alerts.repair import Timing
 from ingest.commands.model import CommandRecord
 from ingest.store import DeadLetter, HistoryStore
 from ingest.twins import Twin

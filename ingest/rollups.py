@@ -20,13 +20,12 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from devices.catalog import Catalog, StationSpec, district_tz
 from devices.contract import ContractError, Death, decode
 from devices.rollup import HOUR_MS, RiderReport, Rollup, Stored, device_hour
 from devices.topics import Channel
-from ingest.sqlite_store import SQLiteStore
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +43,29 @@ _CHANNEL: dict[str, Channel] = {
 }
 
 
+class RolledHistory(Protocol):
+    """What the rollups read and write: the embedded store (``ingest.sqlite_store``) or an
+    InfluxDB history (``ingest.influxrollups``)."""
+
+    def messages(
+        self,
+        device_id: str,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]: ...
+
+    def last_state_before(self, device_id: str, t_ms: int) -> tuple[str, str] | None: ...
+
+    def active_devices(self, since_ms: int, until_ms: int) -> set[str]: ...
+
+    def first_ts(self) -> int | None: ...
+
+    def fact(self, name: str) -> str | None: ...
+
+    def save_rollups(self, rows: Sequence[tuple[str, str, int, str]], through_ms: int) -> None: ...
+
+
 class ReportSource(Protocol):
     def reports_made(self, since_ms: int, until_ms: int) -> Sequence[RiderReport]:
         """Riders' reports made in [since_ms, until_ms) (epoch ms)."""
@@ -52,7 +74,7 @@ class ReportSource(Protocol):
 class HourlyRollups:
     def __init__(
         self,
-        store: SQLiteStore,
+        store: RolledHistory,
         catalog: Catalog,
         release_soc: float = 90.0,
         reports: ReportSource | None = None,

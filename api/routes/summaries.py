@@ -1,11 +1,12 @@
-"""Operator reports (``api.summaries``): ``GET /v1/summaries/stations`` with a maintainer key,
-as JSON, or as CSV for ``Accept: text/csv`` (a file to hand to the community office).
+"""Operator reports (``api.summaries``): ``GET /v1/summaries/stations`` and
+``GET /v1/summaries/devices`` with a maintainer key, as JSON, or as CSV for
+``Accept: text/csv`` (a file to hand to the community office).
 
 ``from``/``to``: a date (``2026-12-01``: local midnight in the district's time zone), an
 RFC 3339 time or epoch ms; ``to`` is exclusive, defaults to now, ``from`` to ``to`` - 30 d;
 at most 366 days apart. Every whole day, ISO week or calendar month the window touches is a
-period. Reads through four plain inputs (the station rollups, the alerts' timings, the
-riders' reports, the catalog), each from where the service keeps it today.
+period. Reads through four plain inputs (the station's or device's rollups, the alerts'
+timings, the riders' reports, the catalog), each from where the service keeps it today.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from api.routes.riders import parse_time
 from api.routes.sentinels import sentinel_store, settle
 from api.schemas import answers
 from api.summaries import (
+    CSV_COLUMNS,
+    DEVICE_CSV_COLUMNS,
     SPAN_MAX_DAYS,
+    DeviceInfo,
     Period,
     ReportOutcome,
     StationInfo,
@@ -46,11 +50,13 @@ DEFAULT_SPAN_MS = 30 * DAY_MS
 UNTIL_MAX_MS = int(datetime(9998, 12, 1, tzinfo=UTC).timestamp() * 1000)
 CSV_TYPE = "text/csv; charset=utf-8"
 METHOD = (
-    "per station and whole period (district time zone; week = ISO week from Monday) from the"
-    " hourly rollups: port_free_share / battery_ready_share = minutes within opening hours"
-    " with at least one free port / ready battery over the station's open minutes rolled up;"
+    "per station (or device) and whole period (district time zone; week = ISO week from"
+    " Monday) from the hourly rollups: port_free_share / battery_ready_share = minutes within opening hours"
+    " with at least one free port / ready battery over the station's open minutes rolled up"
+    " (a device's: its own, a pile has no battery share, a cabinet no port share);"
     " offline_minutes in device-minutes; energy_wh of sessions ended, sessions started, swaps,"
-    " faults raised by code, riders' reports made. alerts opened in the period with mtta_s"
+    " faults raised by code, riders' reports made (a device's: naming it). alerts opened in"
+    " the period (a device's: its own) with mtta_s"
     " (opened -> acknowledged) and mttr_s (opened -> resolved); reports_<outcome> of the"
     " reports made in the period, as decided now. hours_rolled_up < hours: part of the"
     " period is not rolled up (not over yet, or before the history)"
@@ -86,6 +92,13 @@ class StationPeriod(BaseModel):
     reports_pending: int
 
 
+class DevicePeriod(StationPeriod):
+    """A device's period: the station's columns for one device (of ``station_id``)."""
+
+    device_id: str
+    kind: str = Field(description="pile or cabinet")
+
+
 class StationSummaries(BaseModel):
     period: Period
     from_: str = Field(alias="from")
@@ -96,8 +109,14 @@ class StationSummaries(BaseModel):
     rows: list[StationPeriod]
 
 
-_ANSWERS = answers(StationSummaries, 401, 404, 422, 503)
-_ANSWERS["responses"][200]["content"] = {CSV_TYPE.split(";")[0]: {"schema": {"type": "string"}}}
+class DeviceSummaries(StationSummaries):
+    rows: list[DevicePeriod]  # type: ignore[assignment]
+
+
+def _answers(model: type[BaseModel]) -> dict[str, Any]:
+    out = answers(model, 401, 404, 422, 503)
+    out["responses"][200]["content"] = {CSV_TYPE.split(";")[0]: {"schema": {"type": "string"}}}
+    return out
 
 
 def _bound(field: str, value: str | None, tz: Any) -> int | None:
@@ -118,6 +137,7 @@ def _rollup_store(read: ReadSide) -> RollupStore:
 
 
 def _stations(read: ReadSide, station: str | None) -> list[StationInfo]:
+    """The catalog's stations (or the one asked), in catalog order."""
     catalog = read.catalog
     specs = list(catalog.stations.values())
     if station is not None:
@@ -136,6 +156,23 @@ def _stations(read: ReadSide, station: str | None) -> list[StationInfo]:
     ]
 
 
+def _devices(read: ReadSide, station: str | None, device: str | None) -> list[DeviceInfo]:
+    """The devices of the stations (or of the one asked), in catalog order; or the one
+    device asked (404 when unknown, or not the station's)."""
+    if device is not None and device not in read.catalog.devices:
+        raise NotFound("device", device)
+    if device is not None and station is None:
+        station = read.catalog.devices[device].station_id
+    out: list[DeviceInfo] = []
+    for info in _stations(read, station):
+        for spec in read.catalog.stations[info.id].devices:
+            if device is None or spec.id == device:
+                out.append(DeviceInfo(spec.id, spec.kind, info))
+    if not out:
+        raise NotFound("device", f"{device} at {station}")
+    return out
+
+
 async def _outcomes(
     request: Request, read: ReadSide, since: int, until: int
 ) -> list[ReportOutcome]:
@@ -145,24 +182,59 @@ async def _outcomes(
     reports = await asyncio.to_thread(store.made_between, since, until)
     if await settle(request, read, reports):
         reports = await asyncio.to_thread(store.made_between, since, until)
-    return [ReportOutcome(r.station_id, r.at_ms, r.outcome) for r in reports]
+    return [ReportOutcome(r.station_id, r.at_ms, r.outcome, r.device_id) for r in reports]
 
 
-@router.get("/summaries/stations", **_ANSWERS)
+FromQuery = Annotated[
+    str | None, Query(alias="from", description="date, RFC 3339 or epoch ms; to - 30 d")
+]
+ToQuery = Annotated[str | None, Query(description="exclusive; default now")]
+StationQuery = Annotated[str | None, Query(max_length=64, description="one station")]
+
+
+@router.get("/summaries/stations", **_answers(StationSummaries))
 async def station_summaries(
     request: Request,
     read: ReadDep,
     key: Maintainer,
-    from_: Annotated[
-        str | None, Query(alias="from", description="date, RFC 3339 or epoch ms; to - 30 d")
-    ] = None,
-    to: Annotated[str | None, Query(description="exclusive; default now")] = None,
+    from_: FromQuery = None,
+    to: ToQuery = None,
     period: Period = "day",
-    station: Annotated[str | None, Query(max_length=64, description="one station")] = None,
+    station: StationQuery = None,
 ) -> Response:
     """Per station and day, week or month: availability within opening hours, offline
     minutes, faults by code, time to acknowledge and repair, energy, sessions, swaps and
     riders' reports with their outcome. JSON, or CSV with ``Accept: text/csv``."""
+    return await _summaries(request, read, from_, to, period, _stations(read, station))
+
+
+@router.get("/summaries/devices", **_answers(DeviceSummaries))
+async def device_summaries(
+    request: Request,
+    read: ReadDep,
+    key: Maintainer,
+    from_: FromQuery = None,
+    to: ToQuery = None,
+    period: Period = "day",
+    station: StationQuery = None,
+    device: Annotated[str | None, Query(max_length=64, description="one device")] = None,
+) -> Response:
+    """Per device and day, week or month: the station report's columns from each device's
+    own rollups, alerts and riders' reports (those naming it); every device of the
+    district, of one ``station``, or one ``device``. JSON, or CSV with ``Accept: text/csv``."""
+    devices = _devices(read, station, device)
+    return await _summaries(request, read, from_, to, period, devices)
+
+
+async def _summaries(
+    request: Request,
+    read: ReadSide,
+    from_: str | None,
+    to: str | None,
+    period: Period,
+    subjects: list[StationInfo] | list[DeviceInfo],
+) -> Response:
+    scope = "device" if subjects and isinstance(subjects[0], DeviceInfo) else "station"
     tz = district_tz(read.catalog)
     until = _bound("to", to, tz) or now_ms()
     since = _bound("from", from_, tz)
@@ -174,21 +246,21 @@ async def station_summaries(
         raise invalid_query("from", f"a window of at most {SPAN_MAX_DAYS} days")
     if until > UNTIL_MAX_MS:
         raise invalid_query("to", "must be before 9998-12-01")
-    stations = _stations(read, station)
     store = _rollup_store(read)
     spans = periods(since, until, period, tz)
     first, last = spans[0][0], spans[-1][1]
-    ids = [s.id for s in stations]
-    rollups = await asyncio.to_thread(store.rollups, "station", ids, first, last)
+    ids = [s.id for s in subjects]
+    rollups = await asyncio.to_thread(store.rollups, scope, ids, first, last)
     timings = await read.alert_timings(first, last)
     outcomes = await _outcomes(request, read, first, last)
     through = await asyncio.to_thread(store.rolled_through)
-    rows = summarize(stations, spans, rollups, timings, outcomes, period=period, tz=tz)
+    rows = summarize(subjects, spans, rollups, timings, outcomes, period=period, tz=tz)
     headers = {"Cache-Control": "private, no-store", "Vary": "Accept, Authorization"}
     if "text/csv" in request.headers.get("accept", ""):
-        name = f"chargewatch-stations-{period}-{_day(first, tz)}-{_day(last - 1, tz)}.csv"
+        name = f"chargewatch-{scope}s-{period}-{_day(first, tz)}-{_day(last - 1, tz)}.csv"
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
-        return Response(to_csv(rows), media_type=CSV_TYPE, headers=headers)
+        columns = DEVICE_CSV_COLUMNS if scope == "device" else CSV_COLUMNS
+        return Response(to_csv(rows, columns), media_type=CSV_TYPE, headers=headers)
     body = {
         "period": period,
         "from": datetime.fromtimestamp(first / 1000, tz=tz).isoformat(),

@@ -37,6 +37,7 @@ const TEXTS = {
     // tests/alerts/test_console_words.py compares them)
     c_title: "运维控制台",
     c_riders: "骑手页",
+    c_reports: "运营报表",
     c_login: "登录",
     c_logout: "退出",
     c_keyHint: "cwk_…（chargewatch keys create）",
@@ -243,6 +244,7 @@ const TEXTS = {
     // tests/alerts/test_console_words.py compares them)
     c_title: "Maintenance console",
     c_riders: "Riders",
+    c_reports: "Reports",
     c_login: "Log in",
     c_logout: "Log out",
     c_keyHint: "cwk_… (chargewatch keys create)",

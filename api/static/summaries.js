@@ -1,12 +1,14 @@
-// Operator reports: GET /v1/summaries/stations per station and day/week/month, a small
-// hand-drawn SVG bar chart per metric (no library: the page's CSP allows only our own
-// scripts) and the rows as a table; CSV downloaded with the key. The key is the
-// console's (localStorage "cw-key").
+// Operator reports: GET /v1/summaries/stations (or /devices: the "by" switch, one station's
+// devices) per day/week/month, a small hand-drawn SVG bar chart per metric (no library: the
+// page's CSP allows only our own scripts) and the rows as a table; CSV downloaded with the
+// key. The key is the console's (localStorage "cw-key").
 "use strict";
 const $ = (sel) => document.querySelector(sel);
 const SVG = "http://www.w3.org/2000/svg";
 const KEY = localStorage.getItem("cw-key") || "";
-let ROWS = [];
+let ROWS = [];  // the stations' rows
+let DEVICE_ROWS = [];  // the chosen station's devices' rows (by device)
+const byDevice = () => $("#scope").value === "devices";
 
 const pct = (v) => (v === null ? "–" : `${(v * 100).toFixed(1)}%`);
 const minutes = (s) => (s === null ? "–" : (s / 60).toFixed(1));
@@ -59,9 +61,19 @@ function chart(metric, rows) {
   return fig;
 }
 
+function option(value, text) {
+  const node = document.createElement("option");
+  node.value = value;
+  node.textContent = text;
+  return node;
+}
+
 function show() {
   const station = $("#station").value;
-  const rows = ROWS.filter((r) => r.station_id === station);
+  const device = $("#device").value;
+  const rows = byDevice()
+    ? DEVICE_ROWS.filter((r) => r.device_id === device)
+    : ROWS.filter((r) => r.station_id === station);
   $("#charts").replaceChildren(...METRICS.map((m) => chart(m, rows)));
   const body = $("#rows tbody");
   body.replaceChildren(...rows.map((r) => {
@@ -79,12 +91,14 @@ function show() {
   document.body.dataset.state = "shown";
 }
 
-function query() {
-  return new URLSearchParams({ period: $("#period").value, from: $("#from").value, to: $("#to").value });
+function query(scope) {
+  const q = new URLSearchParams({ period: $("#period").value, from: $("#from").value, to: $("#to").value });
+  if (scope === "devices") q.set("station", $("#station").value);
+  return q;
 }
 
-async function get(accept) {
-  const response = await fetch(`/v1/summaries/stations?${query()}`, {
+async function get(accept, scope) {
+  const response = await fetch(`/v1/summaries/${scope}?${query(scope)}`, {
     headers: { Accept: accept, Authorization: `Bearer ${KEY}` },
   });
   if (!response.ok) {
@@ -99,20 +113,40 @@ async function load(event) {
   if (!KEY) { $("#status").textContent = "API key: 在控制台登录 · log in at the console"; return; }
   $("#status").textContent = "…";
   try {
-    const data = await (await get("application/json")).json();
+    const data = await (await get("application/json", "stations")).json();
     ROWS = data.rows;
     const chosen = $("#station").value;
     const ids = [...new Set(ROWS.map((r) => r.station_id))];
     $("#station").replaceChildren(...ids.map((id) => {
       const r = ROWS.find((x) => x.station_id === id);
-      const option = document.createElement("option");
-      option.value = id;
-      option.textContent = `${r.name_zh} · ${r.name_en}`;
-      return option;
+      return option(id, `${r.name_zh} · ${r.name_en}`);
     }));
     if (ids.includes(chosen)) $("#station").value = chosen;
     $("#status").textContent = `${data.from} – ${data.to} (${data.timezone}); rolled up to ${data.rolled_through || "–"}`;
-    show();
+    await loadDevices();
+  } catch (err) {
+    $("#status").textContent = `错误 error: ${err.message}`;
+    document.body.dataset.state = "error";
+  }
+}
+
+// By device: the chosen station's devices (one request per station chosen).
+async function loadDevices() {
+  $("#device-box").hidden = !byDevice();
+  if (byDevice()) {
+    const data = await (await get("application/json", "devices")).json();
+    DEVICE_ROWS = data.rows;
+    const chosen = $("#device").value;
+    const ids = [...new Set(DEVICE_ROWS.map((r) => r.device_id))];
+    $("#device").replaceChildren(...ids.map((id) => option(id, `${id} · ${DEVICE_ROWS.find((x) => x.device_id === id).kind}`)));
+    if (ids.includes(chosen)) $("#device").value = chosen;
+  }
+  show();
+}
+
+async function changed() {
+  try {
+    await loadDevices();
   } catch (err) {
     $("#status").textContent = `错误 error: ${err.message}`;
     document.body.dataset.state = "error";
@@ -121,7 +155,7 @@ async function load(event) {
 
 async function csv() {
   try {
-    const response = await get("text/csv");
+    const response = await get("text/csv", byDevice() ? "devices" : "stations");
     const name = (response.headers.get("Content-Disposition") || "").split('filename="')[1] || "summaries.csv";
     const a = document.createElement("a");
     a.href = URL.createObjectURL(await response.blob());
@@ -138,6 +172,8 @@ const ago = new Date(today.getTime() - 7 * 86400000);
 $("#to").value = today.toISOString().slice(0, 10);
 $("#from").value = ago.toISOString().slice(0, 10);
 $("#filters").addEventListener("submit", load);
-$("#station").addEventListener("change", show);
+$("#station").addEventListener("change", () => { document.body.dataset.state = "loading"; changed(); });
+$("#scope").addEventListener("change", () => { document.body.dataset.state = "loading"; changed(); });
+$("#device").addEventListener("change", show);
 $("#csv").addEventListener("click", csv);
 load();

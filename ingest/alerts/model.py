@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from devices.faults import Severity
 
@@ -195,3 +195,14 @@ def alert_view(alert: Alert) -> dict[str, Any]:
         "reports": alert.reports,
     }
     return view
+
+
+class Timing(NamedTuple):
+    """An alert's times in epoch ms (``AlertStore.timings``)."""
+
+    station_id: str
+    code: str
+    opened_ms: int
+    acked_ms: int | None
+    resolved_ms: int | None
+    device_id: str | None = None  # None: the station's own alert (or the service's)

@@ -14,10 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ingest.alerts.model import SERVICE_STATION
+from ingest.alerts.model import SERVICE_STATION, Timing
 
 GroupBy = Literal["station", "code"]
-Timing = tuple[str, str, int, int | None, int | None]  # station, code, opened, ack, resolved
 
 
 @dataclass(slots=True)
@@ -26,6 +25,13 @@ class RepairGroup:
     alerts: int = 0
     ack_s: list[float] = field(default_factory=list)
     repair_s: list[float] = field(default_factory=list)
+
+    def add(self, t: Timing) -> None:
+        self.alerts += 1
+        if t.acked_ms is not None and t.acked_ms >= t.opened_ms:
+            self.ack_s.append((t.acked_ms - t.opened_ms) / 1000)
+        if t.resolved_ms is not None and t.resolved_ms >= t.opened_ms:
+            self.repair_s.append((t.resolved_ms - t.opened_ms) / 1000)
 
     def view(self) -> dict[str, object]:
         def mean(values: list[float]) -> float | None:
@@ -49,16 +55,12 @@ class RepairGroup:
 def repair_times(rows: Iterable[Timing], by: GroupBy) -> list[RepairGroup]:
     """One group per station (or code), in key order."""
     groups: dict[str, RepairGroup] = {}
-    for station, code, opened, acked, resolved in rows:
-        if station == SERVICE_STATION:
+    for t in rows:
+        if t.station_id == SERVICE_STATION:
             continue
-        key = station if by == "station" else code
+        key = t.station_id if by == "station" else t.code
         group = groups.get(key)
         if group is None:
             group = groups[key] = RepairGroup(key)
-        group.alerts += 1
-        if acked is not None and acked >= opened:
-            group.ack_s.append((acked - opened) / 1000)
-        if resolved is not None and resolved >= opened:
-            group.repair_s.append((resolved - opened) / 1000)
+        group.add(t)
     return [groups[k] for k in sorted(groups)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery
+from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery, Timing
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
@@ -156,17 +156,15 @@ class AlertStore:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         return self._alerts(f"{clause} ORDER BY id DESC LIMIT ?", [*args, q.limit])
 
-    def timings(
-        self, from_ms: int, to_ms: int
-    ) -> list[tuple[str, str, int, int | None, int | None]]:
-        """(station, code, opened, acknowledged, resolved) of the alerts opened in
-        [from_ms, to_ms), times in ms (ingest.alerts.repair)."""
+    def timings(self, from_ms: int, to_ms: int) -> list[Timing]:
+        """Station, code, opened, acknowledged, resolved (ms) and device of the alerts
+        opened in [from_ms, to_ms) (ingest.alerts.repair)."""
         rows = self._query(
-            "SELECT station_id, code, opened_at_ms, acknowledged_at_ms, resolved_at_ms"
-            " FROM alerts WHERE opened_at_ms >= ? AND opened_at_ms < ? ORDER BY id",
+            "SELECT station_id, code, opened_at_ms, acknowledged_at_ms, resolved_at_ms,"
+            " device_id FROM alerts WHERE opened_at_ms >= ? AND opened_at_ms < ? ORDER BY id",
             (from_ms, to_ms),
         )
-        return [(str(r[0]), str(r[1]), int(r[2]), r[3], r[4]) for r in rows]
+        return [Timing(str(r[0]), str(r[1]), int(r[2]), r[3], r[4], r[5]) for r in rows]
 
     def notes(self, alert_id: int) -> list[dict[str, Any]]:
         rows = self._query(

@@ -381,3 +381,25 @@ def test_an_overdue_notice_reads_in_both_languages_in_every_format(fmt: str, lan
     }[lang]  # fmt: skip
     for words in expected:
         assert words in text, (fmt, lang, words, text)
+
+
+def test_timings_name_the_alerts_device(tmp_path: Path) -> None:
+    """Per-device reports need the device of each alert (None: the station's own)."""
+    t0 = 1_796_284_800_000
+    store = AlertStore.in_dir(tmp_path)
+    try:
+        ops = Ops()
+        for id_, device in ((1, "WGS-C01"), (2, None)):
+            ops.alerts[id_] = Alert(
+                id=id_, rule="fault", code="door_fault", severity="minor", status="acknowledged",
+                station_id="WGS", device_id=device, unit=None, unit_kind=None,
+                opened_at_ms=t0 + id_, last_seen_at_ms=t0 + id_, acknowledged_at_ms=t0 + 60_000,
+            ).record()  # fmt: skip
+        store.apply(ops, 1000)
+        timings = store.timings(t0, t0 + 1_000_000)
+    finally:
+        store.close()
+    assert [(t.station_id, t.device_id, t.opened_ms, t.acked_ms) for t in timings] == [
+        ("WGS", "WGS-C01", t0 + 1, t0 + 60_000),
+        ("WGS", None, t0 + 2, t0 + 60_000),
+    ]

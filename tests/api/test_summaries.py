@@ -13,12 +13,15 @@ import pytest
 
 from api.summaries import (
     CSV_COLUMNS,
+    DEVICE_CSV_COLUMNS,
+    DeviceInfo,
     ReportOutcome,
     StationInfo,
     periods,
     summarize,
     to_csv,
 )
+from ingest.alerts.repair import Timing
 
 TZ = ZoneInfo("Asia/Shanghai")
 H = 3_600_000
@@ -108,11 +111,11 @@ def test_a_stations_period_adds_up_its_hours_alerts_and_reports() -> None:
         {"id": "a", "hour_ms": DAY2 + 24 * H, "data": hour(1, sessions=99)},  # after the window
     ]  # fmt: skip
     timings = [
-        ("a", "over_current", DAY1 + 9 * H, DAY1 + 9 * H + 60_000, DAY1 + 10 * H),
-        ("a", "comm_error", DAY1 + 11 * H, DAY1 + 11 * H + 180_000, None),
-        ("a", "smoke", DAY1 + 12 * H, None, None),
-        ("a", "rider_report", DAY2 + H, None, DAY2 + 2 * H),
-        ("service", "store_unavailable", DAY1 + H, DAY1 + 2 * H, DAY1 + 3 * H),
+        Timing("a", "over_current", DAY1 + 9 * H, DAY1 + 9 * H + 60_000, DAY1 + 10 * H),
+        Timing("a", "comm_error", DAY1 + 11 * H, DAY1 + 11 * H + 180_000, None),
+        Timing("a", "smoke", DAY1 + 12 * H, None, None),
+        Timing("a", "rider_report", DAY2 + H, None, DAY2 + 2 * H),
+        Timing("service", "store_unavailable", DAY1 + H, DAY1 + 2 * H, DAY1 + 3 * H),
     ]
     outcomes = [
         ReportOutcome("a", DAY1 + 9 * H, "confirmed"),
@@ -158,7 +161,7 @@ def test_csv_has_a_header_then_one_row_per_station_and_period() -> None:
         [{"id": "a", "hour_ms": DAY1 + 9 * H, "data": hour(
             3, minutes_open=180, minutes_port_free=30, energy_wh=1234.5,
             faults={"smoke": 2, "vendor_x": 3})}],
-        [("a", "smoke", DAY1 + 9 * H, DAY1 + 9 * H + 1500, None)],
+        [Timing("a", "smoke", DAY1 + 9 * H, DAY1 + 9 * H + 1500, None)],
         [],
         period="day",
         tz=TZ,
@@ -178,3 +181,59 @@ def test_csv_has_a_header_then_one_row_per_station_and_period() -> None:
     assert (b["battery_ready_share"], b["hours_rolled_up"]) == ("", "0")
     datetime.fromisoformat(a["start"])  # RFC 3339 with the district's offset
     assert datetime.fromisoformat(a["start"]).utcoffset() == timedelta(hours=8)
+
+
+DEVICES = [
+    DeviceInfo("a-p1", "pile", STATIONS[0]),
+    DeviceInfo("a-c1", "cabinet", STATIONS[0]),
+]
+
+
+def test_a_devices_period_adds_up_its_own_hours_alerts_and_reports() -> None:
+    rollups = [  # a device's rollup: devices=1, its own minutes
+        {"id": "a-p1", "hour_ms": DAY1 + 9 * H, "data": hour(
+            1, minutes_open=60, minutes_port_free=45, minutes_offline=10, energy_wh=800.0,
+            sessions=3, faults={"over_current": 1}, reports=1)},
+        {"id": "a-c1", "hour_ms": DAY1 + 9 * H, "data": hour(
+            1, minutes_open=60, minutes_battery_ready=30, swaps=2, reports=2)},
+        {"id": "a", "hour_ms": DAY1 + 9 * H, "data": hour(2, sessions=99)},  # the station
+    ]  # fmt: skip
+    timings = [
+        Timing("a", "over_current", DAY1 + 9 * H, DAY1 + 9 * H + 60_000, DAY1 + 10 * H, "a-p1"),
+        Timing("a", "door_fault", DAY1 + 9 * H, DAY1 + 9 * H + 120_000, None, "a-c1"),
+        Timing("a", "rider_report", DAY1 + 9 * H, DAY1 + 10 * H, None),  # the station's own
+        Timing("b", "smoke", DAY1 + 9 * H, None, None, "a-p1"),  # a device moved? counted
+    ]
+    outcomes = [
+        ReportOutcome("a", DAY1 + 9 * H, "confirmed", "a-p1"),
+        ReportOutcome("a", DAY1 + 9 * H, "rejected", "a-c1"),
+        ReportOutcome("a", DAY1 + 9 * H, "expired", "a-c1"),
+        ReportOutcome("a", DAY1 + 9 * H, "pending"),  # the station's: no device's
+    ]
+    rows = summarize(DEVICES, [(DAY1, DAY2)], rollups, timings, outcomes, period="day", tz=TZ)
+    pile, cabinet = rows
+    assert pile == {
+        "device_id": "a-p1", "kind": "pile", "station_id": "a", "name_zh": "甲站",
+        "name_en": 'Station A, "north"', "period": "day",
+        "start": "2026-12-02T00:00:00+08:00", "end": "2026-12-03T00:00:00+08:00",
+        "hours": 24, "hours_rolled_up": 1, "open_minutes": 60,
+        "port_free_share": 0.75, "battery_ready_share": None,
+        "offline_minutes": 10, "energy_wh": 800.0, "sessions": 3, "swaps": 0,
+        "faults": {"over_current": 1},
+        "alerts": 2, "acknowledged": 1, "resolved": 1, "mtta_s": 60.0, "mttr_s": 3600.0,
+        "reports": 1, "reports_confirmed": 1, "reports_rejected": 0, "reports_expired": 0,
+        "reports_pending": 0,
+    }  # fmt: skip
+    assert (cabinet["port_free_share"], cabinet["battery_ready_share"]) == (None, 0.5)
+    assert (cabinet["alerts"], cabinet["mtta_s"], cabinet["mttr_s"]) == (1, 120.0, None)
+    assert (cabinet["reports"], cabinet["reports_rejected"], cabinet["reports_expired"]) == (
+        2, 1, 1,
+    )  # fmt: skip
+    assert cabinet["swaps"] == 2
+
+    table = list(csv.reader(io.StringIO(to_csv(rows, DEVICE_CSV_COLUMNS), newline="")))
+    assert table[0] == list(DEVICE_CSV_COLUMNS)
+    assert table[0][:5] == ["device_id", "kind", "station_id", "name_zh", "name_en"]
+    assert table[0][5:] == list(CSV_COLUMNS)[3:], "the same metrics as a station's"
+    got = dict(zip(table[0], table[1], strict=True))
+    assert (got["device_id"], got["faults_over_current"], got["mtta_s"]) == ("a-p1", "1", "60.0")

@@ -20,7 +20,7 @@ import pytest
 from api.app import create_app
 from api.auth import KeyStore
 from api.settings import ServeSettings
-from api.summaries import CSV_COLUMNS
+from api.summaries import CSV_COLUMNS, DEVICE_CSV_COLUMNS
 from devices.catalog import Catalog
 from devices.rollup import HOUR_MS
 from ingest.alerts.config import AlertsConfig, ReportOptions
@@ -91,28 +91,35 @@ async def _post(s: Served, path: str, **body: Any) -> dict[str, Any]:
     return answer
 
 
+async def a_day_of_reports(s: Served) -> None:
+    """07:10 a smoke report at YGR-P01 (acknowledged after 20 minutes, resolved after an hour,
+    confirmed), 07:20 a station's report (rejected), 08:05 a damage report at YGR-C01
+    (expires), one report elsewhere; then the hours rolled up."""
+    s.clock.ms = FIRST_HOUR + HOUR_MS + 10 * MINUTE  # 07:10 local
+    smoke = await _post(s, "/v1/reports", station=STATION.id, device="YGR-P01",
+                        category="smoke")  # fmt: skip
+    s.clock.ms += 10 * MINUTE
+    blocked = await _post(s, "/v1/reports", station=STATION.id, category="blocked")
+    s.clock.ms += 10 * MINUTE  # 07:30: the smoke acknowledged after 20 minutes
+    await _post(s, f"/v1/alerts/{smoke['alert_id']}/ack")
+    s.clock.ms = FIRST_HOUR + 2 * HOUR_MS + 5 * MINUTE  # 08:05
+    await _post(s, "/v1/reports", station=STATION.id, device="YGR-C01", category="damage")
+    s.clock.ms += 5 * MINUTE  # 08:10: resolved an hour after it opened
+    await _post(s, f"/v1/alerts/{smoke['alert_id']}/resolve")
+    await _post(s, f"/v1/reports/{smoke['report_id']}/confirm")
+    await _post(s, f"/v1/reports/{blocked['report_id']}/reject")
+    await _post(s, "/v1/reports", station="ziyun-road", category="other")  # elsewhere
+    s.clock.ms = END_MS + 3 * HOUR_MS  # the damage report's window is long over
+    rollups = s.housekeeping.rollups
+    assert rollups is not None
+    assert rollups.catch_up(END_MS, max_hours=HOURS + 1) == HOURS
+
+
 async def test_a_days_report_of_a_station_from_rollups_alerts_and_riders_reports(
     tmp_path: Path,
 ) -> None:
     async with served(tmp_path) as s:
-        s.clock.ms = FIRST_HOUR + HOUR_MS + 10 * MINUTE  # 07:10 local
-        smoke = await _post(s, "/v1/reports", station=STATION.id, device="YGR-P01",
-                            category="smoke")  # fmt: skip
-        s.clock.ms += 10 * MINUTE
-        blocked = await _post(s, "/v1/reports", station=STATION.id, category="blocked")
-        s.clock.ms += 10 * MINUTE  # 07:30: the smoke acknowledged after 20 minutes
-        await _post(s, f"/v1/alerts/{smoke['alert_id']}/ack")
-        s.clock.ms = FIRST_HOUR + 2 * HOUR_MS + 5 * MINUTE  # 08:05
-        await _post(s, "/v1/reports", station=STATION.id, device="YGR-C01", category="damage")
-        s.clock.ms += 5 * MINUTE  # 08:10: resolved an hour after it opened
-        await _post(s, f"/v1/alerts/{smoke['alert_id']}/resolve")
-        await _post(s, f"/v1/reports/{smoke['report_id']}/confirm")
-        await _post(s, f"/v1/reports/{blocked['report_id']}/reject")
-        await _post(s, "/v1/reports", station="ziyun-road", category="other")  # elsewhere
-        s.clock.ms = END_MS + 3 * HOUR_MS  # the damage report's window is long over
-        rollups = s.housekeeping.rollups
-        assert rollups is not None
-        assert rollups.catch_up(END_MS, max_hours=HOURS + 1) == HOURS
+        await a_day_of_reports(s)
 
         params = {"from": "2026-12-02", "to": "2026-12-03", "period": "day"}
         r = await s.http.get("/v1/summaries/stations", params=params, headers=s.key)
@@ -169,6 +176,77 @@ async def test_a_days_report_of_a_station_from_rollups_alerts_and_riders_reports
         for key in ("sessions", "swaps", "alerts", "reports", "reports_expired", "open_minutes"):
             assert got[key] == str(row[key]), key
         assert (got["mtta_s"], got["port_free_share"]) == ("1200.0", str(row["port_free_share"]))
+
+
+async def test_a_days_report_per_device_of_a_station(tmp_path: Path) -> None:
+    async with served(tmp_path) as s:
+        await a_day_of_reports(s)
+        params = {"from": "2026-12-02", "to": "2026-12-03", "station": STATION.id}
+        r = await s.http.get("/v1/summaries/devices", params=params, headers=s.key)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["from"], body["period"]) == ("2026-12-02T00:00:00+08:00", "day")
+        rows = {row["device_id"]: row for row in body["rows"]}
+        assert list(rows) == [d.id for d in STATION.devices], "the station's, in catalog order"
+        for spec in STATION.devices:
+            row = rows[spec.id]
+            stored = s.store.rollups("device", [spec.id], FIRST_HOUR, END_MS)
+            assert len(stored) == HOURS
+            assert (row["kind"], row["station_id"]) == (spec.kind, STATION.id)
+            assert row["hours_rolled_up"] == HOURS
+            assert row["open_minutes"] == 120, "06:00-07:00 closed"
+            assert row["offline_minutes"] == sum(h["data"]["minutes_offline"] for h in stored)
+            for key in ("sessions", "swaps", "reports"):
+                assert row[key] == sum(h["data"][key] for h in stored), (spec.id, key)
+            free = "minutes_port_free" if spec.kind == "pile" else "minutes_battery_ready"
+            share = "port_free_share" if spec.kind == "pile" else "battery_ready_share"
+            other = "battery_ready_share" if spec.kind == "pile" else "port_free_share"
+            assert row[share] == round(sum(h["data"][free] for h in stored) / 120, 4)
+            assert row[other] is None
+        pile, cabinet = rows["YGR-P01"], rows["YGR-C01"]
+        assert pile["offline_minutes"] == 20, "dead 07:40-08:00"
+        assert cabinet["swaps"] > 0
+        assert (pile["alerts"], pile["mtta_s"], pile["mttr_s"]) == (1, 1200.0, 3600.0)
+        assert (pile["reports"], pile["reports_confirmed"]) == (1, 1)
+        assert (cabinet["alerts"], cabinet["acknowledged"], cabinet["mttr_s"]) == (1, 0, None)
+        assert (cabinet["reports"], cabinet["reports_expired"]) == (1, 1)
+        silent = [rows[d.id] for d in STATION.devices if d.id not in {"YGR-P01", "YGR-C01"}]
+        assert sum(r["alerts"] + r["reports"] for r in silent) == 0, "the station's report"
+        assert sum(r["reports"] for r in rows.values()) == 2
+
+        r = await s.http.get(
+            "/v1/summaries/devices",
+            params={"from": "2026-12-02", "to": "2026-12-04", "device": "YGR-P01"},
+            headers={**s.key, "Accept": "text/csv"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["content-disposition"] == (
+            'attachment; filename="chargewatch-devices-day-2026-12-02-2026-12-03.csv"'
+        )
+        table = list(csv.reader(io.StringIO(r.text, newline="")))
+        assert table[0] == list(DEVICE_CSV_COLUMNS)
+        assert [row[:2] for row in table[1:]] == [["YGR-P01", "pile"]] * 2, "one device, 2 days"
+        got = dict(zip(table[0], table[1], strict=True))
+        assert (got["station_id"], got["mttr_s"]) == (STATION.id, "3600.0")
+        assert got["sessions"] == str(pile["sessions"])
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({"device": "nowhere"}, 404),
+        ({"station": "ziyun-road", "device": "YGR-P01"}, 404),  # not that station's
+        ({"device": "x" * 65}, 422),
+        ({"from": "2026-12-03", "to": "2026-12-02"}, 422),
+    ],
+)
+async def test_a_device_report_for_an_unknown_device_or_window_is_refused(
+    tmp_path: Path, params: dict[str, str], status: int
+) -> None:
+    async with served(tmp_path) as s:
+        r = await s.http.get("/v1/summaries/devices", params=params, headers=s.key)
+        assert r.status_code == status, r.text[:300]
+        assert (await s.http.get("/v1/summaries/devices")).status_code == 401
 
 
 @pytest.mark.parametrize(

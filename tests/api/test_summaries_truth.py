@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from api.summaries import StationInfo, periods, summarize
+from api.summaries import DeviceInfo, StationInfo, periods, summarize
 from devices.catalog import district_tz
 from devices.rollup import HOUR_MS
 from ingest.rollups import HourlyRollups
@@ -97,17 +97,50 @@ def truth(rows: list[HistoryRow]) -> dict[str, dict[str, Any]]:
     return days
 
 
+def device_truth(rows: list[HistoryRow], device_id: str, kind: str) -> dict[str, dict[str, Any]]:
+    """Per local day, from one device's messages: its open minutes, minutes with a free
+    port / ready battery, minutes offline, energy, sessions, swaps and faults."""
+    first = round(START_S * 1000)
+    days: dict[str, dict[str, Any]] = defaultdict(lambda: defaultdict(int))
+    for h in range(HOURS):
+        hour = first + h * HOUR_MS
+        day = days[local_day(hour)]
+        want = expected(rows, device_id, kind, hour)
+        day["open"] += want["minutes_open"]
+        day["offline"] += 60 - want["minutes_online"]
+        day["free"] += want["minutes_port_free" if kind == "pile" else "minutes_battery_ready"]
+    for r in rows:
+        if r.type != "event" or r.device_id != device_id:
+            continue
+        e = json.loads(r.payload)
+        day = days[local_day(r.ts_ms)]
+        day["sessions"] += e["type"] == "session_started"
+        day["swaps"] += e["type"] == "swap"
+        day["energy_wh"] += e["energy_wh"] if e["type"] == "session_ended" else 0
+        if e["type"] == "fault_raised":
+            day.setdefault("faults", defaultdict(int))
+            day["faults"][e["code"]] += 1
+    return days
+
+
+def rolled_up(tmp_path: Path, rows: list[HistoryRow]) -> SQLiteStore:
+    """The rows stored, compacted and rolled up as the service does."""
+    end = round(START_S * 1000) + HOURS * HOUR_MS
+    store = SQLiteStore(tmp_path / "cw.db")
+    store.append(rows)
+    while store.compact(end):
+        pass
+    assert HourlyRollups(store, CATALOG, RELEASE).catch_up(end, max_hours=HOURS + 1) == HOURS
+    return store
+
+
 def test_a_stations_days_match_the_ground_truth(tmp_path: Path) -> None:
     rows = traffic()
     assert sum(1 for r in rows if r.type == "death") == 1
     first = round(START_S * 1000)
     end = first + HOURS * HOUR_MS
-    store = SQLiteStore(tmp_path / "cw.db")
+    store = rolled_up(tmp_path, rows)
     try:
-        store.append(rows)
-        while store.compact(end):
-            pass
-        assert HourlyRollups(store, CATALOG, RELEASE).catch_up(end, max_hours=HOURS + 1) == HOURS
         spans = periods(first, end, "day", TZ)
         info = StationInfo(STATION.id, STATION.name.zh, STATION.name.en, piles=30, cabinets=12)
         rollups = store.rollups("station", [STATION.id], spans[0][0], spans[-1][1])
@@ -132,3 +165,41 @@ def test_a_stations_days_match_the_ground_truth(tmp_path: Path) -> None:
     assert all(0 < r["port_free_share"] <= 1 for r in got)
     silent = 60 * (len(STATION.devices) - 3)
     assert [r["offline_minutes"] - silent * r["hours_rolled_up"] for r in got] == [20, 30]
+
+
+def test_a_devices_days_match_the_ground_truth(tmp_path: Path) -> None:
+    """The pile that died across midnight and the cabinet, each from its own messages."""
+    rows = traffic()
+    first = round(START_S * 1000)
+    spans = periods(first, first + HOURS * HOUR_MS, "day", TZ)
+    station = StationInfo(STATION.id, STATION.name.zh, STATION.name.en, piles=30, cabinets=12)
+    pile = [d for d in STATION.devices if d.kind == "pile"][1]  # the one that dies
+    cabinet = next(d for d in STATION.devices if d.kind == "cabinet")
+    devices = [DeviceInfo(pile.id, "pile", station), DeviceInfo(cabinet.id, "cabinet", station)]
+    store = rolled_up(tmp_path, rows)
+    try:
+        ids = [d.id for d in devices]
+        rollups = store.rollups("device", ids, spans[0][0], spans[-1][1])
+        got = summarize(devices, spans, rollups, [], [], period="day", tz=TZ)
+    finally:
+        store.close()
+    assert [(r["device_id"], r["start"][:10]) for r in got] == [
+        (pile.id, "2026-12-02"), (pile.id, "2026-12-03"),
+        (cabinet.id, "2026-12-02"), (cabinet.id, "2026-12-03"),
+    ]  # fmt: skip
+    for row, device in zip(got, [d for d in devices for _ in range(2)], strict=True):
+        day = device_truth(rows, device.id, device.kind)[row["start"][:10]]
+        share = "port_free_share" if device.kind == "pile" else "battery_ready_share"
+        other = "battery_ready_share" if device.kind == "pile" else "port_free_share"
+        assert row["open_minutes"] == day["open"] > 0, row["start"]
+        assert row[share] == round(day["free"] / day["open"], 4)
+        assert row[other] is None
+        assert row["offline_minutes"] == day["offline"]
+        assert (row["sessions"], row["swaps"]) == (day["sessions"], day["swaps"])
+        assert row["energy_wh"] == round(day["energy_wh"], 1)
+        assert row["faults"] == dict(sorted(day.get("faults", {}).items()))
+    # the numbers say something: the pile's death (20 + 30 minutes), riders came
+    assert [r["offline_minutes"] for r in got[:2]] == [20, 30]
+    assert got[0]["sessions"] + got[1]["sessions"] > 0
+    assert got[2]["swaps"] + got[3]["swaps"] > 0
+    assert all(0 < (r["port_free_share"] or r["battery_ready_share"]) <= 1 for r in got)

@@ -1,7 +1,8 @@
 """The operator reports page in headless chromium: ``chargewatch serve`` on a data dir
 holding three rolled-up hours of a station; the page draws one SVG chart per metric and a
-table from ``/v1/summaries/stations``, under the console's CSP (nothing refused), and
-downloads the CSV with the key."""
+table from ``/v1/summaries/stations``, switches to one device's rows
+(``/v1/summaries/devices``), under the console's CSP (nothing refused), and downloads the
+CSV with the key; the console links to it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.ingest.test_rollups import CATALOG, HOURS, RELEASE, START_S, STATION,
 from tests.servers import chargewatch_serve
 
 DAY = "2026-12-02"
+CABINET = "YGR-C01"
 
 
 def test_the_reports_page_charts_a_stations_days(tmp_path: Path, browser: Any) -> None:
@@ -88,6 +90,47 @@ def test_the_reports_page_charts_a_stations_days(tmp_path: Path, browser: Any) -
         lines = csv_path.read_text(encoding="utf-8").splitlines()
         assert lines[0].startswith("station_id,name_zh,name_en,period,start,end")
         assert len(lines) == 1 + len(CATALOG.stations), "every station, one day"
+
+        # by device: the station's devices, one chosen; its own numbers
+        r = httpx.get(
+            svc.base_url + "/v1/summaries/devices",
+            params={"from": DAY, "to": "2026-12-03", "device": CABINET},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        [mine] = r.json()["rows"]
+        assert 0 < mine["swaps"] == row["swaps"], "the station's one cabinet publishing"
+        assert mine["offline_minutes"] < row["offline_minutes"]
+        assert page.is_hidden("#device-box")
+        page.select_option("#scope", "devices")
+        page.wait_for_selector(f"#device option[value='{CABINET}']", state="attached")
+        assert page.is_visible("#device-box")
+        options = page.eval_on_selector_all("#device option", "os => os.map(o => o.value)")
+        assert options == [d.id for d in STATION.devices]
+        page.select_option("#device", CABINET)
+        page.wait_for_function(
+            "m => document.querySelector('#rows tbody td:nth-child(4)')?.textContent === m",
+            arg=str(mine["offline_minutes"]),
+        )
+        cells = [c.inner_text() for c in page.query_selector_all("#rows tbody tr td")]
+        assert cells[2] == f"{mine['battery_ready_share'] * 100:.1f}%"
+        assert cells[1] == "–", "a cabinet has no port share"
+        bars = page.query_selector_all("#charts figure[data-metric='offline_minutes'] rect")
+        assert [b.get_attribute("data-value") for b in bars] == [str(mine["offline_minutes"])]
+        with page.expect_download() as download:
+            page.click("#csv")
+        assert download.value.suggested_filename == (
+            "chargewatch-devices-day-2026-12-02-2026-12-02.csv"
+        )
+        download.value.save_as(csv_path)
+        lines = csv_path.read_text(encoding="utf-8").splitlines()
+        assert lines[0].startswith("device_id,kind,station_id,name_zh")
+        assert len(lines) == 1 + len(STATION.devices), "the station's devices, one day"
+
+        page.goto(svc.base_url + "/console")
+        page.click("#reports-link")
+        page.wait_for_url("**/console/summaries")
         context.close()
     assert refused == [], refused
     assert errors == [], errors
