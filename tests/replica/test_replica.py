@@ -28,6 +28,7 @@ from ingest.readside import now_ms
 from ingest.replica import ReplicaReadSide, as_read_and_act, libpq_url
 from ingest.store import TwinRecord
 from ingest.twins import Twin
+from tests.pg_server import postgresql
 
 STATION = "yungu-road"
 
@@ -230,3 +231,42 @@ async def test_a_replica_refuses_a_database_behind_its_schema(pg_url: str, tmp_p
     with pytest.raises(migrate.SchemaBehind, match="chargewatch db upgrade"):
         async with replica(pg_url, tmp_path, "a"):
             pass
+
+
+async def test_readyz_fails_while_postgresql_is_down_and_recovers(tmp_path: Path) -> None:
+    with postgresql() as pg:
+        url = pg.create_database("replica")
+        catalog = seeded(url)
+        pile = a_pile(catalog)
+        async with replica(url, tmp_path, "a", refresh_s=0.5, ping_s=0.2) as (side, http):
+            await until_listening(side)
+            assert (await http.get("/readyz")).status_code == 200
+
+            await asyncio.to_thread(pg.stop)
+            body = await until_status(http, "/readyz", 503, within_s=5.0)
+            assert body["ready"] is False
+            assert any("database unreachable" in p for p in body["problems"]), body
+            # riders still get the last known state, from memory
+            assert (await http.get("/v1/stations")).status_code == 200
+
+            await asyncio.to_thread(pg.start)
+            await until_status(http, "/readyz", 200, within_s=15.0)
+            # and it hears the workers again
+            store = PostgresStore(url)
+            try:
+                await asyncio.to_thread(write_twin, store, online_pile(pile, charging=1))
+                await until(
+                    http, "/v1/stations", lambda s: ours(s)["piles"]["online"] == 1, within_s=1.0
+                )
+            finally:
+                store.close()
+
+
+async def until_status(http: httpx.AsyncClient, path: str, status: int, within_s: float) -> Any:
+    start = time.monotonic()
+    while True:
+        r = await http.get(path)
+        if r.status_code == status:
+            return r.json()
+        assert time.monotonic() - start < within_s, f"{path}: {r.status_code} {r.text}"
+        await asyncio.sleep(0.05)
