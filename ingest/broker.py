@@ -160,7 +160,8 @@ class EmbeddedBroker:
         if self._broker is not None:
             done = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop)
             try:
-                await asyncio.wait_for(asyncio.wrap_future(done), 10)
+                async with asyncio.timeout(10):
+                    await asyncio.wrap_future(done)
             except (TimeoutError, Exception) as exc:  # shutting down anyway
                 log.warning("embedded broker shutdown: %r", exc)
         loop.call_soon_threadsafe(loop.stop)

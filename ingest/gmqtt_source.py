@@ -63,6 +63,7 @@ _PUBACK = struct.Struct("!BBH")  # MQTT 3.1.1 PUBACK: type 0x40, remaining lengt
 _DISCONNECT = b"\xe0\x00"
 _QOS1_HOOK = "_handle_qos_1_publish_packet"
 _SUBSCRIBE_BATCH = 100  # topic filters per SUBSCRIBE packet
+CLOSE_WAIT_S = 3.0  # at most this long for the broker to close, or a cancelled connect to end
 
 
 class _Client(gmqtt.Client):  # type: ignore[misc]  # gmqtt has no type information
@@ -179,16 +180,17 @@ class GmqttSource:
         self._client = client
         self._lost.clear()
         self._was_up = False
-        connect = asyncio.ensure_future(
+        connect = asyncio.create_task(
             client.connect(
                 self.url.host,
                 self.url.port,
                 ssl=self._ssl or False,
                 keepalive=self.keepalive_s,
                 version=MQTTv311,
-            )
+            ),
+            name=f"mqtt-connect:{generation}",
         )
-        lost = asyncio.ensure_future(self._lost.wait())
+        lost = asyncio.create_task(self._lost.wait(), name=f"mqtt-lost:{generation}")
         try:
             done, _ = await asyncio.wait(
                 {connect, lost}, timeout=self.connect_timeout_s, return_when="FIRST_COMPLETED"
@@ -202,6 +204,8 @@ class GmqttSource:
         finally:
             for task in (connect, lost):
                 task.cancel()
+            # let them end here, not after us (bounded: a cancel cannot hang the stop)
+            await asyncio.wait((connect, lost), timeout=CLOSE_WAIT_S)
             if not self._lost.is_set():  # shutdown, refusal or a CONNACK that never came
                 await self._close(client)
 
@@ -219,10 +223,12 @@ class GmqttSource:
             return
         conn.send_package(_DISCONNECT)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._lost.wait(), 3)
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                await self._lost.wait()
         self._lost.set()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), 3)
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                await conn.close()
 
     # -- called by the pipeline -----------------------------------------------------------
 

@@ -54,6 +54,7 @@ SOURCE = "ingest:mqtt"
 DISK = "ingest:disk"
 PASSPORTS = "ingest:passports"
 HOUSEKEEPING = "ingest:housekeeping"
+REMEMBER_SESSION = "ingest:remember-session"
 FATAL_EXIT_STATUS = 70  # EX_SOFTWARE: a task that cannot restart in place died
 
 
@@ -97,7 +98,6 @@ class Ingest:
         # an external broker gave our client id a session before (persisted: a crash of the
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
-        self._background: set[asyncio.Task[None]] = set()
         self.disk = DiskWatch(
             config.data_dir,
             check_s=config.disk_check_s,
@@ -203,6 +203,9 @@ class Ingest:
             self.history = self._history or store
             if self._history is not None:
                 self._stack.callback(self._history.close)
+            # the service's tasks, in one TaskGroup: left (every task stopped) before the
+            # stores above close, after what is entered below
+            await self._stack.enter_async_context(self.supervisor)
             restored = self.twins.restore(await asyncio.to_thread(store.load_twins))
             log.info("store %s: %d device twins restored", store.path, restored)
 
@@ -353,9 +356,7 @@ class Ingest:
                 await self.passports.flush()
             except StoreError:
                 log.error("battery passports: the last operations were not written")
-        await asyncio.gather(*self._background, return_exceptions=True)
-        await self._stack.aclose()
-        await self.supervisor.close()
+        await self._stack.aclose()  # leaves the supervisor: every other task, then the stores
 
     @property
     def _session_fact(self) -> str:
@@ -382,9 +383,7 @@ class Ingest:
         if not self._session_seen:
             self._session_seen = True
             log.info("first session of client id %r at %s", self.config.client_id, self.broker_url)
-            task = asyncio.create_task(self._remember_session(), name="remember-session")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.supervisor.spawn(REMEMBER_SESSION, self._remember_session())
 
     async def _remember_session(self) -> None:
         if self._sqlite is None:

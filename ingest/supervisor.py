@@ -17,6 +17,16 @@ therefore runs here, with one of two policies:
 
 A task that returns when it should run forever, or is cancelled by anyone but the
 supervisor, has died too.
+
+Every task runs in the supervisor's one ``asyncio.TaskGroup``, entered with the supervisor
+(``async with Supervisor() as sup``, or the service's ``AsyncExitStack``) and left when it
+stops: the task itself (named as started) and its keeper (``supervise:NAME``), which waits
+for it, says why it ended and starts it again. A task never hands the group an exception (its
+death is caught and reported here), so one crash never cancels its siblings; the group sees
+tasks end only when they are stopped. One-shot jobs (``spawn``) run in the same group, their
+failure logged; leaving the supervisor waits for them.
+
+    Supervisor.start / spawn before entering, or after leaving  -> RuntimeError
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, Self
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +76,61 @@ class Supervisor:
         self.restart_max_s = restart_max_s
         self.healthy_after_s = healthy_after_s
         self.deaths: dict[str, Death] = {}
-        self._running: dict[str, asyncio.Task[None]] = {}  # the task itself, by name
+        self._running: dict[str, asyncio.Task[Exception | None]] = {}  # the task itself, by name
         self._keepers: dict[str, asyncio.Task[None]] = {}  # its supervising loop
+        self._jobs: set[asyncio.Task[None]] = set()  # one-shot jobs (spawn)
+        self._group = asyncio.TaskGroup()
+        self._entered = False
         self._closing = False
+
+    async def __aenter__(self) -> Self:
+        await self._group.__aenter__()
+        self._entered = True
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop every task (``close``), wait for the one-shot jobs, leave the group. The
+        group is left as if its body had ended well: an error of the caller's is the caller's
+        to raise, not the group's to wrap."""
+        try:
+            await self.close()
+        except BaseException:  # interrupted while stopping: stop the rest at once
+            for task in (*self._keepers.values(), *self._jobs):
+                task.cancel()
+            raise
+        finally:
+            self._entered = False
+            await self._group.__aexit__(None, None, None)
 
     def start(self, name: str, factory: TaskFactory, *, policy: Policy = "restart") -> None:
         """Run ``factory()`` as the task ``name`` until ``stop`` or ``close``."""
         if name in self._keepers:
             raise ValueError(f"a task named {name!r} is already supervised")
-        self._keepers[name] = asyncio.create_task(
-            self._keep(name, factory, policy), name=f"supervise:{name}"
-        )
+        keeper = self._keep(name, factory, policy)
+        self._keepers[name] = self._create(keeper, f"supervise:{name}", asked=name)
 
-    def task(self, name: str) -> asyncio.Task[None] | None:
+    def spawn(self, name: str, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run the one-shot ``job`` as the task ``name``; its failure is logged (it is no
+        long-lived task: nothing to restart). Leaving the supervisor waits for it."""
+        task = self._create(self._once(name, job), name, asked=name)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return task
+
+    def _create(
+        self, coro: Coroutine[Any, Any, None], name: str, *, asked: str
+    ) -> asyncio.Task[None]:
+        if not self._entered or self._closing:
+            coro.close()  # never awaited: no "coroutine was never awaited" warning
+            state = "closing" if self._closing else "not entered"
+            raise RuntimeError(
+                f"supervisor is {state}: start task {asked!r} inside `async with supervisor`"
+            )
+        return self._group.create_task(coro, name=name)
+
+    def task(self, name: str) -> asyncio.Task[Exception | None] | None:
         """The running task ``name`` (tests kill it to see the service say so)."""
         return self._running.get(name)
 
@@ -96,10 +149,13 @@ class Supervisor:
         self.deaths.pop(name, None)
 
     async def close(self) -> None:
-        """Stop every task, newest first (a later task may use an earlier one)."""
+        """Stop every task, newest first (a later task may use an earlier one), then wait
+        for the one-shot jobs."""
         self._closing = True
         for name in reversed(list(self._keepers)):
             await self.stop(name)
+        if self._jobs:
+            await asyncio.wait(set(self._jobs))
 
     def problems(self) -> list[str]:
         """Each task that is down, or died recently, as a sentence for ``/readyz``."""
@@ -121,14 +177,16 @@ class Supervisor:
     async def _keep(self, name: str, factory: TaskFactory, policy: Policy) -> None:
         delay = self.restart_min_s
         while True:
-            task = asyncio.create_task(factory(), name=name)
+            # a task of the group, named as started; it returns its death rather than
+            # raising it (a raise would cancel the whole group)
+            task = self._group.create_task(_caught(factory), name=name)
             self._running[name] = task
             started = time.monotonic()
             if (death := self.deaths.get(name)) is not None:
                 death.running = True
             try:
-                await asyncio.shield(task)  # our own cancellation must not look like a death
-                reason = "returned, but should run until the service stops"
+                # our own cancellation must not look like a death
+                error = await asyncio.shield(task)
             except asyncio.CancelledError:
                 if not task.done():  # we are being stopped: stop the task with us
                     task.cancel()
@@ -138,11 +196,13 @@ class Supervisor:
                 if self._closing:
                     raise
                 reason = "cancelled"
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-                log.critical("task %s died: %s", name, reason, exc_info=exc)
             else:
-                log.critical("task %s %s", name, reason)
+                if error is None:
+                    reason = "returned, but should run until the service stops"
+                    log.critical("task %s %s", name, reason)
+                else:
+                    reason = f"{type(error).__name__}: {error}"
+                    log.critical("task %s died: %s", name, reason, exc_info=error)
             finally:
                 self._running.pop(name, None)
             if reason == "cancelled":
@@ -163,6 +223,13 @@ class Supervisor:
             delay = min(delay * 2, self.restart_max_s)
 
     @staticmethod
+    async def _once(name: str, job: Coroutine[Any, Any, None]) -> None:
+        try:
+            await job
+        except Exception:
+            log.exception("task %s failed", name)
+
+    @staticmethod
     def _report(callback: Callable[[str, str], None] | None, name: str, reason: str) -> None:
         if callback is None:
             return
@@ -170,3 +237,12 @@ class Supervisor:
             callback(name, reason)
         except Exception:
             log.exception("reporting the death of task %s failed", name)
+
+
+async def _caught(factory: TaskFactory) -> Exception | None:
+    """Run ``factory()``; its exception is the result (None: it returned)."""
+    try:
+        await factory()
+    except Exception as exc:
+        return exc
+    return None

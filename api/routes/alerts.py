@@ -147,8 +147,9 @@ async def stream(
             elif resume is not None:
                 last = resume
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), keepalive)
+                try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+                    async with asyncio.timeout(keepalive):
+                        item = await queue.get()
                 except TimeoutError:
                     yield ": keepalive\n\n"
                     continue

@@ -100,7 +100,8 @@ class AlertEngine:
     ) -> None:
         self.config = config
         # the service's supervisor (its tasks' deaths fail /readyz and raise alerts here);
-        # an engine of its own has one of its own
+        # an engine of its own has one of its own, entered and left with the engine
+        self._own_supervisor = supervisor is None
         self.supervisor = supervisor or Supervisor()
         self.catalog = catalog
         self.twins = twins
@@ -192,11 +193,22 @@ class AlertEngine:
                 )
                 scope[alert.key] = obs
         self.m_active.set(len(self.by_id))
-        await self.notifier.__aenter__()
-        self._started_ms = self.clock()
-        self.supervisor.start(WRITER, self._writer)
-        self.supervisor.start(TIMER, self._ticker)
-        replayed = await self._replay_unobserved()
+        if self._own_supervisor:
+            await self.supervisor.__aenter__()
+        try:
+            await self.notifier.__aenter__()
+        except BaseException:
+            if self._own_supervisor:
+                await self.supervisor.__aexit__(None, None, None)
+            raise
+        try:
+            self._started_ms = self.clock()
+            self.supervisor.start(WRITER, self._writer)
+            self.supervisor.start(TIMER, self._ticker)
+            replayed = await self._replay_unobserved()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         log.info("alerts: %d unresolved restored, %d events replayed", len(active), replayed)
         return self
 
@@ -210,7 +222,11 @@ class AlertEngine:
         await self.supervisor.stop(WRITER)
         for queue in list(self._subscribers):
             queue.put_nowait(None)
-        await self.notifier.__aexit__(et, e, tb)
+        try:
+            await self.notifier.__aexit__(et, e, tb)
+        finally:
+            if self._own_supervisor:
+                await self.supervisor.__aexit__(et, e, tb)
 
     # -- inputs ------------------------------------------------------------------------
 

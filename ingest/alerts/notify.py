@@ -372,6 +372,8 @@ class Notifier:
         # station names and addresses, the district's time zone: what messages say
         self.catalog = catalog
         # the lanes and the outbox saver run under it: a death is said, alerted, restarted
+        # (a notifier of its own has one of its own, entered and left with the notifier)
+        self._own_supervisor = supervisor is None
         self.supervisor = supervisor or Supervisor()
         self._transport = transport
         self.subscriptions: dict[int, Subscription] = {}
@@ -388,6 +390,16 @@ class Notifier:
         self.on_result: list[Any] = []  # callbacks (delivered: bool) for metrics
 
     async def __aenter__(self) -> Self:
+        if self._own_supervisor:
+            await self.supervisor.__aenter__()
+        try:
+            return await self._enter()
+        except BaseException:
+            if self._own_supervisor:
+                await self.supervisor.__aexit__(None, None, None)
+            raise
+
+    async def _enter(self) -> Self:
         self._client = httpx.AsyncClient(
             timeout=self.options.timeout_s, transport=self._transport, follow_redirects=False
         )
@@ -428,6 +440,8 @@ class Notifier:
             )  # fmt: skip
         if self._client is not None:
             await self._client.aclose()
+        if self._own_supervisor:
+            await self.supervisor.__aexit__(et, e, tb)
 
     @property
     def task_names(self) -> list[str]:

@@ -136,6 +136,8 @@ class Commands:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._locks:  # lock_battery commands being created: stored before we stop
+            await asyncio.wait(set(self._locks))
         await self.supervisor.stop(TASK)
         if self.publisher is not None:
             self.publisher.on_published = None
@@ -155,8 +157,8 @@ class Commands:
         """Battery passports (ingest.passports.CommandSender): hold a flagged pack in its
         slot. Called on the loop; the command is stored and published in a task of its own,
         and a failure to create it is logged and counted, never raised into the observer."""
-        task = asyncio.create_task(
-            self._lock_battery(device_id, slot, reason), name=f"lock-battery:{device_id}"
+        task = self.supervisor.spawn(
+            f"lock-battery:{device_id}", self._lock_battery(device_id, slot, reason)
         )
         self._locks.add(task)
         task.add_done_callback(self._locks.discard)

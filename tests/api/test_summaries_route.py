@@ -66,6 +66,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         ingest.housekeeping = Housekeeping(store, clock, rollups=HourlyRollups(store, catalog))
         alert_store = AlertStore.in_dir(data_dir)
         stack.callback(alert_store.close)
+        await stack.enter_async_context(ingest.supervisor)  # as Ingest enters it
         engine = AlertEngine(alerts, catalog, ingest.twins, alert_store, clock=clock,
                              supervisor=ingest.supervisor)  # fmt: skip
         ingest.alerts = await stack.enter_async_context(engine)
@@ -80,7 +81,6 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         )
         yield Served(http, clock, store, ingest.housekeeping,
                      {"Authorization": f"Bearer {token}"})  # fmt: skip
-    await ingest.supervisor.close()
 
 
 async def _post(s: Served, path: str, **body: Any) -> dict[str, Any]:

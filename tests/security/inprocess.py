@@ -93,6 +93,7 @@ async def in_process(
     catalog = Catalog.load()
     ingest = Ingest(config, catalog)
     async with AsyncExitStack() as stack:
+        await stack.enter_async_context(ingest.supervisor)  # as Ingest enters it
         if alerts:
             store = AlertStore.in_dir(data_dir)
             stack.callback(store.close)
@@ -126,4 +127,3 @@ async def in_process(
             httpx.AsyncClient(transport=transport, base_url="http://testserver")
         )
         yield InProcess(ingest, app, http, data_dir)
-    await ingest.supervisor.close()

@@ -104,6 +104,7 @@ async def sentinels(tmp_path: Path, **options: Any) -> AsyncIterator[App]:
     async with AsyncExitStack() as stack:
         store = AlertStore.in_dir(data_dir)
         stack.callback(store.close)
+        await stack.enter_async_context(ingest.supervisor)  # as Ingest enters it
         engine = AlertEngine(alerts, catalog, ingest.twins, store, clock=clock,
                              supervisor=ingest.supervisor)  # fmt: skip
         ingest.alerts = await stack.enter_async_context(engine)
@@ -113,7 +114,6 @@ async def sentinels(tmp_path: Path, **options: Any) -> AsyncIterator[App]:
             httpx.AsyncClient(transport=transport, base_url="http://testserver")
         )
         yield App(app, http, engine, clock, data_dir)
-    await ingest.supervisor.close()
 
 
 # -- registration --------------------------------------------------------------------------
