@@ -63,11 +63,12 @@ class PipelineConsumer:
         self.restored = 0
 
     async def load(self) -> None:
+        records = await asyncio.to_thread(self.state.load_twins, list(self.devices))
+        # after the read: a device added meanwhile (``add_device``) is in both
         twins = Twins(self.catalog, self.release_soc)
         mine = set(self.devices)
         # only the partition's twins: another partition's device is not ours to change
         twins.by_id = {d: t for d, t in twins.by_id.items() if d in mine}
-        records = await asyncio.to_thread(self.state.load_twins, self.devices)
         self.restored = twins.restore(records)
         self.pipeline = Pipeline(
             catalog=self.catalog,
