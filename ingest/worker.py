@@ -60,6 +60,7 @@ from ingest.store import HistoryStore
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
+RELEASE_WAIT_S = 2.0  # a release lets the batch being written finish (and ack) this long
 SEQ_MAX = 2**53
 
 
@@ -111,6 +112,9 @@ class PartitionRun:
         self.partition = partition
         self.epoch = epoch
         self.active = True  # False: nothing more is acknowledged, ever
+        self.releasing = False  # True: no new batch is taken (``finish_batch``)
+        self.idle = asyncio.Event()  # set while no batch is being written
+        self.idle.set()
         self.source: GmqttSource | None = None
         self.consumer: Consumer | None = None
         self._queue: deque[Received] = deque()
@@ -181,15 +185,28 @@ class PartitionRun:
         while self.active:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue and self.active:
+            while self._queue and self.active and not self.releasing:
                 batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-                await consumer.store(batch)
+                self.idle.clear()
+                try:
+                    await consumer.store(batch)
+                finally:
+                    self.idle.set()
                 metrics.stored.inc(len(batch))
                 if not self.active:  # the lease went while the batch was written
                     return
                 for m in batch:  # no await from the check to the last ack
                     if source.ack(m):
                         metrics.acked.inc()
+
+    async def finish_batch(self, within_s: float) -> None:
+        """A release (the lease still held): take no new batch, and let the one being
+        written commit and be acknowledged (at most ``within_s``), so that the next owner
+        is not handed again what this one already stored."""
+        self.releasing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await self.idle.wait()
 
 
 class Worker:
@@ -252,8 +269,11 @@ class Worker:
         )
 
     async def released(self, partition: int) -> None:
-        run = self.runs.pop(partition, None)
+        run = self.runs.get(partition)
         if run is not None:
+            await run.finish_batch(RELEASE_WAIT_S)
+            if self.runs.get(partition) is run:  # not dropped meanwhile
+                del self.runs[partition]
             run.stop_acking()
         task = self._tasks.pop(partition, None)
         if task is not None:

@@ -231,7 +231,7 @@ def test_a_worker_joining_mid_stream_processes_nothing_twice(
     with worker("a", broker, pg_url, tmp_path) as (_, a_port):
         wait_subscribed([a_port])
         sampler.start()
-        pub = Publisher(broker.port, count=1200, rate=300)
+        pub = Publisher(broker.port, count=2400, rate=300)
         pub.start()
         time.sleep(1.5)
         with worker("b", broker, pg_url, tmp_path) as (_, b_port):
