@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test check audit lint bench clean
+.PHONY: demo cluster-demo test check audit lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,3 +39,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo-data chargewatch-data .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+## cluster-demo: PostgreSQL, mosquitto, two ingest workers, two API replicas, the simulated district
+cluster-demo: $(STAMP)
+	$(BIN)/python -m bench.clusterdemo

@@ -1,4 +1,4 @@
-"""The ``chargewatch`` command: serve, ingest, db, simulate, demo, catalog, keys,
+"""The ``chargewatch`` command: serve, api, ingest, db, simulate, demo, catalog, keys,
 broker-config, backup, restore, bench."""
 
 from __future__ import annotations
@@ -44,6 +44,69 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _http_server(app: Any, settings: ServeSettings) -> _Server:
+    return _Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+            lifespan="off",
+            # the client address (rate limits) from X-Forwarded-For only when it comes
+            # from a proxy named in the settings; uvicorn trusts loopback by default
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=list(settings.trusted_proxies),
+            # SSE streams stay open; do not wait for them forever on Ctrl-C
+            timeout_graceful_shutdown=3,
+        )
+    )
+
+
+async def run_api(settings: ServeSettings, db: str) -> None:
+    """An API replica (``chargewatch api``): the whole API from PostgreSQL
+    (``ingest.replica``), until SIGINT/SIGTERM."""
+    from api.app import create_app
+    from ingest.replica import ReplicaReadSide, as_read_and_act
+
+    async with ReplicaReadSide(db, settings.ingest) as side:
+        app = create_app(*as_read_and_act(side), settings)
+        server = _http_server(app, settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        serving = asyncio.create_task(server.serve(), name="http")
+        while not server.started and not serving.done():  # noqa: ASYNC110 (no event)
+            await asyncio.sleep(0.02)
+        if serving.done():
+            await serving
+            raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.port}")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        tune_gc()
+        print(f"chargewatch api: serving http://{settings.host}:{port} from {side.shown_url}",
+              flush=True)  # fmt: skip
+        try:
+            await serving
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from ingest.db.cli import ENV
+
+    if not args.db:
+        print(f"chargewatch api: no database: give --db URL or set {ENV}", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    try:
+        asyncio.run(run_api(settings, args.db))
+    except IngestError as exc:  # SchemaBehind, StoreUnavailable, ...
+        print(f"chargewatch api: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 async def run_serve(
     settings: ServeSettings,
     catalog: Catalog,
@@ -59,22 +122,7 @@ async def run_serve(
     async with Ingest(settings.ingest, catalog) as ingest:
         app = create_app(*read_and_act(ingest), settings)  # the API sees nothing else
         ingest.count_reports_from(app.state.sentinels)  # riders' reports in the rollups
-        server = _Server(
-            uvicorn.Config(
-                app,
-                host=settings.host,
-                port=settings.port,
-                log_level=settings.log_level,
-                access_log=False,
-                lifespan="off",
-                # the client address (rate limits) from X-Forwarded-For only when it comes
-                # from a proxy named in the settings; uvicorn trusts loopback by default
-                proxy_headers=bool(settings.trusted_proxies),
-                forwarded_allow_ips=list(settings.trusted_proxies),
-                # SSE streams stay open; do not wait for them forever on Ctrl-C
-                timeout_graceful_shutdown=3,
-            )
-        )
+        server = _http_server(app, settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
@@ -290,6 +338,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks one)")
 
     server_flags(sub.add_parser("serve", help="ingest + API in one process"))
+    replica = sub.add_parser("api", help="an API replica serving from PostgreSQL (the cluster)")
+    replica.add_argument(
+        "--db",
+        default=os.environ.get("CHARGEWATCH_DB"),
+        help="postgresql://user@host/db, the ingest workers' database (default: $CHARGEWATCH_DB)",
+    )
+    replica.add_argument("--host", help="HTTP listen address (default 127.0.0.1)")
+    replica.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks one)")
     demo = sub.add_parser("demo", help="embedded broker + serve + the simulated district")
     server_flags(demo)
     demo.add_argument("--speed", type=float, default=60.0, help="simulated seconds per second")
@@ -338,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "api":
+        return cmd_api(args)
     if args.command == "keys":
         from api.auth import cmd_keys
 

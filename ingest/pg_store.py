@@ -55,6 +55,11 @@ from ingest.replays import RetainedReplays
 from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
 
 DAY_MS = 86_400_000
+TWINS_CHANNEL = "cw_twins"
+"""The NOTIFY channel of changed twins: each payload is device ids separated by spaces
+(``twin_notices``), sent inside the transaction that wrote them (delivered at commit)."""
+NOTICE_MAX_BYTES = 7_900
+"""PostgreSQL refuses a NOTIFY payload of 8000 bytes or more: a batch's ids are split."""
 _PARTITION_LOCK = 0x6377_7061  # "cwpa"
 _HISTORY_KEYS = ("device_id", "station_id", "kind", "type", "boot", "seq", "ts_ms",
                  "received_ms", "payload")  # fmt: skip
@@ -73,10 +78,28 @@ _COUNT_DEAD = _c.on_conflict_do_update(
     index_elements=[dead_letter_counts.c.reason],
     set_={"count": dead_letter_counts.c.count + _c.excluded["count"]},
 )
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _f = insert(facts)
 _REMEMBER = _f.on_conflict_do_update(
     index_elements=[facts.c.name], set_={"value": _f.excluded.value}
 )
+
+
+def twin_notices(device_ids: Iterable[str]) -> list[str]:
+    """The NOTIFY payloads naming ``device_ids`` (space separated, none longer than
+    ``NOTICE_MAX_BYTES``; device ids are ASCII without spaces, ``devices.topics``)."""
+    notices: list[str] = []
+    current: list[str] = []
+    size = 0
+    for device_id in dict.fromkeys(device_ids):
+        if current and size + 1 + len(device_id) > NOTICE_MAX_BYTES:
+            notices.append(" ".join(current))
+            current, size = [], 0
+        size += len(device_id) + (1 if current else 0)
+        current.append(device_id)
+    if current:
+        notices.append(" ".join(current))
+    return notices
 
 
 def partition_name(day: int) -> str:
@@ -236,6 +259,14 @@ class PostgresStore:
             conn.execute(
                 _UPSERT_TWINS,
                 [{"device_id": t.device_id, "record": t.data.decode()} for t in twin_records],
+            )
+            # API replicas (ingest.replica) hear which twins changed, once this commits
+            conn.execute(
+                _NOTIFY,
+                [
+                    {"channel": TWINS_CHANNEL, "payload": p}
+                    for p in twin_notices(t.device_id for t in twin_records)
+                ],
             )
         if journal:
             conn.execute(_UPSERT_UNOBSERVED, [u._asdict() for u in journal])

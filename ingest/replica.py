@@ -1,0 +1,541 @@
+"""The read side (``ingest.readside``) of a ``chargewatch api`` replica: everything from
+PostgreSQL, written there by the ingest workers (``ingest.pg_store``).
+
+Rider queries stay in memory: a read model of every catalog device's twin, kept current by
+two paths into one ``_apply`` (serialised, so an older read never overwrites a newer one):
+
+- LISTEN on ``pg_store.TWINS_CHANNEL``: a worker's write NOTIFYs the ids of the twins it
+  changed, at commit; the replica reads those twins' records and tells its listeners (the
+  station views, SSE). A lost connection is retried with capped, jittered backoff, and a
+  full refresh follows each (re)connection (what was sent while it was down is lost).
+- a full refresh every ``refresh_s``: the safety net for a NOTIFY that never arrived.
+
+The catalog is the registry's (``ingest.db.registry``) as it was at start (an empty one:
+the shipped district). History reads go to ``PostgresStore``'s ``HistoryStore`` methods,
+dead letters and their counts are read from the database on each request. Alerts, work
+orders, commands and battery passports live in the ingest workers' engines: here they are
+``Unavailable`` (503 with the reason) until their stores are in PostgreSQL.
+
+``/readyz`` problems: the database unreachable (the listener is not connected, or the last
+refresh failed), and the read model stale (no refresh for ``stale_s``).
+
+Exceptions: ``migrate.SchemaBehind`` / ``SchemaAhead`` at start (``chargewatch api`` refuses
+the database), ``ingest.StoreUnavailable`` when the database cannot be reached at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, NoReturn, Self
+
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from sqlalchemy import Engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from devices.catalog import Catalog
+from ingest import StoreError, StoreUnavailable
+from ingest.alerts.config import AlertsConfig
+from ingest.alerts.model import Alert, AlertQuery, StreamEvent, Timing
+from ingest.alerts.order_model import OrderQuery, WorkOrder
+from ingest.commands.model import CommandRecord
+from ingest.config import IngestConfig
+from ingest.db import migrate, registry
+from ingest.db.schema import twins as twins_table
+from ingest.pg_store import TWINS_CHANNEL, PostgresStore
+from ingest.pipeline import Twins
+from ingest.readside import JSON, Actions, ReadSide, Unavailable, now_ms
+from ingest.store import DeadLetter, HistoryStore
+from ingest.twins import Twin
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 30.0
+"""The full refresh's period: the longest a missed NOTIFY leaves a twin behind."""
+STALE_S = 3 * REFRESH_S
+"""No successful refresh for this long: the read model is stale (``/readyz``)."""
+PING_S = 2.0
+"""How often an idle LISTEN connection is checked (a dead server shows within this)."""
+GATHER_S = 0.005
+"""After a notice, how long the listener gathers more before it reads the twins."""
+BACKOFF_MAX_S = 10.0
+NOTICES_PER_READ = 1000
+"""The most NOTIFYs gathered into one read of twins."""
+
+_ALERTS_ELSEWHERE = (
+    "alerts, work orders and notifications are not served by API replicas yet: their store"
+    " is not in PostgreSQL (use `chargewatch serve`)"
+)
+_COMMANDS_ELSEWHERE = "remote commands are not served by API replicas yet (use `chargewatch serve`)"
+_PASSPORTS_ELSEWHERE = "battery passports are not served by API replicas yet"
+
+
+def libpq_url(url: str) -> str:
+    """``url`` as libpq takes it (``postgresql://``, no SQLAlchemy driver name)."""
+    return (
+        make_url(migrate.engine_url(url))
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.notices = Counter(
+            "cw_replica_notices", "NOTIFYs of changed twins received", registry=r
+        )
+        self.refreshes = Counter(
+            "cw_replica_refreshes", "full refreshes of the read model", ["outcome"], registry=r
+        )
+        self.twins_changed = Counter(
+            "cw_replica_twins_changed", "twins the read model took a new state of", registry=r
+        )
+        self.listen_connects = Counter(
+            "cw_replica_listen_connects", "LISTEN connections made", registry=r
+        )
+        self.listening = Gauge(
+            "cw_replica_listening", "1 while the LISTEN connection is up", registry=r
+        )
+        self.age = Gauge(
+            "cw_replica_read_model_age_seconds", "time since the last full refresh", registry=r
+        )
+        self.twins = Gauge("cw_replica_twins", "twins in the read model", registry=r)
+
+
+class ReplicaReadSide:
+    """``ReadSide`` and ``Actions`` over PostgreSQL (module docstring). Use as an async
+    context manager: entering checks the schema, loads the catalog and every twin, and
+    starts the listener and the refresher."""
+
+    def __init__(
+        self,
+        url: str,
+        config: IngestConfig | None = None,
+        *,
+        refresh_s: float = REFRESH_S,
+        stale_s: float | None = None,
+        ping_s: float = PING_S,
+    ) -> None:
+        self.url = url
+        self.config = config or IngestConfig()
+        self.refresh_s = refresh_s
+        self.stale_s = 3 * refresh_s if stale_s is None else stale_s
+        self.ping_s = ping_s
+        self._metrics = _Metrics()
+        self._listeners: list[Callable[[list[Twin]], None]] = []
+        self._records: dict[str, str] = {}  # device id -> the record last applied
+        self._apply_lock = asyncio.Lock()
+        self._refresh_now = asyncio.Event()
+        self._listening = False
+        self._listen_error: str | None = None
+        self._refresh_error: str | None = None
+        self._refreshed_at: float | None = None  # monotonic, last successful full refresh
+        self._engine: Engine | None = None
+        self._store: PostgresStore | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[NoReturn]] = []
+        self._catalog: Catalog | None = None
+        self._twins: Twins | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def shown_url(self) -> str:
+        """The database's URL, its password masked."""
+        return migrate.shown(self.url)
+
+    async def __aenter__(self) -> Self:
+        if not migrate.engine_url(self.url).startswith("postgresql"):
+            raise StoreError(
+                f"an API replica reads the cluster's PostgreSQL database, not {self.shown_url}"
+                " (one machine: `chargewatch serve`)"
+            )
+        # refuses a database behind (or ahead of) this chargewatch's schema
+        await asyncio.to_thread(migrate.ensure_current, self.url)
+        self._engine = migrate.connect(self.url, pool_size=2, pool_pre_ping=True)
+        self._store = await asyncio.to_thread(PostgresStore, self.url, pool_size=2)
+        self._catalog = await asyncio.to_thread(self._load_catalog)
+        self._twins = Twins(self._catalog, self.config.release_soc)
+        await self._refresh()
+        if self._refresh_error is not None:
+            await self._close_stores()
+            raise StoreUnavailable(self._refresh_error)
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._tasks = [
+            self._group.create_task(self._listen_forever(), name="replica-listen"),
+            self._group.create_task(self._refresh_forever(), name="replica-refresh"),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        group, self._group = self._group, None
+        try:
+            if group is not None:
+                for task in self._tasks:
+                    task.cancel()
+                await group.__aexit__(None, None, None)
+        finally:
+            await self._close_stores()
+
+    async def _close_stores(self) -> None:
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.dispose)
+
+    def _load_catalog(self) -> Catalog:
+        assert self._engine is not None
+        try:
+            with self._engine.connect() as conn:
+                catalog = registry.load_catalog(conn)
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"{migrate.shown(self.url)}: {exc}") from exc
+        if catalog is None:
+            log.warning("the device registry is empty: serving the shipped district's catalog")
+            return Catalog.load(self.config.catalog)
+        return catalog
+
+    # -- keeping the read model current -----------------------------------------------------
+
+    def _read_records(self, device_ids: Collection[str] | None) -> dict[str, str]:
+        """Twin records by device id: of ``device_ids``, or all (None)."""
+        assert self._engine is not None
+        query = select(twins_table.c.device_id, twins_table.c.record)
+        if device_ids is not None:
+            query = query.where(twins_table.c.device_id.in_(list(device_ids)))
+        try:
+            with self._engine.connect() as conn:
+                return {device_id: record for device_id, record in conn.execute(query)}
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"{migrate.shown(self.url)}: {exc}") from exc
+
+    async def _apply(self, device_ids: Collection[str] | None) -> int:
+        """Read the twins of ``device_ids`` (None: all) and take those that changed; their
+        listeners hear of them. Reads and applies one at a time, in order."""
+        assert self._twins is not None
+        async with self._apply_lock:
+            records = await asyncio.to_thread(self._read_records, device_ids)
+            changed: list[Twin] = []
+            for device_id, record in records.items():
+                if self._records.get(device_id) == record:
+                    continue
+                if device_id not in self._twins.catalog.devices:
+                    continue  # not in this replica's catalog
+                try:
+                    self._twins.restore([json.loads(record)])
+                except (ValueError, TypeError) as exc:
+                    log.warning("twin %s: unreadable record skipped: %s", device_id, exc)
+                    continue
+                self._records[device_id] = record
+                changed.append(self._twins.by_id[device_id])
+            if changed:
+                self._metrics.twins_changed.inc(len(changed))
+                for listener in self._listeners:
+                    listener(changed)
+            self._metrics.twins.set(len(self._records))
+            return len(changed)
+
+    async def _refresh(self) -> None:
+        """Every twin read again (the safety net); failures are kept for ``problems``."""
+        try:
+            changed = await self._apply(None)
+        except StoreError as exc:
+            self._refresh_error = f"database unreachable: {exc}"
+            self._metrics.refreshes.labels("failed").inc()
+            log.warning("read model refresh failed: %s", exc)
+            return
+        self._refresh_error = None
+        self._refreshed_at = time.monotonic()
+        self._metrics.refreshes.labels("ok").inc()
+        if changed:
+            log.debug("full refresh: %d twins changed", changed)
+
+    async def _refresh_forever(self) -> NoReturn:
+        while True:
+            try:
+                async with asyncio.timeout(self.refresh_s):
+                    await self._refresh_now.wait()
+            except TimeoutError:
+                pass
+            self._refresh_now.clear()
+            await self._refresh()
+
+    async def _listen_forever(self) -> NoReturn:
+        attempt = 0
+        while True:
+            try:
+                await self._listen()
+            except (psycopg.Error, OSError, StoreError) as exc:
+                self._listen_error = f"database unreachable (LISTEN): {exc}"
+                log.warning("replica LISTEN connection lost: %s", exc)
+            finally:
+                self._listening = False
+                self._metrics.listening.set(0)
+            attempt = min(attempt + 1, 10)
+            delay = min(BACKOFF_MAX_S, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
+            log.info("replica LISTEN: reconnecting in %.1f s (attempt %d)", delay, attempt)
+            await asyncio.sleep(delay)
+            if self._listening:
+                attempt = 0
+
+    async def _listen(self) -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            libpq_url(self.url), autocommit=True, connect_timeout=5
+        )
+        async with conn:
+            await conn.execute(f"LISTEN {TWINS_CHANNEL}")
+            self._listening = True
+            self._listen_error = None
+            self._metrics.listening.set(1)
+            self._metrics.listen_connects.inc()
+            self._refresh_now.set()  # what was sent while we did not listen
+            while True:
+                ids: set[str] = set()
+                # wait for one notice (or ping when none comes), then take what else is
+                # already there, so that a burst is one read
+                for wait_s, most in ((self.ping_s, 1), (GATHER_S, NOTICES_PER_READ)):
+                    async for notice in conn.notifies(timeout=wait_s, stop_after=most):
+                        self._metrics.notices.inc()
+                        if notice.channel == TWINS_CHANNEL:
+                            ids.update(notice.payload.split())
+                    if not ids:
+                        break
+                if ids:
+                    try:
+                        await self._apply(ids)
+                    except StoreError as exc:
+                        log.warning("twins %d changed, not read: %s", len(ids), exc)
+                        self._refresh_now.set()
+                else:
+                    async with asyncio.timeout(self.ping_s + 5):
+                        await conn.execute("SELECT 1")  # a dead server shows here
+
+    # -- the district and its live state ----------------------------------------------------
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            raise Unavailable("the replica is not started")
+        return self._catalog
+
+    @property
+    def release_soc(self) -> float:
+        return self.config.release_soc
+
+    @property
+    def history_days(self) -> float:
+        return self.config.history_days
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir
+
+    @property
+    def twins(self) -> Mapping[str, Twin]:
+        if self._twins is None:
+            raise Unavailable("the replica is not started")
+        return self._twins.by_id
+
+    def on_twins_changed(self, listener: Callable[[list[Twin]], None]) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def flagged_batteries(self) -> Collection[str]:
+        return frozenset()
+
+    def on_flag_change(self, listener: Callable[[str], None]) -> None:
+        pass  # no passports here: nothing is ever flagged
+
+    @property
+    def history(self) -> HistoryStore | None:
+        return self._store
+
+    # -- the service itself -----------------------------------------------------------------
+
+    def read_model_age_s(self) -> float | None:
+        """Seconds since the last successful full refresh (None: never)."""
+        return None if self._refreshed_at is None else time.monotonic() - self._refreshed_at
+
+    def problems(self) -> list[str]:
+        found = []
+        if self._group is None:
+            found.append("the replica's read model is not running")
+        for task in self._tasks:
+            if task.done():  # it never ends by itself: it died (logged by the group)
+                found.append(f"the read model's task {task.get_name()} stopped")
+        if not self._listening:
+            found.append(self._listen_error or "database unreachable: not listening for changes")
+        if self._refresh_error is not None:
+            found.append(self._refresh_error)
+        age = self.read_model_age_s()
+        if age is None or age > self.stale_s:
+            shown = "never" if age is None else f"{age:.0f} s ago"
+            found.append(
+                f"read model stale: last full refresh {shown} (limit {self.stale_s:.0f} s)"
+            )
+        return found
+
+    def metrics(self) -> bytes:
+        age = self.read_model_age_s()
+        self._metrics.age.set(-1 if age is None else age)
+        return generate_latest(self._metrics.registry)
+
+    async def dead_letters(self, limit: int) -> tuple[list[DeadLetter], dict[str, int]]:
+        store = self._store
+        if store is None:
+            raise Unavailable("the replica is not started")
+        rows, counts = await asyncio.gather(
+            asyncio.to_thread(store.dead_letters, limit),
+            asyncio.to_thread(store.dead_letter_counts),
+        )
+        return rows, counts
+
+    # -- alerts, work orders, commands, batteries: not here yet ------------------------------
+
+    @property
+    def alerts_config(self) -> AlertsConfig | None:
+        # the options as configured, so that alert routes reach the reason they are not
+        # served here (Unavailable below) rather than "alerts are disabled"
+        return self.config.alerts if self.config.alerts.enabled else None
+
+    def clock_ms(self) -> int:
+        return now_ms()
+
+    async def alerts(self, q: AlertQuery) -> list[Alert]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def alert(self, alert_id: int) -> Alert:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def alert_notes(self, alert_id: int) -> list[JSON]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def alert_deliveries(self, alert_id: int) -> list[JSON]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    def subscribe_alerts(self) -> tuple[asyncio.Queue[StreamEvent | None], int]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    def unsubscribe_alerts(self, queue: asyncio.Queue[StreamEvent | None]) -> None:
+        pass
+
+    async def oldest_alert_event(self) -> int | None:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def alert_events_after(self, after: int, limit: int) -> list[StreamEvent]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    def webhooks(self) -> list[JSON]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    def pending_notifications(self) -> list[JSON]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def repair_times(
+        self, start_ms: int, end_ms: int, by: Literal["station", "code"]
+    ) -> list[JSON]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def alert_timings(self, start_ms: int, end_ms: int) -> list[Timing]:
+        return []  # as with alerts off: summaries without alert timings
+
+    async def work_orders(self, q: OrderQuery) -> list[WorkOrder]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def work_order(self, order_id: int) -> WorkOrder:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def work_order_log(self, order_id: int) -> list[JSON]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def command(self, command_id: str) -> CommandRecord | None:
+        raise Unavailable(_COMMANDS_ELSEWHERE)
+
+    async def commands(self, device_id: str | None, limit: int) -> list[CommandRecord]:
+        raise Unavailable(_COMMANDS_ELSEWHERE)
+
+    async def battery(self, serial: str) -> JSON | None:
+        raise Unavailable(_PASSPORTS_ELSEWHERE)
+
+    async def batteries(self, *, flagged: bool | None, after: str | None, limit: int) -> list[JSON]:
+        raise Unavailable(_PASSPORTS_ELSEWHERE)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    async def acknowledge(self, alert_id: int, by: str, note: str | None) -> Alert:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def resolve(self, alert_id: int, by: str, note: str | None) -> Alert:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def add_alert_note(self, alert_id: int, by: str, text: str) -> Alert:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def report(
+        self, station_id: str, device_id: str | None, unit: int | None, category: str, text: str
+    ) -> tuple[Alert, bool]:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def add_webhook(self, url: str, **options: Any) -> JSON:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def remove_webhook(self, webhook_id: int) -> bool:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def create_work_order(
+        self,
+        alert_id: int,
+        by: str,
+        *,
+        assignee: str | None,
+        due_at_ms: int | None,
+        note: str | None,
+    ) -> WorkOrder:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def move_work_order(
+        self, order_id: int, state: str, by: str, *, assignee: str | None, note: str | None
+    ) -> WorkOrder:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def add_work_order_note(self, order_id: int, by: str, text: str) -> WorkOrder:
+        raise Unavailable(_ALERTS_ELSEWHERE)
+
+    async def send_command(
+        self,
+        device_id: str,
+        ctype: str,
+        unit: int | None,
+        *,
+        ttl_s: float | None,
+        requested_by: str,
+        requested_key: str | None,
+    ) -> CommandRecord:
+        raise Unavailable(_COMMANDS_ELSEWHERE)
+
+    async def clear_battery(self, serial: str, actor_id: str, actor_name: str, note: str) -> bool:
+        raise Unavailable(_PASSPORTS_ELSEWHERE)
+
+
+def as_read_and_act(side: ReplicaReadSide) -> tuple[ReadSide, Actions]:
+    """``side`` typed as the two protocols (the type checker holds it to both)."""
+    return side, side
