@@ -34,8 +34,9 @@ acknowledge on that loop, so "stop acknowledging" is a plain call that runs befo
 does anything else; a thread would need a cross-thread handshake in the one place where
 a delay means acking without a lease. Every query is short and bounded by ``asyncio.timeout``.
 
-The tables are created here (``ensure_schema``) until the store's Alembic migrations take
-them over.
+The tables (``partition_leases``, ``ingest_members``, the sequence ``ingest_member_ids``) are
+in ``ingest.db.schema``, made by ``chargewatch db upgrade`` (revision 0002); the worker
+refuses a database behind that schema before it takes any lease.
 
 Exceptions::
 
@@ -51,21 +52,21 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
 import psycopg
 from psycopg.rows import TupleRow
+from sqlalchemy import Connection
 
 from ingest import IngestError
 from ingest.partitions import check_partitions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCK_SPACE = 0x63770001  # first key of our advisory locks: partitions; +1 members,
-# +2 the lease schema, +3 the recording consumer's schema
+DEFAULT_LOCK_SPACE = 0x63770001  # first key of our advisory locks: partitions; +1 members
 
 
 class LeaseError(IngestError):
@@ -75,21 +76,6 @@ class LeaseError(IngestError):
 class StaleLease(LeaseError):
     pass
 
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS partition_leases (
-    partition integer PRIMARY KEY CHECK (partition >= 0),
-    epoch bigint NOT NULL CHECK (epoch > 0),
-    owner text NOT NULL,
-    acquired_at timestamptz NOT NULL
-);
-CREATE SEQUENCE IF NOT EXISTS ingest_member_ids AS integer;
-CREATE TABLE IF NOT EXISTS ingest_members (
-    member_id integer PRIMARY KEY,
-    name text NOT NULL,
-    joined_at timestamptz NOT NULL DEFAULT now()
-);
-"""
 
 FENCE_SQL = "SELECT 1 FROM partition_leases WHERE partition = %s AND epoch = %s FOR SHARE"
 
@@ -103,19 +89,25 @@ _MEMBERS_SQL = f"SELECT m.member_id FROM ingest_members m WHERE {_LIVE} ORDER BY
 _FORGET_DEAD_SQL = f"DELETE FROM ingest_members m WHERE NOT {_LIVE}"
 
 
-async def ensure_schema(conn: psycopg.AsyncConnection[TupleRow], lock_space: int) -> None:
-    """Create the lease tables once, even with several workers starting together."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (lock_space + 2,))
-        await conn.execute(SCHEMA.encode())
-
-
 async def check_fence(conn: psycopg.AsyncConnection[TupleRow], partition: int, epoch: int) -> None:
     """Inside the caller's write transaction: refuse (``StaleLease``) unless ``epoch`` is still
     the partition's; holds the row so that no new owner's acquisition commits meanwhile."""
     cur = await conn.execute(FENCE_SQL, (partition, epoch))
     if await cur.fetchone() is None:
         raise StaleLease(f"partition {partition}: epoch {epoch} is no longer the lease's")
+
+
+def fence(partition: int, epoch: int) -> Callable[[Connection], None]:
+    """``check_fence`` for a SQLAlchemy connection (``PostgresStore.write(fence=...)``): run
+    inside the store's write transaction, it refuses a stale owner's batch (``StaleLease``,
+    the transaction rolls back) and holds the lease row until that transaction ends."""
+
+    def check(conn: Connection) -> None:
+        row = conn.exec_driver_sql(FENCE_SQL, (partition, epoch)).first()
+        if row is None:
+            raise StaleLease(f"partition {partition}: epoch {epoch} is no longer the lease's")
+
+    return check
 
 
 def assign(partitions: int, members: Sequence[int]) -> dict[int, list[int]]:
@@ -259,7 +251,6 @@ class LeaseManager:
                 f" SET lock_timeout = {round(cfg.check_timeout_s * 1000)};"
                 f" SET statement_timeout = {round(cfg.check_timeout_s * 2000)}".encode()
             )
-            await ensure_schema(conn, cfg.lock_space)
             cur = await conn.execute("SELECT pg_backend_pid(), nextval('ingest_member_ids')")
             row = await cur.fetchone()
             assert row is not None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -206,11 +206,16 @@ class PostgresStore:
         twins: Sequence[TwinRecord],
         dead_letters: Sequence[DeadLetter],
         unobserved: Sequence[Unobserved] = (),
+        *,
+        fence: Callable[[Connection], None] | None = None,
     ) -> None:
-        """History, twins, dead letters and the event journal of a batch in one transaction."""
+        """History, twins, dead letters and the event journal of a batch in one transaction;
+        ``fence`` runs first in it (``ingest.leases.fence``: a stale owner's batch is refused)."""
         self.ensure_partitions({r.ts_ms // DAY_MS for r in rows})
         fresh, repeats = self._replays.sort_out(dead_letters)
         with self._connection() as conn:
+            if fence is not None:
+                fence(conn)
             self._append(conn, rows)
             self._save(conn, twins, fresh, repeats, unobserved)
         self._replays.remember(fresh, repeats)
@@ -335,9 +340,13 @@ class PostgresStore:
 
     # -- StateStore reads -----------------------------------------------------------------
 
-    def load_twins(self) -> list[dict[str, Any]]:
+    def load_twins(self, device_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Every twin, or those of ``device_ids`` (a partition's devices)."""
+        query = select(twins.c.record)
+        if device_ids is not None:
+            query = query.where(twins.c.device_id.in_(list(device_ids)))
         with self._connection() as conn:
-            return [json.loads(r) for r in conn.execute(select(twins.c.record)).scalars()]
+            return [json.loads(r) for r in conn.execute(query).scalars()]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         d = dead_letters.c

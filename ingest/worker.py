@@ -12,9 +12,12 @@ the consumer and detaches the session (keeping it on the broker) before the lock
 store that fails detaches the session (the broker delivers again what was not acked) and
 tries again after a capped backoff.
 
-Until the state store is wired in, ``RecordingConsumer`` records (partition, device, boot,
-seq) in PostgreSQL (table ``ingest_records``, created here), fenced in the same transaction:
-what the end-to-end tests count to prove nothing is lost or stored twice.
+The consumer of ``chargewatch ingest`` is ``ingest.partition_consumer.PipelineConsumer``
+(the pipeline over the partition's devices, written to PostgreSQL under the fence). The
+device registry is followed by LISTEN on ``ingest.db.registry.CHANNEL`` (``follow_registry``):
+a device added there is known to its partition's consumer and subscribed without a restart.
+The worker starts only on a database at this chargewatch's schema (``chargewatch db
+upgrade``); an empty registry is seeded from the catalog (``--catalog`` or the district).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -36,25 +38,29 @@ from typing import Any, Protocol
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from psycopg.rows import TupleRow
+from sqlalchemy import Engine, text
 
-from devices.catalog import Catalog
+from devices.catalog import Catalog, CatalogError, Device
 from devices.topics import TopicScheme
-from ingest import IngestError, StoreUnavailable
+from ingest import IngestError, StoreError
+from ingest.db import migrate, registry
 from ingest.gmqtt_source import GmqttSource
 from ingest.leases import (
-    DEFAULT_LOCK_SPACE,
     LeaseConfig,
     LeaseError,
     LeaseManager,
-    check_fence,
 )
+from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, Received
+from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import DEFAULT_PARTITIONS, PartitionMap
+from ingest.pg_store import PostgresStore
+from ingest.store import HistoryStore
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
+RELEASE_WAIT_S = 2.0  # a release lets the batch being written finish (and ack) this long
 SEQ_MAX = 2**53
 
 
@@ -67,6 +73,10 @@ class Consumer(Protocol):
     async def store(self, batch: Sequence[Received]) -> None:
         """Make ``batch`` durable, fenced by the epoch; raise (``StaleLease``,
         ``StoreUnavailable``) and nothing of it is acknowledged."""
+
+    def add_device(self, device: Device, catalog: Catalog) -> None:
+        """A device added to the registry (``catalog``, the registry now) in this partition:
+        known to the consumer before its topics are subscribed."""
 
     async def close(self) -> None: ...
 
@@ -102,7 +112,11 @@ class PartitionRun:
         self.partition = partition
         self.epoch = epoch
         self.active = True  # False: nothing more is acknowledged, ever
+        self.releasing = False  # True: no new batch is taken (``finish_batch``)
+        self.idle = asyncio.Event()  # set while no batch is being written
+        self.idle.set()
         self.source: GmqttSource | None = None
+        self.consumer: Consumer | None = None
         self._queue: deque[Received] = deque()
         self._wake = asyncio.Event()
 
@@ -139,6 +153,7 @@ class PartitionRun:
     async def _session(self) -> None:
         w = self.worker
         consumer = w.consumer_factory(self.partition, self.epoch)
+        self.consumer = consumer
         try:
             await consumer.load()
             if not self.active:
@@ -157,6 +172,7 @@ class PartitionRun:
                 finally:
                     self.source = None
         finally:
+            self.consumer = None
             with contextlib.suppress(Exception):
                 await consumer.close()
 
@@ -169,15 +185,28 @@ class PartitionRun:
         while self.active:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue and self.active:
+            while self._queue and self.active and not self.releasing:
                 batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-                await consumer.store(batch)
+                self.idle.clear()
+                try:
+                    await consumer.store(batch)
+                finally:
+                    self.idle.set()
                 metrics.stored.inc(len(batch))
                 if not self.active:  # the lease went while the batch was written
                     return
                 for m in batch:  # no await from the check to the last ack
                     if source.ack(m):
                         metrics.acked.inc()
+
+    async def finish_batch(self, within_s: float) -> None:
+        """A release (the lease still held): take no new batch, and let the one being
+        written commit and be acknowledged (at most ``within_s``), so that the next owner
+        is not handed again what this one already stored."""
+        self.releasing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await self.idle.wait()
 
 
 class Worker:
@@ -192,7 +221,9 @@ class Worker:
         consumer_factory: ConsumerFactory,
         name: str,
         lease_timeout_s: float = 10.0,
+        catalog: Catalog | None = None,
     ) -> None:
+        self.catalog = catalog  # the registry as this worker knows it
         self.broker = broker
         self.db = db
         self.partitions = partitions
@@ -238,8 +269,11 @@ class Worker:
         )
 
     async def released(self, partition: int) -> None:
-        run = self.runs.pop(partition, None)
+        run = self.runs.get(partition)
         if run is not None:
+            await run.finish_batch(RELEASE_WAIT_S)
+            if self.runs.get(partition) is run:  # not dropped meanwhile
+                del self.runs[partition]
             run.stop_acking()
         task = self._tasks.pop(partition, None)
         if task is not None:
@@ -264,100 +298,57 @@ class Worker:
 
     # -- the registry -----------------------------------------------------------------------
 
-    def add_device(self, device_id: str, station_id: str) -> int:
-        """A device added to the registry: its partition's owner subscribes to it now."""
-        partition, new = self.partitions.add_device(device_id, station_id)
+    def add_device(self, device: Device, catalog: Catalog) -> int:
+        """A device added to the registry (``catalog``: the registry now): its partition's
+        consumer learns it, then the partition's session subscribes to it."""
+        self.catalog = catalog
+        partition, new = self.partitions.add_device(device.id, device.station_id)
         run = self.runs.get(partition)
-        if new and run is not None and run.source is not None:
-            run.source.add_subscription(self.partitions.topic_filter(device_id))
+        if new and run is not None:
+            if run.consumer is not None:
+                run.consumer.add_device(device, catalog)
+            if run.source is not None:
+                run.source.add_subscription(self.partitions.topic_filter(device.id))
         return partition
 
 
-# -- the recording consumer -------------------------------------------------------------------
-
-RECORDS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ingest_records (
-    device text NOT NULL,
-    boot text NOT NULL,
-    seq bigint NOT NULL,
-    partition integer NOT NULL,
-    epoch bigint NOT NULL,
-    worker text NOT NULL,
-    deliveries integer NOT NULL DEFAULT 1,
-    stored_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (device, boot, seq)
-)
-"""
+# -- the registry -----------------------------------------------------------------------------
 
 
-class RecordingConsumer:
-    """Records each message's (partition, device, boot, seq) once, fenced; a message stored
-    again (delivered again after a crash) counts in ``deliveries`` instead."""
-
-    def __init__(
-        self, db: str, partition: int, epoch: int, worker: str, scheme: TopicScheme
-    ) -> None:
-        self.db, self.partition, self.epoch, self.worker = db, partition, epoch, worker
-        self.scheme = scheme
-        self.conn: psycopg.AsyncConnection[TupleRow] | None = None
-        self.loaded = -1
-        self.bad = 0
-
-    async def load(self) -> None:
+async def follow_registry(
+    worker: Worker, db: str, load: Callable[[], Catalog | None], *, retry_max_s: float = 5.0
+) -> None:
+    """LISTEN for registry changes; on each (and on every (re)connect, for what was missed
+    meanwhile) read the registry and hand the devices this worker does not know yet to
+    ``Worker.add_device``. Reconnects with capped, jittered backoff."""
+    failures = 0
+    while True:
         try:
-            async with asyncio.timeout(10):
-                self.conn = await psycopg.AsyncConnection.connect(self.db, connect_timeout=5)
-                async with self.conn.transaction():
-                    await self.conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s, 0)", (DEFAULT_LOCK_SPACE + 3,)
-                    )
-                    await self.conn.execute(RECORDS_SCHEMA.encode())
-                cur = await self.conn.execute(
-                    "SELECT count(*) FROM ingest_records WHERE partition = %s", (self.partition,)
-                )
-                row = await cur.fetchone()
-                await self.conn.commit()
-        except (psycopg.OperationalError, TimeoutError) as exc:
-            raise StoreUnavailable(f"cannot load partition {self.partition}: {exc}") from exc
-        self.loaded = int(row[0]) if row else 0
+            async with await psycopg.AsyncConnection.connect(
+                db, autocommit=True, connect_timeout=5
+            ) as conn:
+                await conn.execute(f"LISTEN {registry.CHANNEL}".encode())
+                failures = 0
+                await _catch_up(worker, load)
+                async for _ in conn.notifies():
+                    await _catch_up(worker, load)
+        except (psycopg.Error, OSError, StoreError, CatalogError) as exc:
+            failures += 1
+            delay = min(retry_max_s, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
+            log.warning("registry: %s; again in %.1fs", exc or type(exc).__name__, delay)
+            await asyncio.sleep(delay)
 
-    def _row(self, msg: Received) -> tuple[object, ...] | None:
-        topic = self.scheme.parse(msg.topic)
-        try:
-            body = json.loads(msg.payload)
-        except ValueError:
-            return None
-        if topic is None or not isinstance(body, dict):
-            return None
-        boot, seq = body.get("boot"), body.get("seq")
-        if not isinstance(boot, str) or not 1 <= len(boot) <= 32:
-            return None
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < SEQ_MAX:
-            return None
-        return (topic.device_id, boot, seq, self.partition, self.epoch, self.worker)
 
-    async def store(self, batch: Sequence[Received]) -> None:
-        rows = [r for r in map(self._row, batch) if r is not None]
-        self.bad += len(batch) - len(rows)
-        conn = self.conn
-        if conn is None:
-            raise StoreUnavailable("not loaded")
-        try:
-            async with asyncio.timeout(10), conn.transaction():
-                await check_fence(conn, self.partition, self.epoch)
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        "INSERT INTO ingest_records (device, boot, seq, partition, epoch, worker)"
-                        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (device, boot, seq) DO"
-                        " UPDATE SET deliveries = ingest_records.deliveries + 1",
-                        rows,
-                    )
-        except (psycopg.OperationalError, TimeoutError) as exc:
-            raise StoreUnavailable(f"partition {self.partition}: {exc}") from exc
-
-    async def close(self) -> None:
-        if self.conn is not None:
-            await self.conn.close()
+async def _catch_up(worker: Worker, load: Callable[[], Catalog | None]) -> None:
+    catalog = await asyncio.to_thread(load)
+    if catalog is None:
+        return
+    added = [d for d in catalog.devices.values() if worker.partitions.of_device(d.id) is None]
+    worker.catalog = catalog
+    for device in added:
+        p = worker.add_device(device, catalog)
+        log.info("registry: device %s (station %s) added to partition %d",
+                 device.id, device.station_id, p)  # fmt: skip
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -379,8 +370,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("ingest", help="a partitioned ingest worker (PostgreSQL leases)")
     p.add_argument("--broker", required=True, help="mqtt[s]://[user:pass@]host:port")
     p.add_argument("--db", help="postgresql://… (default: CHARGEWATCH_DB)")
-    p.add_argument("--catalog", type=Path, help="site catalog JSON; default: the district")
-    p.add_argument("--history", help="history store URL (not used by this worker yet)")
+    p.add_argument(
+        "--catalog", type=Path, help="catalog JSON for an empty registry; default: the district"
+    )
+    p.add_argument(
+        "--history", help="InfluxDB URL for the history (default: PostgreSQL day partitions)"
+    )
     p.add_argument(
         "--partitions", type=int, default=DEFAULT_PARTITIONS, help="partitions (default 16)"
     )
@@ -413,29 +408,87 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
     )
 
 
+def registry_catalog(engine: Engine, seed: Catalog) -> Catalog:
+    """The registry (seeded from ``seed`` when it is empty: the first worker does it)."""
+    with engine.begin() as conn:
+        found = registry.load_catalog(conn)
+        if found is not None:
+            return found
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEED_LOCK})
+        found = registry.load_catalog(conn)  # another worker seeded it meanwhile
+        if found is not None:
+            return found
+        registry.import_catalog(conn, seed)
+        log.info("registry: seeded from %s", seed.source)
+        return seed
+
+
+_SEED_LOCK = 0x6377_7265  # "cwre"
+
+
 async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
-    scheme = TopicScheme()
-    pm = PartitionMap(a.catalog, a.partitions, topic_prefix=scheme.prefix)
-    worker = Worker(
-        broker=a.broker,
-        db=a.db,
-        partitions=pm,
-        consumer_factory=lambda p, e: RecordingConsumer(a.db, p, e, a.worker, scheme),
-        name=a.worker,
-        lease_timeout_s=a.lease_timeout_s,
-    )
-    if a.metrics_port is not None:
-        start_http_server(a.metrics_port, addr="127.0.0.1", registry=worker.metrics.registry)
-    if a.history:
-        log.warning("--history is not used by this worker yet (recording consumer)")
-    async with worker:
-        log.info("worker %s: %d partitions, broker %s", a.worker, a.partitions, a.broker)
-        async with asyncio.TaskGroup() as tg:
-            metrics = tg.create_task(worker.run_forever(), name="metrics")
-            leases = tg.create_task(worker.leases.finished(), name="leases")
-            await stop.wait()
-            metrics.cancel()
-            leases.cancel()
+    # a database behind this chargewatch's schema is refused before anything starts
+    store = await asyncio.to_thread(PostgresStore, a.db)
+    history: HistoryStore | None = None
+    engine = migrate.connect(a.db, pool_size=1, pool_pre_ping=True)
+    try:
+        catalog = await asyncio.to_thread(registry_catalog, engine, a.catalog)
+        scheme = TopicScheme()
+        pm = PartitionMap(catalog, a.partitions, topic_prefix=scheme.prefix)
+        worker: Worker
+        metrics: IngestMetrics
+        if a.history:
+            from ingest.influx import InfluxHistory  # only when asked for
+
+            history = InfluxHistory(a.history, on_error=lambda exc: metrics.write_errors.inc())
+            log.info("history: %r", history)
+
+        def consumer(p: int, epoch: int) -> PipelineConsumer:
+            assert worker.catalog is not None
+            return PipelineConsumer(
+                store=store,
+                catalog=worker.catalog,
+                devices=pm.devices(p),
+                partition=p,
+                epoch=epoch,
+                scheme=scheme,
+                metrics=metrics,
+                history=history,
+            )
+
+        worker = Worker(
+            broker=a.broker,
+            db=a.db,
+            partitions=pm,
+            consumer_factory=consumer,
+            name=a.worker,
+            lease_timeout_s=a.lease_timeout_s,
+            catalog=catalog,
+        )
+        metrics = IngestMetrics(worker.metrics.registry)  # the pipelines': one /metrics
+        if a.metrics_port is not None:
+            start_http_server(a.metrics_port, addr="127.0.0.1", registry=worker.metrics.registry)
+
+        def load() -> Catalog | None:
+            with engine.begin() as conn:
+                return registry.load_catalog(conn)
+
+        async with worker:
+            log.info("worker %s: %d partitions, broker %s", a.worker, a.partitions, a.broker)
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(worker.run_forever(), name="metrics"),
+                    tg.create_task(worker.leases.finished(), name="leases"),
+                    tg.create_task(follow_registry(worker, a.db, load), name="registry"),
+                ]
+                await stop.wait()
+                for task in tasks:
+                    task.cancel()
+    finally:
+        engine.dispose()
+        if history is not None:
+            history.close()
+        store.close()
 
 
 def command(args: argparse.Namespace) -> int:
@@ -457,7 +510,7 @@ def command(args: argparse.Namespace) -> int:
     failed: list[BaseException] = []
     try:
         asyncio.run(main())
-    except* LeaseError as group:
+    except* (LeaseError, StoreError) as group:
         failed.extend(group.exceptions)
     if failed:
         print(f"chargewatch ingest: {failed[0]}", flush=True)

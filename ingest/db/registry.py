@@ -13,10 +13,13 @@ import json
 
 from sqlalchemy import Connection, delete, func, insert, select
 
-from devices.catalog import Catalog
+from devices.catalog import Catalog, CatalogError, DeviceSpec
 from ingest.db.schema import devices, facts, stations
 
 DISTRICT_FACT = "registry.district"
+CHANNEL = "cw_registry"
+"""On PostgreSQL every change to the registry is announced on this LISTEN/NOTIFY channel (in
+the changing transaction, so a listener reads it committed); ingest workers follow it."""
 
 
 def count(conn: Connection) -> int:
@@ -47,7 +50,40 @@ def import_catalog(conn: Connection, catalog: Catalog) -> tuple[int, int]:
     conn.execute(insert(devices), device_rows)
     district = catalog.data.district.model_dump_json(exclude_none=True)
     conn.execute(insert(facts), [{"name": DISTRICT_FACT, "value": district}])
+    _announce(conn, "catalog")
     return len(station_rows), len(device_rows)
+
+
+def add_device(conn: Connection, station_id: str, spec: DeviceSpec) -> None:
+    """Add a device to a station of the registry (in the caller's transaction), after the
+    station's others; announced on ``CHANNEL`` (ingest workers subscribe to it at once)."""
+    if conn.execute(select(stations.c.id).where(stations.c.id == station_id)).first() is None:
+        raise CatalogError(f"station {station_id!r} is not in the registry")
+    if conn.execute(select(devices.c.id).where(devices.c.id == spec.id)).first() is not None:
+        raise CatalogError(f"device {spec.id!r} is already in the registry")
+    last = conn.execute(
+        select(func.coalesce(func.max(devices.c.position), -1)).where(
+            devices.c.station_id == station_id
+        )
+    ).scalar_one()
+    conn.execute(
+        insert(devices),
+        [
+            {
+                "id": spec.id,
+                "station_id": station_id,
+                "position": int(last) + 1,
+                "kind": spec.kind,
+                "spec": spec.model_dump_json(exclude_none=True),
+            }
+        ],
+    )
+    _announce(conn, spec.id)
+
+
+def _announce(conn: Connection, what: str) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(CHANNEL, what)))
 
 
 def load_catalog(conn: Connection, source: str = "registry") -> Catalog | None:

@@ -21,15 +21,19 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
+    DateTime,
     Double,
     Identity,
     Index,
     Integer,
     LargeBinary,
     MetaData,
+    Sequence,
     Table,
     Text,
+    func,
     text,
 )
 from sqlalchemy.dialects import sqlite
@@ -508,5 +512,31 @@ devices = Table(
 )
 Index("devices_by_station", devices.c.station_id, devices.c.position)
 
-LEGACY_TABLES = frozenset(metadata.tables) - {"stations", "devices"}
+# -- the ingest cluster (ingest.leases): partition leases and members ------------------
+
+# a partition's fencing epoch, bumped by each owner that takes it (ingest.leases.check_fence)
+partition_leases = Table(
+    "partition_leases",
+    metadata,
+    Column("partition", Integer, CheckConstraint("partition >= 0"), primary_key=True,
+           autoincrement=False),
+    Column("epoch", BigInteger, CheckConstraint("epoch > 0"), nullable=False),
+    Column("owner", Text, nullable=False),
+    Column("acquired_at", DateTime(timezone=True), nullable=False),
+)  # fmt: skip
+
+# workers that joined; a member is live while its advisory lock is held (ingest.leases)
+ingest_member_ids = Sequence("ingest_member_ids", metadata=metadata, data_type=Integer)
+ingest_members = Table(
+    "ingest_members",
+    metadata,
+    Column("member_id", Integer, primary_key=True, autoincrement=False),
+    Column("name", Text, nullable=False),
+    Column("joined_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+CLUSTER_TABLES = frozenset({"partition_leases", "ingest_members"})
+"""Used on PostgreSQL only (``chargewatch ingest``); made on SQLite too, one schema for both."""
+
+LEGACY_TABLES = frozenset(metadata.tables) - {"stations", "devices"} - CLUSTER_TABLES
 """The tables the stores created themselves before migrations (a file to adopt has them)."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import psycopg
 import pytest
 
+from ingest.db import migrate
 from ingest.leases import LeaseConfig, LeaseManager, StaleLease, assign, check_fence
 from tests.cluster.leasecheck import RecordingOwner, Sampler
 from tests.pg_server import PgServer, postgresql
@@ -133,6 +134,7 @@ async def test_a_terminated_lease_connection_moves_its_partitions(
 async def test_the_database_stopped_drops_everything_then_everything_is_taken_again() -> None:
     with postgresql() as pg:
         url = pg.url()
+        migrate.upgrade(url)
         a, owner_a = worker(url, "a")
         b, owner_b = worker(url, "b")
         down: list[float] = []

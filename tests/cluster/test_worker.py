@@ -1,21 +1,32 @@
-"""The worker in-process: a device added to the registry is consumed without a restart."""
+"""The worker in-process with the real pipeline: a device added to the device registry
+reaches its partition's owner by LISTEN/NOTIFY and is consumed without a restart; a database
+behind the schema is refused by ``chargewatch ingest`` with what to run."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import paho.mqtt.client as paho
 import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devices.catalog import Catalog, DeviceSpec
 from devices.topics import TopicScheme
+from ingest.db import migrate, registry
+from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL
+from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import PartitionMap
-from ingest.worker import RecordingConsumer, Worker
+from ingest.pg_store import PostgresStore
+from ingest.worker import Worker, follow_registry
 from tests.cluster.catalogs import synthetic
+from tests.pg_server import PgServer
 from tests.servers import Process
 
 pytestmark = pytest.mark.e2e
@@ -26,8 +37,10 @@ def publish(port: int, device: str, seq: int) -> None:
     c.connect("127.0.0.1", port)
     c.loop_start()
     try:
-        body = json.dumps({"boot": "b1", "seq": seq})
-        c.publish(f"cw/v1/{device}/status", body, qos=1).wait_for_publish(10)
+        ports = [{"n": 1, "state": "available"}, {"n": 2, "state": "charging"}]
+        body = {"v": 1, "ts": time.time_ns() // 1_000_000, "boot": "boot-1", "seq": seq,
+                "kind": "pile", "ports": ports}  # fmt: skip
+        c.publish(f"cw/v1/{device}/status", json.dumps(body), qos=1).wait_for_publish(10)
     finally:
         c.disconnect()
         c.loop_stop()
@@ -35,44 +48,91 @@ def publish(port: int, device: str, seq: int) -> None:
 
 async def stored(db: str) -> set[tuple[str, int]]:
     async with await psycopg.AsyncConnection.connect(db) as conn:
-        try:
-            cur = await conn.execute("SELECT device, seq FROM ingest_records")
-        except psycopg.errors.UndefinedTable:
-            return set()
+        cur = await conn.execute("SELECT device_id, seq FROM messages WHERE type = 'status'")
         return {(str(d), int(s)) for d, s in await cur.fetchall()}
 
 
-async def test_a_device_added_at_run_time_is_consumed(broker: Process, pg_url: str) -> None:
+async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_a_device_added_to_the_registry_is_consumed_without_a_restart(
+    broker: Process, pg_url: str
+) -> None:
+    catalog = synthetic(3)
+    engine = migrate.connect(pg_url)
+    with engine.begin() as conn:
+        registry.import_catalog(conn, catalog)
+    store = PostgresStore(pg_url)
     scheme = TopicScheme()
-    pm = PartitionMap(synthetic(3), 4)
-    worker = Worker(
-        broker=BrokerURL.parse(broker.url),
-        db=pg_url,
-        partitions=pm,
-        consumer_factory=lambda p, e: RecordingConsumer(pg_url, p, e, "w", scheme),
-        name="w",
-        lease_timeout_s=2,
-    )
+    pm = PartitionMap(catalog, 4)
+    metrics = IngestMetrics()
+    worker: Worker
+
+    def consumer(p: int, epoch: int) -> PipelineConsumer:
+        assert worker.catalog is not None
+        return PipelineConsumer(store=store, catalog=worker.catalog, devices=pm.devices(p),
+                                partition=p, epoch=epoch, scheme=scheme, metrics=metrics)  # fmt: skip
+
+    worker = Worker(broker=BrokerURL.parse(broker.url), db=pg_url, partitions=pm,
+                    consumer_factory=consumer, name="w", lease_timeout_s=2, catalog=catalog)  # fmt: skip
+
+    def load() -> Catalog | None:
+        with engine.begin() as conn:
+            return registry.load_catalog(conn)
+
     busy = {p for p in range(4) if pm.devices(p)}
-    async with worker:
-        deadline = time.monotonic() + 20
-        while {p for p, r in worker.runs.items() if r.subscribed} != busy:
-            assert time.monotonic() < deadline, "partitions not subscribed"
-            await asyncio.sleep(0.05)
-        p = worker.add_device("NEW-1", "st-0001")
-        assert p == pm.of_station("st-0001")
-        source = worker.runs[p].source
-        assert source is not None
-        assert "cw/v1/NEW-1/+" in source.subscriptions
-        subacks = source.subacks
-        deadline = time.monotonic() + 10
-        while source.subacks == subacks:
-            assert time.monotonic() < deadline, "NEW-1 not subscribed"
-            await asyncio.sleep(0.02)
-        await asyncio.to_thread(publish, broker.port, "NEW-1", 7)
-        await asyncio.to_thread(publish, broker.port, "D0002x0", 3)
-        deadline = time.monotonic() + 10
-        while await stored(pg_url) != {("NEW-1", 7), ("D0002x0", 3)}:
-            assert time.monotonic() < deadline, await stored(pg_url)
-            await asyncio.sleep(0.1)
-    assert worker.runs == {}
+    try:
+        async with worker:
+            follow = asyncio.create_task(follow_registry(worker, pg_url, load))
+
+            async def subscribed() -> bool:
+                return {p for p, r in worker.runs.items() if r.subscribed} == busy
+
+            await until(subscribed, "partitions not subscribed", 20)
+            p = pm.of_station("st-0001")
+            source = worker.runs[p].source
+            assert source is not None
+            subacks = source.subacks
+            assert pm.of_device("NEW-1") is None
+            with engine.begin() as conn:  # another process would do the same
+                registry.add_device(conn, "st-0001", DeviceSpec(id="NEW-1", kind="pile", ports=2))
+
+            async def noticed() -> bool:
+                return source.subacks > subacks
+
+            await until(noticed, "NEW-1 not subscribed")
+            assert pm.of_device("NEW-1") == p
+            assert "cw/v1/NEW-1/+" in source.subscriptions
+            await asyncio.to_thread(publish, broker.port, "NEW-1", 7)
+            await asyncio.to_thread(publish, broker.port, "D0002x0", 3)
+
+            async def both() -> bool:
+                return await stored(pg_url) == {("NEW-1", 7), ("D0002x0", 3)}
+
+            await until(both, "not stored")
+            twins = {t["device_id"]: t for t in store.load_twins(["NEW-1"])}
+            assert twins["NEW-1"]["status_seq"] == 7
+            assert twins["NEW-1"]["station_id"] == "st-0001"
+            assert store.dead_letters() == []
+            follow.cancel()
+        assert worker.runs == {}
+    finally:
+        store.close()
+        engine.dispose()
+
+
+def test_ingest_refuses_a_database_behind_its_schema(pg_session: PgServer) -> None:
+    url = pg_session.create_database("t_ingest_behind")  # never migrated
+    out = subprocess.run(
+        [sys.executable, "-m", "api.cli", "ingest", "--broker", "mqtt://127.0.0.1:1", "--db", url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        f"chargewatch ingest: database {url} is at revision none (never migrated), this"
+        f" chargewatch needs {migrate.head()}: run `chargewatch db upgrade --db {url}`"
+    ) in out.stdout
