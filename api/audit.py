@@ -3,7 +3,8 @@ that changes something (API keys, webhooks, alert acknowledgements, resolutions 
 rider reports confirmed or rejected, points reversed),
 whether it came over the API (the actor is the key: id, name, role) or from the
 ``chargewatch keys`` command (the actor is ``cli`` and the OS user). Kept in the data
-dir's SQLite file next to what it describes (or in PostgreSQL); admins read it at ``GET /v1/audit``.
+dir's SQLite file next to what it describes (or in PostgreSQL); admins read it at
+``GET /v1/audit``.
 
 An entry is written after its action succeeded: a refused or failed action changed
 nothing and is not an entry. Details are small (ids, names, counts, a URL's host), never

@@ -155,9 +155,9 @@ class Entry:
     reversed_by: int | None = None
 
 
-_ZERO: ColumnElement[int] = literal_column(
-    "0"
-)  # also SQLite's OFFSET, a parameter of its own unless given
+# 0 written in the SQL: a literal would be a parameter SQLite's statement cannot name (also
+# its OFFSET, which SQLite's LIMIT always has)
+_ZERO: ColumnElement[int] = literal_column("0")
 _r = rider_reports.alias("r")
 _p = rider_points.alias("p")
 _REPORT_SELECT = select(
