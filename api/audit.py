@@ -3,7 +3,8 @@ that changes something (API keys, webhooks, alert acknowledgements, resolutions 
 rider reports confirmed or rejected, points reversed),
 whether it came over the API (the actor is the key: id, name, role) or from the
 ``chargewatch keys`` command (the actor is ``cli`` and the OS user). Kept in the data
-dir's SQLite file next to what it describes; admins read it at ``GET /v1/audit``.
+dir's SQLite file next to what it describes (or in PostgreSQL); admins read it at
+``GET /v1/audit``.
 
 An entry is written after its action succeeded: a refused or failed action changed
 nothing and is not an entry. Details are small (ids, names, counts, a URL's host), never
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import itertools
 import json
 import os
 import time
@@ -21,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import bindparam, insert, literal_column, select
+from sqlalchemy.sql.expression import Executable
 from starlette.requests import Request
 
+from ingest.db.database import Database, PgDatabase
+from ingest.db.schema import audit_log as audit_table
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"
@@ -76,16 +82,49 @@ class AuditQuery:
     limit: int = 100
 
 
-class AuditLog:
-    """Blocking; the API calls it from a worker thread."""
+_A = audit_table.c
+_RECORD = insert(audit_table).returning(_A.id)
+_FILTERS = (
+    ("action", _A.action == bindparam("b_action")),
+    ("actor", _A.actor_id == bindparam("b_actor")),
+    ("target", _A.target == bindparam("b_target")),
+    ("since_ms", _A.at_ms >= bindparam("b_since_ms")),
+    ("before_id", _A.id < bindparam("b_before_id")),
+)
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._db = SQLiteDB(self.path)
+
+def _query(filters: tuple[bool, ...]) -> Executable:
+    """Entries newest first, with the ``_FILTERS`` that ``filters`` turns on."""
+    q = select(
+        _A.id, _A.at_ms, _A.actor_id, _A.actor_name, _A.actor_role, _A.action, _A.target,
+        _A.detail,
+    )  # fmt: skip
+    for on, (_, clause) in zip(filters, _FILTERS, strict=True):
+        if on:
+            q = q.where(clause)
+    # SQLite's LIMIT always comes with an OFFSET, a parameter of its own unless given
+    return q.order_by(_A.id.desc()).limit(bindparam("b_limit")).offset(literal_column("0"))
+
+
+_QUERIES = {
+    on: _query(on) for on in itertools.product((False, True), repeat=len(_FILTERS))
+}  # every combination of filters, compiled once each
+
+
+class AuditLog:
+    """Blocking; the API calls it from a worker thread. On a ``Database``: the embedded
+    file (a path, ``in_dir``) or PostgreSQL (``on_postgresql``)."""
+
+    def __init__(self, db: Database | str | Path) -> None:
+        self._db: Database = SQLiteDB(db) if isinstance(db, str | Path) else db
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> AuditLog:
         return cls(Path(data_dir) / DB_FILE)
+
+    @classmethod
+    def on_postgresql(cls, url: str) -> AuditLog:
+        return cls(PgDatabase(url))
 
     def close(self) -> None:
         self._db.close()
@@ -98,34 +137,32 @@ class AuditLog:
         data = json.dumps(detail or {}, ensure_ascii=False, separators=(",", ":"))
         if len(data) > DETAIL_MAX_CHARS:
             data = json.dumps({"truncated": data[:DETAIL_MAX_CHARS]}, ensure_ascii=False)
-        cur = self._db.execute(
-            "INSERT INTO audit_log (at_ms, actor_id, actor_name, actor_role, action, target,"
-            " detail) VALUES (?,?,?,?,?,?,?)",
-            (time.time_ns() // 1_000_000, actor.id, actor.name, actor.role, action, target, data),
+        done = self._db.execute(
+            _RECORD,
+            {
+                "at_ms": time.time_ns() // 1_000_000,
+                "actor_id": actor.id,
+                "actor_name": actor.name,
+                "actor_role": actor.role,
+                "action": action,
+                "target": target,
+                "detail": data,
+            },
         )
-        return int(cur.lastrowid or 0)
+        return int(done.rows[0][0])
 
     def query(self, q: AuditQuery) -> list[dict[str, Any]]:
         """Entries, newest first."""
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("action", q.action), ("actor_id", q.actor), ("target", q.target)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if q.since_ms is not None:
-            where.append("at_ms >= ?")
-            args.append(q.since_ms)
-        if q.before_id is not None:
-            where.append("id < ?")
-            args.append(q.before_id)
-        sql = (
-            "SELECT id, at_ms, actor_id, actor_name, actor_role, action, target, detail"
-            " FROM audit_log"
-        )
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self._db.query(sql + " ORDER BY id DESC LIMIT ?", (*args, q.limit))
+        values = {
+            "action": q.action,
+            "actor": q.actor,
+            "target": q.target,
+            "since_ms": q.since_ms,
+            "before_id": q.before_id,
+        }
+        on = tuple(values[name] is not None for name, _ in _FILTERS)
+        params = {f"b_{name}": v for name, v in values.items() if v is not None}
+        rows = self._db.query(_QUERIES[on], {**params, "b_limit": q.limit})
         return [
             {
                 "id": r[0],

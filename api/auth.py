@@ -2,7 +2,7 @@
 
 Keys are random (256 bits), so storing the SHA-256 of the secret is enough (a slow
 password hash protects guessable secrets; these are not). Only the hash is kept, in the
-data dir's SQLite file; the key itself is shown once, by ``chargewatch keys create``.
+data dir's SQLite file (or PostgreSQL); the key itself is shown once, by ``chargewatch keys create``.
 Roles: ``maintainer`` (alerts: read, acknowledge, resolve, notes, stream; dead letters;
 the private fields of rider answers) and ``admin`` (everything, plus webhook
 subscriptions, API keys and the audit log). Rider endpoints stay public.
@@ -34,11 +34,14 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from sqlalchemy import bindparam, insert, select, update
 from starlette.exceptions import HTTPException
 
 from api.audit import Actor, AuditLog
 from api.text import plain_text
 from api.views import rfc3339
+from ingest.db.database import Database, PgDatabase
+from ingest.db.schema import api_keys
 from ingest.sqlite_db import SQLiteDB
 
 ROLES = ("maintainer", "admin")
@@ -46,7 +49,16 @@ _RANK = {"maintainer": 0, "admin": 1}
 DB_FILE = "chargewatch.db"
 PREFIX = "cwk_"
 
-_COLUMNS = "id, name, role, created_at_ms, revoked_at_ms, expires_at_ms"
+_K = api_keys.c
+_COLUMNS = (_K.id, _K.name, _K.role, _K.created_at_ms, _K.revoked_at_ms, _K.expires_at_ms)
+_CREATE = insert(api_keys)
+_LIST = select(*_COLUMNS).order_by(_K.created_at_ms)
+_REVOKE = (
+    update(api_keys)
+    .where(_K.id == bindparam("b_id"), _K.revoked_at_ms.is_(None))
+    .values(revoked_at_ms=bindparam("b_at"))
+)
+_CHECK = select(_K.hash, *_COLUMNS).where(_K.id == bindparam("b_id"))
 NAME_RULE = (
     "a key's name is shown as the actor of what it does: one line of visible characters,"
     " no control, bidi or invisible ones, no leading or trailing space"
@@ -91,15 +103,19 @@ def _hash(secret: str) -> str:
 
 
 class KeyStore:
-    """Blocking; the API calls it from a worker thread."""
+    """Blocking; the API calls it from a worker thread. On a ``Database``: the embedded
+    file (a path, ``in_dir``) or PostgreSQL (``on_postgresql``)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._db = SQLiteDB(self.path)
+    def __init__(self, db: Database | str | Path) -> None:
+        self._db: Database = SQLiteDB(db) if isinstance(db, str | Path) else db
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> KeyStore:
         return cls(Path(data_dir) / DB_FILE)
+
+    @classmethod
+    def on_postgresql(cls, url: str) -> KeyStore:
+        return cls(PgDatabase(url))
 
     def close(self) -> None:
         self._db.close()
@@ -117,21 +133,26 @@ class KeyStore:
         secret = secrets.token_urlsafe(32)
         key = ApiKey(key_id, name, role, now, None, expires_at_ms)
         self._db.execute(
-            f"INSERT INTO api_keys (hash, {_COLUMNS}) VALUES (?,?,?,?,?,NULL,?)",
-            (_hash(secret), key.id, key.name, key.role, key.created_at_ms, expires_at_ms),
+            _CREATE,
+            {
+                "hash": _hash(secret),
+                "id": key.id,
+                "name": key.name,
+                "role": key.role,
+                "created_at_ms": key.created_at_ms,
+                "revoked_at_ms": None,
+                "expires_at_ms": expires_at_ms,
+            },
         )
         return key, f"{PREFIX}{key_id}_{secret}"
 
     def list(self) -> list[ApiKey]:
-        rows = self._db.query(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at_ms")
+        rows = self._db.query(_LIST)
         return [ApiKey(*row) for row in rows]
 
     def revoke(self, key_id: str) -> bool:
-        cur = self._db.execute(
-            "UPDATE api_keys SET revoked_at_ms = ? WHERE id = ? AND revoked_at_ms IS NULL",
-            (_now_ms(), key_id),
-        )
-        return cur.rowcount > 0
+        done = self._db.execute(_REVOKE, {"b_id": key_id, "b_at": _now_ms()})
+        return done.rowcount > 0
 
     def check(self, token: str, now_ms: int | None = None) -> ApiKey:
         """The key ``token`` names, if it admits anyone now; else ``KeyRefused``."""
@@ -140,7 +161,7 @@ class KeyStore:
         key_id, _, secret = token[len(PREFIX) :].partition("_")
         if not key_id or not secret:
             raise KeyRefused("malformed API key")
-        rows = self._db.query(f"SELECT hash, {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+        rows = self._db.query(_CHECK, {"b_id": key_id})
         # the secret is compared before anything about the key is said
         if not rows or not hmac.compare_digest(rows[0][0], _hash(secret)):
             raise KeyRefused("unknown API key")

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import re
 import secrets
-import sqlite3
 import threading
 import unicodedata
 from collections.abc import Sequence
@@ -38,10 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy import bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy.sql.expression import BindParameter, ColumnElement, Executable
+
 from api.text import plain_text
 from devices.rollup import RiderReport
-from ingest import StoreError
+from ingest import StoreError, StoreUnavailable
 from ingest.alerts.model import REPORT_CATEGORIES, SERVICE_STATION, Alert
+from ingest.db.database import CoreStatement, Database, PgDatabase
+from ingest.db.schema import rider_points, rider_reports, riders
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"
@@ -150,24 +155,106 @@ class Entry:
     reversed_by: int | None = None
 
 
-_REPORT_COLUMNS = (
-    "id, rider_id, station_id, device_id, unit, unit_kind, category, text, alert_id, at_ms,"
-    " outcome, decided_at_ms, decided_by, decided_role, decision_note, confirmed_by_alert,"
-    " duplicate_of, no_points"
+# 0 written in the SQL: a literal would be a parameter SQLite's statement cannot name (also
+# its OFFSET, which SQLite's LIMIT always has)
+_ZERO: ColumnElement[int] = literal_column("0")
+_r = rider_reports.alias("r")
+_p = rider_points.alias("p")
+_REPORT_SELECT = select(
+    _r.c.id, _r.c.rider_id, _r.c.station_id, _r.c.device_id, _r.c.unit, _r.c.unit_kind,
+    _r.c.category, _r.c.text, _r.c.alert_id, _r.c.at_ms, _r.c.outcome, _r.c.decided_at_ms,
+    _r.c.decided_by, _r.c.decided_role, _r.c.decision_note, _r.c.confirmed_by_alert,
+    _r.c.duplicate_of, _r.c.no_points,
+    select(func.coalesce(func.sum(_p.c.delta), _ZERO))
+    .where(_p.c.report_id == _r.c.id)
+    .scalar_subquery(),
+)  # fmt: skip
+_e = rider_points.alias("e")
+_x = rider_points.alias("x")
+_ENTRY_SELECT = select(
+    _e.c.id, _e.c.rider_id, _e.c.delta, _e.c.reason, _e.c.note, _e.c.report_id, _e.c.alert_id,
+    _e.c.incident_id, _e.c.reverses, _e.c.at_ms, _e.c.actor, _e.c.actor_role,
+    select(_x.c.id).where(_x.c.reverses == _e.c.id).scalar_subquery(),
+)  # fmt: skip
+
+_REGISTER = insert(riders)
+_RIDER = select(riders.c.id, riders.c.nickname, riders.c.station_id, riders.c.created_at_ms)
+_RIDER_BY_ID = _RIDER.where(riders.c.id == bindparam("b_id"))
+_CHECK = select(riders.c.hash, *_RIDER.selected_columns).where(riders.c.id == bindparam("b_id"))
+_ADD_REPORT = (
+    insert(rider_reports).values(outcome=literal_column("'pending'")).returning(rider_reports.c.id)
 )
-_REPORT_SELECT = (
-    f"SELECT {', '.join('r.' + c.strip() for c in _REPORT_COLUMNS.split(','))},"
-    " (SELECT coalesce(sum(p.delta), 0) FROM rider_points p WHERE p.report_id = r.id)"
-    " FROM rider_reports r"
+_REPORT = _REPORT_SELECT.where(_r.c.id == bindparam("b_id"))
+_REPORT_FILTERS = (
+    ("rider_id", _r.c.rider_id == bindparam("b_rider_id")),
+    ("outcome", _r.c.outcome == bindparam("b_outcome")),
+    ("station_id", _r.c.station_id == bindparam("b_station_id")),
+    ("before_id", _r.c.id < bindparam("b_before_id")),
 )
-_ENTRY_COLUMNS = (
-    "id, rider_id, delta, reason, note, report_id, alert_id, incident_id, reverses, at_ms,"
-    " actor, actor_role"
+
+
+def _reports(filters: tuple[bool, ...]) -> Executable:
+    """Reports newest first, with the ``_REPORT_FILTERS`` that ``filters`` turns on."""
+    q = _REPORT_SELECT
+    for on, (_, clause) in zip(filters, _REPORT_FILTERS, strict=True):
+        if on:
+            q = q.where(clause)
+    return q.order_by(_r.c.id.desc()).limit(bindparam("b_limit")).offset(_ZERO)
+
+
+_REPORTS = {on: _reports(on) for on in itertools.product((False, True), repeat=4)}
+_MADE_BETWEEN = (
+    _REPORT_SELECT.where(_r.c.at_ms >= bindparam("b_since"), _r.c.at_ms < bindparam("b_until"))
+    .order_by(_r.c.at_ms, _r.c.id)
+    .limit(bindparam("b_limit"))
+    .offset(_ZERO)
 )
-_ENTRY_SELECT = (
-    f"SELECT {', '.join('e.' + c.strip() for c in _ENTRY_COLUMNS.split(','))},"
-    " (SELECT x.id FROM rider_points x WHERE x.reverses = e.id) FROM rider_points e"
+_R = rider_reports.c
+_REPORTS_MADE = (
+    select(_R.station_id, _R.device_id, _R.category, _R.at_ms)
+    .where(_R.at_ms >= bindparam("b_since"), _R.at_ms < bindparam("b_until"))
+    .order_by(_R.at_ms, _R.id)
 )
+_P = rider_points.c
+_RELATED: list[BindParameter[Any]] = [bindparam("b_alert"), bindparam("b_incident")]
+_EARNED = (
+    select(_P.report_id)
+    .where(
+        _P.rider_id == bindparam("b_rider_id"),
+        _P.reverses.is_(None),
+        or_(_P.incident_id.in_(_RELATED), _P.alert_id.in_(_RELATED)),
+    )
+    .limit(literal_column("1"))
+    .offset(_ZERO)
+)
+_AWARD = insert(rider_points)
+_DECIDE = (
+    update(rider_reports)
+    .where(_R.id == bindparam("b_id"))
+    .values(
+        outcome=bindparam("b_outcome"),
+        decided_at_ms=bindparam("b_at"),
+        decided_by=bindparam("b_by"),
+        decided_role=bindparam("b_role"),
+        decision_note=bindparam("b_note"),
+        confirmed_by_alert=bindparam("b_confirmed_by_alert"),
+        duplicate_of=bindparam("b_duplicate_of"),
+        no_points=bindparam("b_no_points"),
+    )
+)
+_BALANCE = select(func.coalesce(func.sum(_P.delta), _ZERO)).where(
+    _P.rider_id == bindparam("b_rider_id")
+)
+_ENTRY = _ENTRY_SELECT.where(_e.c.id == bindparam("b_id"))
+_LEDGER = _ENTRY_SELECT.where(_e.c.rider_id == bindparam("b_rider_id"))
+_LEDGER_PAGES = {
+    before: (_LEDGER.where(_e.c.id < bindparam("b_before_id")) if before else _LEDGER)
+    .order_by(_e.c.id.desc())
+    .limit(bindparam("b_limit"))
+    .offset(_ZERO)
+    for before in (False, True)
+}
+_REVERSE = insert(rider_points).returning(_P.id)
 
 
 def _hash(secret: str) -> str:
@@ -205,15 +292,18 @@ def confirming_alert(report: Report, alerts: Sequence[Alert], window_ms: int) ->
 class SentinelStore:
     """Riders, their reports and the points ledger, in the data dir's SQLite file."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._db = SQLiteDB(self.path)
+    def __init__(self, db: Database | str | Path) -> None:
+        self._db: Database = SQLiteDB(db) if isinstance(db, str | Path) else db
         # a decision reads, then writes: one at a time in this process (the only writer)
         self._deciding = threading.Lock()
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> SentinelStore:
         return cls(Path(data_dir) / DB_FILE)
+
+    @classmethod
+    def on_postgresql(cls, url: str) -> SentinelStore:
+        return cls(PgDatabase(url))
 
     def close(self) -> None:
         self._db.close()
@@ -228,23 +318,26 @@ class SentinelStore:
         secret = secrets.token_urlsafe(32)
         for _ in range(5):
             rider = Rider(secrets.token_hex(4), nickname, station_id, now_ms)
+            row = {
+                "id": rider.id,
+                "hash": _hash(secret),
+                "nickname": nickname,
+                "station_id": station_id,
+                "created_at_ms": now_ms,
+            }
             try:
-                self._db.execute(
-                    "INSERT INTO riders (id, hash, nickname, station_id, created_at_ms)"
-                    " VALUES (?,?,?,?,?)",
-                    (rider.id, _hash(secret), nickname, station_id, now_ms),
-                )
-            except StoreError as exc:
-                if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                self._db.execute(_REGISTER, row)
+            except StoreUnavailable:
+                raise
+            except StoreError:
+                if self.rider(rider.id) is not None:
                     continue  # that id is taken: draw another
                 raise
             return rider, f"{PREFIX}{rider.id}_{secret}"
         raise StoreError("could not draw a free rider id")
 
     def rider(self, rider_id: str) -> Rider | None:
-        rows = self._db.query(
-            "SELECT id, nickname, station_id, created_at_ms FROM riders WHERE id = ?", (rider_id,)
-        )
+        rows = self._db.query(_RIDER_BY_ID, {"b_id": rider_id})
         return Rider(*rows[0]) if rows else None
 
     def check(self, token: str) -> Rider:
@@ -254,10 +347,7 @@ class SentinelStore:
         rider_id, _, secret = token[len(PREFIX) :].partition("_")
         if not rider_id or not secret or len(token) > 200:
             raise RiderRefused("malformed rider token")
-        rows = self._db.query(
-            "SELECT hash, id, nickname, station_id, created_at_ms FROM riders WHERE id = ?",
-            (rider_id,),
-        )
+        rows = self._db.query(_CHECK, {"b_id": rider_id})
         if not rows or not hmac.compare_digest(rows[0][0], _hash(secret)):
             raise RiderRefused("unknown rider token: register again at POST /v1/riders")
         return Rider(*rows[0][1:])
@@ -276,17 +366,26 @@ class SentinelStore:
         alert_id: int,
         at_ms: int,
     ) -> Report:
-        cur = self._db.execute(
-            "INSERT INTO rider_reports (rider_id, station_id, device_id, unit, unit_kind,"
-            " category, text, alert_id, at_ms, outcome) VALUES (?,?,?,?,?,?,?,?,?,'pending')",
-            (rider_id, station_id, device_id, unit, unit_kind, category, text, alert_id, at_ms),
+        done = self._db.execute(
+            _ADD_REPORT,
+            {
+                "rider_id": rider_id,
+                "station_id": station_id,
+                "device_id": device_id,
+                "unit": unit,
+                "unit_kind": unit_kind,
+                "category": category,
+                "text": text,
+                "alert_id": alert_id,
+                "at_ms": at_ms,
+            },
         )
-        report = self.report(int(cur.lastrowid or 0))
+        report = self.report(int(done.rows[0][0]))
         assert report is not None
         return report
 
     def report(self, report_id: int) -> Report | None:
-        rows = self._db.query(f"{_REPORT_SELECT} WHERE r.id = ?", (report_id,))
+        rows = self._db.query(_REPORT, {"b_id": report_id})
         return Report(*rows[0]) if rows else None
 
     def reports(
@@ -299,40 +398,27 @@ class SentinelStore:
         limit: int = 100,
     ) -> list[Report]:
         """Reports, newest first."""
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (
-            ("rider_id", rider_id),
-            ("outcome", outcome),
-            ("station_id", station_id),
-        ):
-            if value is not None:
-                where.append(f"r.{column} = ?")
-                args.append(value)
-        if before_id is not None:
-            where.append("r.id < ?")
-            args.append(before_id)
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
-        rows = self._db.query(
-            f"{_REPORT_SELECT}{clause} ORDER BY r.id DESC LIMIT ?", (*args, limit)
-        )
+        values = {
+            "rider_id": rider_id,
+            "outcome": outcome,
+            "station_id": station_id,
+            "before_id": before_id,
+        }
+        on = tuple(values[name] is not None for name, _ in _REPORT_FILTERS)
+        params: dict[str, Any] = {f"b_{k}": v for k, v in values.items() if v is not None}
+        rows = self._db.query(_REPORTS[on], {**params, "b_limit": limit})
         return [Report(*row) for row in rows]
 
     def made_between(self, since_ms: int, until_ms: int, limit: int = 1_000_000) -> list[Report]:
         """Reports made in [since_ms, until_ms), oldest first."""
         rows = self._db.query(
-            f"{_REPORT_SELECT} WHERE r.at_ms >= ? AND r.at_ms < ? ORDER BY r.at_ms, r.id LIMIT ?",
-            (since_ms, until_ms, limit),
+            _MADE_BETWEEN, {"b_since": since_ms, "b_until": until_ms, "b_limit": limit}
         )
         return [Report(*row) for row in rows]
 
     def reports_made(self, since_ms: int, until_ms: int) -> list[RiderReport]:
         """What the hourly rollups count (``ingest.rollups.ReportSource``)."""
-        rows = self._db.query(
-            "SELECT station_id, device_id, category, at_ms FROM rider_reports"
-            " WHERE at_ms >= ? AND at_ms < ? ORDER BY at_ms, id",
-            (since_ms, until_ms),
-        )
+        rows = self._db.query(_REPORTS_MADE, {"b_since": since_ms, "b_until": until_ms})
         return [RiderReport(str(s), d, str(c), int(t)) for s, d, c, t in rows]
 
     def decide(
@@ -358,48 +444,36 @@ class SentinelStore:
                 raise NotFound(f"no report with id {report_id}")
             if report.outcome not in allowed:
                 raise Conflict(f"report {report_id} is {report.outcome} already")
-            statements: list[tuple[str, Sequence[Sequence[Any]]]] = []
+            statements: list[CoreStatement] = []
             duplicate_of = no_points = None
             if outcome == "confirmed" and report.rider_id is not None and known:
                 no_points = "known"
             elif outcome == "confirmed" and report.rider_id is not None and points > 0:
-                related = {report.alert_id, confirmed_by_alert or report.alert_id}
-                marks = ",".join("?" * len(related))
+                incident = confirmed_by_alert or report.alert_id
                 earlier = self._db.query(
-                    "SELECT report_id FROM rider_points WHERE rider_id = ? AND reverses IS NULL"
-                    f" AND (incident_id IN ({marks}) OR alert_id IN ({marks})) LIMIT 1",
-                    (report.rider_id, *related, *related),
-                )
+                    _EARNED,
+                    {"b_rider_id": report.rider_id, "b_alert": report.alert_id,
+                     "b_incident": incident},
+                )  # fmt: skip
                 if earlier:
                     duplicate_of, no_points = earlier[0][0], "duplicate"
                 else:
                     reason = (
                         "confirmed_by_maintainer" if role != "system" else "confirmed_by_telemetry"
                     )
-                    statements.append(
-                        (
-                            "INSERT INTO rider_points (rider_id, delta, reason, note, report_id,"
-                            " alert_id, incident_id, at_ms, actor, actor_role)"
-                            " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            [
-                                (
-                                    report.rider_id, points, reason, None, report.id,
-                                    report.alert_id, confirmed_by_alert or report.alert_id,
-                                    now_ms, actor, role,
-                                )
-                            ],
-                        )
-                    )  # fmt: skip
-            statements.insert(
-                0,
-                (
-                    "UPDATE rider_reports SET outcome = ?, decided_at_ms = ?, decided_by = ?,"
-                    " decided_role = ?, decision_note = ?, confirmed_by_alert = ?,"
-                    " duplicate_of = ?, no_points = ? WHERE id = ?",
-                    [(outcome, now_ms, actor, role, note, confirmed_by_alert, duplicate_of,
-                      no_points, report_id)],
-                ),
-            )  # fmt: skip
+                    award = {
+                        "rider_id": report.rider_id, "delta": points, "reason": reason,
+                        "note": None, "report_id": report.id, "alert_id": report.alert_id,
+                        "incident_id": incident, "at_ms": now_ms, "actor": actor,
+                        "actor_role": role,
+                    }  # fmt: skip
+                    statements.append((_AWARD, [award]))
+            decision = {
+                "b_id": report_id, "b_outcome": outcome, "b_at": now_ms, "b_by": actor,
+                "b_role": role, "b_note": note, "b_confirmed_by_alert": confirmed_by_alert,
+                "b_duplicate_of": duplicate_of, "b_no_points": no_points,
+            }  # fmt: skip
+            statements.insert(0, (_DECIDE, [decision]))
             self._db.transaction(statements)
         decided = self.report(report_id)
         assert decided is not None
@@ -408,22 +482,19 @@ class SentinelStore:
     # -- points ----------------------------------------------------------------------
 
     def balance(self, rider_id: str) -> int:
-        rows = self._db.query(
-            "SELECT coalesce(sum(delta), 0) FROM rider_points WHERE rider_id = ?", (rider_id,)
-        )
+        rows = self._db.query(_BALANCE, {"b_rider_id": rider_id})
         return int(rows[0][0])
 
     def entry(self, entry_id: int) -> Entry | None:
-        rows = self._db.query(f"{_ENTRY_SELECT} WHERE e.id = ?", (entry_id,))
+        rows = self._db.query(_ENTRY, {"b_id": entry_id})
         return Entry(*rows[0]) if rows else None
 
     def ledger(self, rider_id: str, before_id: int | None = None, limit: int = 100) -> list[Entry]:
         """A rider's entries, newest first."""
-        where, args = "WHERE e.rider_id = ?", [rider_id]
+        params: dict[str, Any] = {"b_rider_id": rider_id, "b_limit": limit}
         if before_id is not None:
-            where += " AND e.id < ?"
-            args.append(str(before_id))
-        rows = self._db.query(f"{_ENTRY_SELECT} {where} ORDER BY e.id DESC LIMIT ?", (*args, limit))
+            params["b_before_id"] = before_id
+        rows = self._db.query(_LEDGER_PAGES[before_id is not None], params)
         return [Entry(*row) for row in rows]
 
     def reverse(self, entry_id: int, reason: str, now_ms: int, actor: str, role: str) -> Entry:
@@ -436,13 +507,15 @@ class SentinelStore:
                 raise Conflict(f"entry {entry_id} is itself a reversal")
             if entry.reversed_by is not None:
                 raise Conflict(f"entry {entry_id} was reversed already (entry {entry.reversed_by})")
-            cur = self._db.execute(
-                "INSERT INTO rider_points (rider_id, delta, reason, note, report_id, alert_id,"
-                " incident_id, reverses, at_ms, actor, actor_role)"
-                " VALUES (?,?,'reversed',?,?,?,NULL,?,?,?,?)",
-                (entry.rider_id, -entry.delta, reason, entry.report_id, entry.alert_id,
-                 entry.id, now_ms, actor, role),
+            done = self._db.execute(
+                _REVERSE,
+                {
+                    "rider_id": entry.rider_id, "delta": -entry.delta, "reason": "reversed",
+                    "note": reason, "report_id": entry.report_id, "alert_id": entry.alert_id,
+                    "incident_id": None, "reverses": entry.id, "at_ms": now_ms,
+                    "actor": actor, "actor_role": role,
+                },
             )  # fmt: skip
-        reversal = self.entry(int(cur.lastrowid or 0))
+        reversal = self.entry(int(done.rows[0][0]))
         assert reversal is not None
         return reversal

@@ -1,6 +1,7 @@
-"""Battery passports on disk: each pack's summary, its stays in slots, its safety events
-and the clearances of its flag, in the data dir's SQLite file through a connection of their
-own (WAL lets it share the file). Blocking: the passports' writer task calls it from a
+"""Battery passports: each pack's summary, its stays in slots, its safety events and the
+clearances of its flag, in the data dir's SQLite file through a connection of their own
+(WAL lets it share the file), or in PostgreSQL: the same Core statements on either
+(``ingest.db.database``). Blocking: the passports' writer task calls it from a
 worker thread, the API too.
 
 Tables:
@@ -19,6 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import (
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    null,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.sql.expression import ColumnElement, Executable
+
+from ingest.db.database import Database, PgDatabase
+from ingest.db.dialect import dialect_of, per_dialect
+from ingest.db.schema import battery, battery_clearances, battery_events, battery_stays
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
@@ -71,14 +88,143 @@ class Restored:
     placed: list[tuple[str, str, int, int, float | None, float | None]]  # serial, dev, slot, since
 
 
+_B = battery.c
+# SQLite's LIMIT always comes with an OFFSET, a parameter of its own unless given
+_NONE: ColumnElement[int] = literal_column("0")
+_BATTERY_COLUMNS = (
+    _B.serial, _B.flagged, _B.flagged_at_ms, _B.flag_reason, _B.max_temp_c,
+    _B.max_rise_c_per_min, _B.first_seen_ms, _B.device_id, _B.slot, _B.since_ms,
+)  # fmt: skip
+
+
+def _raised(column: str, new: Any) -> Any:
+    """The stored maximum, or the new one when it is higher (a NULL never lowers it)."""
+    old = battery.c[column]
+    return case((or_(old.is_(None), new > old), func.coalesce(new, old)), else_=old)
+
+
+def _upsert_battery(insert: Any) -> Executable:
+    ins = insert(battery)
+    upsert: Executable = ins.on_conflict_do_update(
+        index_elements=[_B.serial],
+        set_={
+            "device_id": ins.excluded.device_id,
+            "slot": ins.excluded.slot,
+            "since_ms": ins.excluded.since_ms,
+            "max_temp_c": _raised("max_temp_c", ins.excluded.max_temp_c),
+            "max_rise_c_per_min": _raised("max_rise_c_per_min", ins.excluded.max_rise_c_per_min),
+        },
+    )
+    return upsert
+
+
+_UPSERT_BATTERY = per_dialect(_upsert_battery)
+_BATTERY_KEYS = (
+    "serial", "first_seen_ms", "device_id", "slot", "since_ms", "max_temp_c",
+    "max_rise_c_per_min",
+)  # fmt: skip
+_OPEN_STAY = insert(battery_stays)
+_S = battery_stays.c
+_CLOSE_STAY = (
+    update(battery_stays)
+    .where(
+        _S.serial == bindparam("b_serial"),
+        _S.device_id == bindparam("b_device_id"),
+        _S.slot == bindparam("b_slot"),
+        _S.from_ms == bindparam("b_from_ms"),
+        _S.to_ms.is_(None),
+    )
+    .values(to_ms=bindparam("b_to_ms"))
+)
+_EVENT = insert(battery_events)
+_EVENT_KEYS = ("serial", "kind", "alert_id", "at_ms", "device_id", "slot", "detail")
+_FLAG = (
+    update(battery)
+    .where(_B.serial == bindparam("b_serial"))
+    .values(flagged=literal_column("1"), flagged_at_ms=bindparam("b_at"),
+            flag_reason=bindparam("b_reason"))
+)  # fmt: skip
+_UNFLAG = (
+    update(battery)
+    .where(_B.serial == bindparam("b_serial"))
+    .values(flagged=literal_column("0"), flagged_at_ms=null(), flag_reason=null())
+)
+_CLEARANCE = insert(battery_clearances)
+_FLAGGED = select(_B.serial, _B.flagged_at_ms, _B.flag_reason).where(
+    _B.flagged == literal_column("1")
+)
+_PLACED = select(
+    _B.serial, _B.device_id, _B.slot, _B.since_ms, _B.max_temp_c, _B.max_rise_c_per_min
+).where(_B.device_id.is_not(None))
+_IDS_AT_ONCE = 100
+"""Alert ids one ``alerts_recorded`` statement asks about (unused places are NULL)."""
+_RECORDED = select(battery_events.c.serial, battery_events.c.alert_id).where(
+    battery_events.c.alert_id.in_([bindparam(f"b_id{i}") for i in range(_IDS_AT_ONCE)])
+)
+_FLAG_OF = select(_B.flagged, _B.flagged_at_ms, _B.flag_reason).where(
+    _B.serial == bindparam("b_serial")
+)
+_BATTERY = select(*_BATTERY_COLUMNS).where(_B.serial == bindparam("b_serial"))
+_STAYS = (
+    select(_S.device_id, _S.slot, _S.from_ms, _S.to_ms)
+    .where(_S.serial == bindparam("b_serial"))
+    .order_by(_S.from_ms.desc(), _S.id.desc())
+    .limit(literal_column(str(STAYS_SHOWN)))
+    .offset(_NONE)
+)
+_E = battery_events.c
+_EVENTS = (
+    select(_E.kind, _E.alert_id, _E.at_ms, _E.device_id, _E.slot, _E.detail)
+    .where(_E.serial == bindparam("b_serial"))
+    .order_by(_E.id.desc())
+    .limit(literal_column(str(STAYS_SHOWN)))
+    .offset(_NONE)
+)
+_C = battery_clearances.c
+_CLEARANCES = (
+    select(_C.at_ms, _C.actor_id, _C.actor_name, _C.note, _C.flagged_at_ms, _C.flag_reason)
+    .where(_C.serial == bindparam("b_serial"))
+    .order_by(_C.id.desc())
+    .limit(literal_column(str(STAYS_SHOWN)))
+    .offset(_NONE)
+)
+
+
+def _named(keys: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Positional rows as the named parameters of a Core statement."""
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def _page(flagged: bool | None, after: bool) -> Executable:
+    """Battery rows by serial: the statement for one combination of filters."""
+    q = select(*_BATTERY_COLUMNS)
+    if flagged is not None:
+        q = q.where(_B.flagged == literal_column(str(int(flagged))))
+    if after:
+        q = q.where(_B.serial > bindparam("b_after"))
+    return q.order_by(_B.serial).limit(bindparam("b_limit")).offset(_NONE)
+
+
+_PAGES = {(f, a): _page(f, a) for f in (None, False, True) for a in (False, True)}
+
+
 class PassportStore:
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        self.path = Path(path)
-        self._db = SQLiteDB(self.path, synchronous=synchronous)
+    """On a ``Database``: the embedded file (a path, ``in_dir``) or PostgreSQL
+    (``on_postgresql``)."""
+
+    def __init__(self, db: Database | str | Path, *, synchronous: str = "FULL") -> None:
+        if isinstance(db, str | Path):
+            db = SQLiteDB(db, synchronous=synchronous)
+        self._db: Database = db
+        self._upsert_battery = _UPSERT_BATTERY[dialect_of(db)]
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> PassportStore:
         return cls(Path(data_dir) / DB_FILE, **options)
+
+    @classmethod
+    def on_postgresql(cls, url: str) -> PassportStore:
+        return cls(PgDatabase(url))
 
     def close(self) -> None:
         self._db.close()
@@ -88,105 +234,59 @@ class PassportStore:
         begun, then stays ended (a stay may begin and end within one batch)."""
         self._db.transaction(
             [
-                (
-                    "INSERT INTO battery (serial, first_seen_ms, device_id, slot, since_ms,"
-                    " max_temp_c, max_rise_c_per_min) VALUES (?,?,?,?,?,?,?)"
-                    " ON CONFLICT(serial) DO UPDATE SET device_id = excluded.device_id,"
-                    " slot = excluded.slot, since_ms = excluded.since_ms,"
-                    " max_temp_c = CASE WHEN max_temp_c IS NULL OR excluded.max_temp_c"
-                    " > max_temp_c THEN coalesce(excluded.max_temp_c, max_temp_c)"
-                    " ELSE max_temp_c END,"
-                    " max_rise_c_per_min = CASE WHEN max_rise_c_per_min IS NULL OR"
-                    " excluded.max_rise_c_per_min > max_rise_c_per_min THEN"
-                    " coalesce(excluded.max_rise_c_per_min, max_rise_c_per_min)"
-                    " ELSE max_rise_c_per_min END",
-                    [(serial, *row) for serial, row in ops.batteries.items()],
-                ),
-                (
-                    "INSERT INTO battery_stays (serial, device_id, slot, from_ms) VALUES (?,?,?,?)",
-                    ops.opened,
-                ),
-                (
-                    "UPDATE battery_stays SET to_ms = ? WHERE serial = ? AND device_id = ?"
-                    " AND slot = ? AND from_ms = ? AND to_ms IS NULL",
-                    ops.closed,
-                ),
-                (
-                    "INSERT INTO battery_events (serial, kind, alert_id, at_ms, device_id,"
-                    " slot, detail) VALUES (?,?,?,?,?,?,?)",
-                    ops.events,
-                ),
-                (
-                    "UPDATE battery SET flagged = 1, flagged_at_ms = ?, flag_reason = ?"
-                    " WHERE serial = ?",
-                    ops.flags,
-                ),
+                (self._upsert_battery, _named(_BATTERY_KEYS, [(s, *r) for s, r in ops.batteries.items()])),
+                (_OPEN_STAY, _named(("serial", "device_id", "slot", "from_ms"), ops.opened)),
+                (_CLOSE_STAY, _named(("b_to_ms", "b_serial", "b_device_id", "b_slot", "b_from_ms"), ops.closed)),
+                (_EVENT, _named(_EVENT_KEYS, ops.events)),
+                (_FLAG, _named(("b_at", "b_reason", "b_serial"), ops.flags)),
             ]
-        )
+        )  # fmt: skip
 
     def restore(self) -> Restored:
-        flagged = {
-            str(r[0]): (r[1], r[2])
-            for r in self._db.query(
-                "SELECT serial, flagged_at_ms, flag_reason FROM battery WHERE flagged = 1"
-            )
-        }
+        flagged = {str(r[0]): (r[1], r[2]) for r in self._db.query(_FLAGGED)}
         placed = [
             (str(r[0]), str(r[1]), int(r[2]), int(r[3]), r[4], r[5])
-            for r in self._db.query(
-                "SELECT serial, device_id, slot, since_ms, max_temp_c, max_rise_c_per_min"
-                " FROM battery WHERE device_id IS NOT NULL"
-            )
+            for r in self._db.query(_PLACED)
         ]
         return Restored(flagged, placed)
 
     def alerts_recorded(self, alert_ids: list[int]) -> set[tuple[str, int]]:
         """(serial, alert id) of the recorded safety events among ``alert_ids``."""
-        if not alert_ids:
-            return set()
-        marks = ",".join("?" * len(alert_ids))
-        rows = self._db.query(
-            f"SELECT serial, alert_id FROM battery_events WHERE alert_id IN ({marks})",
-            alert_ids,
-        )
-        return {(str(r[0]), int(r[1])) for r in rows}
+        found: set[tuple[str, int]] = set()
+        for i in range(0, len(alert_ids), _IDS_AT_ONCE):
+            chunk: list[int | None] = list(alert_ids[i : i + _IDS_AT_ONCE])
+            chunk += [None] * (_IDS_AT_ONCE - len(chunk))
+            rows = self._db.query(_RECORDED, {f"b_id{n}": v for n, v in enumerate(chunk)})
+            found.update((str(r[0]), int(r[1])) for r in rows)
+        return found
 
     def clear(self, serial: str, at_ms: int, actor_id: str, actor_name: str, note: str) -> bool:
         """Clear ``serial``'s flag with ``note``; False when it is not flagged."""
-        rows = self._db.query(
-            "SELECT flagged, flagged_at_ms, flag_reason FROM battery WHERE serial = ?", (serial,)
-        )
+        rows = self._db.query(_FLAG_OF, {"b_serial": serial})
         if not rows or not rows[0][0]:
             return False
-        self._db.transaction(
-            [
-                (
-                    "INSERT INTO battery_clearances (serial, at_ms, actor_id, actor_name, note,"
-                    " flagged_at_ms, flag_reason) VALUES (?,?,?,?,?,?,?)",
-                    [(serial, at_ms, actor_id, actor_name, note, rows[0][1], rows[0][2])],
-                ),
-                (
-                    "UPDATE battery SET flagged = 0, flagged_at_ms = NULL, flag_reason = NULL"
-                    " WHERE serial = ?",
-                    [(serial,)],
-                ),
-            ]
-        )
+        clearance = {
+            "serial": serial,
+            "at_ms": at_ms,
+            "actor_id": actor_id,
+            "actor_name": actor_name,
+            "note": note,
+            "flagged_at_ms": rows[0][1],
+            "flag_reason": rows[0][2],
+        }
+        self._db.transaction([(_CLEARANCE, [clearance]), (_UNFLAG, [{"b_serial": serial}])])
         return True
 
     def passport(self, serial: str) -> dict[str, Any] | None:
         """One pack's passport (``None``: never seen), stays and events newest first."""
-        rows = self._db.query(f"SELECT {_BATTERY_COLUMNS} FROM battery WHERE serial = ?", (serial,))
+        key = {"b_serial": serial}
+        rows = self._db.query(_BATTERY, key)
         if not rows:
             return None
         out = _battery(rows[0])
         out["stays"] = [
             {"device_id": r[0], "slot": r[1], "from_ms": r[2], "to_ms": r[3]}
-            for r in self._db.query(
-                "SELECT device_id, slot, from_ms, to_ms FROM battery_stays WHERE serial = ?"
-                " ORDER BY from_ms DESC, id DESC LIMIT ?",
-                (serial, STAYS_SHOWN),
-            )
+            for r in self._db.query(_STAYS, key)
         ]
         out["events"] = [
             {
@@ -197,11 +297,7 @@ class PassportStore:
                 "slot": r[4],
                 "detail": r[5],
             }
-            for r in self._db.query(
-                "SELECT kind, alert_id, at_ms, device_id, slot, detail FROM battery_events"
-                " WHERE serial = ? ORDER BY id DESC LIMIT ?",
-                (serial, STAYS_SHOWN),
-            )
+            for r in self._db.query(_EVENTS, key)
         ]
         out["clearances"] = [
             {
@@ -212,11 +308,7 @@ class PassportStore:
                 "flagged_at_ms": r[4],
                 "flag_reason": r[5],
             }
-            for r in self._db.query(
-                "SELECT at_ms, actor_id, actor_name, note, flagged_at_ms, flag_reason"
-                " FROM battery_clearances WHERE serial = ? ORDER BY id DESC LIMIT ?",
-                (serial, STAYS_SHOWN),
-            )
+            for r in self._db.query(_CLEARANCES, key)
         ]
         return out
 
@@ -224,25 +316,11 @@ class PassportStore:
         self, *, flagged: bool | None, after: str | None, limit: int
     ) -> list[dict[str, Any]]:
         """Battery rows ordered by serial, after ``after`` (the previous page's last)."""
-        where: list[str] = []
-        args: list[Any] = []
-        if flagged is not None:
-            where.append("flagged = ?")
-            args.append(int(flagged))
+        params: dict[str, Any] = {"b_limit": limit}
         if after is not None:
-            where.append("serial > ?")
-            args.append(after)
-        sql = f"SELECT {_BATTERY_COLUMNS} FROM battery"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self._db.query(sql + " ORDER BY serial LIMIT ?", (*args, limit))
+            params["b_after"] = after
+        rows = self._db.query(_PAGES[flagged, after is not None], params)
         return [_battery(r) for r in rows]
-
-
-_BATTERY_COLUMNS = (
-    "serial, flagged, flagged_at_ms, flag_reason, max_temp_c, max_rise_c_per_min,"
-    " first_seen_ms, device_id, slot, since_ms"
-)
 
 
 def _battery(row: Sequence[Any]) -> dict[str, Any]:

@@ -47,6 +47,8 @@ API_MAY_IMPORT: dict[str, str] = {
     "ingest.alerts.repair": "pure arithmetic of times to acknowledge/repair over Timing rows",
     "ingest.commands": "the command errors (CommandInvalid, CommandNotFound, TooManyCommands)",
     "ingest.sqlite_db": "the SQLite adapter under the API's own stores (keys, audit, riders)",
+    "ingest.db.database": "Database, the engine under the API's own stores, and PgDatabase",
+    "ingest.db.schema": "the tables of the API's own stores (api_keys, audit_log, riders...)",
 }
 
 
