@@ -37,7 +37,7 @@ from typing import Any, overload
 from sqlalchemy.sql.expression import Executable
 
 from ingest import StoreError, StoreUnavailable
-from ingest.db.database import CoreStatement, Done, Params, positional, sqlite_sql
+from ingest.db.database import CoreStatement, Done, Params, sqlite_sql
 from ingest.db.migrate import ensure_sqlite
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,8 @@ class SQLiteDB:
                     if isinstance(sql, BulkInsert):
                         sql.run(self._db, rows)  # type: ignore[arg-type]
                     elif isinstance(sql, Executable):
-                        text, names = sqlite_sql(sql, list(rows[0]))
-                        self._db.executemany(text, [positional(names, r) for r in rows])  # type: ignore[arg-type]
+                        compiled = sqlite_sql(sql, list(rows[0]))
+                        self._db.executemany(compiled.text, [compiled.args(r) for r in rows])  # type: ignore[arg-type]
                     else:
                         self._db.executemany(sql, rows)
                 self._db.execute("COMMIT")
@@ -228,9 +228,9 @@ class SQLiteDB:
         """One statement on its own (autocommit); the cursor says rowcount and lastrowid,
         or for a Core statement, ``Done`` (rowcount and the rows RETURNING gave)."""
         if isinstance(sql, Executable):
-            text, names = sqlite_sql(sql, list(args or ()))
+            compiled = sqlite_sql(sql, list(args or ()))
             with self._writing(), _translated(self.path), self._locking():
-                cur = self._db.execute(text, positional(names, args))
+                cur = self._db.execute(compiled.text, compiled.args(args))
                 rows = cur.fetchall()  # RETURNING's; rowcount counts once they are read
                 return Done(cur.rowcount if cur.rowcount >= 0 else len(rows), rows)
         with self._writing(), _translated(self.path), self._locking():
@@ -246,8 +246,8 @@ class SQLiteDB:
 
     @staticmethod
     def _sqlite(statement: Executable, params: Params | None) -> tuple[str, tuple[Any, ...]]:
-        text, names = sqlite_sql(statement)
-        return text, positional(names, params)
+        compiled = sqlite_sql(statement)
+        return compiled.text, compiled.args(params)
 
     def close(self) -> None:
         with self._lock:

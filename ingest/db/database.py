@@ -66,38 +66,48 @@ class Database(Protocol):
 
 
 _SQLITE = sqlite.dialect()
-_compiled: dict[tuple[int, tuple[str, ...]], tuple[Executable, str, tuple[str, ...]]] = {}
+
+
+class SqliteSQL(NamedTuple):
+    """A Core statement compiled for SQLite: its text, the names of its ``?`` in order, and
+    the values of the binds the statement itself carries (constants, a LIMIT)."""
+
+    text: str
+    names: tuple[str, ...]
+    fixed: dict[str, Any]
+
+    def args(self, params: Params | None) -> tuple[Any, ...]:
+        given = params or {}
+        try:
+            return tuple(given[n] if n in given else self.fixed[n] for n in self.names)
+        except KeyError as exc:
+            raise StoreError(f"a statement's parameter {exc} is missing") from None
+
+
+_compiled: dict[tuple[int, tuple[str, ...]], tuple[Executable, SqliteSQL]] = {}
 _compiled_lock = threading.Lock()
 
 
-def sqlite_sql(statement: Executable, keys: Sequence[str] = ()) -> tuple[str, tuple[str, ...]]:
-    """``statement`` as SQLite's SQL with ``?`` placeholders, and the parameter names in
-    their order; compiled once per statement and set of keys (an insert's columns are the
-    keys it is given). Statements are module constants: the cache keeps them alive."""
+def sqlite_sql(statement: Executable, keys: Sequence[str] = ()) -> SqliteSQL:
+    """``statement`` compiled for SQLite, once per statement and set of keys (an insert's
+    columns are the keys it is given). Statements are module constants: the cache keeps them
+    alive, and a statement built per call is compiled per call (and cached: build them once)."""
     key = (id(statement), tuple(keys))
     hit = _compiled.get(key)
     if hit is not None and hit[0] is statement:
-        return hit[1], hit[2]
+        return hit[1]
     compiled = statement.compile(  # type: ignore[attr-defined]
         dialect=_SQLITE,
         column_keys=list(keys) or None,
         compile_kwargs={"render_postcompile": True},
     )
-    names = tuple(compiled.positiontup or ())
+    fixed = {
+        name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required
+    }
+    sql = SqliteSQL(compiled.string, tuple(compiled.positiontup or ()), fixed)
     with _compiled_lock:
-        _compiled[key] = (statement, compiled.string, names)
-    return compiled.string, names
-
-
-def positional(names: Sequence[str], params: Params | None) -> tuple[Any, ...]:
-    if not names:
-        return ()
-    if params is None:
-        raise StoreError(f"a statement needs parameters {list(names)}")
-    try:
-        return tuple(params[n] for n in names)
-    except KeyError as exc:
-        raise StoreError(f"a statement's parameter {exc} is missing") from None
+        _compiled[key] = (statement, sql)
+    return sql
 
 
 class PgDatabase:

@@ -89,3 +89,19 @@ def test_postgresql_gone_is_unavailable_and_comes_back() -> None:
 def test_a_database_behind_the_schema_is_refused(pg_url: str) -> None:
     with pytest.raises(migrate.SchemaBehind, match="db upgrade"):
         PgDatabase(pg_url)
+
+
+def test_values_the_statement_carries_itself_need_no_parameters(db: Database) -> None:
+    """Constants, a LIMIT without OFFSET and NULLs written into a statement are bound by
+    the statement itself, on SQLite as on PostgreSQL (SQLite's compiled text has a ``?``
+    for each)."""
+    db.transaction([(insert(webhooks), [{"record": r} for r in ("a", "b", "c")])])
+    first_two = select(webhooks.c.record).order_by(webhooks.c.id).limit(2)
+    assert db.query(first_two) == [("a",), ("b",)]
+    only_b = select(webhooks.c.record).where(webhooks.c.record == "b")
+    assert db.query(only_b) == [("b",)]
+    mark = update(webhooks).where(webhooks.c.record == "c").values(record="c!")
+    assert db.execute(mark).rowcount == 1
+    assert db.query(
+        select(webhooks.c.record).where(webhooks.c.id == bindparam("b_id")).limit(1), {"b_id": 3}
+    ) == [("c!",)]
