@@ -102,6 +102,13 @@ class Metrics:
         self.lease_losses = Counter(
             "chargewatch_ingest_lease_losses", "times every lease was dropped", registry=r
         )
+        self.partition_failures = Counter(
+            "chargewatch_ingest_partition_failures",
+            "a partition's session ended by an error and started again: outage (the store or"
+            " the broker) or bug (an exception nobody expected, logged with its traceback)",
+            ["reason"],
+            registry=r,
+        )
 
 
 class PartitionRun:
@@ -138,16 +145,27 @@ class PartitionRun:
             try:
                 await self._session()
                 return
-            except (IngestError, psycopg.Error, OSError, TimeoutError) as exc:
-                self.worker.metrics.store_errors.inc()
+            except Exception as exc:
+                outage = isinstance(exc, IngestError | psycopg.Error | OSError | TimeoutError)
                 failures += 1
                 delay = min(5.0, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
-                log.warning(
-                    "partition %d: %s; session detached, again in %.1fs",
-                    self.partition,
-                    exc or type(exc).__name__,
-                    delay,
-                )
+                metrics = self.worker.metrics
+                if outage:
+                    metrics.store_errors.inc()
+                    log.warning(
+                        "partition %d: %s; session detached, again in %.1fs",
+                        self.partition,
+                        exc or type(exc).__name__,
+                        delay,
+                    )
+                else:  # never silently: the lease is held, so no other worker takes over
+                    log.critical(
+                        "partition %d: its session died of a bug; again in %.1fs",
+                        self.partition,
+                        delay,
+                        exc_info=exc,
+                    )
+                metrics.partition_failures.labels("outage" if outage else "bug").inc()
                 await asyncio.sleep(delay)
 
     async def _session(self) -> None:

@@ -20,7 +20,7 @@ from devices.catalog import Catalog, DeviceSpec
 from devices.topics import TopicScheme
 from ingest.db import migrate, registry
 from ingest.metrics import IngestMetrics
-from ingest.mqtt import BrokerURL
+from ingest.mqtt import BrokerURL, Received
 from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import PartitionMap
 from ingest.pg_store import PostgresStore
@@ -136,3 +136,48 @@ def test_ingest_refuses_a_database_behind_its_schema(pg_session: PgServer) -> No
         f"chargewatch ingest: database {url} is at revision none (never migrated), this"
         f" chargewatch needs {migrate.head()}: run `chargewatch db upgrade --db {url}`"
     ) in out.stdout
+
+
+async def test_a_partition_whose_consumer_hits_a_bug_is_retried_and_counted(
+    broker: Process, pg_url: str
+) -> None:
+    """A partition's run is a task of its own: an exception nobody expected (a bug, not an
+    outage) once ended it silently, the lease still held and nothing consumed again. Now
+    it is logged with its traceback, counted, and the partition's session starts again."""
+    catalog = synthetic(1)
+    store = PostgresStore(pg_url)
+    scheme = TopicScheme()
+    pm = PartitionMap(catalog, 1)
+    metrics = IngestMetrics()
+    bugs = [RuntimeError("a bug in the consumer")]
+
+    class Buggy(PipelineConsumer):
+        async def store(self, batch: list[Received]) -> None:
+            if bugs:
+                raise bugs.pop()
+            await super().store(batch)
+
+    def consumer(p: int, epoch: int) -> PipelineConsumer:
+        return Buggy(store=store, catalog=catalog, devices=pm.devices(p), partition=p,
+                     epoch=epoch, scheme=scheme, metrics=metrics)  # fmt: skip
+
+    worker = Worker(broker=BrokerURL.parse(broker.url), db=pg_url, partitions=pm,
+                    consumer_factory=consumer, name="w", lease_timeout_s=2, catalog=catalog)  # fmt: skip
+    device = next(iter(pm.devices(0)))
+    try:
+        async with worker:
+
+            async def subscribed() -> bool:
+                return bool(worker.runs) and worker.runs[0].subscribed
+
+            await until(subscribed, "partition not subscribed", 20)
+            await asyncio.to_thread(publish, broker.port, device, 1)
+
+            async def kept() -> bool:
+                return await stored(pg_url) == {(device, 1)}
+
+            await until(kept, "the message is never stored after the consumer's bug", 20)
+            assert not bugs
+            assert worker.metrics.partition_failures.labels("bug")._value.get() == 1
+    finally:
+        store.close()
