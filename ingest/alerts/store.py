@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Select,
+    and_,
     bindparam,
     delete,
     func,
@@ -34,7 +35,15 @@ from sqlalchemy.sql.expression import Executable
 
 from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery, Timing
 from ingest.db.database import CoreStatement, Database, Params, PgDatabase
-from ingest.db.schema import alert_events, alert_notes, alerts, deliveries, unobserved, webhooks
+from ingest.db.schema import (
+    alert_events,
+    alert_ids,
+    alert_notes,
+    alerts,
+    deliveries,
+    unobserved,
+    webhooks,
+)
 from ingest.db.upsert import Upserts, dialect_of
 from ingest.sqlite_db import SQLiteDB
 
@@ -54,7 +63,8 @@ _ZERO: ColumnElement[int] = literal_column("0")  # a constant, not a parameter
 # SQLite renders LIMIT with an OFFSET: 0 is written out, not left a nameless parameter
 _LIMIT: Any = bindparam("b_limit")
 _UPSERT_ALERT = Upserts(alerts)
-_UPSERT_DELIVERY = Upserts(deliveries, kept=("body",))  # the body is written once
+# the body is written once; a claim is the claimer's (``claim_deliveries``), not a save's
+_UPSERT_DELIVERY = Upserts(deliveries, kept=("body", "claimed_until_ms"))
 _INSERT_EVENT = insert(alert_events)
 _INSERT_NOTE = insert(alert_notes)
 _TRIM_EVENTS = delete(alert_events).where(
@@ -102,6 +112,36 @@ _SET_WEBHOOK = (
 )
 _MAX_DELIVERY = select(func.coalesce(func.max(deliveries.c.id), _ZERO))
 _DELIVERY = select(*(deliveries.c[c] for c in DELIVERY_COLUMNS))
+_CLAIMABLE = and_(
+    deliveries.c.status == literal_column("'pending'"),
+    or_(
+        deliveries.c.claimed_until_ms.is_(None), deliveries.c.claimed_until_ms <= bindparam("b_now")
+    ),
+)
+# one statement: a row another writer has locked is skipped (PostgreSQL), one it claimed
+# meanwhile no longer matches (re-checked on the row's newest version); SQLite has one
+# writer at a time and ignores FOR UPDATE. The claimable rows are a MATERIALIZED CTE: as a
+# plain ``IN (subquery)`` PostgreSQL may run the subquery again per row and claim past
+# the limit (seen: 5 rows for a limit of 2).
+_CLAIMED = (
+    select(deliveries.c.id)
+    .where(_CLAIMABLE)
+    .order_by(deliveries.c.id)
+    .limit(_LIMIT)
+    .offset(_ZERO)
+    .with_for_update(skip_locked=True)
+    .cte("claimed")
+    .prefix_with("MATERIALIZED")
+)
+_CLAIM = (
+    update(deliveries)
+    .where(deliveries.c.id.in_(select(_CLAIMED.c.id)), _CLAIMABLE)
+    .values(claimed_until_ms=bindparam("b_until"))
+    .returning(*(deliveries.c[c] for c in DELIVERY_COLUMNS))
+)
+_RESERVE_ALERT_IDS = select(alert_ids.next_value()).select_from(
+    func.generate_series(literal_column("1"), bindparam("b_n"))
+)
 
 
 def _one_of(column: ColumnElement[Any], name: str, n: int) -> ColumnElement[bool]:
@@ -256,6 +296,17 @@ class AlertStore:
         (event_max,) = self._query(_MAX_EVENT)[0]
         return int(alert_max) + 1, int(event_max) + 1
 
+    def reserve_alert_ids(self, n: int) -> list[int]:
+        """``n`` alert ids no other writer gets, increasing (PostgreSQL: the ``alert_ids``
+        sequence, shared by every writer on the database). On SQLite, the file's one writer
+        numbers its alerts itself from ``next_ids``, as ever: the ids after the highest."""
+        if not 1 <= n <= 10_000:
+            raise ValueError(f"reserve 1 to 10000 alert ids at once, not {n}")
+        if self._dialect == "postgresql":
+            return sorted(int(r[0]) for r in self._query(_RESERVE_ALERT_IDS, {"b_n": n}))
+        first, _ = self.next_ids()
+        return list(range(first, first + n))
+
     def get(self, alert_id: int) -> Alert | None:
         found = self._alerts(_BY_ID, {"b_id": alert_id})
         return found[0] if found else None
@@ -329,6 +380,19 @@ class AlertStore:
                 ),
             ]
         )
+
+    def claim_deliveries(
+        self, now_ms: int, lease_ms: int, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Take up to ``limit`` pending deliveries, oldest first, that no writer holds (never
+        claimed, or its claim ran out by ``now_ms``), for ``lease_ms``: atomically, so two
+        writers on one database never take the same one; a writer that dies lets its
+        claims run out for another to take them."""
+        done = self._db.execute(
+            _CLAIM, {"b_now": now_ms, "b_until": now_ms + lease_ms, "b_limit": limit}
+        )
+        rows = sorted(done.rows, key=lambda r: int(r[0]))
+        return [dict(zip(DELIVERY_COLUMNS, row, strict=True)) for row in rows]
 
     def max_delivery_id(self) -> int:
         (top,) = self._query(_MAX_DELIVERY)[0]

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import insert
 
 from ingest.alerts.model import Alert, AlertQuery
-from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore, Ops
+from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore, Ops, _alert_row
 from ingest.db import migrate
-from ingest.db.schema import unobserved
+from ingest.db.schema import alerts, unobserved
 
 T0 = 1_796_284_800_000  # 2026-12-03T08:00:00Z
 
@@ -155,3 +156,43 @@ def test_webhooks_and_the_outbox(store: AlertStore) -> None:
     assert store.delete_webhook(second) is True
     assert store.delete_webhook(second) is False
     assert [w[0] for w in store.webhooks()] == [first]
+
+
+def test_a_claim_takes_pending_deliveries_nobody_holds(store: AlertStore) -> None:
+    store.save_outbox([delivery(i) for i in range(1, 6)] + [delivery(6, status="delivered")])
+    assert [d["id"] for d in store.claim_deliveries(T0, lease_ms=60_000, limit=2)] == [1, 2]
+    assert [d["id"] for d in store.claim_deliveries(T0, lease_ms=60_000)] == [3, 4, 5]
+    assert store.claim_deliveries(T0 + 59_999, lease_ms=60_000) == []
+    store.save_outbox([delivery(1, attempts=1)])  # a save keeps the claim
+    assert store.claim_deliveries(T0 + 59_999, lease_ms=60_000) == []
+    store.save_outbox([delivery(2, status="delivered", attempts=1)])
+    taken = store.claim_deliveries(T0 + 60_000, lease_ms=60_000)  # the claims ran out
+    assert [(d["id"], d["attempts"], d["body"]) for d in taken] == [
+        (1, 1, '{"n":1}'), (3, 0, '{"n":3}'), (4, 0, '{"n":4}'), (5, 0, '{"n":5}'),
+    ]  # fmt: skip
+
+
+def test_alert_ids_are_reserved_increasing_from_one(store: AlertStore) -> None:
+    first = store.reserve_alert_ids(3)
+    assert first == [1, 2, 3]
+    with pytest.raises(ValueError, match="1 to 10000"):
+        store.reserve_alert_ids(0)
+
+
+def test_postgresql_alert_ids_start_after_the_alerts_already_there(pg_url: str) -> None:
+    """A database with alerts when the sequence is made (migration 0002) goes on after
+    them."""
+    engine = migrate.connect(pg_url)
+    with engine.begin() as conn:
+        cfg = migrate._config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(insert(alerts), [_alert_row(alert(7).record())])
+    engine.dispose()
+    migrate.upgrade(pg_url)
+    store = AlertStore.on_postgresql(pg_url)
+    try:
+        assert store.reserve_alert_ids(2) == [8, 9]
+        assert store.reserve_alert_ids(1) == [10]
+    finally:
+        store.close()
