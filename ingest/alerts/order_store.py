@@ -1,16 +1,25 @@
-"""Work orders and their log, in the data dir's SQLite file (a connection of their own, as
-every store there). Blocking: ``WorkOrders`` calls it from a worker thread.
+"""Work orders and their log, through a ``Database`` (``ingest.db.database``): the data
+dir's SQLite file (a connection of their own, as every store there) or PostgreSQL
+(``on_postgresql``). Blocking: ``WorkOrders`` calls it from a worker thread.
 
-One order per alert while it is not closed: a partial unique index says so to any writer.
+One order per alert while it is not closed: a partial unique index says so to any writer
+(an upsert by id that would make a second one is refused, on both engines).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import ColumnElement, Select, bindparam, func, insert, literal_column, select
+from sqlalchemy.sql.expression import Executable
+
 from ingest.alerts.order_model import ORDER_COLUMNS, OrderQuery, WorkOrder
+from ingest.db.database import Database, Params, PgDatabase
+from ingest.db.schema import work_order_log, work_orders
+from ingest.db.upsert import Upserts, dialect_of
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as the other stores
@@ -18,15 +27,58 @@ DB_FILE = "chargewatch.db"  # the same file as the other stores
 
 LOG_COLUMNS = ("id", "order_id", "at_ms", "actor", "what", "note")
 
+_ZERO: ColumnElement[int] = literal_column("0")  # a constant, not a parameter
+_LIMIT: Any = bindparam("b_limit")  # SQLite renders an OFFSET with it: 0, written out
+_UPSERT_ORDER = Upserts(work_orders)
+_INSERT_LOG = insert(work_order_log)
+_ORDER = select(*(work_orders.c[c] for c in ORDER_COLUMNS))
+_UNCLOSED = _ORDER.where(work_orders.c.state != literal_column("'closed'")).order_by(
+    work_orders.c.id
+)
+_BY_ID = _ORDER.where(work_orders.c.id == bindparam("b_id"))
+_MAX_ID = select(func.coalesce(func.max(work_orders.c.id), _ZERO))
+_LOG = (
+    select(*(work_order_log.c[c] for c in LOG_COLUMNS))
+    .where(work_order_log.c.order_id == bindparam("b_order"))
+    .order_by(work_order_log.c.id)
+)
+
+
+@functools.cache
+def _order_query(states: int, assignee: bool, station: bool, before: bool) -> Select[Any]:
+    """The read of ``WorkOrderStore.query`` for one shape of filter (cached: the states'
+    values are checked against the domain's few)."""
+    where: list[ColumnElement[bool]] = []
+    if states:
+        where.append(work_orders.c.state.in_([bindparam(f"b_state{i}") for i in range(states)]))
+    if assignee:
+        where.append(work_orders.c.assignee == bindparam("b_assignee"))
+    if station:
+        where.append(work_orders.c.station_id == bindparam("b_station"))
+    if before:
+        where.append(work_orders.c.id < bindparam("b_before"))
+    return _ORDER.where(*where).order_by(work_orders.c.id.desc()).limit(_LIMIT).offset(_ZERO)
+
 
 class WorkOrderStore:
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        self.path = Path(path)
-        self._db = SQLiteDB(self.path, synchronous=synchronous)
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._dialect = dialect_of(db)
+        self.path: Path | None = db.path if isinstance(db, SQLiteDB) else None
+
+    @classmethod
+    def at(cls, path: str | Path, *, synchronous: str = "FULL") -> WorkOrderStore:
+        """On the embedded SQLite file at ``path``."""
+        return cls(SQLiteDB(path, synchronous=synchronous))
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> WorkOrderStore:
-        return cls(Path(data_dir) / DB_FILE, **options)
+        return cls.at(Path(data_dir) / DB_FILE, **options)
+
+    @classmethod
+    def on_postgresql(cls, url: str, **options: Any) -> WorkOrderStore:
+        """On PostgreSQL at ``url`` (its schema current: ``chargewatch db upgrade``)."""
+        return cls(PgDatabase(url, **options))
 
     def close(self) -> None:
         self._db.close()
@@ -36,56 +88,44 @@ class WorkOrderStore:
     ) -> None:
         """Upsert ``orders`` and append ``log`` rows (order_id, at_ms, actor, what, note),
         in one transaction."""
-        cols = ",".join(ORDER_COLUMNS)
-        marks = ",".join("?" for _ in ORDER_COLUMNS)
         self._db.transaction(
             [
                 (
-                    f"INSERT OR REPLACE INTO work_orders ({cols}) VALUES ({marks})",
-                    [o.row() for o in orders],
+                    _UPSERT_ORDER.for_(self._dialect),
+                    [dict(zip(ORDER_COLUMNS, o.row(), strict=True)) for o in orders],
                 ),
-                (
-                    "INSERT INTO work_order_log (order_id, at_ms, actor, what, note)"
-                    " VALUES (?,?,?,?,?)",
-                    log,
-                ),
+                (_INSERT_LOG, [dict(zip(LOG_COLUMNS[1:], r, strict=True)) for r in log]),
             ]
         )
 
-    def _orders(self, where: str, args: Sequence[Any]) -> list[WorkOrder]:
-        rows = self._db.query(f"SELECT {','.join(ORDER_COLUMNS)} FROM work_orders {where}", args)
-        return [WorkOrder.from_row(row) for row in rows]
+    def _orders(self, statement: Executable, params: Params | None = None) -> list[WorkOrder]:
+        return [WorkOrder.from_row(row) for row in self._db.query(statement, params)]
 
     def load_unclosed(self) -> list[WorkOrder]:
-        return self._orders("WHERE state != 'closed' ORDER BY id", ())
+        return self._orders(_UNCLOSED)
 
     def next_id(self) -> int:
-        (top,) = self._db.query("SELECT coalesce(max(id), 0) FROM work_orders")[0]
+        (top,) = self._db.query(_MAX_ID)[0]
         return int(top) + 1
 
     def get(self, order_id: int) -> WorkOrder | None:
-        found = self._orders("WHERE id = ?", (order_id,))
+        found = self._orders(_BY_ID, {"b_id": order_id})
         return found[0] if found else None
 
     def query(self, q: OrderQuery) -> list[WorkOrder]:
-        where: list[str] = []
-        args: list[Any] = []
-        if q.states:
-            where.append(f"state IN ({','.join('?' for _ in q.states)})")
-            args.extend(q.states)
-        for column, value in (("assignee", q.assignee), ("station_id", q.station)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if q.before_id is not None:
-            where.append("id < ?")
-            args.append(q.before_id)
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
-        return self._orders(f"{clause} ORDER BY id DESC LIMIT ?", [*args, q.limit])
+        states = tuple(dict.fromkeys(q.states))
+        statement = _order_query(
+            len(states), q.assignee is not None, q.station is not None, q.before_id is not None
+        )
+        params = {
+            **{f"b_state{i}": s for i, s in enumerate(states)},
+            "b_assignee": q.assignee,
+            "b_station": q.station,
+            "b_before": q.before_id,
+            "b_limit": q.limit,
+        }
+        return self._orders(statement, params)
 
     def log(self, order_id: int) -> list[dict[str, Any]]:
-        rows = self._db.query(
-            f"SELECT {','.join(LOG_COLUMNS)} FROM work_order_log WHERE order_id = ? ORDER BY id",
-            (order_id,),
-        )
+        rows = self._db.query(_LOG, {"b_order": order_id})
         return [dict(zip(LOG_COLUMNS, row, strict=True)) for row in rows]

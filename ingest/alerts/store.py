@@ -1,20 +1,50 @@
 """Alerts, their change events, notes, webhook subscriptions and deliveries (the webhook
-outbox: rows ``pending`` until delivered or given up), in the data dir's SQLite file through
-a connection of their own (WAL lets it share the file with the ingest store). Blocking: the
+outbox: rows ``pending`` until delivered or given up), through a ``Database``
+(``ingest.db.database``): the data dir's SQLite file, on a connection of its own (WAL lets
+it share the file with the ingest store), or PostgreSQL (``on_postgresql``). Blocking: the
 engine and the notifier call it from a worker thread.
 
-A file written by an earlier release is brought up to date when it is opened, by the
-migrations (``ingest.db``)."""
+Every statement is a SQLAlchemy Core statement over ``ingest.db.schema``, built once: the
+constant ones at module level, the filtered reads once per shape of filter (``_shape``).
+A SQLite file written by an earlier release is brought up to date when it is opened, by
+the migrations (``ingest.db``); a PostgreSQL database by ``chargewatch db upgrade``."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.sql.expression import Executable
+
 from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery, Timing
+from ingest.db.database import CoreStatement, Database, Params, PgDatabase
+from ingest.db.schema import (
+    alert_events,
+    alert_ids,
+    alert_notes,
+    alerts,
+    deliveries,
+    unobserved,
+    webhooks,
+)
+from ingest.db.upsert import Upserts, dialect_of
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
@@ -25,12 +55,157 @@ DELIVERY_COLUMNS = (
     "created_at_ms", "finished_at_ms", "body", "next_try_at_ms", "deadline_at_ms",
     "last_attempt_at_ms",
 )  # fmt: skip
-_DELIVERY_UPSERT = (
-    f"INSERT INTO deliveries ({','.join(DELIVERY_COLUMNS)})"
-    f" VALUES ({','.join('?' for _ in DELIVERY_COLUMNS)})"
-    " ON CONFLICT (id) DO UPDATE SET "
-    + ",".join(f"{c}=excluded.{c}" for c in DELIVERY_COLUMNS if c not in ("id", "body"))
+EVENT_COLUMNS = ("id", "alert_id", "type", "at_ms", "data")
+_FLAGS = ("suppressed", "notified", "auto_resolve")
+NOTE_COLUMNS = ("alert_id", "at_ms", "author", "source", "text")
+
+_ZERO: ColumnElement[int] = literal_column("0")  # a constant, not a parameter
+# SQLite renders LIMIT with an OFFSET: 0 is written out, not left a nameless parameter
+_LIMIT: Any = bindparam("b_limit")
+_UPSERT_ALERT = Upserts(alerts)
+# the body is written once; a claim is the claimer's (``claim_deliveries``), not a save's
+_UPSERT_DELIVERY = Upserts(deliveries, kept=("body", "claimed_until_ms"))
+_INSERT_EVENT = insert(alert_events)
+_INSERT_NOTE = insert(alert_notes)
+_TRIM_EVENTS = delete(alert_events).where(
+    alert_events.c.id <= select(func.max(alert_events.c.id)).scalar_subquery() - bindparam("b_kept")
 )
+_DELETE_UNOBSERVED = delete(unobserved).where(unobserved.c.id <= bindparam("b_through"))
+_UNOBSERVED = select(
+    unobserved.c.id, unobserved.c.device_id, unobserved.c.received_ms, unobserved.c.payload
+).order_by(unobserved.c.id)
+_ALERT = select(*(alerts.c[c] for c in ALERT_COLUMNS))
+_ACTIVE = _ALERT.where(alerts.c.status != literal_column("'resolved'")).order_by(alerts.c.id)
+_BY_ID = _ALERT.where(alerts.c.id == bindparam("b_id"))
+_MAX_ALERT = select(func.coalesce(func.max(alerts.c.id), _ZERO))
+_MAX_EVENT = select(func.coalesce(func.max(alert_events.c.id), _ZERO))
+_TIMINGS = (
+    select(
+        alerts.c.station_id,
+        alerts.c.code,
+        alerts.c.opened_at_ms,
+        alerts.c.acknowledged_at_ms,
+        alerts.c.resolved_at_ms,
+        alerts.c.device_id,
+    )
+    .where(alerts.c.opened_at_ms >= bindparam("b_from"), alerts.c.opened_at_ms < bindparam("b_to"))
+    .order_by(alerts.c.id)
+)
+_NOTES = (
+    select(alert_notes.c.id, *(alert_notes.c[c] for c in NOTE_COLUMNS[1:]))
+    .where(alert_notes.c.alert_id == bindparam("b_alert"))
+    .order_by(alert_notes.c.id)
+)
+_EVENTS_AFTER = (
+    select(alert_events.c.id, alert_events.c.type, alert_events.c.data)
+    .where(alert_events.c.id > bindparam("b_after"))
+    .order_by(alert_events.c.id)
+    .limit(_LIMIT)
+    .offset(_ZERO)
+)
+_OLDEST_EVENT = select(func.min(alert_events.c.id))
+_ADD_WEBHOOK = insert(webhooks).returning(webhooks.c.id)
+_DELETE_WEBHOOK = delete(webhooks).where(webhooks.c.id == bindparam("b_id"))
+_WEBHOOKS = select(webhooks.c.id, webhooks.c.record).order_by(webhooks.c.id)
+_SET_WEBHOOK = (
+    update(webhooks).where(webhooks.c.id == bindparam("b_id")).values(record=bindparam("b_record"))
+)
+_MAX_DELIVERY = select(func.coalesce(func.max(deliveries.c.id), _ZERO))
+_DELIVERY = select(*(deliveries.c[c] for c in DELIVERY_COLUMNS))
+_CLAIMABLE = and_(
+    deliveries.c.status == literal_column("'pending'"),
+    or_(
+        deliveries.c.claimed_until_ms.is_(None), deliveries.c.claimed_until_ms <= bindparam("b_now")
+    ),
+)
+# one statement: a row another writer has locked is skipped (PostgreSQL), one it claimed
+# meanwhile no longer matches (re-checked on the row's newest version); SQLite has one
+# writer at a time and ignores FOR UPDATE. The claimable rows are a MATERIALIZED CTE: as a
+# plain ``IN (subquery)`` PostgreSQL may run the subquery again per row and claim past
+# the limit (seen: 5 rows for a limit of 2).
+_CLAIMED = (
+    select(deliveries.c.id)
+    .where(_CLAIMABLE)
+    .order_by(deliveries.c.id)
+    .limit(_LIMIT)
+    .offset(_ZERO)
+    .with_for_update(skip_locked=True)
+    .cte("claimed")
+    .prefix_with("MATERIALIZED")
+)
+_CLAIM = (
+    update(deliveries)
+    .where(deliveries.c.id.in_(select(_CLAIMED.c.id)), _CLAIMABLE)
+    .values(claimed_until_ms=bindparam("b_until"))
+    .returning(*(deliveries.c[c] for c in DELIVERY_COLUMNS))
+)
+_RESERVE_ALERT_IDS = select(alert_ids.next_value()).select_from(
+    func.generate_series(literal_column("1"), bindparam("b_n"))
+)
+
+
+def _one_of(column: ColumnElement[Any], name: str, n: int) -> ColumnElement[bool]:
+    """``column IN (:name0, .., :name{n-1})``: one bind per value, so a statement is built
+    once per number of values (``_shape``), not per call."""
+    return column.in_([bindparam(f"{name}{i}") for i in range(n)])
+
+
+def _alert_row(record: dict[str, Any]) -> dict[str, Any]:
+    """An alert's record as its row: flags as the integers both engines store (PostgreSQL
+    does not take a bool for a bigint; SQLite stored them as 1 and 0 already)."""
+    return record | {flag: int(record[flag]) for flag in _FLAGS}
+
+
+def _values(name: str, values: Sequence[Any]) -> dict[str, Any]:
+    return {f"{name}{i}": v for i, v in enumerate(values)}
+
+
+@functools.cache
+def _alert_query(
+    statuses: int, severities: int, station: bool, device: bool, rule: bool, since: bool,
+    before: bool,
+) -> Select[Any]:  # fmt: skip
+    """The read of ``AlertStore.query`` for one shape of filter (cached: a handful of
+    shapes, the HTTP query's values are checked against the domain's few)."""
+    where: list[ColumnElement[bool]] = []
+    if statuses:
+        where.append(_one_of(alerts.c.status, "b_status", statuses))
+    if severities:
+        where.append(_one_of(alerts.c.severity, "b_severity", severities))
+    if station:
+        where.append(alerts.c.station_id == bindparam("b_station"))
+    if device:
+        where.append(alerts.c.device_id == bindparam("b_device"))
+    if rule:
+        where.append(
+            or_(alerts.c.rule == bindparam("b_rule"), alerts.c.code == bindparam("b_rule"))
+        )
+    if since:
+        since_ms: Any = bindparam("b_since")
+        where.append(
+            or_(
+                alerts.c.opened_at_ms >= since_ms,
+                alerts.c.last_seen_at_ms >= since_ms,
+                alerts.c.resolved_at_ms >= since_ms,
+            )
+        )
+    if before:
+        where.append(alerts.c.id < bindparam("b_before"))
+    return _ALERT.where(*where).order_by(alerts.c.id.desc()).limit(_LIMIT).offset(_ZERO)
+
+
+@functools.cache
+def _delivery_query(
+    by_alert: bool, statuses: int, newest_first: bool, limited: bool
+) -> Select[Any]:
+    """The read of ``AlertStore.deliveries`` for one shape of filter (cached)."""
+    q = _DELIVERY
+    if by_alert:
+        q = q.where(deliveries.c.alert_id == bindparam("b_alert"))
+    if statuses:
+        q = q.where(_one_of(deliveries.c.status, "b_status", statuses))
+    q = q.order_by(deliveries.c.id.desc() if newest_first else deliveries.c.id)
+    return q.limit(_LIMIT).offset(_ZERO) if limited else q
 
 
 @dataclass
@@ -64,140 +239,126 @@ class Ops:
 
 
 class AlertStore:
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        self.path = Path(path)
-        self._db = SQLiteDB(self.path, synchronous=synchronous)
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._dialect = dialect_of(db)
+        self.path: Path | None = db.path if isinstance(db, SQLiteDB) else None
+
+    @classmethod
+    def at(cls, path: str | Path, *, synchronous: str = "FULL") -> AlertStore:
+        """On the embedded SQLite file at ``path``."""
+        return cls(SQLiteDB(path, synchronous=synchronous))
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> AlertStore:
-        return cls(Path(data_dir) / DB_FILE, **options)
+        return cls.at(Path(data_dir) / DB_FILE, **options)
+
+    @classmethod
+    def on_postgresql(cls, url: str, **options: Any) -> AlertStore:
+        """On PostgreSQL at ``url`` (its schema current: ``chargewatch db upgrade``)."""
+        return cls(PgDatabase(url, **options))
 
     def close(self) -> None:
         self._db.close()
 
-    def _tx(self, statements: list[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        self._db.transaction(statements)
-
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self._db.query(sql, args)
+    def _query(self, statement: Executable, params: Params | None = None) -> list[tuple[Any, ...]]:
+        return self._db.query(statement, params)
 
     # -- alerts ------------------------------------------------------------------------
 
     def apply(self, ops: Ops, events_kept: int) -> None:
-        cols = ",".join(ALERT_COLUMNS)
-        marks = ",".join("?" for _ in ALERT_COLUMNS)
-        statements: list[tuple[str, Sequence[Sequence[Any]]]] = [
-            (
-                f"INSERT OR REPLACE INTO alerts ({cols}) VALUES ({marks})",
-                [tuple(rec[c] for c in ALERT_COLUMNS) for rec in ops.alerts.values()],
-            ),
-            ("INSERT INTO alert_events VALUES (?,?,?,?,?)", ops.events),
-            (
-                "INSERT INTO alert_notes (alert_id, at_ms, author, source, text)"
-                " VALUES (?,?,?,?,?)",
-                ops.notes,
-            ),
+        statements: list[CoreStatement] = [
+            (_UPSERT_ALERT.for_(self._dialect), [_alert_row(r) for r in ops.alerts.values()]),
+            (_INSERT_EVENT, [dict(zip(EVENT_COLUMNS, e, strict=True)) for e in ops.events]),
+            (_INSERT_NOTE, [dict(zip(NOTE_COLUMNS, n, strict=True)) for n in ops.notes]),
         ]
         if ops.events:
-            statements.append(
-                (
-                    "DELETE FROM alert_events WHERE id <= (SELECT max(id) FROM alert_events) - ?",
-                    [(events_kept,)],
-                )
-            )
+            statements.append((_TRIM_EVENTS, [{"b_kept": events_kept}]))
         if ops.unobserved_through:
-            statements.append(("DELETE FROM unobserved WHERE id <= ?", [(ops.unobserved_through,)]))
-        self._tx(statements)
+            statements.append((_DELETE_UNOBSERVED, [{"b_through": ops.unobserved_through}]))
+        self._db.transaction(statements)
 
     def unobserved(self) -> list[tuple[int, str, int, str]]:
         """The journal of stored events whose alert effects are not durable yet, oldest
         first, as (id, device_id, received_ms, payload)."""
-        rows = self._query("SELECT id, device_id, received_ms, payload FROM unobserved ORDER BY id")
+        rows = self._query(_UNOBSERVED)
         return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
 
-    def _alerts(self, where: str, args: Sequence[Any]) -> list[Alert]:
-        rows = self._query(f"SELECT {','.join(ALERT_COLUMNS)} FROM alerts {where}", args)
+    def _alerts(self, statement: Executable, params: Params | None = None) -> list[Alert]:
+        rows = self._query(statement, params)
         return [Alert.from_record(dict(zip(ALERT_COLUMNS, row, strict=True))) for row in rows]
 
     def load_active(self) -> list[Alert]:
-        return self._alerts("WHERE status != 'resolved' ORDER BY id", ())
+        return self._alerts(_ACTIVE)
 
     def next_ids(self) -> tuple[int, int]:
-        (alert_max,) = self._query("SELECT coalesce(max(id), 0) FROM alerts")[0]
-        (event_max,) = self._query("SELECT coalesce(max(id), 0) FROM alert_events")[0]
+        (alert_max,) = self._query(_MAX_ALERT)[0]
+        (event_max,) = self._query(_MAX_EVENT)[0]
         return int(alert_max) + 1, int(event_max) + 1
 
+    def reserve_alert_ids(self, n: int) -> list[int]:
+        """``n`` alert ids no other writer gets, increasing (PostgreSQL: the ``alert_ids``
+        sequence, shared by every writer on the database). On SQLite, the file's one writer
+        numbers its alerts itself from ``next_ids``, as ever: the ids after the highest."""
+        if not 1 <= n <= 10_000:
+            raise ValueError(f"reserve 1 to 10000 alert ids at once, not {n}")
+        if self._dialect == "postgresql":
+            return sorted(int(r[0]) for r in self._query(_RESERVE_ALERT_IDS, {"b_n": n}))
+        first, _ = self.next_ids()
+        return list(range(first, first + n))
+
     def get(self, alert_id: int) -> Alert | None:
-        found = self._alerts("WHERE id = ?", (alert_id,))
+        found = self._alerts(_BY_ID, {"b_id": alert_id})
         return found[0] if found else None
 
     def query(self, q: AlertQuery) -> list[Alert]:
-        where: list[str] = []
-        args: list[Any] = []
-        if q.status:
-            where.append(f"status IN ({','.join('?' for _ in q.status)})")
-            args.extend(q.status)
-        if q.severity:
-            where.append(f"severity IN ({','.join('?' for _ in q.severity)})")
-            args.extend(q.severity)
-        for column, value in (("station_id", q.station), ("device_id", q.device)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if q.rule is not None:
-            where.append("(rule = ? OR code = ?)")
-            args.extend([q.rule, q.rule])
-        if q.since_ms is not None:
-            where.append("(opened_at_ms >= ? OR last_seen_at_ms >= ? OR resolved_at_ms >= ?)")
-            args.extend([q.since_ms] * 3)
-        if q.before_id is not None:
-            where.append("id < ?")
-            args.append(q.before_id)
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
-        return self._alerts(f"{clause} ORDER BY id DESC LIMIT ?", [*args, q.limit])
+        statuses, severities = tuple(dict.fromkeys(q.status)), tuple(dict.fromkeys(q.severity))
+        statement = _alert_query(
+            len(statuses), len(severities), q.station is not None, q.device is not None,
+            q.rule is not None, q.since_ms is not None, q.before_id is not None,
+        )  # fmt: skip
+        params = {
+            **_values("b_status", statuses),
+            **_values("b_severity", severities),
+            "b_station": q.station,
+            "b_device": q.device,
+            "b_rule": q.rule,
+            "b_since": q.since_ms,
+            "b_before": q.before_id,
+            "b_limit": q.limit,
+        }
+        return self._alerts(statement, params)
 
     def timings(self, from_ms: int, to_ms: int) -> list[Timing]:
         """Station, code, opened, acknowledged, resolved (ms) and device of the alerts
         opened in [from_ms, to_ms) (ingest.alerts.repair)."""
-        rows = self._query(
-            "SELECT station_id, code, opened_at_ms, acknowledged_at_ms, resolved_at_ms,"
-            " device_id FROM alerts WHERE opened_at_ms >= ? AND opened_at_ms < ? ORDER BY id",
-            (from_ms, to_ms),
-        )
+        rows = self._query(_TIMINGS, {"b_from": from_ms, "b_to": to_ms})
         return [Timing(str(r[0]), str(r[1]), int(r[2]), r[3], r[4], r[5]) for r in rows]
 
     def notes(self, alert_id: int) -> list[dict[str, Any]]:
-        rows = self._query(
-            "SELECT id, at_ms, author, source, text FROM alert_notes WHERE alert_id = ?"
-            " ORDER BY id",
-            (alert_id,),
-        )
+        rows = self._query(_NOTES, {"b_alert": alert_id})
         keys = ("id", "at_ms", "author", "source", "text")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     def events_after(self, after_id: int, limit: int = 1000) -> list[tuple[int, str, str]]:
-        rows = self._query(
-            "SELECT id, type, data FROM alert_events WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        )
+        rows = self._query(_EVENTS_AFTER, {"b_after": after_id, "b_limit": limit})
         return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def oldest_event_id(self) -> int | None:
-        (oldest,) = self._query("SELECT min(id) FROM alert_events")[0]
+        (oldest,) = self._query(_OLDEST_EVENT)[0]
         return None if oldest is None else int(oldest)
 
     # -- webhooks ----------------------------------------------------------------------
 
     def add_webhook(self, record: dict[str, Any]) -> int:
-        cur = self._db.execute("INSERT INTO webhooks (record) VALUES (?)", (json.dumps(record),))
-        return int(cur.lastrowid or 0)
+        done = self._db.execute(_ADD_WEBHOOK, {"record": json.dumps(record)})
+        return int(done.rows[0][0])
 
     def delete_webhook(self, webhook_id: int) -> bool:
-        cur = self._db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
-        return cur.rowcount > 0
+        return self._db.execute(_DELETE_WEBHOOK, {"b_id": webhook_id}).rowcount > 0
 
     def webhooks(self) -> list[tuple[int, dict[str, Any]]]:
-        rows = self._query("SELECT id, record FROM webhooks ORDER BY id")
+        rows = self._query(_WEBHOOKS)
         return [(int(r[0]), json.loads(r[1])) for r in rows]
 
     def save_outbox(
@@ -207,18 +368,34 @@ class AlertStore:
     ) -> None:
         """Upsert deliveries (rows in ``DELIVERY_COLUMNS`` order; the body is written once)
         and subscription records, in one transaction."""
-        self._tx(
+        self._db.transaction(
             [
-                (_DELIVERY_UPSERT, deliveries),
                 (
-                    "UPDATE webhooks SET record = ? WHERE id = ?",
-                    [(json.dumps(record), webhook_id) for webhook_id, record in webhooks],
+                    _UPSERT_DELIVERY.for_(self._dialect),
+                    [dict(zip(DELIVERY_COLUMNS, d, strict=True)) for d in deliveries],
+                ),
+                (
+                    _SET_WEBHOOK,
+                    [{"b_id": i, "b_record": json.dumps(record)} for i, record in webhooks],
                 ),
             ]
         )
 
+    def claim_deliveries(
+        self, now_ms: int, lease_ms: int, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Take up to ``limit`` pending deliveries, oldest first, that no writer holds (never
+        claimed, or its claim ran out by ``now_ms``), for ``lease_ms``: atomically, so two
+        writers on one database never take the same one; a writer that dies lets its
+        claims run out for another to take them."""
+        done = self._db.execute(
+            _CLAIM, {"b_now": now_ms, "b_until": now_ms + lease_ms, "b_limit": limit}
+        )
+        rows = sorted(done.rows, key=lambda r: int(r[0]))
+        return [dict(zip(DELIVERY_COLUMNS, row, strict=True)) for row in rows]
+
     def max_delivery_id(self) -> int:
-        (top,) = self._query("SELECT coalesce(max(id), 0) FROM deliveries")[0]
+        (top,) = self._query(_MAX_DELIVERY)[0]
         return int(top)
 
     def deliveries(
@@ -229,19 +406,12 @@ class AlertStore:
         newest_first: bool = False,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        where: list[str] = []
-        args: list[Any] = []
-        if alert_id is not None:
-            where.append("alert_id = ?")
-            args.append(alert_id)
+        statuses: tuple[str, ...] = ()
         if status is not None:
-            statuses = [status] if isinstance(status, str) else list(status)
-            where.append(f"status IN ({','.join('?' for _ in statuses)})")
-            args.extend(statuses)
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
-        clause += " ORDER BY id DESC" if newest_first else " ORDER BY id"
-        if limit is not None:
-            clause += " LIMIT ?"
-            args.append(limit)
-        rows = self._query(f"SELECT {','.join(DELIVERY_COLUMNS)} FROM deliveries {clause}", args)
+            statuses = tuple(dict.fromkeys([status] if isinstance(status, str) else status))
+        statement = _delivery_query(
+            alert_id is not None, len(statuses), newest_first, limit is not None
+        )
+        params = {**_values("b_status", statuses), "b_alert": alert_id, "b_limit": limit}
+        rows = self._query(statement, params)
         return [dict(zip(DELIVERY_COLUMNS, row, strict=True)) for row in rows]

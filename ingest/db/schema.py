@@ -251,10 +251,16 @@ deliveries = Table(
     Column("next_try_at_ms", Int),
     Column("deadline_at_ms", Int),
     Column("last_attempt_at_ms", Int),
+    # a pending delivery is being sent by the writer that claimed it until then (None: by
+    # none; ingest.alerts.store ``claim_deliveries``)
+    Column("claimed_until_ms", Int),
     sqlite_autoincrement=True,
 )
 Index("deliveries_by_alert", deliveries.c.alert_id, deliveries.c.id)
 Index("deliveries_pending", deliveries.c.status)
+
+# alert ids on PostgreSQL, unique across the writers (ingest.alerts.store ``reserve_alert_ids``)
+alert_ids = Sequence("alert_ids", metadata=metadata)
 
 # -- work orders (ingest.alerts.order_store) --------------------------------------------
 
