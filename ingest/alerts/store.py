@@ -44,7 +44,7 @@ from ingest.db.schema import (
     unobserved,
     webhooks,
 )
-from ingest.db.upsert import Upserts, dialect_of
+from ingest.db.dialect import Upserts, dialect_of
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
