@@ -76,8 +76,8 @@ class Plan:
     def cluster_short(cls) -> Plan:
         """The cluster part small enough for a test (< 60 s): it cannot rot."""
         return cls(
-            cluster_devices=400, cluster_messages=3_000, cluster_rounds=1,
-            cluster_api_seconds=4.0, parts=frozenset({"cluster"}),
+            cluster_devices=400, cluster_messages=2_000, cluster_rounds=1,
+            cluster_api_seconds=3.0, parts=frozenset({"cluster"}),
         )  # fmt: skip
 
 
