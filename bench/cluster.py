@@ -301,3 +301,72 @@ def summarize(
             "replica_p99": api["p99_ms"] < P99_TARGET_MS and not api["errors"],
         },
     }
+
+
+def render(c: dict[str, Any] | None) -> list[str]:
+    """The cluster part's section of docs/benchmarks.md."""
+    if not c:
+        return []
+    cpu, pg_cpu, met = c["cpu_us_per_msg"], c["pg_cpu_us_per_msg"], c["targets_met"]
+    rounds = len(c["runs"]["embedded"])
+    lines = [
+        "## The cluster: scale overhead, the PostgreSQL state path, a replica's rider query",
+        "",
+        f"{c['devices']:,} district-shaped devices in {c['partitions']} partitions (statuses of "
+        + _sizes(c["status_bytes"])
+        + "), a fresh mosquitto (and database) per configuration, configurations alternating"
+        f" over {rounds} round(s); medians. CPU is user + system of the ingest processes from"
+        " `/proc/PID/stat`, from just before the publisher starts to the last acknowledgement"
+        " (so lease renewals and /metrics scrapes are in it); PostgreSQL's (postmaster and"
+        " backends) is beside it. Wall rates are the publisher's and the shared machine's as"
+        " much as ours: the figures are CPU per message.",
+        "",
+        "| configuration | CPU us/msg (ingest) | + PostgreSQL us/msg | msg/s wall | load 1m |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, runs in c["runs"].items():
+        pg = f"{pg_cpu[name]:.0f}" if name in pg_cpu else "-"
+        lines.append(
+            f"| {name} | {cpu[name]:.0f} | {pg} | {_med(runs, 'rate'):,.0f} |"
+            f" {_med(runs, 'loadavg_1m'):.1f} |"
+        )
+    api = c["replica"]
+    lines += [
+        "",
+        f"- **Scale overhead**: 2 workers / 1 worker = **{c['scale_overhead']:.2f}x** CPU per"
+        f" message (target <= {c['scale_overhead_target']:.2f}x: {_met(met['scale_overhead'])})."
+        f" Each added worker core carries ~{c['added_core_msg_s']:,.0f} msg/s"
+        f" ({1 / c['scale_overhead']:.0%} of the first worker's core), plus"
+        f" {pg_cpu['2 workers']:.0f} us of PostgreSQL CPU a message.",
+        f"- **PostgreSQL state path**: embedded / 1 worker = **{c['pg_share']:.0%}** of the"
+        f" embedded path's rate per core ({c['pg_share_with_db']:.0%} counting PostgreSQL's CPU"
+        f" too; target >= {c['pg_share_target']:.0%}: {_met(met['pg_share'])}).",
+        f"- **Rider station query on a replica** (`chargewatch api --db`, `{STATION_QUERY}`,"
+        f" {api['stations']} stations, {api['answer_bytes']:,} bytes) at"
+        f" {api['offered_rps']:.0f} req/s open loop while 2 workers ingest"
+        f" {api['ingest_rate_during']:.0f} msg/s: p50 {api['p50_ms']:.1f}, p99"
+        f" **{api['p99_ms']:.1f}**, max {api['max_ms']:.1f} ms, {api['achieved_rps']:.0f} req/s"
+        f" achieved, {api['errors']} errors, {api['server_cpu_us_per_request']:.0f} us of the"
+        f" replica's CPU a request, load {api['loadavg_1m']:.1f} (target p99 <"
+        f" {c['p99_target_ms']:.0f} ms: {_met(met['replica_p99'])}).",
+        "",
+        f"Sizing, one core fully busy (the district: {DISTRICT_MSG_S:.0f} msg/s of"
+        f" {DISTRICT_DEVICES} devices; plan for half of it):",
+        "",
+        "| ingest | msg/s per core | devices per core | devices per core at 50% |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, s in c["sizing"].items():
+        lines.append(
+            f"| {name} | {s['msg_s_per_core']:,.0f} | {s['devices_per_core']:,.0f} |"
+            f" {s['devices_per_core'] / 2:,.0f} |"
+        )
+    return [*lines, ""]
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def _sizes(sizes: dict[str, float]) -> str:
+    return ", ".join(f"{k} ~{v:,.0f} B" for k, v in sizes.items())
