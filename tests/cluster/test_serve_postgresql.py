@@ -80,9 +80,7 @@ def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
         return list(conn.execute(sql).fetchall())  # type: ignore[arg-type]
 
 
-def test_serve_keeps_its_state_in_postgresql(
-    tmp_path: Path, broker: Process, pg_url: str
-) -> None:
+def test_serve_keeps_its_state_in_postgresql(tmp_path: Path, broker: Process, pg_url: str) -> None:
     keys = KeyStore.on_postgresql(pg_url)
     try:
         token = keys.create("tests", "maintainer")[1]  # in PostgreSQL: serve's keys are there
@@ -93,9 +91,7 @@ def test_serve_keeps_its_state_in_postgresql(
         with chargewatch_serve(tmp_path / "first", broker.url, "--db", pg_url) as service:
             device.send("state", {"seq": 0, "online": True, "kind": "pile", "ports": 10,
                                   "heartbeat_s": 300})  # fmt: skip
-            ports = [
-                {"n": n, "state": "charging" if n <= 3 else "available"} for n in range(1, 11)
-            ]
+            ports = [{"n": n, "state": "charging" if n <= 3 else "available"} for n in range(1, 11)]
             device.send("status", {"seq": 1, "kind": "pile", "ports": ports})
 
             def seven_free() -> None:
