@@ -410,7 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         from api.auth import cmd_keys
 
-        return cmd_keys(args, args.data_dir or ServeSettings().ingest.data_dir)
+        data_dir = args.data_dir or ServeSettings().ingest.data_dir
+        if not args.db:
+            return cmd_keys(args, data_dir)
+        from ingest.statedb import StateDB
+
+        try:
+            state = StateDB.of(args.db, data_dir)
+            return cmd_keys(args, data_dir, state.database)
+        except IngestError as exc:  # a bad URL, the database unreachable
+            raise SystemExit(f"chargewatch: {exc}") from None
     if args.command == "broker-config":
         from ingest.brokerconfig import command as broker_config
 

@@ -8,6 +8,7 @@ a PostgreSQL database, chosen by one URL (``--db``, ``CHARGEWATCH_DB``):
 
 ``StateDB.database()`` opens one connection (SQLite) or pool (PostgreSQL) for a store; every
 store of the service and of its API takes one (``AlertStore(db)``, ``KeyStore(db)``, ...).
+The URL's forms are SQLAlchemy's: ``sqlite:///relative/file.db``, ``sqlite:////abs/file.db``.
 
 Exceptions: ``StateURLError`` (an ``ingest.StoreError``): a URL of neither kind.
 """
@@ -66,5 +67,4 @@ class StateDB:
         if self.path is not None:
             return SQLiteDB(self.path, synchronous=synchronous)
         assert self.url is not None
-        # the schema was checked once, by the state store (ingest.pg_store) opened first
-        return PgDatabase(self.url, check_schema=False)
+        return PgDatabase(self.url)  # refuses a database behind the schema (SchemaBehind)

@@ -1,6 +1,6 @@
 """``chargewatch serve --db postgresql://...``: the one-process service with its state in
 PostgreSQL, against real mosquitto and PostgreSQL processes. A device's status reaches the
-riders' API and the twin row; an alert opens, is acknowledged over HTTP and is so in
+riders' API and the twin row; a key made by ``chargewatch keys --db`` works; an alert opens, is acknowledged over HTTP and is so in
 PostgreSQL; a restart (with another, empty data dir) keeps all of it; a database behind the
 schema is refused with the message that says what to do, and left as it was."""
 
@@ -20,7 +20,6 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from api.auth import KeyStore
 from ingest.db import migrate
 from tests.pg_server import PgServer
 from tests.servers import Process, Service, chargewatch_argv, chargewatch_serve, eventually
@@ -81,11 +80,14 @@ def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 def test_serve_keeps_its_state_in_postgresql(tmp_path: Path, broker: Process, pg_url: str) -> None:
-    keys = KeyStore.on_postgresql(pg_url)
-    try:
-        token = keys.create("tests", "maintainer")[1]  # in PostgreSQL: serve's keys are there
-    finally:
-        keys.close()
+    made = subprocess.run(  # the key in PostgreSQL, where serve looks for it
+        chargewatch_argv("keys", "--db", pg_url, "create", "--name", "tests"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    token = made.stdout.splitlines()[0]
     device = Device(broker.port)
     try:
         with chargewatch_serve(tmp_path / "first", broker.url, "--db", pg_url) as service:
