@@ -7,9 +7,10 @@ With no broker configured it starts the embedded one first. Its state is in the 
 SQLite file (the data dir's, or ``sqlite:///path``) or in PostgreSQL (``config.db``:
 ``ingest.statedb``); with PostgreSQL, history goes there too unless ``config.history`` names
 an InfluxDB, and what exists only for the embedded file is not run: its compaction,
-retention and hourly rollups (``ingest.housekeeping``) and the watch of the data dir's disk. ``connect=False`` runs
-everything but the broker and the MQTT source: messages come in by ``inject`` (the tests'
-middle layer, like Home Assistant's ``async_fire_mqtt_message``).
+retention and hourly rollups (``ingest.housekeeping``) and the watch of the data dir's disk.
+
+``connect=False`` runs everything but the broker and the MQTT source: messages come in by
+``inject`` (the tests' middle layer, like Home Assistant's ``async_fire_mqtt_message``).
 """
 
 from __future__ import annotations
