@@ -1,6 +1,8 @@
 """Rider API against the small district: a real mosquitto, a ``chargewatch serve`` process,
 simulated devices (frozen, changed only by injection) and hand-published contract messages
-for stale and offline devices."""
+for stale and offline devices. The same tests run against the cluster (PostgreSQL, two
+``chargewatch ingest`` workers, a ``chargewatch api`` replica): ``d`` is parametrized over
+both backends (tests.api.district.BACKENDS)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from tests.api.district import (
     HAND_CABINET,
     HAND_PILE,
     HAND_STATION,
+    BACKENDS,
     District,
     Publisher,
-    serve_district,
+    district,
 )
 from tests.servers import eventually
 
@@ -35,10 +38,12 @@ ISSUE_2_STATION = {"id", "name", "lat", "lon", "distance_m", "piles", "cabinets"
 ISSUE_5_STATION = {"data_age_s", "stale", "last_known", "last_updated"}
 
 
-@pytest.fixture(scope="module")
-def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[District]:
-    with serve_district(tmp_path_factory.mktemp("district")) as district:
-        yield district
+@pytest.fixture(scope="module", params=BACKENDS)
+def d(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[District]:
+    with district(request.param, tmp_path_factory.mktemp("district"), request) as running:
+        yield running
 
 
 def now_ms() -> int:

@@ -160,4 +160,3 @@ def cluster(
             c.replicas.append(stack.enter_context(api_replica(chr(ord("a") + i), db, tmp)))
         c.wait_subscribed()
         yield c
-

@@ -173,7 +173,9 @@ def _steady(value: Any) -> Any:
         return {
             k: _steady(v)
             for k, v in value.items()
-            if k != "data_age_s" and not k.endswith("_in_s") and not k.endswith("_at")
+            if k != "data_age_s"
+            and not k.endswith("_in_s")
+            and not k.endswith("_at")
             and k != "last_known"
         }
     if isinstance(value, list):
