@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
 
+from tests.alerts.keys import maintainer_get
 from tests.api.district import (
+    BACKENDS,
     HAND_CABINET,
     HAND_PILE,
     HAND_STATION,
-    BACKENDS,
     District,
     Publisher,
     district,
@@ -468,3 +470,49 @@ def test_pages_and_static_files_are_served(d: District) -> None:
     assert "http" not in Path(__file__).resolve().parents[2].joinpath(
         "api/static/index.html"
     ).read_text().replace("http-equiv", "")
+
+
+def test_rejected_messages_are_dead_letters_with_their_reason(d: District) -> None:
+    """Messages of a known device that break the contract: each kept with its reason, the
+    device's state untouched. (A device in no catalog is ``unknown_device`` on ``serve``;
+    the cluster's partitions subscribe only to their own devices' topics, so the broker
+    never hands such a message to a worker: not asserted here.)"""
+    device = next(x for x in d.catalog.devices.values() if x.station_id != HAND_STATION)
+    before = maintainer_get(d.service, "/v1/deadletters").json()
+    view = d.get(f"/v1/devices/{device.id}")
+    sent = [
+        (f"cw/v1/{device.id}/status", b"\x00 not json", "not_json"),
+        (f"cw/v1/{device.id}/status", b'{"v":1,"ts":"soon","boot":"b","seq":1,"kind":"pile"}',
+         "schema"),
+        (f"cw/v1/{device.id}/firmware", b"{}", "topic"),
+        (f"cw/v1/{device.id}/event", b"[1,2,3]", "not_object"),
+    ]  # fmt: skip
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dead-letter-test")
+    client.connect("127.0.0.1", d.broker.port)
+    client.loop_start()
+    try:
+        for topic, payload, _ in sent:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    want = dict(before["counts"])
+    for _, _, reason in sent:
+        want[reason] = want.get(reason, 0) + 1
+
+    def counted() -> dict[str, Any]:
+        body: dict[str, Any] = maintainer_get(d.service, "/v1/deadletters").json()
+        assert body["counts"] == want
+        return body
+
+    body = eventually(counted, timeout=10)
+    newest = {(x["topic"], x["reason"]): x for x in body["dead_letters"][: len(sent)]}
+    for topic, payload, reason in sent:
+        letter = newest[(topic, reason)]
+        assert letter["size"] == len(payload)
+        assert letter["detail"]
+    assert newest[(sent[2][0], "topic")]["payload_excerpt"] == "{}"
+    assert maintainer_get(d.service, "/v1/deadletters").status_code == 200
+    assert d.service.get("/v1/deadletters").status_code == 401, "maintainers only"
+    after = d.get(f"/v1/devices/{device.id}")
+    assert (after["status_seq"], after["online"]) == (view["status_seq"], view["online"])

@@ -205,5 +205,9 @@ def differences(x: Any, y: Any, path: str = "") -> list[str]:
         return [d for k in sorted(x.keys() | y.keys())
                 for d in differences(x.get(k), y.get(k), f"{path}.{k}")]  # fmt: skip
     if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
-        return [d for i, (a, b) in enumerate(zip(x, y)) for d in differences(a, b, f"{path}[{i}]")]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(x, y, strict=True))
+            for d in differences(a, b, f"{path}[{i}]")
+        ]
     return [] if x == y else [f"{path}: {x!r} != {y!r}"]
