@@ -225,9 +225,12 @@ class Slot(_Model, frozen=True, kw_only=True):
 
 def _check_units(items: list[Port] | list[Slot], what: str) -> None:
     """Every port/slot once, numbered 1..n; a faulted one names its fault."""
-    numbers = sorted(item.n for item in items)
-    if numbers != list(range(1, len(items) + 1)):
-        raise ValueError(f"{what} must list every {what[:-1]} once, numbered 1..{len(items)}")
+    numbers = [item.n for item in items]
+    expected = list(range(1, len(items) + 1))
+    if numbers != expected:  # devices list them in order: sort only when they do not
+        numbers.sort()
+        if numbers != expected:
+            raise ValueError(f"{what} must list every {what[:-1]} once, numbered 1..{len(items)}")
     for item in items:
         if item.state == "faulted" and not item.fault:
             raise ValueError(f"{what[:-1]} {item.n} is faulted but has no fault code")
