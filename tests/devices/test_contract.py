@@ -625,6 +625,33 @@ def _dup(payload: bytes, old: bytes, new: bytes) -> bytes:
             "ports",
         ),
         ("state", b'{"v":1,"online":false,"boot":"7f3a","boot":"abcd","seq":3}', "boot"),
+        # compact, known keys only: a repeat in one unit beside a unit that lacks the key
+        # (a check that counted keys per name across the units would miss these)
+        (
+            "status",
+            _dup(PILE_STATUS, b'"power_w":0,', b"").replace(
+                b'"power_w":182.0', b'"power_w":1.0,"power_w":182.0'
+            ),
+            "power_w",
+        ),
+        (
+            "status",
+            _dup(PILE_STATUS, b'"session":"s-1a2b"', b'"session":"x","session":"s-1a2b"'),
+            "session",
+        ),
+        (
+            "status",
+            _dup(CABINET_STATUS, b'"temp_c":28.0,', b"").replace(
+                b'"temp_c":27.1', b'"temp_c":20.0,"temp_c":27.1'
+            ),
+            "temp_c",
+        ),
+        (
+            "status",
+            _dup(CABINET_STATUS, b'"soc":97', b'"soc":null,"soc":97'),
+            "soc",
+        ),
+        ("status", _dup(CABINET_STATUS, b'"smoke":false', b'"smoke":false,"smoke":false'), "smoke"),
     ],
 )
 def test_duplicate_keys_are_rejected(channel: Channel, payload: bytes, key: str) -> None:
