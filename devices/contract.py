@@ -159,10 +159,15 @@ def ms_to_datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-class _Model(msgspec.Struct, frozen=True, kw_only=True):
+class _Model(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Strict: "42" is not an int and 0 is not a bool; unknown fields are ignored (vendors
     add their own). Constructing one runs the cross-field checks (``__post_init__``) but
-    not the per-field constraints; ``of`` runs both, as ``decode`` does."""
+    not the per-field constraints; ``of`` runs both, as ``decode`` does.
+
+    ``gc=False``: a model holds strings, numbers and lists of models, never a cycle, so the
+    garbage collector need not track it. A status makes a dozen of them (its ports or
+    slots); untracked, they neither bring young collections nearer nor add to the old
+    generation the collector scans while the twins keep them."""
 
     @classmethod
     def of(cls, data: Mapping[str, Any]) -> Self:
@@ -459,6 +464,7 @@ def _keys_mirror(
         [(field, kind, msgspec.UNSET) for field, kind in names.items()],
         kw_only=True,
         omit_defaults=True,
+        gc=False,  # verbatim pieces of the payload: no cycle, nothing for the collector
     )
 
 

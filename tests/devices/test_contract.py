@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
 import pytest
 
+from devices import contract
 from devices.contract import (
     CLOCK_SKEW_MAX_MS,
     COMMAND_KIND,
@@ -744,3 +746,16 @@ def test_command_result_event() -> None:
 def test_command_model_checks_its_unit_when_built() -> None:
     with pytest.raises(ValueError, match="needs slot"):
         Command(v=1, id="c-12345678", ts=0, type="lock_battery", expires=1)
+
+
+def test_decoded_messages_are_not_tracked_by_the_collector() -> None:
+    """The contract's structs hold no cycles (strings, numbers, lists of units): untracked,
+    the ~a dozen of them a status makes (and the duplicate-key check's mirror of its keys)
+    cost the garbage collector nothing, however long a twin keeps them."""
+    pile, cabinet = decode("status", PILE_STATUS), decode("status", CABINET_STATUS)
+    assert isinstance(pile, PileStatus)
+    assert isinstance(cabinet, CabinetStatus)
+    structs = [pile, *pile.ports, cabinet, *cabinet.slots]
+    assert [gc.is_tracked(s) for s in structs] == [False] * len(structs)
+    mirror = contract._KEYS["status"].decode(PILE_STATUS)
+    assert [gc.is_tracked(m) for m in (mirror, *mirror.ports)] == [False] * 3
