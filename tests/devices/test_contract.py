@@ -750,7 +750,7 @@ def test_command_model_checks_its_unit_when_built() -> None:
 
 def test_decoded_messages_are_not_tracked_by_the_collector() -> None:
     """The contract's structs hold no cycles (strings, numbers, lists of units): untracked,
-    the ~a dozen of them a status makes (and the duplicate-key check's mirror of its keys)
+    the dozen or so a status makes (and the duplicate-key check's mirror of its keys)
     cost the garbage collector nothing, however long a twin keeps them."""
     pile, cabinet = decode("status", PILE_STATUS), decode("status", CABINET_STATUS)
     assert isinstance(pile, PileStatus)
