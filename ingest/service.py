@@ -9,7 +9,9 @@ SQLite file (the data dir's, or ``sqlite:///path``) or in PostgreSQL (``config.d
 an InfluxDB. The housekeeping task (``ingest.housekeeping``) compacts, prunes and rolls up
 the embedded history; an InfluxDB history it only rolls up (``ingest.influxrollups``: the
 history store is then an ``InfluxRollupStore``; retention is InfluxDB's own, see
-``chargewatch influx setup``). The data dir's disk is watched for the embedded file only.
+``chargewatch influx setup``). A PostgreSQL history drops its day partitions older than
+``history_days`` (``ingest.pg_retention``). The data dir's disk is watched for the embedded
+file only.
 
 ``connect=False`` runs everything but the broker and the MQTT source: messages come in by
 ``inject`` (the tests' middle layer, like Home Assistant's ``async_fire_mqtt_message``).
@@ -47,6 +49,7 @@ from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.passport_store import PassportStore
 from ingest.passports import Passports
+from ingest.pg_retention import RETENTION, PartitionRetention
 from ingest.pg_store import PostgresStore
 from ingest.pipeline import Pipeline, Twins
 from ingest.readside import now_ms as now_ms
@@ -107,6 +110,7 @@ class Ingest:
         self.passports: Passports | None = None  # battery passports (ingest.passports)
         self.orders: WorkOrders | None = None  # with the alerts (docs/alerts.md, Work orders)
         self.housekeeping: Housekeeping | None = None  # the embedded or an InfluxDB history
+        self.retention: PartitionRetention | None = None  # a PostgreSQL history's partitions
         # an external broker gave our client id a session before (persisted: a crash of the
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
@@ -327,6 +331,17 @@ class Ingest:
             if self.housekeeping is not None:
                 self.metrics.registry.register(self.housekeeping)
                 self.supervisor.start(HOUSEKEEPING, self.housekeeping.run)
+            if isinstance(store, PostgresStore) and self.history is store:
+                # day partitions past history_days dropped, one runner at a time
+                self.retention = PartitionRetention(
+                    store,
+                    now_ms,
+                    history_days=cfg.history_days,
+                    every_s=cfg.housekeeping_s,
+                    first_after_s=cfg.housekeeping_s,
+                )
+                self.metrics.registry.register(self.retention)
+                self.supervisor.start(RETENTION, self.retention.run)
             command_store = CommandStore(await asyncio.to_thread(self._database))
             self._stack.callback(command_store.close)
             self.commands = await self._stack.enter_async_context(
