@@ -10,7 +10,7 @@ A store error is logged and the pass retried on the next round; the task runs un
 supervisor (the service's, or ``supervised`` for a worker), which logs and restarts it if
 anything else escapes.
 
-    IngestError   CHARGEWATCH_HISTORY_DAYS is not a number of days in (0, 36500]
+    IngestError   CHARGEWATCH_INGEST__HISTORY_DAYS or __HOUSEKEEPING_S out of range (workers)
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from ingest import IngestError, StoreError
 from ingest.pg_store import DAY_MS, PostgresStore
+from ingest.readside import now_ms
 from ingest.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -105,15 +106,30 @@ async def supervised(retention: PartitionRetention) -> None:
         await asyncio.Event().wait()
 
 
-def history_days_from_env() -> float:
-    """``CHARGEWATCH_HISTORY_DAYS`` (as ``serve`` reads it), default 90: for the workers."""
-    text = os.environ.get("CHARGEWATCH_HISTORY_DAYS", "90")
+def for_worker(store: PostgresStore, registry: CollectorRegistry) -> PartitionRetention:
+    """The retention of a ``chargewatch ingest`` worker, from the environment ``serve`` reads
+    too: ``CHARGEWATCH_INGEST__HISTORY_DAYS`` (default 90) and ``__HOUSEKEEPING_S`` (the
+    period, default 300 s; the first pass after it). Raises IngestError for a bad value."""
+    days, every = worker_settings()
+    retention = PartitionRetention(
+        store, now_ms, history_days=days, every_s=every, first_after_s=every
+    )
+    registry.register(retention)
+    return retention
+
+
+def worker_settings() -> tuple[float, float]:
+    """(history_days, period in s) from the environment; raises IngestError."""
+    days = _env_number("CHARGEWATCH_INGEST__HISTORY_DAYS", 90.0, HISTORY_DAYS_MAX)
+    return days, _env_number("CHARGEWATCH_INGEST__HOUSEKEEPING_S", 300.0, 86_400.0)
+
+
+def _env_number(name: str, default: float, most: float) -> float:
+    text = os.environ.get(name, str(default))
     try:
-        days = float(text)
+        value = float(text)
     except ValueError:
-        days = float("nan")
-    if not 0 < days <= HISTORY_DAYS_MAX:  # nan fails too
-        raise IngestError(
-            f"CHARGEWATCH_HISTORY_DAYS={text!r}: days of raw history, in (0, {HISTORY_DAYS_MAX}]"
-        )
-    return days
+        value = float("nan")
+    if not 0 < value <= most:  # nan fails too
+        raise IngestError(f"{name}={text!r}: a number in (0, {most:g}]")
+    return value

@@ -11,13 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from devices.catalog import Catalog
+from ingest import IngestError
 from ingest.config import IngestConfig
-from ingest.pg_retention import RETENTION, PartitionRetention
+from ingest.mqtt import BrokerURL
+from ingest.pg_retention import RETENTION, PartitionRetention, worker_settings
 from ingest.pg_store import DAY_MS, PostgresStore, partition_name
 from ingest.service import Ingest
+from ingest.worker import IngestArgs, run_worker
 from tests.db.test_state_contract import row
+from tests.servers import Process
 
 T0 = 1_796_256_000_000  # 2026-12-03T00:00Z
 TODAY = T0 // DAY_MS
@@ -89,22 +94,46 @@ async def test_serve_on_postgresql_runs_the_retention_supervised(
 
 
 def _metrics(ingest: Ingest) -> bytes:
-    from prometheus_client import generate_latest
-
     return generate_latest(ingest.metrics.registry)
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "x", "40000"])
-def test_history_days_from_the_environment_is_checked(
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "nan", "40000"])
+def test_a_workers_settings_from_the_environment_are_checked(
     bad: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ingest import IngestError
-    from ingest.pg_retention import history_days_from_env
+    monkeypatch.setenv("CHARGEWATCH_INGEST__HISTORY_DAYS", bad)
+    with pytest.raises(IngestError, match="CHARGEWATCH_INGEST__HISTORY_DAYS"):
+        worker_settings()
+    monkeypatch.setenv("CHARGEWATCH_INGEST__HISTORY_DAYS", "30")
+    monkeypatch.setenv("CHARGEWATCH_INGEST__HOUSEKEEPING_S", "90000" if bad == "40000" else bad)
+    with pytest.raises(IngestError, match="CHARGEWATCH_INGEST__HOUSEKEEPING_S"):
+        worker_settings()
 
-    monkeypatch.setenv("CHARGEWATCH_HISTORY_DAYS", bad)
-    with pytest.raises(IngestError, match="CHARGEWATCH_HISTORY_DAYS"):
-        history_days_from_env()
-    monkeypatch.setenv("CHARGEWATCH_HISTORY_DAYS", "30")
-    assert history_days_from_env() == 30.0
-    monkeypatch.delenv("CHARGEWATCH_HISTORY_DAYS")
-    assert history_days_from_env() == 90.0
+
+async def test_a_worker_drops_old_partitions_in_the_background(
+    pg_url: str, broker: Process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``chargewatch ingest``'s ``run_worker`` with history in PostgreSQL: a 30-day window,
+    a pass every 0.2 s; a 40-day-old partition goes, a 20-day-old one stays."""
+    monkeypatch.setenv("CHARGEWATCH_INGEST__HISTORY_DAYS", "30")
+    monkeypatch.setenv("CHARGEWATCH_INGEST__HOUSEKEEPING_S", "0.2")
+    today = int(time.time() * 1000) // DAY_MS
+    seed = PostgresStore(pg_url)
+    try:
+        seed.write([row(1, (today - 40) * DAY_MS), row(2, (today - 20) * DAY_MS)], [], [])
+        args = IngestArgs(
+            broker=BrokerURL.parse(f"mqtt://127.0.0.1:{broker.port}"), db=pg_url,
+            catalog=Catalog.load(), partitions=4, worker="w1", metrics_port=None,
+            history=None, lease_timeout_s=10,
+        )  # fmt: skip
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(run_worker(args, stop))
+            deadline = time.monotonic() + 20
+            while partition_name(today - 40) in seed.partitions():
+                assert time.monotonic() < deadline, "the old partition is still there after 20 s"
+                await asyncio.sleep(0.1)
+            stop.set()
+        assert partition_name(today - 20) in seed.partitions()
+    finally:
+        seed.close()
