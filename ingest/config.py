@@ -77,7 +77,8 @@ class IngestConfig(BaseModel):
     # order a disk or shorten retention before ingest stops acknowledging.
     disk_full_warning_days: float = Field(default=7.0, gt=0)
     # Raw history (every message, byte-exact) of the embedded store is kept this many days
-    # of device time; older history is deleted in the background, in small batches.
+    # of device time; older history is deleted in the background, in small batches. A
+    # PostgreSQL history drops whole day partitions past it (ingest.pg_retention).
     history_days: float = Field(default=90.0, gt=0, le=36_500)
     # Statuses of an hour of device time are compacted (one zlib block per device and hour,
     # ~20x smaller) this long after the hour ended: late messages still land before it.

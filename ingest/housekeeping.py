@@ -1,4 +1,4 @@
-"""Housekeeping of the embedded history: compaction and retention, in the background.
+"""Housekeeping of the history: compaction, retention and rollups, in the background.
 
 Every ``every_s``: history older than ``history_days`` is deleted (``SQLiteStore.prune``),
 then statuses of hours of device time that ended ``grace_s`` ago are compacted into blocks
@@ -7,6 +7,9 @@ then statuses of hours of device time that ended ``grace_s`` ago are compacted i
 loop yields between batches, so ingest's writes interleave with a prune of any size.
 A store error is logged and the pass retried on the next round (the supervisor restarts
 the task if anything else escapes).
+
+With no ``store`` (an InfluxDB history, which keeps its own retention: ``chargewatch influx
+setup``) a pass only rolls up, through ``rollups`` (over ``ingest.influxrollups``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ DAY_MS = 86_400_000
 
 @dataclass(eq=False)  # hashable: a registered collector
 class Housekeeping(Collector):
-    store: SQLiteStore
+    store: SQLiteStore | None  # None: rollups only (an InfluxDB history)
     clock_ms: Callable[[], int]
     history_days: float = 90.0
     grace_s: float = 600.0
@@ -92,13 +95,14 @@ class Housekeeping(Collector):
         now = self.clock_ms()
         # retention first: what goes anyway is not compacted before
         cutoff = now - round(self.history_days * DAY_MS)
-        while n := await asyncio.to_thread(self.store.prune, cutoff, self.batch):
-            self.pruned += n
-            await asyncio.sleep(0)
         before = now - round(self.grace_s * 1000)
-        while n := await asyncio.to_thread(self.store.compact, before, 8):
-            self.blocks_compacted += n
-            await asyncio.sleep(0)
+        if self.store is not None:
+            while n := await asyncio.to_thread(self.store.prune, cutoff, self.batch):
+                self.pruned += n
+                await asyncio.sleep(0)
+            while n := await asyncio.to_thread(self.store.compact, before, 8):
+                self.blocks_compacted += n
+                await asyncio.sleep(0)
         if self.rollups is not None:
             roll = self.rollups.catch_up
             while await asyncio.to_thread(roll, before, 1, cutoff):

@@ -23,7 +23,9 @@ again is idempotent. The rollups are written before the mark, so a failure betwe
 only means the hour is rolled up again.
 
 Implements ``ingest.store.RollupStore`` (what the summaries, the forecast and the history
-routes read) and what ``HourlyRollups`` needs of a history. Blocking, like InfluxHistory.
+routes read) and what ``HourlyRollups`` needs of a history, and is a ``HistoryStore`` too (it
+hands the history's reads and writes to ``InfluxHistory``): the service keeps it as its
+history, so the read side hands out both. Blocking, like InfluxHistory.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 from ingest.influx import InfluxHistory, quote_ident, quote_string
 from ingest.lineprotocol import line
+from ingest.store import HistoryRow
 
 ROLLUP_RP = "rollups"  # as ingest.influxsetup creates it on 1.x
 ROLLUP = "rollup"
@@ -78,6 +81,27 @@ class InfluxRollupStore:
         s = history.settings
         self.rollup_bucket = rollup_bucket or (f"{s.bucket}_rollups" if s.mode == "v2" else "")
         self._raw = history.measurement("message")
+
+    def __repr__(self) -> str:
+        return f"{self.history!r} with hourly rollups"
+
+    # -- HistoryStore: the history's own ---------------------------------------------------
+
+    def append(self, rows: Sequence[HistoryRow]) -> None:
+        self.history.append(rows)
+
+    def status_samples(
+        self, device_ids: Sequence[str], since_ms: int, until_ms: int, every_ms: int
+    ) -> list[dict[str, Any]]:
+        return self.history.status_samples(device_ids, since_ms, until_ms, every_ms)
+
+    def happenings(
+        self, device_ids: Sequence[str], since_ms: int, until_ms: int, limit: int = 100_000
+    ) -> list[dict[str, Any]]:
+        return self.history.happenings(device_ids, since_ms, until_ms, limit)
+
+    def close(self) -> None:
+        self.history.close()
 
     # -- what HourlyRollups reads --------------------------------------------------------
 

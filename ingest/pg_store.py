@@ -328,15 +328,23 @@ class PostgresStore:
         with self._connection() as conn:
             conn.execute(_REMEMBER, {"name": name, "value": value})
 
-    def prune(self, before_ms: int) -> int:
-        """Drop the partitions of days that ended by ``before_ms``; returns how many went."""
+    def prune(self, before_ms: int, *, lock: int | None = None) -> int | None:
+        """Drop the partitions of days that ended by ``before_ms``; returns how many went.
+        With ``lock`` (an advisory lock key), only if no other session holds it (None: one
+        does, nothing dropped here). Either way this store forgets those days: a late row
+        for one of them makes its partition again (``ensure_partitions``)."""
+        ended = {d for d in self._days if (d + 1) * DAY_MS <= before_ms}
         with self._connection() as conn:
-            gone = sorted(d for d in self._existing_days(conn) if (d + 1) * DAY_MS <= before_ms)
-            for day in gone:
-                conn.execute(text(f"DROP TABLE IF EXISTS {partition_name(day)}"))
+            try_lock = text("SELECT pg_try_advisory_xact_lock(:k)")  # released at commit
+            if lock is not None and not conn.execute(try_lock, {"k": lock}).scalar():
+                gone = None
+            else:
+                gone = sorted(d for d in self._existing_days(conn) if (d + 1) * DAY_MS <= before_ms)
+                for day in gone:
+                    conn.execute(text(f"DROP TABLE IF EXISTS {partition_name(day)}"))
         with self._days_lock:
-            self._days.difference_update(gone)
-        return len(gone)
+            self._days.difference_update(ended, gone or ())
+        return None if gone is None else len(gone)
 
     # -- StateStore reads -----------------------------------------------------------------
 

@@ -6,8 +6,12 @@
 With no broker configured it starts the embedded one first. Its state is in the embedded
 SQLite file (the data dir's, or ``sqlite:///path``) or in PostgreSQL (``config.db``:
 ``ingest.statedb``); with PostgreSQL, history goes there too unless ``config.history`` names
-an InfluxDB, and what exists only for the embedded file is not run: its compaction,
-retention and hourly rollups (``ingest.housekeeping``) and the watch of the data dir's disk.
+an InfluxDB. The housekeeping task (``ingest.housekeeping``) compacts, prunes and rolls up
+the embedded history; an InfluxDB history it only rolls up (``ingest.influxrollups``: the
+history store is then an ``InfluxRollupStore``; retention is InfluxDB's own, see
+``chargewatch influx setup``). A PostgreSQL history drops its day partitions older than
+``history_days`` (``ingest.pg_retention``). The data dir's disk is watched for the embedded
+file only.
 
 ``connect=False`` runs everything but the broker and the MQTT source: messages come in by
 ``inject`` (the tests' middle layer, like Home Assistant's ``async_fire_mqtt_message``).
@@ -45,10 +49,11 @@ from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.passport_store import PassportStore
 from ingest.passports import Passports
+from ingest.pg_retention import RETENTION, PartitionRetention
 from ingest.pg_store import PostgresStore
 from ingest.pipeline import Pipeline, Twins
 from ingest.readside import now_ms as now_ms
-from ingest.rollups import HourlyRollups, ReportSource
+from ingest.rollups import HourlyRollups, ReportSource, RolledHistory
 from ingest.sqlite_store import SQLiteStore
 from ingest.statedb import StateDB
 from ingest.store import HistoryStore, StateStore
@@ -104,7 +109,8 @@ class Ingest:
         self.alerts: AlertEngine | None = None
         self.passports: Passports | None = None  # battery passports (ingest.passports)
         self.orders: WorkOrders | None = None  # with the alerts (docs/alerts.md, Work orders)
-        self.housekeeping: Housekeeping | None = None  # the embedded history only
+        self.housekeeping: Housekeeping | None = None  # the embedded or an InfluxDB history
+        self.retention: PartitionRetention | None = None  # a PostgreSQL history's partitions
         # an external broker gave our client id a session before (persisted: a crash of the
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
@@ -192,6 +198,7 @@ class Ingest:
         try:
             db = self.statedb
             store: SQLiteStore | PostgresStore
+            rolled: RolledHistory | None = None  # an InfluxDB history, rolled up here
             if db.path is not None:
                 # one service per data dir; `chargewatch restore` is refused while we hold it
                 lock = DataDirLock(db.path.parent)
@@ -212,12 +219,15 @@ class Ingest:
             self.state = self._store = store
             if self._history is None and cfg.history is not None:
                 from ingest.influx import InfluxHistory  # only when asked for
+                from ingest.influxrollups import InfluxRollupStore
 
-                self._history = InfluxHistory(
+                influx = InfluxHistory(
                     cfg.history, on_error=lambda exc: self.metrics.write_errors.inc()
                 )
+                # the history and its hourly rollups (rolled up by the housekeeping below)
+                self._history = rolled = InfluxRollupStore(influx)
                 log.info("history: %r", self._history)
-                self.disk.history_bytes = self._history.disk_bytes
+                self.disk.history_bytes = influx.disk_bytes
             self.history = self._history or store
             if self._history is not None:
                 self._stack.callback(self._history.close)
@@ -304,19 +314,34 @@ class Ingest:
             if db.embedded:  # the state is on this machine's disk
                 self.supervisor.start(DISK, self.disk.run)
             self.supervisor.start(PASSPORTS, self.passports.run)
-            if self._sqlite is not None and self.history is self._sqlite:
-                # compaction, retention and rollups of the embedded history
+            # compaction, retention and rollups of the embedded history; the rollups only
+            # of an InfluxDB history
+            embedded = self._sqlite if self.history is self._sqlite else None
+            rolled = embedded or rolled
+            if rolled is not None:
                 self.housekeeping = Housekeeping(
-                    self._sqlite,
+                    embedded,
                     now_ms,
                     history_days=cfg.history_days,
                     grace_s=cfg.compact_grace_s,
                     every_s=cfg.housekeeping_s,
                     first_after_s=cfg.housekeeping_s,
-                    rollups=HourlyRollups(self._sqlite, self.catalog, cfg.release_soc),
+                    rollups=HourlyRollups(rolled, self.catalog, cfg.release_soc),
                 )
+            if self.housekeeping is not None:
                 self.metrics.registry.register(self.housekeeping)
                 self.supervisor.start(HOUSEKEEPING, self.housekeeping.run)
+            if isinstance(store, PostgresStore) and self.history is store:
+                # day partitions past history_days dropped, one runner at a time
+                self.retention = PartitionRetention(
+                    store,
+                    now_ms,
+                    history_days=cfg.history_days,
+                    every_s=cfg.housekeeping_s,
+                    first_after_s=cfg.housekeeping_s,
+                )
+                self.metrics.registry.register(self.retention)
+                self.supervisor.start(RETENTION, self.retention.run)
             command_store = CommandStore(await asyncio.to_thread(self._database))
             self._stack.callback(command_store.close)
             self.commands = await self._stack.enter_async_context(

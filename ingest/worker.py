@@ -42,7 +42,7 @@ from sqlalchemy import Engine, text
 
 from devices.catalog import Catalog, CatalogError, Device
 from devices.topics import TopicScheme
-from ingest import IngestError, StoreError
+from ingest import IngestError, StoreError, pg_retention
 from ingest.db import migrate, registry
 from ingest.gmqtt_source import GmqttSource
 from ingest.leases import (
@@ -499,6 +499,11 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                     tg.create_task(worker.leases.finished(), name="leases"),
                     tg.create_task(follow_registry(worker, a.db, load), name="registry"),
                 ]
+                if history is None:  # day partitions past history_days go (ingest.pg_retention)
+                    retention = pg_retention.for_worker(store, worker.metrics.registry)
+                    tasks.append(
+                        tg.create_task(pg_retention.supervised(retention), name="retention")
+                    )
                 await stop.wait()
                 for task in tasks:
                     task.cancel()
@@ -513,6 +518,7 @@ def command(args: argparse.Namespace) -> int:
     try:
         a = _ingest_args(args)
         PartitionMap(a.catalog, a.partitions)  # the partition count, checked before start
+        pg_retention.worker_settings()  # history_days and the period, checked before start
         LeaseConfig(partitions=a.partitions, worker=a.worker, lease_timeout_s=a.lease_timeout_s)
     except (IngestError, ValueError) as exc:
         print(f"chargewatch ingest: {exc}", flush=True)
