@@ -56,7 +56,9 @@ async def test_serve_with_influx_history_rolls_up_hours_and_the_summaries_read_t
         )
         admin = InfluxHistory(url)
         try:
-            await asyncio.to_thread(setup_v1, admin, 90)  # the rollups retention policy
+            # the rollups policy; raw points kept 100 years: the traffic is dated 2026-12-02,
+            # and a 90-day policy would refuse it from March 2027 on
+            await asyncio.to_thread(setup_v1, admin, 36_500)
         finally:
             admin.close()
         async with Ingest(config, Catalog.load(), connect=False) as ingest:
