@@ -1,0 +1,127 @@
+"""The alerts of a partitioned ingest worker (issue 13): what its partitions share.
+
+One ``AlertStore`` on PostgreSQL and one webhook ``Notifier`` per worker. The notifier
+claims deliveries (``claim_lease_s``): each notification is sent by one worker, and one
+whose worker died is taken over by another once its claim runs out; its delivery ids come
+from the database's sequence. Each owned partition runs an ``AlertEngine`` of its own
+(``engine``) over the partition's stations (a station is in one partition, so the station
+rules see all of it), with alert and event ids from the database's sequences and the
+partition's own range of the event journal. The engines' metrics stay with them (one per
+partition and lease epoch: not on the worker's /metrics).
+
+The alert rules' settings come from ``CHARGEWATCH_ALERTS`` (a JSON object of
+``AlertsConfig`` fields, as under ``alerts:`` in ``serve``'s configuration); webhook
+subscriptions are the database's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Collection
+from types import TracebackType
+from typing import Self
+
+from pydantic import ValidationError
+
+from devices.catalog import Catalog
+from ingest import IngestError
+from ingest.alerts.config import AlertsConfig
+from ingest.alerts.engine import AlertEngine
+from ingest.alerts.ids import AlertIds, IdPool
+from ingest.alerts.notify import Notifier
+from ingest.alerts.store import AlertStore
+from ingest.pipeline import Twins
+from ingest.supervisor import Supervisor
+
+ENV = "CHARGEWATCH_ALERTS"
+
+
+def alerts_config(environ: dict[str, str] | None = None) -> AlertsConfig:
+    """The alert settings of ``CHARGEWATCH_ALERTS`` (defaults when unset)."""
+    raw = (os.environ if environ is None else environ).get(ENV)
+    if not raw:
+        return AlertsConfig()
+    try:
+        return AlertsConfig.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        raise IngestError(f"{ENV}: not valid alert settings: {exc}") from None
+
+
+class WorkerAlerts:
+    def __init__(
+        self, db_url: str, catalog: Catalog, config: AlertsConfig, *, claim_lease_s: float
+    ) -> None:
+        self.db_url = db_url
+        self.catalog = catalog
+        self.config = config
+        self.claim_lease_s = claim_lease_s
+        self.supervisor = Supervisor()
+        self._store: AlertStore | None = None
+        self._notifier: Notifier | None = None
+
+    @property
+    def store(self) -> AlertStore:
+        if self._store is None:
+            raise RuntimeError("WorkerAlerts not entered")
+        return self._store
+
+    @property
+    def notifier(self) -> Notifier:
+        if self._notifier is None:
+            raise RuntimeError("WorkerAlerts not entered")
+        return self._notifier
+
+    async def __aenter__(self) -> Self:
+        store = self._store = await asyncio.to_thread(AlertStore.on_postgresql, self.db_url)
+        try:
+            await self.supervisor.__aenter__()
+            try:
+                self._notifier = await Notifier(
+                    store,
+                    self.config.webhooks,
+                    supervisor=self.supervisor,
+                    catalog=self.catalog,
+                    claim_lease_s=self.claim_lease_s,
+                    ids=IdPool(lambda n: store.reserve_ids("delivery", n), block=64),
+                ).__aenter__()
+            except BaseException:
+                await self.supervisor.__aexit__(None, None, None)
+                raise
+        except BaseException:
+            store.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self._notifier is not None:
+                await self._notifier.__aexit__(et, e, tb)
+        finally:
+            try:
+                await self.supervisor.__aexit__(et, e, tb)
+            finally:
+                self.store.close()
+
+    def set_catalog(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        if self._notifier is not None:
+            self._notifier.catalog = catalog
+
+    def engine(
+        self, catalog: Catalog, twins: Twins, stations: Collection[str], partition: int
+    ) -> AlertEngine:
+        """A partition's engine (not entered: the partition's consumer enters it)."""
+        return AlertEngine(
+            self.config,
+            catalog,
+            twins,
+            self.store,
+            stations=stations,
+            partition=partition,
+            ids=AlertIds(self.store.reserve_ids),
+            notifier=self.notifier,
+        )
