@@ -158,7 +158,8 @@ async def test_each_partition_replays_its_own_journal_and_deletes_only_it(
         assert [(d, r, s) for _, d, r, s in alerts_in_db(pg_url)] == [(DEVICE, "fault", "open")]
         assert alerts.store.unobserved(P) == []  # replayed, done with
         assert [e[1] for e in alerts.store.unobserved(Q)] == [OTHER]  # not P's to touch
-        assert c.pipeline is not None and c.pipeline.journal_last == p_lo + 1
+        assert c.pipeline is not None
+        assert c.pipeline.journal_last == p_lo + 1
         await c.store([event(6, "fault_raised")])  # journaled after the last, in P's range
         assert alerts.store.journal_last(P) in (p_lo, p_lo + 2)  # deleted once observed
     finally:
