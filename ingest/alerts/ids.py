@@ -50,7 +50,7 @@ class IdPool:
 class AlertIds:
     """The alert and change-event ids of an engine on PostgreSQL."""
 
-    def __init__(self, reserve: Callable[[str, int], list[int]], *, block: int = 256) -> None:
+    def __init__(self, reserve: Callable[[str, int], list[int]], *, block: int = 32) -> None:
         self.alerts = IdPool(lambda n: reserve("alert", n), block=block)
         self.events = IdPool(lambda n: reserve("event", n), block=block * 4)
 
