@@ -99,7 +99,9 @@ class PipelineConsumer:
     async def _start_alerts(self, pipeline: Pipeline) -> None:
         assert self.alerts is not None
         stations = {self.catalog.devices[d].station_id for d in self.devices}
-        engine = self.alerts.engine(self.catalog, pipeline.twins, stations, self.partition)
+        engine = self.alerts.engine(
+            self.catalog, pipeline.twins, stations, self.partition, self.epoch
+        )
         await engine.__aenter__()  # the unresolved alerts, the memory, the journal replayed
         self.engine = engine
         pipeline.observers.append(engine.observe)

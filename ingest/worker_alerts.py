@@ -112,10 +112,16 @@ class WorkerAlerts:
             self._notifier.catalog = catalog
 
     def engine(
-        self, catalog: Catalog, twins: Twins, stations: Collection[str], partition: int
+        self,
+        catalog: Catalog,
+        twins: Twins,
+        stations: Collection[str],
+        partition: int,
+        epoch: int,
     ) -> AlertEngine:
-        """A partition's engine (not entered: the partition's consumer enters it)."""
-        return AlertEngine(
+        """A partition's engine for one lease epoch, its writes fenced by it (not entered:
+        the partition's consumer enters it)."""
+        engine = AlertEngine(
             self.config,
             catalog,
             twins,
@@ -125,3 +131,5 @@ class WorkerAlerts:
             ids=AlertIds(self.store.reserve_ids),
             notifier=self.notifier,
         )
+        engine.fence = (partition, epoch)
+        return engine

@@ -61,6 +61,7 @@ from ingest.alerts.rules import (
     station_conditions,
 )
 from ingest.alerts.store import AlertStore, Ops, journal_range
+from ingest.leases import StaleLease
 from ingest.pipeline import Twins
 from ingest.supervisor import Supervisor
 from ingest.twins import Twin
@@ -112,6 +113,10 @@ class AlertEngine:
         self.partition = partition
         self.ids = ids
         self._own_notifier = notifier is None
+        # (partition, epoch): the alert writes of a partition's engine are fenced like its
+        # batches; once the lease moved, what is left unwritten is dropped (the next owner
+        # judges the partition's devices again from what was stored)
+        self.fence: tuple[int, int] | None = None
         # the service's supervisor (its tasks' deaths fail /readyz and raise alerts here);
         # an engine of its own has one of its own, entered and left with the engine
         self._own_supervisor = supervisor is None
@@ -670,8 +675,13 @@ class AlertEngine:
             queued = self._queued
             while True:
                 try:
-                    await asyncio.to_thread(self.store.apply, ops, self.config.events_kept)
+                    await asyncio.to_thread(
+                        self.store.apply, ops, self.config.events_kept, self.fence
+                    )
                     self.store_healthy, delay = True, 0.2
+                    break
+                except StaleLease as exc:
+                    log.warning("alerts: %s; %d changes not written", exc, len(ops))
                     break
                 except StoreUnavailable as exc:
                     self.store_healthy = False
@@ -693,7 +703,7 @@ class AlertEngine:
         retry = Ops()
         for piece in ops.pieces():
             try:
-                self.store.apply(piece, self.config.events_kept)
+                self.store.apply(piece, self.config.events_kept, self.fence)
             except StoreUnavailable:
                 retry.merge(piece)
             except Exception:

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from devices.catalog import Catalog
+from devices.contract import decode
 from devices.topics import TopicScheme
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.ids import AlertIds, IdPool
@@ -194,3 +195,23 @@ def test_alert_settings_from_the_environment() -> None:
     assert alerts_config({"CHARGEWATCH_ALERTS": '{"verify_s": 2}'}).verify_s == 2
     with pytest.raises(Exception, match="CHARGEWATCH_ALERTS: not valid"):
         alerts_config({"CHARGEWATCH_ALERTS": '{"verify_s": -1}'})
+
+
+async def test_an_owner_that_lost_the_lease_writes_no_alert(
+    pg_url: str, parts: tuple[PostgresStore, WorkerAlerts]
+) -> None:
+    store, alerts = parts
+    lease(pg_url, P, 1)
+    c = consumer(store, alerts, 1)
+    await c.load()
+    try:
+        await c.store([birth(0), status(1)])
+        assert c.engine is not None
+        lease(pg_url, P, 2)  # the partition moved; this owner has not heard yet
+        raised = event(2, "fault_raised")
+        c.engine.observe(c.twins[DEVICE], decode("event", raised.payload), now_ms())
+        assert len(c.engine.by_id) == 1  # opened in memory ...
+        await c.engine.flush(10)
+        assert alerts_in_db(pg_url) == []  # ... never written: the fence refused it
+    finally:
+        await c.close()
