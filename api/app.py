@@ -4,6 +4,9 @@ and ``app.state.actions``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 from fastapi import FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -36,10 +39,35 @@ from api.routes import (
 from api.sentinels import SentinelStore
 from api.settings import ServeSettings
 from api.snapshots import StationViews
+from ingest.db.database import Database
 from ingest.readside import Actions, ReadSide
 
 
-def create_app(read: ReadSide, actions: Actions, settings: ServeSettings | None = None) -> FastAPI:
+class ApiStores(NamedTuple):
+    """The API's own stores: maintenance keys, the audit log, riders and their points."""
+
+    keys: KeyStore
+    audit: AuditLog
+    sentinels: SentinelStore
+
+    @classmethod
+    def on(cls, database: Callable[[], Database]) -> ApiStores:
+        """Each on its own connection from ``database`` (blocking: call it in a thread)."""
+        return cls(KeyStore(database()), AuditLog(database()), SentinelStore(database()))
+
+    def close(self) -> None:
+        for store in self:
+            store.close()
+
+
+def create_app(
+    read: ReadSide,
+    actions: Actions,
+    settings: ServeSettings | None = None,
+    stores: ApiStores | None = None,
+) -> FastAPI:
+    """The app on ``read`` and ``actions``; its own ``stores`` are the composition root's
+    choice (None: the embedded file of ``read.data_dir``; the caller closes what it gave)."""
     settings = settings or ServeSettings()
     app = FastAPI(
         title="chargewatch",
@@ -51,9 +79,15 @@ def create_app(read: ReadSide, actions: Actions, settings: ServeSettings | None 
     app.state.settings = settings
     app.state.read = read
     app.state.actions = actions
-    app.state.keys = KeyStore.in_dir(read.data_dir)  # maintenance API keys
-    app.state.audit = AuditLog.in_dir(read.data_dir)  # who did what (api.audit)
-    app.state.sentinels = SentinelStore.in_dir(read.data_dir)  # riders, points
+    if stores is None:
+        stores = ApiStores(
+            KeyStore.in_dir(read.data_dir),
+            AuditLog.in_dir(read.data_dir),
+            SentinelStore.in_dir(read.data_dir),
+        )
+    app.state.keys = stores.keys  # maintenance API keys
+    app.state.audit = stores.audit  # who did what (api.audit)
+    app.state.sentinels = stores.sentinels  # riders, points
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
     # station views shared by requests, recomputed when their devices change

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import time
@@ -276,6 +277,11 @@ Admin = Annotated[ApiKey, Depends(require("admin"))]
 def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="API keys for the maintenance endpoints")
     keys.add_argument("--data-dir", type=Path, help="the service's data dir")
+    keys.add_argument(
+        "--db",
+        default=os.environ.get("CHARGEWATCH_DB"),
+        help="the service's state database, as serve's --db (default: $CHARGEWATCH_DB)",
+    )
     actions = keys.add_subparsers(dest="keys_command", required=True)
     create = actions.add_parser("create", help="create a key and print it (once)")
     create.add_argument("--name", required=True, help="who or what uses it")
@@ -322,11 +328,13 @@ def parse_expires(value: str, now_ms: int) -> int:
     return at
 
 
-def cmd_keys(args: argparse.Namespace, data_dir: Path) -> int:
+def cmd_keys(
+    args: argparse.Namespace, data_dir: Path, database: Callable[[], Database] | None = None
+) -> int:
     """``chargewatch keys``: each change is in the audit log, the actor ``cli`` and the OS
-    user who ran it."""
-    store = KeyStore.in_dir(data_dir)
-    audit = AuditLog.in_dir(data_dir)
+    user who ran it. The stores on ``database()`` (serve's ``--db``), else in ``data_dir``."""
+    store = KeyStore(database()) if database else KeyStore.in_dir(data_dir)
+    audit = AuditLog(database()) if database else AuditLog.in_dir(data_dir)
     actor = Actor.cli()
     try:
         if args.keys_command == "create":

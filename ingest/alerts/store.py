@@ -37,6 +37,7 @@ from sqlalchemy.sql.expression import Executable
 from ingest import StoreError, StoreUnavailable
 from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery, Timing
 from ingest.db.database import CoreStatement, Database, Params, PgDatabase
+from ingest.db.dialect import Upserts, dialect_of
 from ingest.db.schema import (
     alert_event_ids,
     alert_events,
@@ -48,7 +49,6 @@ from ingest.db.schema import (
     unobserved,
     webhooks,
 )
-from ingest.db.upsert import Upserts, dialect_of
 from ingest.leases import StaleLease
 from ingest.sqlite_db import SQLiteDB
 
