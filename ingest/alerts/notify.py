@@ -464,6 +464,8 @@ class Notifier:
         assert self.claim_lease_s is not None
         lease_ms = int(self.claim_lease_s * 1000)
         while True:
+            if self.ids is not None:  # the delivery ids of the next notifications, ahead
+                await self.ids.top_up()
             mine = [i for i in self._claimed if i in self._live]
             self._claimed.intersection_update(mine)
             renewed = await asyncio.to_thread(self.store.renew_claims, mine, _now_ms(), lease_ms)
