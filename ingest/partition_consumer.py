@@ -172,4 +172,6 @@ class PipelineConsumer:
         self.pipeline = None
         engine, self.engine = self.engine, None
         if engine is not None:  # its last changes written (at most 5 s), its tasks stopped
+            if self.alerts is not None:
+                self.alerts.forget(engine)
             await engine.__aexit__(None, None, None)

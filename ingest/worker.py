@@ -500,7 +500,13 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
         async with contextlib.AsyncExitStack() as stack:
             if a.alerts.enabled:  # its claims of webhook deliveries run out like the leases
                 alerts = await stack.enter_async_context(
-                    WorkerAlerts(a.db, catalog, a.alerts, claim_lease_s=max(a.lease_timeout_s, 1.0))
+                    WorkerAlerts(
+                        a.db,
+                        catalog,
+                        a.alerts,
+                        claim_lease_s=max(a.lease_timeout_s, 1.0),
+                        registry=worker.metrics.registry,
+                    )
                 )
             async with worker:
                 log.info("worker %s: %d partitions, broker %s", a.worker, a.partitions, a.broker)

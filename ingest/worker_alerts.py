@@ -7,7 +7,8 @@ from the database's sequence. Each owned partition runs an ``AlertEngine`` of it
 (``engine``) over the partition's stations (a station is in one partition, so the station
 rules see all of it), with alert and event ids from the database's sequences and the
 partition's own range of the event journal. The engines' metrics stay with them (one per
-partition and lease epoch: not on the worker's /metrics).
+partition and lease epoch); the worker's /metrics has their sum (``WorkerAlertsCollector``):
+unresolved alerts of the partitions it owns, and its notifier's deliveries.
 
 The alert rules' settings come from ``CHARGEWATCH_ALERTS`` (a JSON object of
 ``AlertsConfig`` fields, as under ``alerts:`` in ``serve``'s configuration); webhook
@@ -19,10 +20,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Collection
+import weakref
+from collections.abc import Collection, Iterator
 from types import TracebackType
 from typing import Self
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from devices.catalog import Catalog
@@ -51,7 +56,13 @@ def alerts_config(environ: dict[str, str] | None = None) -> AlertsConfig:
 
 class WorkerAlerts:
     def __init__(
-        self, db_url: str, catalog: Catalog, config: AlertsConfig, *, claim_lease_s: float
+        self,
+        db_url: str,
+        catalog: Catalog,
+        config: AlertsConfig,
+        *,
+        claim_lease_s: float,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.db_url = db_url
         self.catalog = catalog
@@ -60,6 +71,10 @@ class WorkerAlerts:
         self.supervisor = Supervisor()
         self._store: AlertStore | None = None
         self._notifier: Notifier | None = None
+        # the partitions' engines (a closed one goes with its consumer)
+        self.engines: weakref.WeakSet[AlertEngine] = weakref.WeakSet()
+        if registry is not None:
+            registry.register(WorkerAlertsCollector(self))
 
     @property
     def store(self) -> AlertStore:
@@ -132,4 +147,40 @@ class WorkerAlerts:
             notifier=self.notifier,
         )
         engine.fence = (partition, epoch)
+        self.engines.add(engine)
         return engine
+
+    def forget(self, engine: AlertEngine) -> None:
+        """A partition's engine closed: its alerts are no longer this worker's."""
+        self.engines.discard(engine)
+
+
+class WorkerAlertsCollector(Collector):
+    """The worker's alerts and notifications, computed at scrape time."""
+
+    def __init__(self, alerts: WorkerAlerts) -> None:
+        self.alerts = alerts
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.alerts
+        yield GaugeMetricFamily(
+            "chargewatch_alerts_active",
+            "Unresolved alerts of the partitions this worker owns",
+            value=sum(len(e.by_id) for e in list(a.engines)),
+        )
+        n = a._notifier
+        yield GaugeMetricFamily(
+            "chargewatch_webhook_pending",
+            "Webhook deliveries this worker holds, waiting or in flight",
+            value=n.pending_count if n is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "chargewatch_webhook_claims_taken_over",
+            "Pending deliveries this worker claimed from another (whose claim ran out)",
+            value=n.taken_over if n is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "chargewatch_webhook_claims_lost",
+            "Deliveries whose claim ran out here (left to other workers)",
+            value=n.lost_claims if n is not None else 0,
+        )

@@ -147,6 +147,9 @@ def test_alerts_survive_a_killed_worker_and_notify_once(
             )
             # a's notifications: claimed by b once a's claims ran out, sent once
             eventually(lambda: notified("opened"), timeout=20, interval=0.2)
+            assert gauge(b_port, "chargewatch_alerts_active") == len(DEVICES)
+            taken = gauge(b_port, "chargewatch_webhook_claims_taken_over_total")
+            assert 0 < taken < len(DEVICES)  # a's share, not b's own
             publish(broker.port, [fault(d, 3, "fault_cleared") for d in DEVICES])
 
             def all_resolved() -> None:
@@ -156,6 +159,7 @@ def test_alerts_survive_a_killed_worker_and_notify_once(
 
             eventually(all_resolved, timeout=20, interval=0.2)
             eventually(lambda: notified("resolved"), timeout=20, interval=0.2)
+            assert gauge(b_port, "chargewatch_alerts_active") == 0
             time.sleep(2 * LEASE_S)  # claims of a dead worker run out: nothing is sent again
             check_once(hook)
             assert len(hook.delivered()) == 2 * len(DEVICES)
