@@ -10,6 +10,12 @@ with ``PostgresStore.write`` in one transaction that starts with the fence check
 it is acknowledged. With an InfluxDB history (``--history``) the rows go there first (points
 are idempotent: a redelivered row overwrites itself), then the state, fenced.
 
+With the worker's alerts (``ingest.worker_alerts``), ``load`` then starts the partition's
+``AlertEngine``: the partition's unresolved alerts and the rules' memory behind them are
+loaded from PostgreSQL, and the partition's event journal is replayed, before the first
+ack. ``store`` journals the batch's events with it (the partition's journal ids) and the
+engine observes what was stored; ``close`` flushes the engine's changes.
+
 A batch that fails leaves this consumer's twins ahead of the database: the worker drops the
 consumer and the next session's consumer loads the twins again, so the broker's redelivery
 is applied to what was committed, never to what was not.
@@ -24,6 +30,7 @@ from collections.abc import Sequence
 from devices.catalog import DEFAULT_RELEASE_SOC, Catalog, Device
 from devices.topics import TopicScheme
 from ingest import StoreUnavailable
+from ingest.alerts.engine import AlertEngine
 from ingest.leases import fence
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
@@ -31,6 +38,7 @@ from ingest.pg_store import PostgresStore
 from ingest.pipeline import Batch, Pipeline, Twins
 from ingest.store import HistoryStore, TwinRecord
 from ingest.twins import Twin
+from ingest.worker_alerts import WorkerAlerts
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ class PipelineConsumer:
         metrics: IngestMetrics,
         history: HistoryStore | None = None,
         release_soc: float = DEFAULT_RELEASE_SOC,
+        alerts: WorkerAlerts | None = None,
     ) -> None:
         self.state = store
         self.history = history  # None: the history is the store's (PostgreSQL)
@@ -61,6 +70,8 @@ class PipelineConsumer:
         self.release_soc = release_soc
         self.pipeline: Pipeline | None = None
         self.restored = 0
+        self.alerts = alerts
+        self.engine: AlertEngine | None = None
 
     async def load(self) -> None:
         records = await asyncio.to_thread(self.state.load_twins, list(self.devices))
@@ -82,6 +93,26 @@ class PipelineConsumer:
         log.info(
             "partition %d (epoch %d): %d twins loaded", self.partition, self.epoch, self.restored
         )
+        if self.alerts is not None:
+            await self._start_alerts(self.pipeline)
+
+    async def _start_alerts(self, pipeline: Pipeline) -> None:
+        assert self.alerts is not None
+        stations = {self.catalog.devices[d].station_id for d in self.devices}
+        engine = self.alerts.engine(
+            self.catalog, pipeline.twins, stations, self.partition, self.epoch
+        )
+        await engine.__aenter__()  # the unresolved alerts, the memory, the journal replayed
+        self.engine = engine
+        pipeline.observers.append(engine.observe)
+        pipeline.observed_through = engine.observed_through
+        pipeline.journal_last = await asyncio.to_thread(
+            self.alerts.store.journal_last, self.partition
+        )
+        log.info(
+            "partition %d (epoch %d): %d unresolved alerts loaded",
+            self.partition, self.epoch, len(engine.by_id),
+        )  # fmt: skip
 
     @property
     def twins(self) -> Twins:
@@ -98,15 +129,24 @@ class PipelineConsumer:
             self.pipeline.catalog = catalog
             twins = self.pipeline.twins
             twins.catalog = catalog
-            twins.by_id.setdefault(device.id, Twin.for_device(device, twins.release_soc))
+            twin = twins.by_id.setdefault(device.id, Twin.for_device(device, twins.release_soc))
+            if self.engine is not None:
+                self.engine.catalog = catalog
+                self.engine.seen.setdefault(device.id, twin.snapshot())
+                self.engine.stations = (self.engine.stations or frozenset()) | {device.station_id}
+        if self.alerts is not None:
+            self.alerts.set_catalog(catalog)
 
     async def store(self, batch: Sequence[Received]) -> None:
         pipeline = self.pipeline
         if pipeline is None:
             raise StoreUnavailable(f"partition {self.partition}: not loaded")
+        if self.engine is not None:
+            await self.engine.ids_top_up()  # the alert ids this batch may need, reserved
         b = Batch()
         for r in batch:
             pipeline.handle(r, b)
+        pipeline._journal(b)  # the events, numbered in the partition's journal range
         records = [TwinRecord(d, t.encode()) for d, t in b.changed.items()]
         check = fence(self.partition, self.epoch)
         with self.metrics.write_seconds.time():
@@ -125,6 +165,13 @@ class PipelineConsumer:
         for twin, msg, received_ms in b.applied:
             for observer in pipeline.observers:
                 pipeline._safely(observer, twin, msg, received_ms)
+        if b.unobserved and pipeline.observed_through is not None:
+            pipeline._safely(pipeline.observed_through, b.unobserved[-1].id)
 
     async def close(self) -> None:
         self.pipeline = None
+        engine, self.engine = self.engine, None
+        if engine is not None:  # its last changes written (at most 5 s), its tasks stopped
+            if self.alerts is not None:
+                self.alerts.forget(engine)
+            await engine.__aexit__(None, None, None)

@@ -291,7 +291,8 @@ class Ingest:
                 )
                 self.pipeline.observers.append(self.alerts.observe)
                 self.pipeline.observed_through = self.alerts.observed_through
-                self.pipeline.journal_last = await asyncio.to_thread(store.unobserved_max)
+                # numbered in partition 0's range of the journal, where the engine reads it
+                self.pipeline.journal_last = await asyncio.to_thread(alert_store.journal_last, 0)
                 self.alerts.stall_check = self.stalled
                 self.alerts.store_check = self.store_problem
                 self.alerts.disk_check = self.disk.problem

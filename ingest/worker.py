@@ -43,6 +43,7 @@ from sqlalchemy import Engine, text
 from devices.catalog import Catalog, CatalogError, Device
 from devices.topics import TopicScheme
 from ingest import IngestError, StoreError, pg_retention
+from ingest.alerts.config import AlertsConfig
 from ingest.db import migrate, registry
 from ingest.gmqtt_source import GmqttSource
 from ingest.leases import (
@@ -56,6 +57,7 @@ from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import DEFAULT_PARTITIONS, PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import HistoryStore
+from ingest.worker_alerts import WorkerAlerts, alerts_config
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +384,7 @@ class IngestArgs:
     metrics_port: int | None
     history: str | None
     lease_timeout_s: float
+    alerts: AlertsConfig
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -423,6 +426,7 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
         metrics_port=args.metrics_port,
         history=args.history,
         lease_timeout_s=lease_s,
+        alerts=alerts_config(),
     )
 
 
@@ -472,6 +476,7 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                 scheme=scheme,
                 metrics=metrics,
                 history=history,
+                alerts=alerts,
             )
 
         worker = Worker(
@@ -491,22 +496,34 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
             with engine.begin() as conn:
                 return registry.load_catalog(conn)
 
-        async with worker:
-            log.info("worker %s: %d partitions, broker %s", a.worker, a.partitions, a.broker)
-            async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(worker.run_forever(), name="metrics"),
-                    tg.create_task(worker.leases.finished(), name="leases"),
-                    tg.create_task(follow_registry(worker, a.db, load), name="registry"),
-                ]
-                if history is None:  # day partitions past history_days go (ingest.pg_retention)
-                    retention = pg_retention.for_worker(store, worker.metrics.registry)
-                    tasks.append(
-                        tg.create_task(pg_retention.supervised(retention), name="retention")
+        alerts: WorkerAlerts | None = None
+        async with contextlib.AsyncExitStack() as stack:
+            if a.alerts.enabled:  # its claims of webhook deliveries run out like the leases
+                alerts = await stack.enter_async_context(
+                    WorkerAlerts(
+                        a.db,
+                        catalog,
+                        a.alerts,
+                        claim_lease_s=max(a.lease_timeout_s, 1.0),
+                        registry=worker.metrics.registry,
                     )
-                await stop.wait()
-                for task in tasks:
-                    task.cancel()
+                )
+            async with worker:
+                log.info("worker %s: %d partitions, broker %s", a.worker, a.partitions, a.broker)
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(worker.run_forever(), name="metrics"),
+                        tg.create_task(worker.leases.finished(), name="leases"),
+                        tg.create_task(follow_registry(worker, a.db, load), name="registry"),
+                    ]
+                    if history is None:  # day partitions past history_days go (pg_retention)
+                        retention = pg_retention.for_worker(store, worker.metrics.registry)
+                        tasks.append(
+                            tg.create_task(pg_retention.supervised(retention), name="retention")
+                        )
+                    await stop.wait()
+                    for task in tasks:
+                        task.cancel()
     finally:
         engine.dispose()
         if history is not None:

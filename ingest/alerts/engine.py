@@ -36,6 +36,7 @@ from devices.contract import ContractError, Message, decode
 from devices.faults import Severity
 from ingest import StoreError, StoreUnavailable
 from ingest.alerts.config import AlertsConfig
+from ingest.alerts.ids import AlertIds
 from ingest.alerts.model import (  # the errors and records are the model's, named here too
     REPORT_CATEGORIES,
     SERVICE_STATION,
@@ -59,7 +60,8 @@ from ingest.alerts.rules import (
     observe,
     station_conditions,
 )
-from ingest.alerts.store import AlertStore, Ops
+from ingest.alerts.store import AlertStore, Ops, journal_range
+from ingest.leases import StaleLease
 from ingest.pipeline import Twins
 from ingest.supervisor import Supervisor
 from ingest.twins import Twin
@@ -97,8 +99,24 @@ class AlertEngine:
         registry: CollectorRegistry | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         supervisor: Supervisor | None = None,
+        stations: Collection[str] | None = None,
+        partition: int = 0,
+        ids: AlertIds | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        # a partition's engine (ingest.partition_consumer): only these stations' alerts,
+        # the partition's event journal, ids from PostgreSQL's sequences, the worker's
+        # notifier (entered and left by the worker), and no alerts of the service itself
+        # (a worker says what is wrong with it on /metrics and in its log)
+        self.stations = frozenset(stations) if stations is not None else None
+        self.partition = partition
+        self.ids = ids
+        self._own_notifier = notifier is None
+        # (partition, epoch): the alert writes of a partition's engine are fenced like its
+        # batches; once the lease moved, what is left unwritten is dropped (the next owner
+        # judges the partition's devices again from what was stored)
+        self.fence: tuple[int, int] | None = None
         # the service's supervisor (its tasks' deaths fail /readyz and raise alerts here);
         # an engine of its own has one of its own, entered and left with the engine
         self._own_supervisor = supervisor is None
@@ -113,7 +131,7 @@ class AlertEngine:
         self.store = store
         self.clock = clock
         self.tz = ZoneInfo(catalog.data.district.timezone)
-        self.notifier = Notifier(
+        self.notifier = notifier or Notifier(
             store, config.webhooks, transport=transport, supervisor=self.supervisor, catalog=catalog
         )
         self.open: dict[Key, Alert] = {}  # unresolved alerts by condition
@@ -171,7 +189,8 @@ class AlertEngine:
         self.m_failing.set_function(
             lambda: sum(1 for s in self.notifier.subscriptions.values() if s.failing)
         )
-        self.notifier.on_result.append(self._delivery_done)
+        if self._own_notifier:
+            self.notifier.on_result.append(self._delivery_done)
         Gauge(
             "chargewatch_webhook_pending", "Webhook deliveries waiting or in flight", registry=r
         ).set_function(lambda: self.notifier.pending_count)
@@ -179,8 +198,11 @@ class AlertEngine:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        active = await asyncio.to_thread(self.store.load_active)
-        self._next_alert, self._next_event = await asyncio.to_thread(self.store.next_ids)
+        active = await asyncio.to_thread(self.store.load_active, self.stations)
+        if self.ids is None:
+            self._next_alert, self._next_event = await asyncio.to_thread(self.store.next_ids)
+        else:
+            await self.ids.top_up()
         for alert in active:
             self.open[alert.key] = alert
             self.by_id[alert.id] = alert
@@ -192,11 +214,13 @@ class AlertEngine:
                     else self._station_active.setdefault(alert.station_id, {})
                 )
                 scope[alert.key] = obs
+                self._remember(alert)
         self.m_active.set(len(self.by_id))
         if self._own_supervisor:
             await self.supervisor.__aenter__()
         try:
-            await self.notifier.__aenter__()
+            if self._own_notifier:
+                await self.notifier.__aenter__()
         except BaseException:
             if self._own_supervisor:
                 await self.supervisor.__aexit__(None, None, None)
@@ -223,10 +247,30 @@ class AlertEngine:
         for queue in list(self._subscribers):
             queue.put_nowait(None)
         try:
-            await self.notifier.__aexit__(et, e, tb)
+            if self._own_notifier:
+                await self.notifier.__aexit__(et, e, tb)
         finally:
             if self._own_supervisor:
                 await self.supervisor.__aexit__(et, e, tb)
+
+    def _remember(self, alert: Alert) -> None:
+        """The rules' memory behind an unresolved alert restored from the store (a restart,
+        or a partition taken over from another worker): a fault an event raised is active
+        until an event clears it or a status no longer lists it; without this, the first
+        evaluation would find it gone and resolve the alert although the device still has
+        it. A door's opening time likewise, for ``door_open_long``."""
+        if alert.device_id is None:
+            return
+        if alert.rule == "fault":
+            mem = self._device_memory(alert.device_id)
+            fault = (alert.code, alert.unit)
+            mem.event_faults.setdefault(fault, alert.last_value)
+            mem.fault_values.setdefault(fault, alert.last_value)
+        elif alert.rule == "door_open_long":
+            mem, twin = self._device_memory(alert.device_id), self.seen.get(alert.device_id)
+            if mem.door_open_since is None and twin is not None:  # opened that long before
+                long_ms = int(self.config.limits(twin.kind).door_open_s * 1000)
+                mem.door_open_since = alert.opened_at_ms - long_ms
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -234,7 +278,7 @@ class AlertEngine:
         """Observe again the events that were stored but whose alert effects never became
         durable (a stop or a crash between the batch's commit and the alert writer's): the
         rules see them now, against the restored twins, so no fault or door alert is lost."""
-        pending = await asyncio.to_thread(self.store.unobserved)
+        pending = await asyncio.to_thread(self.store.unobserved, self.partition)
         last = 0
         for journal_id, device_id, received_ms, payload in pending:
             last = journal_id
@@ -255,6 +299,7 @@ class AlertEngine:
         """Pipeline hook: every journaled event up to ``journal_id`` has been observed; its
         journal entries go with the next write of the alert effects, in one transaction."""
         self._ops.unobserved_through = max(self._ops.unobserved_through, journal_id)
+        self._ops.unobserved_from = journal_range(self.partition)[0]
         self._queued += 1
         self._wake.set()
 
@@ -303,13 +348,16 @@ class AlertEngine:
                 self._evaluate_device(twin, self._device_memory(device_id), now, [])
             weight = 0  # a station costs about as much as evaluating its devices
             for station in self.catalog.stations.values():
+                if self.stations is not None and station.id not in self.stations:
+                    continue
                 if weight >= TICK_SLICE:
                     yield
                     now, weight = self.clock(), 0
                 self._evaluate_station(station.id, now)
                 weight += len(station.devices)
-            self._evaluate_service(now)
-            self._evaluate_disk(now)
+            if self.stations is None:
+                self._evaluate_service(now)
+                self._evaluate_disk(now)
         held, self._hold = self._hold, []
         for alert in held:
             if alert.active and not alert.suppressed:
@@ -437,7 +485,7 @@ class AlertEngine:
             device = self.catalog.devices.get(key.device_id)
             unit_kind = "port" if device is not None and device.kind == "pile" else "slot"
         alert = Alert(
-            id=self._next_alert,
+            id=self._new_alert_id(),
             rule=key.rule,
             code=key.code,
             severity=obs.severity,
@@ -452,7 +500,6 @@ class AlertEngine:
             info=obs.info,
             auto_resolve=obs.auto_resolve,
         )
-        self._next_alert += 1
         self.open[key] = alert
         self.by_id[alert.id] = alert
         self.m_opened.labels(alert.severity, alert.rule).inc()
@@ -574,6 +621,25 @@ class AlertEngine:
 
     # -- persistence and stream --------------------------------------------------------
 
+    async def ids_top_up(self) -> None:
+        """Reserve ahead the ids the next batch's observations may take (database ids)."""
+        if self.ids is not None:
+            await self.ids.top_up()
+
+    def _new_alert_id(self) -> int:
+        if self.ids is not None:
+            return self.ids.alerts.take()
+        self._next_alert += 1
+        return self._next_alert - 1
+
+    def _new_event_id(self) -> int:
+        if self.ids is not None:
+            event_id = self.ids.events.take()
+            self._next_event = max(self._next_event, event_id + 1)
+            return event_id
+        self._next_event += 1
+        return self._next_event - 1
+
     def _save(self, alert: Alert) -> None:
         self._ops.alerts[alert.id] = alert.record()
         self._queued += 1
@@ -582,8 +648,7 @@ class AlertEngine:
     def _emit(
         self, type_: str, alert: Alert, now: int, extra: dict[str, Any] | None = None
     ) -> StreamEvent:
-        event_id = self._next_event
-        self._next_event += 1
+        event_id = self._new_event_id()
         body = {"event_id": event_id, "type": type_, "at": rfc3339(now), "alert": alert_view(alert)}
         if extra:
             body.update(extra)
@@ -610,8 +675,13 @@ class AlertEngine:
             queued = self._queued
             while True:
                 try:
-                    await asyncio.to_thread(self.store.apply, ops, self.config.events_kept)
+                    await asyncio.to_thread(
+                        self.store.apply, ops, self.config.events_kept, self.fence
+                    )
                     self.store_healthy, delay = True, 0.2
+                    break
+                except StaleLease as exc:
+                    log.warning("alerts: %s; %d changes not written", exc, len(ops))
                     break
                 except StoreUnavailable as exc:
                     self.store_healthy = False
@@ -633,7 +703,7 @@ class AlertEngine:
         retry = Ops()
         for piece in ops.pieces():
             try:
-                self.store.apply(piece, self.config.events_kept)
+                self.store.apply(piece, self.config.events_kept, self.fence)
             except StoreUnavailable:
                 retry.merge(piece)
             except Exception:
@@ -659,6 +729,7 @@ class AlertEngine:
         while True:
             await asyncio.sleep(self.config.tick_s)
             try:
+                await self.ids_top_up()
                 await self._tick_in_slices()
             except Exception:
                 log.exception("alerts: timer failed; continuing")

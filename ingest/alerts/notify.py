@@ -26,6 +26,15 @@ thread. A store that cannot write (locked, full) delays only that: the rows stay
 and are retried with backoff, sending goes on. After a restart, pending rows are sent again
 under their ids: at least once, dedupe on ``X-Chargewatch-Delivery``. What was never saved
 before a crash is lost with the process (logged at a stop).
+
+Several writers on one PostgreSQL database (the ingest workers, issue 13) each run one
+notifier with ``claim_lease_s`` and an ``IdPool`` of delivery ids (the database's sequence:
+time-based ids collide across processes). A delivery is then sent only by the writer that
+claims it (``AlertStore.claim_deliveries``): its creator saves it claimed, and renews the
+claims of every delivery it keeps (``lease/3``); a claim that runs out (its writer died, or
+lost the database for longer than the lease) is taken over by the next writer that claims,
+and the writer that could not renew stops sending it. A start resumes nothing by itself: the
+pending rows are claimed like any other.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import httpx
 
 from devices.catalog import Catalog
 from ingest.alerts.config import WebhookOptions
+from ingest.alerts.ids import IdPool
 from ingest.alerts.messages import DEFAULT_TIMEZONE, LANGUAGES, clip, compose
 from ingest.alerts.model import NOTIFIED_EVENTS, Alert, alert_view, rfc3339
 from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore
@@ -237,6 +247,7 @@ SAVE_RETRY_MAX_S = 30.0  # cap of the outbox's save backoff while the store cann
 FRESH_PATIENCE_S = 1.0
 # ... with at most this many first attempts in flight per subscription.
 SAVER = "webhook:outbox"
+CLAIMER = "webhook:claims"
 FRESH_IN_FLIGHT = 4
 
 
@@ -366,9 +377,20 @@ class Notifier:
         transport: httpx.AsyncBaseTransport | None = None,
         supervisor: Supervisor | None = None,
         catalog: Catalog | None = None,
+        claim_lease_s: float | None = None,
+        ids: IdPool | None = None,
     ) -> None:
+        if (claim_lease_s is None) != (ids is None):
+            raise ValueError("claims of deliveries need delivery ids from the database, too")
+        if claim_lease_s is not None and not 1.0 <= claim_lease_s <= 3600.0:
+            raise ValueError(f"claim lease of 1 to 3600 s, not {claim_lease_s}")
         self.store = store
         self.options = options
+        self.claim_lease_s = claim_lease_s
+        self.ids = ids
+        self._claimed: set[int] = set()  # live deliveries saved under our claim (renewed)
+        self.taken_over = 0  # deliveries claimed from another writer (or never claimed)
+        self.lost_claims = 0  # deliveries whose claim ran out here: no longer sent by us
         # station names and addresses, the district's time zone: what messages say
         self.catalog = catalog
         # the lanes and the outbox saver run under it: a death is said, alerted, restarted
@@ -405,10 +427,26 @@ class Notifier:
         )
         for webhook_id, record in await asyncio.to_thread(self.store.webhooks):
             self._start(Subscription(id=webhook_id, **record))
+        if self.claim_lease_s is not None:
+            self.supervisor.start(SAVER, self._save_loop)
+            self.supervisor.start(CLAIMER, self._claim_loop)
+            return self
         self._last_id = await asyncio.to_thread(self.store.max_delivery_id)
-        now = _now_ms()
-        for row in await asyncio.to_thread(self.store.deliveries, status=PENDING):
+        rows = await asyncio.to_thread(self.store.deliveries, status=PENDING)
+        self._resume(rows)
+        if self._live:
+            log.info("webhooks: %d pending deliveries resumed", len(self._live))
+        self.supervisor.start(SAVER, self._save_loop)
+        return self
+
+    def _resume(self, rows: list[dict[str, Any]]) -> int:
+        """Pending rows of the store sent from here on (due now, oldest first); returns
+        how many. A row already live here is ours already."""
+        now, resumed = _now_ms(), 0
+        for row in rows:
             delivery = Delivery.from_row(row, self.options.deadline_s)
+            if delivery.id in self._live:
+                continue
             box = self._boxes.get(delivery.webhook_id)
             if box is None:
                 self._finish(delivery, "dropped", "subscription removed")
@@ -418,10 +456,41 @@ class Notifier:
                 delivery.next_try_ms = now
                 self._live[delivery.id] = delivery
                 self._wait_retry(box, delivery)
-        if self._live:
-            log.info("webhooks: %d pending deliveries resumed", len(self._live))
-        self.supervisor.start(SAVER, self._save_loop)
-        return self
+                resumed += 1
+        return resumed
+
+    async def _claim_loop(self) -> None:
+        """Renew the claims of what we send; take over what nobody holds any more."""
+        assert self.claim_lease_s is not None
+        lease_ms = int(self.claim_lease_s * 1000)
+        while True:
+            if self.ids is not None:  # the delivery ids of the next notifications, ahead
+                await self.ids.top_up()
+            mine = [i for i in self._claimed if i in self._live]
+            self._claimed.intersection_update(mine)
+            renewed = await asyncio.to_thread(self.store.renew_claims, mine, _now_ms(), lease_ms)
+            for lost in set(mine) - renewed:  # run out: another writer may send it now
+                self._claimed.discard(lost)
+                delivery = self._live.pop(lost, None)
+                if delivery is None:
+                    continue
+                self.lost_claims += 1
+                log.warning("webhooks: the claim of delivery %d ran out; left to others", lost)
+                box = self._boxes.get(delivery.webhook_id)
+                if box is not None:
+                    with contextlib.suppress(ValueError):
+                        box.fresh.remove(delivery)
+                    box.waiting.pop(lost, None)
+                    box.sub.pending = len(box)
+                self._unsaved.pop(lost, None)
+                self._changed.set()
+            rows = await asyncio.to_thread(self.store.claim_deliveries, _now_ms(), lease_ms)
+            taken = self._resume(rows)
+            self._claimed.update(int(r["id"]) for r in rows)
+            if taken:
+                self.taken_over += taken
+                log.info("webhooks: %d pending deliveries claimed", taken)
+            await asyncio.sleep(self.claim_lease_s / 3)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -430,6 +499,8 @@ class Notifier:
             for name in box.lanes:
                 await self.supervisor.stop(name)
         await self.supervisor.stop(SAVER)
+        if self.claim_lease_s is not None:
+            await self.supervisor.stop(CLAIMER)
         # what was in flight or waiting stays pending: sent after the next start
         error = await self._save()
         if error is not None:
@@ -445,8 +516,10 @@ class Notifier:
 
     @property
     def task_names(self) -> list[str]:
-        """The supervised tasks' names: the outbox saver, two lanes per subscription."""
-        return [SAVER, *(name for box in self._boxes.values() for name in box.lanes)]
+        """The supervised tasks' names: the outbox saver, two lanes per subscription (and
+        the claimer, with claims)."""
+        claimer = [CLAIMER] if self.claim_lease_s is not None else []
+        return [SAVER, *claimer, *(name for box in self._boxes.values() for name in box.lanes)]
 
     @property
     def pending_count(self) -> int:
@@ -527,7 +600,11 @@ class Notifier:
 
     def _new_id(self, now_ms: int) -> int:
         """Increasing, and unique across restarts even if the store lost the last ones: the
-        creation time in µs-sized steps (below 2^53 until the year 2255)."""
+        creation time in µs-sized steps (below 2^53 until the year 2255). With several
+        writers, from the database's sequence (``ids``), which migration 0004 started
+        after the time-based ones."""
+        if self.ids is not None:
+            return self.ids.take()
         self._last_id = max(self._last_id + 1, now_ms * 1000)
         return self._last_id
 
@@ -797,9 +874,12 @@ class Notifier:
         sub_ids, self._unsaved_subs = self._unsaved_subs, set()
         rows = [d.row() for d in batch.values()]  # on the loop: a consistent picture
         records = [(i, self.subscriptions[i].record()) for i in sub_ids if i in self.subscriptions]
+        claim = None
+        if self.claim_lease_s is not None:  # a new row is ours; the claimer renews it
+            claim = _now_ms() + int(self.claim_lease_s * 1000)
         self._saving = True
         try:
-            await asyncio.to_thread(self.store.save_outbox, rows, records)
+            await asyncio.to_thread(self.store.save_outbox, rows, records, claim_until_ms=claim)
         except BaseException as exc:  # cancelled too (a stop): written again by the last save
             self._unsaved = {**batch, **self._unsaved}
             self._unsaved_subs |= sub_ids
@@ -810,4 +890,6 @@ class Notifier:
         finally:
             self._saving = False
             self._changed.set()
+        if claim is not None:
+            self._claimed.update(i for i, d in batch.items() if d.status == PENDING)
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,25 +29,42 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.sql.expression import Executable
 
+from ingest import StoreError, StoreUnavailable
 from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery, Timing
 from ingest.db.database import CoreStatement, Database, Params, PgDatabase
 from ingest.db.dialect import Upserts, dialect_of
 from ingest.db.schema import (
+    alert_event_ids,
     alert_events,
     alert_ids,
     alert_notes,
     alerts,
     deliveries,
+    delivery_ids,
     unobserved,
     webhooks,
 )
+from ingest.leases import StaleLease
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
+
+JOURNAL_SPAN = 1 << 40
+"""Ids of the event journal (``unobserved``) per partition of the ingest workers: partition
+p journals under ids p * JOURNAL_SPAN + 1 and up (``journal_range``), so partitions owned by
+different workers never overwrite nor delete each other's entries."""
+
+
+def journal_range(partition: int) -> tuple[int, int]:
+    """The journal ids [lo, hi) of ``partition``'s events (``serve``: partition 0)."""
+    if not 0 <= partition < 1 << 20:
+        raise ValueError(f"partition {partition} out of range 0..{(1 << 20) - 1}")
+    return partition * JOURNAL_SPAN, (partition + 1) * JOURNAL_SPAN
 
 
 DELIVERY_COLUMNS = (
@@ -70,10 +87,23 @@ _INSERT_NOTE = insert(alert_notes)
 _TRIM_EVENTS = delete(alert_events).where(
     alert_events.c.id <= select(func.max(alert_events.c.id)).scalar_subquery() - bindparam("b_kept")
 )
-_DELETE_UNOBSERVED = delete(unobserved).where(unobserved.c.id <= bindparam("b_through"))
-_UNOBSERVED = select(
-    unobserved.c.id, unobserved.c.device_id, unobserved.c.received_ms, unobserved.c.payload
-).order_by(unobserved.c.id)
+_DELETE_UNOBSERVED = delete(unobserved).where(
+    unobserved.c.id >= bindparam("b_from"), unobserved.c.id <= bindparam("b_through")
+)
+_IN_JOURNAL = and_(unobserved.c.id >= bindparam("b_lo"), unobserved.c.id < bindparam("b_hi"))
+_UNOBSERVED = (
+    select(unobserved.c.id, unobserved.c.device_id, unobserved.c.received_ms, unobserved.c.payload)
+    .where(_IN_JOURNAL)
+    .order_by(unobserved.c.id)
+)
+# the fence of a partition's engine (ingest.worker_alerts): fails the transaction (division by
+# zero) unless the lease is still at this epoch, and holds the lease row until it ends
+_FENCE = text(
+    "SELECT 1 / (SELECT count(*)::int FROM (SELECT 1 FROM partition_leases"
+    " WHERE partition = :b_partition AND epoch = :b_epoch FOR SHARE) AS held)"
+)
+_HOLDS = text("SELECT 1 FROM partition_leases WHERE partition = :b_partition AND epoch = :b_epoch")
+_JOURNAL_LAST = select(func.max(unobserved.c.id)).where(_IN_JOURNAL)
 _ALERT = select(*(alerts.c[c] for c in ALERT_COLUMNS))
 _ACTIVE = _ALERT.where(alerts.c.status != literal_column("'resolved'")).order_by(alerts.c.id)
 _BY_ID = _ALERT.where(alerts.c.id == bindparam("b_id"))
@@ -139,8 +169,25 @@ _CLAIM = (
     .values(claimed_until_ms=bindparam("b_until"))
     .returning(*(deliveries.c[c] for c in DELIVERY_COLUMNS))
 )
-_RESERVE_ALERT_IDS = select(alert_ids.next_value()).select_from(
-    func.generate_series(literal_column("1"), bindparam("b_n"))
+_RESERVE = {
+    name: select(sequence.next_value()).select_from(
+        func.generate_series(literal_column("1"), bindparam("b_n"))
+    )
+    for name, sequence in (
+        ("alert", alert_ids),
+        ("event", alert_event_ids),
+        ("delivery", delivery_ids),
+    )
+}
+_RENEW_CLAIMS = (
+    update(deliveries)
+    .where(
+        deliveries.c.id.in_(bindparam("b_ids", expanding=True)),
+        deliveries.c.status == literal_column("'pending'"),
+        deliveries.c.claimed_until_ms > bindparam("b_now"),
+    )
+    .values(claimed_until_ms=bindparam("b_until"))
+    .returning(deliveries.c.id)
 )
 
 
@@ -216,8 +263,10 @@ class Ops:
     events: list[tuple[int, int, str, int, str]] = field(default_factory=list)
     notes: list[tuple[int, int, str, str, str]] = field(default_factory=list)
     # the journal of events stored but not yet observed (ingest.sqlite_store) up to this id
-    # is done with once these changes are durable: deleted in the same transaction
+    # (from ``unobserved_from``: a partition's own range) is done with once these changes
+    # are durable: deleted in the same transaction
     unobserved_through: int = 0
+    unobserved_from: int = 0
 
     def __len__(self) -> int:
         return len(self.alerts) + len(self.events) + len(self.notes) + (self.unobserved_through > 0)
@@ -228,7 +277,11 @@ class Ops:
         out += [Ops(events=[e]) for e in self.events]
         out += [Ops(notes=[n]) for n in self.notes]
         if self.unobserved_through:
-            out.append(Ops(unobserved_through=self.unobserved_through))
+            out.append(
+                Ops(
+                    unobserved_through=self.unobserved_through, unobserved_from=self.unobserved_from
+                )
+            )
         return out
 
     def merge(self, other: Ops) -> None:
@@ -236,6 +289,7 @@ class Ops:
         self.events += other.events
         self.notes += other.notes
         self.unobserved_through = max(self.unobserved_through, other.unobserved_through)
+        self.unobserved_from = max(self.unobserved_from, other.unobserved_from)
 
 
 class AlertStore:
@@ -266,7 +320,11 @@ class AlertStore:
 
     # -- alerts ------------------------------------------------------------------------
 
-    def apply(self, ops: Ops, events_kept: int) -> None:
+    def apply(self, ops: Ops, events_kept: int, fence: tuple[int, int] | None = None) -> None:
+        """The changes in one transaction. With ``fence`` (partition, epoch; PostgreSQL),
+        only while that partition's lease is at that epoch: else ``StaleLease``, and
+        nothing is written (a worker that lost the partition writes no more of its
+        alerts)."""
         statements: list[CoreStatement] = [
             (_UPSERT_ALERT.for_(self._dialect), [_alert_row(r) for r in ops.alerts.values()]),
             (_INSERT_EVENT, [dict(zip(EVENT_COLUMNS, e, strict=True)) for e in ops.events]),
@@ -275,21 +333,50 @@ class AlertStore:
         if ops.events:
             statements.append((_TRIM_EVENTS, [{"b_kept": events_kept}]))
         if ops.unobserved_through:
-            statements.append((_DELETE_UNOBSERVED, [{"b_through": ops.unobserved_through}]))
-        self._db.transaction(statements)
+            statements.append(
+                (
+                    _DELETE_UNOBSERVED,
+                    [{"b_from": ops.unobserved_from, "b_through": ops.unobserved_through}],
+                )
+            )
+        if fence is None:
+            self._db.transaction(statements)
+            return
+        held = {"b_partition": fence[0], "b_epoch": fence[1]}
+        try:
+            self._db.transaction([(_FENCE, [held]), *statements])
+        except StoreError as exc:
+            if isinstance(exc, StoreUnavailable) or self._query(_HOLDS, held):
+                raise
+            raise StaleLease(
+                f"partition {fence[0]}: epoch {fence[1]} is no longer the lease's"
+            ) from exc
 
-    def unobserved(self) -> list[tuple[int, str, int, str]]:
+    def unobserved(self, partition: int = 0) -> list[tuple[int, str, int, str]]:
         """The journal of stored events whose alert effects are not durable yet, oldest
-        first, as (id, device_id, received_ms, payload)."""
-        rows = self._query(_UNOBSERVED)
+        first, as (id, device_id, received_ms, payload): ``partition``'s (``journal_range``;
+        ``serve`` journals as partition 0)."""
+        lo, hi = journal_range(partition)
+        rows = self._query(_UNOBSERVED, {"b_lo": lo, "b_hi": hi})
         return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
+
+    def journal_last(self, partition: int) -> int:
+        """The highest journal id of ``partition``, or the one below its range when it has
+        none: its pipeline numbers new entries after it."""
+        lo, hi = journal_range(partition)
+        (top,) = self._query(_JOURNAL_LAST, {"b_lo": lo, "b_hi": hi})[0]
+        return lo if top is None else int(top)
 
     def _alerts(self, statement: Executable, params: Params | None = None) -> list[Alert]:
         rows = self._query(statement, params)
         return [Alert.from_record(dict(zip(ALERT_COLUMNS, row, strict=True))) for row in rows]
 
-    def load_active(self) -> list[Alert]:
-        return self._alerts(_ACTIVE)
+    def load_active(self, stations: Collection[str] | None = None) -> list[Alert]:
+        """The unresolved alerts (of ``stations`` only, when given: a partition's)."""
+        found = self._alerts(_ACTIVE)
+        if stations is None:
+            return found
+        return [a for a in found if a.station_id in stations]
 
     def next_ids(self) -> tuple[int, int]:
         (alert_max,) = self._query(_MAX_ALERT)[0]
@@ -303,9 +390,22 @@ class AlertStore:
         if not 1 <= n <= 10_000:
             raise ValueError(f"reserve 1 to 10000 alert ids at once, not {n}")
         if self._dialect == "postgresql":
-            return sorted(int(r[0]) for r in self._query(_RESERVE_ALERT_IDS, {"b_n": n}))
+            return self.reserve_ids("alert", n)
         first, _ = self.next_ids()
         return list(range(first, first + n))
+
+    def reserve_ids(self, kind: str, n: int) -> list[int]:
+        """``n`` ids no other writer gets, increasing, from PostgreSQL's sequence of
+        ``kind``: "alert", "event" (change events) or "delivery" (webhook deliveries).
+        SQLite has one writer, numbering them itself: refused there."""
+        if not 1 <= n <= 10_000:
+            raise ValueError(f"reserve 1 to 10000 ids at once, not {n}")
+        if self._dialect != "postgresql":
+            raise ValueError("ids are reserved from PostgreSQL's sequences only")
+        statement = _RESERVE.get(kind)
+        if statement is None:
+            raise ValueError(f"no sequence of {kind!r} ids: alert, event or delivery")
+        return sorted(int(r[0]) for r in self._query(statement, {"b_n": n}))
 
     def get(self, alert_id: int) -> Alert | None:
         found = self._alerts(_BY_ID, {"b_id": alert_id})
@@ -365,14 +465,23 @@ class AlertStore:
         self,
         deliveries: Sequence[Sequence[Any]],
         webhooks: Sequence[tuple[int, dict[str, Any]]] = (),
+        *,
+        claim_until_ms: int | None = None,
     ) -> None:
         """Upsert deliveries (rows in ``DELIVERY_COLUMNS`` order; the body is written once)
-        and subscription records, in one transaction."""
+        and subscription records, in one transaction. A new row is claimed by its writer
+        until ``claim_until_ms`` (None: by nobody); a saved row keeps its claim."""
         self._db.transaction(
             [
                 (
                     _UPSERT_DELIVERY.for_(self._dialect),
-                    [dict(zip(DELIVERY_COLUMNS, d, strict=True)) for d in deliveries],
+                    [
+                        {
+                            **dict(zip(DELIVERY_COLUMNS, d, strict=True)),
+                            "claimed_until_ms": claim_until_ms,
+                        }
+                        for d in deliveries
+                    ],
                 ),
                 (
                     _SET_WEBHOOK,
@@ -393,6 +502,17 @@ class AlertStore:
         )
         rows = sorted(done.rows, key=lambda r: int(r[0]))
         return [dict(zip(DELIVERY_COLUMNS, row, strict=True)) for row in rows]
+
+    def renew_claims(self, ids: Sequence[int], now_ms: int, lease_ms: int) -> set[int]:
+        """Extend this writer's claims on the pending deliveries ``ids`` to ``now_ms +
+        lease_ms``; returns those renewed. One whose claim ran out (another writer may have
+        taken it) is left alone: the caller stops sending it."""
+        if not ids:
+            return set()
+        done = self._db.execute(
+            _RENEW_CLAIMS, {"b_ids": list(ids), "b_now": now_ms, "b_until": now_ms + lease_ms}
+        )
+        return {int(r[0]) for r in done.rows}
 
     def max_delivery_id(self) -> int:
         (top,) = self._query(_MAX_DELIVERY)[0]

@@ -261,6 +261,9 @@ Index("deliveries_pending", deliveries.c.status)
 
 # alert ids on PostgreSQL, unique across the writers (ingest.alerts.store ``reserve_alert_ids``)
 alert_ids = Sequence("alert_ids", metadata=metadata)
+# change event ids and webhook delivery ids on PostgreSQL, likewise (migration 0004)
+alert_event_ids = Sequence("alert_event_ids", metadata=metadata)
+delivery_ids = Sequence("delivery_ids", metadata=metadata)
 
 # -- work orders (ingest.alerts.order_store) --------------------------------------------
 
