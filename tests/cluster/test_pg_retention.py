@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 
 from devices.catalog import Catalog
 from ingest import IngestError
+from ingest.alerts.config import AlertsConfig
 from ingest.config import IngestConfig
 from ingest.mqtt import BrokerURL
 from ingest.pg_retention import RETENTION, PartitionRetention, worker_settings
@@ -124,7 +125,7 @@ async def test_a_worker_drops_old_partitions_in_the_background(
         args = IngestArgs(
             broker=BrokerURL.parse(f"mqtt://127.0.0.1:{broker.port}"), db=pg_url,
             catalog=Catalog.load(), partitions=4, worker="w1", metrics_port=None,
-            history=None, lease_timeout_s=10,
+            history=None, lease_timeout_s=10, alerts=AlertsConfig(enabled=False),
         )  # fmt: skip
         stop = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
