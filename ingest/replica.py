@@ -33,23 +33,31 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NoReturn, Self
+from typing import Any, Literal, NoReturn, Self, TypeVar
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from sqlalchemy import Engine, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from devices.catalog import Catalog
 from ingest import StoreError, StoreUnavailable
+from ingest.actions import ACTION_DONE_CHANNEL, WAIT_S, ActionClient, ActionQueue, libpq_url
 from ingest.alerts.config import AlertsConfig
-from ingest.alerts.model import Alert, AlertQuery, StreamEvent, Timing
-from ingest.alerts.order_model import OrderQuery, WorkOrder
+from ingest.alerts.model import Alert, AlertNotFound, AlertQuery, StreamEvent, Timing, rfc3339
+from ingest.alerts.notify import UNDELIVERED, Delivery
+from ingest.alerts.order_model import OrderNotFound, OrderQuery, WorkOrder
+from ingest.alerts.order_store import WorkOrderStore
+from ingest.alerts.repair import repair_times
+from ingest.alerts.store import ALERTS_CHANNEL, AlertStore
+from ingest.commands import CommandNotFound
 from ingest.commands.model import CommandRecord
+from ingest.commands.store import CommandStore
 from ingest.config import IngestConfig
 from ingest.db import migrate, registry
+from ingest.db.database import PgDatabase
 from ingest.db.schema import twins as twins_table
+from ingest.passport_store import PassportStore
 from ingest.pg_store import TWINS_CHANNEL, PostgresStore
 from ingest.pipeline import Twins
 from ingest.readside import JSON, Actions, ReadSide, Unavailable, now_ms
@@ -70,21 +78,30 @@ BACKOFF_MAX_S = 10.0
 NOTICES_PER_READ = 1000
 """The most NOTIFYs gathered into one read of twins."""
 
-_ALERTS_ELSEWHERE = (
-    "alerts, work orders and notifications are not served by API replicas yet: their store"
-    " is not in PostgreSQL (use `chargewatch serve`)"
+ALERTS_POLL_S = 1.0
+"""With SSE subscribers, how often new alert events are looked for without a NOTIFY."""
+EVENTS_LOOKBACK = 1000
+"""Alert events are read from this many ids before the newest seen: a writer's event that
+commits after a higher id from another writer is still fanned out (once: ``_seen``)."""
+SEEN_KEPT = 10_000
+
+_WEBHOOKS_ELSEWHERE = (
+    "webhook subscriptions and their outbox are managed by `chargewatch serve` or the"
+    " workers' configuration, not by API replicas yet"
 )
-_COMMANDS_ELSEWHERE = "remote commands are not served by API replicas yet (use `chargewatch serve`)"
-_PASSPORTS_ELSEWHERE = "battery passports are not served by API replicas yet"
+_PASSPORT_CLEARING_ELSEWHERE = (
+    "clearing a battery's flag is not served by API replicas yet (the passports' flags live"
+    " in the ingest workers)"
+)
 
 
-def libpq_url(url: str) -> str:
-    """``url`` as libpq takes it (``postgresql://``, no SQLAlchemy driver name)."""
-    return (
-        make_url(migrate.engine_url(url))
-        .set(drivername="postgresql")
-        .render_as_string(hide_password=False)
-    )
+_S = TypeVar("_S")
+
+
+def _store_of(store: _S | None) -> _S:
+    if store is None:
+        raise Unavailable("the replica is not started")
+    return store
 
 
 class _Metrics:
@@ -125,6 +142,7 @@ class ReplicaReadSide:
         refresh_s: float = REFRESH_S,
         stale_s: float | None = None,
         ping_s: float = PING_S,
+        action_wait_s: float = WAIT_S,
     ) -> None:
         self.url = url
         self.config = config or IngestConfig()
@@ -146,6 +164,17 @@ class ReplicaReadSide:
         self._tasks: list[asyncio.Task[NoReturn]] = []
         self._catalog: Catalog | None = None
         self._twins: Twins | None = None
+        self.action_wait_s = action_wait_s
+        self._db: PgDatabase | None = None
+        self._alert_store: AlertStore | None = None
+        self._order_store: WorkOrderStore | None = None
+        self._command_store: CommandStore | None = None
+        self._passport_store: PassportStore | None = None
+        self._actions: ActionClient | None = None
+        self._subscribers: set[asyncio.Queue[StreamEvent | None]] = set()
+        self._alerts_notice = asyncio.Event()
+        self._last_event = 0  # the newest alert event fanned out
+        self._seen: dict[int, None] = {}  # alert events fanned out (the newest SEEN_KEPT)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -164,6 +193,22 @@ class ReplicaReadSide:
         await asyncio.to_thread(migrate.ensure_current, self.url)
         self._engine = migrate.connect(self.url, pool_size=2, pool_pre_ping=True)
         self._store = await asyncio.to_thread(PostgresStore, self.url, pool_size=2)
+        self._db = await asyncio.to_thread(PgDatabase, self.url, check_schema=False)
+        self._alert_store = AlertStore(self._db)
+        self._order_store = WorkOrderStore(self._db)
+        self._command_store = CommandStore(self._db)
+        self._passport_store = PassportStore(self._db)
+        self._actions = ActionClient(ActionQueue(self._db), wait_s=self.action_wait_s)
+        try:
+            _, next_event = await asyncio.to_thread(self._alert_store.next_ids)
+            # the events already there are not news: only later ones are fanned out
+            after = max(0, next_event - 1 - EVENTS_LOOKBACK)
+            known = await asyncio.to_thread(self._alert_store.events_after, after, SEEN_KEPT)
+        except StoreError as exc:
+            await self._close_stores()
+            raise StoreUnavailable(str(exc)) from exc
+        self._last_event = next_event - 1
+        self._seen = {row[0]: None for row in known}
         self._catalog = await asyncio.to_thread(self._load_catalog)
         self._twins = Twins(self._catalog, self.config.release_soc)
         await self._refresh()
@@ -175,6 +220,7 @@ class ReplicaReadSide:
         self._tasks = [
             self._group.create_task(self._listen_forever(), name="replica-listen"),
             self._group.create_task(self._refresh_forever(), name="replica-refresh"),
+            self._group.create_task(self._alerts_forever(), name="replica-alerts"),
         ]
         return self
 
@@ -185,6 +231,9 @@ class ReplicaReadSide:
         tb: TracebackType | None,
     ) -> None:
         group, self._group = self._group, None
+        for queue in list(self._subscribers):
+            queue.put_nowait(None)  # the streams end
+        self._subscribers.clear()
         try:
             if group is not None:
                 for task in self._tasks:
@@ -198,6 +247,8 @@ class ReplicaReadSide:
             await asyncio.to_thread(self._store.close)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.dispose)
+        if self._db is not None:
+            await asyncio.to_thread(self._db.close)
 
     def _load_catalog(self) -> Catalog:
         assert self._engine is not None
@@ -299,12 +350,14 @@ class ReplicaReadSide:
             libpq_url(self.url), autocommit=True, connect_timeout=5
         )
         async with conn:
-            await conn.execute(f"LISTEN {TWINS_CHANNEL}")
+            for channel in (TWINS_CHANNEL, ALERTS_CHANNEL, ACTION_DONE_CHANNEL):
+                await conn.execute(f"LISTEN {channel}")
             self._listening = True
             self._listen_error = None
             self._metrics.listening.set(1)
             self._metrics.listen_connects.inc()
             self._refresh_now.set()  # what was sent while we did not listen
+            self._alerts_notice.set()
             while True:
                 ids: set[str] = set()
                 # wait for one notice (or ping when none comes), then take what else is
@@ -314,6 +367,8 @@ class ReplicaReadSide:
                         self._metrics.notices.inc()
                         if notice.channel == TWINS_CHANNEL:
                             ids.update(notice.payload.split())
+                        else:
+                            self._noticed(notice.channel, notice.payload)
                     if not ids:
                         break
                 if ids:
@@ -325,6 +380,51 @@ class ReplicaReadSide:
                 else:
                     async with asyncio.timeout(self.ping_s + 5):
                         await conn.execute("SELECT 1")  # a dead server shows here
+
+    def _noticed(self, channel: str, payload: str) -> None:
+        if channel == ALERTS_CHANNEL:
+            self._alerts_notice.set()
+        elif channel == ACTION_DONE_CHANNEL and self._actions is not None:
+            try:
+                self._actions.notice(int(payload))
+            except ValueError:
+                log.warning("action outcome notice with an unusable id %r", payload[:40])
+
+    async def _alerts_forever(self) -> NoReturn:
+        """Fan new alert events out to the SSE subscribers: on each NOTIFY of the alert
+        store, and every ``ALERTS_POLL_S`` while anyone listens (the safety net)."""
+        while True:
+            try:
+                async with asyncio.timeout(ALERTS_POLL_S if self._subscribers else None):
+                    await self._alerts_notice.wait()
+            except TimeoutError:
+                pass
+            self._alerts_notice.clear()
+            try:
+                await self._fan_out_events()
+            except StoreError as exc:
+                log.warning("alert events not read: %s", exc)
+
+    async def _fan_out_events(self) -> None:
+        store = _store_of(self._alert_store)
+        after = max(0, self._last_event - EVENTS_LOOKBACK)
+        while True:
+            rows = await asyncio.to_thread(store.events_after, after, 1000)
+            new = [StreamEvent(i, t, d) for i, t, d in rows if i not in self._seen]
+            for event in new:
+                self._seen[event.id] = None
+                self._last_event = max(self._last_event, event.id)
+                for queue in list(self._subscribers):
+                    if queue.qsize() >= 10_000:  # a stuck client: end it; it resumes by id
+                        self._subscribers.discard(queue)
+                        queue.put_nowait(None)
+                    else:
+                        queue.put_nowait(event)
+            while len(self._seen) > SEEN_KEPT:
+                del self._seen[next(iter(self._seen))]
+            if len(rows) < 1000:
+                return
+            after = rows[-1][0]
 
     # -- the district and its live state ----------------------------------------------------
 
@@ -406,100 +506,165 @@ class ReplicaReadSide:
         )
         return rows, counts
 
-    # -- alerts, work orders, commands, batteries: not here yet ------------------------------
+    # -- alerts, work orders, commands, batteries: read from PostgreSQL ---------------------
 
     @property
     def alerts_config(self) -> AlertsConfig | None:
-        # the options as configured, so that alert routes reach the reason they are not
-        # served here (Unavailable below) rather than "alerts are disabled"
         return self.config.alerts if self.config.alerts.enabled else None
 
     def clock_ms(self) -> int:
         return now_ms()
 
     async def alerts(self, q: AlertQuery) -> list[Alert]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await asyncio.to_thread(_store_of(self._alert_store).query, q)
 
     async def alert(self, alert_id: int) -> Alert:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        found = await asyncio.to_thread(_store_of(self._alert_store).get, alert_id)
+        if found is None:
+            raise AlertNotFound(f"no alert with id {alert_id}")
+        return found
 
     async def alert_notes(self, alert_id: int) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        rows = await asyncio.to_thread(_store_of(self._alert_store).notes, alert_id)
+        return [
+            {
+                "id": r["id"],
+                "at": rfc3339(r["at_ms"]),
+                "author": r["author"],
+                "source": r["source"],
+                "text": r["text"],
+            }
+            for r in rows
+        ]
 
     async def alert_deliveries(self, alert_id: int) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        rows = await asyncio.to_thread(_store_of(self._alert_store).deliveries, alert_id)
+        deadline_s = self.config.alerts.webhooks.deadline_s
+        out = []
+        for row in rows:
+            d = Delivery.from_row(row, deadline_s)
+            out.append(
+                {
+                    "id": d.id,
+                    "webhook_id": d.webhook_id,
+                    "event": d.event,
+                    "status": d.status,
+                    "attempts": d.attempts,
+                    "http_status": d.http_status,
+                    "error": d.error,
+                    "created_at": rfc3339(d.created_ms),
+                    "finished_at": rfc3339(d.finished_ms),
+                    "last_attempt_at": rfc3339(d.last_attempt_ms),
+                    "next_try_at": rfc3339(d.next_try_ms),
+                    "deadline": rfc3339(d.deadline_ms),
+                }
+            )
+        return out
 
     def subscribe_alerts(self) -> tuple[asyncio.Queue[StreamEvent | None], int]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        _store_of(self._alert_store)
+        queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
+        self._subscribers.add(queue)
+        self._alerts_notice.set()  # the poll starts with the first subscriber
+        return queue, self._last_event
 
     def unsubscribe_alerts(self, queue: asyncio.Queue[StreamEvent | None]) -> None:
-        pass
+        self._subscribers.discard(queue)
 
     async def oldest_alert_event(self) -> int | None:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await asyncio.to_thread(_store_of(self._alert_store).oldest_event_id)
 
     async def alert_events_after(self, after: int, limit: int) -> list[StreamEvent]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        store = _store_of(self._alert_store)
+        rows = await asyncio.to_thread(store.events_after, after, limit)
+        return [StreamEvent(event_id, type_, data) for event_id, type_, data in rows]
 
     def webhooks(self) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        raise Unavailable(_WEBHOOKS_ELSEWHERE)
 
     def pending_notifications(self) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        raise Unavailable(_WEBHOOKS_ELSEWHERE)
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        store = _store_of(self._alert_store)
+        rows = await asyncio.to_thread(
+            store.deliveries, status=UNDELIVERED, newest_first=True, limit=limit
+        )
+        deadline_s = self.config.alerts.webhooks.deadline_s
+        return [Delivery.from_row(r, deadline_s).view(None) for r in rows], True
 
     async def repair_times(
         self, start_ms: int, end_ms: int, by: Literal["station", "code"]
     ) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        rows = await self.alert_timings(start_ms, end_ms)
+        return [g.view() for g in repair_times(rows, by)]
 
     async def alert_timings(self, start_ms: int, end_ms: int) -> list[Timing]:
-        return []  # as with alerts off: summaries without alert timings
+        store = _store_of(self._alert_store)
+        return await asyncio.to_thread(store.timings, start_ms, end_ms)
 
     async def work_orders(self, q: OrderQuery) -> list[WorkOrder]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await asyncio.to_thread(_store_of(self._order_store).query, q)
 
     async def work_order(self, order_id: int) -> WorkOrder:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        found = await asyncio.to_thread(_store_of(self._order_store).get, order_id)
+        if found is None:
+            raise OrderNotFound(f"no work order with id {order_id}")
+        return found
 
     async def work_order_log(self, order_id: int) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await asyncio.to_thread(_store_of(self._order_store).log, order_id)
 
     async def command(self, command_id: str) -> CommandRecord | None:
-        raise Unavailable(_COMMANDS_ELSEWHERE)
+        return await asyncio.to_thread(_store_of(self._command_store).get, command_id)
 
     async def commands(self, device_id: str | None, limit: int) -> list[CommandRecord]:
-        raise Unavailable(_COMMANDS_ELSEWHERE)
+        store = _store_of(self._command_store)
+        return await asyncio.to_thread(store.recent, device_id, limit=limit)
 
     async def battery(self, serial: str) -> JSON | None:
-        raise Unavailable(_PASSPORTS_ELSEWHERE)
+        return await asyncio.to_thread(_store_of(self._passport_store).passport, serial)
 
     async def batteries(self, *, flagged: bool | None, after: str | None, limit: int) -> list[JSON]:
-        raise Unavailable(_PASSPORTS_ELSEWHERE)
+        store = _store_of(self._passport_store)
+        return await asyncio.to_thread(store.batteries, flagged=flagged, after=after, limit=limit)
 
-    # -- actions ----------------------------------------------------------------------------
+    # -- actions: queued for the worker that owns the station (ingest.actions) ---------------
+
+    async def _request(self, station_id: str, kind: str, args: JSON) -> JSON:
+        return await _store_of(self._actions).request(station_id, kind, args)
+
+    async def _alert_action(self, kind: str, alert_id: int, args: JSON) -> Alert:
+        station = (await self.alert(alert_id)).station_id  # AlertNotFound: 404 here
+        done = await self._request(station, kind, {"alert_id": alert_id, **args})
+        return Alert.from_record(done["alert"])
 
     async def acknowledge(self, alert_id: int, by: str, note: str | None) -> Alert:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._alert_action("acknowledge", alert_id, {"by": by, "note": note})
 
     async def resolve(self, alert_id: int, by: str, note: str | None) -> Alert:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._alert_action("resolve", alert_id, {"by": by, "note": note})
 
     async def add_alert_note(self, alert_id: int, by: str, text: str) -> Alert:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._alert_action("alert_note", alert_id, {"by": by, "text": text})
 
     async def report(
         self, station_id: str, device_id: str | None, unit: int | None, category: str, text: str
     ) -> tuple[Alert, bool]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        args = {"device_id": device_id, "unit": unit, "category": category, "text": text}
+        done = await self._request(station_id, "report", args)
+        return Alert.from_record(done["alert"]), bool(done["joined"])
 
     async def add_webhook(self, url: str, **options: Any) -> JSON:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        raise Unavailable(_WEBHOOKS_ELSEWHERE)
 
     async def remove_webhook(self, webhook_id: int) -> bool:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+
+    async def _order_action(self, kind: str, order_id: int, args: JSON) -> WorkOrder:
+        station = (await self.work_order(order_id)).station_id  # OrderNotFound: 404 here
+        done = await self._request(station, kind, {"order_id": order_id, **args})
+        return WorkOrder.from_row(tuple(done["order"]))
 
     async def create_work_order(
         self,
@@ -510,15 +675,22 @@ class ReplicaReadSide:
         due_at_ms: int | None,
         note: str | None,
     ) -> WorkOrder:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        station = (await self.alert(alert_id)).station_id
+        args = {
+            "alert_id": alert_id, "by": by, "assignee": assignee, "due_at_ms": due_at_ms,
+            "note": note,
+        }  # fmt: skip
+        done = await self._request(station, "create_work_order", args)
+        return WorkOrder.from_row(tuple(done["order"]))
 
     async def move_work_order(
         self, order_id: int, state: str, by: str, *, assignee: str | None, note: str | None
     ) -> WorkOrder:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        args = {"state": state, "by": by, "assignee": assignee, "note": note}
+        return await self._order_action("move_work_order", order_id, args)
 
     async def add_work_order_note(self, order_id: int, by: str, text: str) -> WorkOrder:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._order_action("work_order_note", order_id, {"by": by, "text": text})
 
     async def send_command(
         self,
@@ -530,10 +702,18 @@ class ReplicaReadSide:
         requested_by: str,
         requested_key: str | None,
     ) -> CommandRecord:
-        raise Unavailable(_COMMANDS_ELSEWHERE)
+        device = self.catalog.devices.get(device_id)
+        if device is None:
+            raise CommandNotFound(f"no device with id {device_id!r}")
+        args = {
+            "device_id": device_id, "ctype": ctype, "unit": unit, "ttl_s": ttl_s,
+            "requested_by": requested_by, "requested_key": requested_key,
+        }  # fmt: skip
+        done = await self._request(device.station_id, "send_command", args)
+        return CommandRecord.from_row(tuple(done["command"]))
 
     async def clear_battery(self, serial: str, actor_id: str, actor_name: str, note: str) -> bool:
-        raise Unavailable(_PASSPORTS_ELSEWHERE)
+        raise Unavailable(_PASSPORT_CLEARING_ELSEWHERE)
 
 
 def as_read_and_act(side: ReplicaReadSide) -> tuple[ReadSide, Actions]:

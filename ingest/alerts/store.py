@@ -48,6 +48,9 @@ from ingest.db.upsert import Upserts, dialect_of
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
+ALERTS_CHANNEL = "cw_alerts"
+"""The NOTIFY channel of stored alert events (PostgreSQL): each payload is the highest
+event id a committed batch wrote (API replicas fan the events out: ingest.replica)."""
 
 
 DELIVERY_COLUMNS = (
@@ -139,6 +142,7 @@ _CLAIM = (
     .values(claimed_until_ms=bindparam("b_until"))
     .returning(*(deliveries.c[c] for c in DELIVERY_COLUMNS))
 )
+_NOTIFY_EVENTS = select(func.pg_notify(literal_column(f"'{ALERTS_CHANNEL}'"), bindparam("b_top")))
 _RESERVE_ALERT_IDS = select(alert_ids.next_value()).select_from(
     func.generate_series(literal_column("1"), bindparam("b_n"))
 )
@@ -274,6 +278,9 @@ class AlertStore:
         ]
         if ops.events:
             statements.append((_TRIM_EVENTS, [{"b_kept": events_kept}]))
+            if self._dialect == "postgresql":  # heard at commit, not before
+                top = max(e[0] for e in ops.events)
+                statements.append((_NOTIFY_EVENTS, [{"b_top": str(top)}]))
         if ops.unobserved_through:
             statements.append((_DELETE_UNOBSERVED, [{"b_through": ops.unobserved_through}]))
         self._db.transaction(statements)
