@@ -4,6 +4,9 @@ and ``app.state.actions``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from fastapi import FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -36,11 +39,52 @@ from api.routes import (
 from api.sentinels import SentinelStore
 from api.settings import ServeSettings
 from api.snapshots import StationViews
+from ingest.db.database import Database, PgDatabase
 from ingest.readside import Actions, ReadSide
 
 
-def create_app(read: ReadSide, actions: Actions, settings: ServeSettings | None = None) -> FastAPI:
+@dataclass(frozen=True)
+class ApiStores:
+    """The API's own stores: keys, the audit log, riders. ``serve`` keeps them in its data
+    dir (``in_dir``); API replicas share them in PostgreSQL (``on_postgresql``), so a key
+    made through one replica works on every other."""
+
+    keys: KeyStore
+    audit: AuditLog
+    sentinels: SentinelStore
+    db: Database | None = None  # the one they share, closed by ``close``
+
+    @classmethod
+    def in_dir(cls, data_dir: str | Path) -> ApiStores:
+        return cls(
+            KeyStore.in_dir(data_dir), AuditLog.in_dir(data_dir), SentinelStore.in_dir(data_dir)
+        )
+
+    @classmethod
+    def on_postgresql(cls, url: str) -> ApiStores:
+        """On the cluster's database at ``url`` (its schema current), one pool for the three."""
+        db = PgDatabase(url)
+        return cls(KeyStore(db), AuditLog(db), SentinelStore(db), db)
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+        else:
+            for store in (self.keys, self.audit, self.sentinels):
+                store.close()
+
+
+def create_app(
+    read: ReadSide,
+    actions: Actions,
+    settings: ServeSettings | None = None,
+    *,
+    stores: ApiStores | None = None,
+) -> FastAPI:
+    """The app over ``read`` and ``actions``; the API's own stores ``stores`` (default: in
+    the read side's data dir, as ``serve`` keeps them)."""
     settings = settings or ServeSettings()
+    stores = stores or ApiStores.in_dir(read.data_dir)
     app = FastAPI(
         title="chargewatch",
         version="0.1.0",
@@ -51,9 +95,9 @@ def create_app(read: ReadSide, actions: Actions, settings: ServeSettings | None 
     app.state.settings = settings
     app.state.read = read
     app.state.actions = actions
-    app.state.keys = KeyStore.in_dir(read.data_dir)  # maintenance API keys
-    app.state.audit = AuditLog.in_dir(read.data_dir)  # who did what (api.audit)
-    app.state.sentinels = SentinelStore.in_dir(read.data_dir)  # riders, points
+    app.state.keys = stores.keys  # maintenance API keys
+    app.state.audit = stores.audit  # who did what (api.audit)
+    app.state.sentinels = stores.sentinels  # riders, points
     app.state.live = live = Live()  # charge rates and SSE wake-ups, fed by the pipeline
     app.state.stats = StatsCache()  # forecasts and demand rates per station
     # station views shared by requests, recomputed when their devices change
