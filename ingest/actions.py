@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, NoReturn, Self, TypeVar
 
 import psycopg
 from sqlalchemy import bindparam, func, insert, literal_column, select, update
@@ -57,6 +57,7 @@ from ingest.db.schema import action_queue
 from ingest.readside import JSON, Unavailable, now_ms
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 ACTIONS_CHANNEL = "cw_actions"
 """NOTIFY of a queued action: the payload is its station id."""
@@ -372,6 +373,7 @@ class ActionApplier:
         self.applied = 0
         self._queue: ActionQueue | None = None
         self._lock = asyncio.Lock()
+        self._in_flight: set[asyncio.Future[Any]] = set()
 
     async def __aenter__(self) -> Self:
         self._queue = await asyncio.to_thread(
@@ -383,8 +385,18 @@ class ActionApplier:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         queue, self._queue = self._queue, None
+        if self._in_flight:  # a cancelled run() leaves its thread's call to finish first
+            await asyncio.wait(self._in_flight, timeout=30)
         if queue is not None:
             await asyncio.to_thread(queue.close)
+
+    async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn`` in a worker thread; a cancel does not stop the thread, so the queue is
+        closed (``__aexit__``) only once its calls have returned their connections."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        self._in_flight.add(future)
+        future.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(future)
 
     async def run(self) -> NoReturn:
         """LISTEN for queued actions of our stations and apply them; every ``poll_s``
@@ -413,7 +425,7 @@ class ActionApplier:
         count = 0
         async with self._lock:
             while True:
-                claimed = await asyncio.to_thread(queue.claim, self.stations, self.clock())
+                claimed = await self._call(queue.claim, self.stations, self.clock())
                 for request in claimed:
                     await self._apply_one(queue, request)
                 count += len(claimed)
@@ -426,23 +438,23 @@ class ActionApplier:
         try:
             result = await self._apply(request)
         except tuple(ERRORS.values()) as exc:  # type: ignore[misc]
-            await asyncio.to_thread(
+            await self._call(
                 queue.finish, request.id, self.clock(), error_kind=type(exc).__name__,
                 error=str(exc),
             )  # fmt: skip
             return
         except (ValueError, TypeError, KeyError) as exc:
-            await asyncio.to_thread(
+            await self._call(
                 queue.finish, request.id, self.clock(), error_kind="invalid",
                 error=f"unusable action {request.kind}: {exc}",
             )  # fmt: skip
             return
         except StoreError as exc:
-            await asyncio.to_thread(
+            await self._call(
                 queue.finish, request.id, self.clock(), error_kind="store", error=str(exc)
             )
             return
-        await asyncio.to_thread(queue.finish, request.id, self.clock(), result=result)
+        await self._call(queue.finish, request.id, self.clock(), result=result)
 
     async def _apply(self, r: Request) -> JSON:
         a = r.args
