@@ -72,6 +72,9 @@ POLL_S = 1.0
 RECHECK_S = 0.25
 """The replica's safety net: how often a waiting request reads its row without a NOTIFY."""
 CLAIM_MAX = 100
+KEPT_S = 24 * 3600.0
+"""Finished actions are kept this long (to look into), then pruned by the appliers."""
+PRUNE_EVERY_S = 3600.0
 
 # the errors an outcome may carry, by name: raised on the replica as the worker raised them
 ERRORS: dict[str, Callable[[str], Exception]] = {
@@ -374,6 +377,7 @@ class ActionApplier:
         self._queue: ActionQueue | None = None
         self._lock = asyncio.Lock()
         self._in_flight: set[asyncio.Future[Any]] = set()
+        self._pruned_at = 0.0  # monotonic
 
     async def __aenter__(self) -> Self:
         self._queue = await asyncio.to_thread(
@@ -410,12 +414,21 @@ class ActionApplier:
                     await conn.execute(f"LISTEN {ACTIONS_CHANNEL}")
                     while True:
                         await self.apply_pending()
+                        await self._prune()
                         async for notice in conn.notifies(timeout=self.poll_s):
                             if notice.payload in self.stations:
                                 break
             except (psycopg.Error, OSError, StoreError) as exc:
                 log.warning("actions: LISTEN or claim failed (%s); again in %.1f s", exc, 1.0)
                 await asyncio.sleep(1.0)
+
+    async def _prune(self) -> None:
+        if time.monotonic() - self._pruned_at < PRUNE_EVERY_S or self._queue is None:
+            return
+        self._pruned_at = time.monotonic()
+        pruned = await self._call(self._queue.prune, self.clock() - int(KEPT_S * 1000))
+        if pruned:
+            log.info("actions: %d finished actions older than %.0f h pruned", pruned, KEPT_S / 3600)
 
     async def apply_pending(self) -> int:
         """Claim and apply every queued action of our stations; how many were applied."""

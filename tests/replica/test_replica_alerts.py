@@ -26,6 +26,8 @@ from devices.catalog import Catalog
 from ingest.actions import ActionApplier, ActionQueue
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.engine import AlertEngine
+from ingest.alerts.order_store import WorkOrderStore
+from ingest.alerts.orders import WorkOrders
 from ingest.alerts.store import ALERTS_CHANNEL, AlertStore
 from ingest.config import IngestConfig
 from ingest.db.database import PgDatabase
@@ -52,10 +54,10 @@ async def worker_engine(url: str, catalog: Catalog) -> AsyncIterator[AlertEngine
 
 @asynccontextmanager
 async def applying(
-    url: str, stations: list[str], engine: AlertEngine
+    url: str, stations: list[str], engine: AlertEngine, orders: WorkOrders | None = None
 ) -> AsyncIterator[ActionApplier]:
     """The worker's applier for ``stations``, running."""
-    async with ActionApplier(url, stations, alerts=engine, poll_s=0.5) as applier:
+    async with ActionApplier(url, stations, alerts=engine, orders=orders, poll_s=0.5) as applier:
         task = asyncio.create_task(applier.run(), name="applier")
         try:
             yield applier
@@ -74,9 +76,7 @@ async def replica(
         try:
             app = create_app(*as_read_and_act(side), ServeSettings(), stores=stores)
             transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
-            async with httpx.AsyncClient(
-                transport=transport, base_url=f"http://{name}"
-            ) as http:
+            async with httpx.AsyncClient(transport=transport, base_url=f"http://{name}") as http:
                 yield side, http, app
         finally:
             stores.close()
@@ -310,10 +310,19 @@ def test_an_applier_claims_only_its_stations_and_each_action_once(pg_url: str) -
         assert queue.claim([OTHER_STATION], now) == []  # withdrawn: never applied
         queue.finish(ours, now, result={"ok": 1})
         outcome = queue.outcome(ours)
-        assert outcome is not None and (outcome.state, outcome.result) == ("done", {"ok": 1})
+        assert outcome is not None
+        assert (outcome.state, outcome.result) == ("done", {"ok": 1})
         assert queue.outcome(old) is not None
         with pytest.raises(ValueError, match="unknown action"):
             queue.submit(STATION, "drop_table", {}, now, 5000)
+        # finished ones are pruned after a while; one still queued never is
+        queue.expire(old, now)
+        assert queue.prune(now + 1) == 3
+        assert queue.outcome(ours) is None
+        assert queue.outcome(old) is None
+        waiting = queue.submit(STATION, "acknowledge", {"alert_id": 4}, now - 999_999, 5000)
+        assert queue.prune(now + 1) == 0
+        assert queue.outcome(waiting) is not None
     finally:
         queue.close()
 
@@ -368,3 +377,97 @@ async def test_no_replica_stream_of_an_event_twice_when_worker_ids_commit_out_of
             assert queue.empty()
     finally:
         store.close()
+
+
+@asynccontextmanager
+async def worker_orders(url: str, engine: AlertEngine) -> AsyncIterator[WorkOrders]:
+    store = WorkOrderStore.on_postgresql(url)
+    try:
+        async with WorkOrders(engine, store, engine.config.work_orders) as orders:
+            yield orders
+    finally:
+        store.close()
+
+
+async def test_a_riders_report_and_a_work_order_through_two_replicas(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A report taken on replica a opens the alert in the owner's engine (it matches against
+    the engine's open alerts); a work order made on b, moved on a, read on both."""
+    catalog = seeded(pg_url)
+    token = maintainer_token(pg_url)
+    pile = a_pile(catalog)
+    async with AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(worker_engine(pg_url, catalog))
+        orders = await stack.enter_async_context(worker_orders(pg_url, engine))
+        applier = await stack.enter_async_context(applying(pg_url, [STATION], engine, orders))
+        _, a, _ = await stack.enter_async_context(replica(pg_url, tmp_path, "a"))
+        _, b, _ = await stack.enter_async_context(replica(pg_url, tmp_path, "b"))
+        report = {"station": STATION, "device": pile.id, "port": 1, "category": "smoke",
+                  "text": "smoke at port 1"}  # fmt: skip
+        r = await a.post("/v1/reports", json=report)
+        assert r.status_code == 201, r.text
+        alert_id = r.json()["alert_id"]
+        assert not r.json()["attached"]
+        assert engine.by_id[alert_id].rule == "rider_report"
+        r = await b.post("/v1/reports", json=report | {"text": "still smoking"})
+        assert r.status_code == 201, r.text
+        assert (r.json()["alert_id"], r.json()["attached"]) == (alert_id, True)
+
+        r = await b.post(
+            f"/v1/alerts/{alert_id}/work-order", headers=bearer(token),
+            json={"assignee": "zhang-min"},
+        )  # fmt: skip
+        assert r.status_code == 201, r.text
+        order_id = r.json()["id"]
+        assert orders.current[order_id].state == "assigned"
+        r = await b.post(f"/v1/alerts/{alert_id}/work-order", headers=bearer(token), json={})
+        assert r.status_code == 409, r.text  # one per alert: the worker's answer
+        r = await a.post(
+            f"/v1/work-orders/{order_id}/state", headers=bearer(token),
+            json={"state": "on_site", "note": "here"},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        for http in (a, b):
+            await until(
+                http, f"/v1/work-orders/{order_id}", token,
+                lambda body: body["state"] == "on_site", within_s=1.0,
+            )  # fmt: skip
+            listed = (await http.get("/v1/work-orders", headers=bearer(token))).json()
+            assert [o["id"] for o in listed["work_orders"]] == [order_id]
+        r = await a.post("/v1/work-orders/999999/notes", headers=bearer(token), json={"text": "x"})
+        assert r.status_code == 404, r.text
+        assert applier.applied >= 4
+
+
+async def test_commands_and_passports_are_read_from_postgresql_on_a_replica(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Reads answer from the stores (no longer 503); a command whose worker runs no
+    commands is refused with that reason, an unknown device is 404."""
+    catalog = seeded(pg_url)
+    token = maintainer_token(pg_url)
+    pile = a_pile(catalog)
+    async with (
+        worker_engine(pg_url, catalog) as engine,
+        applying(pg_url, [STATION], engine),
+        replica(pg_url, tmp_path, "a") as (_, a, _),
+    ):
+        r = await a.get(f"/v1/devices/{pile.id}/commands", headers=bearer(token))
+        assert r.status_code == 200, r.text
+        assert r.json()["commands"] == []
+        r = await a.get("/v1/batteries", headers=bearer(token))
+        assert r.status_code == 200, r.text
+        r = await a.get("/v1/batteries/NO-SUCH-PACK", headers=bearer(token))
+        assert r.status_code == 404, r.text
+        r = await a.post(
+            f"/v1/devices/{pile.id}/commands", headers=bearer(token),
+            json={"type": "disable_port", "port": 1},
+        )  # fmt: skip
+        assert r.status_code == 503, r.text
+        assert "remote commands do not run in this worker" in r.json()["detail"]
+        r = await a.post(
+            "/v1/devices/pile-nowhere/commands", headers=bearer(token),
+            json={"type": "disable_port", "port": 1},
+        )  # fmt: skip
+        assert r.status_code == 404, r.text
