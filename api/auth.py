@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 from api.audit import Actor, AuditLog
 from api.text import plain_text
 from api.views import rfc3339
+from ingest import StoreError
 from ingest.db.database import Database, PgDatabase
 from ingest.db.schema import api_keys
 from ingest.sqlite_db import SQLiteDB
@@ -276,6 +277,11 @@ Admin = Annotated[ApiKey, Depends(require("admin"))]
 def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = sub.add_parser("keys", help="API keys for the maintenance endpoints")
     keys.add_argument("--data-dir", type=Path, help="the service's data dir")
+    keys.add_argument(
+        "--db",
+        metavar="URL",
+        help="the cluster's PostgreSQL (the keys of `chargewatch api` replicas), not the data dir",
+    )
     actions = keys.add_subparsers(dest="keys_command", required=True)
     create = actions.add_parser("create", help="create a key and print it (once)")
     create.add_argument("--name", required=True, help="who or what uses it")
@@ -325,8 +331,16 @@ def parse_expires(value: str, now_ms: int) -> int:
 def cmd_keys(args: argparse.Namespace, data_dir: Path) -> int:
     """``chargewatch keys``: each change is in the audit log, the actor ``cli`` and the OS
     user who ran it."""
-    store = KeyStore.in_dir(data_dir)
-    audit = AuditLog.in_dir(data_dir)
+    if getattr(args, "db", None):
+        try:
+            store = KeyStore.on_postgresql(args.db)
+        except StoreError as exc:  # unreachable, or behind the schema (`db upgrade`)
+            print(f"chargewatch: --db: {exc}")
+            return 1
+        audit = AuditLog.on_postgresql(args.db)
+    else:
+        store = KeyStore.in_dir(data_dir)
+        audit = AuditLog.in_dir(data_dir)
     actor = Actor.cli()
     try:
         if args.keys_command == "create":

@@ -12,9 +12,22 @@ two paths into one ``_apply`` (serialised, so an older read never overwrites a n
 
 The catalog is the registry's (``ingest.db.registry``) as it was at start (an empty one:
 the shipped district). History reads go to ``PostgresStore``'s ``HistoryStore`` methods,
-dead letters and their counts are read from the database on each request. Alerts, work
-orders, commands and battery passports live in the ingest workers' engines: here they are
-``Unavailable`` (503 with the reason) until their stores are in PostgreSQL.
+dead letters and their counts are read from the database on each request, and so are
+alerts (notes, deliveries, timings), work orders, commands and battery passports: from the
+stores the workers write (``AlertStore``, ``WorkOrderStore``, ``CommandStore``,
+``PassportStore`` on one ``PgDatabase``), so every replica answers what the database holds.
+
+The SSE alert stream: the alert store NOTIFYs ``ALERTS_CHANNEL`` when a batch of events
+commits; the same listener wakes the fan-out, which reads the new events and puts them in
+every subscriber's queue (polling every ``ALERTS_POLL_S`` while anyone listens, the safety
+net). Events are read from ``EVENTS_LOOKBACK`` ids back and each is fanned out once, so an
+event that commits after a higher id from another writer is not skipped.
+
+Actions (acknowledge, resolve, notes, riders' reports, work orders, commands) are queued for
+the worker that owns the station (``ingest.actions``): the replica waits for the outcome,
+woken by the same listener, and answers 503 with the reason when no worker takes it in
+time. Webhook subscriptions and clearing a battery's flag are not served here yet
+(``Unavailable``): the workers' notifiers and passports hold them in memory.
 
 ``/readyz`` problems: the database unreachable (the listener is not connected, or the last
 refresh failed), and the read model stale (no refresh for ``stale_s``).

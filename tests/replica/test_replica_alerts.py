@@ -471,3 +471,25 @@ async def test_commands_and_passports_are_read_from_postgresql_on_a_replica(
             json={"type": "disable_port", "port": 1},
         )  # fmt: skip
         assert r.status_code == 404, r.text
+
+
+async def test_the_first_admin_key_of_the_cluster_from_the_command_line(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``chargewatch keys --db URL create``: a key every replica takes, its creation in
+    the shared audit log; a database behind the schema is refused with the reason."""
+    from api.cli import main
+
+    seeded(pg_url)
+    assert main(["keys", "--db", pg_url, "create", "--name", "ops", "--role", "admin"]) == 0
+    token = capsys.readouterr().out.splitlines()[0]
+    async with replica(pg_url, tmp_path, "a") as (_, a, _):
+        r = await a.get("/v1/audit", headers=bearer(token))
+        assert r.status_code == 200, r.text
+        assert "key.create" in r.text
+    assert main(["keys", "--db", pg_url, "list"]) == 0
+    assert "ops" in capsys.readouterr().out
+    # a database never upgraded: refused, nothing written
+    bare = pg_url.rsplit("/", 1)[0] + "/postgres"
+    assert main(["keys", "--db", bare, "list"]) == 1
+    assert "chargewatch db upgrade" in capsys.readouterr().out
