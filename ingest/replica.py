@@ -29,6 +29,10 @@ woken by the same listener, and answers 503 with the reason when no worker takes
 time. Webhook subscriptions and clearing a battery's flag are not served here yet
 (``Unavailable``): the workers' notifiers and passports hold them in memory.
 
+Flagged packs (never a ready battery) are read from the passports at each full refresh and
+whenever new alert events arrive (a pack is flagged as its safety alert opens); the
+cabinets of packs flagged or cleared since are recomputed.
+
 ``/readyz`` problems: the database unreachable (the listener is not connected, or the last
 refresh failed), and the read model stale (no refresh for ``stale_s``).
 
@@ -97,6 +101,7 @@ EVENTS_LOOKBACK = 1000
 """Alert events are read from this many ids before the newest seen: a writer's event that
 commits after a higher id from another writer is still fanned out (once: ``_seen``)."""
 SEEN_KEPT = 10_000
+FLAGGED_PAGE = 1000
 
 _WEBHOOKS_ELSEWHERE = (
     "webhook subscriptions and their outbox are managed by `chargewatch serve` or the"
@@ -188,6 +193,9 @@ class ReplicaReadSide:
         self._alerts_notice = asyncio.Event()
         self._last_event = 0  # the newest alert event fanned out
         self._seen: dict[int, None] = {}  # alert events fanned out (the newest SEEN_KEPT)
+        self._flagged: set[str] = set()  # flagged packs' serials (battery passports)
+        self._flagged_in: dict[str, str | None] = {}  # their cabinets, as last read
+        self._flag_listeners: list[Callable[[str], None]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -324,6 +332,7 @@ class ReplicaReadSide:
             self._metrics.refreshes.labels("failed").inc()
             log.warning("read model refresh failed: %s", exc)
             return
+        await self._refresh_flags()
         self._refresh_error = None
         self._refreshed_at = time.monotonic()
         self._metrics.refreshes.labels("ok").inc()
@@ -414,16 +423,20 @@ class ReplicaReadSide:
                 pass
             self._alerts_notice.clear()
             try:
-                await self._fan_out_events()
+                if await self._fan_out_events():
+                    await self._refresh_flags()  # a pack is flagged as its alert opens
             except StoreError as exc:
                 log.warning("alert events not read: %s", exc)
 
-    async def _fan_out_events(self) -> None:
+    async def _fan_out_events(self) -> int:
+        """Fan out the alert events not fanned out yet; how many there were."""
         store = _store_of(self._alert_store)
         after = max(0, self._last_event - EVENTS_LOOKBACK)
+        count = 0
         while True:
             rows = await asyncio.to_thread(store.events_after, after, 1000)
             new = [StreamEvent(i, t, d) for i, t, d in rows if i not in self._seen]
+            count += len(new)
             for event in new:
                 self._seen[event.id] = None
                 self._last_event = max(self._last_event, event.id)
@@ -436,7 +449,7 @@ class ReplicaReadSide:
             while len(self._seen) > SEEN_KEPT:
                 del self._seen[next(iter(self._seen))]
             if len(rows) < 1000:
-                return
+                return count
             after = rows[-1][0]
 
     # -- the district and its live state ----------------------------------------------------
@@ -470,10 +483,41 @@ class ReplicaReadSide:
 
     @property
     def flagged_batteries(self) -> Collection[str]:
-        return frozenset()
+        return self._flagged  # one set, kept current in place (``_refresh_flags``)
 
     def on_flag_change(self, listener: Callable[[str], None]) -> None:
-        pass  # no passports here: nothing is ever flagged
+        self._flag_listeners.append(listener)
+
+    def _read_flagged(self) -> dict[str, str | None]:
+        """Flagged packs' serials, each with the cabinet it is in (None: out of one)."""
+        store = _store_of(self._passport_store)
+        found: dict[str, str | None] = {}
+        after: str | None = None
+        while True:
+            page = store.batteries(flagged=True, after=after, limit=FLAGGED_PAGE)
+            found.update((str(b["serial"]), b["device_id"]) for b in page)
+            if len(page) < FLAGGED_PAGE:
+                return found
+            after = str(page[-1]["serial"])
+
+    async def _refresh_flags(self) -> None:
+        """Take the flagged packs from the passports the workers write; the cabinets of
+        those flagged or cleared since are recomputed (their packs are never ready)."""
+        try:
+            now = await asyncio.to_thread(self._read_flagged)
+        except StoreError as exc:
+            log.warning("flagged batteries not read: %s", exc)
+            return
+        changed = now.keys() ^ self._flagged
+        if not changed:
+            return
+        devices = {now.get(serial) or self._flagged_in.get(serial) for serial in changed}
+        self._flagged.clear()
+        self._flagged.update(now)
+        self._flagged_in = now
+        for device_id in sorted(d for d in devices if d is not None):
+            for listener in self._flag_listeners:
+                listener(device_id)
 
     @property
     def history(self) -> HistoryStore | None:

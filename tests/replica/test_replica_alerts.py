@@ -22,18 +22,23 @@ import pytest
 
 from api.app import ApiStores, create_app
 from api.settings import ServeSettings
-from devices.catalog import Catalog
+from devices.catalog import Catalog, Device
+from devices.contract import decode
 from ingest.actions import ActionApplier, ActionQueue
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.orders import WorkOrders
-from ingest.alerts.store import ALERTS_CHANNEL, AlertStore
+from ingest.alerts.store import ALERTS_CHANNEL, AlertStore, Ops
 from ingest.config import IngestConfig
 from ingest.db.database import PgDatabase
+from ingest.passport_store import PassportOps, PassportStore
+from ingest.pg_store import PostgresStore
 from ingest.pipeline import Twins
 from ingest.readside import now_ms
 from ingest.replica import ReplicaReadSide, as_read_and_act
+from ingest.store import TwinRecord
+from ingest.twins import Twin
 from tests.alerts.helpers import eventually
 from tests.replica.test_replica import STATION, a_pile, seeded
 
@@ -360,8 +365,6 @@ async def test_no_replica_stream_of_an_event_twice_when_worker_ids_commit_out_of
         async with AsyncExitStack() as stack:
             side, _, _ = await stack.enter_async_context(replica(pg_url, tmp_path, "a"))
             queue, last = side.subscribe_alerts()
-            from ingest.alerts.store import Ops
-
             for event_id in (last + 2, last + 1, last + 3):
                 await asyncio.to_thread(
                     store.apply, Ops(events=[(event_id, 1, "note", now_ms(), "{}")]), 1000
@@ -493,3 +496,74 @@ async def test_the_first_admin_key_of_the_cluster_from_the_command_line(
     bare = pg_url.rsplit("/", 1)[0] + "/postgres"
     assert main(["keys", "--db", bare, "list"]) == 1
     assert "chargewatch db upgrade" in capsys.readouterr().out
+
+
+def ready_cabinet(device: Device) -> Twin:
+    """A cabinet's twin with every slot holding a full pack ``B-<slot>``."""
+    twin = Twin.for_device(device)
+    now = now_ms()
+    head = {"v": 1, "ts": now, "boot": "boot-1"}
+    birth = {**head, "seq": 0, "online": True, "kind": "cabinet", "slots": device.spec.units,
+             "heartbeat_s": 30}  # fmt: skip
+    twin.apply(decode("state", json.dumps(birth).encode()), now)
+    slots = [
+        {"n": n, "state": "ready", "battery": f"B-{n}", "soc": 95, "temp_c": 30.0}
+        for n in range(1, device.spec.units + 1)
+    ]
+    twin.apply(decode("status", json.dumps({**head, "seq": 1, "kind": "cabinet",
+                                             "slots": slots}).encode()), now)  # fmt: skip
+    return twin
+
+
+async def test_a_pack_flagged_by_a_worker_is_never_ready_on_a_replica(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The replica's flagged packs follow the passports the workers write: the cabinet is
+    recomputed when a pack is flagged (with its alert's event), without a restart."""
+    catalog = seeded(pg_url)
+    spec = next(d for d in catalog.stations[STATION].devices if d.kind == "cabinet")
+    cabinet = catalog.devices[spec.id]
+    state = PostgresStore(pg_url)
+    passports = PassportStore.on_postgresql(pg_url)
+    alerts = AlertStore.on_postgresql(pg_url)
+    try:
+        await asyncio.to_thread(
+            state.write, (), [TwinRecord(cabinet.id, ready_cabinet(cabinet).encode())], ()
+        )
+        async with replica(pg_url, tmp_path, "a", refresh_s=600) as (_, a, _):
+
+            def ready(body: Any) -> int:
+                station = next(s for s in body["stations"] if s["id"] == STATION)
+                return int(station["cabinets"]["batteries_ready"])
+
+            full = ready((await a.get("/v1/stations")).json())
+            assert full >= cabinet.spec.units
+            now = now_ms()
+            ops = PassportOps(
+                batteries={"B-1": (now, cabinet.id, 1, now, 80.0, 9.0)},
+                flags=[(now, "thermal runaway", "B-1")],
+            )
+            await asyncio.to_thread(passports.apply, ops)
+            # the flag's alert event (what the worker's engine writes with it) wakes the read
+            event = (1, 1, "opened", now, "{}")
+            await asyncio.to_thread(alerts.apply, Ops(events=[event]), 1000)
+            took = await until_public(a, "/v1/stations", lambda b: ready(b) == full - 1, 1.0)
+            assert took < 1.0
+            r = await a.get("/v1/batteries?flagged=true", headers=bearer(maintainer_token(pg_url)))
+            assert [b["serial"] for b in r.json()["batteries"]] == ["B-1"]
+    finally:
+        for store in (state, passports, alerts):
+            store.close()
+
+
+async def until_public(
+    http: httpx.AsyncClient, path: str, holds: Callable[[Any], bool], within_s: float
+) -> float:
+    start = time.monotonic()
+    while True:
+        r = await http.get(path)
+        assert r.status_code == 200, r.text
+        if holds(r.json()):
+            return time.monotonic() - start
+        assert time.monotonic() - start < within_s, f"{path} never held in {within_s} s: {r.text}"
+        await asyncio.sleep(0.02)
