@@ -279,6 +279,15 @@ class ActionClient:
         self.recheck_s = recheck_s
         self.clock = clock
         self._waiting: dict[int, asyncio.Event] = {}
+        self.in_flight: set[asyncio.Future[Any]] = set()  # calls in worker threads
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn`` in a worker thread; its owner closes the queue once ``in_flight`` is
+        done (a cancelled request does not stop the thread)."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self.in_flight.add(future)
+        future.add_done_callback(self.in_flight.discard)
+        return await asyncio.shield(future)
 
     def notice(self, request_id: int) -> None:
         event = self._waiting.get(request_id)
@@ -288,14 +297,14 @@ class ActionClient:
     async def request(self, station_id: str, kind: str, args: JSON) -> JSON:
         """The action's result, as its owner answered; raises what it raised, or
         ``Unavailable`` when no worker answered in time."""
-        request_id = await asyncio.to_thread(
+        request_id = await self._call(
             self.queue.submit, station_id, kind, args, self.clock(), int(self.wait_s * 1000)
         )
         event = self._waiting[request_id] = asyncio.Event()
         try:
             outcome = await self._wait(request_id, event, self.wait_s)
             if outcome is None or outcome.state == "queued":
-                if await asyncio.to_thread(self.queue.expire, request_id, self.clock()):
+                if await self._call(self.queue.expire, request_id, self.clock()):
                     raise Unavailable(
                         f"no ingest worker took the action ({kind}) for station {station_id}"
                         f" within {self.wait_s:.0f} s: is a worker running and holding its"
@@ -322,7 +331,7 @@ class ActionClient:
         """The outcome once it is final, or the last read of it after ``wait_s``."""
         deadline = time.monotonic() + wait_s
         while True:
-            outcome = await asyncio.to_thread(self.queue.outcome, request_id)
+            outcome = await self._call(self.queue.outcome, request_id)
             if outcome is not None and outcome.state not in ("queued", "applying"):
                 return outcome
             left = deadline - time.monotonic()

@@ -196,6 +196,7 @@ class ReplicaReadSide:
         self._flagged: set[str] = set()  # flagged packs' serials (battery passports)
         self._flagged_in: dict[str, str | None] = {}  # their cabinets, as last read
         self._flag_listeners: list[Callable[[str], None]] = []
+        self._in_flight: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -263,7 +264,18 @@ class ReplicaReadSide:
         finally:
             await self._close_stores()
 
+    async def _thread(self, fn: Callable[..., _S], *args: Any, **kwargs: Any) -> _S:
+        """``fn`` in a worker thread. A cancel does not stop the thread: the stores close
+        (``__aexit__``) once such calls have given their connections back."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        self._in_flight.add(future)
+        future.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(future)
+
     async def _close_stores(self) -> None:
+        in_flight = self._in_flight | (self._actions.in_flight if self._actions else set())
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=30)
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
         if self._engine is not None:
@@ -302,7 +314,7 @@ class ReplicaReadSide:
         listeners hear of them. Reads and applies one at a time, in order."""
         assert self._twins is not None
         async with self._apply_lock:
-            records = await asyncio.to_thread(self._read_records, device_ids)
+            records = await self._thread(self._read_records, device_ids)
             changed: list[Twin] = []
             for device_id, record in records.items():
                 if self._records.get(device_id) == record:
@@ -434,7 +446,7 @@ class ReplicaReadSide:
         after = max(0, self._last_event - EVENTS_LOOKBACK)
         count = 0
         while True:
-            rows = await asyncio.to_thread(store.events_after, after, 1000)
+            rows = await self._thread(store.events_after, after, 1000)
             new = [StreamEvent(i, t, d) for i, t, d in rows if i not in self._seen]
             count += len(new)
             for event in new:
@@ -504,7 +516,7 @@ class ReplicaReadSide:
         """Take the flagged packs from the passports the workers write; the cabinets of
         those flagged or cleared since are recomputed (their packs are never ready)."""
         try:
-            now = await asyncio.to_thread(self._read_flagged)
+            now = await self._thread(self._read_flagged)
         except StoreError as exc:
             log.warning("flagged batteries not read: %s", exc)
             return
@@ -558,8 +570,8 @@ class ReplicaReadSide:
         if store is None:
             raise Unavailable("the replica is not started")
         rows, counts = await asyncio.gather(
-            asyncio.to_thread(store.dead_letters, limit),
-            asyncio.to_thread(store.dead_letter_counts),
+            self._thread(store.dead_letters, limit),
+            self._thread(store.dead_letter_counts),
         )
         return rows, counts
 
@@ -573,16 +585,16 @@ class ReplicaReadSide:
         return now_ms()
 
     async def alerts(self, q: AlertQuery) -> list[Alert]:
-        return await asyncio.to_thread(_store_of(self._alert_store).query, q)
+        return await self._thread(_store_of(self._alert_store).query, q)
 
     async def alert(self, alert_id: int) -> Alert:
-        found = await asyncio.to_thread(_store_of(self._alert_store).get, alert_id)
+        found = await self._thread(_store_of(self._alert_store).get, alert_id)
         if found is None:
             raise AlertNotFound(f"no alert with id {alert_id}")
         return found
 
     async def alert_notes(self, alert_id: int) -> list[JSON]:
-        rows = await asyncio.to_thread(_store_of(self._alert_store).notes, alert_id)
+        rows = await self._thread(_store_of(self._alert_store).notes, alert_id)
         return [
             {
                 "id": r["id"],
@@ -595,7 +607,7 @@ class ReplicaReadSide:
         ]
 
     async def alert_deliveries(self, alert_id: int) -> list[JSON]:
-        rows = await asyncio.to_thread(_store_of(self._alert_store).deliveries, alert_id)
+        rows = await self._thread(_store_of(self._alert_store).deliveries, alert_id)
         deadline_s = self.config.alerts.webhooks.deadline_s
         out = []
         for row in rows:
@@ -629,11 +641,11 @@ class ReplicaReadSide:
         self._subscribers.discard(queue)
 
     async def oldest_alert_event(self) -> int | None:
-        return await asyncio.to_thread(_store_of(self._alert_store).oldest_event_id)
+        return await self._thread(_store_of(self._alert_store).oldest_event_id)
 
     async def alert_events_after(self, after: int, limit: int) -> list[StreamEvent]:
         store = _store_of(self._alert_store)
-        rows = await asyncio.to_thread(store.events_after, after, limit)
+        rows = await self._thread(store.events_after, after, limit)
         return [StreamEvent(event_id, type_, data) for event_id, type_, data in rows]
 
     def webhooks(self) -> list[JSON]:
@@ -644,7 +656,7 @@ class ReplicaReadSide:
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
         store = _store_of(self._alert_store)
-        rows = await asyncio.to_thread(
+        rows = await self._thread(
             store.deliveries, status=UNDELIVERED, newest_first=True, limit=limit
         )
         deadline_s = self.config.alerts.webhooks.deadline_s
@@ -658,33 +670,33 @@ class ReplicaReadSide:
 
     async def alert_timings(self, start_ms: int, end_ms: int) -> list[Timing]:
         store = _store_of(self._alert_store)
-        return await asyncio.to_thread(store.timings, start_ms, end_ms)
+        return await self._thread(store.timings, start_ms, end_ms)
 
     async def work_orders(self, q: OrderQuery) -> list[WorkOrder]:
-        return await asyncio.to_thread(_store_of(self._order_store).query, q)
+        return await self._thread(_store_of(self._order_store).query, q)
 
     async def work_order(self, order_id: int) -> WorkOrder:
-        found = await asyncio.to_thread(_store_of(self._order_store).get, order_id)
+        found = await self._thread(_store_of(self._order_store).get, order_id)
         if found is None:
             raise OrderNotFound(f"no work order with id {order_id}")
         return found
 
     async def work_order_log(self, order_id: int) -> list[JSON]:
-        return await asyncio.to_thread(_store_of(self._order_store).log, order_id)
+        return await self._thread(_store_of(self._order_store).log, order_id)
 
     async def command(self, command_id: str) -> CommandRecord | None:
-        return await asyncio.to_thread(_store_of(self._command_store).get, command_id)
+        return await self._thread(_store_of(self._command_store).get, command_id)
 
     async def commands(self, device_id: str | None, limit: int) -> list[CommandRecord]:
         store = _store_of(self._command_store)
-        return await asyncio.to_thread(store.recent, device_id, limit=limit)
+        return await self._thread(store.recent, device_id, limit=limit)
 
     async def battery(self, serial: str) -> JSON | None:
-        return await asyncio.to_thread(_store_of(self._passport_store).passport, serial)
+        return await self._thread(_store_of(self._passport_store).passport, serial)
 
     async def batteries(self, *, flagged: bool | None, after: str | None, limit: int) -> list[JSON]:
         store = _store_of(self._passport_store)
-        return await asyncio.to_thread(store.batteries, flagged=flagged, after=after, limit=limit)
+        return await self._thread(store.batteries, flagged=flagged, after=after, limit=limit)
 
     # -- actions: queued for the worker that owns the station (ingest.actions) ---------------
 
