@@ -61,13 +61,21 @@ from devices.catalog import Catalog
 from ingest import StoreError, StoreUnavailable
 from ingest.actions import ACTION_DONE_CHANNEL, WAIT_S, ActionClient, ActionQueue, libpq_url
 from ingest.alerts.config import AlertsConfig
-from ingest.alerts.model import Alert, AlertNotFound, AlertQuery, StreamEvent, Timing, rfc3339
+from ingest.alerts.model import (
+    Alert,
+    AlertError,
+    AlertNotFound,
+    AlertQuery,
+    StreamEvent,
+    Timing,
+    rfc3339,
+)
 from ingest.alerts.notify import UNDELIVERED, Delivery
-from ingest.alerts.order_model import OrderNotFound, OrderQuery, WorkOrder
+from ingest.alerts.order_model import OrderNotFound, OrderQuery, WorkOrder, WorkOrderError
 from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.repair import repair_times
 from ingest.alerts.store import ALERTS_CHANNEL, AlertStore
-from ingest.commands import CommandNotFound
+from ingest.commands import CommandError, CommandNotFound
 from ingest.commands.model import CommandRecord
 from ingest.commands.store import CommandStore
 from ingest.config import IngestConfig
@@ -145,6 +153,16 @@ class _Metrics:
             "cw_replica_read_model_age_seconds", "time since the last full refresh", registry=r
         )
         self.twins = Gauge("cw_replica_twins", "twins in the read model", registry=r)
+        self.actions = Counter(
+            "cw_replica_actions",
+            "actions queued for the owning worker, by outcome (done; refused: the worker's"
+            " 4xx answer; unavailable: no worker answered in time; failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.alert_events = Counter(
+            "cw_replica_alert_events", "alert events fanned out to SSE streams", registry=r
+        )
 
 
 class ReplicaReadSide:
@@ -449,6 +467,7 @@ class ReplicaReadSide:
             rows = await self._thread(store.events_after, after, 1000)
             new = [StreamEvent(i, t, d) for i, t, d in rows if i not in self._seen]
             count += len(new)
+            self._metrics.alert_events.inc(len(new))
             for event in new:
                 self._seen[event.id] = None
                 self._last_event = max(self._last_event, event.id)
@@ -701,7 +720,19 @@ class ReplicaReadSide:
     # -- actions: queued for the worker that owns the station (ingest.actions) ---------------
 
     async def _request(self, station_id: str, kind: str, args: JSON) -> JSON:
-        return await _store_of(self._actions).request(station_id, kind, args)
+        outcome = "failed"
+        try:
+            done = await _store_of(self._actions).request(station_id, kind, args)
+            outcome = "done"
+            return done
+        except Unavailable:
+            outcome = "unavailable"
+            raise
+        except (AlertError, WorkOrderError, CommandError):
+            outcome = "refused"
+            raise
+        finally:
+            self._metrics.actions.labels(outcome).inc()
 
     async def _alert_action(self, kind: str, alert_id: int, args: JSON) -> Alert:
         station = (await self.alert(alert_id)).station_id  # AlertNotFound: 404 here

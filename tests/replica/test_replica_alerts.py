@@ -201,6 +201,8 @@ async def test_an_action_for_a_station_no_worker_owns_is_503_and_never_applied_l
         assert r.json()["error"] == "unavailable"
         assert "no ingest worker took the action" in r.json()["detail"]
         assert STATION in r.json()["detail"]
+        metrics = (await a.get("/metrics")).text
+        assert 'cw_replica_actions_total{outcome="unavailable"} 1.0' in metrics
         # the owner comes up afterwards: the refused action is not applied behind our back
         async with applying(pg_url, [STATION], engine) as applier:
             await applier.apply_pending()
