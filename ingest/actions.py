@@ -18,8 +18,9 @@ change it itself; it queues the action and waits for its owner:
 3. the replica, woken by that NOTIFY (or by its own bounded polling), reads the outcome and
    answers as ``serve`` would (the record, or the same exception: 404, 409, 422, 429).
 
-When no applier takes the row in time (no worker owns the partition, or it is down), the
-replica marks the row ``expired`` (only if still ``queued``: atomic with a claim, so an
+When no applier takes the row in time (no worker owns the partition, or it is down; time
+by the database's clock, so machines' clocks need not agree), the replica marks the row
+``expired`` (only if still ``queued``: atomic with a claim, so an
 action answered 503 is never applied later) and raises ``Unavailable`` with the reason. A
 row claimed but with no outcome in time (the worker died while applying) is answered 503
 too, saying the action may have been applied.
@@ -40,7 +41,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Self, TypeVar
 
 import psycopg
-from sqlalchemy import bindparam, func, insert, literal_column, select, update
+from sqlalchemy import BigInteger, bindparam, cast, func, insert, literal_column, select, update
 from sqlalchemy.engine import make_url
 
 from ingest import StoreError
@@ -115,6 +116,12 @@ class Outcome:
 _Q = action_queue.c
 _NOTIFY = select(func.pg_notify(bindparam("b_channel"), bindparam("b_payload")))
 # one statement, so one transaction: the row and the NOTIFY of its station
+# the database's clock, not a machine's: a replica and a worker whose clocks differ agree
+# on when an action stops being taken
+_DB_NOW_MS: Any = cast(
+    func.floor(func.extract("epoch", func.clock_timestamp()) * literal_column("1000")),
+    BigInteger,
+)
 _INSERTED = (
     insert(action_queue)
     .values(
@@ -122,8 +129,8 @@ _INSERTED = (
         kind=bindparam("b_kind"),
         args=bindparam("b_args"),
         state=literal_column("'queued'"),
-        requested_at_ms=bindparam("b_now"),
-        expires_at_ms=bindparam("b_expires"),
+        requested_at_ms=_DB_NOW_MS,
+        expires_at_ms=_DB_NOW_MS + bindparam("b_wait"),
     )
     .returning(_Q.id, _Q.station_id)
     .cte("inserted")
@@ -140,7 +147,7 @@ _EXPIRE = (
 _CLAIMABLE = (
     (_Q.state == literal_column("'queued'"))
     & _Q.station_id.in_(bindparam("b_stations", expanding=True))
-    & (_Q.expires_at_ms > bindparam("b_now"))
+    & (_Q.expires_at_ms > _DB_NOW_MS)
 )
 _CLAIMED = (
     select(_Q.id)
@@ -195,13 +202,13 @@ class ActionQueue:
     def close(self) -> None:
         self._db.close()
 
-    def submit(self, station_id: str, kind: str, args: JSON, now: int, wait_ms: int) -> int:
-        """Queue an action and NOTIFY the station's owner, at commit; its id."""
+    def submit(self, station_id: str, kind: str, args: JSON, wait_ms: int) -> int:
+        """Queue an action and NOTIFY the station's owner, at commit; its id. No applier
+        takes it ``wait_ms`` after now (the database's clock)."""
         if kind not in KINDS:
             raise ValueError(f"unknown action {kind!r}")
         row = {
-            "b_station": station_id, "b_kind": kind, "b_args": json.dumps(args), "b_now": now,
-            "b_expires": now + wait_ms,
+            "b_station": station_id, "b_kind": kind, "b_args": json.dumps(args), "b_wait": wait_ms
         }  # fmt: skip
         done = self._db.execute(_SUBMIT, row)  # the NOTIFY is heard at commit
         return int(done.rows[0][0])
@@ -221,7 +228,8 @@ class ActionQueue:
 
     def claim(self, stations: Collection[str], now: int, limit: int = CLAIM_MAX) -> list[Request]:
         """Take the queued, unexpired actions of ``stations``, oldest first (no other
-        claimer gets them)."""
+        claimer gets them). ``now`` is only kept for the record: expiry is judged by the
+        database's clock."""
         if not stations:
             return []
         done = self._db.execute(
@@ -298,7 +306,7 @@ class ActionClient:
         """The action's result, as its owner answered; raises what it raised, or
         ``Unavailable`` when no worker answered in time."""
         request_id = await self._call(
-            self.queue.submit, station_id, kind, args, self.clock(), int(self.wait_s * 1000)
+            self.queue.submit, station_id, kind, args, int(self.wait_s * 1000)
         )
         event = self._waiting[request_id] = asyncio.Event()
         try:
