@@ -4,8 +4,8 @@ and ``app.state.actions``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from typing import NamedTuple
 
 from fastapi import FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
@@ -39,52 +39,36 @@ from api.routes import (
 from api.sentinels import SentinelStore
 from api.settings import ServeSettings
 from api.snapshots import StationViews
-from ingest.db.database import Database, PgDatabase
+from ingest.db.database import Database
 from ingest.readside import Actions, ReadSide
 
 
-@dataclass(frozen=True)
-class ApiStores:
-    """The API's own stores: keys, the audit log, riders. ``serve`` keeps them in its data
-    dir (``in_dir``); API replicas share them in PostgreSQL (``on_postgresql``), so a key
-    made through one replica works on every other."""
+class ApiStores(NamedTuple):
+    """The API's own stores: maintenance keys, the audit log, riders and their points."""
 
     keys: KeyStore
     audit: AuditLog
     sentinels: SentinelStore
-    db: Database | None = None  # the one they share, closed by ``close``
 
     @classmethod
-    def in_dir(cls, data_dir: str | Path) -> ApiStores:
-        return cls(
-            KeyStore.in_dir(data_dir), AuditLog.in_dir(data_dir), SentinelStore.in_dir(data_dir)
-        )
-
-    @classmethod
-    def on_postgresql(cls, url: str) -> ApiStores:
-        """On the cluster's database at ``url`` (its schema current), one pool for the three."""
-        db = PgDatabase(url)
-        return cls(KeyStore(db), AuditLog(db), SentinelStore(db), db)
+    def on(cls, database: Callable[[], Database]) -> ApiStores:
+        """Each on its own connection from ``database`` (blocking: call it in a thread)."""
+        return cls(KeyStore(database()), AuditLog(database()), SentinelStore(database()))
 
     def close(self) -> None:
-        if self.db is not None:
-            self.db.close()
-        else:
-            for store in (self.keys, self.audit, self.sentinels):
-                store.close()
+        for store in self:
+            store.close()
 
 
 def create_app(
     read: ReadSide,
     actions: Actions,
     settings: ServeSettings | None = None,
-    *,
     stores: ApiStores | None = None,
 ) -> FastAPI:
-    """The app over ``read`` and ``actions``; the API's own stores ``stores`` (default: in
-    the read side's data dir, as ``serve`` keeps them)."""
+    """The app on ``read`` and ``actions``; its own ``stores`` are the composition root's
+    choice (None: the embedded file of ``read.data_dir``; the caller closes what it gave)."""
     settings = settings or ServeSettings()
-    stores = stores or ApiStores.in_dir(read.data_dir)
     app = FastAPI(
         title="chargewatch",
         version="0.1.0",
@@ -95,6 +79,12 @@ def create_app(
     app.state.settings = settings
     app.state.read = read
     app.state.actions = actions
+    if stores is None:
+        stores = ApiStores(
+            KeyStore.in_dir(read.data_dir),
+            AuditLog.in_dir(read.data_dir),
+            SentinelStore.in_dir(read.data_dir),
+        )
     app.state.keys = stores.keys  # maintenance API keys
     app.state.audit = stores.audit  # who did what (api.audit)
     app.state.sentinels = stores.sentinels  # riders, points

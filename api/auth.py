@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import time
@@ -40,7 +41,6 @@ from starlette.exceptions import HTTPException
 from api.audit import Actor, AuditLog
 from api.text import plain_text
 from api.views import rfc3339
-from ingest import StoreError
 from ingest.db.database import Database, PgDatabase
 from ingest.db.schema import api_keys
 from ingest.sqlite_db import SQLiteDB
@@ -279,8 +279,8 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     keys.add_argument("--data-dir", type=Path, help="the service's data dir")
     keys.add_argument(
         "--db",
-        metavar="URL",
-        help="the cluster's PostgreSQL (the keys of `chargewatch api` replicas), not the data dir",
+        default=os.environ.get("CHARGEWATCH_DB"),
+        help="the service's state database, as serve's --db (default: $CHARGEWATCH_DB)",
     )
     actions = keys.add_subparsers(dest="keys_command", required=True)
     create = actions.add_parser("create", help="create a key and print it (once)")
@@ -328,19 +328,13 @@ def parse_expires(value: str, now_ms: int) -> int:
     return at
 
 
-def cmd_keys(args: argparse.Namespace, data_dir: Path) -> int:
+def cmd_keys(
+    args: argparse.Namespace, data_dir: Path, database: Callable[[], Database] | None = None
+) -> int:
     """``chargewatch keys``: each change is in the audit log, the actor ``cli`` and the OS
-    user who ran it."""
-    if getattr(args, "db", None):
-        try:
-            store = KeyStore.on_postgresql(args.db)
-        except StoreError as exc:  # unreachable, or behind the schema (`db upgrade`)
-            print(f"chargewatch: --db: {exc}")
-            return 1
-        audit = AuditLog.on_postgresql(args.db)
-    else:
-        store = KeyStore.in_dir(data_dir)
-        audit = AuditLog.in_dir(data_dir)
+    user who ran it. The stores on ``database()`` (serve's ``--db``), else in ``data_dir``."""
+    store = KeyStore(database()) if database else KeyStore.in_dir(data_dir)
+    audit = AuditLog(database()) if database else AuditLog.in_dir(data_dir)
     actor = Actor.cli()
     try:
         if args.keys_command == "create":

@@ -67,12 +67,13 @@ async def run_api(settings: ServeSettings, db: str) -> None:
     """An API replica (``chargewatch api``): the whole API from PostgreSQL
     (``ingest.replica``), until SIGINT/SIGTERM."""
     from api.app import ApiStores, create_app
+    from ingest.db.database import PgDatabase
     from ingest.replica import ReplicaReadSide, as_read_and_act
 
     async with ReplicaReadSide(db, settings.ingest) as side:
         # keys, audit log and riders in PostgreSQL: shared by every replica
-        stores = await asyncio.to_thread(ApiStores.on_postgresql, db)
-        app = create_app(*as_read_and_act(side), settings, stores=stores)
+        stores = await asyncio.to_thread(ApiStores.on, lambda: PgDatabase(db, pool_size=2))
+        app = create_app(*as_read_and_act(side), settings, stores)
         server = _http_server(app, settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -118,12 +119,15 @@ async def run_serve(
 ) -> None:
     """Serve until SIGINT/SIGTERM. ``on_ready(url, ingest)`` runs once HTTP is up; ``on_stop()``
     after HTTP stopped but while the broker and ingest still run."""
-    from api.app import create_app
+    from api.app import ApiStores, create_app
     from ingest.inprocess import read_and_act
     from ingest.service import FATAL_EXIT_STATUS, Ingest  # at run time: paho, sqlite, amqtt
 
-    async with Ingest(settings.ingest, catalog) as ingest:
-        app = create_app(*read_and_act(ingest), settings)  # the API sees nothing else
+    async with Ingest(settings.ingest, catalog) as ingest, contextlib.AsyncExitStack() as stack:
+        # the API's own stores in the service's state database (its file, or PostgreSQL)
+        stores = await asyncio.to_thread(ApiStores.on, ingest.statedb.database)
+        stack.callback(stores.close)
+        app = create_app(*read_and_act(ingest), settings, stores)  # the API sees nothing else
         ingest.count_reports_from(app.state.sentinels)  # riders' reports in the rollups
         server = _http_server(app, settings)
         loop = asyncio.get_running_loop()
@@ -178,6 +182,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         ("broker_credentials", "embedded_broker_credentials"),
         ("cafile", "cafile"),
         ("history", "history"),
+        ("db", "db"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -340,7 +345,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--host", help="HTTP listen address (default 127.0.0.1)")
         sp.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks one)")
 
-    server_flags(sub.add_parser("serve", help="ingest + API in one process"))
+    serve = sub.add_parser("serve", help="ingest + API in one process")
+    server_flags(serve)
+    serve.add_argument(
+        "--db",
+        default=os.environ.get("CHARGEWATCH_DB"),
+        help="state database: postgresql://user@host/db (migrated by `chargewatch db upgrade`)"
+        " or sqlite:///path; default: the embedded file in the data dir ($CHARGEWATCH_DB)",
+    )
     replica = sub.add_parser("api", help="an API replica serving from PostgreSQL (the cluster)")
     replica.add_argument(
         "--db",
@@ -402,7 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         from api.auth import cmd_keys
 
-        return cmd_keys(args, args.data_dir or ServeSettings().ingest.data_dir)
+        data_dir = args.data_dir or ServeSettings().ingest.data_dir
+        if not args.db:
+            return cmd_keys(args, data_dir)
+        from ingest.statedb import StateDB
+
+        try:
+            state = StateDB.of(args.db, data_dir)
+            return cmd_keys(args, data_dir, state.database)
+        except IngestError as exc:  # a bad URL, the database unreachable
+            raise SystemExit(f"chargewatch: {exc}") from None
     if args.command == "broker-config":
         from ingest.brokerconfig import command as broker_config
 

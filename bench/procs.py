@@ -31,6 +31,12 @@ class BenchError(RuntimeError):
     """A benchmark could not run (a server did not start, a binary is missing)."""
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
@@ -62,6 +68,7 @@ class Proc:
     port: int | None = None
     popen: subprocess.Popen[bytes] | None = None
     stdout: Path | None = None
+    env: dict[str, str] | None = None  # added to this process's environment
 
     @property
     def pid(self) -> int:
@@ -72,7 +79,10 @@ class Proc:
         out = open(self.stdout or self.log, "ab")  # noqa: SIM115 - handed to the child
         err = open(self.log, "ab") if self.stdout else subprocess.STDOUT  # noqa: SIM115
         try:
-            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=err, start_new_session=True)
+            env = {**os.environ, **self.env} if self.env else None
+            self.popen = subprocess.Popen(
+                self.argv, stdout=out, stderr=err, start_new_session=True, env=env
+            )
         finally:
             out.close()
             if not isinstance(err, int):

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import procs, stages
+from bench import cluster, procs, stages
 
 TARGETS = {
     "vs_mosquitto_sub": 0.40,
@@ -362,6 +362,7 @@ def render(results: dict[str, Any], command: str, plot: str | None) -> str:
             f" {sim['demand']:,.0f} msg/s).",
             "",
         ]
+    lines += cluster.render(results.get("cluster"))
     errors = results.get("errors")
     if errors:
         lines += ["## Parts that failed in this run", ""]

@@ -62,11 +62,23 @@ class Plan:
     simulator_devices: int = 10_000
     simulator_processes: int = 1
     history_devices: int | None = None  # devices of the district day (None: all 412)
+    cluster_devices: int = 2_000  # the cluster part: workers, PostgreSQL, an API replica
+    cluster_messages: int = 30_000  # per configuration and round
+    cluster_rounds: int = 2
+    cluster_api_seconds: float = 20.0  # the open-loop rider query on the replica
     parts: frozenset[str] = field(default_factory=lambda: frozenset(PARTS))  # all of them
 
     @classmethod
     def short(cls) -> Plan:
         return cls(messages=20_000, rounds=1, influx=False, parts=frozenset({"throughput"}))
+
+    @classmethod
+    def cluster_short(cls) -> Plan:
+        """The cluster part small enough for a test (< 60 s): it cannot rot."""
+        return cls(
+            cluster_devices=400, cluster_messages=2_000, cluster_rounds=1,
+            cluster_api_seconds=3.0, parts=frozenset({"cluster"}),
+        )  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -514,7 +526,7 @@ def _ms(text: str) -> float:
     return float(text)
 
 
-def _open_loop(
+def open_loop(
     url: str, rate: float, seconds: float, server_pid: int, *headers: str
 ) -> dict[str, Any]:
     """``bench.openloop`` in its own process: ``rate`` requests/s on a fixed schedule,
@@ -522,9 +534,9 @@ def _open_loop(
     CPU per request and the load average, since the machine is shared."""
     argv = [sys.executable, "-m", "bench.openloop", url, str(rate), str(seconds)]
     argv += [f"--header={h}" for h in headers]
-    cpu0 = _cpu_s(server_pid)
+    cpu0 = procs.cpu_s(server_pid)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    cpu = _cpu_s(server_pid) - cpu0
+    cpu = procs.cpu_s(server_pid) - cpu0
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["server_cpu_us_per_request"] = (
         cpu / result["requests"] * 1e6 if result["requests"] else None
@@ -570,7 +582,7 @@ def rider_api(work: Path, plan: Plan) -> dict[str, Any] | None:
                     # what a browser asks for: gzip (the station detail is ~190 KB of JSON)
                     ("station detail, gzip", urls["station detail"], ("Accept-Encoding: gzip",)),
                 ]:
-                    v = _open_loop(base + path, OPEN_LOOP_RPS, open_s, serve.pid, *headers)
+                    v = open_loop(base + path, OPEN_LOOP_RPS, open_s, serve.pid, *headers)
                     v |= {"endpoint": name, "x_district": x, "ingest_rate": rate}
                     out["open_loop"].append(v)
                     log(
@@ -624,12 +636,6 @@ def footprint(work: Path, plan: Plan) -> list[dict[str, Any]]:
 
 HEARTBEAT_PACE = (0.8 + 0.95) / 2
 """Simulated devices beat at 0.8-0.95 x ``heartbeat_s`` (uniform): the mean pace of demand."""
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stats_lines(path: Path) -> list[dict[str, Any]]:
@@ -718,7 +724,7 @@ def simulator_run(
                 time.sleep(0.2)
             # the first heartbeats follow each birth's snapshot by 0.8-0.95 x heartbeat_s
             time.sleep(heartbeat_s if ready_s is not None else 0.0)
-            cpu0, m0, w0 = sum(_cpu_s(p.pid) for p in sims), time.monotonic(), time.time()
+            cpu0, m0, w0 = sum(procs.cpu_s(p.pid) for p in sims), time.monotonic(), time.time()
             if spy_out is not None:
                 spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
                 assert spy is not None
@@ -728,7 +734,7 @@ def simulator_run(
                     capture_output=True, timeout=spy_s + 60, check=False,
                 )  # fmt: skip
             time.sleep(max(0.0, window_s - (time.monotonic() - m0)))
-            cpu1, m1, w1 = sum(_cpu_s(p.pid) for p in sims), time.monotonic(), time.time()
+            cpu1, m1, w1 = sum(procs.cpu_s(p.pid) for p in sims), time.monotonic(), time.time()
             time.sleep(1.5)  # one more STATS line after the window
         finally:
             for p in sims:
@@ -818,4 +824,11 @@ PARTS: dict[str, Callable[[Path, Plan], Any]] = {
     "history": history,
     "profile": profile,
     "stages": lambda work, plan: stages.stages(work, plan.devices),
+    "cluster": lambda work, plan: _cluster(work, plan),
 }
+
+
+def _cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
+    from bench.cluster import cluster
+
+    return cluster(work, plan)

@@ -159,10 +159,15 @@ def ms_to_datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-class _Model(msgspec.Struct, frozen=True, kw_only=True):
+class _Model(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Strict: "42" is not an int and 0 is not a bool; unknown fields are ignored (vendors
     add their own). Constructing one runs the cross-field checks (``__post_init__``) but
-    not the per-field constraints; ``of`` runs both, as ``decode`` does."""
+    not the per-field constraints; ``of`` runs both, as ``decode`` does.
+
+    ``gc=False``: a model holds strings, numbers and lists of models, never a cycle, so the
+    garbage collector need not track it. A status makes a dozen of them (its ports or
+    slots); untracked, they neither bring young collections nearer nor add to the old
+    generation the collector scans while the twins keep them."""
 
     @classmethod
     def of(cls, data: Mapping[str, Any]) -> Self:
@@ -225,9 +230,12 @@ class Slot(_Model, frozen=True, kw_only=True):
 
 def _check_units(items: list[Port] | list[Slot], what: str) -> None:
     """Every port/slot once, numbered 1..n; a faulted one names its fault."""
-    numbers = sorted(item.n for item in items)
-    if numbers != list(range(1, len(items) + 1)):
-        raise ValueError(f"{what} must list every {what[:-1]} once, numbered 1..{len(items)}")
+    numbers = [item.n for item in items]
+    expected = list(range(1, len(items) + 1))
+    if numbers != expected:  # devices list them in order: sort only when they do not
+        numbers.sort()
+        if numbers != expected:
+            raise ValueError(f"{what} must list every {what[:-1]} once, numbered 1..{len(items)}")
     for item in items:
         if item.state == "faulted" and not item.fault:
             raise ValueError(f"{what[:-1]} {item.n} is faulted but has no fault code")
@@ -456,6 +464,7 @@ def _keys_mirror(
         [(field, kind, msgspec.UNSET) for field, kind in names.items()],
         kw_only=True,
         omit_defaults=True,
+        gc=False,  # verbatim pieces of the payload: no cycle, nothing for the collector
     )
 
 

@@ -39,6 +39,10 @@ class IngestConfig(BaseModel):
     # History store URL: None keeps history in the embedded store; influx2://host:port?org=
     # &bucket=&token= (InfluxDB 2.x/3.x) or influx1://host:port?db= (1.x), see docs/operations.md
     history: str | None = None
+    # The state database: None keeps it in the embedded file of the data dir (one machine);
+    # sqlite:///path names that file; postgresql://user@host/db puts it in PostgreSQL (several
+    # processes share it; migrated by `chargewatch db upgrade`, see ingest.statedb)
+    db: str | None = None
     # Where the embedded store keeps its file (state always; history unless `history` is set).
     data_dir: Path = Path("chargewatch-data")
     # None: the district shipped with the package.

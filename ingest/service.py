@@ -3,9 +3,14 @@
     async with Ingest(config, catalog) as ingest:
         ...  # ingest.twins, ingest.metrics, ingest.ready
 
-With no broker configured it starts the embedded one first. ``connect=False`` runs
-everything but the broker and the MQTT source: messages come in by ``inject`` (the tests'
-middle layer, like Home Assistant's ``async_fire_mqtt_message``).
+With no broker configured it starts the embedded one first. Its state is in the embedded
+SQLite file (the data dir's, or ``sqlite:///path``) or in PostgreSQL (``config.db``:
+``ingest.statedb``); with PostgreSQL, history goes there too unless ``config.history`` names
+an InfluxDB, and what exists only for the embedded file is not run: its compaction,
+retention and hourly rollups (``ingest.housekeeping``) and the watch of the data dir's disk.
+
+``connect=False`` runs everything but the broker and the MQTT source: messages come in by
+``inject`` (the tests' middle layer, like Home Assistant's ``async_fire_mqtt_message``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ingest.broker import EmbeddedBroker
 from ingest.commands.service import Commands
 from ingest.commands.store import CommandStore
 from ingest.config import IngestConfig
+from ingest.db.database import Database
 from ingest.diskusage import DiskWatch
 from ingest.gmqtt_source import GmqttSource
 from ingest.housekeeping import Housekeeping
@@ -39,10 +45,12 @@ from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, MqttSource, Received
 from ingest.passport_store import PassportStore
 from ingest.passports import Passports
+from ingest.pg_store import PostgresStore
 from ingest.pipeline import Pipeline, Twins
 from ingest.readside import now_ms as now_ms
 from ingest.rollups import HourlyRollups, ReportSource
 from ingest.sqlite_store import SQLiteStore
+from ingest.statedb import StateDB
 from ingest.store import HistoryStore, StateStore
 from ingest.supervisor import Supervisor
 
@@ -75,6 +83,7 @@ class Ingest:
         self.metrics = metrics or IngestMetrics()
         self.twins = Twins(catalog, config.release_soc)
         self._history = history
+        self.statedb = StateDB.of(config.db, config.data_dir)  # a bad URL is refused here
         self._stack = AsyncExitStack()
         # every long-lived task of the service: a death fails /readyz, raises an alert and
         # restarts the task, or (pipeline, MQTT source) stops the process (ingest.supervisor)
@@ -87,7 +96,8 @@ class Ingest:
         self.source: MqttSource | GmqttSource | None = None
         self.pipeline: Pipeline | None = None
         self.state: StateStore | None = None
-        self._sqlite: SQLiteStore | None = None  # the embedded store (state, maybe history)
+        self._store: SQLiteStore | PostgresStore | None = None  # state, maybe history
+        self._sqlite: SQLiteStore | None = None  # the same, when it is the embedded one
         self.history: HistoryStore | None = None
         self.started_ms = now_ms()
         self.metrics.registry.register(_LiveCollector(self))
@@ -99,7 +109,7 @@ class Ingest:
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
         self.disk = DiskWatch(
-            config.data_dir,
+            self.statedb.path.parent if self.statedb.path is not None else config.data_dir,
             check_s=config.disk_check_s,
             window_s=config.disk_growth_window_s,
             warn_days=config.disk_full_warning_days,
@@ -180,18 +190,26 @@ class Ingest:
     async def __aenter__(self) -> Ingest:
         cfg = self.config
         try:
-            # one service per data dir; `chargewatch restore` is refused while we hold it
-            lock = DataDirLock(cfg.data_dir)
-            await asyncio.to_thread(lock.acquire)
-            self._stack.callback(lock.release)
-            store = await asyncio.to_thread(
-                SQLiteStore.in_dir,
-                cfg.data_dir,
-                synchronous=cfg.sqlite_synchronous,
-                dead_letters_kept=cfg.dead_letters_kept,
-            )
+            db = self.statedb
+            store: SQLiteStore | PostgresStore
+            if db.path is not None:
+                # one service per data dir; `chargewatch restore` is refused while we hold it
+                lock = DataDirLock(db.path.parent)
+                await asyncio.to_thread(lock.acquire)
+                self._stack.callback(lock.release)
+                store = self._sqlite = await asyncio.to_thread(
+                    SQLiteStore,
+                    db.path,
+                    synchronous=cfg.sqlite_synchronous,
+                    dead_letters_kept=cfg.dead_letters_kept,
+                )
+            else:  # refuses a database behind this chargewatch's schema (SchemaBehind)
+                assert db.url is not None
+                store = await asyncio.to_thread(
+                    PostgresStore, db.url, dead_letters_kept=cfg.dead_letters_kept
+                )
             self._stack.callback(store.close)
-            self.state = self._sqlite = store
+            self.state = self._store = store
             if self._history is None and cfg.history is not None:
                 from ingest.influx import InfluxHistory  # only when asked for
 
@@ -207,7 +225,7 @@ class Ingest:
             # stores above close, after what is entered below
             await self._stack.enter_async_context(self.supervisor)
             restored = self.twins.restore(await asyncio.to_thread(store.load_twins))
-            log.info("store %s: %d device twins restored", store.path, restored)
+            log.info("store %s: %d device twins restored", db, restored)
 
             if not self.connect:
                 pass  # no broker: messages come by inject()
@@ -237,9 +255,7 @@ class Ingest:
                 batch_max=cfg.batch_max,
                 retry_max_s=cfg.store_retry_max_s,
             )
-            passport_store = await asyncio.to_thread(
-                PassportStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
-            )
+            passport_store = PassportStore(await asyncio.to_thread(self._database))
             self._stack.callback(passport_store.close)
             self.passports = Passports(
                 passport_store,
@@ -251,9 +267,7 @@ class Ingest:
             # before the alert engine's: an alert a status opens finds its pack in the slot
             self.pipeline.observers.append(self.passports.observe)
             if cfg.alerts.enabled:
-                alert_store = await asyncio.to_thread(
-                    AlertStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
-                )
+                alert_store = AlertStore(await asyncio.to_thread(self._database))
                 self._stack.callback(alert_store.close)
                 self.alerts = await self._stack.enter_async_context(
                     AlertEngine(
@@ -281,31 +295,29 @@ class Ingest:
                 )
                 if taken:
                     log.info("passports: %d open safety alerts taken up at start", taken)
-                order_store = await asyncio.to_thread(
-                    WorkOrderStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
-                )
+                order_store = WorkOrderStore(await asyncio.to_thread(self._database))
                 self._stack.callback(order_store.close)
                 self.orders = await self._stack.enter_async_context(
                     WorkOrders(self.alerts, order_store, cfg.alerts.work_orders)
                 )
                 self.pipeline.observers.append(self.orders.observe)
-            self.supervisor.start(DISK, self.disk.run)
+            if db.embedded:  # the state is on this machine's disk
+                self.supervisor.start(DISK, self.disk.run)
             self.supervisor.start(PASSPORTS, self.passports.run)
-            if self.history is store:  # compaction and retention of the embedded history
+            if self._sqlite is not None and self.history is self._sqlite:
+                # compaction, retention and rollups of the embedded history
                 self.housekeeping = Housekeeping(
-                    store,
+                    self._sqlite,
                     now_ms,
                     history_days=cfg.history_days,
                     grace_s=cfg.compact_grace_s,
                     every_s=cfg.housekeeping_s,
                     first_after_s=cfg.housekeeping_s,
-                    rollups=HourlyRollups(store, self.catalog, cfg.release_soc),
+                    rollups=HourlyRollups(self._sqlite, self.catalog, cfg.release_soc),
                 )
                 self.metrics.registry.register(self.housekeeping)
                 self.supervisor.start(HOUSEKEEPING, self.housekeeping.run)
-            command_store = await asyncio.to_thread(
-                CommandStore.in_dir, cfg.data_dir, synchronous=cfg.sqlite_synchronous
-            )
+            command_store = CommandStore(await asyncio.to_thread(self._database))
             self._stack.callback(command_store.close)
             self.commands = await self._stack.enter_async_context(
                 Commands(
@@ -385,11 +397,15 @@ class Ingest:
             log.info("first session of client id %r at %s", self.config.client_id, self.broker_url)
             self.supervisor.spawn(REMEMBER_SESSION, self._remember_session())
 
+    def _database(self) -> Database:
+        """A store's own connection to the state database (blocking: call it in a thread)."""
+        return self.statedb.database(synchronous=self.config.sqlite_synchronous)
+
     async def _remember_session(self) -> None:
-        if self._sqlite is None:
+        if self._store is None:
             return
         try:
-            await asyncio.to_thread(self._sqlite.remember, self._session_fact, str(now_ms()))
+            await asyncio.to_thread(self._store.remember, self._session_fact, str(now_ms()))
         except StoreError as exc:  # this process still knows; a restart may not
             log.warning("cannot remember the broker session: %s", exc)
 
@@ -469,7 +485,7 @@ class _LiveCollector(Collector):
             "chargewatch_dead_letters_retained_repeats",
             "Retained messages replayed on a subscribe that were dead-lettered before (not"
             " stored again)",
-            value=ingest._sqlite.retained_repeats if ingest._sqlite is not None else 0,
+            value=ingest._store.retained_repeats if ingest._store is not None else 0,
         )
         yield GaugeMetricFamily(
             "chargewatch_lost_messages",

@@ -60,6 +60,7 @@ SEQ_JUMP_MAX = 128  # seqs missing in one gap; a larger jump is held until the d
 MISSING_SEQS_KEPT = 256  # the newest seqs of gaps, so that a late arrival can be un-counted
 
 _ENCODER = msgspec.json.Encoder()
+_STATUSES = (PileStatus, CabinetStatus)  # a tuple: a union is built per call, checked slower
 
 
 class Outcome(StrEnum):
@@ -172,7 +173,7 @@ class Twin:
             self.will_seq = None
             self.changed_ms = arrival_ms
             return Outcome.APPLIED
-        if isinstance(msg, PileStatus | CabinetStatus):
+        if isinstance(msg, _STATUSES):
             self.status_seq = msg.seq
             self.status = msg
             self.status_ts_ms = msg.ts

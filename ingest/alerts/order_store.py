@@ -18,8 +18,8 @@ from sqlalchemy.sql.expression import Executable
 
 from ingest.alerts.order_model import ORDER_COLUMNS, OrderQuery, WorkOrder
 from ingest.db.database import Database, Params, PgDatabase
+from ingest.db.dialect import Upserts, dialect_of
 from ingest.db.schema import work_order_log, work_orders
-from ingest.db.upsert import Upserts, dialect_of
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as the other stores

@@ -108,24 +108,40 @@ def observe(
                     mem.door_open_since = received_ms
             else:
                 mem.door_open_since = None
+            # _remember_temp inline: twelve calls a cabinet status cost more than the work
+            temps, oldest_ms = mem.temps, at - limits.temp_rise_window_s * 1000
             for slot in msg.slots:
-                _remember_temp(mem, slot.n, at, slot.temp_c, limits.temp_rise_window_s)
+                temp = slot.temp_c
+                if temp is None:
+                    continue
+                readings = temps.get(slot.n)
+                if readings is None:
+                    readings = temps[slot.n] = deque()
+                elif readings and at <= readings[-1][0]:
+                    continue  # the same instant (the rule clock never goes back)
+                readings.append((at, temp))
+                while readings and readings[0][0] < oldest_ms:
+                    readings.popleft()
         else:
             mem.energy_drop.clear()
+            zero_since, energy = mem.zero_power_since, mem.energy
+            min_w, backwards_wh = limits.charging_min_w, limits.energy_backwards_wh
             for port in msg.ports:
-                if port.state == "charging" and port.power_w < limits.charging_min_w:
-                    mem.zero_power_since.setdefault(port.n, received_ms)
-                else:
-                    mem.zero_power_since.pop(port.n, None)
-                before = mem.energy.get(port.n)
+                n, session, energy_wh = port.n, port.session, port.energy_wh
+                if port.state == "charging" and port.power_w < min_w:
+                    if n not in zero_since:
+                        zero_since[n] = received_ms
+                elif zero_since:
+                    zero_since.pop(n, None)
+                before = energy.get(n)
                 if (
                     before is not None
-                    and port.session is not None
-                    and before[0] == port.session
-                    and port.energy_wh < before[1] - limits.energy_backwards_wh
+                    and session is not None
+                    and before[0] == session
+                    and energy_wh < before[1] - backwards_wh
                 ):
-                    mem.energy_drop[port.n] = before[1] - port.energy_wh
-                mem.energy[port.n] = (port.session, port.energy_wh)
+                    mem.energy_drop[n] = before[1] - energy_wh
+                energy[n] = (session, energy_wh)
     return raised
 
 
@@ -186,8 +202,9 @@ def device_conditions(
                 k, "critical", value=status.temp_c, info=f"enclosure > {limits.temp_high_c} °C"
             )
         if isinstance(status, CabinetStatus):
+            unit_high_c, release_soc = limits.unit_temp_high_c, twin.release_soc
             for slot in status.slots:
-                if slot.temp_c is not None and slot.temp_c > limits.unit_temp_high_c:
+                if slot.temp_c is not None and slot.temp_c > unit_high_c:
                     k = _key(twin, "temperature_high", slot.n)
                     found[k] = Observation(
                         k,
@@ -195,7 +212,7 @@ def device_conditions(
                         value=slot.temp_c,
                         info=f"slot > {limits.unit_temp_high_c} °C",
                     )
-                if slot.state == "ready" and slot.soc is not None and slot.soc < twin.release_soc:
+                if slot.state == "ready" and slot.soc is not None and slot.soc < release_soc:
                     k = _key(twin, "ready_low_soc", slot.n)
                     found[k] = Observation(
                         k, "minor", value=slot.soc, info=f"ready below {twin.release_soc:g} %"
@@ -214,9 +231,16 @@ def device_conditions(
             for n, drop in mem.energy_drop.items():
                 k = _key(twin, "energy_backwards", n)
                 found[k] = Observation(k, "warning", value=round(drop, 1), info="Wh lost")
+    # rise_per_min inline (a call per slot and message was most of this loop)
+    min_span_ms, rise_max = limits.temp_rise_min_span_s * 1000, limits.temp_rise_c_per_min
     for unit, readings in mem.temps.items():
-        rate = rise_per_min(readings, limits.temp_rise_min_span_s)
-        if rate is not None and rate >= limits.temp_rise_c_per_min:
+        if len(readings) < 2:
+            continue
+        (t0, c0), (t1, c1) = readings[0], readings[-1]
+        if t1 - t0 < min_span_ms:
+            continue
+        rate = (c1 - c0) / ((t1 - t0) / 60_000)
+        if rate >= rise_max:
             k = _key(twin, "temperature_rise", unit)
             found[k] = Observation(k, "critical", value=round(rate, 2), info="°C per minute")
     return found, False

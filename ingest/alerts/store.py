@@ -35,6 +35,7 @@ from sqlalchemy.sql.expression import Executable
 
 from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery, Timing
 from ingest.db.database import CoreStatement, Database, Params, PgDatabase
+from ingest.db.dialect import Upserts, dialect_of
 from ingest.db.schema import (
     alert_events,
     alert_ids,
@@ -44,7 +45,6 @@ from ingest.db.schema import (
     unobserved,
     webhooks,
 )
-from ingest.db.upsert import Upserts, dialect_of
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store

@@ -23,6 +23,7 @@ from devices.catalog import Catalog
 from simulators.config import BrokerAddress, FleetConfig
 from simulators.fleet import Fleet
 from simulators.truth import TruthLog
+from tests.pg_server import PgServer
 from tests.servers import Process, Service, chargewatch_serve, mosquitto
 
 T = TypeVar("T")
@@ -207,6 +208,37 @@ def serve_district(tmp: Path, *, hand: bool = True) -> Iterator[District]:
         run = [d.id for d in catalog.devices.values() if d.station_id != HAND_STATION]
         with running_fleet(catalog, broker.port, only=run) as fleet:
             yield District(broker, svc, catalog, fleet)
+
+
+@contextmanager
+def cluster_district(tmp: Path, pg: PgServer, *, hand: bool = True) -> Iterator[District]:
+    """The same small district through the scaled-out shape: mosquitto, a database on
+    ``pg``, two ``chargewatch ingest`` workers and one ``chargewatch api`` replica, which
+    is the district's ``service`` (``tests.cluster.processes``)."""
+    from tests.cluster.processes import cluster
+
+    catalog = mini_catalog(tmp / "catalog.json", hand=hand)
+    with cluster(tmp / "cluster", pg, catalog=tmp / "catalog.json", workers=2, replicas=1) as c:
+        run = [d.id for d in catalog.devices.values() if d.station_id != HAND_STATION]
+        with running_fleet(catalog, c.broker.port, only=run) as fleet:
+            yield District(c.broker, c.replicas[0], catalog, fleet)
+
+
+@contextmanager
+def district(backend: str, tmp: Path, request: Any, *, hand: bool = True) -> Iterator[District]:
+    """``serve_district`` (backend ``serve``: SQLite) or ``cluster_district`` (``cluster``:
+    PostgreSQL, the session's server from the ``pg_session`` fixture)."""
+    if backend == "serve":
+        with serve_district(tmp, hand=hand) as d:
+            yield d
+    elif backend == "cluster":
+        with cluster_district(tmp, request.getfixturevalue("pg_session"), hand=hand) as d:
+            yield d
+    else:
+        raise ValueError(f"backend {backend!r}: serve or cluster")
+
+
+BACKENDS = ["serve", "cluster"]
 
 
 def artifacts_dir() -> Path:

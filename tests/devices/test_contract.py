@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
 import pytest
 
+from devices import contract
 from devices.contract import (
     CLOCK_SKEW_MAX_MS,
     COMMAND_KIND,
@@ -625,6 +627,33 @@ def _dup(payload: bytes, old: bytes, new: bytes) -> bytes:
             "ports",
         ),
         ("state", b'{"v":1,"online":false,"boot":"7f3a","boot":"abcd","seq":3}', "boot"),
+        # compact, known keys only: a repeat in one unit beside a unit that lacks the key
+        # (a check that counted keys per name across the units would miss these)
+        (
+            "status",
+            _dup(PILE_STATUS, b'"power_w":0,', b"").replace(
+                b'"power_w":182.0', b'"power_w":1.0,"power_w":182.0'
+            ),
+            "power_w",
+        ),
+        (
+            "status",
+            _dup(PILE_STATUS, b'"session":"s-1a2b"', b'"session":"x","session":"s-1a2b"'),
+            "session",
+        ),
+        (
+            "status",
+            _dup(CABINET_STATUS, b'"temp_c":28.0,', b"").replace(
+                b'"temp_c":27.1', b'"temp_c":20.0,"temp_c":27.1'
+            ),
+            "temp_c",
+        ),
+        (
+            "status",
+            _dup(CABINET_STATUS, b'"soc":97', b'"soc":null,"soc":97'),
+            "soc",
+        ),
+        ("status", _dup(CABINET_STATUS, b'"smoke":false', b'"smoke":false,"smoke":false'), "smoke"),
     ],
 )
 def test_duplicate_keys_are_rejected(channel: Channel, payload: bytes, key: str) -> None:
@@ -717,3 +746,16 @@ def test_command_result_event() -> None:
 def test_command_model_checks_its_unit_when_built() -> None:
     with pytest.raises(ValueError, match="needs slot"):
         Command(v=1, id="c-12345678", ts=0, type="lock_battery", expires=1)
+
+
+def test_decoded_messages_are_not_tracked_by_the_collector() -> None:
+    """The contract's structs hold no cycles (strings, numbers, lists of units): untracked,
+    the dozen or so a status makes (and the duplicate-key check's mirror of its keys)
+    cost the garbage collector nothing, however long a twin keeps them."""
+    pile, cabinet = decode("status", PILE_STATUS), decode("status", CABINET_STATUS)
+    assert isinstance(pile, PileStatus)
+    assert isinstance(cabinet, CabinetStatus)
+    structs = [pile, *pile.ports, cabinet, *cabinet.slots]
+    assert [gc.is_tracked(s) for s in structs] == [False] * len(structs)
+    mirror = contract._KEYS["status"].decode(PILE_STATUS)
+    assert [gc.is_tracked(m) for m in (mirror, *mirror.ports)] == [False] * 3

@@ -1,0 +1,124 @@
+"""A PostgreSQL for a benchmark: the Debian binaries, a temp dir, a free loopback port.
+
+The bench's own small copy of what ``tests.pg_server`` does (bench may not import tests/):
+``initdb`` as the ``postgres`` account when run as root (PostgreSQL refuses root), the server
+in the foreground so it is stopped by its PID, fsync off as the tests' server is (the figures
+are CPU per message, not disk). ``cpu_s()`` sums the CPU of the postmaster and its backends
+(``/proc``), so a run can say what the database costs a message too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import LOOPBACK, BenchError, cpu_s, free_port
+
+ACCOUNT = "postgres"
+
+
+def pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if not found:
+        raise BenchError(f"PostgreSQL's {name} is not installed (Debian package postgresql)")
+    return found[-1]
+
+
+def available() -> bool:
+    return bool(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+
+
+@dataclass
+class PgBench:
+    popen: subprocess.Popen[bytes]
+    port: int
+    root: Path
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{ACCOUNT}@{LOOPBACK}:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        subprocess.run(
+            [pg_bin("createdb"), "-h", LOOPBACK, "-p", str(self.port), "-U", ACCOUNT, name],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        return self.url(name)
+
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, walwriter, checkpointer, ...)."""
+        out = [self.popen.pid]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rpartition(")")[2].split()
+                if int(fields[1]) == self.popen.pid:
+                    out.append(int(stat.parent.name))
+        return out
+
+    def cpu_s(self) -> dict[int, float]:
+        """CPU seconds so far of each of ``pids()`` (a backend that exits takes its own)."""
+        out: dict[int, float] = {}
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                out[pid] = cpu_s(pid)
+        return out
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU spent between two ``PgBench.cpu_s()`` readings by the processes of either."""
+    return sum(after[p] - before.get(p, 0.0) for p in after)
+
+
+def _ready(port: int) -> bool:
+    done = subprocess.run(
+        [pg_bin("pg_isready"), "-q", "-h", LOOPBACK, "-p", str(port)], check=False
+    )
+    return done.returncode == 0
+
+
+@contextlib.contextmanager
+def postgresql(timeout: float = 60.0) -> Iterator[PgBench]:
+    root = Path(tempfile.mkdtemp(prefix="cw-bench-pg-", dir="/tmp"))
+    user = ACCOUNT if os.geteuid() == 0 else None
+    if user is not None:
+        shutil.chown(root, user, user)
+    data = root / "data"
+    subprocess.run(
+        [pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", ACCOUNT, "--no-sync",
+         "-E", "UTF8", "--locale", "C"],
+        check=True, capture_output=True, timeout=120, user=user,
+    )  # fmt: skip
+    port = free_port()
+    argv = [
+        pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(root),
+        "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
+        "-c", "max_connections=200",
+    ]  # fmt: skip
+    with open(root / "postgres.log", "ab") as log:
+        popen = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=user
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not _ready(port):
+            if popen.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"PostgreSQL on {port} did not start: see {root}/postgres.log")
+            time.sleep(0.1)
+        yield PgBench(popen, port, root)
+    finally:
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGINT)  # fast shutdown: clients may still be connected
+            try:
+                popen.wait(30)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(10)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,62 @@
+"""The cluster part of ``chargewatch bench`` in its short variant (< 60 s), so it cannot rot:
+real mosquitto, PostgreSQL, ``chargewatch serve``, two ``chargewatch ingest`` workers and a
+``chargewatch api`` replica. It checks that every figure is measured, not that the targets
+are met (the machines are shared: docs/benchmarks.md has the figures of a full run)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import cluster, suite
+from tests.pg_server import pg_bin
+from tests.servers import need_binary
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sizing_is_the_arithmetic_of_cpu_per_message() -> None:
+    # 100 us a message: 10,000 msg/s on a core; the district sends 13 msg/s of 412 devices
+    s = cluster.sizing(100.0)
+    assert s["msg_s_per_core"] == pytest.approx(10_000)
+    assert s["devices_per_core"] == pytest.approx(10_000 * 412 / 13)
+
+
+def test_summary_ratios_and_targets() -> None:
+    def run(cpu: float, pg: float | None = None) -> dict[str, float]:
+        return {"cpu_us_per_msg": cpu} | ({} if pg is None else {"pg_cpu_us_per_msg": pg})
+
+    runs = {
+        "embedded": [run(60), run(70)],
+        "1 worker": [run(100, 10), run(120, 10)],
+        "2 workers": [run(120, 12), run(140, 12)],
+    }
+    api = {"p99_ms": 25.0, "errors": 0}
+    s = cluster.summarize(runs, api, 400, {})
+    assert s["scale_overhead"] == pytest.approx(130 / 110)  # medians
+    assert s["pg_share"] == pytest.approx(65 / 110)
+    assert s["pg_share_with_db"] == pytest.approx(65 / 120)
+    assert s["added_core_msg_s"] == pytest.approx(1e6 / 130)
+    assert s["targets_met"] == {"scale_overhead": False, "pg_share": True, "replica_p99": False}
+
+
+def test_short_cluster_part_measures_every_figure(tmp_path: Path) -> None:
+    need_binary("mosquitto", "/usr/sbin/mosquitto")
+    pg_bin("postgres")  # skips on a laptop without PostgreSQL, fails under CI
+    plan = suite.Plan.cluster_short()
+    began = time.monotonic()
+    result = cluster.cluster(tmp_path, plan)
+    assert time.monotonic() - began < 90
+    assert result is not None
+    for name, runs in result["runs"].items():
+        assert [r["messages"] for r in runs] == [plan.cluster_messages], name
+        assert all(r["cpu_us_per_msg"] > 0 for r in runs), name
+    assert set(result["pg_cpu_us_per_msg"]) == {"1 worker", "2 workers"}
+    replica = result["replica"]
+    assert replica["errors"] == 0
+    assert replica["statuses"] == {"200": replica["requests"]}
+    assert replica["requests"] >= 0.9 * cluster.RIDER_RPS * plan.cluster_api_seconds
+    assert replica["stations"] > 0
+    assert replica["ingest_rate_during"] > 0  # the workers ingested while it answered
