@@ -66,11 +66,14 @@ def _http_server(app: Any, settings: ServeSettings) -> _Server:
 async def run_api(settings: ServeSettings, db: str) -> None:
     """An API replica (``chargewatch api``): the whole API from PostgreSQL
     (``ingest.replica``), until SIGINT/SIGTERM."""
-    from api.app import create_app
+    from api.app import ApiStores, create_app
+    from ingest.db.database import PgDatabase
     from ingest.replica import ReplicaReadSide, as_read_and_act
 
     async with ReplicaReadSide(db, settings.ingest) as side:
-        app = create_app(*as_read_and_act(side), settings)
+        # keys, audit log and riders in PostgreSQL: shared by every replica
+        stores = await asyncio.to_thread(ApiStores.on, lambda: PgDatabase(db, pool_size=2))
+        app = create_app(*as_read_and_act(side), settings, stores)
         server = _http_server(app, settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,6 +93,7 @@ async def run_api(settings: ServeSettings, db: str) -> None:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            await asyncio.to_thread(stores.close)
 
 
 def cmd_api(args: argparse.Namespace) -> int:

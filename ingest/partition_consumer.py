@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from devices.catalog import DEFAULT_RELEASE_SOC, Catalog, Device
 from devices.topics import TopicScheme
 from ingest import StoreUnavailable
+from ingest.actions import ActionApplier
 from ingest.alerts.engine import AlertEngine
 from ingest.leases import fence
 from ingest.metrics import IngestMetrics
@@ -72,6 +73,7 @@ class PipelineConsumer:
         self.restored = 0
         self.alerts = alerts
         self.engine: AlertEngine | None = None
+        self.applier: ActionApplier | None = None
 
     async def load(self) -> None:
         records = await asyncio.to_thread(self.state.load_twins, list(self.devices))
@@ -113,6 +115,12 @@ class PipelineConsumer:
             "partition %d (epoch %d): %d unresolved alerts loaded",
             self.partition, self.epoch, len(engine.by_id),
         )  # fmt: skip
+        # maintainers' actions from the API replicas for our stations (ingest.actions), for
+        # as long as we hold the partition; supervised: a death is logged and it starts again
+        applier = ActionApplier(self.alerts.db_url, stations, alerts=engine)
+        await applier.__aenter__()
+        self.applier = applier
+        self.alerts.supervisor.start(self._applier_task, applier.run)
 
     @property
     def twins(self) -> Twins:
@@ -168,8 +176,16 @@ class PipelineConsumer:
         if b.unobserved and pipeline.observed_through is not None:
             pipeline._safely(pipeline.observed_through, b.unobserved[-1].id)
 
+    @property
+    def _applier_task(self) -> str:
+        return f"actions:partition-{self.partition}:epoch-{self.epoch}"
+
     async def close(self) -> None:
         self.pipeline = None
+        applier, self.applier = self.applier, None
+        if applier is not None and self.alerts is not None:  # before its engine goes
+            await self.alerts.supervisor.stop(self._applier_task)
+            await applier.__aexit__(None, None, None)
         engine, self.engine = self.engine, None
         if engine is not None:  # its last changes written (at most 5 s), its tasks stopped
             if self.alerts is not None:

@@ -12,9 +12,26 @@ two paths into one ``_apply`` (serialised, so an older read never overwrites a n
 
 The catalog is the registry's (``ingest.db.registry``) as it was at start (an empty one:
 the shipped district). History reads go to ``PostgresStore``'s ``HistoryStore`` methods,
-dead letters and their counts are read from the database on each request. Alerts, work
-orders, commands and battery passports live in the ingest workers' engines: here they are
-``Unavailable`` (503 with the reason) until their stores are in PostgreSQL.
+dead letters and their counts are read from the database on each request, and so are
+alerts (notes, deliveries, timings), work orders, commands and battery passports: from the
+stores the workers write (``AlertStore``, ``WorkOrderStore``, ``CommandStore``,
+``PassportStore`` on one ``PgDatabase``), so every replica answers what the database holds.
+
+The SSE alert stream: the alert store NOTIFYs ``ALERTS_CHANNEL`` when a batch of events
+commits; the same listener wakes the fan-out, which reads the new events and puts them in
+every subscriber's queue (polling every ``ALERTS_POLL_S`` while anyone listens, the safety
+net). Events are read from ``EVENTS_LOOKBACK`` ids back and each is fanned out once, so an
+event that commits after a higher id from another writer is not skipped.
+
+Actions (acknowledge, resolve, notes, riders' reports, work orders, commands) are queued for
+the worker that owns the station (``ingest.actions``): the replica waits for the outcome,
+woken by the same listener, and answers 503 with the reason when no worker takes it in
+time. Webhook subscriptions and clearing a battery's flag are not served here yet
+(``Unavailable``): the workers' notifiers and passports hold them in memory.
+
+Flagged packs (never a ready battery) are read from the passports at each full refresh and
+whenever new alert events arrive (a pack is flagged as its safety alert opens); the
+cabinets of packs flagged or cleared since are recomputed.
 
 ``/readyz`` problems: the database unreachable (the listener is not connected, or the last
 refresh failed), and the read model stale (no refresh for ``stale_s``).
@@ -33,23 +50,39 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NoReturn, Self
+from typing import Any, Literal, NoReturn, Self, TypeVar
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from sqlalchemy import Engine, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from devices.catalog import Catalog
 from ingest import StoreError, StoreUnavailable
+from ingest.actions import ACTION_DONE_CHANNEL, WAIT_S, ActionClient, ActionQueue, libpq_url
 from ingest.alerts.config import AlertsConfig
-from ingest.alerts.model import Alert, AlertQuery, StreamEvent, Timing
-from ingest.alerts.order_model import OrderQuery, WorkOrder
+from ingest.alerts.model import (
+    Alert,
+    AlertError,
+    AlertNotFound,
+    AlertQuery,
+    StreamEvent,
+    Timing,
+    rfc3339,
+)
+from ingest.alerts.notify import UNDELIVERED, Delivery
+from ingest.alerts.order_model import OrderNotFound, OrderQuery, WorkOrder, WorkOrderError
+from ingest.alerts.order_store import WorkOrderStore
+from ingest.alerts.repair import repair_times
+from ingest.alerts.store import ALERTS_CHANNEL, AlertStore
+from ingest.commands import CommandError, CommandNotFound
 from ingest.commands.model import CommandRecord
+from ingest.commands.store import CommandStore
 from ingest.config import IngestConfig
 from ingest.db import migrate, registry
+from ingest.db.database import PgDatabase
 from ingest.db.schema import twins as twins_table
+from ingest.passport_store import PassportStore
 from ingest.pg_store import TWINS_CHANNEL, PostgresStore
 from ingest.pipeline import Twins
 from ingest.readside import JSON, Actions, ReadSide, Unavailable, now_ms
@@ -70,21 +103,31 @@ BACKOFF_MAX_S = 10.0
 NOTICES_PER_READ = 1000
 """The most NOTIFYs gathered into one read of twins."""
 
-_ALERTS_ELSEWHERE = (
-    "alerts, work orders and notifications are not served by API replicas yet: their store"
-    " is not in PostgreSQL (use `chargewatch serve`)"
+ALERTS_POLL_S = 1.0
+"""With SSE subscribers, how often new alert events are looked for without a NOTIFY."""
+EVENTS_LOOKBACK = 1000
+"""Alert events are read from this many ids before the newest seen: a writer's event that
+commits after a higher id from another writer is still fanned out (once: ``_seen``)."""
+SEEN_KEPT = 10_000
+FLAGGED_PAGE = 1000
+
+_WEBHOOKS_ELSEWHERE = (
+    "webhook subscriptions and their outbox are managed by `chargewatch serve` or the"
+    " workers' configuration, not by API replicas yet"
 )
-_COMMANDS_ELSEWHERE = "remote commands are not served by API replicas yet (use `chargewatch serve`)"
-_PASSPORTS_ELSEWHERE = "battery passports are not served by API replicas yet"
+_PASSPORT_CLEARING_ELSEWHERE = (
+    "clearing a battery's flag is not served by API replicas yet (the passports' flags live"
+    " in the ingest workers)"
+)
 
 
-def libpq_url(url: str) -> str:
-    """``url`` as libpq takes it (``postgresql://``, no SQLAlchemy driver name)."""
-    return (
-        make_url(migrate.engine_url(url))
-        .set(drivername="postgresql")
-        .render_as_string(hide_password=False)
-    )
+_S = TypeVar("_S")
+
+
+def _store_of(store: _S | None) -> _S:
+    if store is None:
+        raise Unavailable("the replica is not started")
+    return store
 
 
 class _Metrics:
@@ -110,6 +153,16 @@ class _Metrics:
             "cw_replica_read_model_age_seconds", "time since the last full refresh", registry=r
         )
         self.twins = Gauge("cw_replica_twins", "twins in the read model", registry=r)
+        self.actions = Counter(
+            "cw_replica_actions",
+            "actions queued for the owning worker, by outcome (done; refused: the worker's"
+            " 4xx answer; unavailable: no worker answered in time; failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.alert_events = Counter(
+            "cw_replica_alert_events", "alert events fanned out to SSE streams", registry=r
+        )
 
 
 class ReplicaReadSide:
@@ -125,6 +178,7 @@ class ReplicaReadSide:
         refresh_s: float = REFRESH_S,
         stale_s: float | None = None,
         ping_s: float = PING_S,
+        action_wait_s: float = WAIT_S,
     ) -> None:
         self.url = url
         self.config = config or IngestConfig()
@@ -146,6 +200,21 @@ class ReplicaReadSide:
         self._tasks: list[asyncio.Task[NoReturn]] = []
         self._catalog: Catalog | None = None
         self._twins: Twins | None = None
+        self.action_wait_s = action_wait_s
+        self._db: PgDatabase | None = None
+        self._alert_store: AlertStore | None = None
+        self._order_store: WorkOrderStore | None = None
+        self._command_store: CommandStore | None = None
+        self._passport_store: PassportStore | None = None
+        self._actions: ActionClient | None = None
+        self._subscribers: set[asyncio.Queue[StreamEvent | None]] = set()
+        self._alerts_notice = asyncio.Event()
+        self._last_event = 0  # the newest alert event fanned out
+        self._seen: dict[int, None] = {}  # alert events fanned out (the newest SEEN_KEPT)
+        self._flagged: set[str] = set()  # flagged packs' serials (battery passports)
+        self._flagged_in: dict[str, str | None] = {}  # their cabinets, as last read
+        self._flag_listeners: list[Callable[[str], None]] = []
+        self._in_flight: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -164,6 +233,22 @@ class ReplicaReadSide:
         await asyncio.to_thread(migrate.ensure_current, self.url)
         self._engine = migrate.connect(self.url, pool_size=2, pool_pre_ping=True)
         self._store = await asyncio.to_thread(PostgresStore, self.url, pool_size=2)
+        self._db = await asyncio.to_thread(PgDatabase, self.url, check_schema=False)
+        self._alert_store = AlertStore(self._db)
+        self._order_store = WorkOrderStore(self._db)
+        self._command_store = CommandStore(self._db)
+        self._passport_store = PassportStore(self._db)
+        self._actions = ActionClient(ActionQueue(self._db), wait_s=self.action_wait_s)
+        try:
+            _, next_event = await asyncio.to_thread(self._alert_store.next_ids)
+            # the events already there are not news: only later ones are fanned out
+            after = max(0, next_event - 1 - EVENTS_LOOKBACK)
+            known = await asyncio.to_thread(self._alert_store.events_after, after, SEEN_KEPT)
+        except StoreError as exc:
+            await self._close_stores()
+            raise StoreUnavailable(str(exc)) from exc
+        self._last_event = next_event - 1
+        self._seen = {row[0]: None for row in known}
         self._catalog = await asyncio.to_thread(self._load_catalog)
         self._twins = Twins(self._catalog, self.config.release_soc)
         await self._refresh()
@@ -175,6 +260,7 @@ class ReplicaReadSide:
         self._tasks = [
             self._group.create_task(self._listen_forever(), name="replica-listen"),
             self._group.create_task(self._refresh_forever(), name="replica-refresh"),
+            self._group.create_task(self._alerts_forever(), name="replica-alerts"),
         ]
         return self
 
@@ -185,6 +271,9 @@ class ReplicaReadSide:
         tb: TracebackType | None,
     ) -> None:
         group, self._group = self._group, None
+        for queue in list(self._subscribers):
+            queue.put_nowait(None)  # the streams end
+        self._subscribers.clear()
         try:
             if group is not None:
                 for task in self._tasks:
@@ -193,11 +282,24 @@ class ReplicaReadSide:
         finally:
             await self._close_stores()
 
+    async def _thread(self, fn: Callable[..., _S], *args: Any, **kwargs: Any) -> _S:
+        """``fn`` in a worker thread. A cancel does not stop the thread: the stores close
+        (``__aexit__``) once such calls have given their connections back."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        self._in_flight.add(future)
+        future.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(future)
+
     async def _close_stores(self) -> None:
+        in_flight = self._in_flight | (self._actions.in_flight if self._actions else set())
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=30)
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.dispose)
+        if self._db is not None:
+            await asyncio.to_thread(self._db.close)
 
     def _load_catalog(self) -> Catalog:
         assert self._engine is not None
@@ -230,7 +332,7 @@ class ReplicaReadSide:
         listeners hear of them. Reads and applies one at a time, in order."""
         assert self._twins is not None
         async with self._apply_lock:
-            records = await asyncio.to_thread(self._read_records, device_ids)
+            records = await self._thread(self._read_records, device_ids)
             changed: list[Twin] = []
             for device_id, record in records.items():
                 if self._records.get(device_id) == record:
@@ -260,6 +362,7 @@ class ReplicaReadSide:
             self._metrics.refreshes.labels("failed").inc()
             log.warning("read model refresh failed: %s", exc)
             return
+        await self._refresh_flags()
         self._refresh_error = None
         self._refreshed_at = time.monotonic()
         self._metrics.refreshes.labels("ok").inc()
@@ -299,12 +402,14 @@ class ReplicaReadSide:
             libpq_url(self.url), autocommit=True, connect_timeout=5
         )
         async with conn:
-            await conn.execute(f"LISTEN {TWINS_CHANNEL}")
+            for channel in (TWINS_CHANNEL, ALERTS_CHANNEL, ACTION_DONE_CHANNEL):
+                await conn.execute(f"LISTEN {channel}")
             self._listening = True
             self._listen_error = None
             self._metrics.listening.set(1)
             self._metrics.listen_connects.inc()
             self._refresh_now.set()  # what was sent while we did not listen
+            self._alerts_notice.set()
             while True:
                 ids: set[str] = set()
                 # wait for one notice (or ping when none comes), then take what else is
@@ -314,6 +419,8 @@ class ReplicaReadSide:
                         self._metrics.notices.inc()
                         if notice.channel == TWINS_CHANNEL:
                             ids.update(notice.payload.split())
+                        else:
+                            self._noticed(notice.channel, notice.payload)
                     if not ids:
                         break
                 if ids:
@@ -325,6 +432,56 @@ class ReplicaReadSide:
                 else:
                     async with asyncio.timeout(self.ping_s + 5):
                         await conn.execute("SELECT 1")  # a dead server shows here
+
+    def _noticed(self, channel: str, payload: str) -> None:
+        if channel == ALERTS_CHANNEL:
+            self._alerts_notice.set()
+        elif channel == ACTION_DONE_CHANNEL and self._actions is not None:
+            try:
+                self._actions.notice(int(payload))
+            except ValueError:
+                log.warning("action outcome notice with an unusable id %r", payload[:40])
+
+    async def _alerts_forever(self) -> NoReturn:
+        """Fan new alert events out to the SSE subscribers: on each NOTIFY of the alert
+        store, and every ``ALERTS_POLL_S`` while anyone listens (the safety net)."""
+        while True:
+            try:
+                async with asyncio.timeout(ALERTS_POLL_S if self._subscribers else None):
+                    await self._alerts_notice.wait()
+            except TimeoutError:
+                pass
+            self._alerts_notice.clear()
+            try:
+                if await self._fan_out_events():
+                    await self._refresh_flags()  # a pack is flagged as its alert opens
+            except StoreError as exc:
+                log.warning("alert events not read: %s", exc)
+
+    async def _fan_out_events(self) -> int:
+        """Fan out the alert events not fanned out yet; how many there were."""
+        store = _store_of(self._alert_store)
+        after = max(0, self._last_event - EVENTS_LOOKBACK)
+        count = 0
+        while True:
+            rows = await self._thread(store.events_after, after, 1000)
+            new = [StreamEvent(i, t, d) for i, t, d in rows if i not in self._seen]
+            count += len(new)
+            self._metrics.alert_events.inc(len(new))
+            for event in new:
+                self._seen[event.id] = None
+                self._last_event = max(self._last_event, event.id)
+                for queue in list(self._subscribers):
+                    if queue.qsize() >= 10_000:  # a stuck client: end it; it resumes by id
+                        self._subscribers.discard(queue)
+                        queue.put_nowait(None)
+                    else:
+                        queue.put_nowait(event)
+            while len(self._seen) > SEEN_KEPT:
+                del self._seen[next(iter(self._seen))]
+            if len(rows) < 1000:
+                return count
+            after = rows[-1][0]
 
     # -- the district and its live state ----------------------------------------------------
 
@@ -357,10 +514,41 @@ class ReplicaReadSide:
 
     @property
     def flagged_batteries(self) -> Collection[str]:
-        return frozenset()
+        return self._flagged  # one set, kept current in place (``_refresh_flags``)
 
     def on_flag_change(self, listener: Callable[[str], None]) -> None:
-        pass  # no passports here: nothing is ever flagged
+        self._flag_listeners.append(listener)
+
+    def _read_flagged(self) -> dict[str, str | None]:
+        """Flagged packs' serials, each with the cabinet it is in (None: out of one)."""
+        store = _store_of(self._passport_store)
+        found: dict[str, str | None] = {}
+        after: str | None = None
+        while True:
+            page = store.batteries(flagged=True, after=after, limit=FLAGGED_PAGE)
+            found.update((str(b["serial"]), b["device_id"]) for b in page)
+            if len(page) < FLAGGED_PAGE:
+                return found
+            after = str(page[-1]["serial"])
+
+    async def _refresh_flags(self) -> None:
+        """Take the flagged packs from the passports the workers write; the cabinets of
+        those flagged or cleared since are recomputed (their packs are never ready)."""
+        try:
+            now = await self._thread(self._read_flagged)
+        except StoreError as exc:
+            log.warning("flagged batteries not read: %s", exc)
+            return
+        changed = now.keys() ^ self._flagged
+        if not changed:
+            return
+        devices = {now.get(serial) or self._flagged_in.get(serial) for serial in changed}
+        self._flagged.clear()
+        self._flagged.update(now)
+        self._flagged_in = now
+        for device_id in sorted(d for d in devices if d is not None):
+            for listener in self._flag_listeners:
+                listener(device_id)
 
     @property
     def history(self) -> HistoryStore | None:
@@ -401,105 +589,182 @@ class ReplicaReadSide:
         if store is None:
             raise Unavailable("the replica is not started")
         rows, counts = await asyncio.gather(
-            asyncio.to_thread(store.dead_letters, limit),
-            asyncio.to_thread(store.dead_letter_counts),
+            self._thread(store.dead_letters, limit),
+            self._thread(store.dead_letter_counts),
         )
         return rows, counts
 
-    # -- alerts, work orders, commands, batteries: not here yet ------------------------------
+    # -- alerts, work orders, commands, batteries: read from PostgreSQL ---------------------
 
     @property
     def alerts_config(self) -> AlertsConfig | None:
-        # the options as configured, so that alert routes reach the reason they are not
-        # served here (Unavailable below) rather than "alerts are disabled"
         return self.config.alerts if self.config.alerts.enabled else None
 
     def clock_ms(self) -> int:
         return now_ms()
 
     async def alerts(self, q: AlertQuery) -> list[Alert]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._thread(_store_of(self._alert_store).query, q)
 
     async def alert(self, alert_id: int) -> Alert:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        found = await self._thread(_store_of(self._alert_store).get, alert_id)
+        if found is None:
+            raise AlertNotFound(f"no alert with id {alert_id}")
+        return found
 
     async def alert_notes(self, alert_id: int) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        rows = await self._thread(_store_of(self._alert_store).notes, alert_id)
+        return [
+            {
+                "id": r["id"],
+                "at": rfc3339(r["at_ms"]),
+                "author": r["author"],
+                "source": r["source"],
+                "text": r["text"],
+            }
+            for r in rows
+        ]
 
     async def alert_deliveries(self, alert_id: int) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        rows = await self._thread(_store_of(self._alert_store).deliveries, alert_id)
+        deadline_s = self.config.alerts.webhooks.deadline_s
+        out = []
+        for row in rows:
+            d = Delivery.from_row(row, deadline_s)
+            out.append(
+                {
+                    "id": d.id,
+                    "webhook_id": d.webhook_id,
+                    "event": d.event,
+                    "status": d.status,
+                    "attempts": d.attempts,
+                    "http_status": d.http_status,
+                    "error": d.error,
+                    "created_at": rfc3339(d.created_ms),
+                    "finished_at": rfc3339(d.finished_ms),
+                    "last_attempt_at": rfc3339(d.last_attempt_ms),
+                    "next_try_at": rfc3339(d.next_try_ms),
+                    "deadline": rfc3339(d.deadline_ms),
+                }
+            )
+        return out
 
     def subscribe_alerts(self) -> tuple[asyncio.Queue[StreamEvent | None], int]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        _store_of(self._alert_store)
+        queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
+        self._subscribers.add(queue)
+        self._alerts_notice.set()  # the poll starts with the first subscriber
+        return queue, self._last_event
 
     def unsubscribe_alerts(self, queue: asyncio.Queue[StreamEvent | None]) -> None:
-        pass
+        self._subscribers.discard(queue)
 
     async def oldest_alert_event(self) -> int | None:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._thread(_store_of(self._alert_store).oldest_event_id)
 
     async def alert_events_after(self, after: int, limit: int) -> list[StreamEvent]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        store = _store_of(self._alert_store)
+        rows = await self._thread(store.events_after, after, limit)
+        return [StreamEvent(event_id, type_, data) for event_id, type_, data in rows]
 
     def webhooks(self) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        raise Unavailable(_WEBHOOKS_ELSEWHERE)
 
     def pending_notifications(self) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        raise Unavailable(_WEBHOOKS_ELSEWHERE)
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        store = _store_of(self._alert_store)
+        rows = await self._thread(
+            store.deliveries, status=UNDELIVERED, newest_first=True, limit=limit
+        )
+        deadline_s = self.config.alerts.webhooks.deadline_s
+        return [Delivery.from_row(r, deadline_s).view(None) for r in rows], True
 
     async def repair_times(
         self, start_ms: int, end_ms: int, by: Literal["station", "code"]
     ) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        rows = await self.alert_timings(start_ms, end_ms)
+        return [g.view() for g in repair_times(rows, by)]
 
     async def alert_timings(self, start_ms: int, end_ms: int) -> list[Timing]:
-        return []  # as with alerts off: summaries without alert timings
+        store = _store_of(self._alert_store)
+        return await self._thread(store.timings, start_ms, end_ms)
 
     async def work_orders(self, q: OrderQuery) -> list[WorkOrder]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._thread(_store_of(self._order_store).query, q)
 
     async def work_order(self, order_id: int) -> WorkOrder:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        found = await self._thread(_store_of(self._order_store).get, order_id)
+        if found is None:
+            raise OrderNotFound(f"no work order with id {order_id}")
+        return found
 
     async def work_order_log(self, order_id: int) -> list[JSON]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._thread(_store_of(self._order_store).log, order_id)
 
     async def command(self, command_id: str) -> CommandRecord | None:
-        raise Unavailable(_COMMANDS_ELSEWHERE)
+        return await self._thread(_store_of(self._command_store).get, command_id)
 
     async def commands(self, device_id: str | None, limit: int) -> list[CommandRecord]:
-        raise Unavailable(_COMMANDS_ELSEWHERE)
+        store = _store_of(self._command_store)
+        return await self._thread(store.recent, device_id, limit=limit)
 
     async def battery(self, serial: str) -> JSON | None:
-        raise Unavailable(_PASSPORTS_ELSEWHERE)
+        return await self._thread(_store_of(self._passport_store).passport, serial)
 
     async def batteries(self, *, flagged: bool | None, after: str | None, limit: int) -> list[JSON]:
-        raise Unavailable(_PASSPORTS_ELSEWHERE)
+        store = _store_of(self._passport_store)
+        return await self._thread(store.batteries, flagged=flagged, after=after, limit=limit)
 
-    # -- actions ----------------------------------------------------------------------------
+    # -- actions: queued for the worker that owns the station (ingest.actions) ---------------
+
+    async def _request(self, station_id: str, kind: str, args: JSON) -> JSON:
+        outcome = "failed"
+        try:
+            done = await _store_of(self._actions).request(station_id, kind, args)
+            outcome = "done"
+            return done
+        except Unavailable:
+            outcome = "unavailable"
+            raise
+        except (AlertError, WorkOrderError, CommandError):
+            outcome = "refused"
+            raise
+        finally:
+            self._metrics.actions.labels(outcome).inc()
+
+    async def _alert_action(self, kind: str, alert_id: int, args: JSON) -> Alert:
+        station = (await self.alert(alert_id)).station_id  # AlertNotFound: 404 here
+        done = await self._request(station, kind, {"alert_id": alert_id, **args})
+        return Alert.from_record(done["alert"])
 
     async def acknowledge(self, alert_id: int, by: str, note: str | None) -> Alert:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._alert_action("acknowledge", alert_id, {"by": by, "note": note})
 
     async def resolve(self, alert_id: int, by: str, note: str | None) -> Alert:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._alert_action("resolve", alert_id, {"by": by, "note": note})
 
     async def add_alert_note(self, alert_id: int, by: str, text: str) -> Alert:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._alert_action("alert_note", alert_id, {"by": by, "text": text})
 
     async def report(
         self, station_id: str, device_id: str | None, unit: int | None, category: str, text: str
     ) -> tuple[Alert, bool]:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        args = {"device_id": device_id, "unit": unit, "category": category, "text": text}
+        done = await self._request(station_id, "report", args)
+        return Alert.from_record(done["alert"]), bool(done["joined"])
 
     async def add_webhook(self, url: str, **options: Any) -> JSON:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        raise Unavailable(_WEBHOOKS_ELSEWHERE)
 
     async def remove_webhook(self, webhook_id: int) -> bool:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+
+    async def _order_action(self, kind: str, order_id: int, args: JSON) -> WorkOrder:
+        station = (await self.work_order(order_id)).station_id  # OrderNotFound: 404 here
+        done = await self._request(station, kind, {"order_id": order_id, **args})
+        return WorkOrder.from_row(tuple(done["order"]))
 
     async def create_work_order(
         self,
@@ -510,15 +775,22 @@ class ReplicaReadSide:
         due_at_ms: int | None,
         note: str | None,
     ) -> WorkOrder:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        station = (await self.alert(alert_id)).station_id
+        args = {
+            "alert_id": alert_id, "by": by, "assignee": assignee, "due_at_ms": due_at_ms,
+            "note": note,
+        }  # fmt: skip
+        done = await self._request(station, "create_work_order", args)
+        return WorkOrder.from_row(tuple(done["order"]))
 
     async def move_work_order(
         self, order_id: int, state: str, by: str, *, assignee: str | None, note: str | None
     ) -> WorkOrder:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        args = {"state": state, "by": by, "assignee": assignee, "note": note}
+        return await self._order_action("move_work_order", order_id, args)
 
     async def add_work_order_note(self, order_id: int, by: str, text: str) -> WorkOrder:
-        raise Unavailable(_ALERTS_ELSEWHERE)
+        return await self._order_action("work_order_note", order_id, {"by": by, "text": text})
 
     async def send_command(
         self,
@@ -530,10 +802,18 @@ class ReplicaReadSide:
         requested_by: str,
         requested_key: str | None,
     ) -> CommandRecord:
-        raise Unavailable(_COMMANDS_ELSEWHERE)
+        device = self.catalog.devices.get(device_id)
+        if device is None:
+            raise CommandNotFound(f"no device with id {device_id!r}")
+        args = {
+            "device_id": device_id, "ctype": ctype, "unit": unit, "ttl_s": ttl_s,
+            "requested_by": requested_by, "requested_key": requested_key,
+        }  # fmt: skip
+        done = await self._request(device.station_id, "send_command", args)
+        return CommandRecord.from_row(tuple(done["command"]))
 
     async def clear_battery(self, serial: str, actor_id: str, actor_name: str, note: str) -> bool:
-        raise Unavailable(_PASSPORTS_ELSEWHERE)
+        raise Unavailable(_PASSPORT_CLEARING_ELSEWHERE)
 
 
 def as_read_and_act(side: ReplicaReadSide) -> tuple[ReadSide, Actions]:

@@ -193,6 +193,7 @@ class Service:
     process: Process
     base_url: str
     data_dir: Path
+    db: str | None = None  # an API replica's PostgreSQL: its keys are there, not in data_dir
 
     def get(self, path: str, **params: object) -> httpx.Response:
         return httpx.get(self.base_url + path, params=params or None, timeout=10)  # type: ignore[arg-type]

@@ -53,6 +53,9 @@ from ingest.leases import StaleLease
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
+ALERTS_CHANNEL = "cw_alerts"
+"""The NOTIFY channel of stored alert events (PostgreSQL): each payload is the highest
+event id a committed batch wrote (API replicas fan the events out: ingest.replica)."""
 
 JOURNAL_SPAN = 1 << 40
 """Ids of the event journal (``unobserved``) per partition of the ingest workers: partition
@@ -189,6 +192,7 @@ _RENEW_CLAIMS = (
     .values(claimed_until_ms=bindparam("b_until"))
     .returning(deliveries.c.id)
 )
+_NOTIFY_EVENTS = select(func.pg_notify(literal_column(f"'{ALERTS_CHANNEL}'"), bindparam("b_top")))
 
 
 def _one_of(column: ColumnElement[Any], name: str, n: int) -> ColumnElement[bool]:
@@ -332,6 +336,9 @@ class AlertStore:
         ]
         if ops.events:
             statements.append((_TRIM_EVENTS, [{"b_kept": events_kept}]))
+            if self._dialect == "postgresql":  # heard at commit, not before
+                top = max(e[0] for e in ops.events)
+                statements.append((_NOTIFY_EVENTS, [{"b_top": str(top)}]))
         if ops.unobserved_through:
             statements.append(
                 (

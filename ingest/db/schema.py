@@ -544,7 +544,28 @@ ingest_members = Table(
     Column("joined_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
-CLUSTER_TABLES = frozenset({"partition_leases", "ingest_members"})
+# maintainers' actions taken on an API replica, waiting for the worker that owns their
+# station (ingest.actions): queued -> applying -> done | failed, or expired when the replica
+# stopped waiting before a worker took it
+action_queue = Table(
+    "action_queue",
+    metadata,
+    _id(numbered_by_db=True),
+    Column("station_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("args", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("result", Text),
+    Column("error_kind", Text),
+    Column("error", Text),
+    Column("requested_at_ms", Int, nullable=False),
+    Column("expires_at_ms", Int, nullable=False),
+    Column("done_at_ms", Int),
+    sqlite_autoincrement=True,
+)
+Index("action_queue_by_state", action_queue.c.state, action_queue.c.station_id)
+
+CLUSTER_TABLES = frozenset({"partition_leases", "ingest_members", "action_queue"})
 """Used on PostgreSQL only (``chargewatch ingest``); made on SQLite too, one schema for both."""
 
 LEGACY_TABLES = frozenset(metadata.tables) - {"stations", "devices"} - CLUSTER_TABLES

@@ -122,7 +122,7 @@ def api_replica(name: str, db: str, tmp: Path) -> Iterator[Service]:
         env={"CHARGEWATCH_INGEST__DATA_DIR": str(data_dir)},
     )
     proc.start()
-    service = Service(proc, f"http://127.0.0.1:{port}", data_dir)
+    service = Service(proc, f"http://127.0.0.1:{port}", data_dir, db)
 
     def ready() -> None:
         r = service.get("/readyz")

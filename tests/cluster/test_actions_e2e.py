@@ -1,0 +1,60 @@
+"""A maintainer's acknowledgement on an API replica reaches the ingest worker that owns the
+alert's station, as processes: ``chargewatch ingest`` and ``chargewatch api --db`` on real
+mosquitto and PostgreSQL. The worker's partition consumer runs the action queue's applier
+for its stations (ingest.actions); without it the replica answers 503 "no worker took it"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.alerts.keys import maintainer_key
+from tests.cluster.processes import api_replica, db_upgrade, ingest_worker, new_database
+from tests.cluster.test_worker_alerts_e2e import DEVICES, SETTINGS, fault, online, publish
+from tests.pg_server import PgServer
+from tests.servers import eventually, mosquitto
+
+pytestmark = pytest.mark.e2e
+
+
+def test_an_ack_on_a_replica_is_applied_by_the_owning_worker(
+    pg_session: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHARGEWATCH_ALERTS", json.dumps(SETTINGS))
+    db = new_database(pg_session, "t_actions_e2e")
+    db_upgrade(db, None)
+    device = DEVICES[0]
+    with (
+        mosquitto(tmp_path / "mosquitto") as broker,
+        ingest_worker("w1", broker.url, db, tmp_path) as worker,
+        api_replica("a", db, tmp_path) as replica,
+    ):
+        eventually(
+            lambda: _subscribed(worker.gauge("chargewatch_ingest_partitions_subscribed")), 30
+        )
+        publish(broker.port, [*online(device), fault(device, 2, "fault_raised")])
+        headers = {"Authorization": f"Bearer {maintainer_key(replica.data_dir, db)}"}
+
+        def opened() -> int:
+            r = httpx.get(f"{replica.base_url}/v1/alerts", params={"device": device},
+                          headers=headers, timeout=10)  # fmt: skip
+            assert r.status_code == 200, r.text
+            found = [a for a in r.json()["alerts"] if a["rule"] == "fault"]
+            assert len(found) == 1, found
+            assert found[0]["status"] == "open"
+            return int(found[0]["id"])
+
+        alert_id = eventually(opened, timeout=20, interval=0.2)
+        r = httpx.post(f"{replica.base_url}/v1/alerts/{alert_id}/ack",
+                       json={"note": "on my way"}, headers=headers, timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "acknowledged"
+        again = httpx.get(f"{replica.base_url}/v1/alerts/{alert_id}", headers=headers, timeout=10)
+        assert again.json()["status"] == "acknowledged"
+
+
+def _subscribed(n: float) -> None:
+    assert n >= 7  # the district's 7 stations, one partition each
