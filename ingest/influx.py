@@ -406,6 +406,27 @@ class InfluxHistory:
             raise StoreError(f"{where}: unexpected answer {response.text[:200]!r}")
         return data
 
+    def api(
+        self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None
+    ) -> dict[str, Any]:
+        """One call of InfluxDB 2.x's management API (``/api/v2/...``, the URL's token), its
+        JSON answer (``{}`` when it has none); refused or unreachable: StoreError."""
+        where = f"{self.settings.base_url}{path}"
+        try:
+            response = self._http.request(method, path, params=params, json=body)
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(f"{where}: {type(exc).__name__}: {exc}") from exc
+        _check(response.status_code, response.text, where, ok=(200, 201, 204))
+        if not response.content:
+            return {}
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise StoreError(f"{where}: not JSON: {response.text[:200]!r}") from exc
+        if not isinstance(data, dict):
+            raise StoreError(f"{where}: unexpected answer {response.text[:200]!r}")
+        return data
+
     def _post_query(self, influxql: str) -> None:
         where = f"{self.settings.base_url}/query"
         try:

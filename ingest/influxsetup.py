@@ -18,8 +18,13 @@ measurement         from raw                                  per hour, by
 InfluxQL cannot judge "online" or opening hours, so 1.x rollups count samples (about one
 per heartbeat); the embedded store's rollups (``ingest.rollups``) count minutes. Running it
 again is harmless: policies are altered to the asked durations, continuous queries
-recreated. InfluxDB 2.x/3.x (``influx2://``): the bucket's retention is set in InfluxDB
-itself (``influx bucket update --retention``); this command says so and does nothing.
+recreated.
+
+InfluxDB 2.x/3.x (``influx2://``, its management API ``/api/v2``): the URL's bucket keeps
+``--raw-days`` (its retention rule); a bucket ``<bucket>_rollups`` kept forever receives the
+hourly rollups the service computes and writes itself (``ingest.influxrollups``); and the
+two DBRP mappings the InfluxQL reads need: (database, ``autogen``, default) -> the bucket,
+(database, ``rollups``) -> the rollups bucket. Run again, it updates what exists.
 """
 
 from __future__ import annotations
@@ -117,6 +122,51 @@ def setup_v1(history: InfluxHistory, raw_days: int) -> list[str]:
     return done
 
 
+def setup_v2(history: InfluxHistory, raw_days: int) -> list[str]:
+    """Buckets, retention and DBRP mappings of a 2.x/3.x history (module docstring); what
+    was done, one line each."""
+    s = history.settings
+    done: list[str] = []
+    orgs = history.api("GET", "/api/v2/orgs", params={"org": s.org}).get("orgs", [])
+    org_id = next((o["id"] for o in orgs if o.get("name") == s.org), None)
+    if org_id is None:
+        raise StoreError(f"InfluxDB has no organisation {s.org!r} (the URL's org=)")
+
+    def bucket(name: str, every_s: int) -> str:
+        rules = [{"type": "expire", "everySeconds": every_s}] if every_s else []
+        found = history.api("GET", "/api/v2/buckets", params={"orgID": org_id, "name": name})
+        existing = [b for b in found.get("buckets", []) if b.get("name") == name]
+        if existing:
+            bucket_id = str(existing[0]["id"])
+            history.api("PATCH", f"/api/v2/buckets/{bucket_id}", body={"retentionRules": rules})
+            done.append(f"bucket {name}: retention {every_s // 86_400 or 'forever'}"
+                        f"{' days' if every_s else ''} (updated)")  # fmt: skip
+            return bucket_id
+        made = history.api("POST", "/api/v2/buckets",
+                           body={"orgID": org_id, "name": name, "retentionRules": rules})  # fmt: skip
+        done.append(f"bucket {name}: retention {every_s // 86_400 or 'forever'}"
+                    f"{' days' if every_s else ''} (created)")  # fmt: skip
+        return str(made["id"])
+
+    def dbrp(bucket_id: str, rp: str, default: bool) -> None:
+        query = {"orgID": org_id, "db": s.database, "rp": rp}
+        found = history.api("GET", "/api/v2/dbrps", params=query).get("content", [])
+        if any(m.get("bucketID") == bucket_id for m in found):
+            done.append(f"dbrp {s.database}/{rp} -> bucket {bucket_id} (exists)")
+            return
+        history.api("POST", "/api/v2/dbrps", body={
+            "orgID": org_id, "bucketID": bucket_id, "database": s.database,
+            "retention_policy": rp, "default": default,
+        })  # fmt: skip
+        done.append(f"dbrp {s.database}/{rp} -> bucket {bucket_id} (created)")
+
+    raw = bucket(s.bucket, raw_days * 86_400)
+    rollups = bucket(f"{s.bucket}_rollups", 0)
+    dbrp(raw, "autogen", True)
+    dbrp(rollups, ROLLUP_RP, False)
+    return done
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     influx = sub.add_parser("influx", help="InfluxDB history: retention and rollups")
     steps = influx.add_subparsers(dest="influx_command", required=True)
@@ -137,14 +187,9 @@ def command(args: argparse.Namespace) -> int:
         print(f"chargewatch influx setup: {exc}")
         return 2
     try:
-        if history.settings.mode == "v2":
-            print(
-                "InfluxDB 2.x/3.x: set the bucket's retention in InfluxDB"
-                f" (influx bucket update --retention {args.raw_days}d); nothing to create here"
-            )
-            return 0
-        for q in setup_v1(history, args.raw_days):
-            print(q)
+        setup = setup_v2 if history.settings.mode == "v2" else setup_v1
+        for done in setup(history, args.raw_days):
+            print(done)
     except StoreError as exc:
         print(f"chargewatch influx setup: {exc}")
         return 1
