@@ -69,6 +69,8 @@ class Sampler:
                 (DEFAULT_LOCK_SPACE,),
             ).fetchall()
         except psycopg.Error:
+            if self._conn is not None:  # closed, not dropped: a dropped one warns when collected
+                self._conn.close()
             self._conn = None
             return None
         return {(int(str(pid)), int(str(p))) for pid, p in rows}

@@ -132,6 +132,8 @@ async def test_an_alert_opened_by_one_owner_is_kept_and_resolved_by_the_next(
         assert alerts_in_db(pg_url) == [(alert_id, DEVICE, "fault", "resolved")]
     finally:
         await second.close()
+        if first.applier is not None:  # the dead owner's connections, which a process
+            await first.applier.__aexit__(None, None, None)  # exit would have closed
 
 
 async def test_each_partition_replays_its_own_journal_and_deletes_only_it(
