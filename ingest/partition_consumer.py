@@ -116,7 +116,10 @@ class PipelineConsumer:
             self.partition, self.epoch, len(engine.by_id),
         )  # fmt: skip
         # maintainers' actions from the API replicas for our stations (ingest.actions), for
-        # as long as we hold the partition; supervised: a death is logged and it starts again
+        # as long as we hold the partition; supervised: a death is logged and it starts again.
+        # None for a partition without stations: its LISTEN connection would serve nobody
+        if not stations:
+            return
         applier = ActionApplier(self.alerts.db_url, stations, alerts=engine)
         await applier.__aenter__()
         self.applier = applier
