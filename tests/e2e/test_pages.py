@@ -451,6 +451,8 @@ def test_rider_registers_reports_and_sees_outcome_and_points(tmp_path: Path, bro
         assert me["points"] == earned
         page.click("#lang")
         assert page.inner_text("#mine h2") == "My reports"
+        # the list is drawn again in English after the heading: wait for it, not a race
+        page.wait_for_selector(f'{mine}:has-text("confirmed")')
         assert "confirmed" in page.inner_text(mine)
         page.screenshot(path=str(artifacts_dir() / "rider-mine.png"), full_page=True)
 
