@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from devices.catalog import Catalog
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.engine import REQUEST_FLUSH_S, AlertEngine
-from ingest.alerts.model import Alert, AlertQuery, StreamEvent, Timing, rfc3339
+from ingest.alerts.model import Alert, AlertQuery, StreamEvent, Timing
 from ingest.alerts.order_model import OrderQuery, WorkOrder
 from ingest.alerts.orders import WorkOrders
 from ingest.alerts.repair import repair_times
@@ -132,23 +132,7 @@ class InProcessReadSide:
         return await self._engine().notes(alert_id)
 
     async def alert_deliveries(self, alert_id: int) -> list[JSON]:
-        return [
-            {
-                "id": d.id,
-                "webhook_id": d.webhook_id,
-                "event": d.event,
-                "status": d.status,
-                "attempts": d.attempts,
-                "http_status": d.http_status,
-                "error": d.error,
-                "created_at": rfc3339(d.created_ms),
-                "finished_at": rfc3339(d.finished_ms),
-                "last_attempt_at": rfc3339(d.last_attempt_ms),
-                "next_try_at": rfc3339(d.next_try_ms),
-                "deadline": rfc3339(d.deadline_ms),
-            }
-            for d in await self._engine().notifier.log(alert_id)
-        ]
+        return [d.log_entry() for d in await self._engine().notifier.log(alert_id)]
 
     def subscribe_alerts(self) -> tuple[asyncio.Queue[StreamEvent | None], int]:
         engine = self._engine()

@@ -628,26 +628,7 @@ class ReplicaReadSide:
     async def alert_deliveries(self, alert_id: int) -> list[JSON]:
         rows = await self._thread(_store_of(self._alert_store).deliveries, alert_id)
         deadline_s = self.config.alerts.webhooks.deadline_s
-        out = []
-        for row in rows:
-            d = Delivery.from_row(row, deadline_s)
-            out.append(
-                {
-                    "id": d.id,
-                    "webhook_id": d.webhook_id,
-                    "event": d.event,
-                    "status": d.status,
-                    "attempts": d.attempts,
-                    "http_status": d.http_status,
-                    "error": d.error,
-                    "created_at": rfc3339(d.created_ms),
-                    "finished_at": rfc3339(d.finished_ms),
-                    "last_attempt_at": rfc3339(d.last_attempt_ms),
-                    "next_try_at": rfc3339(d.next_try_ms),
-                    "deadline": rfc3339(d.deadline_ms),
-                }
-            )
-        return out
+        return [Delivery.from_row(row, deadline_s).log_entry() for row in rows]
 
     def subscribe_alerts(self) -> tuple[asyncio.Queue[StreamEvent | None], int]:
         _store_of(self._alert_store)

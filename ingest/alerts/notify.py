@@ -325,6 +325,23 @@ class Delivery:
             body=str(row["body"]),
         )
 
+    def log_entry(self) -> dict[str, Any]:
+        """One row of an alert's delivery log, as the API shows it."""
+        return {
+            "id": self.id,
+            "webhook_id": self.webhook_id,
+            "event": self.event,
+            "status": self.status,
+            "attempts": self.attempts,
+            "http_status": self.http_status,
+            "error": self.error,
+            "created_at": rfc3339(self.created_ms),
+            "finished_at": rfc3339(self.finished_ms),
+            "last_attempt_at": rfc3339(self.last_attempt_ms),
+            "next_try_at": rfc3339(self.next_try_ms),
+            "deadline": rfc3339(self.deadline_ms),
+        }
+
     def view(self, subscription_name: str | None) -> dict[str, Any]:
         """What the API and the console show of an undelivered notification."""
         alert = self.payload.get("alert") or {}
