@@ -55,6 +55,7 @@ from ingest.commands.service import Commands
 from ingest.db import migrate
 from ingest.db.database import Database, PgDatabase
 from ingest.db.schema import action_queue
+from ingest.leases import StaleLease
 from ingest.readside import JSON, Unavailable, now_ms
 
 log = logging.getLogger(__name__)
@@ -369,8 +370,9 @@ class ActionApplier:
     """The worker's side for one partition: applies the queued actions of ``stations`` to
     the partition's engines (module docstring). ``async with`` it, then run ``run()`` as a
     task for as long as the partition is held; ``apply_pending`` applies what is queued
-    now. Without an engine for an action (no work orders, no commands), the action fails
-    with a clear error rather than waiting for nobody."""
+    now. The partition consumer (``ingest.partition_consumer``) gives it the partition's
+    alert engine, work orders and commands; one made without work orders or commands fails
+    those actions with a clear error rather than leaving them to wait for nobody."""
 
     def __init__(
         self,
@@ -479,7 +481,7 @@ class ActionApplier:
                 error=f"unusable action {request.kind}: {exc}",
             )  # fmt: skip
             return
-        except StoreError as exc:
+        except (StoreError, StaleLease) as exc:  # stale: the partition moved meanwhile
             await self._call(
                 queue.finish, request.id, self.clock(), error_kind="store", error=str(exc)
             )

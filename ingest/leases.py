@@ -59,9 +59,10 @@ from typing import Protocol
 
 import psycopg
 from psycopg.rows import TupleRow
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
-from ingest import IngestError
+from ingest import IngestError, StoreError, StoreUnavailable
+from ingest.db.database import CoreStatement, Database
 from ingest.partitions import check_partitions
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,37 @@ def fence(partition: int, epoch: int) -> Callable[[Connection], None]:
             raise StaleLease(f"partition {partition}: epoch {epoch} is no longer the lease's")
 
     return check
+
+
+# ``fence`` as the first statement of a ``Database.transaction``: fails the transaction
+# (division by zero) unless the lease is still at this epoch, and holds the lease row until
+# it ends
+_FENCE = text(
+    "SELECT 1 / (SELECT count(*)::int FROM (SELECT 1 FROM partition_leases"
+    " WHERE partition = :b_partition AND epoch = :b_epoch FOR SHARE) AS held)"
+)
+_HOLDS = text("SELECT 1 FROM partition_leases WHERE partition = :b_partition AND epoch = :b_epoch")
+
+
+def fenced_transaction(
+    db: Database, statements: Sequence[CoreStatement], fence: tuple[int, int] | None
+) -> None:
+    """``db.transaction(statements)``; with ``fence`` (partition, epoch; PostgreSQL), only
+    while that partition's lease is at that epoch: else ``StaleLease`` and nothing is
+    written. The stores of a partition's engines write through it (alerts, work orders,
+    commands): a worker that lost the partition writes no more of its state."""
+    if fence is None:
+        db.transaction(statements)
+        return
+    held = {"b_partition": fence[0], "b_epoch": fence[1]}
+    try:
+        db.transaction([(_FENCE, [held]), *statements])
+    except StoreError as exc:
+        if isinstance(exc, StoreUnavailable) or db.query(_HOLDS, held):
+            raise
+        raise StaleLease(
+            f"partition {fence[0]}: epoch {fence[1]} is no longer the lease's"
+        ) from exc
 
 
 def assign(partitions: int, members: Sequence[int]) -> dict[int, list[int]]:

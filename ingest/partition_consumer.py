@@ -16,6 +16,15 @@ loaded from PostgreSQL, and the partition's event journal is replayed, before th
 ack. ``store`` journals the batch's events with it (the partition's journal ids) and the
 engine observes what was stored; ``close`` flushes the engine's changes.
 
+Beside the engine, as ``serve`` runs them: the partition's work orders (``WorkOrders`` over
+the engine: its stations' unclosed orders, ids from PostgreSQL's sequence, writes fenced by
+the epoch) and remote commands (``Commands``: its devices' open commands, published through
+the partition's MQTT session, which the worker hands over with ``attach`` once it is up and
+takes back as it ends; writes fenced by the epoch). Both observe the pipeline after the
+engine, in ``serve``'s order, and the partition's ``ActionApplier`` applies the API
+replicas' actions to all three (``ingest.actions``). ``close`` stops the applier, then
+flushes the commands' and the orders' last changes, then the engine's.
+
 A batch that fails leaves this consumer's twins ahead of the database: the worker drops the
 consumer and the next session's consumer loads the twins again, so the broker's redelivery
 is applied to what was committed, never to what was not.
@@ -32,6 +41,9 @@ from devices.topics import TopicScheme
 from ingest import StoreUnavailable
 from ingest.actions import ActionApplier
 from ingest.alerts.engine import AlertEngine
+from ingest.alerts.ids import IdPool
+from ingest.alerts.orders import WorkOrders
+from ingest.commands.service import Commands, Publisher
 from ingest.leases import fence
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
@@ -73,6 +85,10 @@ class PipelineConsumer:
         self.restored = 0
         self.alerts = alerts
         self.engine: AlertEngine | None = None
+        self.orders: WorkOrders | None = None
+        # the partition's remote commands (also what a battery passport's lock_battery is
+        # sent through)
+        self.commands: Commands | None = None
         self.applier: ActionApplier | None = None
 
     async def load(self) -> None:
@@ -120,10 +136,47 @@ class PipelineConsumer:
         # None for a partition without stations: its LISTEN connection would serve nobody
         if not stations:
             return
-        applier = ActionApplier(self.alerts.db_url, stations, alerts=engine)
+        await self._start_orders_and_commands(engine, pipeline)
+        applier = ActionApplier(
+            self.alerts.db_url, stations, alerts=engine, orders=self.orders,
+            commands=self.commands,
+        )  # fmt: skip
         await applier.__aenter__()
         self.applier = applier
         self.alerts.supervisor.start(self._applier_task, applier.run)
+
+    async def _start_orders_and_commands(self, engine: AlertEngine, pipeline: Pipeline) -> None:
+        """The partition's work orders and commands, observing after the engine (as in
+        ``serve``); their tasks run under the engine's supervisor, which stops with it."""
+        assert self.alerts is not None
+        store = self.alerts.order_store
+        ids = IdPool(store.reserve_ids, block=8)
+        orders = WorkOrders(engine, store, self.alerts.config.work_orders, ids=ids)
+        await orders.__aenter__()
+        self.orders = orders
+        pipeline.observers.append(orders.observe)
+        commands = Commands(
+            self.alerts.commands, self.catalog, self.scheme, self.alerts.command_store,
+            supervisor=engine.supervisor, devices=self.devices,
+        )  # fmt: skip
+        commands.fence = (self.partition, self.epoch)
+        await commands.__aenter__()
+        self.commands = commands
+        pipeline.observers.append(commands.observe)
+        log.info(
+            "partition %d (epoch %d): %d unclosed work orders, %d open commands loaded",
+            self.partition, self.epoch, len(orders.current), len(commands.open),
+        )  # fmt: skip
+
+    def attach(self, publisher: Publisher | None) -> None:
+        """The partition's MQTT session is up (``publisher``: commands go out on it) or
+        has ended (None: they wait, stored, for the next)."""
+        if self.commands is None:
+            return
+        if publisher is None:
+            self.commands.detach()
+        else:
+            self.commands.attach(publisher)
 
     @property
     def twins(self) -> Twins:
@@ -141,6 +194,8 @@ class PipelineConsumer:
             twins = self.pipeline.twins
             twins.catalog = catalog
             twin = twins.by_id.setdefault(device.id, Twin.for_device(device, twins.release_soc))
+            if self.commands is not None:
+                self.commands.catalog = catalog
             if self.engine is not None:
                 self.engine.catalog = catalog
                 self.engine.seen.setdefault(device.id, twin.snapshot())
@@ -189,6 +244,16 @@ class PipelineConsumer:
         if applier is not None and self.alerts is not None:  # before its engine goes
             await self.alerts.supervisor.stop(self._applier_task)
             await applier.__aexit__(None, None, None)
+        commands, self.commands = self.commands, None
+        if commands is not None:  # its last changes and answers written
+            try:
+                await commands.__aexit__(None, None, None)
+            except Exception as exc:  # open ones are loaded and resent by the next owner
+                log.warning("partition %d: last command changes not written (%s)",
+                            self.partition, exc)  # fmt: skip
+        orders, self.orders = self.orders, None
+        if orders is not None:  # its last changes written (at most 5 s), before the engine's
+            await orders.__aexit__(None, None, None)
         engine, self.engine = self.engine, None
         if engine is not None:  # its last changes written (at most 5 s), its tasks stopped
             if self.alerts is not None:

@@ -44,6 +44,7 @@ from devices.catalog import Catalog, CatalogError, Device
 from devices.topics import TopicScheme
 from ingest import IngestError, StoreError, pg_retention
 from ingest.alerts.config import AlertsConfig
+from ingest.commands.service import Publisher
 from ingest.db import migrate, registry
 from ingest.gmqtt_source import GmqttSource
 from ingest.leases import (
@@ -79,6 +80,10 @@ class Consumer(Protocol):
     def add_device(self, device: Device, catalog: Catalog) -> None:
         """A device added to the registry (``catalog``, the registry now) in this partition:
         known to the consumer before its topics are subscribed."""
+
+    def attach(self, publisher: Publisher | None) -> None:
+        """The partition's MQTT session is up (``publisher``: what the consumer sends to
+        devices, remote commands, goes out on it) or has ended (None)."""
 
     async def close(self) -> None: ...
 
@@ -187,9 +192,11 @@ class PartitionRun:
             self._queue.clear()
             async with source:
                 self.source = source
+                consumer.attach(source)  # commands go out on the partition's session
                 try:
                     await self._consume(source, consumer)
                 finally:
+                    consumer.attach(None)
                     self.source = None
         finally:
             self.consumer = None

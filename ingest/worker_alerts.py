@@ -10,6 +10,10 @@ partition's own range of the event journal. The engines' metrics stay with them 
 partition and lease epoch); the worker's /metrics has their sum (``WorkerAlertsCollector``):
 unresolved alerts of the partitions it owns, and its notifier's deliveries.
 
+The work orders and remote commands of the partitions (``ingest.partition_consumer``: a
+``WorkOrders`` and a ``Commands`` per partition and lease epoch) share the worker's
+``order_store`` and ``command_store`` on PostgreSQL.
+
 The alert rules' settings come from ``CHARGEWATCH_ALERTS`` (a JSON object of
 ``AlertsConfig`` fields, as under ``alerts:`` in ``serve``'s configuration); webhook
 subscriptions are the database's.
@@ -36,7 +40,10 @@ from ingest.alerts.config import AlertsConfig
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.ids import AlertIds, IdPool
 from ingest.alerts.notify import Notifier
+from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.store import AlertStore
+from ingest.commands.config import CommandsConfig
+from ingest.commands.store import CommandStore
 from ingest.pipeline import Twins
 from ingest.supervisor import Supervisor
 
@@ -63,13 +70,17 @@ class WorkerAlerts:
         *,
         claim_lease_s: float,
         registry: CollectorRegistry | None = None,
+        commands: CommandsConfig | None = None,
     ) -> None:
         self.db_url = db_url
         self.catalog = catalog
         self.config = config
+        self.commands = commands or CommandsConfig()
         self.claim_lease_s = claim_lease_s
         self.supervisor = Supervisor()
         self._store: AlertStore | None = None
+        self._order_store: WorkOrderStore | None = None
+        self._command_store: CommandStore | None = None
         self._notifier: Notifier | None = None
         # the partitions' engines (a closed one goes with its consumer)
         self.engines: weakref.WeakSet[AlertEngine] = weakref.WeakSet()
@@ -83,6 +94,18 @@ class WorkerAlerts:
         return self._store
 
     @property
+    def order_store(self) -> WorkOrderStore:
+        if self._order_store is None:
+            raise RuntimeError("WorkerAlerts not entered")
+        return self._order_store
+
+    @property
+    def command_store(self) -> CommandStore:
+        if self._command_store is None:
+            raise RuntimeError("WorkerAlerts not entered")
+        return self._command_store
+
+    @property
     def notifier(self) -> Notifier:
         if self._notifier is None:
             raise RuntimeError("WorkerAlerts not entered")
@@ -91,6 +114,8 @@ class WorkerAlerts:
     async def __aenter__(self) -> Self:
         store = self._store = await asyncio.to_thread(AlertStore.on_postgresql, self.db_url)
         try:
+            self._order_store = await asyncio.to_thread(WorkOrderStore.on_postgresql, self.db_url)
+            self._command_store = await asyncio.to_thread(CommandStore.on_postgresql, self.db_url)
             await self.supervisor.__aenter__()
             try:
                 self._notifier = await Notifier(
@@ -105,9 +130,14 @@ class WorkerAlerts:
                 await self.supervisor.__aexit__(None, None, None)
                 raise
         except BaseException:
-            store.close()
+            self._close_stores()
             raise
         return self
+
+    def _close_stores(self) -> None:
+        for s in (self._command_store, self._order_store, self._store):
+            if s is not None:
+                s.close()
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -119,7 +149,7 @@ class WorkerAlerts:
             try:
                 await self.supervisor.__aexit__(et, e, tb)
             finally:
-                self.store.close()
+                self._close_stores()
 
     def set_catalog(self, catalog: Catalog) -> None:
         self.catalog = catalog

@@ -8,6 +8,13 @@ timer (under the service's supervisor) publishes ``overdue`` through the alert n
 once per order and again every ``repeat_s`` up to ``notices_max``. Changes are made in
 memory on the loop and persisted by a writer task; a request waits for its own (``flush``).
 
+In an ingest worker (issue 13) each owned partition runs one over its ``AlertEngine``
+(``ingest.partition_consumer``): the orders of the engine's ``stations`` only, new ids from
+PostgreSQL's sequence (``ids``, an ``IdPool`` over the store's ``reserve_ids``: two workers
+never number one alike), and writes fenced by the engine's ``fence`` (partition, epoch): once
+the lease moved, the changes left are dropped with a warning, as the engine's are. ``serve``
+numbers its orders itself, after the highest stored.
+
 Exceptions::
 
     WorkOrderError        (ValueError)
@@ -29,6 +36,7 @@ from devices.contract import Event, Message
 from ingest import StoreUnavailable
 from ingest.alerts.config import WorkOrderOptions
 from ingest.alerts.engine import REQUEST_FLUSH_S, AlertEngine, AlertStoreBusy
+from ingest.alerts.ids import IdPool
 from ingest.alerts.model import Alert
 from ingest.alerts.order_model import (  # the errors are the model's, named here too
     MANUAL,
@@ -41,6 +49,7 @@ from ingest.alerts.order_model import (  # the errors are the model's, named her
     order_view,
 )
 from ingest.alerts.order_store import WorkOrderStore
+from ingest.leases import StaleLease
 from ingest.twins import Twin
 
 log = logging.getLogger(__name__)
@@ -54,11 +63,17 @@ LogRow = tuple[int, int, str, str, str | None]  # order_id, at_ms, actor, what, 
 
 class WorkOrders:
     def __init__(
-        self, engine: AlertEngine, store: WorkOrderStore, config: WorkOrderOptions
+        self,
+        engine: AlertEngine,
+        store: WorkOrderStore,
+        config: WorkOrderOptions,
+        *,
+        ids: IdPool | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.config = config
+        self.ids = ids  # None: after the highest stored (one writer)
         self.clock = engine.clock
         self.supervisor = engine.supervisor
         self.current: dict[int, WorkOrder] = {}  # orders not closed, by id
@@ -74,10 +89,11 @@ class WorkOrders:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        for order in await asyncio.to_thread(self.store.load_unclosed):
+        for order in await asyncio.to_thread(self.store.load_unclosed, self.engine.stations):
             self.current[order.id] = order
             self.by_alert[order.alert_id] = order
-        self._next_id = await asyncio.to_thread(self.store.next_id)
+        if self.ids is None:
+            self._next_id = await asyncio.to_thread(self.store.next_id)
         self.engine.on_resolved.append(self.alert_resolved)
         self.supervisor.start(WRITER, self._writer)
         # an alert resolved while a change to its order was not yet written (a crash)
@@ -147,6 +163,8 @@ class WorkOrders:
         alert = await self.engine.get(alert_id)  # AlertNotFound
         if not alert.active:
             raise OrderConflict(f"alert {alert_id} is resolved: nothing left to repair")
+        if self.ids is not None:  # the last await before the order is made
+            await self.ids.top_up()
         taken = self.by_alert.get(alert_id)
         if taken is not None:
             raise OrderConflict(
@@ -155,7 +173,7 @@ class WorkOrders:
         now = self.clock()
         due = due_at_ms or now + int(self.config.due_after_s(alert.severity) * 1000)
         order = WorkOrder(
-            id=self._next_id,
+            id=self._new_id(),
             alert_id=alert.id,
             station_id=alert.station_id,
             device_id=alert.device_id,
@@ -169,7 +187,6 @@ class WorkOrders:
             due_at_ms=due,
             assigned_at_ms=now if assignee else None,
         )
-        self._next_id += 1
         self.current[order.id] = order
         self.by_alert[alert.id] = order
         self._change(order, now, by, "created", note)
@@ -275,6 +292,12 @@ class WorkOrders:
 
     # -- persistence -------------------------------------------------------------------
 
+    def _new_id(self) -> int:
+        if self.ids is not None:
+            return self.ids.take()
+        self._next_id += 1
+        return self._next_id - 1
+
     def _change(self, order: WorkOrder, now: int, actor: str, what: str, note: str | None) -> None:
         order.updated_at_ms = now
         if order.state == "closed":
@@ -298,8 +321,11 @@ class WorkOrders:
             rows, self._dirty, self._log = self._log, {}, []
             while True:
                 try:
-                    await asyncio.to_thread(self.store.save, orders, rows)
+                    await asyncio.to_thread(self.store.save, orders, rows, self.engine.fence)
                     delay = 0.2
+                    break
+                except StaleLease as exc:  # the next owner has the partition's orders
+                    log.warning("work orders: %s; %d changes not written", exc, len(rows))
                     break
                 except StoreUnavailable as exc:
                     log.error("work orders: store write failed (%s); retrying in %.1fs", exc, delay)

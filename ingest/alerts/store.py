@@ -29,12 +29,10 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.sql.expression import Executable
 
-from ingest import StoreError, StoreUnavailable
 from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery, Timing
 from ingest.db.database import CoreStatement, Database, Params, PgDatabase
 from ingest.db.dialect import Upserts, dialect_of
@@ -49,7 +47,7 @@ from ingest.db.schema import (
     unobserved,
     webhooks,
 )
-from ingest.leases import StaleLease
+from ingest.leases import fenced_transaction
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
@@ -99,13 +97,6 @@ _UNOBSERVED = (
     .where(_IN_JOURNAL)
     .order_by(unobserved.c.id)
 )
-# the fence of a partition's engine (ingest.worker_alerts): fails the transaction (division by
-# zero) unless the lease is still at this epoch, and holds the lease row until it ends
-_FENCE = text(
-    "SELECT 1 / (SELECT count(*)::int FROM (SELECT 1 FROM partition_leases"
-    " WHERE partition = :b_partition AND epoch = :b_epoch FOR SHARE) AS held)"
-)
-_HOLDS = text("SELECT 1 FROM partition_leases WHERE partition = :b_partition AND epoch = :b_epoch")
 _JOURNAL_LAST = select(func.max(unobserved.c.id)).where(_IN_JOURNAL)
 _ALERT = select(*(alerts.c[c] for c in ALERT_COLUMNS))
 _ACTIVE = _ALERT.where(alerts.c.status != literal_column("'resolved'")).order_by(alerts.c.id)
@@ -346,18 +337,7 @@ class AlertStore:
                     [{"b_from": ops.unobserved_from, "b_through": ops.unobserved_through}],
                 )
             )
-        if fence is None:
-            self._db.transaction(statements)
-            return
-        held = {"b_partition": fence[0], "b_epoch": fence[1]}
-        try:
-            self._db.transaction([(_FENCE, [held]), *statements])
-        except StoreError as exc:
-            if isinstance(exc, StoreUnavailable) or self._query(_HOLDS, held):
-                raise
-            raise StaleLease(
-                f"partition {fence[0]}: epoch {fence[1]} is no longer the lease's"
-            ) from exc
+        fenced_transaction(self._db, statements, fence)
 
     def unobserved(self, partition: int = 0) -> list[tuple[int, str, int, str]]:
         """The journal of stored events whose alert effects are not durable yet, oldest

@@ -16,6 +16,14 @@ answer to an id we do not know, or that another device was sent, is counted and 
 (the event itself is in the history). A stop or crash between an answer and its write
 loses nothing for good: the command is still open after the restart, is resent, and the
 device answers the same id again.
+
+In an ingest worker (issue 13) each owned partition runs one (``ingest.partition_consumer``):
+the open commands of the partition's ``devices`` only, published through the partition's
+own MQTT session (``attach`` when it is up, ``detach`` when it ends: a command created
+meanwhile is stored and sent at the next ``attach``), answers from the partition's own
+subscription, and writes fenced by the partition's lease epoch (``fence``): once the lease
+moved, what is left unwritten is dropped with a warning (the next owner loads the open
+commands from the database and resends them), and ``create`` raises ``StaleLease``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import TracebackType
 from typing import Protocol
 
@@ -41,6 +49,7 @@ from ingest.commands import CommandInvalid, CommandNotFound, TooManyCommands
 from ingest.commands.config import CommandsConfig
 from ingest.commands.model import CommandRecord
 from ingest.commands.store import CommandStore
+from ingest.leases import StaleLease
 from ingest.supervisor import Supervisor
 from ingest.twins import Twin
 
@@ -79,8 +88,13 @@ class Commands:
         supervisor: Supervisor,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], int] = now_ms,
+        devices: Collection[str] | None = None,
     ) -> None:
         self.config = config
+        # a partition's (module docstring): the open commands of these devices only, and
+        # its writes fenced by (partition, epoch)
+        self.devices = frozenset(devices) if devices is not None else None
+        self.fence: tuple[int, int] | None = None
         self.catalog = catalog
         self.scheme = scheme
         self.store = store
@@ -126,7 +140,7 @@ class Commands:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Commands:
-        for record in await asyncio.to_thread(self.store.load_open):
+        for record in await asyncio.to_thread(self.store.load_open, self.devices):
             self._opened(record)
         if self.open:
             log.info("commands: %d open commands restored; resending", len(self.open))
@@ -150,6 +164,15 @@ class Commands:
         self.publisher = publisher
         publisher.on_published = self._on_published
         self._wake.set()
+
+    def detach(self) -> None:
+        """The publisher's connection is gone for good: nothing is sent until the next
+        ``attach`` (what is created meanwhile is stored, and sent then)."""
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            publisher.on_published = None
+        self._tickets.clear()  # their PUBACKs will not come
+        self._sent_on.clear()  # every open command is sent again on the next publisher
 
     # -- asking -----------------------------------------------------------------------------
 
@@ -247,7 +270,7 @@ class Commands:
             payload=command.encode().decode(),
             updated_at_ms=now,
         )
-        await asyncio.to_thread(self.store.save, [record], self.config.kept)
+        await asyncio.to_thread(self.store.save, [record], self.config.kept, self.fence)
         self._opened(record)
         self.m_created.labels(ctype).inc()
         log.info("command %s %s for %s by %s", ident, ctype, device_id, requested_by)
@@ -403,7 +426,12 @@ class Commands:
         if not self._dirty:
             return
         written = [dataclasses.replace(r) for r in self._dirty.values()]  # as they are now
-        await asyncio.to_thread(self.store.save, written, self.config.kept)
+        try:
+            await asyncio.to_thread(self.store.save, written, self.config.kept, self.fence)
+        except StaleLease as exc:  # the next owner loads the open commands and resends them
+            log.warning("commands: %s; %d changes not written", exc, len(written))
+            self._dirty.clear()
+            return
         for copy in written:  # done with, unless it changed again during the write
             record = self._dirty.get(copy.id)
             if record is not None and record.row() == copy.row():

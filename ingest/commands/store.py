@@ -1,10 +1,14 @@
 """Commands in the data dir's SQLite file, through a connection of their own (WAL lets it
 share the file with the ingest and alert stores), or in PostgreSQL: the same Core
-statements on either (``ingest.db.database``). Blocking: called from worker threads."""
+statements on either (``ingest.db.database``). Blocking: called from worker threads.
+
+In the ingest workers (issue 13) each owned partition's ``Commands`` loads the open
+commands of its devices only (``load_open(devices)``) and saves under the partition's lease
+epoch (``save(fence=...)``: a stale owner's changes are refused with ``StaleLease``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from ingest.commands.model import COLUMNS, OPEN, CommandRecord
 from ingest.db.database import CoreStatement, Database, PgDatabase
 from ingest.db.dialect import dialect_of, per_dialect
 from ingest.db.schema import commands
+from ingest.leases import fenced_transaction
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
@@ -85,22 +90,32 @@ class CommandStore:
     def close(self) -> None:
         self._db.close()
 
-    def save(self, records: Sequence[CommandRecord], kept: int | None = None) -> None:
+    def save(
+        self,
+        records: Sequence[CommandRecord],
+        kept: int | None = None,
+        fence: tuple[int, int] | None = None,
+    ) -> None:
         """Insert or update ``records`` in one transaction; with ``kept``, prune to the
-        newest ``kept`` commands (open ones are never pruned)."""
+        newest ``kept`` commands (open ones are never pruned); with ``fence`` (partition,
+        epoch), only while the partition's lease is at that epoch, else ``StaleLease``."""
         statements: list[CoreStatement] = [
             (self._upsert, [dict(zip(COLUMNS, r.row(), strict=True)) for r in records])
         ]
         if kept is not None:
             statements.append((_PRUNE, [{"b_kept": kept}]))
-        self._db.transaction(statements)
+        fenced_transaction(self._db, statements, fence)
 
     def get(self, command_id: str) -> CommandRecord | None:
         rows = self._db.query(_GET, {"b_id": command_id})
         return CommandRecord.from_row(rows[0]) if rows else None
 
-    def load_open(self) -> list[CommandRecord]:
-        return [CommandRecord.from_row(r) for r in self._db.query(_LOAD_OPEN)]
+    def load_open(self, devices: Collection[str] | None = None) -> list[CommandRecord]:
+        """The open commands, oldest first (of ``devices`` only, when given: a partition's)."""
+        found = [CommandRecord.from_row(r) for r in self._db.query(_LOAD_OPEN)]
+        if devices is None:
+            return found
+        return [r for r in found if r.device_id in devices]
 
     def recent(
         self, device_id: str | None = None, *, limit: int = 100, before_ms: int | None = None

@@ -297,6 +297,9 @@ _open_order = work_orders.c.state != text("'closed'")
 Index("work_orders_one_per_alert", work_orders.c.alert_id, unique=True,
       sqlite_where=_open_order, postgresql_where=_open_order)  # fmt: skip
 Index("work_orders_by_state", work_orders.c.state, work_orders.c.id)
+# work order ids on PostgreSQL, unique across the ingest workers (migration 0006; the
+# order store's ``reserve_ids``); SQLite's one writer numbers them itself
+work_order_ids = Sequence("work_order_ids", metadata=metadata)
 
 work_order_log = Table(
     "work_order_log",
