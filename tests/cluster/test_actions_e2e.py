@@ -1,7 +1,9 @@
-"""A maintainer's acknowledgement on an API replica reaches the ingest worker that owns the
-alert's station, as processes: ``chargewatch ingest`` and ``chargewatch api --db`` on real
+"""A maintainer's actions on an API replica reach the ingest worker that owns the alert's
+station, as processes: ``chargewatch ingest`` and ``chargewatch api --db`` on real
 mosquitto and PostgreSQL. The worker's partition consumer runs the action queue's applier
-for its stations (ingest.actions); without it the replica answers 503 "no worker took it"."""
+for its stations (ingest.actions); without it the replica answers 503 "no worker took it".
+An acknowledgement, a work order and a remote command: the command goes out on the owning
+partition's MQTT session, and the device's answer, on the same session, closes it."""
 
 from __future__ import annotations
 
@@ -13,14 +15,22 @@ import pytest
 
 from tests.alerts.keys import maintainer_key
 from tests.cluster.processes import api_replica, db_upgrade, ingest_worker, new_database
-from tests.cluster.test_worker_alerts_e2e import DEVICES, SETTINGS, fault, online, publish
+from tests.cluster.test_worker_alerts_e2e import (
+    DEVICES,
+    SETTINGS,
+    fault,
+    head,
+    online,
+    publish,
+)
+from tests.mqttclients import Client
 from tests.pg_server import PgServer
 from tests.servers import eventually, mosquitto
 
 pytestmark = pytest.mark.e2e
 
 
-def test_an_ack_on_a_replica_is_applied_by_the_owning_worker(
+def test_an_ack_an_order_and_a_command_on_a_replica_are_applied_by_the_owning_worker(
     pg_session: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CHARGEWATCH_ALERTS", json.dumps(SETTINGS))
@@ -54,6 +64,46 @@ def test_an_ack_on_a_replica_is_applied_by_the_owning_worker(
         assert r.json()["status"] == "acknowledged"
         again = httpx.get(f"{replica.base_url}/v1/alerts/{alert_id}", headers=headers, timeout=10)
         assert again.json()["status"] == "acknowledged"
+
+        r = httpx.post(f"{replica.base_url}/v1/alerts/{alert_id}/work-order",
+                       json={"assignee": "wu"}, headers=headers, timeout=30)  # fmt: skip
+        assert r.status_code == 201, r.text
+        order = r.json()
+        assert (order["alert_id"], order["state"], order["assignee"]) == (
+            alert_id,
+            "assigned",
+            "wu",
+        )
+        assert [e["what"] for e in order["log"]] == ["created"]
+
+        listener = Client(broker.port, client_id="the-device")
+        assert not listener.connect().is_failure
+        try:
+            listener.subscribe(f"cw/v1/{device}/cmd")
+            r = httpx.post(f"{replica.base_url}/v1/devices/{device}/commands",
+                           json={"type": "reboot"}, headers=headers, timeout=30)  # fmt: skip
+            assert r.status_code == 202, r.text
+            command = r.json()
+            assert (command["device"], command["type"]) == (device, "reboot")
+            assert command["state"] in ("pending", "sent")
+            listener.wait_for(f"cw/v1/{device}/cmd")
+            assert json.loads(listener.messages[0].payload)["id"] == command["id"]
+        finally:
+            listener.close()
+        publish(broker.port, [answer(device, 3, command["id"])])
+
+        def answered() -> None:
+            r = httpx.get(f"{replica.base_url}/v1/commands/{command['id']}", headers=headers,
+                          timeout=10)  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert r.json()["state"] == "done"
+
+        eventually(answered, timeout=20, interval=0.2)
+
+
+def answer(device: str, seq: int, command_id: str) -> tuple[str, str, dict[str, object]]:
+    return (device, "event", {**head(seq), "type": "command_result", "cmd": command_id,
+                              "result": "done"})  # fmt: skip
 
 
 def _subscribed(n: float) -> None:
