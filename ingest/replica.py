@@ -24,7 +24,8 @@ net). Events are read from ``EVENTS_LOOKBACK`` ids back and each is fanned out o
 event that commits after a higher id from another writer is not skipped.
 
 Actions (acknowledge, resolve, notes, riders' reports, work orders, commands) are queued for
-the worker that owns the station (``ingest.actions``): the replica waits for the outcome,
+the worker that owns the station (``ingest.actions``), which applies them to the partition's
+alert engine, work orders and commands as ``serve`` would: the replica waits for the outcome,
 woken by the same listener, and answers 503 with the reason when no worker takes it in
 time. Webhook subscriptions and clearing a battery's flag are not served here yet
 (``Unavailable``): the workers' notifiers and passports hold them in memory.

@@ -13,7 +13,9 @@ store that fails detaches the session (the broker delivers again what was not ac
 tries again after a capped backoff.
 
 The consumer of ``chargewatch ingest`` is ``ingest.partition_consumer.PipelineConsumer``
-(the pipeline over the partition's devices, written to PostgreSQL under the fence). The
+(the pipeline over the partition's devices, written to PostgreSQL under the fence, and the
+partition's alerts, work orders and remote commands); the session is handed to it while it
+is up (``Consumer.attach``): the partition's commands are published on it. The
 device registry is followed by LISTEN on ``ingest.db.registry.CHANNEL`` (``follow_registry``):
 a device added there is known to its partition's consumer and subscribed without a restart.
 The worker starts only on a database at this chargewatch's schema (``chargewatch db
@@ -32,7 +34,7 @@ import signal
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +46,7 @@ from devices.catalog import Catalog, CatalogError, Device
 from devices.topics import TopicScheme
 from ingest import IngestError, StoreError, pg_retention
 from ingest.alerts.config import AlertsConfig
+from ingest.commands.config import CommandsConfig
 from ingest.commands.service import Publisher
 from ingest.db import migrate, registry
 from ingest.gmqtt_source import GmqttSource
@@ -58,7 +61,7 @@ from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import DEFAULT_PARTITIONS, PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import HistoryStore
-from ingest.worker_alerts import WorkerAlerts, alerts_config
+from ingest.worker_alerts import WorkerAlerts, alerts_config, commands_config
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +395,7 @@ class IngestArgs:
     history: str | None
     lease_timeout_s: float
     alerts: AlertsConfig
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -434,6 +438,7 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
         history=args.history,
         lease_timeout_s=lease_s,
         alerts=alerts_config(),
+        commands=commands_config(),
     )
 
 
@@ -512,6 +517,7 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                         catalog,
                         a.alerts,
                         claim_lease_s=max(a.lease_timeout_s, 1.0),
+                        commands=a.commands,
                         registry=worker.metrics.registry,
                     )
                 )

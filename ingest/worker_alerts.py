@@ -15,8 +15,9 @@ The work orders and remote commands of the partitions (``ingest.partition_consum
 ``order_store`` and ``command_store`` on PostgreSQL.
 
 The alert rules' settings come from ``CHARGEWATCH_ALERTS`` (a JSON object of
-``AlertsConfig`` fields, as under ``alerts:`` in ``serve``'s configuration); webhook
-subscriptions are the database's.
+``AlertsConfig`` fields, as under ``alerts:`` in ``serve``'s configuration, work orders'
+included), the commands' from ``CHARGEWATCH_COMMANDS`` (``CommandsConfig`` fields, as under
+``commands:``); webhook subscriptions are the database's.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ingest.pipeline import Twins
 from ingest.supervisor import Supervisor
 
 ENV = "CHARGEWATCH_ALERTS"
+COMMANDS_ENV = "CHARGEWATCH_COMMANDS"
 
 
 def alerts_config(environ: dict[str, str] | None = None) -> AlertsConfig:
@@ -59,6 +61,17 @@ def alerts_config(environ: dict[str, str] | None = None) -> AlertsConfig:
         return AlertsConfig.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:
         raise IngestError(f"{ENV}: not valid alert settings: {exc}") from None
+
+
+def commands_config(environ: dict[str, str] | None = None) -> CommandsConfig:
+    """The remote commands' settings of ``CHARGEWATCH_COMMANDS`` (defaults when unset)."""
+    raw = (os.environ if environ is None else environ).get(COMMANDS_ENV)
+    if not raw:
+        return CommandsConfig()
+    try:
+        return CommandsConfig.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        raise IngestError(f"{COMMANDS_ENV}: not valid command settings: {exc}") from None
 
 
 class WorkerAlerts:

@@ -12,8 +12,9 @@ In an ingest worker (issue 13) each owned partition runs one over its ``AlertEng
 (``ingest.partition_consumer``): the orders of the engine's ``stations`` only, new ids from
 PostgreSQL's sequence (``ids``, an ``IdPool`` over the store's ``reserve_ids``: two workers
 never number one alike), and writes fenced by the engine's ``fence`` (partition, epoch): once
-the lease moved, the changes left are dropped with a warning, as the engine's are. ``serve``
-numbers its orders itself, after the highest stored.
+the lease moved, the changes left are dropped with a warning, as the engine's are, and a
+request waiting for them gets ``StoreError`` (it was not saved). ``serve`` numbers its
+orders itself, after the highest stored.
 
 Exceptions::
 
@@ -21,6 +22,9 @@ Exceptions::
     ├── OrderNotFound     no work order with that id
     ├── OrderConflict     the order's or the alert's state does not allow it (409)
     └── OrderInvalid      a value that cannot be (a due time in the past; 422)
+
+and from the store: ``AlertStoreBusy`` (not saved in time), ``StoreError`` (a worker's
+partition moved: not saved at all; 503).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from devices.contract import Event, Message
-from ingest import StoreUnavailable
+from ingest import StoreError, StoreUnavailable
 from ingest.alerts.config import WorkOrderOptions
 from ingest.alerts.engine import REQUEST_FLUSH_S, AlertEngine, AlertStoreBusy
 from ingest.alerts.ids import IdPool
@@ -85,6 +89,7 @@ class WorkOrders:
         self._written = 0
         self._wake = asyncio.Event()
         self._written_cond = asyncio.Condition()
+        self.lost: StaleLease | None = None  # the partition moved: nothing is saved any more
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -326,6 +331,7 @@ class WorkOrders:
                     break
                 except StaleLease as exc:  # the next owner has the partition's orders
                     log.warning("work orders: %s; %d changes not written", exc, len(rows))
+                    self.lost = exc
                     break
                 except StoreUnavailable as exc:
                     log.error("work orders: store write failed (%s); retrying in %.1fs", exc, delay)
@@ -345,3 +351,5 @@ class WorkOrders:
                 await self._written_cond.wait_for(lambda: self._written >= target)
         except TimeoutError:
             raise AlertStoreBusy(f"work order changes not saved within {timeout_s:.0f}s") from None
+        if self.lost is not None:
+            raise StoreError(f"work order changes not saved: {self.lost}")

@@ -19,14 +19,17 @@ from typing import Any
 import psycopg
 import pytest
 
+from ingest import IngestError, StoreError
 from ingest.actions import ActionQueue
+from ingest.commands.config import CommandsConfig
 from ingest.commands.model import CommandRecord
 from ingest.commands.store import CommandStore
 from ingest.gmqtt_source import GmqttSource
+from ingest.leases import StaleLease
 from ingest.mqtt import BrokerURL, Received
 from ingest.partition_consumer import PipelineConsumer
 from ingest.pg_store import PostgresStore
-from ingest.worker_alerts import WorkerAlerts
+from ingest.worker_alerts import WorkerAlerts, commands_config
 from tests.cluster.test_partition_alerts import (
     CATALOG,
     CONFIG,
@@ -145,7 +148,7 @@ async def test_two_partitions_never_hand_out_the_same_order_id(
         await again.close()
 
 
-async def test_an_owner_that_lost_the_lease_writes_no_order_change(
+async def test_an_owner_that_lost_the_lease_writes_no_order_nor_command(
     pg_url: str, parts: tuple[PostgresStore, WorkerAlerts]
 ) -> None:
     store, alerts = parts
@@ -156,8 +159,15 @@ async def test_an_owner_that_lost_the_lease_writes_no_order_change(
         order = await c.orders.create(alert_id, "li", assignee="wu")
         assert order_log(pg_url, order.id) == ["created"]
         lease(pg_url, P, 2)  # the partition moved; this owner has not heard yet
-        await c.orders.add_note(order.id, "li", "written by a stale owner")
+        with pytest.raises(StoreError, match="no longer the lease's"):  # not saved: says so
+            await c.orders.add_note(order.id, "li", "written by a stale owner")
         assert order_log(pg_url, order.id) == ["created"]  # the fence refused it
+        assert c.commands is not None
+        with pytest.raises(StaleLease):  # the applier answers it as a store error (503)
+            await c.commands.create(DEVICE, "reboot", requested_by="li")
+        assert c.commands.open == {}
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM commands").fetchone() == (0,)
     finally:
         await c.close()
 
@@ -250,3 +260,10 @@ async def test_a_queued_command_is_published_on_the_partitions_session_and_answe
         device.close()
         queue.close()
         await c.close()
+
+
+def test_command_settings_from_the_environment() -> None:
+    assert commands_config({}) == CommandsConfig()
+    assert commands_config({"CHARGEWATCH_COMMANDS": '{"resend_s": 2}'}).resend_s == 2
+    with pytest.raises(IngestError, match="CHARGEWATCH_COMMANDS: not valid"):
+        commands_config({"CHARGEWATCH_COMMANDS": '{"resend_s": 0}'})
