@@ -131,9 +131,10 @@ class PipelineConsumer:
             "partition %d (epoch %d): %d unresolved alerts loaded",
             self.partition, self.epoch, len(engine.by_id),
         )  # fmt: skip
-        # maintainers' actions from the API replicas for our stations (ingest.actions), for
-        # as long as we hold the partition; supervised: a death is logged and it starts again.
-        # None for a partition without stations: its LISTEN connection would serve nobody
+        # the work orders and commands of our stations, and maintainers' actions from the
+        # API replicas for them (ingest.actions), for as long as we hold the partition; the
+        # applier supervised: a death is logged and it starts again. None of them for a
+        # partition without stations: they (and the LISTEN connection) would serve nobody
         if not stations:
             return
         await self._start_orders_and_commands(engine, pipeline)
