@@ -2,7 +2,9 @@
 is in PostgreSQL's alerts; the next owner of the partition loads it with the rules' memory
 behind it (a timer pass does not resolve it) and resolves it when the device clears the
 fault; the event journal is each partition's own (a partition replays its entries and
-never deletes another's); two workers' ids never collide."""
+never deletes another's); two workers' ids never collide; an owner that lost the lease
+writes nothing, and a maintainer's or a rider's action it applies meanwhile is answered 503
+(not saved), through a replica's app over httpx's ASGI transport."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,6 +21,7 @@ import pytest
 from devices.catalog import Catalog
 from devices.contract import decode
 from devices.topics import TopicScheme
+from ingest import StoreError
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.ids import AlertIds, IdPool
 from ingest.alerts.store import AlertStore, journal_range
@@ -27,6 +32,8 @@ from ingest.partitions import PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import Unobserved
 from ingest.worker_alerts import WorkerAlerts, alerts_config
+from tests.replica.test_replica import seeded
+from tests.replica.test_replica_alerts import bearer, maintainer_token, replica
 
 pytestmark = pytest.mark.e2e
 
@@ -77,6 +84,13 @@ def lease(db: str, partition: int, epoch: int) -> None:
             " DO UPDATE SET epoch = EXCLUDED.epoch",
             (partition, epoch),
         )
+
+
+def alert_tables(db: str) -> list[list[tuple[Any, ...]]]:
+    """Everything an alert action may write: alerts, their notes and events, riders' reports."""
+    tables = ("alerts", "alert_notes", "alert_events", "rider_reports")
+    with psycopg.connect(db) as conn:
+        return [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables]
 
 
 def alerts_in_db(db: str) -> list[tuple[int, str, str, str]]:
@@ -213,7 +227,60 @@ async def test_an_owner_that_lost_the_lease_writes_no_alert(
         raised = event(2, "fault_raised")
         c.engine.observe(c.twins[DEVICE], decode("event", raised.payload), now_ms())
         assert len(c.engine.by_id) == 1  # opened in memory ...
-        await c.engine.flush(10)
+        with pytest.raises(StoreError, match="no longer the lease's"):  # says it is not saved
+            await c.engine.flush(10)
         assert alerts_in_db(pg_url) == []  # ... never written: the fence refused it
     finally:
         await c.close()
+
+
+async def test_a_stale_owner_answers_a_maintainers_action_as_not_saved(
+    pg_url: str, parts: tuple[PostgresStore, WorkerAlerts], tmp_path: Path
+) -> None:
+    """The partition moved and its old owner has not heard yet: every alert action its
+    applier takes from a replica (acknowledge, a note, resolve, a rider's report) is dropped
+    by the fence and answered 503 with the reason, never "saved"; the database is as before,
+    and the next owner has the alert open and acknowledges it."""
+    seeded(pg_url)  # the stations and devices in the registry, as a replica reads them
+    token = maintainer_token(pg_url)
+    store, alerts = parts
+    lease(pg_url, P, 1)
+    old = consumer(store, alerts, 1)
+    await old.load()
+    new = consumer(store, alerts, 2)
+    try:
+        async with replica(pg_url, tmp_path, "a") as (_, http, _):
+            await old.store([birth(0), status(1), event(2, "fault_raised")])
+            assert old.engine is not None
+            assert old.applier is not None
+            await old.engine.flush(10)
+            [(alert_id, _, _, _)] = alerts_in_db(pg_url)
+            before = alert_tables(pg_url)
+            lease(pg_url, P, 2)  # the partition moved; this owner has not heard yet
+            path = f"/v1/alerts/{alert_id}"
+            asked = [("ack", {"note": "on my way"}), ("notes", {"text": "seen"}), ("resolve", {})]
+            for what, body in asked:
+                r = await http.post(f"{path}/{what}", headers=bearer(token), json=body)
+                assert r.status_code == 503, (what, r.text)
+                assert r.json()["error"] == "unavailable"
+                assert "not saved" in r.json()["detail"], what
+                assert "no longer the lease's" in r.json()["detail"], what
+            station = CATALOG.devices[DEVICE].station_id
+            report = {"station": station, "device": DEVICE, "category": "smoke", "text": "smoke"}
+            r = await http.post("/v1/reports", json=report)
+            assert r.status_code == 503, r.text
+            assert "not saved" in r.json()["detail"]
+            assert old.applier.applied == 4  # the stale owner took each one
+            assert alert_tables(pg_url) == before  # and wrote none of them
+            await old.close()  # it hears that the partition moved
+
+            await new.load()
+            assert new.engine is not None
+            assert new.engine.by_id[alert_id].status == "open"
+            r = await http.post(f"{path}/ack", headers=bearer(token), json={"note": "again"})
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "acknowledged"
+            assert alerts_in_db(pg_url) == [(alert_id, DEVICE, "fault", "acknowledged")]
+    finally:
+        await old.close()
+        await new.close()
