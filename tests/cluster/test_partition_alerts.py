@@ -32,6 +32,7 @@ from ingest.partitions import PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import Unobserved
 from ingest.worker_alerts import WorkerAlerts, alerts_config
+from tests.alerts.helpers import eventually
 from tests.replica.test_replica import seeded
 from tests.replica.test_replica_alerts import bearer, maintainer_token, replica
 
@@ -91,6 +92,13 @@ def alert_tables(db: str) -> list[list[tuple[Any, ...]]]:
     tables = ("alerts", "alert_notes", "alert_events", "rider_reports")
     with psycopg.connect(db) as conn:
         return [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables]
+
+
+def assert_queued(db: str, count: int) -> None:
+    """``count`` actions wait in the action queue, taken by no applier."""
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM action_queue WHERE state = 'queued'").fetchone()
+    assert row == (count,)
 
 
 def alerts_in_db(db: str) -> list[tuple[int, str, str, str]]:
@@ -237,50 +245,69 @@ async def test_an_owner_that_lost_the_lease_writes_no_alert(
 async def test_a_stale_owner_answers_a_maintainers_action_as_not_saved(
     pg_url: str, parts: tuple[PostgresStore, WorkerAlerts], tmp_path: Path
 ) -> None:
-    """The partition moved and its old owner has not heard yet: every alert action its
-    applier takes from a replica (acknowledge, a note, resolve, a rider's report) is dropped
-    by the fence and answered 503 with the reason, never "saved"; the database is as before,
-    and the next owner has the alert open and acknowledges it."""
+    """The partition moved and its owner has not heard yet: an alert action its applier
+    takes from a replica (acknowledge, a note, resolve, a rider's report; each on an owner
+    of its own, at the next epoch) is dropped by the fence and answered 503 with the reason,
+    never "saved", and the database is as before. An action asked after that is left for
+    the next owner, which has the alert open and acknowledges it."""
     seeded(pg_url)  # the stations and devices in the registry, as a replica reads them
     token = maintainer_token(pg_url)
     store, alerts = parts
-    lease(pg_url, P, 1)
-    old = consumer(store, alerts, 1)
-    await old.load()
-    new = consumer(store, alerts, 2)
+    owners: list[PipelineConsumer] = []
+
+    async def owner(epoch: int) -> PipelineConsumer:
+        lease(pg_url, P, epoch)
+        owners.append(c := consumer(store, alerts, epoch))
+        await c.load()
+        return c
+
     try:
-        async with replica(pg_url, tmp_path, "a") as (_, http, _):
-            await old.store([birth(0), status(1), event(2, "fault_raised")])
-            assert old.engine is not None
-            assert old.applier is not None
-            await old.engine.flush(10)
+        # the replica waits long enough for the next owner to load (20 s, not 5)
+        async with replica(pg_url, tmp_path, "a", action_wait_s=20) as (_, http, _):
+            stale = await owner(1)
+            await stale.store([birth(0), status(1), event(2, "fault_raised")])
+            assert stale.engine is not None
+            await stale.engine.flush(10)
             [(alert_id, _, _, _)] = alerts_in_db(pg_url)
             before = alert_tables(pg_url)
-            lease(pg_url, P, 2)  # the partition moved; this owner has not heard yet
-            path = f"/v1/alerts/{alert_id}"
-            asked = [("ack", {"note": "on my way"}), ("notes", {"text": "seen"}), ("resolve", {})]
-            for what, body in asked:
-                r = await http.post(f"{path}/{what}", headers=bearer(token), json=body)
-                assert r.status_code == 503, (what, r.text)
-                assert r.json()["error"] == "unavailable"
-                assert "not saved" in r.json()["detail"], what
-                assert "no longer the lease's" in r.json()["detail"], what
+            path, auth = f"/v1/alerts/{alert_id}", bearer(token)
             station = CATALOG.devices[DEVICE].station_id
             report = {"station": station, "device": DEVICE, "category": "smoke", "text": "smoke"}
-            r = await http.post("/v1/reports", json=report)
-            assert r.status_code == 503, r.text
-            assert "not saved" in r.json()["detail"]
-            assert old.applier.applied == 4  # the stale owner took each one
-            assert alert_tables(pg_url) == before  # and wrote none of them
-            await old.close()  # it hears that the partition moved
+            asked = [
+                (f"{path}/ack", {"note": "on my way"}, auth), (f"{path}/notes", {"text": "seen"}, auth),
+                (f"{path}/resolve", {}, auth), ("/v1/reports", report, {}),
+            ]  # fmt: skip
+            for epoch, (url, body, headers) in enumerate(asked, start=2):
+                lease(pg_url, P, epoch)  # the partition moved; its owner has not heard yet
+                r = await http.post(url, headers=headers, json=body)
+                assert r.status_code == 503, (url, r.text)
+                assert r.json()["error"] == "unavailable"
+                assert "not saved" in r.json()["detail"], url
+                # the stale owner took it (its epoch is the reason) ...
+                assert f"epoch {epoch - 1} is no longer the lease's" in r.json()["detail"], url
+                assert alert_tables(pg_url) == before  # ... and wrote nothing of it
+                if epoch <= len(asked):
+                    await stale.close()  # it hears that the partition moved
+                    stale = await owner(epoch)
 
-            await new.load()
-            assert new.engine is not None
-            assert new.engine.by_id[alert_id].status == "open"
-            r = await http.post(f"{path}/ack", headers=bearer(token), json={"note": "again"})
+            # asked again while the last stale owner still runs: it knows now that nothing
+            # it applies is saved, and leaves the action queued for the partition's next owner
+            again = asyncio.create_task(
+                http.post(f"{path}/ack", headers=auth, json={"note": "again"})
+            )
+            await eventually(lambda: assert_queued(pg_url, 1))
+            assert stale.applier is not None
+            assert await stale.applier.apply_pending() == 0
+            assert_queued(pg_url, 1)
+            await stale.close()
+            new = await owner(len(asked) + 1)  # the next owner: the alert open, the action taken
+            r = await again
             assert r.status_code == 200, r.text
             assert r.json()["status"] == "acknowledged"
+            assert "again" in r.text
+            assert new.engine is not None
+            assert new.engine.by_id[alert_id].status == "acknowledged"
             assert alerts_in_db(pg_url) == [(alert_id, DEVICE, "fault", "acknowledged")]
     finally:
-        await old.close()
-        await new.close()
+        for c in owners:
+            await c.close()
