@@ -18,6 +18,12 @@ change it itself; it queues the action and waits for its owner:
 3. the replica, woken by that NOTIFY (or by its own bounded polling), reads the outcome and
    answers as ``serve`` would (the record, or the same exception: 404, 409, 422, 429).
 
+An owner that lost the partition without having heard yet (another worker took it) applies
+an action in memory, but the lease fence drops its writes: the engine's ``flush`` raises
+``StoreError`` (``ingest.leases.not_saved``), so the action fails with the reason and the
+replica answers 503, never as saved. From then on that applier claims nothing, and the
+partition's next owner takes what is queued.
+
 When no applier takes the row in time (no worker owns the partition, or it is down; time
 by the database's clock, so machines' clocks need not agree), the replica marks the row
 ``expired`` (only if still ``queued``: atomic with a claim, so an
@@ -397,6 +403,7 @@ class ActionApplier:
         self._lock = asyncio.Lock()
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._pruned_at = 0.0  # monotonic
+        self._left = False  # the partition moved: said once (``_moved``)
 
     async def __aenter__(self) -> Self:
         self._queue = await asyncio.to_thread(
@@ -456,7 +463,7 @@ class ActionApplier:
             raise RuntimeError("ActionApplier used outside `async with`")
         count = 0
         async with self._lock:
-            while True:
+            while not self._moved():
                 claimed = await self._call(queue.claim, self.stations, self.clock())
                 for request in claimed:
                     await self._apply_one(queue, request)
@@ -465,6 +472,17 @@ class ActionApplier:
                     break
         self.applied += count
         return count
+
+    def _moved(self) -> bool:
+        """True once the engines' writes were refused because the partition moved (their
+        ``lost``): what this applier applies is not saved any more, so it claims nothing
+        and leaves the actions queued for the partition's next owner."""
+        lost = self.alerts.lost or (self.orders.lost if self.orders is not None else None)
+        if lost is not None and not self._left:
+            self._left = True
+            log.warning("actions: %s; the actions of %d stations are left to the next owner",
+                        lost, len(self.stations))  # fmt: skip
+        return lost is not None
 
     async def _apply_one(self, queue: ActionQueue, request: Request) -> None:
         try:

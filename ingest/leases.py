@@ -142,6 +142,16 @@ def fenced_transaction(
         ) from exc
 
 
+def not_saved(what: str, lost: StaleLease) -> StoreError:
+    """The error of a request whose changes the fence dropped (``lost``: the partition moved
+    before they were written): nothing of it is saved, and the partition's new owner takes
+    it when it is tried again (503 on a replica). The engines of a partition (alerts, work
+    orders) raise it from ``flush`` once their writer met ``StaleLease``."""
+    return StoreError(
+        f"{what} not saved: {lost} (the partition moved to another worker): try again"
+    )
+
+
 def assign(partitions: int, members: Sequence[int]) -> dict[int, list[int]]:
     """Partitions per live member: partition p to ``sorted(members)[p % M]``; every worker
     computes the same from the same members, and the counts differ by at most one."""

@@ -13,6 +13,12 @@ Exceptions::
     └── AlertConflict   the alert's state does not allow the change (e.g. already resolved)
     StoreError (ingest)
     └── AlertStoreBusy  the alert store did not take the changes in time
+
+A partition's engine in an ingest worker (issue 13; ``ingest.worker_alerts``) writes under
+the partition's lease epoch (``fence``): once another worker took the partition, its
+changes are dropped with a warning, and every ``flush`` after that raises ``StoreError``
+(``ingest.leases.not_saved``), so a maintainer's or a rider's action it was applying
+(``ingest.actions``) is answered 503, never as saved. ``serve`` has no fence.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from ingest.alerts.rules import (
     station_conditions,
 )
 from ingest.alerts.store import AlertStore, Ops, journal_range
-from ingest.leases import StaleLease
+from ingest.leases import StaleLease, not_saved
 from ingest.pipeline import Twins
 from ingest.supervisor import Supervisor
 from ingest.twins import Twin
@@ -115,8 +121,10 @@ class AlertEngine:
         self._own_notifier = notifier is None
         # (partition, epoch): the alert writes of a partition's engine are fenced like its
         # batches; once the lease moved, what is left unwritten is dropped (the next owner
-        # judges the partition's devices again from what was stored)
+        # judges the partition's devices again from what was stored), and ``lost`` says so:
+        # from then on ``flush`` raises, so no request is answered as saved
         self.fence: tuple[int, int] | None = None
+        self.lost: StaleLease | None = None
         # the service's supervisor (its tasks' deaths fail /readyz and raise alerts here);
         # an engine of its own has one of its own, entered and left with the engine
         self._own_supervisor = supervisor is None
@@ -680,8 +688,9 @@ class AlertEngine:
                     )
                     self.store_healthy, delay = True, 0.2
                     break
-                except StaleLease as exc:
+                except StaleLease as exc:  # the next owner has the partition's alerts
                     log.warning("alerts: %s; %d changes not written", exc, len(ops))
+                    self.lost = exc
                     break
                 except StoreUnavailable as exc:
                     self.store_healthy = False
@@ -714,7 +723,9 @@ class AlertEngine:
     async def flush(self, timeout_s: float | None = None) -> None:
         """Return once every change made so far is in the store. With ``timeout_s``, raise
         AlertStoreBusy when that takes longer (a store outage, a dead writer): a request
-        must get an answer, not hang."""
+        must get an answer, not hang. Raise ``StoreError`` when the partition moved
+        (``lost``): the changes were dropped, and this engine's memory is no longer what
+        is stored."""
         target = self._queued
         try:
             async with asyncio.timeout(timeout_s), self._written_cond:
@@ -724,6 +735,8 @@ class AlertEngine:
             raise AlertStoreBusy(
                 f"alert changes not saved within {timeout_s:.0f}s: {'; '.join(problems)}"
             ) from None
+        if self.lost is not None:
+            raise not_saved("alert changes", self.lost)
 
     async def _ticker(self) -> None:
         while True:

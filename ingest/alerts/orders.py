@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from devices.contract import Event, Message
-from ingest import StoreError, StoreUnavailable
+from ingest import StoreUnavailable
 from ingest.alerts.config import WorkOrderOptions
 from ingest.alerts.engine import REQUEST_FLUSH_S, AlertEngine, AlertStoreBusy
 from ingest.alerts.ids import IdPool
@@ -53,7 +53,7 @@ from ingest.alerts.order_model import (  # the errors are the model's, named her
     order_view,
 )
 from ingest.alerts.order_store import WorkOrderStore
-from ingest.leases import StaleLease
+from ingest.leases import StaleLease, not_saved
 from ingest.twins import Twin
 
 log = logging.getLogger(__name__)
@@ -352,4 +352,4 @@ class WorkOrders:
         except TimeoutError:
             raise AlertStoreBusy(f"work order changes not saved within {timeout_s:.0f}s") from None
         if self.lost is not None:
-            raise StoreError(f"work order changes not saved: {self.lost}")
+            raise not_saved("work order changes", self.lost)

@@ -2,7 +2,9 @@
 is in PostgreSQL's alerts; the next owner of the partition loads it with the rules' memory
 behind it (a timer pass does not resolve it) and resolves it when the device clears the
 fault; the event journal is each partition's own (a partition replays its entries and
-never deletes another's); two workers' ids never collide."""
+never deletes another's); two workers' ids never collide; an owner that lost the lease
+writes nothing, and a maintainer's or a rider's action it applies meanwhile is answered 503
+(not saved), through a replica's app over httpx's ASGI transport."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,6 +21,7 @@ import pytest
 from devices.catalog import Catalog
 from devices.contract import decode
 from devices.topics import TopicScheme
+from ingest import StoreError
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.ids import AlertIds, IdPool
 from ingest.alerts.store import AlertStore, journal_range
@@ -27,6 +32,9 @@ from ingest.partitions import PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import Unobserved
 from ingest.worker_alerts import WorkerAlerts, alerts_config
+from tests.alerts.helpers import eventually
+from tests.replica.test_replica import seeded
+from tests.replica.test_replica_alerts import bearer, maintainer_token, replica
 
 pytestmark = pytest.mark.e2e
 
@@ -77,6 +85,20 @@ def lease(db: str, partition: int, epoch: int) -> None:
             " DO UPDATE SET epoch = EXCLUDED.epoch",
             (partition, epoch),
         )
+
+
+def alert_tables(db: str) -> list[list[tuple[Any, ...]]]:
+    """Everything an alert action may write: alerts, their notes and events, riders' reports."""
+    tables = ("alerts", "alert_notes", "alert_events", "rider_reports")
+    with psycopg.connect(db) as conn:
+        return [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables]
+
+
+def assert_queued(db: str, count: int) -> None:
+    """``count`` actions wait in the action queue, taken by no applier."""
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM action_queue WHERE state = 'queued'").fetchone()
+    assert row == (count,)
 
 
 def alerts_in_db(db: str) -> list[tuple[int, str, str, str]]:
@@ -213,7 +235,79 @@ async def test_an_owner_that_lost_the_lease_writes_no_alert(
         raised = event(2, "fault_raised")
         c.engine.observe(c.twins[DEVICE], decode("event", raised.payload), now_ms())
         assert len(c.engine.by_id) == 1  # opened in memory ...
-        await c.engine.flush(10)
+        with pytest.raises(StoreError, match="no longer the lease's"):  # says it is not saved
+            await c.engine.flush(10)
         assert alerts_in_db(pg_url) == []  # ... never written: the fence refused it
     finally:
         await c.close()
+
+
+async def test_a_stale_owner_answers_a_maintainers_action_as_not_saved(
+    pg_url: str, parts: tuple[PostgresStore, WorkerAlerts], tmp_path: Path
+) -> None:
+    """The partition moved and its owner has not heard yet: an alert action its applier
+    takes from a replica (acknowledge, a note, resolve, a rider's report; each on an owner
+    of its own, at the next epoch) is dropped by the fence and answered 503 with the reason,
+    never "saved", and the database is as before. An action asked after that is left for
+    the next owner, which has the alert open and acknowledges it."""
+    seeded(pg_url)  # the stations and devices in the registry, as a replica reads them
+    token = maintainer_token(pg_url)
+    store, alerts = parts
+    owners: list[PipelineConsumer] = []
+
+    async def owner(epoch: int) -> PipelineConsumer:
+        lease(pg_url, P, epoch)
+        owners.append(c := consumer(store, alerts, epoch))
+        await c.load()
+        return c
+
+    try:
+        # the replica waits long enough for the next owner to load (20 s, not 5)
+        async with replica(pg_url, tmp_path, "a", action_wait_s=20) as (_, http, _):
+            stale = await owner(1)
+            await stale.store([birth(0), status(1), event(2, "fault_raised")])
+            assert stale.engine is not None
+            await stale.engine.flush(10)
+            [(alert_id, _, _, _)] = alerts_in_db(pg_url)
+            before = alert_tables(pg_url)
+            path, auth = f"/v1/alerts/{alert_id}", bearer(token)
+            station = CATALOG.devices[DEVICE].station_id
+            report = {"station": station, "device": DEVICE, "category": "smoke", "text": "smoke"}
+            asked = [
+                (f"{path}/ack", {"note": "on my way"}, auth), (f"{path}/notes", {"text": "seen"}, auth),
+                (f"{path}/resolve", {}, auth), ("/v1/reports", report, {}),
+            ]  # fmt: skip
+            for epoch, (url, body, headers) in enumerate(asked, start=2):
+                lease(pg_url, P, epoch)  # the partition moved; its owner has not heard yet
+                r = await http.post(url, headers=headers, json=body)
+                assert r.status_code == 503, (url, r.text)
+                assert r.json()["error"] == "unavailable"
+                assert "not saved" in r.json()["detail"], url
+                # the stale owner took it (its epoch is the reason) ...
+                assert f"epoch {epoch - 1} is no longer the lease's" in r.json()["detail"], url
+                assert alert_tables(pg_url) == before  # ... and wrote nothing of it
+                if epoch <= len(asked):
+                    await stale.close()  # it hears that the partition moved
+                    stale = await owner(epoch)
+
+            # asked again while the last stale owner still runs: it knows now that nothing
+            # it applies is saved, and leaves the action queued for the partition's next owner
+            again = asyncio.create_task(
+                http.post(f"{path}/ack", headers=auth, json={"note": "again"})
+            )
+            await eventually(lambda: assert_queued(pg_url, 1))
+            assert stale.applier is not None
+            assert await stale.applier.apply_pending() == 0
+            assert_queued(pg_url, 1)
+            await stale.close()
+            new = await owner(len(asked) + 1)  # the next owner: the alert open, the action taken
+            r = await again
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "acknowledged"
+            assert "again" in r.text
+            assert new.engine is not None
+            assert new.engine.by_id[alert_id].status == "acknowledged"
+            assert alerts_in_db(pg_url) == [(alert_id, DEVICE, "fault", "acknowledged")]
+    finally:
+        for c in owners:
+            await c.close()
