@@ -157,7 +157,7 @@ class ReadSide(Protocol):
 
     async def alert_events_after(self, after: int, limit: int) -> list[StreamEvent]: ...
 
-    def webhooks(self) -> list[JSON]:
+    async def webhooks(self) -> list[JSON]:
         """Webhook subscriptions with their health (no secrets)."""
         ...
 

@@ -70,7 +70,7 @@ from ingest.alerts.model import (
     Timing,
     rfc3339,
 )
-from ingest.alerts.notify import UNDELIVERED, Delivery
+from ingest.alerts.notify import UNDELIVERED, Delivery, Subscription, new_subscription
 from ingest.alerts.order_model import OrderNotFound, OrderQuery, WorkOrder, WorkOrderError
 from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.repair import repair_times
@@ -111,9 +111,9 @@ commits after a higher id from another writer is still fanned out (once: ``_seen
 SEEN_KEPT = 10_000
 FLAGGED_PAGE = 1000
 
-_WEBHOOKS_ELSEWHERE = (
-    "webhook subscriptions and their outbox are managed by `chargewatch serve` or the"
-    " workers' configuration, not by API replicas yet"
+_PENDING_ELSEWHERE = (
+    "notifications waiting for their next try are held by the ingest workers' notifiers, not"
+    " listed by API replicas yet"
 )
 _PASSPORT_CLEARING_ELSEWHERE = (
     "clearing a battery's flag is not served by API replicas yet (the passports' flags live"
@@ -648,11 +648,19 @@ class ReplicaReadSide:
         rows = await self._thread(store.events_after, after, limit)
         return [StreamEvent(event_id, type_, data) for event_id, type_, data in rows]
 
-    def webhooks(self) -> list[JSON]:
-        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+    def _read_webhooks(self) -> list[JSON]:
+        store = _store_of(self._alert_store)
+        pending = store.pending_by_webhook()
+        subs = [Subscription(id=i, **record) for i, record in store.webhooks()]
+        for sub in subs:  # the outbox's, of every worker (a notifier counts its own)
+            sub.pending = pending.get(sub.id, 0)
+        return [sub.view() for sub in subs]
+
+    async def webhooks(self) -> list[JSON]:
+        return await self._thread(self._read_webhooks)
 
     def pending_notifications(self) -> list[JSON]:
-        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+        raise Unavailable(_PENDING_ELSEWHERE)
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
         store = _store_of(self._alert_store)
@@ -736,11 +744,15 @@ class ReplicaReadSide:
         done = await self._request(station_id, "report", args)
         return Alert.from_record(done["alert"]), bool(done["joined"])
 
+    # -- webhook subscriptions: in PostgreSQL, followed by the workers' notifiers ------------
+
     async def add_webhook(self, url: str, **options: Any) -> JSON:
-        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+        sub = new_subscription(url, **options)
+        sub.id = await self._thread(_store_of(self._alert_store).add_webhook, sub.record())
+        return sub.created_view()
 
     async def remove_webhook(self, webhook_id: int) -> bool:
-        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+        return await self._thread(_store_of(self._alert_store).delete_webhook, webhook_id)
 
     async def _order_action(self, kind: str, order_id: int, args: JSON) -> WorkOrder:
         station = (await self.work_order(order_id)).station_id  # OrderNotFound: 404 here
