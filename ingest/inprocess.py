@@ -153,8 +153,9 @@ class InProcessReadSide:
     async def webhooks(self) -> list[JSON]:
         return [s.view() for s in self._engine().notifier.subscriptions.values()]
 
-    def pending_notifications(self) -> list[JSON]:
-        return self._engine().notifier.pending()
+    async def pending_notifications(self, limit: int) -> tuple[list[JSON], int]:
+        pending = self._engine().notifier.pending()
+        return pending[:limit], len(pending)
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
         return await self._engine().notifier.undelivered(limit)

@@ -161,8 +161,9 @@ class ReadSide(Protocol):
         """Webhook subscriptions with their health (no secrets)."""
         ...
 
-    def pending_notifications(self) -> list[JSON]:
-        """Notifications waiting for their next try, oldest first."""
+    async def pending_notifications(self, limit: int) -> tuple[list[JSON], int]:
+        """The oldest ``limit`` notifications not finished yet (waiting for their next try,
+        or in flight), and how many there are in all."""
         ...
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:

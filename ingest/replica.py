@@ -26,8 +26,16 @@ event that commits after a higher id from another writer is not skipped.
 Actions (acknowledge, resolve, notes, riders' reports, work orders, commands) are queued for
 the worker that owns the station (``ingest.actions``): the replica waits for the outcome,
 woken by the same listener, and answers 503 with the reason when no worker takes it in
-time. Webhook subscriptions and clearing a battery's flag are not served here yet
-(``Unavailable``): the workers' notifiers and passports hold them in memory.
+time. Clearing a battery's flag is not served here yet (``Unavailable``): the passports'
+flags live in the ingest workers.
+
+Webhook subscriptions are read, added and removed in PostgreSQL directly (``AlertStore``),
+with serve's checks and answers (``notify.new_subscription``, ``Subscription.view``: the
+secret only in the answer to the creation); each add and remove NOTIFYs
+``WEBHOOKS_CHANNEL`` in its statement, and every worker's notifier follows
+(``ingest.worker_alerts``). Notifications not delivered (pending, given up) are the outbox's
+rows as the workers last saved them; a subscription's ``pending`` counts its pending rows
+(of every worker), its other counters are those the workers' notifiers last saved.
 
 Flagged packs (never a ready battery) are read from the passports at each full refresh and
 whenever new alert events arrive (a pack is flagged as its safety alert opens); the
@@ -70,7 +78,13 @@ from ingest.alerts.model import (
     Timing,
     rfc3339,
 )
-from ingest.alerts.notify import UNDELIVERED, Delivery, Subscription, new_subscription
+from ingest.alerts.notify import (
+    PENDING,
+    UNDELIVERED,
+    Delivery,
+    Subscription,
+    new_subscription,
+)
 from ingest.alerts.order_model import OrderNotFound, OrderQuery, WorkOrder, WorkOrderError
 from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.repair import repair_times
@@ -111,10 +125,6 @@ commits after a higher id from another writer is still fanned out (once: ``_seen
 SEEN_KEPT = 10_000
 FLAGGED_PAGE = 1000
 
-_PENDING_ELSEWHERE = (
-    "notifications waiting for their next try are held by the ingest workers' notifiers, not"
-    " listed by API replicas yet"
-)
 _PASSPORT_CLEARING_ELSEWHERE = (
     "clearing a battery's flag is not served by API replicas yet (the passports' flags live"
     " in the ingest workers)"
@@ -659,16 +669,28 @@ class ReplicaReadSide:
     async def webhooks(self) -> list[JSON]:
         return await self._thread(self._read_webhooks)
 
-    def pending_notifications(self) -> list[JSON]:
-        raise Unavailable(_PENDING_ELSEWHERE)
+    def _notifications(self, status: str | tuple[str, ...], limit: int) -> list[JSON]:
+        """Views of the outbox's deliveries in ``status``: pending ones oldest first, the
+        others newest first; each names its subscription (None: removed since), as serve's."""
+        store = _store_of(self._alert_store)
+        newest_first = status != PENDING
+        rows = store.deliveries(status=status, newest_first=newest_first, limit=limit)
+        names = {i: record.get("name") for i, record in store.webhooks()}
+        deadline_s = self.config.alerts.webhooks.deadline_s
+        return [
+            Delivery.from_row(r, deadline_s).view(names.get(int(r["webhook_id"]))) for r in rows
+        ]
+
+    async def pending_notifications(self, limit: int) -> tuple[list[JSON], int]:
+        store = _store_of(self._alert_store)
+        pending, counts = await asyncio.gather(
+            self._thread(self._notifications, PENDING, limit),
+            self._thread(store.pending_by_webhook),
+        )
+        return pending, sum(counts.values())
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
-        store = _store_of(self._alert_store)
-        rows = await self._thread(
-            store.deliveries, status=UNDELIVERED, newest_first=True, limit=limit
-        )
-        deadline_s = self.config.alerts.webhooks.deadline_s
-        return [Delivery.from_row(r, deadline_s).view(None) for r in rows], True
+        return await self._thread(self._notifications, UNDELIVERED, limit), True
 
     async def repair_times(
         self, start_ms: int, end_ms: int, by: Literal["station", "code"]

@@ -21,13 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, text
 
 from devices.catalog import Catalog
 from ingest.alerts.config import AlertsConfig, WebhookOptions
 from ingest.alerts.ids import IdPool
 from ingest.alerts.notify import Notifier, Subscription
-from ingest.alerts.store import AlertStore
+from ingest.alerts.store import WEBHOOKS_CHANNEL, AlertStore
 from ingest.db import migrate
 from ingest.db.schema import webhooks as webhooks_table
 from ingest.worker_alerts import WorkerAlerts
@@ -128,7 +128,8 @@ async def test_a_removal_drops_what_waits_for_a_retry_as_serve_does(
             workers(pg_url, catalog, n=1, reload_s=3600) as (a,),
             replica(pg_url, tmp_path, "r") as (_, http, _),
         ):
-            r = await http.post("/v1/webhooks", headers=admin, json={"url": hook.url})
+            body = {"url": hook.url, "name": "夜班 night shift"}
+            r = await http.post("/v1/webhooks", headers=admin, json=body)
             webhook_id = r.json()["id"]
             await followed_within([a], webhook_id, True, within_s=1.0)
             assert a.notifier.publish("opened", make_alert(id=7)) == 1
@@ -138,6 +139,17 @@ async def test_a_removal_drops_what_waits_for_a_retry_as_serve_does(
                 assert a.store.deliveries(7)[0]["attempts"] >= 1
 
             await eventually(retried, within_s=5)
+            # the replica lists what waits in the worker's outbox, as serve lists its own
+            [listed] = (await http.get("/v1/webhooks", headers=admin)).json()["webhooks"]
+            assert (listed["id"], listed["pending"]) == (webhook_id, 1)
+            r = await http.get("/v1/notifications?state=pending", headers=admin)
+            assert r.status_code == 200, r.text
+            [waiting] = r.json()["notifications"]
+            assert r.json()["pending"] == 1
+            assert waiting["subscription"] == {"id": webhook_id, "name": "夜班 night shift"}
+            assert (waiting["alert_id"], waiting["state"]) == (7, "pending")
+            assert waiting["next_try_at"] is not None
+
             r = await http.delete(f"/v1/webhooks/{webhook_id}", headers=admin)
             assert r.status_code == 204
             await followed_within([a], webhook_id, False, within_s=1.0)
@@ -151,6 +163,12 @@ async def test_a_removal_drops_what_waits_for_a_retry_as_serve_does(
             await asyncio.sleep(0.5)  # retries were due every 0.2 s at most: none comes
             assert len(hook.requests) == tried
             assert a.notifier.pending_count == 0
+            r = await http.get("/v1/notifications", headers=admin)
+            assert r.json()["pending"] == 0
+            [gone] = r.json()["notifications"]
+            assert (gone["id"], gone["state"]) == (waiting["id"], "dropped")
+            assert gone["last_error"] == "subscription removed"
+            assert gone["subscription"] == {"id": webhook_id, "name": None}  # as serve's
 
 
 async def test_the_periodic_reload_catches_a_change_whose_notice_was_missed(
@@ -173,6 +191,38 @@ async def test_the_periodic_reload_catches_a_change_whose_notice_was_missed(
                     conn.execute(delete(webhooks_table).where(webhooks_table.c.id == webhook_id))
                 await followed_within([a], webhook_id, False, within_s=2.0)
     finally:
+        engine.dispose()
+
+
+async def test_a_lost_listen_connection_is_made_again_and_what_changed_meanwhile_read(
+    pg_url: str,
+) -> None:
+    catalog = seeded(pg_url)
+    engine = migrate.connect(pg_url)
+    store = AlertStore.on_postgresql(pg_url)
+    listening = text(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query = :listen AND pid <> pg_backend_pid()"
+    )
+
+    def listener() -> int:
+        with engine.connect() as conn:
+            pids = conn.execute(listening, {"listen": f"LISTEN {WEBHOOKS_CHANNEL}"}).all()
+        assert len(pids) == 1, pids
+        return int(pids[0][0])
+
+    try:
+        async with workers(pg_url, catalog, n=1, reload_s=3600) as (a,):  # no reload
+            first = await eventually(listener, within_s=3)
+            with engine.begin() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            # added while nobody listens (the follower waits at least 0.25 s to reconnect)
+            sub = Subscription(id=0, url="http://127.0.0.1:9/hook", secret="s", created_at_ms=1)
+            webhook_id = store.add_webhook(sub.record())
+            await followed_within([a], webhook_id, True, within_s=3.0)
+            assert await eventually(listener, within_s=3) != first
+    finally:
+        store.close()
         engine.dispose()
 
 
