@@ -224,7 +224,7 @@ async def follow_webhooks(
                             await conn.execute("SELECT 1")
                     await notifier.sync()
         except (psycopg.Error, OSError, StoreError, TimeoutError) as exc:
-            failures += 1
+            failures = min(failures + 1, 10)
             delay = min(backoff_max_s, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
             log.warning(
                 "webhooks: following subscriptions failed (%s); again in %.1f s (attempt %d)",

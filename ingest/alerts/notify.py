@@ -27,6 +27,11 @@ and are retried with backoff, sending goes on. After a restart, pending rows are
 under their ids: at least once, dedupe on ``X-Chargewatch-Delivery``. What was never saved
 before a crash is lost with the process (logged at a stop).
 
+Subscriptions are added and removed by ``add`` and ``remove`` (serve), or by another
+process on the same database (an API replica): ``sync`` then makes the notifier serve the
+store's, starting the new ones' lanes and stopping the removed ones' as ``remove`` does
+(the ingest workers call it on each NOTIFY of the change: ``ingest.worker_alerts``).
+
 Several writers on one PostgreSQL database (the ingest workers, issue 13) each run one
 notifier with ``claim_lease_s`` and an ``IdPool`` of delivery ids (the database's sequence:
 time-based ids collide across processes). A delivery is then sent only by the writer that
@@ -34,7 +39,9 @@ claims it (``AlertStore.claim_deliveries``): its creator saves it claimed, and r
 claims of every delivery it keeps (``lease/3``); a claim that runs out (its writer died, or
 lost the database for longer than the lease) is taken over by the next writer that claims,
 and the writer that could not renew stops sending it. A start resumes nothing by itself: the
-pending rows are claimed like any other.
+pending rows are claimed like any other. A claimed row of a subscription this notifier does
+not serve makes it ``sync`` first: one added elsewhere and not heard of yet is sent, only
+one removed is ``dropped``.
 """
 
 from __future__ import annotations
