@@ -248,6 +248,11 @@ class WorkerAlertsCollector(Collector):
         )
         n = a._notifier
         yield GaugeMetricFamily(
+            "chargewatch_webhook_subscriptions",
+            "Webhook subscriptions this worker delivers to (the database's, followed)",
+            value=len(n.subscriptions) if n is not None else 0,
+        )
+        yield GaugeMetricFamily(
             "chargewatch_webhook_pending",
             "Webhook deliveries this worker holds, waiting or in flight",
             value=n.pending_count if n is not None else 0,
