@@ -14,6 +14,7 @@ import asyncio
 import collections
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from ingest.alerts.config import AlertsConfig, WebhookOptions
 from ingest.alerts.ids import IdPool
 from ingest.alerts.notify import Notifier, Subscription
 from ingest.alerts.store import WEBHOOKS_CHANNEL, AlertStore
+from ingest.config import IngestConfig
 from ingest.db import migrate
 from ingest.db.schema import webhooks as webhooks_table
 from ingest.worker_alerts import WorkerAlerts
@@ -345,13 +347,28 @@ async def _session(http: httpx.AsyncClient, admin: dict[str, str]) -> list[tuple
     return answers
 
 
-async def test_the_replica_answers_the_webhook_routes_as_serve(pg_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("serve_db", ["sqlite", "postgresql"])
+async def test_the_replica_answers_the_webhook_routes_as_serve(
+    pg_url: str, tmp_path: Path, serve_db: str, request: pytest.FixtureRequest
+) -> None:
     seeded(pg_url)
     async with replica(pg_url, tmp_path, "r") as (_, http, _):
         admin = bearer(maintainer_token(pg_url, "ops-lead", "admin"))
         on_replica = await _session(http, admin)
-    async with service(tmp_path / "serve") as serve:
+    config = IngestConfig()
+    if serve_db == "postgresql":  # `serve --db postgresql://`, on a database of its own
+        pg = request.getfixturevalue("pg_session")
+        serve_url = pg.create_database(f"t_serve_webhooks_{uuid.uuid4().hex[:8]}")
+        migrate.upgrade(serve_url)
+        config = IngestConfig(db=serve_url)
+    async with service(tmp_path / "serve", config) as serve:
         on_serve = await _session(serve.http, bearer(serve.key("admin", "ops-lead")))
+    if config.db is not None:  # serve's subscriptions were PostgreSQL's
+        store = AlertStore.on_postgresql(config.db)
+        try:
+            assert [r["url"] for _, r in store.webhooks()] == ["http://127.0.0.1:9/h"]
+        finally:
+            store.close()
     assert [status for status, _ in on_replica] == [
         200, 201, 201, 200, 422, 422, 422, 422, 422, 204, 404, 422, 200, 401,
     ]  # fmt: skip
