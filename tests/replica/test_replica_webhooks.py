@@ -5,7 +5,8 @@ alert store NOTIFYs ``WEBHOOKS_CHANNEL``; each worker's notifier (``WorkerAlerts
 and starts or stops the subscription's delivery lanes, with a periodic reload as the
 safety net. Real PostgreSQL, real ``WorkerAlerts`` as ``chargewatch ingest`` runs them, a
 replica with the real app over httpx's ASGI transport, a real HTTP receiver; serve is the
-in-process app over a real ``Ingest`` (SQLite), for the JSON the replica must equal.
+in-process app over a real ``Ingest`` (SQLite, or PostgreSQL as ``serve --db``), for the
+JSON the replica must equal. No mocks.
 """
 
 from __future__ import annotations
