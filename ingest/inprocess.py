@@ -150,11 +150,12 @@ class InProcessReadSide:
         rows = await asyncio.to_thread(self._engine().store.events_after, after, limit)
         return [StreamEvent(event_id, type_, data) for event_id, type_, data in rows]
 
-    def webhooks(self) -> list[JSON]:
+    async def webhooks(self) -> list[JSON]:
         return [s.view() for s in self._engine().notifier.subscriptions.values()]
 
-    def pending_notifications(self) -> list[JSON]:
-        return self._engine().notifier.pending()
+    async def pending_notifications(self, limit: int) -> tuple[list[JSON], int]:
+        pending = self._engine().notifier.pending()
+        return pending[:limit], len(pending)
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
         return await self._engine().notifier.undelivered(limit)
@@ -235,7 +236,7 @@ class InProcessReadSide:
 
     async def add_webhook(self, url: str, **options: Any) -> JSON:
         sub = await self._engine().notifier.add(url, **options)
-        return {**sub.view(), "secret": sub.secret}
+        return sub.created_view()
 
     async def remove_webhook(self, webhook_id: int) -> bool:
         return await self._engine().notifier.remove(webhook_id)

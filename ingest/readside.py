@@ -157,12 +157,13 @@ class ReadSide(Protocol):
 
     async def alert_events_after(self, after: int, limit: int) -> list[StreamEvent]: ...
 
-    def webhooks(self) -> list[JSON]:
+    async def webhooks(self) -> list[JSON]:
         """Webhook subscriptions with their health (no secrets)."""
         ...
 
-    def pending_notifications(self) -> list[JSON]:
-        """Notifications waiting for their next try, oldest first."""
+    async def pending_notifications(self, limit: int) -> tuple[list[JSON], int]:
+        """The oldest ``limit`` notifications not finished yet (waiting for their next try,
+        or in flight), and how many there are in all."""
         ...
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:

@@ -27,8 +27,16 @@ Actions (acknowledge, resolve, notes, riders' reports, work orders, commands) ar
 the worker that owns the station (``ingest.actions``), which applies them to the partition's
 alert engine, work orders and commands as ``serve`` would: the replica waits for the outcome,
 woken by the same listener, and answers 503 with the reason when no worker takes it in
-time. Webhook subscriptions and clearing a battery's flag are not served here yet
-(``Unavailable``): the workers' notifiers and passports hold them in memory.
+time. Clearing a battery's flag is not served here yet (``Unavailable``): the passports'
+flags live in the ingest workers.
+
+Webhook subscriptions are read, added and removed in PostgreSQL directly (``AlertStore``),
+with serve's checks and answers (``notify.new_subscription``, ``Subscription.view``: the
+secret only in the answer to the creation); each add and remove NOTIFYs
+``WEBHOOKS_CHANNEL`` in its statement, and every worker's notifier follows
+(``ingest.worker_alerts``). Notifications not delivered (pending, given up) are the outbox's
+rows as the workers last saved them; a subscription's ``pending`` counts its pending rows
+(of every worker), its other counters are those the workers' notifiers last saved.
 
 Flagged packs (never a ready battery) are read from the passports at each full refresh and
 whenever new alert events arrive (a pack is flagged as its safety alert opens); the
@@ -71,7 +79,13 @@ from ingest.alerts.model import (
     Timing,
     rfc3339,
 )
-from ingest.alerts.notify import UNDELIVERED, Delivery
+from ingest.alerts.notify import (
+    PENDING,
+    UNDELIVERED,
+    Delivery,
+    Subscription,
+    new_subscription,
+)
 from ingest.alerts.order_model import OrderNotFound, OrderQuery, WorkOrder, WorkOrderError
 from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.repair import repair_times
@@ -112,10 +126,6 @@ commits after a higher id from another writer is still fanned out (once: ``_seen
 SEEN_KEPT = 10_000
 FLAGGED_PAGE = 1000
 
-_WEBHOOKS_ELSEWHERE = (
-    "webhook subscriptions and their outbox are managed by `chargewatch serve` or the"
-    " workers' configuration, not by API replicas yet"
-)
 _PASSPORT_CLEARING_ELSEWHERE = (
     "clearing a battery's flag is not served by API replicas yet (the passports' flags live"
     " in the ingest workers)"
@@ -649,19 +659,39 @@ class ReplicaReadSide:
         rows = await self._thread(store.events_after, after, limit)
         return [StreamEvent(event_id, type_, data) for event_id, type_, data in rows]
 
-    def webhooks(self) -> list[JSON]:
-        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+    def _read_webhooks(self) -> list[JSON]:
+        store = _store_of(self._alert_store)
+        pending = store.pending_by_webhook()
+        subs = [Subscription(id=i, **record) for i, record in store.webhooks()]
+        for sub in subs:  # the outbox's, of every worker (a notifier counts its own)
+            sub.pending = pending.get(sub.id, 0)
+        return [sub.view() for sub in subs]
 
-    def pending_notifications(self) -> list[JSON]:
-        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+    async def webhooks(self) -> list[JSON]:
+        return await self._thread(self._read_webhooks)
+
+    def _notifications(self, status: str | tuple[str, ...], limit: int) -> list[JSON]:
+        """Views of the outbox's deliveries in ``status``: pending ones oldest first, the
+        others newest first; each names its subscription (None: removed since), as serve's."""
+        store = _store_of(self._alert_store)
+        newest_first = status != PENDING
+        rows = store.deliveries(status=status, newest_first=newest_first, limit=limit)
+        names = {i: record.get("name") for i, record in store.webhooks()}
+        deadline_s = self.config.alerts.webhooks.deadline_s
+        return [
+            Delivery.from_row(r, deadline_s).view(names.get(int(r["webhook_id"]))) for r in rows
+        ]
+
+    async def pending_notifications(self, limit: int) -> tuple[list[JSON], int]:
+        store = _store_of(self._alert_store)
+        pending, counts = await asyncio.gather(
+            self._thread(self._notifications, PENDING, limit),
+            self._thread(store.pending_by_webhook),
+        )
+        return pending, sum(counts.values())
 
     async def undelivered_notifications(self, limit: int) -> tuple[list[JSON], bool]:
-        store = _store_of(self._alert_store)
-        rows = await self._thread(
-            store.deliveries, status=UNDELIVERED, newest_first=True, limit=limit
-        )
-        deadline_s = self.config.alerts.webhooks.deadline_s
-        return [Delivery.from_row(r, deadline_s).view(None) for r in rows], True
+        return await self._thread(self._notifications, UNDELIVERED, limit), True
 
     async def repair_times(
         self, start_ms: int, end_ms: int, by: Literal["station", "code"]
@@ -737,11 +767,15 @@ class ReplicaReadSide:
         done = await self._request(station_id, "report", args)
         return Alert.from_record(done["alert"]), bool(done["joined"])
 
+    # -- webhook subscriptions: in PostgreSQL, followed by the workers' notifiers ------------
+
     async def add_webhook(self, url: str, **options: Any) -> JSON:
-        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+        sub = new_subscription(url, **options)
+        sub.id = await self._thread(_store_of(self._alert_store).add_webhook, sub.record())
+        return sub.created_view()
 
     async def remove_webhook(self, webhook_id: int) -> bool:
-        raise Unavailable(_WEBHOOKS_ELSEWHERE)
+        return await self._thread(_store_of(self._alert_store).delete_webhook, webhook_id)
 
     async def _order_action(self, kind: str, order_id: int, args: JSON) -> WorkOrder:
         station = (await self.work_order(order_id)).station_id  # OrderNotFound: 404 here

@@ -14,42 +14,72 @@ The work orders and remote commands of the partitions (``ingest.partition_consum
 ``WorkOrders`` and a ``Commands`` per partition and lease epoch) share the worker's
 ``order_store`` and ``command_store`` on PostgreSQL.
 
-The alert rules' settings come from ``CHARGEWATCH_ALERTS`` (a JSON object of
-``AlertsConfig`` fields, as under ``alerts:`` in ``serve``'s configuration, work orders'
+Webhook subscriptions are the database's (``AlertStore.webhooks``), added and removed by
+``chargewatch serve --db postgresql://`` or any API replica (``ingest.replica``), each change
+NOTIFYed on ``WEBHOOKS_CHANNEL`` in its transaction. The notifier follows them
+(``follow_webhooks``, a supervised task): it LISTENs on that channel and reads the
+subscriptions again (``Notifier.sync``) on each notice, on each (re)connection (what changed
+while it was not listening) and every ``reload_s`` (the safety net for a lost notice). A new
+subscription gets its delivery lanes: an alert event published after that, on any worker, is
+sent to it once (the claims). A removed one's lanes stop and its pending deliveries here are
+``dropped`` ("subscription removed"), as serve's ``Notifier.remove`` does; one pending under
+another worker's claim is dropped by that worker, or by whoever claims it next. A worker
+that claims a delivery of a subscription it has not heard of reads them again first (so it
+sends it rather than drop it as removed). A lost LISTEN connection is retried with capped,
+jittered backoff; a subscription's counters (delivered, failed, ...) are those of the last
+worker that saved them.
+
+The alert rules' settings and how notifications are delivered (timeouts, retries, deadline,
+queue bound, default language, console link) come from ``CHARGEWATCH_ALERTS`` (a JSON object
+of ``AlertsConfig`` fields, as under ``alerts:`` in ``serve``'s configuration, work orders'
 included), the commands' from ``CHARGEWATCH_COMMANDS`` (``CommandsConfig`` fields, as under
-``commands:``); webhook subscriptions are the database's.
+``commands:``); where notifications are delivered (the subscriptions) only from the
+database, as in ``serve``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import random
 import weakref
 from collections.abc import Collection, Iterator
 from types import TracebackType
 from typing import Self
 
+import psycopg
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from devices.catalog import Catalog
-from ingest import IngestError
+from ingest import IngestError, StoreError
+from ingest.actions import libpq_url
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.ids import AlertIds, IdPool
 from ingest.alerts.notify import Notifier
 from ingest.alerts.order_store import WorkOrderStore
-from ingest.alerts.store import AlertStore
+from ingest.alerts.store import WEBHOOKS_CHANNEL, AlertStore
 from ingest.commands.config import CommandsConfig
 from ingest.commands.store import CommandStore
 from ingest.pipeline import Twins
 from ingest.supervisor import Supervisor
 
+log = logging.getLogger(__name__)
+
 ENV = "CHARGEWATCH_ALERTS"
 COMMANDS_ENV = "CHARGEWATCH_COMMANDS"
+RELOAD_S = 60.0
+"""How often a worker reads the webhook subscriptions without a notice: the longest a lost
+NOTIFY leaves a subscription unserved (or a removed one served)."""
+BACKOFF_MAX_S = 10.0
+GATHER_S = 0.005  # after a notice, how long more are gathered into the same read
+PING_TIMEOUT_S = 5.0
+FOLLOWER = "webhook:follow"
 
 
 def alerts_config(environ: dict[str, str] | None = None) -> AlertsConfig:
@@ -84,12 +114,14 @@ class WorkerAlerts:
         claim_lease_s: float,
         registry: CollectorRegistry | None = None,
         commands: CommandsConfig | None = None,
+        reload_s: float = RELOAD_S,
     ) -> None:
         self.db_url = db_url
         self.catalog = catalog
         self.config = config
         self.commands = commands or CommandsConfig()
         self.claim_lease_s = claim_lease_s
+        self.reload_s = reload_s
         self.supervisor = Supervisor()
         self._store: AlertStore | None = None
         self._order_store: WorkOrderStore | None = None
@@ -139,6 +171,11 @@ class WorkerAlerts:
                     claim_lease_s=self.claim_lease_s,
                     ids=IdPool(lambda n: store.reserve_ids("delivery", n), block=64),
                 ).__aenter__()
+                notifier = self._notifier
+                self.supervisor.start(
+                    FOLLOWER,
+                    lambda: follow_webhooks(notifier, self.db_url, reload_s=self.reload_s),
+                )
             except BaseException:
                 await self.supervisor.__aexit__(None, None, None)
                 raise
@@ -156,6 +193,7 @@ class WorkerAlerts:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
+            await self.supervisor.stop(FOLLOWER)
             if self._notifier is not None:
                 await self._notifier.__aexit__(et, e, tb)
         finally:
@@ -198,6 +236,47 @@ class WorkerAlerts:
         self.engines.discard(engine)
 
 
+async def follow_webhooks(
+    notifier: Notifier,
+    db_url: str,
+    *,
+    reload_s: float = RELOAD_S,
+    backoff_max_s: float = BACKOFF_MAX_S,
+) -> None:
+    """Serve the database's subscriptions (module docstring): ``Notifier.sync`` on each
+    NOTIFY of ``WEBHOOKS_CHANNEL``, on each (re)connection and every ``reload_s``. Runs
+    until cancelled; reconnects with capped, jittered backoff."""
+    failures = 0
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                libpq_url(db_url), autocommit=True, connect_timeout=5
+            )
+            async with conn:
+                await conn.execute(f"LISTEN {WEBHOOKS_CHANNEL}".encode())
+                await notifier.sync()  # what changed while we did not listen
+                failures = 0
+                while True:
+                    heard = 0
+                    async for _ in conn.notifies(timeout=reload_s, stop_after=1):
+                        heard += 1
+                    if heard:  # and the others of a burst: one read for them all
+                        async for _ in conn.notifies(timeout=GATHER_S, stop_after=100):
+                            pass
+                    else:  # reload_s without one: a dead server shows here
+                        async with asyncio.timeout(PING_TIMEOUT_S):
+                            await conn.execute("SELECT 1")
+                    await notifier.sync()
+        except (psycopg.Error, OSError, StoreError, TimeoutError) as exc:
+            failures = min(failures + 1, 10)
+            delay = min(backoff_max_s, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
+            log.warning(
+                "webhooks: following subscriptions failed (%s); again in %.1f s (attempt %d)",
+                exc or type(exc).__name__, delay, failures,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+
+
 class WorkerAlertsCollector(Collector):
     """The worker's alerts and notifications, computed at scrape time."""
 
@@ -212,6 +291,11 @@ class WorkerAlertsCollector(Collector):
             value=sum(len(e.by_id) for e in list(a.engines)),
         )
         n = a._notifier
+        yield GaugeMetricFamily(
+            "chargewatch_webhook_subscriptions",
+            "Webhook subscriptions this worker delivers to (the database's, followed)",
+            value=len(n.subscriptions) if n is not None else 0,
+        )
         yield GaugeMetricFamily(
             "chargewatch_webhook_pending",
             "Webhook deliveries this worker holds, waiting or in flight",

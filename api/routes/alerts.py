@@ -330,7 +330,7 @@ async def create_webhook(
 @router.get("/webhooks", **answers(Webhooks, 401, 403, 503))
 async def list_webhooks(read: ReadDep, key: Admin) -> dict[str, Any]:
     """Subscriptions with their health: ``failing`` after repeated failed deliveries."""
-    subs = read.webhooks()
+    subs = await read.webhooks()
     return {"webhooks": subs, "failing": [s["id"] for s in subs if s["failing"]]}
 
 

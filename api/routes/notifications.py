@@ -74,12 +74,12 @@ async def list_notifications(
 ) -> Notifications:
     """Notifications not delivered: pending ones oldest first, then given-up ones newest
     first."""
-    pending = read.pending_notifications()
-    found = pending[:limit] if state != "failed" else []
+    pending, waiting = await read.pending_notifications(limit)
+    found = pending if state != "failed" else []
     complete = True
     if state != "pending":
         failed, complete = await read.undelivered_notifications(limit)
         found += failed[: limit - len(found)]
     return Notifications.model_validate(
-        {"notifications": found, "pending": len(pending), "complete": complete}
+        {"notifications": found, "pending": waiting, "complete": complete}
     )

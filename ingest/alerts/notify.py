@@ -27,6 +27,11 @@ and are retried with backoff, sending goes on. After a restart, pending rows are
 under their ids: at least once, dedupe on ``X-Chargewatch-Delivery``. What was never saved
 before a crash is lost with the process (logged at a stop).
 
+Subscriptions are added and removed by ``add`` and ``remove`` (serve), or by another
+process on the same database (an API replica): ``sync`` then makes the notifier serve the
+store's, starting the new ones' lanes and stopping the removed ones' as ``remove`` does
+(the ingest workers call it on each NOTIFY of the change: ``ingest.worker_alerts``).
+
 Several writers on one PostgreSQL database (the ingest workers, issue 13) each run one
 notifier with ``claim_lease_s`` and an ``IdPool`` of delivery ids (the database's sequence:
 time-based ids collide across processes). A delivery is then sent only by the writer that
@@ -34,7 +39,9 @@ claims it (``AlertStore.claim_deliveries``): its creator saves it claimed, and r
 claims of every delivery it keeps (``lease/3``); a claim that runs out (its writer died, or
 lost the database for longer than the lease) is taken over by the next writer that claims,
 and the writer that could not renew stops sending it. A start resumes nothing by itself: the
-pending rows are claimed like any other.
+pending rows are claimed like any other. A claimed row of a subscription this notifier does
+not serve makes it ``sync`` first: one added elsewhere and not heard of yet is sent, only
+one removed is ``dropped``.
 """
 
 from __future__ import annotations
@@ -123,11 +130,29 @@ class Subscription:
         return data
 
     def view(self) -> dict[str, Any]:
+        """What the API lists: everything but the secret (times RFC 3339)."""
         data = asdict(self)
         del data["secret"]
         for name in ("created_at_ms", "last_success_at_ms", "last_failure_at_ms"):
             data[name.removesuffix("_ms")] = rfc3339(data.pop(name))
         return data
+
+    def created_view(self) -> dict[str, Any]:
+        """The answer to its creation: the view and the signing secret, shown this once."""
+        return {**self.view(), "secret": self.secret}
+
+
+def new_subscription(url: str, **options: Any) -> Subscription:
+    """A subscription to store (id 0 until stored), its options checked and its signing
+    secret generated when none is given: serve's notifier and API replicas make them here.
+    Raises ValueError for an unknown format or language."""
+    fmt = options.get("format", "json")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    if options.get("language") not in (None, *LANGUAGES):
+        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}")
+    secret = options.pop("secret", None) or secrets.token_urlsafe(32)
+    return Subscription(id=0, url=url, secret=secret, created_at_ms=_now_ms(), **options)
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]()#>!|<~])")
@@ -427,6 +452,7 @@ class Notifier:
         self._last_id = 0
         self.save_failures = 0  # outbox saves that failed (the store could not write)
         self.on_result: list[Any] = []  # callbacks (delivered: bool) for metrics
+        self._subs_lock = asyncio.Lock()  # add, remove and sync, one at a time
 
     async def __aenter__(self) -> Self:
         if self._own_supervisor:
@@ -502,6 +528,9 @@ class Notifier:
                 self._unsaved.pop(lost, None)
                 self._changed.set()
             rows = await asyncio.to_thread(self.store.claim_deliveries, _now_ms(), lease_ms)
+            if any(int(r["webhook_id"]) not in self._boxes for r in rows):
+                # added elsewhere and not heard of yet, or removed: the store tells which
+                await self.sync()
             taken = self._resume(rows)
             self._claimed.update(int(r["id"]) for r in rows)
             if taken:
@@ -553,18 +582,20 @@ class Notifier:
     # -- subscriptions -----------------------------------------------------------------
 
     async def add(self, url: str, **options: Any) -> Subscription:
-        fmt = options.get("format", "json")
-        if fmt not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}")
-        if options.get("language") not in (None, *LANGUAGES):
-            raise ValueError(f"language must be one of {', '.join(LANGUAGES)}")
-        secret = options.pop("secret", None) or secrets.token_urlsafe(32)
-        sub = Subscription(id=0, url=url, secret=secret, created_at_ms=_now_ms(), **options)
-        sub.id = await asyncio.to_thread(self.store.add_webhook, sub.record())
-        self._start(sub)
+        sub = new_subscription(url, **options)
+        async with self._subs_lock:
+            sub.id = await asyncio.to_thread(self.store.add_webhook, sub.record())
+            self._start(sub)
         return sub
 
     async def remove(self, webhook_id: int) -> bool:
+        async with self._subs_lock:
+            await self._stop(webhook_id)
+            return await asyncio.to_thread(self.store.delete_webhook, webhook_id)
+
+    async def _stop(self, webhook_id: int) -> None:
+        """A subscription no longer served: its lanes stop, and what it had pending (waiting
+        or in flight) is ``dropped`` ("subscription removed")."""
         self.subscriptions.pop(webhook_id, None)
         box = self._boxes.pop(webhook_id, None)
         if box is not None:
@@ -573,7 +604,22 @@ class Notifier:
             for delivery in [d for d in self._live.values() if d.webhook_id == webhook_id]:
                 self._finish(delivery, "dropped", "subscription removed")
         self._unsaved_subs.discard(webhook_id)
-        return await asyncio.to_thread(self.store.delete_webhook, webhook_id)
+
+    async def sync(self) -> tuple[int, int]:
+        """Serve the store's subscriptions: start those added elsewhere (an API replica),
+        stop those removed there (as ``remove`` does); (started, stopped). A subscription
+        served already keeps its counters (this notifier's, saved by it)."""
+        async with self._subs_lock:
+            stored = dict(await asyncio.to_thread(self.store.webhooks))
+            started = [i for i in stored if i not in self._boxes]
+            stopped = [i for i in self._boxes if i not in stored]
+            for webhook_id in stopped:
+                await self._stop(webhook_id)
+                log.info("webhooks: subscription %d removed elsewhere; stopped", webhook_id)
+            for webhook_id in started:
+                self._start(Subscription(id=webhook_id, **stored[webhook_id]))
+                log.info("webhooks: subscription %d added elsewhere; started", webhook_id)
+            return len(started), len(stopped)
 
     # -- publishing --------------------------------------------------------------------
 

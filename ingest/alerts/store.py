@@ -21,8 +21,10 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Select,
+    Text,
     and_,
     bindparam,
+    cast,
     delete,
     func,
     insert,
@@ -54,6 +56,11 @@ DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
 ALERTS_CHANNEL = "cw_alerts"
 """The NOTIFY channel of stored alert events (PostgreSQL): each payload is the highest
 event id a committed batch wrote (API replicas fan the events out: ingest.replica)."""
+
+WEBHOOKS_CHANNEL = "cw_webhooks"
+"""The NOTIFY channel of webhook subscriptions (PostgreSQL): each added or removed one is
+announced with its id, in the transaction that adds or removes it (ingest workers' notifiers
+follow it: ingest.worker_alerts)."""
 
 JOURNAL_SPAN = 1 << 40
 """Ids of the event journal (``unobserved``) per partition of the ingest workers: partition
@@ -128,8 +135,30 @@ _EVENTS_AFTER = (
     .offset(_ZERO)
 )
 _OLDEST_EVENT = select(func.min(alert_events.c.id))
-_ADD_WEBHOOK = insert(webhooks).returning(webhooks.c.id)
+_ADD_WEBHOOK = insert(webhooks).values(record=bindparam("b_record")).returning(webhooks.c.id)
 _DELETE_WEBHOOK = delete(webhooks).where(webhooks.c.id == bindparam("b_id"))
+
+
+def _announced(change: Any) -> Select[tuple[int, Any]]:
+    """``change`` (an INSERT or DELETE returning the subscription's id) in one statement that
+    NOTIFYs ``WEBHOOKS_CHANNEL`` with that id (PostgreSQL: heard at commit)."""
+    changed = change.cte("changed")
+    notify = func.pg_notify(literal_column(f"'{WEBHOOKS_CHANNEL}'"), cast(changed.c.id, Text))
+    return select(changed.c.id, notify)
+
+
+_WEBHOOK_CHANGES: dict[str, dict[str, Executable]] = {
+    "sqlite": {"add": _ADD_WEBHOOK, "delete": _DELETE_WEBHOOK},
+    "postgresql": {
+        "add": _announced(_ADD_WEBHOOK),
+        "delete": _announced(_DELETE_WEBHOOK.returning(webhooks.c.id)),
+    },
+}
+_PENDING_BY_WEBHOOK = (
+    select(deliveries.c.webhook_id, func.count())
+    .where(deliveries.c.status == literal_column("'pending'"))
+    .group_by(deliveries.c.webhook_id)
+)
 _WEBHOOKS = select(webhooks.c.id, webhooks.c.record).order_by(webhooks.c.id)
 _SET_WEBHOOK = (
     update(webhooks).where(webhooks.c.id == bindparam("b_id")).values(record=bindparam("b_record"))
@@ -438,15 +467,25 @@ class AlertStore:
     # -- webhooks ----------------------------------------------------------------------
 
     def add_webhook(self, record: dict[str, Any]) -> int:
-        done = self._db.execute(_ADD_WEBHOOK, {"record": json.dumps(record)})
+        """Store a subscription; its id. Announced on ``WEBHOOKS_CHANNEL`` (PostgreSQL)."""
+        statement = _WEBHOOK_CHANGES[self._dialect]["add"]
+        done = self._db.execute(statement, {"b_record": json.dumps(record)})
         return int(done.rows[0][0])
 
     def delete_webhook(self, webhook_id: int) -> bool:
-        return self._db.execute(_DELETE_WEBHOOK, {"b_id": webhook_id}).rowcount > 0
+        """Remove a subscription (its deliveries stay, for the log); whether it was there.
+        Announced on ``WEBHOOKS_CHANNEL`` (PostgreSQL)."""
+        statement = _WEBHOOK_CHANGES[self._dialect]["delete"]
+        done = self._db.execute(statement, {"b_id": webhook_id})
+        return bool(done.rows) or done.rowcount > 0
 
     def webhooks(self) -> list[tuple[int, dict[str, Any]]]:
         rows = self._query(_WEBHOOKS)
         return [(int(r[0]), json.loads(r[1])) for r in rows]
+
+    def pending_by_webhook(self) -> dict[int, int]:
+        """Deliveries pending (waiting or in flight, in any writer), by subscription."""
+        return {int(webhook_id): int(n) for webhook_id, n in self._query(_PENDING_BY_WEBHOOK)}
 
     def save_outbox(
         self,

@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from alembic import command
 from sqlalchemy import insert
 
 from ingest.alerts.model import Alert, AlertQuery
-from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore, Ops, _alert_row
+from ingest.alerts.store import DELIVERY_COLUMNS, WEBHOOKS_CHANNEL, AlertStore, Ops, _alert_row
 from ingest.db import migrate
 from ingest.db.schema import alerts, unobserved
 
@@ -153,9 +154,29 @@ def test_webhooks_and_the_outbox(store: AlertStore) -> None:
     assert (done["id"], done["http_status"], done["body"]) == (2, 200, '{"n":2}')
     newest = store.deliveries(status=("pending", "delivered"), newest_first=True, limit=2)
     assert [d["id"] for d in newest] == [3, 2]
+    assert store.pending_by_webhook() == {1: 2}  # 1 and 3 (delivery(): webhook 1)
+    store.save_outbox([delivery(4, webhook_id=second), delivery(5, webhook_id=second)])
+    assert store.pending_by_webhook() == {1: 2, second: 2}
     assert store.delete_webhook(second) is True
     assert store.delete_webhook(second) is False
     assert [w[0] for w in store.webhooks()] == [first]
+
+
+def test_webhook_changes_are_announced_at_commit(pg_url: str) -> None:
+    """PostgreSQL: each add and remove NOTIFYs ``WEBHOOKS_CHANNEL`` with the id (a remove
+    of nothing, nothing); the workers' notifiers follow it (ingest.worker_alerts)."""
+    migrate.upgrade(pg_url)
+    store = AlertStore.on_postgresql(pg_url)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as listener:
+            listener.execute(f"LISTEN {WEBHOOKS_CHANNEL}")
+            added = store.add_webhook({"url": "http://127.0.0.1:9/a"})
+            assert store.delete_webhook(added) is True
+            assert store.delete_webhook(added) is False
+            heard = [(n.channel, n.payload) for n in listener.notifies(timeout=0.5)]
+        assert heard == [(WEBHOOKS_CHANNEL, str(added))] * 2
+    finally:
+        store.close()
 
 
 def test_a_claim_takes_pending_deliveries_nobody_holds(store: AlertStore) -> None:
