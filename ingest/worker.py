@@ -17,7 +17,7 @@ The consumer of ``chargewatch ingest`` is ``ingest.partition_consumer.PipelineCo
 device registry is followed by LISTEN on ``ingest.db.registry.CHANNEL`` (``follow_registry``):
 a device added there is known to its partition's consumer and subscribed without a restart.
 The worker starts only on a database at this chargewatch's schema (``chargewatch db
-upgrade``); an empty registry is seeded from the catalog (``--catalog`` or the district).
+upgrade``) and no ``serve`` holds (``ingest.leases.serve_holder``); an empty registry is seeded from the catalog (``--catalog`` or the district).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from ingest.leases import (
     LeaseConfig,
     LeaseError,
     LeaseManager,
+    refuse_if_served,
 )
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, Received
@@ -449,6 +450,9 @@ _SEED_LOCK = 0x6377_7265  # "cwre"
 
 
 async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
+    # not beside a serve (ingest.statedb.ServeLock): refused before the registry is seeded or
+    # an alert sent; the lease manager checks again once it joined
+    await refuse_if_served(a.db)
     # a database behind this chargewatch's schema is refused before anything starts
     store = await asyncio.to_thread(PostgresStore, a.db)
     history: HistoryStore | None = None
