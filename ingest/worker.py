@@ -16,6 +16,8 @@ The consumer of ``chargewatch ingest`` is ``ingest.partition_consumer.PipelineCo
 (the pipeline over the partition's devices, written to PostgreSQL under the fence). The
 device registry is followed by LISTEN on ``ingest.db.registry.CHANNEL`` (``follow_registry``):
 a device added there is known to its partition's consumer and subscribed without a restart.
+While it owns partition 0 the worker also runs ``ingest.unknown_devices`` (``unknown``):
+births of devices outside the registry, kept as dead letters.
 The worker starts only on a database at this chargewatch's schema (``chargewatch db
 upgrade``) and no ``serve`` holds (``ingest.leases.serve_holder``); an empty registry is seeded from the catalog (``--catalog`` or the district).
 """
@@ -31,7 +33,7 @@ import random
 import signal
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +60,7 @@ from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import DEFAULT_PARTITIONS, PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import HistoryStore
+from ingest.unknown_devices import WATCH_PARTITION, UnknownDevices
 from ingest.worker_alerts import WorkerAlerts, alerts_config
 
 log = logging.getLogger(__name__)
@@ -243,8 +246,13 @@ class Worker:
         name: str,
         lease_timeout_s: float = 10.0,
         catalog: Catalog | None = None,
+        unknown: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.catalog = catalog  # the registry as this worker knows it
+        # run while this worker owns WATCH_PARTITION: devices outside the registry
+        # (ingest.unknown_devices.UnknownDevices.run)
+        self.unknown = unknown
+        self._unknown_task: asyncio.Task[None] | None = None
         self.broker = broker
         self.db = db
         self.partitions = partitions
@@ -288,6 +296,8 @@ class Worker:
         self._tasks[partition] = asyncio.create_task(
             run.run(previous), name=f"partition-{partition}"
         )
+        if partition == WATCH_PARTITION and self.unknown is not None:
+            self._unknown_task = asyncio.create_task(self.unknown(), name="unknown-devices")
 
     async def released(self, partition: int) -> None:
         run = self.runs.get(partition)
@@ -301,6 +311,8 @@ class Worker:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        if partition == WATCH_PARTITION:
+            await self._stop_unknown()
 
     def dropped_all(self) -> None:
         for run in self.runs.values():  # first, and without an await: no ack from now on
@@ -308,12 +320,22 @@ class Worker:
         self.runs.clear()
         for task in self._tasks.values():
             task.cancel()  # each detaches its session in the background
+        if self._unknown_task is not None:
+            self._unknown_task.cancel()
 
     async def _detach_all(self) -> None:
         self.dropped_all()
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self._stop_unknown()
+
+    async def _stop_unknown(self) -> None:
+        task, self._unknown_task = self._unknown_task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(BaseException):
                 await task
 
@@ -493,6 +515,16 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
             catalog=catalog,
         )
         metrics = IngestMetrics(worker.metrics.registry)  # the pipelines': one /metrics
+        # the owner of partition 0 watches for devices outside the registry
+        unknown = UnknownDevices(
+            broker=a.broker,
+            client_id=f"{pm.client_prefix}-unknown",
+            scheme=scheme,
+            catalog=lambda: worker.catalog,
+            store=store,
+            metrics=metrics,
+        )
+        worker.unknown = unknown.run
         if a.metrics_port is not None:
             start_http_server(a.metrics_port, addr="127.0.0.1", registry=worker.metrics.registry)
 
