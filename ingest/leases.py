@@ -251,6 +251,11 @@ class LeaseManager:
         self.losses = 0  # times every lease was dropped at once
 
     @property
+    def connected(self) -> bool:
+        """Joined, on a lease connection believed up (the health check says otherwise)."""
+        return self._conn is not None and not self._conn.closed and self.member_id is not None
+
+    @property
     def held(self) -> set[int]:
         """Partitions whose lock this worker believes it holds (owned or in grace)."""
         return set(self.owned) | set(self._pending)

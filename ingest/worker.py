@@ -33,13 +33,15 @@ import random
 import signal
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
 from devices.catalog import Catalog, CatalogError, Device
@@ -114,6 +116,40 @@ class Metrics:
             " the broker) or bug (an exception nobody expected, logged with its traceback)",
             ["reason"],
             registry=r,
+        )
+
+
+class _PartitionCollector(Collector):
+    """At scrape time, per partition: whether this worker owns it and how many registered
+    devices it has (every worker says the same), so that Prometheus sees a partition with
+    devices that no worker owns (deploy/prometheus: ChargewatchPartitionUnowned); and
+    whether the lease database's connection is up."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.worker
+        owned = GaugeMetricFamily(
+            "chargewatch_ingest_partition_owned",
+            "1 while this worker owns the partition (its lease, past the grace)",
+            labels=["partition"],
+        )
+        devices = GaugeMetricFamily(
+            "chargewatch_ingest_partition_devices",
+            "registered devices of the partition",
+            labels=["partition"],
+        )
+        for p in range(w.partitions.partitions):
+            owned.add_metric([str(p)], 1 if p in w.leases.owned else 0)
+            devices.add_metric([str(p)], len(w.partitions.devices(p)))
+        yield owned
+        yield devices
+        yield GaugeMetricFamily(
+            "chargewatch_ingest_lease_database_up",
+            "1 while this worker's lease connection to PostgreSQL is up (it holds no partition"
+            " otherwise)",
+            value=1 if w.leases.connected else 0,
         )
 
 
@@ -268,6 +304,7 @@ class Worker:
             ),
             self,
         )
+        self.metrics.registry.register(_PartitionCollector(self))
 
     async def __aenter__(self) -> Worker:
         await self.leases.__aenter__()

@@ -93,7 +93,15 @@ async def test_a_device_added_to_the_registry_is_consumed_without_a_restart(
                 return {p for p, r in worker.runs.items() if r.subscribed} == busy
 
             await until(subscribed, "partitions not subscribed", 20)
+            # what the rules watch (ChargewatchPartitionUnowned and others, deploy/prometheus)
+            values = worker.metrics.registry.get_sample_value
+            for q in range(4):
+                labels = {"partition": str(q)}
+                assert values("chargewatch_ingest_partition_owned", labels) == 1
+                assert values("chargewatch_ingest_partition_devices", labels) == len(pm.devices(q))
+            assert values("chargewatch_ingest_lease_database_up") == 1
             p = pm.of_station("st-0001")
+            before = len(pm.devices(p))
             source = worker.runs[p].source
             assert source is not None
             subacks = source.subacks
@@ -106,6 +114,8 @@ async def test_a_device_added_to_the_registry_is_consumed_without_a_restart(
 
             await until(noticed, "NEW-1 not subscribed")
             assert pm.of_device("NEW-1") == p
+            devices = values("chargewatch_ingest_partition_devices", {"partition": str(p)})
+            assert devices == len(pm.devices(p)) == before + 1
             assert "cw/v1/NEW-1/+" in source.subscriptions
             await asyncio.to_thread(publish, broker.port, "NEW-1", 7)
             await asyncio.to_thread(publish, broker.port, "D0002x0", 3)
@@ -120,6 +130,8 @@ async def test_a_device_added_to_the_registry_is_consumed_without_a_restart(
             assert store.dead_letters() == []
             follow.cancel()
         assert worker.runs == {}
+        assert values("chargewatch_ingest_partition_owned", {"partition": "0"}) == 0
+        assert values("chargewatch_ingest_lease_database_up") == 0
     finally:
         store.close()
         engine.dispose()
