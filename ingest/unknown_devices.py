@@ -32,6 +32,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import psycopg
 
@@ -51,31 +52,21 @@ REASON = "unknown_device"  # serve's reason (ingest.pipeline)
 BATCH_MAX = 500
 
 
+@dataclass(eq=False)
 class UnknownDevices:
     """The watcher (module docstring); ``run`` until cancelled."""
 
-    def __init__(
-        self,
-        *,
-        broker: BrokerURL,
-        client_id: str,
-        scheme: TopicScheme,
-        catalog: Callable[[], Catalog | None],  # the registry as the worker knows it now
-        store: PostgresStore,
-        metrics: IngestMetrics,
-        retry_max_s: float = 5.0,
-    ) -> None:
-        self.broker = broker
-        self.client_id = client_id
-        self.scheme = scheme
-        self.catalog = catalog
-        self.store = store
-        self.metrics = metrics
-        self.retry_max_s = retry_max_s
-        self.source: GmqttSource | None = None
-        self.seen = 0  # state messages handled (known devices' included)
-        self._queue: deque[Received] = deque()
-        self._wake = asyncio.Event()
+    broker: BrokerURL
+    client_id: str
+    scheme: TopicScheme
+    catalog: Callable[[], Catalog | None]  # the registry as the worker knows it now
+    store: PostgresStore
+    metrics: IngestMetrics
+    retry_max_s: float = 5.0
+    source: GmqttSource | None = None
+    seen: int = 0  # state messages handled (known devices' included)
+    _queue: deque[Received] = field(default_factory=deque)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def subscribed(self) -> bool:

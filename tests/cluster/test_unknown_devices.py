@@ -15,16 +15,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from devices.catalog import Catalog
-from devices.topics import TopicScheme
-from ingest.db import migrate, registry
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL
-from ingest.partition_consumer import PipelineConsumer
-from ingest.partitions import PartitionMap
-from ingest.pg_store import PostgresStore
 from ingest.unknown_devices import WATCH_PARTITION, UnknownDevices
-from ingest.worker import Worker
 from tests.cluster.catalogs import synthetic
+from tests.cluster.workers import in_process_worker
 from tests.mqttclients import Client
 from tests.servers import Process
 
@@ -69,31 +64,18 @@ async def test_a_worker_keeps_a_device_outside_the_registry_as_a_dead_letter(
     broker: Process, pg_url: str
 ) -> None:
     catalog = synthetic(3)
-    engine = migrate.connect(pg_url)
-    with engine.begin() as conn:
-        registry.import_catalog(conn, catalog)
-    store = PostgresStore(pg_url)
-    scheme = TopicScheme()
-    pm = PartitionMap(catalog, 4)
-    url = BrokerURL.parse(broker.url)
-    worker: Worker
-    metrics = IngestMetrics()
+    with in_process_worker(broker.url, pg_url, catalog) as w:
+        worker, store, scheme, metrics = w.worker, w.store, w.scheme, w.metrics
+        url = BrokerURL.parse(broker.url)
 
-    def consumer(p: int, epoch: int) -> PipelineConsumer:
-        assert worker.catalog is not None
-        return PipelineConsumer(store=store, catalog=worker.catalog, devices=pm.devices(p),
-                                partition=p, epoch=epoch, scheme=scheme, metrics=metrics)  # fmt: skip
+        def known() -> Catalog | None:
+            return worker.catalog
 
-    def known() -> Catalog | None:
-        return worker.catalog
-
-    watcher = UnknownDevices(
-        broker=url, client_id="cw-ingest-unknown", scheme=scheme, catalog=known, store=store,
-        metrics=metrics,
-    )  # fmt: skip
-    worker = Worker(broker=url, db=pg_url, partitions=pm, consumer_factory=consumer, name="w",
-                    lease_timeout_s=2, catalog=catalog, unknown=watcher.run)  # fmt: skip
-    try:
+        watcher = UnknownDevices(
+            broker=url, client_id="cw-ingest-unknown", scheme=scheme, catalog=known,
+            store=store, metrics=metrics,
+        )  # fmt: skip
+        worker.unknown = watcher.run
         async with worker:
             await until(lambda: watcher.subscribed, "the watcher did not subscribe")
             assert WATCH_PARTITION in worker.leases.owned  # run by partition 0's owner
@@ -126,6 +108,3 @@ async def test_a_worker_keeps_a_device_outside_the_registry_as_a_dead_letter(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    finally:
-        store.close()
-        engine.dispose()
