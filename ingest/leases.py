@@ -89,13 +89,12 @@ class StaleLease(LeaseError):
 
 FENCE_SQL = "SELECT 1 FROM partition_leases WHERE partition = %s AND epoch = %s FOR SHARE"
 
-_LIVE = """EXISTS (
+_THIS_DATABASE = "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+_LIVE = f"""EXISTS (
     SELECT 1 FROM pg_locks l
-    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND {_THIS_DATABASE}
       AND l.classid = %s::oid AND l.objid = m.member_id::oid
 )"""
-_THIS_DATABASE = "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 # who holds a lock: its connection's name and address where this role may see them
 _HOLDER = (
     """SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), '')
