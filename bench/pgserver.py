@@ -1,6 +1,7 @@
 """A throwaway PostgreSQL: the Debian binaries, a temp dir, a free loopback port.
 
-The one recipe, for the benchmarks (``postgresql()`` here) and the tests
+The one recipe, for the benchmarks (``postgresql()`` here), ``make cluster-demo``
+(``bench.clusterdemo``, when the machine runs no PostgreSQL) and the tests
 (``tests.pg_server``, which runs the same server under its process helper so that a test can
 stop, kill and restart it; bench may not import tests/): ``initdb`` as the ``postgres``
 account when run as root (PostgreSQL refuses root) into a temp dir it may reach
@@ -42,9 +43,14 @@ def available() -> bool:
 
 def new_cluster(prefix: str) -> tuple[Path, str | None]:
     """A new database cluster in a new temp dir under /tmp itself (the ``postgres`` account
-    must reach it; pytest's tmp_path is root-only): (the dir, the account that runs the server,
-    None when not root). Its data is ``dir/data``; ``dir`` is the server's socket dir too."""
+    must reach it; pytest's tmp_path is root-only): (the dir, ``init_cluster``'s account)."""
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    return root, init_cluster(root)
+
+
+def init_cluster(root: Path) -> str | None:
+    """``initdb`` into ``root/data`` (``root`` is the server's socket dir too): the account
+    that must run the server, given ``root`` (``postgres`` when we are root, else None)."""
     user = ACCOUNT if os.geteuid() == 0 else None
     if user is not None:
         shutil.chown(root, user, user)
@@ -53,7 +59,7 @@ def new_cluster(prefix: str) -> tuple[Path, str | None]:
          "-E", "UTF8", "--locale", "C"],
         check=True, capture_output=True, timeout=120, user=user,
     )  # fmt: skip
-    return root, user
+    return user
 
 
 def server_argv(root: Path, port: int) -> list[str]:
@@ -63,6 +69,13 @@ def server_argv(root: Path, port: int) -> list[str]:
         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
         "-c", "max_connections=200",
     ]  # fmt: skip
+
+
+def create_database(port: int, name: str) -> None:
+    subprocess.run(
+        [pg_bin("createdb"), "-h", LOOPBACK, "-p", str(port), "-U", ACCOUNT, name],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
 
 
 def ready(port: int) -> bool:
@@ -83,10 +96,7 @@ class PgBench:
         return f"postgresql://{ACCOUNT}@{LOOPBACK}:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
-        subprocess.run(
-            [pg_bin("createdb"), "-h", LOOPBACK, "-p", str(self.port), "-U", ACCOUNT, name],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+        create_database(self.port, name)
         return self.url(name)
 
     def pids(self) -> list[int]:
