@@ -6,6 +6,8 @@ with a message that says who holds it; a serve's lock goes with its connection."
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,3 +127,19 @@ async def test_a_serve_that_lost_its_connection_takes_its_lock_again(pg_url: str
         holding.cancel()
         with pytest.raises(asyncio.CancelledError):
             await holding
+
+
+async def test_chargewatch_ingest_says_which_serve_holds_the_database(pg_url: str) -> None:
+    async with ServeLock(pg_url):  # what `serve --db` holds
+        argv = [sys.executable, "-m", "api.cli", "ingest", "--broker", "mqtt://127.0.0.1:1",
+                "--db", pg_url]  # fmt: skip
+        out = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=60, check=False
+        )
+    assert out.returncode == 1, out.stdout + out.stderr
+    (said,) = [line for line in out.stdout.splitlines() if line.startswith("chargewatch ingest:")]
+    assert said.startswith("chargewatch ingest: a chargewatch serve (chargewatch-serve ")
+    assert said.endswith(
+        f"holds {pg_url}: workers beside it would ingest the same devices twice; stop that serve"
+        " first (the cluster is workers and `chargewatch api` replicas, without serve)"
+    )
