@@ -3,7 +3,7 @@
 ``serve`` subscribes to every topic under the prefix (``TopicScheme.subscription``), so a
 message from a device outside the catalog becomes a dead letter ``unknown_device``: counted in
 ``chargewatch_dead_letters_total{reason="unknown_device"}`` and listed by
-``/v1/dead-letters``. A worker's partition sessions subscribe only to their registered
+``/v1/deadletters``. A worker's partition sessions subscribe only to their registered
 devices' topics (``ingest.partitions``), so such a device's messages reach no worker at all:
 a device whose registry entry was removed, or one registered in the broker's credentials and
 not in the registry, would be silent.
