@@ -11,7 +11,6 @@ district; prints both replicas' URLs and stops everything it started on Ctrl-C (
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import pgserver
 from devices.catalog import Catalog
 from ingest.partitions import station_partition
 
@@ -116,24 +116,14 @@ def machine_postgresql() -> str | None:
 
 
 def own_postgresql(demo: Demo) -> str:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
+    """A server of our own in the demo's dir (``bench.pgserver``'s recipe)."""
+    if not pgserver.available():
         raise SystemExit("cluster-demo: no PostgreSQL answers on 5432 and none is installed")
-    bindir = Path(found[-1]).parent
-    data = demo.workdir / "pg"
-    user = "postgres" if os.geteuid() == 0 else None  # PostgreSQL refuses to run as root
-    if user is not None:
-        shutil.chown(demo.workdir, user, user)
-    subprocess.run([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                    "--no-sync"], check=True, capture_output=True, user=user)  # fmt: skip
+    user = pgserver.init_cluster(demo.workdir)
     port = free_port()
-    demo.start("postgresql", [str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-               "-k", str(demo.workdir), "-c", "listen_addresses=127.0.0.1"], user=user)  # fmt: skip
-    wait("PostgreSQL", lambda: subprocess.run(
-        [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)], check=False
-    ).returncode == 0)  # fmt: skip
-    subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
-                    "postgres", DATABASE], check=True)  # fmt: skip
+    demo.start("postgresql", pgserver.server_argv(demo.workdir, port), user=user)
+    wait("PostgreSQL", lambda: pgserver.ready(port))
+    pgserver.create_database(port, DATABASE)
     return f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
 
 

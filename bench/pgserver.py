@@ -1,9 +1,13 @@
-"""A PostgreSQL for a benchmark: the Debian binaries, a temp dir, a free loopback port.
+"""A throwaway PostgreSQL: the Debian binaries, a temp dir, a free loopback port.
 
-The bench's own small copy of what ``tests.pg_server`` does (bench may not import tests/):
-``initdb`` as the ``postgres`` account when run as root (PostgreSQL refuses root), the server
-in the foreground so it is stopped by its PID, fsync off as the tests' server is (the figures
-are CPU per message, not disk). ``cpu_s()`` sums the CPU of the postmaster and its backends
+The one recipe, for the benchmarks (``postgresql()`` here), ``make cluster-demo``
+(``bench.clusterdemo``, when the machine runs no PostgreSQL) and the tests
+(``tests.pg_server``, which runs the same server under its process helper so that a test can
+stop, kill and restart it; bench may not import tests/): ``initdb`` as the ``postgres``
+account when run as root (PostgreSQL refuses root) into a temp dir it may reach
+(``new_cluster``), the server in the foreground so it is stopped by its PID, fsync off
+(``server_argv``: the figures are CPU per message, and the tests do not exercise a crash of
+the machine; a kill -9 of the server still loses nothing committed). ``cpu_s()`` sums the CPU of the postmaster and its backends
 (``/proc``), so a run can say what the database costs a message too.
 """
 
@@ -37,6 +41,51 @@ def available() -> bool:
     return bool(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
 
 
+def new_cluster(prefix: str) -> tuple[Path, str | None]:
+    """A new database cluster in a new temp dir under /tmp itself (the ``postgres`` account
+    must reach it; pytest's tmp_path is root-only): (the dir, ``init_cluster``'s account)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    return root, init_cluster(root)
+
+
+def init_cluster(root: Path) -> str | None:
+    """``initdb`` into ``root/data`` (``root`` is the server's socket dir too): the account
+    that must run the server, given ``root`` (``postgres`` when we are root, else None)."""
+    user = ACCOUNT if os.geteuid() == 0 else None
+    if user is not None:
+        shutil.chown(root, user, user)
+    subprocess.run(
+        [pg_bin("initdb"), "-D", str(root / "data"), "-A", "trust", "-U", ACCOUNT, "--no-sync",
+         "-E", "UTF8", "--locale", "C"],
+        check=True, capture_output=True, timeout=120, user=user,
+    )  # fmt: skip
+    return user
+
+
+def server_argv(root: Path, port: int) -> list[str]:
+    """The foreground server of ``new_cluster``'s ``root`` on ``port`` (loopback only)."""
+    return [
+        pg_bin("postgres"), "-D", str(root / "data"), "-p", str(port), "-k", str(root),
+        "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
+        "-c", "max_connections=200",
+    ]  # fmt: skip
+
+
+def create_database(port: int, name: str) -> None:
+    subprocess.run(
+        [pg_bin("createdb"), "-h", LOOPBACK, "-p", str(port), "-U", ACCOUNT, name],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+
+
+def ready(port: int) -> bool:
+    """The server on ``port`` accepts connections (``pg_isready``)."""
+    done = subprocess.run(
+        [pg_bin("pg_isready"), "-q", "-h", LOOPBACK, "-p", str(port)], check=False
+    )
+    return done.returncode == 0
+
+
 @dataclass
 class PgBench:
     popen: subprocess.Popen[bytes]
@@ -47,10 +96,7 @@ class PgBench:
         return f"postgresql://{ACCOUNT}@{LOOPBACK}:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
-        subprocess.run(
-            [pg_bin("createdb"), "-h", LOOPBACK, "-p", str(self.port), "-U", ACCOUNT, name],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+        create_database(self.port, name)
         return self.url(name)
 
     def pids(self) -> list[int]:
@@ -77,38 +123,18 @@ def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(after[p] - before.get(p, 0.0) for p in after)
 
 
-def _ready(port: int) -> bool:
-    done = subprocess.run(
-        [pg_bin("pg_isready"), "-q", "-h", LOOPBACK, "-p", str(port)], check=False
-    )
-    return done.returncode == 0
-
-
 @contextlib.contextmanager
 def postgresql(timeout: float = 60.0) -> Iterator[PgBench]:
-    root = Path(tempfile.mkdtemp(prefix="cw-bench-pg-", dir="/tmp"))
-    user = ACCOUNT if os.geteuid() == 0 else None
-    if user is not None:
-        shutil.chown(root, user, user)
-    data = root / "data"
-    subprocess.run(
-        [pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", ACCOUNT, "--no-sync",
-         "-E", "UTF8", "--locale", "C"],
-        check=True, capture_output=True, timeout=120, user=user,
-    )  # fmt: skip
+    root, user = new_cluster("cw-bench-pg-")
     port = free_port()
-    argv = [
-        pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(root),
-        "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
-        "-c", "max_connections=200",
-    ]  # fmt: skip
+    argv = server_argv(root, port)
     with open(root / "postgres.log", "ab") as log:
         popen = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=user
         )
     try:
         deadline = time.monotonic() + timeout
-        while not _ready(port):
+        while not ready(port):
             if popen.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"PostgreSQL on {port} did not start: see {root}/postgres.log")
             time.sleep(0.1)

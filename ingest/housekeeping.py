@@ -5,8 +5,8 @@ then statuses of hours of device time that ended ``grace_s`` ago are compacted i
 (``SQLiteStore.compact``), and those hours rolled up per device and station
 (``ingest.rollups``; rollups outlive the raw history). Each batch is one short transaction in a worker thread, and the
 loop yields between batches, so ingest's writes interleave with a prune of any size.
-A store error is logged and the pass retried on the next round (the supervisor restarts
-the task if anything else escapes).
+The loop is ``ingest.periodic``'s: a store error is logged and the pass retried on the next
+round (the supervisor restarts the task if anything else escapes).
 
 With no ``store`` (an InfluxDB history, which keeps its own retention: ``chargewatch influx
 setup``) a pass only rolls up, through ``rollups`` (over ``ingest.influxrollups``).
@@ -15,7 +15,6 @@ setup``) a pass only rolls up, through ``rollups`` (over ``ingest.influxrollups`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingest import StoreError
+from ingest.periodic import Periodic
 from ingest.rollups import HourlyRollups
 from ingest.sqlite_store import SQLiteStore
 
@@ -49,14 +48,9 @@ class Housekeeping(Collector):
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        """The periodic task (supervised by the service)."""
-        await self._sleep(self.first_after_s)
-        while True:
-            try:
-                await self.once()
-            except StoreError as exc:
-                log.warning("history housekeeping: %s (retried in %.0f s)", exc, self.every_s)
-            await self._sleep(self.every_s)
+        """The periodic task (supervised by the service; ``ingest.periodic``)."""
+        what = "history housekeeping"
+        await Periodic(what, self.once, self.every_s, self.first_after_s, self._wake).run()
 
     def collect(self) -> Iterator[Metric]:
         """Metrics (the service registers this collector)."""
@@ -84,12 +78,6 @@ class Housekeeping(Collector):
     def wake(self) -> None:
         """Run a pass now (tests, and an operator who just shortened the retention)."""
         self._wake.set()
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):  # not wait_for: 3.11's can swallow a cancel
-            async with asyncio.timeout(seconds):
-                await self._wake.wait()
-        self._wake.clear()
 
     async def once(self) -> None:
         now = self.clock_ms()

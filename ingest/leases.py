@@ -34,6 +34,13 @@ acknowledge on that loop, so "stop acknowledging" is a plain call that runs befo
 does anything else; a thread would need a cross-thread handshake in the one place where
 a delay means acking without a lease. Every query is short and bounded by ``asyncio.timeout``.
 
+Workers and a ``serve`` never share a database (both would ingest, number alerts and write
+twins): ``serve`` holds ``SERVE_LOCK`` for its life (``ingest.statedb.ServeLock``), and a
+worker that finds it held right after joining (``serve_holder``) refuses to go on
+(``LeaseError``); a serve checks for members the same way (``lease_holders``) after taking its
+lock, so whichever of two starting at once checks second sees the other. The keys of every
+advisory lock of chargewatch are listed in ``ingest.statedb``.
+
 The tables (``partition_leases``, ``ingest_members``, the sequence ``ingest_member_ids``) are
 in ``ingest.db.schema``, made by ``chargewatch db upgrade`` (revision 0002); the worker
 refuses a database behind that schema before it takes any lease.
@@ -41,7 +48,8 @@ refuses a database behind that schema before it takes any lease.
 Exceptions::
 
     IngestError
-    └── LeaseError         the lease database cannot be used (bad URL, no such database)
+    └── LeaseError         the lease database cannot be used (bad URL, no such database,
+        │                  a ``serve`` holds it)
         └── StaleLease     a write by an owner whose epoch is no longer the partition's
 """
 
@@ -62,12 +70,14 @@ from psycopg.rows import TupleRow
 from sqlalchemy import Connection, text
 
 from ingest import IngestError, StoreError, StoreUnavailable
+from ingest.db import migrate
 from ingest.db.database import CoreStatement, Database
 from ingest.partitions import check_partitions
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_SPACE = 0x63770001  # first key of our advisory locks: partitions; +1 members
+SERVE_LOCK = 0x6377_7376  # "cwsv": held by the one `serve` on a database (ingest.statedb)
 
 
 class LeaseError(IngestError):
@@ -80,12 +90,22 @@ class StaleLease(LeaseError):
 
 FENCE_SQL = "SELECT 1 FROM partition_leases WHERE partition = %s AND epoch = %s FOR SHARE"
 
-_LIVE = """EXISTS (
+_THIS_DATABASE = "l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+_LIVE = f"""EXISTS (
     SELECT 1 FROM pg_locks l
-    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND {_THIS_DATABASE}
       AND l.classid = %s::oid AND l.objid = m.member_id::oid
 )"""
+# who holds a lock: its connection's name and address where this role may see them
+_HOLDER = (
+    """SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), '')
+    FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND {} AND """
+    + _THIS_DATABASE
+)
+# a bigint key is (classid, objid) = (high, low 32 bits) with objsubid 1; (int, int) keys 2
+_SERVE_SQL = _HOLDER.format("l.objsubid = 1 AND l.classid = 0 AND l.objid = %s::oid")
+_LEASES_SQL = _HOLDER.format("l.objsubid = 2 AND l.classid IN (%s::oid, %s::oid)")
 _MEMBERS_SQL = f"SELECT m.member_id FROM ingest_members m WHERE {_LIVE} ORDER BY m.member_id"
 _FORGET_DEAD_SQL = f"DELETE FROM ingest_members m WHERE NOT {_LIVE}"
 
@@ -96,6 +116,56 @@ async def check_fence(conn: psycopg.AsyncConnection[TupleRow], partition: int, e
     cur = await conn.execute(FENCE_SQL, (partition, epoch))
     if await cur.fetchone() is None:
         raise StaleLease(f"partition {partition}: epoch {epoch} is no longer the lease's")
+
+
+def _described(rows: Sequence[TupleRow]) -> list[str]:
+    out = []
+    for pid, name, addr in rows:
+        who = f"{name} " if name else ""
+        out.append(f"{who}pid {pid}{f' at {addr}' if addr else ''}")
+    return sorted(set(out))
+
+
+async def serve_holder(conn: psycopg.AsyncConnection[TupleRow]) -> str | None:
+    """Who holds ``SERVE_LOCK`` on ``conn``'s database (its connection, for messages), or
+    None when no ``serve`` does."""
+    cur = await conn.execute(_SERVE_SQL.encode(), (SERVE_LOCK,))
+    found = _described(await cur.fetchall())
+    return ", ".join(found) if found else None
+
+
+async def lease_holders(
+    conn: psycopg.AsyncConnection[TupleRow], lock_space: int = DEFAULT_LOCK_SPACE
+) -> list[str]:
+    """The workers (their connections) that are members or hold partitions on ``conn``'s
+    database."""
+    cur = await conn.execute(_LEASES_SQL.encode(), (lock_space, lock_space + 1))
+    return _described(await cur.fetchall())
+
+
+def serving_refused(holder: str, url: str) -> LeaseError:
+    """A worker's refusal of a database a ``serve`` holds: one line, saying what to do."""
+    return LeaseError(
+        f"a chargewatch serve ({holder}) holds {migrate.shown(url)}: workers beside it would"
+        " ingest the same devices twice; stop that serve first (the cluster is workers and"
+        " `chargewatch api` replicas, without serve)"
+    )
+
+
+async def refuse_if_served(url: str) -> None:
+    """Before a worker starts anything: ``serving_refused`` when a ``serve`` holds ``url``
+    (the lease manager checks again after joining, for a serve that starts meanwhile)."""
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=10
+        ) as conn:
+            holder = await serve_holder(conn)
+    except psycopg.ProgrammingError as exc:  # a malformed URL
+        raise LeaseError(f"lease database URL: {exc}") from None
+    except psycopg.Error as exc:
+        raise LeaseError(f"cannot reach {migrate.shown(url)}: {exc}") from None
+    if holder is not None:
+        raise serving_refused(holder, url)
 
 
 def fence(partition: int, epoch: int) -> Callable[[Connection], None]:
@@ -222,6 +292,11 @@ class LeaseManager:
         self.losses = 0  # times every lease was dropped at once
 
     @property
+    def connected(self) -> bool:
+        """Joined, on a lease connection believed up (the health check says otherwise)."""
+        return self._conn is not None and not self._conn.closed and self.member_id is not None
+
+    @property
     def held(self) -> set[int]:
         """Partitions whose lock this worker believes it holds (owned or in grace)."""
         return set(self.owned) | set(self._pending)
@@ -235,7 +310,8 @@ class LeaseManager:
     ) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # a refusal (LeaseError) ended the task: ``finished`` raised it to its waiter
+            with contextlib.suppress(asyncio.CancelledError, LeaseError):
                 await self._task
         await self._leave()
 
@@ -298,6 +374,11 @@ class LeaseManager:
             assert row is not None
             self.backend_pid, member_id = int(row[0]), int(row[1])
             await conn.execute("SELECT pg_advisory_lock(%s, %s)", (cfg.lock_space + 1, member_id))
+            holder = await serve_holder(conn)  # after joining: a serve starting now sees us
+            if holder is not None:
+                self._conn = None
+                await conn.close()
+                raise serving_refused(holder, self.dsn)
             await conn.execute(_FORGET_DEAD_SQL.encode(), (cfg.lock_space + 1,))
             await conn.execute(
                 "INSERT INTO ingest_members (member_id, name) VALUES (%s, %s)",

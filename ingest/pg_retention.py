@@ -5,8 +5,9 @@ Every runner (``serve --db postgresql://``, each ``chargewatch ingest`` worker) 
 each pass runs where PostgreSQL's advisory lock ``RETENTION_LOCK`` is free
 (``PostgresStore.prune``: ``pg_try_advisory_xact_lock``, the drops in the same transaction),
 so two runners at once drop each partition once: the other skips that round. Every ``every_s``
-(the first after ``first_after_s``) the days that ended ``history_days`` before the clock go.
-A store error is logged and the pass retried on the next round; the task runs under a
+(the first after ``first_after_s``) the days that ended ``history_days`` before the clock go
+(the loop is ``ingest.periodic``'s). A store error is logged and the pass retried on the
+next round; the task runs under a
 supervisor (the service's, or ``supervised`` for a worker), which logs and restarts it if
 anything else escapes.
 
@@ -16,7 +17,6 @@ anything else escapes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ingest import IngestError, StoreError
+from ingest import IngestError
+from ingest.periodic import Periodic
 from ingest.pg_store import DAY_MS, PostgresStore
 from ingest.readside import now_ms
 from ingest.supervisor import Supervisor
@@ -33,7 +34,7 @@ from ingest.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 RETENTION = "ingest:pg-retention"  # the supervised task's name
-RETENTION_LOCK = 0x6377_7274  # "cwrt"; leases use 0x63770001+0..3, partitions "cwpa"
+RETENTION_LOCK = 0x6377_7274  # "cwrt"; every key of ours: ingest.statedb
 HISTORY_DAYS_MAX = 36_500
 
 
@@ -50,14 +51,9 @@ class PartitionRetention(Collector):
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        """The periodic task (supervised)."""
-        await self._sleep(self.first_after_s)
-        while True:
-            try:
-                await self.once()
-            except StoreError as exc:
-                log.warning("history retention: %s (retried in %.0f s)", exc, self.every_s)
-            await self._sleep(self.every_s)
+        """The periodic task (supervised; ``ingest.periodic``)."""
+        what = "history retention"
+        await Periodic(what, self.once, self.every_s, self.first_after_s, self._wake).run()
 
     async def once(self) -> int | None:
         """One pass: how many partitions went (None: another runner holds the lock)."""
@@ -78,12 +74,6 @@ class PartitionRetention(Collector):
     def wake(self) -> None:
         """Run a pass now (tests, and an operator who just shortened the retention)."""
         self._wake.set()
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):  # not wait_for: 3.11's can swallow a cancel
-            async with asyncio.timeout(seconds):
-                await self._wake.wait()
-        self._wake.clear()
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(

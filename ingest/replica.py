@@ -164,6 +164,9 @@ class _Metrics:
             "cw_replica_read_model_age_seconds", "time since the last full refresh", registry=r
         )
         self.twins = Gauge("cw_replica_twins", "twins in the read model", registry=r)
+        self.ready = Gauge(
+            "cw_replica_ready", "1 while /readyz says ready (no problems)", registry=r
+        )
         self.actions = Counter(
             "cw_replica_actions",
             "actions queued for the owning worker, by outcome (done; refused: the worker's"
@@ -593,6 +596,7 @@ class ReplicaReadSide:
     def metrics(self) -> bytes:
         age = self.read_model_age_s()
         self._metrics.age.set(-1 if age is None else age)
+        self._metrics.ready.set(0 if self.problems() else 1)
         return generate_latest(self._metrics.registry)
 
     async def dead_letters(self, limit: int) -> tuple[list[DeadLetter], dict[str, int]]:

@@ -5,7 +5,7 @@
 
 With no broker configured it starts the embedded one first. Its state is in the embedded
 SQLite file (the data dir's, or ``sqlite:///path``) or in PostgreSQL (``config.db``:
-``ingest.statedb``); with PostgreSQL, history goes there too unless ``config.history`` names
+``ingest.statedb``, held by one serve at a time: ``ServeLock``); with PostgreSQL, history goes there too unless ``config.history`` names
 an InfluxDB. The housekeeping task (``ingest.housekeeping``) compacts, prunes and rolls up
 the embedded history; an InfluxDB history it only rolls up (``ingest.influxrollups``: the
 history store is then an ``InfluxRollupStore``; retention is InfluxDB's own, see
@@ -55,7 +55,7 @@ from ingest.pipeline import Pipeline, Twins
 from ingest.readside import now_ms as now_ms
 from ingest.rollups import HourlyRollups, ReportSource, RolledHistory
 from ingest.sqlite_store import SQLiteStore
-from ingest.statedb import StateDB
+from ingest.statedb import ServeLock, StateDB
 from ingest.store import HistoryStore, StateStore
 from ingest.supervisor import Supervisor
 
@@ -67,6 +67,7 @@ SOURCE = "ingest:mqtt"
 DISK = "ingest:disk"
 PASSPORTS = "ingest:passports"
 HOUSEKEEPING = "ingest:housekeeping"
+DB_LOCK = "ingest:db-lock"
 REMEMBER_SESSION = "ingest:remember-session"
 FATAL_EXIT_STATUS = 70  # EX_SOFTWARE: a task that cannot restart in place died
 
@@ -111,6 +112,7 @@ class Ingest:
         self.orders: WorkOrders | None = None  # with the alerts (docs/alerts.md, Work orders)
         self.housekeeping: Housekeeping | None = None  # the embedded or an InfluxDB history
         self.retention: PartitionRetention | None = None  # a PostgreSQL history's partitions
+        self.db_lock: ServeLock | None = None  # one serve per PostgreSQL database
         # an external broker gave our client id a session before (persisted: a crash of the
         # broker while we were down shows at our next start); None: not tracked (embedded)
         self._session_seen: bool | None = None
@@ -210,8 +212,12 @@ class Ingest:
                     synchronous=cfg.sqlite_synchronous,
                     dead_letters_kept=cfg.dead_letters_kept,
                 )
-            else:  # refuses a database behind this chargewatch's schema (SchemaBehind)
+            else:
                 assert db.url is not None
+                # one serve per database, none beside workers (DatabaseInUse); kept by the
+                # supervised DB_LOCK below for the service's life
+                self.db_lock = await self._stack.enter_async_context(ServeLock(db.url))
+                # refuses a database behind this chargewatch's schema (SchemaBehind)
                 store = await asyncio.to_thread(
                     PostgresStore, db.url, dead_letters_kept=cfg.dead_letters_kept
                 )
@@ -234,6 +240,8 @@ class Ingest:
             # the service's tasks, in one TaskGroup: left (every task stopped) before the
             # stores above close, after what is entered below
             await self._stack.enter_async_context(self.supervisor)
+            if self.db_lock is not None:  # another serve or a worker took it: stop
+                self.supervisor.start(DB_LOCK, self.db_lock.run, policy="fatal")
             restored = self.twins.restore(await asyncio.to_thread(store.load_twins))
             log.info("store %s: %d device twins restored", db, restored)
 

@@ -18,8 +18,11 @@ partition's alerts, work orders and remote commands); the session is handed to i
 is up (``Consumer.attach``): the partition's commands are published on it. The
 device registry is followed by LISTEN on ``ingest.db.registry.CHANNEL`` (``follow_registry``):
 a device added there is known to its partition's consumer and subscribed without a restart.
+While it owns partition 0 the worker also runs ``ingest.unknown_devices`` (``unknown``):
+births of devices outside the registry, kept as dead letters.
 The worker starts only on a database at this chargewatch's schema (``chargewatch db
-upgrade``); an empty registry is seeded from the catalog (``--catalog`` or the district).
+upgrade``) and no ``serve`` holds (``ingest.leases.serve_holder``); an empty registry is
+seeded from the catalog (``--catalog`` or the district).
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ import random
 import signal
 import socket
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
 from devices.catalog import Catalog, CatalogError, Device
@@ -54,6 +59,7 @@ from ingest.leases import (
     LeaseConfig,
     LeaseError,
     LeaseManager,
+    refuse_if_served,
 )
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, Received
@@ -61,6 +67,7 @@ from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import DEFAULT_PARTITIONS, PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import HistoryStore
+from ingest.unknown_devices import WATCH_PARTITION, UnknownDevices
 from ingest.worker_alerts import WorkerAlerts, alerts_config, commands_config
 
 log = logging.getLogger(__name__)
@@ -118,6 +125,40 @@ class Metrics:
             " the broker) or bug (an exception nobody expected, logged with its traceback)",
             ["reason"],
             registry=r,
+        )
+
+
+class _PartitionCollector(Collector):
+    """At scrape time, per partition: whether this worker owns it and how many registered
+    devices it has (every worker says the same), so that Prometheus sees a partition with
+    devices that no worker owns (deploy/prometheus: ChargewatchPartitionUnowned); and
+    whether the lease database's connection is up."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.worker
+        owned = GaugeMetricFamily(
+            "chargewatch_ingest_partition_owned",
+            "1 while this worker owns the partition (its lease, past the grace)",
+            labels=["partition"],
+        )
+        devices = GaugeMetricFamily(
+            "chargewatch_ingest_partition_devices",
+            "registered devices of the partition",
+            labels=["partition"],
+        )
+        for p in range(w.partitions.partitions):
+            owned.add_metric([str(p)], 1 if p in w.leases.owned else 0)
+            devices.add_metric([str(p)], len(w.partitions.devices(p)))
+        yield owned
+        yield devices
+        yield GaugeMetricFamily(
+            "chargewatch_ingest_lease_database_up",
+            "1 while this worker's lease connection to PostgreSQL is up (it holds no partition"
+            " otherwise)",
+            value=1 if w.leases.connected else 0,
         )
 
 
@@ -252,8 +293,13 @@ class Worker:
         name: str,
         lease_timeout_s: float = 10.0,
         catalog: Catalog | None = None,
+        unknown: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.catalog = catalog  # the registry as this worker knows it
+        # run while this worker owns WATCH_PARTITION: devices outside the registry
+        # (ingest.unknown_devices.UnknownDevices.run)
+        self.unknown = unknown
+        self._unknown_task: asyncio.Task[None] | None = None
         self.broker = broker
         self.db = db
         self.partitions = partitions
@@ -269,6 +315,7 @@ class Worker:
             ),
             self,
         )
+        self.metrics.registry.register(_PartitionCollector(self))
 
     async def __aenter__(self) -> Worker:
         await self.leases.__aenter__()
@@ -297,6 +344,8 @@ class Worker:
         self._tasks[partition] = asyncio.create_task(
             run.run(previous), name=f"partition-{partition}"
         )
+        if partition == WATCH_PARTITION and self.unknown is not None:
+            self._unknown_task = asyncio.create_task(self.unknown(), name="unknown-devices")
 
     async def released(self, partition: int) -> None:
         run = self.runs.get(partition)
@@ -310,6 +359,8 @@ class Worker:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        if partition == WATCH_PARTITION:
+            await self._stop_unknown()
 
     def dropped_all(self) -> None:
         for run in self.runs.values():  # first, and without an await: no ack from now on
@@ -317,12 +368,22 @@ class Worker:
         self.runs.clear()
         for task in self._tasks.values():
             task.cancel()  # each detaches its session in the background
+        if self._unknown_task is not None:
+            self._unknown_task.cancel()
 
     async def _detach_all(self) -> None:
         self.dropped_all()
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self._stop_unknown()
+
+    async def _stop_unknown(self) -> None:
+        task, self._unknown_task = self._unknown_task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(BaseException):
                 await task
 
@@ -461,6 +522,9 @@ _SEED_LOCK = 0x6377_7265  # "cwre"
 
 
 async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
+    # not beside a serve (ingest.statedb.ServeLock): refused before the registry is seeded or
+    # an alert sent; the lease manager checks again once it joined
+    await refuse_if_served(a.db)
     # a database behind this chargewatch's schema is refused before anything starts
     store = await asyncio.to_thread(PostgresStore, a.db)
     history: HistoryStore | None = None
@@ -501,6 +565,16 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
             catalog=catalog,
         )
         metrics = IngestMetrics(worker.metrics.registry)  # the pipelines': one /metrics
+        # the owner of partition 0 watches for devices outside the registry
+        unknown = UnknownDevices(
+            broker=a.broker,
+            client_id=f"{pm.client_prefix}-unknown",
+            scheme=scheme,
+            catalog=lambda: worker.catalog,
+            store=store,
+            metrics=metrics,
+        )
+        worker.unknown = unknown.run
         if a.metrics_port is not None:
             start_http_server(a.metrics_port, addr="127.0.0.1", registry=worker.metrics.registry)
 

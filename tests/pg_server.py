@@ -1,43 +1,36 @@
 """A real PostgreSQL for tests, from the Debian binaries, in a temp dir on a free port.
 
-PostgreSQL refuses to run as root, so the cluster belongs to the ``postgres`` account
-(shared/architecture.md). The server runs in the foreground (``postgres -D``), so a test can
-stop, kill and restart it by PID like the other servers in ``tests.servers``. Missing binaries
-skip with a reason on a laptop and fail under CI (``CI=true``).
+The cluster and the server's command line are the benchmarks' (``bench.pgserver``: one
+recipe; the cluster belongs to the ``postgres`` account, PostgreSQL refuses root). Here the
+server runs under ``tests.servers.Process``, in the foreground, so a test can stop, kill and
+restart it by PID like the other servers. Missing binaries skip with a reason on a laptop and
+fail under CI (``CI=true``).
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from bench import pgserver
+from bench.procs import BenchError
+from tests.servers import Process, free_port, missing
 
-from tests.servers import Process, free_port
-
-ACCOUNT = "postgres"
+ACCOUNT = pgserver.ACCOUNT
 
 
 def pg_bin(name: str) -> str:
     """The newest installed PostgreSQL's ``name`` binary (initdb, postgres, pg_isready)."""
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    if found:
-        return found[-1]
-    message = (
-        f"PostgreSQL's {name} is not installed (Debian package postgresql; .ci/run installs it)"
-    )
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    try:
+        return pgserver.pg_bin(name)
+    except BenchError as exc:
+        missing(f"{exc}; .ci/run installs it")
 
 
 @dataclass
@@ -97,12 +90,9 @@ class PgServer:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        isready = pg_bin("pg_isready")
+        pg_bin("pg_isready")  # skips (or fails under CI) without it
         while True:
-            done = subprocess.run(
-                [isready, "-q", "-h", "127.0.0.1", "-p", str(self.port)], check=False
-            )
-            if done.returncode == 0:
+            if pgserver.ready(self.port):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"PostgreSQL on {self.port} not ready after {timeout}s")
@@ -111,44 +101,13 @@ class PgServer:
 
 @contextmanager
 def postgresql() -> Iterator[PgServer]:
-    """A fresh PostgreSQL cluster on a free loopback port; removed afterwards. Tuned for tests
-    (no fsync: a crash of this machine is not what the tests exercise; a kill -9 of the server
-    still loses nothing committed, the data is in the OS's page cache)."""
-    initdb, postgres = pg_bin("initdb"), pg_bin("postgres")
-    # under /tmp itself: the postgres account must reach it (pytest's tmp_path is root-only)
-    root = Path(tempfile.mkdtemp(prefix="cw-pg-", dir="/tmp"))
-    shutil.chown(root, ACCOUNT, ACCOUNT)
-    data = root / "data"
-    subprocess.run(
-        [
-            "runuser",
-            "-u",
-            ACCOUNT,
-            "--",
-            initdb,
-            "-D",
-            str(data),
-            "-A",
-            "trust",
-            "-U",
-            ACCOUNT,
-            "--no-sync",
-            "-E",
-            "UTF8",
-            "--locale",
-            "C",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    """A fresh PostgreSQL cluster on a free loopback port (no fsync: ``bench.pgserver``);
+    removed afterwards."""
+    pg_bin("initdb")  # skips (or fails under CI) without the binaries
+    root, user = pgserver.new_cluster("cw-pg-")
     port = free_port()
-    argv = [
-        postgres, "-D", str(data), "-p", str(port), "-k", str(root),
-        "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
-        "-c", "max_connections=200",
-    ]  # fmt: skip
-    server = PgServer(Process(argv, port, root, root / "postgres.log", user=ACCOUNT), root)
+    argv = pgserver.server_argv(root, port)
+    server = PgServer(Process(argv, port, root, root / "postgres.log", user=user), root)
     server.start()
     try:
         yield server

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import httpx
 import pytest
@@ -66,7 +66,11 @@ def need_binary(name: str, *candidates: str) -> str:
             return found
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    message = f"{name} is not installed (Debian package; .ci/run installs it)"
+    missing(f"{name} is not installed (Debian package; .ci/run installs it)")
+
+
+def missing(message: str) -> NoReturn:
+    """What a test needs is not installed: skip on a laptop, fail under CI (``CI=true``)."""
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)

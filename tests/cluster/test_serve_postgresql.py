@@ -1,7 +1,8 @@
 """``chargewatch serve --db postgresql://...``: the one-process service with its state in
 PostgreSQL, against real mosquitto and PostgreSQL processes. A device's status reaches the
 riders' API and the twin row; a key made by ``chargewatch keys --db`` works; an alert opens, is acknowledged over HTTP and is so in
-PostgreSQL; a restart (with another, empty data dir) keeps all of it; a database behind the
+PostgreSQL; a restart (with another, empty data dir) keeps all of it; a second serve on the database is
+refused while the first runs; a database behind the
 schema is refused with the message that says what to do, and left as it was."""
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ def test_serve_keeps_its_state_in_postgresql(tmp_path: Path, broker: Process, pg
                 assert (pile["online"], pile["ports_free"]) == (1, 7), pile
 
             eventually(seven_free, timeout=15)
+            # a second serve on the same database is refused at start (ingest.statedb)
+            second = subprocess.run(
+                chargewatch_argv("serve", "--port", "0", "--data-dir", str(tmp_path / "two"),
+                                 "--broker", broker.url, "--db", pg_url),
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert second.returncode == 1, second.stderr
+            refusal = second.stderr.strip().splitlines()[-1]
+            assert refusal.startswith("chargewatch: another chargewatch serve (chargewatch-serve")
+            assert refusal.endswith("one serve per database; stop it first")
             (record,) = _rows(pg_url, f"SELECT record FROM twins WHERE device_id = '{DEVICE}'")
             twin = json.loads(record[0])
             assert (twin["boot"], twin["status_seq"]) == (BOOT, 1)

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devices.catalog import Catalog, DeviceSpec
+from devices.catalog import DeviceSpec
 from devices.topics import TopicScheme
 from ingest.db import migrate, registry
 from ingest.metrics import IngestMetrics
@@ -26,6 +26,7 @@ from ingest.partitions import PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.worker import Worker, follow_registry
 from tests.cluster.catalogs import synthetic
+from tests.cluster.workers import in_process_worker
 from tests.pg_server import PgServer
 from tests.servers import Process
 
@@ -62,43 +63,30 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, within: float =
 async def test_a_device_added_to_the_registry_is_consumed_without_a_restart(
     broker: Process, pg_url: str
 ) -> None:
-    catalog = synthetic(3)
-    engine = migrate.connect(pg_url)
-    with engine.begin() as conn:
-        registry.import_catalog(conn, catalog)
-    store = PostgresStore(pg_url)
-    scheme = TopicScheme()
-    pm = PartitionMap(catalog, 4)
-    metrics = IngestMetrics()
-    worker: Worker
-
-    def consumer(p: int, epoch: int) -> PipelineConsumer:
-        assert worker.catalog is not None
-        return PipelineConsumer(store=store, catalog=worker.catalog, devices=pm.devices(p),
-                                partition=p, epoch=epoch, scheme=scheme, metrics=metrics)  # fmt: skip
-
-    worker = Worker(broker=BrokerURL.parse(broker.url), db=pg_url, partitions=pm,
-                    consumer_factory=consumer, name="w", lease_timeout_s=2, catalog=catalog)  # fmt: skip
-
-    def load() -> Catalog | None:
-        with engine.begin() as conn:
-            return registry.load_catalog(conn)
-
-    busy = {p for p in range(4) if pm.devices(p)}
-    try:
+    with in_process_worker(broker.url, pg_url, synthetic(3)) as w:
+        worker, store, pm = w.worker, w.store, w.partitions
+        busy = {p for p in range(4) if pm.devices(p)}
         async with worker:
-            follow = asyncio.create_task(follow_registry(worker, pg_url, load))
+            follow = asyncio.create_task(follow_registry(worker, pg_url, w.registry))
 
             async def subscribed() -> bool:
                 return {p for p, r in worker.runs.items() if r.subscribed} == busy
 
             await until(subscribed, "partitions not subscribed", 20)
+            # what the rules watch (ChargewatchPartitionUnowned and others, deploy/prometheus)
+            values = worker.metrics.registry.get_sample_value
+            for q in range(4):
+                labels = {"partition": str(q)}
+                assert values("chargewatch_ingest_partition_owned", labels) == 1
+                assert values("chargewatch_ingest_partition_devices", labels) == len(pm.devices(q))
+            assert values("chargewatch_ingest_lease_database_up") == 1
             p = pm.of_station("st-0001")
+            before = len(pm.devices(p))
             source = worker.runs[p].source
             assert source is not None
             subacks = source.subacks
             assert pm.of_device("NEW-1") is None
-            with engine.begin() as conn:  # another process would do the same
+            with w.engine.begin() as conn:  # another process would do the same
                 registry.add_device(conn, "st-0001", DeviceSpec(id="NEW-1", kind="pile", ports=2))
 
             async def noticed() -> bool:
@@ -106,6 +94,8 @@ async def test_a_device_added_to_the_registry_is_consumed_without_a_restart(
 
             await until(noticed, "NEW-1 not subscribed")
             assert pm.of_device("NEW-1") == p
+            devices = values("chargewatch_ingest_partition_devices", {"partition": str(p)})
+            assert devices == len(pm.devices(p)) == before + 1
             assert "cw/v1/NEW-1/+" in source.subscriptions
             await asyncio.to_thread(publish, broker.port, "NEW-1", 7)
             await asyncio.to_thread(publish, broker.port, "D0002x0", 3)
@@ -120,9 +110,8 @@ async def test_a_device_added_to_the_registry_is_consumed_without_a_restart(
             assert store.dead_letters() == []
             follow.cancel()
         assert worker.runs == {}
-    finally:
-        store.close()
-        engine.dispose()
+        assert values("chargewatch_ingest_partition_owned", {"partition": "0"}) == 0
+        assert values("chargewatch_ingest_lease_database_up") == 0
 
 
 def test_ingest_refuses_a_database_behind_its_schema(pg_session: PgServer) -> None:

@@ -2,7 +2,8 @@
 and unit-tested by Debian's `promtool`; the Grafana dashboard, its PromQL parsed and
 evaluated by `promtool` over scrapes of a real `chargewatch serve` (which exports every metric
 the rules and the dashboard name), and every InfluxQL query run against a real influxd 1.6.7
-holding history written by InfluxHistory."""
+holding history written by InfluxHistory. The cluster's rules name what a worker and a
+replica export."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import generate_latest
 
 from ingest.influx import InfluxHistory
 from tests.e2e.test_influx import NOW_MS, district_rows
@@ -78,6 +80,40 @@ def test_each_alert_fires_in_promtools_unit_tests_and_none_on_a_healthy_service(
     assert "SUCCESS" in result.stdout
 
 
+def test_the_cluster_rules_name_what_a_worker_and_a_replica_export() -> None:
+    """Group "chargewatch-cluster": every metric it names is exported by `chargewatch ingest`
+    (the worker's registry, with the pipelines' metrics on it, as ``run_worker`` makes it) or
+    by `chargewatch api` (the replica's); none of serve's own metrics is needed."""
+    from devices.catalog import Catalog
+    from ingest.metrics import IngestMetrics
+    from ingest.mqtt import BrokerURL
+    from ingest.partitions import PartitionMap
+    from ingest.replica import ReplicaReadSide
+    from ingest.worker import Worker
+
+    (group,) = [
+        g for g in yaml.safe_load(RULES.read_text())["groups"] if g["name"] != "chargewatch"
+    ]
+    assert group["name"] == "chargewatch-cluster"
+    wanted = {
+        m for r in group["rules"] for m in re.findall(r"\b(?:chargewatch|cw)_[a-z_]+", r["expr"])
+    }
+    assert len(wanted) >= 9
+
+    def unused(p: int, epoch: int) -> Any:
+        raise AssertionError("not started")
+
+    url = "postgresql://nobody@127.0.0.1:1/none"  # neither is started: nothing connects
+    worker = Worker(broker=BrokerURL.parse("mqtt://127.0.0.1:1"), db=url,
+                    partitions=PartitionMap(Catalog.load(), 4), consumer_factory=unused,
+                    name="w")  # fmt: skip
+    IngestMetrics(worker.metrics.registry)
+    text = generate_latest(worker.metrics.registry).decode()
+    text += ReplicaReadSide(url).metrics().decode()
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    assert sorted(wanted - exported) == []
+
+
 # -- the dashboard's PromQL ----------------------------------------------------------------
 
 GRAFANA_PROM_MACROS = {"$__rate_interval": "1m", "$__interval": "30s", "$instance": ".*"}
@@ -134,7 +170,7 @@ def test_rules_and_dashboard_promql_run_on_a_real_services_metrics(
     # the disk projection is exported once a tenth of its window is measured: make it short
     monkeypatch.setenv("CHARGEWATCH_INGEST__DISK_CHECK_S", "0.1")
     monkeypatch.setenv("CHARGEWATCH_INGEST__DISK_GROWTH_WINDOW_S", "2")
-    rules = yaml.safe_load(RULES.read_text())["groups"]
+    rules = [g for g in yaml.safe_load(RULES.read_text())["groups"] if g["name"] == "chargewatch"]
     named = {
         *(r["expr"] for g in rules for r in g["rules"]),
         *(t["expr"] for t in targets("prometheus")),

@@ -221,6 +221,7 @@ async def test_pages_and_health_load_from_a_replica(pg_url: str, tmp_path: Path)
             r = await http.get(path)
             assert r.status_code == 200, (path, r.text)
         assert (await http.get("/readyz")).json() == {"ready": True, "problems": []}
+        assert "cw_replica_ready 1.0" in (await http.get("/metrics")).text
         r = await http.get("/v1/alerts")
         assert r.status_code in (401, 503), r.text
 
@@ -244,6 +245,8 @@ async def test_readyz_fails_while_postgresql_is_down_and_recovers(tmp_path: Path
             body = await until_status(http, "/readyz", 503, within_s=5.0)
             assert body["ready"] is False
             assert any("database unreachable" in p for p in body["problems"]), body
+            # what the rules watch (ChargewatchReplicaNotReady, deploy/prometheus)
+            assert "cw_replica_ready 0.0" in (await http.get("/metrics")).text
             # riders still get the last known state, from memory
             assert (await http.get("/v1/stations")).status_code == 200
 
