@@ -303,7 +303,9 @@ class PassportStore:
         within one batch), where each pack is now, its events and flags. Merges the same in
         any order with another writer's (module docstring)."""
         began = [{"b_serial": s} for s in dict.fromkeys(o[0] for o in ops.opened)]
-        touched = dict.fromkeys([*ops.batteries, *(o[0] for o in ops.opened), *(c[1] for c in ops.closed)])
+        touched = dict.fromkeys(
+            [*ops.batteries, *(o[0] for o in ops.opened), *(c[1] for c in ops.closed)]
+        )
         flagged = [{"b_serial": s} for s in dict.fromkeys(f[2] for f in ops.flags)]
         self._db.transaction(
             [

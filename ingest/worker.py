@@ -13,7 +13,9 @@ store that fails detaches the session (the broker delivers again what was not ac
 tries again after a capped backoff.
 
 The consumer of ``chargewatch ingest`` is ``ingest.partition_consumer.PipelineConsumer``
-(the pipeline over the partition's devices, written to PostgreSQL under the fence). The
+(the pipeline over the partition's devices, written to PostgreSQL under the fence, with the
+partition's alerts and battery passports: ``ingest.worker_alerts``,
+``ingest.worker_passports``). The
 device registry is followed by LISTEN on ``ingest.db.registry.CHANNEL`` (``follow_registry``):
 a device added there is known to its partition's consumer and subscribed without a restart.
 The worker starts only on a database at this chargewatch's schema (``chargewatch db
@@ -58,6 +60,7 @@ from ingest.partitions import DEFAULT_PARTITIONS, PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import HistoryStore
 from ingest.worker_alerts import WorkerAlerts, alerts_config
+from ingest.worker_passports import WorkerPassports, lock_flagged_setting
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +388,7 @@ class IngestArgs:
     history: str | None
     lease_timeout_s: float
     alerts: AlertsConfig
+    lock_flagged: bool = True
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -427,6 +431,7 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
         history=args.history,
         lease_timeout_s=lease_s,
         alerts=alerts_config(),
+        lock_flagged=lock_flagged_setting(),
     )
 
 
@@ -477,6 +482,7 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                 metrics=metrics,
                 history=history,
                 alerts=alerts,
+                passports=passports,
             )
 
         worker = Worker(
@@ -497,6 +503,7 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                 return registry.load_catalog(conn)
 
         alerts: WorkerAlerts | None = None
+        passports: WorkerPassports | None = None
         async with contextlib.AsyncExitStack() as stack:
             if a.alerts.enabled:  # its claims of webhook deliveries run out like the leases
                 alerts = await stack.enter_async_context(
@@ -508,6 +515,10 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                         registry=worker.metrics.registry,
                     )
                 )
+            # battery passports: each partition's index, the flags shared by every worker
+            passports = await stack.enter_async_context(
+                WorkerPassports(a.db, lock_flagged=a.lock_flagged, registry=worker.metrics.registry)
+            )
             async with worker:
                 log.info("worker %s: %d partitions, broker %s", a.worker, a.partitions, a.broker)
                 async with asyncio.TaskGroup() as tg:
