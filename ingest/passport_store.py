@@ -22,7 +22,7 @@ merges them the same in any order:
   reports the slot empty late, or never, does not leave the pack in two places), or when
   its own cabinet saw it go, whichever is earlier;
 - where it is (device, slot, since) is not written by either partition: it is the latest
-  stay, while that stay is open (recomputed for each serial a batch touches);
+  stay, while that stay is open (recomputed for each serial whose stays a batch changes);
 - the flag: the earliest safety event's (time and reason) stands until a clearance.
 
 On PostgreSQL a write that flags packs, and a clearance, NOTIFY ``FLAGS_CHANNEL`` (the serial)
@@ -303,17 +303,16 @@ class PassportStore:
         within one batch), where each pack is now, its events and flags. Merges the same in
         any order with another writer's (module docstring)."""
         began = [{"b_serial": s} for s in dict.fromkeys(o[0] for o in ops.opened)]
-        touched = dict.fromkeys(
-            [*ops.batteries, *(o[0] for o in ops.opened), *(c[1] for c in ops.closed)]
-        )
+        moved = dict.fromkeys([*(o[0] for o in ops.opened), *(c[1] for c in ops.closed)])
         flagged = [{"b_serial": s} for s in dict.fromkeys(f[2] for f in ops.flags)]
         self._db.transaction(
             [
-                (self._upsert_battery, _named(_BATTERY_KEYS, [(s, *r) for s, r in ops.batteries.items()])),
+                # by serial: two partitions' writers lock the rows they share in one order
+                (self._upsert_battery, _named(_BATTERY_KEYS, [(s, *r) for s, r in sorted(ops.batteries.items())])),
                 (_OPEN_STAY, _named(("serial", "device_id", "slot", "from_ms"), ops.opened)),
                 (_CLOSE_BEFORE_NEXT, began),
                 (_CLOSE_STAY, _named(("b_to_ms", "b_serial", "b_device_id", "b_slot", "b_from_ms"), ops.closed)),
-                (_PLACE, [{"b_serial": s} for s in touched]),
+                (_PLACE, [{"b_serial": s} for s in moved]),
                 (_EVENT, _named(_EVENT_KEYS, ops.events)),
                 (_FLAG, _named(("b_at", "b_reason", "b_serial"), ops.flags)),
                 (_NOTIFY_FLAG, flagged if self._dialect == "postgresql" else []),
