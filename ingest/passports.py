@@ -15,6 +15,12 @@ lock is logged and counted as unsent). The rider API never counts a flagged pack
 (``flagged`` is read by ``api.snapshots.StationViews``). A maintainer clears a flag with a
 note (``clear``).
 
+In the cluster (``ingest.worker_passports``) each partition runs an index of its own over
+its cabinets (``devices``), and the flagged set is every partition's: ``adopt_flags`` takes
+the flags as PostgreSQL has them (raised in other partitions, cleared on any API replica),
+keeping those raised here that the read could not see yet (``flushes`` marks which), and
+catches a pack that arrived here before its flag's notice.
+
 Memory is bounded by the district: the occupant of every slot and the flagged serials;
 everything else is on disk (``ingest.passport_store``), written in batches by the
 ``passports`` task, so ingest never waits for it. Cost: ~10 us per status of a 12-slot
