@@ -496,8 +496,10 @@ class Passports:
             self._wake.set()
             raise
         self.flushes += 1
+        again = {f[2] for f in self._ops.flags}  # flagged anew since (cleared meanwhile)
         for _, _, serial in ops.flags:
-            self._unwritten.discard(serial)
+            if serial not in again:
+                self._unwritten.discard(serial)
             self._written_in[serial] = self.flushes
 
 
