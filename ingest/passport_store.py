@@ -32,7 +32,7 @@ is known in every other (and a clearance everywhere) without waiting for a reloa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,8 @@ _FLAGGED = select(_B.serial, _B.flagged_at_ms, _B.flag_reason).where(
 _PLACED = select(
     _B.serial, _B.device_id, _B.slot, _B.since_ms, _B.max_temp_c, _B.max_rise_c_per_min
 ).where(_B.device_id.is_not(None))
+# a partition's cabinets only (PostgreSQL: the cluster's workers restore per partition)
+_PLACED_IN = _PLACED.where(_B.device_id.in_(bindparam("b_devices", expanding=True)))
 _IDS_AT_ONCE = 100
 """Alert ids one ``alerts_recorded`` statement asks about (unused places are NULL)."""
 _RECORDED = select(battery_events.c.serial, battery_events.c.alert_id).where(
@@ -323,11 +325,17 @@ class PassportStore:
         """The flagged packs: serial -> (flagged at, reason)."""
         return {str(r[0]): (r[1], r[2]) for r in self._db.query(_FLAGGED)}
 
-    def restore(self) -> Restored:
+    def restore(self, devices: Collection[str] | None = None) -> Restored:
+        """Every flagged pack, and the packs in a slot: of ``devices`` only when given."""
         flagged = self.flagged()
+        if devices is not None and self._dialect == "postgresql":
+            rows = self._db.query(_PLACED_IN, {"b_devices": sorted(devices)})
+        else:
+            rows = self._db.query(_PLACED)
         placed = [
             (str(r[0]), str(r[1]), int(r[2]), int(r[3]), r[4], r[5])
-            for r in self._db.query(_PLACED)
+            for r in rows
+            if devices is None or r[1] in devices
         ]
         return Restored(flagged, placed)
 

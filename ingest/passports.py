@@ -180,7 +180,7 @@ class Passports:
 
     def restore(self) -> None:
         """Blocking: the flagged serials and the packs in slots, as stored."""
-        restored = self.store.restore()
+        restored = self.store.restore(self.devices)
         self.flagged.clear()  # in place: the alert engine holds this mapping
         self.flagged.update((s, Flag(at, why)) for s, (at, why) in restored.flagged.items())
         for serial, device_id, slot, since, max_temp, max_rise in restored.placed:

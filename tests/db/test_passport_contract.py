@@ -64,6 +64,9 @@ def test_flags_events_restore_and_clearance(store: PassportStore) -> None:
         ("B1", "cab-1", 3, 1000, 70.0, 4.0),
         ("B2", "cab-1", 4, 1100, None, None),
     ]
+    assert sorted(store.restore(["cab-1"]).placed) == sorted(restored.placed)  # a partition's
+    assert store.restore(["cab-2"]) == type(restored)(restored.flagged, [])
+    assert store.restore([]).placed == []
     assert store.alerts_recorded([]) == set()
     many = [*range(1000, 1300), 42]  # more ids than one statement takes
     assert store.alerts_recorded(many) == {("B2", 42)}
