@@ -238,8 +238,12 @@ async def test_a_clearance_on_a_replica_reaches_every_worker_and_answers_as_serv
     await overheat_in_cabinet_one(c, cab1, "C-1")
     await eventually(lambda: _holds("C-1" in c.two.passports.flagged))  # type: ignore[union-attr]
     key = bearer(maintainer_token(pg_url))
-    async with replica(pg_url, tmp_path, "a") as (side, http, _):
+    async with (
+        replica(pg_url, tmp_path, "a") as (side, http, _),
+        replica(pg_url, tmp_path, "b") as (other, _, _),
+    ):
         await eventually(lambda: _holds("C-1" in side.flagged_batteries))
+        await eventually(lambda: _holds("C-1" in other.flagged_batteries))
         r = await http.post("/v1/batteries/C-1/clear", headers=key, json={"note": "cell OK"})
         assert r.status_code == 200, r.text
         cleared = r.json()
@@ -248,6 +252,10 @@ async def test_a_clearance_on_a_replica_reaches_every_worker_and_answers_as_serv
             ("cell OK", "li-wei", "temperature_high")
         ]
         assert "C-1" not in side.flagged_batteries  # the rider views count it again
+        # the other replica hears of it by the clearance's NOTIFY (its refresh is 30 s away)
+        cleared_at = time.monotonic()
+        await eventually(lambda: _holds("C-1" not in other.flagged_batteries), within_s=1.0)
+        assert time.monotonic() - cleared_at < 1.0
         again = await http.post("/v1/batteries/C-1/clear", headers=key, json={"note": "x"})
         assert (again.status_code, again.json()["detail"]) == (409, "battery 'C-1' is not flagged")
         never = await http.post("/v1/batteries/NEVER-1/clear", headers=key, json={"note": "x"})
