@@ -16,6 +16,15 @@ loaded from PostgreSQL, and the partition's event journal is replayed, before th
 ack. ``store`` journals the batch's events with it (the partition's journal ids) and the
 engine observes what was stored; ``close`` flushes the engine's changes.
 
+With the worker's passports (``ingest.worker_passports``), ``load`` opens the partition's
+battery index over its cabinets (restored from PostgreSQL) before the alert engine: the
+pipeline's observers see each stored message in ``serve``'s order (passports, then alerts),
+a safety alert that opens flags the packs at its slots (``on_opened``), the engine's
+station rules never count a flagged pack as ready (``flagged_batteries``: the worker's
+global flagged set), and the open safety alerts a crash kept from the passports are taken
+up (``reconcile``). A flagged pack's ``lock_battery`` goes out through the partition's remote
+commands; ``close`` writes what the index has pending.
+
 Beside the engine, as ``serve`` runs them: the partition's work orders (``WorkOrders`` over
 the engine: its stations' unclosed orders, ids from PostgreSQL's sequence, writes fenced by
 the epoch) and remote commands (``Commands``: its devices' open commands, published through
@@ -47,11 +56,13 @@ from ingest.commands.service import Commands, Publisher
 from ingest.leases import fence
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
+from ingest.passports import Passports
 from ingest.pg_store import PostgresStore
 from ingest.pipeline import Batch, Pipeline, Twins
 from ingest.store import HistoryStore, TwinRecord
 from ingest.twins import Twin
 from ingest.worker_alerts import WorkerAlerts
+from ingest.worker_passports import WorkerPassports
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +83,7 @@ class PipelineConsumer:
         history: HistoryStore | None = None,
         release_soc: float = DEFAULT_RELEASE_SOC,
         alerts: WorkerAlerts | None = None,
+        passports: WorkerPassports | None = None,
     ) -> None:
         self.state = store
         self.history = history  # None: the history is the store's (PostgreSQL)
@@ -90,6 +102,8 @@ class PipelineConsumer:
         # sent through)
         self.commands: Commands | None = None
         self.applier: ActionApplier | None = None
+        self.worker_passports = passports
+        self.passports: Passports | None = None  # the partition's battery index
 
     async def load(self) -> None:
         records = await asyncio.to_thread(self.state.load_twins, list(self.devices))
@@ -111,8 +125,16 @@ class PipelineConsumer:
         log.info(
             "partition %d (epoch %d): %d twins loaded", self.partition, self.epoch, self.restored
         )
+        if self.worker_passports is not None:
+            self.passports = await self.worker_passports.open(
+                self.catalog, self.devices, self.partition, self.epoch
+            )
+            # before the alert engine's: an alert a status opens finds its pack in the slot
+            self.pipeline.observers.append(self.passports.observe)
         if self.alerts is not None:
             await self._start_alerts(self.pipeline)
+        if self.passports is not None:  # a flagged pack's lock_battery; None: logged, unsent
+            self.passports.sender = self.commands
 
     async def _start_alerts(self, pipeline: Pipeline) -> None:
         assert self.alerts is not None
@@ -124,6 +146,17 @@ class PipelineConsumer:
         self.engine = engine
         pipeline.observers.append(engine.observe)
         pipeline.observed_through = engine.observed_through
+        if self.passports is not None:
+            self.passports.alerts = engine
+            engine.on_opened.append(self.passports.alert_opened)
+            engine.flagged_batteries = self.passports.flagged
+            # safety alerts opened before the passports heard of them (replayed from the
+            # journal just now, or a crash right after one opened) flag their packs now
+            taken = await self.passports.reconcile(
+                list(engine.by_id.values()), pipeline.twins.by_id
+            )
+            if taken:
+                log.info("partition %d: %d open safety alerts taken up", self.partition, taken)
         pipeline.journal_last = await asyncio.to_thread(
             self.alerts.store.journal_last, self.partition
         )
@@ -201,6 +234,10 @@ class PipelineConsumer:
                 self.engine.catalog = catalog
                 self.engine.seen.setdefault(device.id, twin.snapshot())
                 self.engine.stations = (self.engine.stations or frozenset()) | {device.station_id}
+        if self.passports is not None:
+            self.passports.catalog = catalog
+            if self.passports.devices is not None:
+                self.passports.devices.add(device.id)
         if self.alerts is not None:
             self.alerts.set_catalog(catalog)
 
@@ -241,6 +278,9 @@ class PipelineConsumer:
 
     async def close(self) -> None:
         self.pipeline = None
+        passports, self.passports = self.passports, None
+        if passports is not None and self.worker_passports is not None:
+            await self.worker_passports.close(passports, self.partition, self.epoch)
         applier, self.applier = self.applier, None
         if applier is not None and self.alerts is not None:  # before its engine goes
             await self.alerts.supervisor.stop(self._applier_task)

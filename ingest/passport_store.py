@@ -11,11 +11,28 @@ Tables:
 - ``battery_stays``: (serial, device, slot, from, to): ``to`` null while it is there.
 - ``battery_events``: safety events while it sat in a slot (the alert that said so).
 - ``battery_clearances``: a maintainer cleared the flag, with a note.
+
+In the cluster every partition's worker writes the passports of the packs in its cabinets
+(``ingest.worker_passports``), so the writes of two partitions about one serial (it left a
+cabinet of partition 1 and came to one of partition 2) arrive in either order, and ``apply``
+merges them the same in any order:
+
+- first seen: the earliest; the maxima: the highest (a NULL never lowers either);
+- a stay that began ends at the latest when a later stay of the pack began (a cabinet that
+  reports the slot empty late, or never, does not leave the pack in two places), or when
+  its own cabinet saw it go, whichever is earlier;
+- where it is (device, slot, since) is not written by either partition: it is the latest
+  stay, while that stay is open (recomputed for each serial whose stays a batch changes);
+- the flag: the earliest safety event's (time and reason) stands until a clearance.
+
+On PostgreSQL a write that flags packs, and a clearance, NOTIFY ``FLAGS_CHANNEL`` (the serial)
+at commit: the workers and the API replicas LISTEN there, so a flag raised in one partition
+is known in every other (and a clearance everywhere) without waiting for a reload.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +56,9 @@ from ingest.db.schema import battery, battery_clearances, battery_events, batter
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
+
+FLAGS_CHANNEL = "cw_battery_flags"
+"""NOTIFY of a pack flagged or cleared (PostgreSQL): the payload is its serial."""
 
 
 STAYS_SHOWN = 200
@@ -104,13 +124,14 @@ def _raised(column: str, new: Any) -> Any:
 
 
 def _upsert_battery(insert: Any) -> Executable:
+    """The battery row: first seen the earliest, the maxima raised; where it is comes from
+    its stays (``_PLACE``), so a partition's late write does not move it back."""
     ins = insert(battery)
+    first = ins.excluded.first_seen_ms
     upsert: Executable = ins.on_conflict_do_update(
         index_elements=[_B.serial],
         set_={
-            "device_id": ins.excluded.device_id,
-            "slot": ins.excluded.slot,
-            "since_ms": ins.excluded.since_ms,
+            "first_seen_ms": case((first < _B.first_seen_ms, first), else_=_B.first_seen_ms),
             "max_temp_c": _raised("max_temp_c", ins.excluded.max_temp_c),
             "max_rise_c_per_min": _raised("max_rise_c_per_min", ins.excluded.max_rise_c_per_min),
         },
@@ -125,6 +146,7 @@ _BATTERY_KEYS = (
 )  # fmt: skip
 _OPEN_STAY = insert(battery_stays)
 _S = battery_stays.c
+# a stay ends at the earlier of its cabinet's word and the next stay's beginning
 _CLOSE_STAY = (
     update(battery_stays)
     .where(
@@ -132,15 +154,59 @@ _CLOSE_STAY = (
         _S.device_id == bindparam("b_device_id"),
         _S.slot == bindparam("b_slot"),
         _S.from_ms == bindparam("b_from_ms"),
-        _S.to_ms.is_(None),
+        or_(_S.to_ms.is_(None), _S.to_ms > bindparam("b_to_ms")),
     )
     .values(to_ms=bindparam("b_to_ms"))
 )
-_EVENT = insert(battery_events)
-_EVENT_KEYS = ("serial", "kind", "alert_id", "at_ms", "device_id", "slot", "detail")
-_FLAG = (
+_LATER = battery_stays.alias("later")
+_NEXT_FROM = (
+    select(func.min(_LATER.c.from_ms))
+    .where(_LATER.c.serial == _S.serial, _LATER.c.from_ms > _S.from_ms)
+    .scalar_subquery()
+)
+_CLOSE_BEFORE_NEXT = (
+    update(battery_stays)
+    .where(
+        _S.serial == bindparam("b_serial"),
+        _NEXT_FROM.is_not(None),
+        or_(_S.to_ms.is_(None), _S.to_ms > _NEXT_FROM),
+    )
+    .values(to_ms=_NEXT_FROM)
+)
+_OPEN = battery_stays.alias("open_stay")
+
+
+def _open_stay(column: str) -> Any:
+    """``column`` of the pack's open stay (after ``_CLOSE_BEFORE_NEXT``: its latest), or NULL."""
+    return (
+        select(_OPEN.c[column])
+        .where(_OPEN.c.serial == _B.serial, _OPEN.c.to_ms.is_(None))
+        .order_by(_OPEN.c.from_ms.desc(), _OPEN.c.id.desc())
+        .limit(literal_column("1"))
+        .offset(_NONE)
+        .scalar_subquery()
+    )
+
+
+_PLACE = (
     update(battery)
     .where(_B.serial == bindparam("b_serial"))
+    .values(
+        device_id=_open_stay("device_id"), slot=_open_stay("slot"), since_ms=_open_stay("from_ms")
+    )
+)
+_EVENT = insert(battery_events)
+_EVENT_KEYS = ("serial", "kind", "alert_id", "at_ms", "device_id", "slot", "detail")
+_FLAG = (  # the earliest flag stands (two partitions' flags of one pack, in either order)
+    update(battery)
+    .where(
+        _B.serial == bindparam("b_serial"),
+        or_(
+            _B.flagged == literal_column("0"),
+            _B.flagged_at_ms.is_(None),
+            _B.flagged_at_ms > bindparam("b_at"),
+        ),
+    )
     .values(flagged=literal_column("1"), flagged_at_ms=bindparam("b_at"),
             flag_reason=bindparam("b_reason"))
 )  # fmt: skip
@@ -150,12 +216,15 @@ _UNFLAG = (
     .values(flagged=literal_column("0"), flagged_at_ms=null(), flag_reason=null())
 )
 _CLEARANCE = insert(battery_clearances)
+_NOTIFY_FLAG = select(func.pg_notify(literal_column(f"'{FLAGS_CHANNEL}'"), bindparam("b_serial")))
 _FLAGGED = select(_B.serial, _B.flagged_at_ms, _B.flag_reason).where(
     _B.flagged == literal_column("1")
 )
 _PLACED = select(
     _B.serial, _B.device_id, _B.slot, _B.since_ms, _B.max_temp_c, _B.max_rise_c_per_min
 ).where(_B.device_id.is_not(None))
+# a partition's cabinets only (PostgreSQL: the cluster's workers restore per partition)
+_PLACED_IN = _PLACED.where(_B.device_id.in_(bindparam("b_devices", expanding=True)))
 _IDS_AT_ONCE = 100
 """Alert ids one ``alerts_recorded`` statement asks about (unused places are NULL)."""
 _RECORDED = select(battery_events.c.serial, battery_events.c.alert_id).where(
@@ -216,7 +285,8 @@ class PassportStore:
         if isinstance(db, str | Path):
             db = SQLiteDB(db, synchronous=synchronous)
         self._db: Database = db
-        self._upsert_battery = _UPSERT_BATTERY[dialect_of(db)]
+        self._dialect = dialect_of(db)
+        self._upsert_battery = _UPSERT_BATTERY[self._dialect]
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **options: Any) -> PassportStore:
@@ -231,22 +301,41 @@ class PassportStore:
 
     def apply(self, ops: PassportOps) -> None:
         """Everything in one transaction: the battery rows (maxima never go down), stays
-        begun, then stays ended (a stay may begin and end within one batch)."""
+        begun (and the stays before them ended), stays ended (a stay may begin and end
+        within one batch), where each pack is now, its events and flags. Merges the same in
+        any order with another writer's (module docstring)."""
+        began = [{"b_serial": s} for s in dict.fromkeys(o[0] for o in ops.opened)]
+        moved = dict.fromkeys([*(o[0] for o in ops.opened), *(c[1] for c in ops.closed)])
+        flagged = [{"b_serial": s} for s in dict.fromkeys(f[2] for f in ops.flags)]
         self._db.transaction(
             [
-                (self._upsert_battery, _named(_BATTERY_KEYS, [(s, *r) for s, r in ops.batteries.items()])),
+                # by serial: two partitions' writers lock the rows they share in one order
+                (self._upsert_battery, _named(_BATTERY_KEYS, [(s, *r) for s, r in sorted(ops.batteries.items())])),
                 (_OPEN_STAY, _named(("serial", "device_id", "slot", "from_ms"), ops.opened)),
+                (_CLOSE_BEFORE_NEXT, began),
                 (_CLOSE_STAY, _named(("b_to_ms", "b_serial", "b_device_id", "b_slot", "b_from_ms"), ops.closed)),
+                (_PLACE, [{"b_serial": s} for s in moved]),
                 (_EVENT, _named(_EVENT_KEYS, ops.events)),
                 (_FLAG, _named(("b_at", "b_reason", "b_serial"), ops.flags)),
+                (_NOTIFY_FLAG, flagged if self._dialect == "postgresql" else []),
             ]
         )  # fmt: skip
 
-    def restore(self) -> Restored:
-        flagged = {str(r[0]): (r[1], r[2]) for r in self._db.query(_FLAGGED)}
+    def flagged(self) -> dict[str, tuple[int | None, str | None]]:
+        """The flagged packs: serial -> (flagged at, reason)."""
+        return {str(r[0]): (r[1], r[2]) for r in self._db.query(_FLAGGED)}
+
+    def restore(self, devices: Collection[str] | None = None) -> Restored:
+        """Every flagged pack, and the packs in a slot: of ``devices`` only when given."""
+        flagged = self.flagged()
+        if devices is not None and self._dialect == "postgresql":
+            rows = self._db.query(_PLACED_IN, {"b_devices": sorted(devices)})
+        else:
+            rows = self._db.query(_PLACED)
         placed = [
             (str(r[0]), str(r[1]), int(r[2]), int(r[3]), r[4], r[5])
-            for r in self._db.query(_PLACED)
+            for r in rows
+            if devices is None or r[1] in devices
         ]
         return Restored(flagged, placed)
 
@@ -274,7 +363,9 @@ class PassportStore:
             "flagged_at_ms": rows[0][1],
             "flag_reason": rows[0][2],
         }
-        self._db.transaction([(_CLEARANCE, [clearance]), (_UNFLAG, [{"b_serial": serial}])])
+        key = [{"b_serial": serial}]
+        notify = key if self._dialect == "postgresql" else []  # the workers drop the flag
+        self._db.transaction([(_CLEARANCE, [clearance]), (_UNFLAG, key), (_NOTIFY_FLAG, notify)])
         return True
 
     def passport(self, serial: str) -> dict[str, Any] | None:

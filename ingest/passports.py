@@ -15,6 +15,12 @@ lock is logged and counted as unsent). The rider API never counts a flagged pack
 (``flagged`` is read by ``api.snapshots.StationViews``). A maintainer clears a flag with a
 note (``clear``).
 
+In the cluster (``ingest.worker_passports``) each partition runs an index of its own over
+its cabinets (``devices``), and the flagged set is every partition's: ``adopt_flags`` takes
+the flags as PostgreSQL has them (raised in other partitions, cleared on any API replica),
+keeping those raised here that the read could not see yet (``flushes`` marks which), and
+catches a pack that arrived here before its flag's notice.
+
 Memory is bounded by the district: the occupant of every slot and the flagged serials;
 everything else is on disk (``ingest.passport_store``), written in batches by the
 ``passports`` task, so ingest never waits for it. Cost: ~10 us per status of a 12-slot
@@ -108,6 +114,31 @@ def valid_serial(serial: str) -> bool:
     return _SERIAL.match(serial) is not None
 
 
+class PassportMetrics:
+    """The passports' counters: one set per process (the partitions of a worker share it,
+    so a partition that moves to another worker does not take its counts along)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry
+        self.refused = Counter(
+            "chargewatch_battery_serials_refused",
+            "Serials from devices not indexed (not 1-64 printable characters)",
+            registry=r,
+        )
+        self.flagged = Counter(
+            "chargewatch_batteries_flagged", "Packs flagged by a safety event", registry=r
+        )
+        self.locks = Counter(
+            "chargewatch_battery_locks",
+            "lock_battery commands for flagged packs, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.write_errors = Counter(
+            "chargewatch_passport_write_errors", "Failed passport writes (retried)", registry=r
+        )
+
+
 class Passports:
     def __init__(
         self,
@@ -117,6 +148,8 @@ class Passports:
         lock_flagged: bool = True,
         clock: Callable[[], int] = now_ms,
         registry: CollectorRegistry | None = None,
+        metrics: PassportMetrics | None = None,
+        devices: Collection[str] | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -132,33 +165,31 @@ class Passports:
         self._first_seen: dict[str, int] = {}  # serials new since the last write
         self._ops = PassportOps()
         self._wake = asyncio.Event()
-        r = registry
-        self.m_refused = Counter(
-            "chargewatch_battery_serials_refused",
-            "Serials from devices not indexed (not 1-64 printable characters)",
-            registry=r,
-        )
-        self.m_flagged = Counter(
-            "chargewatch_batteries_flagged", "Packs flagged by a safety event", registry=r
-        )
-        self.m_locks = Counter(
-            "chargewatch_battery_locks",
-            "lock_battery commands for flagged packs, by outcome",
-            ["outcome"],
-            registry=r,
-        )
-        self.m_write_errors = Counter(
-            "chargewatch_passport_write_errors", "Failed passport writes (retried)", registry=r
-        )
+        # the cabinets whose slots this index keeps (None: the catalog's; a partition's own)
+        self.devices = None if devices is None else set(devices)
+        # flags made here and not known to be written yet, and the flush that wrote each
+        # (``adopt_flags`` keeps those a reload read before they were written)
+        self._unwritten: set[str] = set()
+        self._written_in: dict[str, int] = {}
+        self.flushes = 0  # flushes done (the mark of ``adopt_flags``)
+        self._writing: asyncio.Future[None] | None = None  # the write under way, or the last
+        self._flushing = asyncio.Lock()
+        m = metrics or PassportMetrics(registry)
+        self.m_refused, self.m_flagged = m.refused, m.flagged
+        self.m_locks, self.m_write_errors = m.locks, m.write_errors
 
     def restore(self) -> None:
         """Blocking: the flagged serials and the packs in slots, as stored."""
-        restored = self.store.restore()
-        self.flagged = {s: Flag(at, why) for s, (at, why) in restored.flagged.items()}
+        restored = self.store.restore(self.devices)
+        self.flagged.clear()  # in place: the alert engine holds this mapping
+        self.flagged.update((s, Flag(at, why)) for s, (at, why) in restored.flagged.items())
         for serial, device_id, slot, since, max_temp, max_rise in restored.placed:
-            if device_id in self.catalog.devices:
+            if device_id in self.catalog.devices and self._keeps(device_id):
                 self._slots[(device_id, slot)] = _Stay(serial, since, max_temp, max_rise)
                 self._where[serial] = (device_id, slot)
+
+    def _keeps(self, device_id: str) -> bool:
+        return self.devices is None or device_id in self.devices
 
     # -- reading -------------------------------------------------------------------------
 
@@ -241,10 +272,12 @@ class Passports:
         self._ops.opened.append((serial, key[0], key[1], at_ms))
         self._dirty(serial)
         if serial in self.flagged:
-            self._flagged_appears(twin, key, serial, at_ms)
+            self._flagged_appears(twin.station_id, key, serial, at_ms)
         return stay
 
-    def _flagged_appears(self, twin: Twin, key: tuple[str, int], serial: str, at_ms: int) -> None:
+    def _flagged_appears(
+        self, station_id: str, key: tuple[str, int], serial: str, at_ms: int
+    ) -> None:
         device_id, slot = key
         flag = self.flagged[serial]
         info = f"flagged battery {serial} in slot {slot}"
@@ -253,7 +286,7 @@ class Passports:
         alert_id = None
         if self.alerts is not None:
             obs = Observation(
-                Key(twin.station_id, device_id, slot, "flagged_battery", serial),
+                Key(station_id, device_id, slot, "flagged_battery", serial),
                 "critical",
                 info=info,
                 auto_resolve=False,
@@ -358,6 +391,7 @@ class Passports:
                 self.m_flagged.inc()
                 self._dirty(serial)
                 self._ops.flags.append((at, kind, serial))
+                self._unwritten.add(serial)
                 self._lock(key[0], key[1], f"battery {serial}: {kind}")
                 for callback in self.on_flag_change:
                     callback(key[0])
@@ -372,11 +406,47 @@ class Passports:
             self.store.clear, serial, self.clock(), actor_id, actor_name, note
         )
         if self.flagged.pop(serial, None) is not None or cleared:
-            where = self._where.get(serial)
-            if where is not None:
-                for callback in self.on_flag_change:
-                    callback(where[0])
+            self._flag_changed(serial)
         return cleared
+
+    # -- the other partitions' flags (ingest.worker_passports) ------------------------------
+
+    def adopt_flags(self, stored: Mapping[str, Flag], mark: int) -> None:
+        """The flagged packs as the database had them when a read began (``mark``: our
+        ``flushes`` then): flags raised in other partitions are ours too, and flags cleared
+        by a maintainer (on any replica) are gone. A flag this index raised itself is kept
+        when that read could not see it yet (written after ``mark``, or not yet).
+
+        A pack newly known as flagged that sits in one of our slots since after it was
+        flagged (it was carried here from the cabinet where it overheated, and arrived
+        before the flag's notice) is handled as if it appeared now: ``flagged_battery``
+        and ``lock_battery``. One that sat here since before its flag is our stale view of
+        a pack that left without our cabinet saying so yet: nothing is done."""
+        for serial in [s for s in self.flagged if s not in stored]:
+            if serial in self._unwritten or self._written_in.get(serial, -1) > mark:
+                continue
+            del self.flagged[serial]
+            log.info("battery %s: its flag was cleared", serial)
+            self._flag_changed(serial)
+        for serial, flag in stored.items():
+            if serial in self.flagged:
+                continue
+            self.flagged[serial] = flag
+            where = self._where.get(serial)
+            stay = self._slots.get(where) if where is not None else None
+            if where is None or stay is None or flag.at_ms is None or stay.since_ms < flag.at_ms:
+                continue
+            device = self.catalog.devices.get(where[0])
+            if device is not None:
+                self._flagged_appears(device.station_id, where, serial, self.clock())
+                self._wake.set()
+        self._written_in = {s: n for s, n in self._written_in.items() if n > mark}
+
+    def _flag_changed(self, serial: str) -> None:
+        where = self._where.get(serial)
+        if where is not None:
+            for callback in self.on_flag_change:
+                callback(where[0])
 
     # -- writing -------------------------------------------------------------------------
 
@@ -395,11 +465,24 @@ class Passports:
             await asyncio.sleep(delay)
 
     async def flush(self) -> None:
-        """Write what is pending now; on failure it stays pending (retried, counted)."""
-        ops, self._ops = self._ops, PassportOps()
-        self._first_seen.clear()
-        if not len(ops):
-            return
+        """Write what is pending now; on failure it stays pending (retried, counted). A
+        flush cancelled while its thread writes (the writer task stopped) lets that write
+        finish on its own; the next flush waits for it first, so writes never overlap and
+        the store is closed only once none is under way. One flush at a time: a flush that
+        returns has written everything pending when it was called (the writer task's
+        included)."""
+        async with self._flushing:
+            if self._writing is not None:
+                await asyncio.gather(self._writing, return_exceptions=True)
+            ops, self._ops = self._ops, PassportOps()
+            self._first_seen.clear()
+            if not len(ops):
+                return
+            self._writing = asyncio.ensure_future(self._write(ops))
+            self._writing.add_done_callback(_retrieved)
+            await asyncio.shield(self._writing)
+
+    async def _write(self, ops: PassportOps) -> None:
         try:
             await asyncio.to_thread(self.store.apply, ops)
         except StoreError:
@@ -412,3 +495,16 @@ class Passports:
                 del ops.closed[: len(ops.closed) // 2]
             self._wake.set()
             raise
+        self.flushes += 1
+        again = {f[2] for f in self._ops.flags}  # flagged anew since (cleared meanwhile)
+        for _, _, serial in ops.flags:
+            if serial not in again:
+                self._unwritten.discard(serial)
+            self._written_in[serial] = self.flushes
+
+
+def _retrieved(write: asyncio.Future[None]) -> None:
+    """A write's failure is logged and kept pending by ``_write``: not an unretrieved error
+    when the flush that started it was cancelled."""
+    if not write.cancelled():
+        write.exception()

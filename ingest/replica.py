@@ -27,8 +27,7 @@ Actions (acknowledge, resolve, notes, riders' reports, work orders, commands) ar
 the worker that owns the station (``ingest.actions``), which applies them to the partition's
 alert engine, work orders and commands as ``serve`` would: the replica waits for the outcome,
 woken by the same listener, and answers 503 with the reason when no worker takes it in
-time. Clearing a battery's flag is not served here yet (``Unavailable``): the passports'
-flags live in the ingest workers.
+time.
 
 Webhook subscriptions are read, added and removed in PostgreSQL directly (``AlertStore``),
 with serve's checks and answers (``notify.new_subscription``, ``Subscription.view``: the
@@ -38,9 +37,18 @@ secret only in the answer to the creation); each add and remove NOTIFYs
 rows as the workers last saved them; a subscription's ``pending`` counts its pending rows
 (of every worker), its other counters are those the workers' notifiers last saved.
 
-Flagged packs (never a ready battery) are read from the passports at each full refresh and
-whenever new alert events arrive (a pack is flagged as its safety alert opens); the
-cabinets of packs flagged or cleared since are recomputed.
+Clearing a battery's flag is not queued: a flag belongs to no partition (the pack may be in
+any cabinet, or in none), so the replica writes the clearance itself
+(``PassportStore.clear``: the clearance row, the flag dropped and a NOTIFY of
+``passport_store.FLAGS_CHANNEL``, in one transaction); every worker LISTENs there and drops
+the flag from its partitions' indexes (``ingest.worker_passports``). The answer is
+``serve``'s: the passport, 409 when the pack is not flagged, 404 when it was never seen.
+
+Flagged packs (never a ready battery) are read from the passports at each full refresh,
+on each NOTIFY of ``FLAGS_CHANNEL`` (a flag a worker wrote, a clearance on any replica),
+whenever new alert events arrive (a pack is flagged as its safety alert opens), and right
+after this replica cleared one; the cabinets of packs flagged or cleared since are
+recomputed.
 
 ``/readyz`` problems: the database unreachable (the listener is not connected, or the last
 refresh failed), and the read model stale (no refresh for ``stale_s``).
@@ -97,7 +105,7 @@ from ingest.config import IngestConfig
 from ingest.db import migrate, registry
 from ingest.db.database import PgDatabase
 from ingest.db.schema import twins as twins_table
-from ingest.passport_store import PassportStore
+from ingest.passport_store import FLAGS_CHANNEL, PassportStore
 from ingest.pg_store import TWINS_CHANNEL, PostgresStore
 from ingest.pipeline import Twins
 from ingest.readside import JSON, Actions, ReadSide, Unavailable, now_ms
@@ -125,11 +133,6 @@ EVENTS_LOOKBACK = 1000
 commits after a higher id from another writer is still fanned out (once: ``_seen``)."""
 SEEN_KEPT = 10_000
 FLAGGED_PAGE = 1000
-
-_PASSPORT_CLEARING_ELSEWHERE = (
-    "clearing a battery's flag is not served by API replicas yet (the passports' flags live"
-    " in the ingest workers)"
-)
 
 
 _S = TypeVar("_S")
@@ -228,6 +231,7 @@ class ReplicaReadSide:
         self._flagged: set[str] = set()  # flagged packs' serials (battery passports)
         self._flagged_in: dict[str, str | None] = {}  # their cabinets, as last read
         self._flag_listeners: list[Callable[[str], None]] = []
+        self._flags_stale = False  # a NOTIFY of FLAGS_CHANNEL not read yet
         self._in_flight: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -416,7 +420,7 @@ class ReplicaReadSide:
             libpq_url(self.url), autocommit=True, connect_timeout=5
         )
         async with conn:
-            for channel in (TWINS_CHANNEL, ALERTS_CHANNEL, ACTION_DONE_CHANNEL):
+            for channel in (TWINS_CHANNEL, ALERTS_CHANNEL, ACTION_DONE_CHANNEL, FLAGS_CHANNEL):
                 await conn.execute(f"LISTEN {channel}")
             self._listening = True
             self._listen_error = None
@@ -450,6 +454,9 @@ class ReplicaReadSide:
     def _noticed(self, channel: str, payload: str) -> None:
         if channel == ALERTS_CHANNEL:
             self._alerts_notice.set()
+        elif channel == FLAGS_CHANNEL:
+            self._flags_stale = True
+            self._alerts_notice.set()  # the same task reads them
         elif channel == ACTION_DONE_CHANNEL and self._actions is not None:
             try:
                 self._actions.notice(int(payload))
@@ -467,7 +474,8 @@ class ReplicaReadSide:
                 pass
             self._alerts_notice.clear()
             try:
-                if await self._fan_out_events():
+                flags_stale, self._flags_stale = self._flags_stale, False
+                if await self._fan_out_events() or flags_stale:
                     await self._refresh_flags()  # a pack is flagged as its alert opens
             except StoreError as exc:
                 log.warning("alert events not read: %s", exc)
@@ -833,7 +841,12 @@ class ReplicaReadSide:
         return CommandRecord.from_row(tuple(done["command"]))
 
     async def clear_battery(self, serial: str, actor_id: str, actor_name: str, note: str) -> bool:
-        raise Unavailable(_PASSPORT_CLEARING_ELSEWHERE)
+        """Written here, heard by the workers (module docstring); False: not flagged."""
+        store = _store_of(self._passport_store)
+        cleared = await self._thread(store.clear, serial, now_ms(), actor_id, actor_name, note)
+        if cleared:
+            await self._refresh_flags()  # its cabinet counts the pack as ready again
+        return cleared
 
 
 def as_read_and_act(side: ReplicaReadSide) -> tuple[ReadSide, Actions]:

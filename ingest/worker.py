@@ -13,8 +13,9 @@ store that fails detaches the session (the broker delivers again what was not ac
 tries again after a capped backoff.
 
 The consumer of ``chargewatch ingest`` is ``ingest.partition_consumer.PipelineConsumer``
-(the pipeline over the partition's devices, written to PostgreSQL under the fence, and the
-partition's alerts, work orders and remote commands); the session is handed to it while it
+(the pipeline over the partition's devices, written to PostgreSQL under the fence, with the
+partition's alerts, work orders, remote commands and battery passports:
+``ingest.worker_alerts``, ``ingest.worker_passports``); the session is handed to it while it
 is up (``Consumer.attach``): the partition's commands are published on it. The
 device registry is followed by LISTEN on ``ingest.db.registry.CHANNEL`` (``follow_registry``):
 a device added there is known to its partition's consumer and subscribed without a restart.
@@ -69,6 +70,7 @@ from ingest.pg_store import PostgresStore
 from ingest.store import HistoryStore
 from ingest.unknown_devices import WATCH_PARTITION, UnknownDevices
 from ingest.worker_alerts import WorkerAlerts, alerts_config, commands_config
+from ingest.worker_passports import WorkerPassports, lock_flagged_setting
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +459,7 @@ class IngestArgs:
     lease_timeout_s: float
     alerts: AlertsConfig
     commands: CommandsConfig = field(default_factory=CommandsConfig)
+    lock_flagged: bool = True
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -500,6 +503,7 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
         lease_timeout_s=lease_s,
         alerts=alerts_config(),
         commands=commands_config(),
+        lock_flagged=lock_flagged_setting(),
     )
 
 
@@ -553,6 +557,7 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                 metrics=metrics,
                 history=history,
                 alerts=alerts,
+                passports=passports,
             )
 
         worker = Worker(
@@ -583,6 +588,7 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                 return registry.load_catalog(conn)
 
         alerts: WorkerAlerts | None = None
+        passports: WorkerPassports | None = None
         async with contextlib.AsyncExitStack() as stack:
             if a.alerts.enabled:  # its claims of webhook deliveries run out like the leases
                 alerts = await stack.enter_async_context(
@@ -595,6 +601,10 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                         registry=worker.metrics.registry,
                     )
                 )
+            # battery passports: each partition's index, the flags shared by every worker
+            passports = await stack.enter_async_context(
+                WorkerPassports(a.db, lock_flagged=a.lock_flagged, registry=worker.metrics.registry)
+            )
             async with worker:
                 log.info("worker %s: %d partitions, broker %s", a.worker, a.partitions, a.broker)
                 async with asyncio.TaskGroup() as tg:

@@ -350,3 +350,29 @@ async def test_a_flag_lost_in_a_crash_is_taken_up_again_from_the_open_alert(
         assert await passports.clear("L-1", "k1", "li-wei", "replaced the cell")
         assert await passports.reconcile(list(engine.by_id.values()), ip.ingest.twins.by_id) == 0
         assert "L-1" not in passports.flagged
+
+
+async def test_a_read_of_the_flags_keeps_one_it_could_not_see_and_drops_a_cleared_one(
+    tmp_path: Path,
+) -> None:
+    """``adopt_flags`` (the cluster's reload of the flagged set): a flag raised here that the
+    read could not see yet (not written, or written after the read began) is kept; once a
+    read that began after its write lacks it, a maintainer cleared it elsewhere: dropped,
+    also from the alert engine's view (the same mapping)."""
+    async with in_process(tmp_path, alerts=True, passports=True) as ip:
+        passports, engine = ip.ingest.passports, ip.ingest.alerts
+        assert passports is not None
+        assert engine is not None
+        feed = Feed(ip.ingest)
+        feed.born(CAB1)
+        before = passports.flushes  # a read that began before the flag
+        feed.status(CAB1, {2: {"battery": "K-1", "temp_c": 80.0}})
+        assert "K-1" in passports.flagged
+        passports.adopt_flags({}, before)
+        assert "K-1" in passports.flagged
+        await passports.flush()
+        passports.adopt_flags({}, before)  # that read's answer came after the write
+        assert "K-1" in passports.flagged
+        passports.adopt_flags({}, passports.flushes)
+        assert "K-1" not in passports.flagged
+        assert "K-1" not in engine.flagged_batteries

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest.db import migrate
 from ingest.passport_store import PassportOps, PassportStore
 from tests.db.engines import ENGINES, open_database
 
@@ -51,6 +52,8 @@ def test_flags_events_restore_and_clearance(store: PassportStore) -> None:
     ops = PassportOps()
     ops.batteries["B1"] = (1000, "cab-1", 3, 1000, 70.0, 4.0)
     ops.batteries["B2"] = (1100, "cab-1", 4, 1100, None, None)
+    # where a pack is comes from its open stay (as ``Passports`` writes them)
+    ops.opened += [("B1", "cab-1", 3, 1000), ("B2", "cab-1", 4, 1100)]
     ops.events.append(("B1", "overheat", 41, 2000, "cab-1", 3, "70 C"))
     ops.events.append(("B2", "smoke", 42, 2100, "cab-1", 4, None))
     ops.flags.append((2000, "overheat", "B1"))
@@ -61,6 +64,9 @@ def test_flags_events_restore_and_clearance(store: PassportStore) -> None:
         ("B1", "cab-1", 3, 1000, 70.0, 4.0),
         ("B2", "cab-1", 4, 1100, None, None),
     ]
+    assert sorted(store.restore(["cab-1"]).placed) == sorted(restored.placed)  # a partition's
+    assert store.restore(["cab-2"]) == type(restored)(restored.flagged, [])
+    assert store.restore([]).placed == []
     assert store.alerts_recorded([]) == set()
     many = [*range(1000, 1300), 42]  # more ids than one statement takes
     assert store.alerts_recorded(many) == {("B2", 42)}
@@ -110,3 +116,95 @@ def test_batteries_page_by_serial_and_filter_by_flag(store: PassportStore) -> No
     flagged = store.batteries(flagged=True, after="B1", limit=10)
     assert [(b["serial"], b["flagged"]) for b in flagged] == [("B3", True)]
     assert len(store.batteries(flagged=False, after=None, limit=10)) == 3
+
+
+def _moves(serial: str) -> dict[str, PassportOps]:
+    """What two partitions write about one pack (cluster, issue 13): it sat in cab-A slot 3
+    (partition 1) from 1000, was flagged there at 2000, was carried to cab-B slot 1
+    (partition 2) at 5000 and flagged there by smoke at 6000; cab-A reported its slot empty
+    only at 9000 (late: partition 1 closes the stay then). Each partition writes its own
+    batches in order; the two partitions' batches interleave in any order."""
+    a1, a2, b1 = PassportOps(), PassportOps(), PassportOps()
+    a1.batteries[serial] = (1000, "cab-A", 3, 1000, 40.0, None)
+    a1.opened.append((serial, "cab-A", 3, 1000))
+    a1.events.append((serial, "temperature_high", 41, 2000, "cab-A", 3, "71"))
+    a1.flags.append((2000, "temperature_high", serial))
+    a2.batteries[serial] = (1000, None, None, None, 71.0, 2.5)  # it left, as partition 1 saw
+    a2.closed.append((9000, serial, "cab-A", 3, 1000))
+    b1.batteries[serial] = (5000, "cab-B", 1, 5000, 30.0, None)  # first seen by partition 2
+    b1.opened.append((serial, "cab-B", 1, 5000))
+    b1.events.append((serial, "smoke", 42, 6000, "cab-B", 1, None))
+    b1.flags.append((6000, "smoke", serial))
+    return {"a1": a1, "a2": a2, "b1": b1}
+
+
+@pytest.mark.parametrize("order", [("a1", "a2", "b1"), ("a1", "b1", "a2"), ("b1", "a1", "a2")])
+def test_two_partitions_writes_about_one_pack_merge_in_any_order(
+    store: PassportStore, order: tuple[str, str, str]
+) -> None:
+    ops = _moves("X1")
+    for name in order:
+        store.apply(ops[name])
+    p = store.passport("X1")
+    assert p is not None
+    # where it is: its latest stay (cab-B); first seen by the earlier partition; the maxima
+    assert (p["device_id"], p["slot"], p["since_ms"]) == ("cab-B", 1, 5000)
+    assert p["first_seen_ms"] == 1000
+    assert (p["max_temp_c"], p["max_rise_c_per_min"]) == (71.0, 2.5)
+    # flagged since the first safety event, whichever partition's write came first
+    assert (p["flagged"], p["flagged_at_ms"], p["flag_reason"]) == (True, 2000, "temperature_high")
+    # cab-A's stay ended when the pack was in cab-B, not when cab-A noticed
+    assert p["stays"] == [
+        {"device_id": "cab-B", "slot": 1, "from_ms": 5000, "to_ms": None},
+        {"device_id": "cab-A", "slot": 3, "from_ms": 1000, "to_ms": 5000},
+    ]
+    assert sorted(e["alert_id"] for e in p["events"]) == [41, 42]
+    assert store.restore().placed == [("X1", "cab-B", 1, 5000, 71.0, 2.5)]
+
+
+def test_a_late_arrival_written_after_the_pack_moved_on_does_not_place_it(
+    store: PassportStore,
+) -> None:
+    """Partition 1 lags: its arrival of the pack in cab-A (at 1000) is written after
+    partition 2 saw the pack come to cab-B (5000) and leave it (8000)."""
+    b = PassportOps()
+    b.batteries["X2"] = (5000, None, None, None, None, None)
+    b.opened.append(("X2", "cab-B", 1, 5000))
+    b.closed.append((8000, "X2", "cab-B", 1, 5000))
+    store.apply(b)
+    a = PassportOps()
+    a.batteries["X2"] = (1000, "cab-A", 3, 1000, None, None)
+    a.opened.append(("X2", "cab-A", 3, 1000))
+    store.apply(a)
+    p = store.passport("X2")
+    assert p is not None
+    assert (p["device_id"], p["slot"], p["since_ms"], p["first_seen_ms"]) == (
+        None, None, None, 1000)  # fmt: skip
+    assert [(s["device_id"], s["to_ms"]) for s in p["stays"]] == [("cab-B", 8000), ("cab-A", 5000)]
+    assert store.restore().placed == []
+
+
+def test_flags_and_clearances_are_announced_on_postgresql(pg_url: str) -> None:
+    """The workers LISTEN on ``FLAGS_CHANNEL``: a flag written and a flag cleared NOTIFY it
+    (at commit), a write without a flag does not."""
+    import psycopg
+
+    from ingest.passport_store import FLAGS_CHANNEL
+
+    migrate.upgrade(pg_url)
+    s = PassportStore.on_postgresql(pg_url)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"LISTEN {FLAGS_CHANNEL}")
+            quiet = PassportOps()
+            quiet.batteries["N1"] = (1000, None, None, None, 20.0, None)
+            s.apply(quiet)
+            flag = PassportOps()
+            flag.batteries["N1"] = (1000, None, None, None, 90.0, None)
+            flag.flags.append((2000, "temperature_high", "N1"))
+            s.apply(flag)
+            assert s.clear("N1", 3000, "k1", "ops", "checked")
+            heard = [n.payload for n in conn.notifies(timeout=0.5)]
+        assert heard == ["N1", "N1"]
+    finally:
+        s.close()
