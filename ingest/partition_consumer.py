@@ -135,6 +135,14 @@ class PipelineConsumer:
             await self._start_alerts(self.pipeline)
         if self.passports is not None:  # a flagged pack's lock_battery; None: logged, unsent
             self.passports.sender = self.commands
+            # flagged packs in our slots that nobody announced (a previous owner died before
+            # the flag's notice): their flagged_battery and lock now; an unresolved one stands
+            announced = self.passports.announce_flagged()
+            if announced:
+                log.info(
+                    "partition %d: %d flagged packs in its slots announced",
+                    self.partition, announced,
+                )  # fmt: skip
 
     async def _start_alerts(self, pipeline: Pipeline) -> None:
         assert self.alerts is not None

@@ -40,6 +40,7 @@ from typing import Any
 from sqlalchemy import (
     bindparam,
     case,
+    exists,
     func,
     insert,
     literal_column,
@@ -56,6 +57,10 @@ from ingest.db.schema import battery, battery_clearances, battery_events, batter
 from ingest.sqlite_db import SQLiteDB
 
 DB_FILE = "chargewatch.db"  # the same file as ingest.sqlite_store
+
+APPEARED = "appeared"
+"""The event kind of a flagged pack appearing in a slot (its ``flagged_battery`` alert):
+every other kind is a safety event, which flags the pack where it sits."""
 
 FLAGS_CHANNEL = "cw_battery_flags"
 """NOTIFY of a pack flagged or cleared (PostgreSQL): the payload is its serial."""
@@ -106,6 +111,8 @@ class Restored:
 
     flagged: dict[str, tuple[int | None, str | None]]  # serial -> (flagged at, reason)
     placed: list[tuple[str, str, int, int, float | None, float | None]]  # serial, dev, slot, since
+    # the placed flagged packs that a safety event flagged where they sit, in this stay
+    flagged_here: frozenset[str] = frozenset()
 
 
 _B = battery.c
@@ -220,6 +227,38 @@ _NOTIFY_FLAG = select(func.pg_notify(literal_column(f"'{FLAGS_CHANNEL}'"), bindp
 _FLAGGED = select(_B.serial, _B.flagged_at_ms, _B.flag_reason).where(
     _B.flagged == literal_column("1")
 )
+_LATEST = battery_stays.alias("latest")
+
+
+def _latest_stay(column: str) -> Any:
+    """``column`` of the pack's latest stay, ended or not (``stays_by_serial``), or NULL."""
+    return (
+        select(_LATEST.c[column])
+        .where(_LATEST.c.serial == _B.serial)
+        .order_by(_LATEST.c.from_ms.desc(), _LATEST.c.id.desc())
+        .limit(literal_column("1"))
+        .offset(_NONE)
+        .scalar_subquery()
+    )
+
+
+_FLAGGED_WHERE = select(
+    _B.serial, _B.flagged_at_ms, _B.flag_reason,
+    _latest_stay("device_id"), _latest_stay("slot"), _latest_stay("from_ms"),
+).where(_B.flagged == literal_column("1"))  # fmt: skip
+_HERE = battery_events.alias("here")
+# flagged packs in a slot that a safety event flagged there, since their stay there began
+_FLAGGED_HERE = select(_B.serial, _B.device_id).where(
+    _B.flagged == literal_column("1"),
+    _B.device_id.is_not(None),
+    exists().where(
+        _HERE.c.serial == _B.serial,
+        _HERE.c.device_id == _B.device_id,
+        _HERE.c.slot == _B.slot,
+        _HERE.c.at_ms >= _B.since_ms,
+        _HERE.c.kind != literal_column(f"'{APPEARED}'"),
+    ),
+)
 _PLACED = select(
     _B.serial, _B.device_id, _B.slot, _B.since_ms, _B.max_temp_c, _B.max_rise_c_per_min
 ).where(_B.device_id.is_not(None))
@@ -325,9 +364,25 @@ class PassportStore:
         """The flagged packs: serial -> (flagged at, reason)."""
         return {str(r[0]): (r[1], r[2]) for r in self._db.query(_FLAGGED)}
 
+    def flagged_where(
+        self,
+    ) -> dict[str, tuple[int | None, str | None, tuple[str, int, int] | None]]:
+        """The flagged packs in one read, each with its latest stay whether ended or not
+        (the cabinet that saw it last, in any partition): serial -> (flagged at, reason,
+        (device, slot, from) or None when it was never in a slot)."""
+        return {
+            str(r[0]): (r[1], r[2], None if r[3] is None else (str(r[3]), int(r[4]), int(r[5])))
+            for r in self._db.query(_FLAGGED_WHERE)
+        }
+
     def restore(self, devices: Collection[str] | None = None) -> Restored:
-        """Every flagged pack, and the packs in a slot: of ``devices`` only when given."""
+        """Every flagged pack, and the packs in a slot: of ``devices`` only when given; and
+        which of those that are flagged were flagged by a safety event where they sit (in
+        their stay there: announced by that alert, and locked)."""
         flagged = self.flagged()
+        here = frozenset(
+            str(r[0]) for r in self._db.query(_FLAGGED_HERE) if devices is None or r[1] in devices
+        )
         if devices is not None and self._dialect == "postgresql":
             rows = self._db.query(_PLACED_IN, {"b_devices": sorted(devices)})
         else:
@@ -337,7 +392,7 @@ class PassportStore:
             for r in rows
             if devices is None or r[1] in devices
         ]
-        return Restored(flagged, placed)
+        return Restored(flagged, placed, here)
 
     def alerts_recorded(self, alert_ids: list[int]) -> set[tuple[str, int]]:
         """(serial, alert id) of the recorded safety events among ``alert_ids``."""

@@ -44,7 +44,7 @@ from devices.catalog import Catalog
 from devices.contract import CabinetStatus, Event, Message
 from ingest import StoreError
 from ingest.alerts.model import Alert, Key, Observation
-from ingest.passport_store import PassportOps, PassportStore
+from ingest.passport_store import APPEARED, PassportOps, PassportStore
 from ingest.readside import SERIAL_PATTERN
 from ingest.twins import Twin
 
@@ -78,7 +78,11 @@ class CommandSender(Protocol):
 
 
 class AlertRaiser(Protocol):
-    """The alert engine's door for a condition raised now (``AlertEngine.raise_now``)."""
+    """The alert engine's door for a condition raised now (``AlertEngine.raise_now``), and
+    its unresolved alerts by condition (``AlertEngine.open``)."""
+
+    @property
+    def open(self) -> Mapping[Key, Alert]: ...
 
     def raise_now(self, obs: Observation) -> Alert: ...
 
@@ -91,6 +95,7 @@ class _Stay:
     max_rise: float | None = None
     ref_temp: float | None = None  # the reading a rise is measured from
     ref_ms: int = 0
+    flagged_here: bool = False  # a safety event here flagged it, in this stay
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +190,9 @@ class Passports:
         self.flagged.update((s, Flag(at, why)) for s, (at, why) in restored.flagged.items())
         for serial, device_id, slot, since, max_temp, max_rise in restored.placed:
             if device_id in self.catalog.devices and self._keeps(device_id):
-                self._slots[(device_id, slot)] = _Stay(serial, since, max_temp, max_rise)
+                stay = _Stay(serial, since, max_temp, max_rise)
+                stay.flagged_here = serial in restored.flagged_here
+                self._slots[(device_id, slot)] = stay
                 self._where[serial] = (device_id, slot)
 
     def _keeps(self, device_id: str) -> bool:
@@ -294,7 +301,7 @@ class Passports:
             alert_id = self.alerts.raise_now(obs).id
         else:
             log.warning("%s at %s: alerts are disabled, no alert opened", info, device_id)
-        self._ops.events.append((serial, "appeared", alert_id, at_ms, device_id, slot, info))
+        self._ops.events.append((serial, APPEARED, alert_id, at_ms, device_id, slot, info))
         self._lock(device_id, slot, f"flagged battery {serial}")
         for callback in self.on_flag_change:
             callback(device_id)
@@ -386,6 +393,9 @@ class Passports:
         detail = None if alert.last_value is None else f"{alert.last_value:g}"
         for key, serial in packs:
             self._ops.events.append((serial, kind, alert.id, at, key[0], key[1], detail))
+            stay = self._slots.get(key)
+            if stay is not None and stay.serial == serial:
+                stay.flagged_here = True  # announced by this alert, locked below
             if serial not in self.flagged:
                 self.flagged[serial] = Flag(at, kind)
                 self.m_flagged.inc()
@@ -411,17 +421,26 @@ class Passports:
 
     # -- the other partitions' flags (ingest.worker_passports) ------------------------------
 
-    def adopt_flags(self, stored: Mapping[str, Flag], mark: int) -> None:
+    def adopt_flags(
+        self,
+        stored: Mapping[str, Flag],
+        mark: int,
+        last_stays: Mapping[str, tuple[str, int, int]] | None = None,
+    ) -> None:
         """The flagged packs as the database had them when a read began (``mark``: our
         ``flushes`` then): flags raised in other partitions are ours too, and flags cleared
         by a maintainer (on any replica) are gone. A flag this index raised itself is kept
         when that read could not see it yet (written after ``mark``, or not yet).
 
-        A pack newly known as flagged that sits in one of our slots since after it was
-        flagged (it was carried here from the cabinet where it overheated, and arrived
-        before the flag's notice) is handled as if it appeared now: ``flagged_battery``
-        and ``lock_battery``. One that sat here since before its flag is our stale view of
-        a pack that left without our cabinet saying so yet: nothing is done."""
+        A pack newly known as flagged that sits in one of our slots is announced there
+        (``announce_flagged``'s invariant): ``flagged_battery`` and ``lock_battery``, unless
+        its alert there is unresolved already. Whether it arrived before or after its flag
+        does not matter (carried here from the cabinet where it overheated before the flag's
+        notice; or here already when another partition, whose cabinet had not yet reported
+        it gone, flagged it there). One exception, our stale view: ``last_stays`` (the
+        pack's latest stay as the same read saw it, in any partition) shows it in another
+        slot since after it came to ours: it left without our cabinet saying so yet, and its
+        cabinet now is the one that announces it; ours would lock a slot it is not in."""
         for serial in [s for s in self.flagged if s not in stored]:
             if serial in self._unwritten or self._written_in.get(serial, -1) > mark:
                 continue
@@ -434,17 +453,58 @@ class Passports:
             self.flagged[serial] = flag
             where = self._where.get(serial)
             stay = self._slots.get(where) if where is not None else None
-            if where is None or stay is None or flag.at_ms is None or stay.since_ms < flag.at_ms:
+            if where is None or stay is None:
                 continue
-            device = self.catalog.devices.get(where[0])
-            if device is not None:
-                self._flagged_appears(device.station_id, where, serial, self.clock())
-                self._wake.set()
+            last = last_stays.get(serial) if last_stays is not None else None
+            if last is not None and last[:2] != where and last[2] > stay.since_ms:
+                log.info(
+                    "battery %s: flagged; last seen in %s slot %d, not in %s slot %d",
+                    serial, last[0], last[1], where[0], where[1],
+                )  # fmt: skip
+                continue
+            self._announce(where, stay)
         self._written_in = {s: n for s, n in self._written_in.items() if n > mark}
 
+    def announce_flagged(self) -> int:
+        """The invariant, at a partition's load (after ``restore``, the alert engine's
+        unresolved alerts loaded and ``reconcile``) and for each flag ``adopt_flags`` learns:
+        every slot of ours that holds a flagged pack has an unresolved ``flagged_battery``
+        alert for that cabinet, slot and serial, or the pack was flagged there, in this stay,
+        by a safety event (its own alert at that slot announced it, and locked it). One that
+        has neither opens now, and the slot is locked, as when it arrived: a pack flagged
+        after it arrived here, or whose arrival a previous owner (a worker that died before
+        the flag's notice) or a crash never announced. One that has one gets no second.
+        Without an alert engine nothing is done: nothing could tell what was announced
+        already, and each start would lock every slot again. Returns how many opened."""
+        if self.alerts is None:
+            return 0
+        opened = 0
+        for key, stay in list(self._slots.items()):
+            if stay.serial in self.flagged and self._announce(key, stay):
+                opened += 1
+        return opened
+
+    def _announce(self, key: tuple[str, int], stay: _Stay) -> bool:
+        """``flagged_battery`` and the lock for the flagged pack of ``stay`` at ``key``,
+        unless announced already (``announce_flagged``). True if it was announced now."""
+        device = self.catalog.devices.get(key[0])
+        if stay.flagged_here or device is None:
+            return False
+        if self.alerts is not None:
+            alert_key = Key(device.station_id, key[0], key[1], "flagged_battery", stay.serial)
+            if alert_key in self.alerts.open:
+                return False
+        self._flagged_appears(device.station_id, key, stay.serial, self.clock())
+        self._wake.set()
+        return True
+
     def _flag_changed(self, serial: str) -> None:
+        """A flag gone (cleared): a next one is announced anew, wherever the pack is."""
         where = self._where.get(serial)
         if where is not None:
+            stay = self._slots.get(where)
+            if stay is not None:
+                stay.flagged_here = False
             for callback in self.on_flag_change:
                 callback(where[0])
 

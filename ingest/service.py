@@ -365,6 +365,11 @@ class Ingest:
             )
             self.pipeline.observers.append(self.commands.observe)
             self.passports.sender = self.commands  # lock_battery for a flagged pack
+            # flagged packs in a slot that no alert announced (a crash lost it, or alerts
+            # were off): their flagged_battery and lock now; an unresolved one stands
+            announced = self.passports.announce_flagged()
+            if announced:
+                log.info("passports: %d flagged packs in slots announced at start", announced)
             self.supervisor.start(PIPELINE, self.pipeline.run, policy="fatal")
             if not self.connect:
                 return self

@@ -149,11 +149,12 @@ class WorkerPassports:
         """Read the flagged packs; every partition's index adopts them."""
         indexes = list(self.indexes)
         marks = [p.flushes for p in indexes]  # before the read: see Passports.adopt_flags
-        rows = await asyncio.to_thread(self.store.flagged)
-        flagged = {serial: Flag(at, why) for serial, (at, why) in rows.items()}
+        rows = await asyncio.to_thread(self.store.flagged_where)
+        flagged = {serial: Flag(at, why) for serial, (at, why, _) in rows.items()}
+        last_stays = {serial: last for serial, (_, _, last) in rows.items() if last is not None}
         self.reloads += 1
         for passports, mark in zip(indexes, marks, strict=True):
-            passports.adopt_flags(flagged, mark)
+            passports.adopt_flags(flagged, mark, last_stays)
 
     async def follow_flags(self) -> NoReturn:
         """LISTEN on ``FLAGS_CHANNEL``: a read of the flagged packs on each (re)connect, on

@@ -111,6 +111,8 @@ class Cluster:
     w1: WorkerPassports
     w2: WorkerPassports
     commands: Recorder  # partition P2's
+    alerts: WorkerAlerts
+    store: PostgresStore
 
 
 @pytest.fixture
@@ -139,7 +141,7 @@ async def cluster(pg_url: str) -> AsyncIterator[Cluster]:
                     assert c.passports.sender is c.commands  # the lock's one wiring
                 consumers[1].passports.sender = commands  # type: ignore[union-attr]
                 await eventually(lambda: _holds(w1.listening and w2.listening))
-                yield Cluster(consumers[0], consumers[1], w1, w2, commands)
+                yield Cluster(consumers[0], consumers[1], w1, w2, commands, alerts, store)
             finally:
                 for c in consumers:
                     await c.close()
@@ -228,6 +230,86 @@ async def test_a_pack_that_arrived_before_the_flags_notice_is_caught_when_it_com
     await c.w2.reload()
     assert flagged_alerts(c.two) == [(CAB2, 5, "critical", "B-4")]
     assert c.commands.locks == [(CAB2, 5, "flagged battery B-4")]
+
+
+async def test_a_pack_flagged_after_it_arrived_is_caught_by_the_next_read(
+    cluster: Cluster,
+) -> None:
+    """Partition 1 still names B-5 in cabinet 1 (its cabinet has not reported it gone) when
+    cabinet 1 overheats there; B-5 sits in cabinet 2 since before that flag: it is announced
+    there all the same, once."""
+    c, cab1, cab2 = cluster, Messages(CAB1), Messages(CAB2)
+    await c.w2.supervisor.stop(FOLLOW_TASK)
+    await c.one.store([cab1.birth(), cab1.status({3: ("B-5", 30.0)})])
+    await c.two.store([cab2.birth(), cab2.status({5: ("B-5", 25.0)})])
+    await c.two.passports.flush()  # type: ignore[union-attr]
+    await c.one.store([cab1.status({3: ("B-5", 78.0)})])
+    assert "B-5" in c.one.passports.flagged  # type: ignore[union-attr]
+    await c.one.passports.flush()  # type: ignore[union-attr]
+    await c.w2.reload()
+    assert flagged_alerts(c.two) == [(CAB2, 5, "critical", "B-5")]
+    assert c.commands.locks == [(CAB2, 5, "flagged battery B-5")]
+    await c.w2.reload()
+    assert c.two.engine is not None
+    assert [a.count for a in c.two.engine.by_id.values() if a.rule == "flagged_battery"] == [1]
+
+
+async def test_a_flagged_pack_found_at_takeover_raises_its_alert_once(
+    cluster: Cluster, pg_url: str
+) -> None:
+    """Worker 2 owns partition 2 and is deaf (its LISTEN task stopped: the flags' notices
+    never reach it). B-6 is flagged in cabinet 1 and then carried into cabinet 2, slot 6;
+    B-7 arrives in cabinet 2, slot 7, shortly before cabinet 1 (which still names it)
+    overheats and flags it. Worker 2 dies (its consumer ends) before any read of the flags.
+    Worker 1 takes partition 2: each pack gets one critical ``flagged_battery`` where it sits
+    and a stored ``lock_battery``; B-8, flagged by its own alert in cabinet 2 (locked then),
+    gets none. A restart of the partition's consumer with the alerts open adds nothing."""
+    c, cab1, cab2 = cluster, Messages(CAB1), Messages(CAB2)
+    await c.w2.supervisor.stop(FOLLOW_TASK)
+    await c.two.store([cab2.birth(), cab2.status({8: ("B-8", 25.0)})])
+    await c.one.store([cab1.birth(), cab1.status({4: ("B-6", 30.0), 5: ("B-7", 30.0)})])
+    await c.one.store([cab1.status({4: ("B-6", 79.0), 5: ("B-7", 30.0)})])
+    await c.two.store([cab2.status({6: ("B-6", 25.0), 7: ("B-7", 25.0), 8: ("B-8", 25.0)})])
+    await c.one.store([cab1.status({5: ("B-7", 79.0)})])  # cabinet 1's stale view of B-7
+    await c.two.store([cab2.status({6: ("B-6", 25.0), 7: ("B-7", 25.0), 8: ("B-8", 80.0)})])
+    assert c.one.passports is not None
+    assert {"B-6", "B-7"} <= set(c.one.passports.flagged)
+    await c.one.passports.flush()
+    assert flagged_alerts(c.two) == []  # worker 2 never heard of the flags
+    assert locks(c.two) == []  # B-8's lock went to the recorder
+    assert c.commands.locks == [(CAB2, 8, "battery B-8: temperature_high")]
+    await c.two.close()  # worker 2 dies: what it had is written
+
+    async def take(epoch: int, passports: WorkerPassports) -> PipelineConsumer:
+        lease(pg_url, P2, epoch)
+        consumer = PipelineConsumer(
+            store=c.store, catalog=CATALOG, devices=PM.devices(P2), partition=P2, epoch=epoch,
+            scheme=TopicScheme(), metrics=IngestMetrics(), alerts=c.alerts, passports=passports,
+        )  # fmt: skip
+        await consumer.load()
+        return consumer
+
+    taken = await take(2, c.w1)
+    try:
+        assert flagged_alerts(taken) == [
+            (CAB2, 6, "critical", "B-6"),
+            (CAB2, 7, "critical", "B-7"),
+        ]
+        # stored as open commands of the partition (sent once its MQTT session attaches)
+        await eventually(lambda: _holds(sorted(locks(taken)) == [(CAB2, 6), (CAB2, 7)]))
+        assert taken.engine is not None
+        ids = sorted(a.id for a in taken.engine.by_id.values() if a.rule == "flagged_battery")
+    finally:
+        await taken.close()
+    again = await take(3, c.w2)
+    try:
+        assert again.engine is not None
+        flagged = [a for a in again.engine.by_id.values() if a.rule == "flagged_battery"]
+        assert sorted(a.id for a in flagged) == ids
+        assert [a.count for a in flagged] == [1, 1]
+        assert sorted(locks(again)) == [(CAB2, 6), (CAB2, 7)]  # open, none added
+    finally:
+        await again.close()
 
 
 def test_the_workers_lock_setting_is_serves() -> None:
