@@ -376,3 +376,62 @@ async def test_a_read_of_the_flags_keeps_one_it_could_not_see_and_drops_a_cleare
         passports.adopt_flags({}, passports.flushes)
         assert "K-1" not in passports.flagged
         assert "K-1" not in engine.flagged_batteries
+
+
+async def test_serve_announces_at_start_a_flagged_pack_no_alert_announced(
+    tmp_path: Path,
+) -> None:
+    """A crash lost the ``flagged_battery`` alert of P-1, flagged in cabinet 1 and then
+    swapped into cabinet 2 (its passport was written: the stays, the ``appeared`` event, the
+    flag). ``serve``'s start opens it, once, and locks the slot; P-2, flagged by its own
+    alert where it sits (locked then), gets none. A restart with the alert open adds no
+    second alert and no second lock."""
+    from devices.catalog import Catalog
+    from tests.alerts.helpers import eventually
+
+    config = IngestConfig(data_dir=tmp_path / "data")
+    async with Ingest(config, Catalog.load(), connect=False):
+        pass  # the data dir and its schema
+    t = now_ms() - 60_000
+    ops = PassportOps()
+    ops.batteries = {
+        "P-1": (t, CAB2, 5, t + 20_000, 79.0, None),
+        "P-2": (t, CAB1, 2, t, 80.0, None),
+    }
+    ops.opened = [("P-1", CAB1, 3, t), ("P-1", CAB2, 5, t + 20_000), ("P-2", CAB1, 2, t)]
+    ops.closed = [(t + 10_000, "P-1", CAB1, 3, t)]
+    ops.events = [
+        ("P-1", "temperature_high", 1, t + 5_000, CAB1, 3, "79"),
+        ("P-2", "temperature_high", 2, t + 5_000, CAB1, 2, "80"),
+        ("P-1", "appeared", 3, t + 20_000, CAB2, 5, "flagged battery P-1 in slot 5"),
+    ]
+    ops.flags = [(t + 5_000, "temperature_high", "P-1"), (t + 5_000, "temperature_high", "P-2")]
+    store = PassportStore.in_dir(tmp_path / "data")
+    try:
+        store.apply(ops)
+    finally:
+        store.close()
+
+    ids = []
+    for start in (1, 2):
+        async with Ingest(config, Catalog.load(), connect=False) as ingest:
+            engine, commands = ingest.alerts, ingest.commands
+            assert engine is not None
+            assert commands is not None
+            flagged = [a for a in engine.by_id.values() if a.rule == "flagged_battery"]
+            assert [(a.device_id, a.unit, a.severity, a.code, a.count) for a in flagged] == [
+                (CAB2, 5, "critical", "P-1", 1)
+            ]
+            ids.append(flagged[0].id)
+
+            def one_lock() -> None:
+                locks = [
+                    (c.device_id, c.unit) for c in commands.open.values()  # noqa: B023
+                    if c.type == "lock_battery"
+                ]  # fmt: skip
+                assert locks == [(CAB2, 5)]
+
+            await eventually(one_lock)  # stored as an open command (no broker here)
+            await asyncio.sleep(0.2 if start == 2 else 0)  # a second lock would be stored
+            one_lock()
+    assert ids[0] == ids[1]
