@@ -184,6 +184,47 @@ def test_a_late_arrival_written_after_the_pack_moved_on_does_not_place_it(
     assert store.restore().placed == []
 
 
+def test_flagged_packs_with_their_last_stay_and_those_flagged_where_they_sit(
+    store: PassportStore,
+) -> None:
+    """What ``Passports.adopt_flags`` and ``announce_flagged`` read: each flagged pack's
+    latest stay (ended or not; None if it never sat in a slot), and which placed flagged
+    packs a safety event flagged in their stay there (an ``appeared`` does not count, nor
+    an event before the stay began, nor one at another slot)."""
+    ops = PassportOps()
+    ops.batteries["H1"] = (1000, "cab-1", 3, 1000, 80.0, None)  # flagged where it sits
+    ops.batteries["M1"] = (1000, "cab-2", 5, 4000, 80.0, None)  # flagged, then moved
+    ops.batteries["L1"] = (1000, None, None, None, None, None)  # flagged, then it left
+    ops.batteries["N1"] = (1000, None, None, None, None, None)  # never in a slot
+    ops.opened += [("H1", "cab-1", 3, 1000), ("M1", "cab-1", 4, 1000), ("M1", "cab-2", 5, 4000)]
+    ops.opened += [("L1", "cab-1", 6, 1000)]
+    ops.closed += [(3000, "M1", "cab-1", 4, 1000), (6000, "L1", "cab-1", 6, 1000)]
+    ops.events += [
+        ("H1", "temperature_high", 41, 2000, "cab-1", 3, "80"),
+        ("M1", "temperature_high", 42, 2000, "cab-1", 4, "80"),
+        ("M1", "appeared", 43, 4000, "cab-2", 5, "flagged battery M1 in slot 5"),
+        ("L1", "smoke", 44, 2000, "cab-1", 6, None),
+    ]
+    ops.flags += [(2000, "temperature_high", s) for s in ("H1", "M1")]
+    ops.flags += [(2000, "smoke", "L1"), (500, "smoke", "N1")]
+    store.apply(ops)
+    assert store.flagged_where() == {
+        "H1": (2000, "temperature_high", ("cab-1", 3, 1000)),
+        "M1": (2000, "temperature_high", ("cab-2", 5, 4000)),
+        "L1": (2000, "smoke", ("cab-1", 6, 1000)),
+        "N1": (500, "smoke", None),
+    }
+    assert store.restore().flagged_here == {"H1"}
+    assert store.restore(["cab-1"]).flagged_here == {"H1"}
+    assert store.restore(["cab-2"]).flagged_here == frozenset()
+    later = PassportOps()  # H1 leaves and comes back: its flag is from before this stay
+    later.batteries["H1"] = (1000, "cab-1", 3, 7000, None, None)
+    later.closed.append((6500, "H1", "cab-1", 3, 1000))
+    later.opened.append(("H1", "cab-1", 3, 7000))
+    store.apply(later)
+    assert store.restore().flagged_here == frozenset()
+
+
 def test_flags_and_clearances_are_announced_on_postgresql(pg_url: str) -> None:
     """The workers LISTEN on ``FLAGS_CHANNEL``: a flag written and a flag cleared NOTIFY it
     (at commit), a write without a flag does not."""
