@@ -22,8 +22,11 @@ pipeline's observers see each stored message in ``serve``'s order (passports, th
 a safety alert that opens flags the packs at its slots (``on_opened``), the engine's
 station rules never count a flagged pack as ready (``flagged_batteries``: the worker's
 global flagged set), and the open safety alerts a crash kept from the passports are taken
-up (``reconcile``). A flagged pack's ``lock_battery`` goes out through the partition's remote
-commands; ``close`` writes what the index has pending.
+up (``reconcile``). Then every flagged pack in the partition's slots that no alert announced
+(the previous owner died before the flag's notice, or before it flagged a pack that was
+already here) gets its ``flagged_battery`` and its lock (``Passports.announce_flagged``); one
+whose alert is still unresolved gets none. A flagged pack's ``lock_battery`` goes out through
+the partition's remote commands; ``close`` writes what the index has pending.
 
 Beside the engine, as ``serve`` runs them: the partition's work orders (``WorkOrders`` over
 the engine: its stations' unclosed orders, ids from PostgreSQL's sequence, writes fenced by

@@ -25,6 +25,11 @@ merges them the same in any order:
   stay, while that stay is open (recomputed for each serial whose stays a batch changes);
 - the flag: the earliest safety event's (time and reason) stands until a clearance.
 
+``flagged_where`` reads the flagged packs with each one's latest stay (ended or not: the
+workers tell a stale view of their own from a pack in their slot), and ``restore`` says which
+placed flagged packs a safety event flagged where they sit (``battery_events`` of this stay,
+``appeared`` apart): those were announced by that alert.
+
 On PostgreSQL a write that flags packs, and a clearance, NOTIFY ``FLAGS_CHANNEL`` (the serial)
 at commit: the workers and the API replicas LISTEN there, so a flag raised in one partition
 is known in every other (and a clearance everywhere) without waiting for a reload.
@@ -228,24 +233,20 @@ _FLAGGED = select(_B.serial, _B.flagged_at_ms, _B.flag_reason).where(
     _B.flagged == literal_column("1")
 )
 _LATEST = battery_stays.alias("latest")
-
-
-def _latest_stay(column: str) -> Any:
-    """``column`` of the pack's latest stay, ended or not (``stays_by_serial``), or NULL."""
-    return (
-        select(_LATEST.c[column])
-        .where(_LATEST.c.serial == _B.serial)
-        .order_by(_LATEST.c.from_ms.desc(), _LATEST.c.id.desc())
-        .limit(literal_column("1"))
-        .offset(_NONE)
-        .scalar_subquery()
-    )
-
-
-_FLAGGED_WHERE = select(
-    _B.serial, _B.flagged_at_ms, _B.flag_reason,
-    _latest_stay("device_id"), _latest_stay("slot"), _latest_stay("from_ms"),
-).where(_B.flagged == literal_column("1"))  # fmt: skip
+# the pack's latest stay, ended or not (``stays_by_serial``): one lookup per flagged pack
+_LATEST_ID = (
+    select(_LATEST.c.id)
+    .where(_LATEST.c.serial == _B.serial)
+    .order_by(_LATEST.c.from_ms.desc(), _LATEST.c.id.desc())
+    .limit(literal_column("1"))
+    .offset(_NONE)
+    .scalar_subquery()
+)
+_FLAGGED_WHERE = (
+    select(_B.serial, _B.flagged_at_ms, _B.flag_reason, _S.device_id, _S.slot, _S.from_ms)
+    .select_from(battery.outerjoin(battery_stays, _S.id == _LATEST_ID))
+    .where(_B.flagged == literal_column("1"))
+)
 _HERE = battery_events.alias("here")
 # flagged packs in a slot that a safety event flagged there, since their stay there began
 _FLAGGED_HERE = select(_B.serial, _B.device_id).where(

@@ -19,7 +19,15 @@ In the cluster (``ingest.worker_passports``) each partition runs an index of its
 its cabinets (``devices``), and the flagged set is every partition's: ``adopt_flags`` takes
 the flags as PostgreSQL has them (raised in other partitions, cleared on any API replica),
 keeping those raised here that the read could not see yet (``flushes`` marks which), and
-catches a pack that arrived here before its flag's notice.
+catches a pack in one of its slots that the flag's notice found there.
+
+The invariant, at each start (``announce_flagged``: ``serve``'s, or a partition's load by a
+new owner) and for each flag ``adopt_flags`` learns: every slot holding a flagged pack has an
+unresolved ``flagged_battery`` alert for that cabinet, slot and serial, or a safety event
+flagged the pack there during its stay (its own alert announced it, and locked it); one
+with neither opens, with its lock, and one with an alert open gets no second. The only view
+not trusted is the index's own stale one: a pack whose latest stay (in any partition, as the
+flags' read saw it) is elsewhere since after it came to our slot left it, unreported yet.
 
 Memory is bounded by the district: the occupant of every slot and the flagged serials;
 everything else is on disk (``ingest.passport_store``), written in batches by the

@@ -22,10 +22,16 @@ clearance (from ``serve`` or an API replica, ``PassportStore.clear``) NOTIFYs th
 notice (a burst is one read) and every ``reload_s`` (the safety net for a notice lost with a
 connection), and hands them to every partition's index (``Passports.adopt_flags``): flags
 raised elsewhere are known, cleared ones are dropped (no ``flagged_battery`` for that pack
-any more), and a pack that was carried here and arrived before its flag's notice is locked
-and alerted then. The read is one query on the ``battery_flagged`` index (~0.3 ms for 50
-flagged among 20,000 packs, measured on the test PostgreSQL); flagged packs are few, so the
-set is small. A pack flagged in partition 1 is known in partition 2 a writer
+any more), and a pack that sits in one of the partition's slots (carried here before its
+flag's notice, or here before its flag) is locked and alerted then, unless the pack's latest
+stay, which the same read returns, shows that it left. The read is one query on the
+``battery_flagged`` index with each flagged pack's latest stay (``stays_by_serial``):
+~0.7 ms for 50 flagged among 20,000 packs of 5 stays each, measured on the test PostgreSQL
+(~0.4 ms without the stays); flagged packs are few, so the set is small. A partition's
+index, once restored, announces the flagged packs in its slots that nobody announced
+(``Passports.announce_flagged``, called by the partition's consumer): a previous owner that
+died before the flag's notice leaves no flagged pack unannounced. A pack flagged in
+partition 1 is known in partition 2 a writer
 period (0.5 s) plus a notice after its alert opened: far less than carrying a pack from one
 cabinet to another takes.
 

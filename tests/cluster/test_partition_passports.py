@@ -214,8 +214,9 @@ async def test_a_pack_that_arrived_before_the_flags_notice_is_caught_when_it_com
 ) -> None:
     """Worker 2 is deaf for a while (its LISTEN task stopped): the pack arrives in cabinet 2
     after it was flagged in cabinet 1, unknown as flagged there; the next read of the flags
-    catches it where it sits. A pack that sat in cabinet 2 since before its flag (our stale
-    view: it left without cabinet 2 saying so) is not alerted there."""
+    catches it where it sits. A pack that cabinet 2 still names, but whose latest stay is in
+    cabinet 1 since after it came to cabinet 2 (our stale view: it left without cabinet 2
+    saying so), is not alerted there."""
     c, cab1, cab2 = cluster, Messages(CAB1), Messages(CAB2)
     await c.w2.supervisor.stop(FOLLOW_TASK)
     await c.two.store([cab2.birth(), cab2.status({7: ("S-9", 25.0)})])
