@@ -185,6 +185,10 @@ class Passports:
         self._unwritten: set[str] = set()
         self._written_in: dict[str, int] = {}
         self.flushes = 0  # flushes done (the mark of ``adopt_flags``)
+        # False until ``announce_flagged`` runs, when an owner sets it so (a partition's index
+        # adopts flags while its alert engine is still loading): the flags are adopted, and
+        # announced by ``announce_flagged`` with the engine there
+        self.announcing = True
         self._writing: asyncio.Future[None] | None = None  # the write under way, or the last
         self._flushing = asyncio.Lock()
         m = metrics or PassportMetrics(registry)
@@ -470,7 +474,8 @@ class Passports:
                     serial, last[0], last[1], where[0], where[1],
                 )  # fmt: skip
                 continue
-            self._announce(where, stay)
+            if self.announcing:
+                self._announce(where, stay)
         self._written_in = {s: n for s, n in self._written_in.items() if n > mark}
 
     def announce_flagged(self) -> int:
@@ -484,6 +489,7 @@ class Passports:
         the flag's notice) or a crash never announced. One that has one gets no second.
         Without an alert engine nothing is done: nothing could tell what was announced
         already, and each start would lock every slot again. Returns how many opened."""
+        self.announcing = True  # from now on ``adopt_flags`` announces what it learns
         if self.alerts is None:
             return 0
         opened = 0

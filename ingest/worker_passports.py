@@ -135,7 +135,10 @@ class WorkerPassports:
         )
         await asyncio.to_thread(passports.restore)
         # a flag written after the restore's read, whose notice came before this, is read
-        # by the next reload (the next notice, or ``reload_s`` at the latest)
+        # by the next reload (the next notice, or ``reload_s`` at the latest); what reloads
+        # learn before the partition's alert engine is up is announced with it, by the
+        # consumer's ``announce_flagged``
+        passports.announcing = False
         self.indexes.add(passports)
         self.supervisor.start(_writer(partition, epoch), passports.run)
         return passports

@@ -18,7 +18,7 @@ from devices.contract import Birth, CabinetStatus, Event, Message
 from ingest import StoreError
 from ingest.config import BatteriesConfig, IngestConfig
 from ingest.passport_store import PassportOps, PassportStore
-from ingest.passports import Passports
+from ingest.passports import Flag, Passports
 from ingest.service import Ingest, now_ms
 from tests.security.inprocess import InProcess, bearer, in_process
 
@@ -435,3 +435,45 @@ async def test_serve_announces_at_start_a_flagged_pack_no_alert_announced(
             await asyncio.sleep(0.2 if start == 2 else 0)  # a second lock would be stored
             one_lock()
     assert ids[0] == ids[1]
+
+
+async def test_adopted_flags_wait_for_the_announcement_and_a_stale_view_is_not_announced(
+    tmp_path: Path,
+) -> None:
+    """``adopt_flags`` as a partition's index takes it while its alert engine loads
+    (``announcing`` off): the flag is adopted, nothing announced; ``announce_flagged`` then
+    announces it, once. Afterwards a flag learnt is announced at once, even for a pack here
+    since before its flag; not one whose latest stay (the read's) is in another slot since
+    after it came here: it left (our stale view)."""
+    async with in_process(tmp_path, alerts=True, passports=True) as ip:
+        passports, engine = ip.ingest.passports, ip.ingest.alerts
+        assert passports is not None
+        assert engine is not None
+        sender = passports.sender = Recorder()
+        feed = Feed(ip.ingest)
+        feed.born(CAB2)
+        feed.status(CAB2, {5: {"battery": "D-1"}, 6: {"battery": "D-2"}, 7: {"battery": "D-3"}})
+        later = now_ms() + 1_000  # each flag raised elsewhere after the pack came here
+
+        def announced() -> list[tuple[str | None, int | None, str, int]]:
+            return sorted(
+                (a.device_id, a.unit, a.code, a.count)
+                for a in engine.by_id.values()  # type: ignore[union-attr]
+                if a.rule == "flagged_battery"
+            )
+
+        passports.announcing = False
+        passports.adopt_flags({"D-1": Flag(later, "smoke")}, passports.flushes)
+        assert "D-1" in passports.flagged
+        assert (announced(), sender.locks) == ([], [])
+        assert passports.announce_flagged() == 1
+        assert announced() == [(CAB2, 5, "D-1", 1)]
+        assert passports.announce_flagged() == 0  # its alert is open
+        stays = {"D-2": (CAB2, 6, 0), "D-3": (CAB1, 1, later)}  # D-3 was seen in CAB1 since
+        flags = {s: Flag(later, "smoke") for s in ("D-1", "D-2", "D-3")}
+        passports.adopt_flags(flags, passports.flushes, stays)
+        assert announced() == [(CAB2, 5, "D-1", 1), (CAB2, 6, "D-2", 1)]
+        assert sender.locks == [
+            (CAB2, 5, "flagged battery D-1"),
+            (CAB2, 6, "flagged battery D-2"),
+        ]
