@@ -83,12 +83,14 @@ Index("messages_by_time", messages.c.device_id, messages.c.ts_ms)
 # housekeeping's reads by time without scanning the table while ingest waits
 Index("messages_by_type_time", messages.c.type, messages.c.ts_ms)
 
+# SQLite: a rowid table (migration 0007), not WITHOUT ROWID: a record (1.7-2.3 KB) is more
+# than a clustered index keeps in a cell, and upserts writing overflow pages cost the write
+# ~40% more instructions a message (docs/benchmarks.md)
 twins = Table(
     "twins",
     metadata,
     Column("device_id", Text, primary_key=True),
     Column("record", Text, nullable=False),
-    sqlite_with_rowid=False,
 )
 
 dead_letters = Table(
