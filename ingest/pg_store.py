@@ -2,7 +2,9 @@
 SQLAlchemy Core over psycopg 3 (the driver measured in docs/benchmarks.md), the tables of
 ``ingest.db.schema``. It implements what the embedded store does for ingest: ``BatchStore``
 (a batch's history, twins, dead letters and event journal in one transaction), the
-``StateStore`` reads, and the ``HistoryStore`` reads.
+``StateStore`` reads, and the ``HistoryStore`` reads. The statements of state whose meaning
+is the same in the embedded store (twins, the event journal, dead letters, facts) are
+``ingest.db.state_sql``'s, each engine's upsert picked from it.
 
 History is ``messages``, range-partitioned by device time, a partition per UTC day
 (``messages_pYYYYMMDD``): the partitions of the days a batch needs are made before it is

@@ -14,6 +14,16 @@ Readers take the union of both tables; a status redelivered after its hour was c
 lands in ``messages`` again and is folded in (once) by the next ``compact``.
 ``prune`` drops what is older than the retention, in small batches.
 
+Every statement is SQLAlchemy Core over the tables of ``ingest.db.schema``, a module
+constant compiled for SQLite once (``ingest.db.database.sqlite_sql``) and run on the plain
+sqlite3 connection of ``SQLiteDB``: no SQLAlchemy on the way of a call. The statements of
+state that mean the same on PostgreSQL (twins, the event journal, dead letters, rollups,
+facts) are ``ingest.db.state_sql``'s, shared with ``ingest.pg_store``; what only this store
+does (``INSERT OR IGNORE`` of history, compaction, its history reads) is here. The two
+inserts of every batch (history rows, twins) run as multi-row ``BulkInsert``s made from
+their Core statements. A read by a list of ids binds the next power of two of parameters
+(the rest NULL), so it is compiled once per size class.
+
 All methods are blocking; the ingestor calls them from a worker thread. One connection,
 guarded by a lock.
 """

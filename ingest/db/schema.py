@@ -9,7 +9,8 @@ identity columns on PostgreSQL; ids the service numbers itself (alerts, their ev
 orders, the event journal) are plain keys. SQLite-only shape (``WITHOUT ROWID``,
 ``AUTOINCREMENT``) is a dialect option, so a SQLite file has the tables, keys, rowid aliases
 and indexes the stores made before migrations existed (``ingest.db.migrate`` adopts such a
-file; tests/db/pre_alembic_schema.sql is their DDL).
+file; tests/db/pre_alembic_schema.sql is their DDL), but for ``twins``, a rowid table since
+migration 0007 (WITHOUT ROWID before it; Alembic's comparison does not see the shape).
 
 History (``messages``) is one table on both engines: on PostgreSQL it is range-partitioned
 by device time, a partition per day (``messages_pYYYYMMDD``, made ahead and dropped whole
