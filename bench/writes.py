@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.sqlite_db import SQLiteDB
-from ingest.sqlite_store import INSERT_MESSAGES
+from ingest.sqlite_store import INSERT_MESSAGES, message_row
 
 PAYLOAD = '{"v":1,"ts":"2026-11-29T18:04:33.291+08:00","boot":"f3206d14475b","seq":2,' + (
     '"kind":"pile","ports":[{"n":1,"state":"available","power_w":0,"energy_wh":0},'
@@ -31,18 +31,21 @@ Writer = Callable[[sqlite3.Connection, Sequence[Sequence[Any]]], None]
 
 
 def rows(n: int, devices: int = 10_000) -> list[tuple[Any, ...]]:
+    """History rows' values in the insert's column order (``message_row``)."""
     t0 = 1_796_284_800_000
     return [
-        (
-            f"B{i * 7919 % devices:06d}",
-            "S01",
-            "pile",
-            "status",
-            "f3206d14",
-            i,
-            t0 + i,
-            t0 + i,
-            PAYLOAD,
+        message_row(
+            (
+                f"B{i * 7919 % devices:06d}",
+                "S01",
+                "pile",
+                "status",
+                "f3206d14",
+                i,
+                t0 + i,
+                t0 + i,
+                PAYLOAD,
+            )
         )
         for i in range(n)
     ]

@@ -2,7 +2,9 @@
 SQLAlchemy Core over psycopg 3 (the driver measured in docs/benchmarks.md), the tables of
 ``ingest.db.schema``. It implements what the embedded store does for ingest: ``BatchStore``
 (a batch's history, twins, dead letters and event journal in one transaction), the
-``StateStore`` reads, and the ``HistoryStore`` reads.
+``StateStore`` reads, and the ``HistoryStore`` reads. The statements of state whose meaning
+is the same in the embedded store (twins, the event journal, dead letters, facts) are
+``ingest.db.state_sql``'s, each engine's upsert picked from it.
 
 History is ``messages``, range-partitioned by device time, a partition per UTC day
 (``messages_pYYYYMMDD``): the partitions of the days a batch needs are made before it is
@@ -29,27 +31,20 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     and_,
-    delete,
     exists,
-    func,
     literal,
     select,
     text,
-    update,
 )
 from sqlalchemy.dialects.postgresql import distinct_on, insert
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from ingest import StoreError, StoreUnavailable
 from ingest.db import migrate
+from ingest.db import state_sql as sql
 from ingest.db.schema import (
-    dead_letter_counts,
-    dead_letter_digests,
-    dead_letters,
-    facts,
     messages,
     twins,
-    unobserved,
 )
 from ingest.replays import RetainedReplays
 from ingest.store import DeadLetter, HistoryRow, TwinRecord, Unobserved
@@ -64,25 +59,12 @@ _PARTITION_LOCK = 0x6377_7061  # "cwpa"
 _HISTORY_KEYS = ("device_id", "station_id", "kind", "type", "boot", "seq", "ts_ms",
                  "received_ms", "payload")  # fmt: skip
 _INSERT_HISTORY = insert(messages).on_conflict_do_nothing()
-_t = insert(twins)
-_UPSERT_TWINS = _t.on_conflict_do_update(
-    index_elements=[twins.c.device_id], set_={"record": _t.excluded.record}
-)
-_u = insert(unobserved)
-_UPSERT_UNOBSERVED = _u.on_conflict_do_update(
-    index_elements=[unobserved.c.id],
-    set_={c.name: _u.excluded[c.name] for c in unobserved.columns if c.name != "id"},
-)
-_c = insert(dead_letter_counts)
-_COUNT_DEAD = _c.on_conflict_do_update(
-    index_elements=[dead_letter_counts.c.reason],
-    set_={"count": dead_letter_counts.c.count + _c.excluded["count"]},
-)
+_UPSERT_TWINS = sql.UPSERT_TWINS.for_("postgresql")
+_UPSERT_UNOBSERVED = sql.UPSERT_UNOBSERVED.for_("postgresql")
+_COUNT_DEAD = sql.COUNT_DEAD_LETTERS["postgresql"]
+_KEEP_DIGEST = sql.KEEP_DIGEST["postgresql"]
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
-_f = insert(facts)
-_REMEMBER = _f.on_conflict_do_update(
-    index_elements=[facts.c.name], set_={"value": _f.excluded.value}
-)
+_REMEMBER = sql.REMEMBER.for_("postgresql")
 
 
 def twin_notices(device_ids: Iterable[str]) -> list[str]:
@@ -128,11 +110,7 @@ class PostgresStore:
         self._days: set[int] = set()  # days whose partition exists
         self._days_lock = threading.Lock()
         with self._connection() as conn:
-            known = conn.execute(
-                select(dead_letter_digests.c.digest)
-                .order_by(dead_letter_digests.c.id.desc())
-                .limit(dead_letters_kept)
-            ).scalars()
+            known = conn.execute(sql.NEWEST_DIGESTS, {"b_limit": dead_letters_kept}).scalars()
             self._replays = RetainedReplays(dead_letters_kept, [bytes(d) for d in known][::-1])
             self._days = self._existing_days(conn)
         today = dt.datetime.now(dt.UTC).timestamp() * 1000 if now_ms is None else now_ms
@@ -272,7 +250,7 @@ class PostgresStore:
             conn.execute(_UPSERT_UNOBSERVED, [u._asdict() for u in journal])
         if fresh:
             conn.execute(
-                dead_letters.insert(),
+                sql.INSERT_DEAD_LETTER,
                 [
                     {
                         "received_ms": d.received_ms,
@@ -289,25 +267,12 @@ class PostgresStore:
             for d, _ in fresh:
                 counts[d.reason] = counts.get(d.reason, 0) + 1
             conn.execute(_COUNT_DEAD, [{"reason": r, "count": n} for r, n in counts.items()])
-            # keep the newest N for inspection; the per-reason counts keep the whole story
-            newest = select(func.max(dead_letters.c.id)).scalar_subquery()
-            conn.execute(
-                delete(dead_letters).where(dead_letters.c.id <= newest - self.dead_letters_kept)
-            )
-            digests = insert(dead_letter_digests).on_conflict_do_nothing()
-            conn.execute(digests, [{"digest": key} for _, key in fresh])
-            newest_digest = select(func.max(dead_letter_digests.c.id)).scalar_subquery()
-            conn.execute(
-                delete(dead_letter_digests).where(
-                    dead_letter_digests.c.id <= newest_digest - self.dead_letters_kept
-                )
-            )
-        for key in repeats:
-            conn.execute(
-                update(dead_letter_digests)
-                .where(dead_letter_digests.c.digest == key)
-                .values(repeats=dead_letter_digests.c.repeats + 1)
-            )
+            kept = {"b_kept": self.dead_letters_kept}
+            conn.execute(sql.TRIM_DEAD_LETTERS, kept)
+            conn.execute(_KEEP_DIGEST, [{"digest": key} for _, key in fresh])
+            conn.execute(sql.TRIM_DIGESTS, kept)
+        if repeats:
+            conn.execute(sql.REPEATED_DIGEST, [{"b_digest": key} for key in repeats])
 
     @property
     def retained_repeats(self) -> int:
@@ -315,13 +280,11 @@ class PostgresStore:
 
     def unobserved_max(self) -> int:
         with self._connection() as conn:
-            return int(
-                conn.execute(select(func.coalesce(func.max(unobserved.c.id), 0))).scalar_one()
-            )
+            return int(conn.execute(sql.UNOBSERVED_MAX).scalar_one())
 
     def fact(self, name: str) -> str | None:
         with self._connection() as conn:
-            value = conn.execute(select(facts.c.value).where(facts.c.name == name)).scalar()
+            value = conn.execute(sql.FACT, {"b_name": name}).scalar()
         return None if value is None else str(value)
 
     def remember(self, name: str, value: str) -> None:
@@ -350,25 +313,20 @@ class PostgresStore:
 
     def load_twins(self, device_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Every twin, or those of ``device_ids`` (a partition's devices)."""
-        query = select(twins.c.record)
+        query = sql.LOAD_TWINS
         if device_ids is not None:
             query = query.where(twins.c.device_id.in_(list(device_ids)))
         with self._connection() as conn:
             return [json.loads(r) for r in conn.execute(query).scalars()]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        d = dead_letters.c
         with self._connection() as conn:
-            rows = conn.execute(
-                select(d.received_ms, d.topic, d.reason, d.detail, d.payload, d.size, d.id)
-                .order_by(d.id.desc())
-                .limit(limit)
-            ).all()
+            rows = conn.execute(sql.NEWEST_DEAD_LETTERS, {"b_limit": limit}).all()
         return [DeadLetter(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
 
     def dead_letter_counts(self) -> dict[str, int]:
         with self._connection() as conn:
-            rows = conn.execute(select(dead_letter_counts.c.reason, dead_letter_counts.c.count))
+            rows = conn.execute(sql.DEAD_LETTER_COUNTS)
             return {reason: int(count) for reason, count in rows}
 
     # -- HistoryStore reads ---------------------------------------------------------------

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.expression import Executable
 
 from ingest import StoreError, StoreUnavailable
@@ -85,7 +86,22 @@ class BulkInsert:
     width: int  # columns per row
     tail: str = ""  # "ON CONFLICT ..."
 
+    names: tuple[str, ...] = ()  # the columns, in the order each row gives them (``of``)
+
     CHUNK = 100  # 100 rows x 9 columns stays under SQLite's oldest variable limit (999)
+
+    @classmethod
+    def of(cls, statement: Insert, keys: Sequence[str]) -> BulkInsert:
+        """A Core insert of ``keys`` (SQLite's ``prefix_with("OR IGNORE")``, an upsert's
+        ``ON CONFLICT`` tail), compiled once (``sqlite_sql``) and run this way. Rows give
+        their values in ``names`` order: the table's order of ``keys``, as SQLAlchemy
+        writes an insert's columns."""
+        compiled = sqlite_sql(statement, keys)
+        head, values, tail = compiled.text.partition(" VALUES ")
+        one = "(" + ", ".join("?" * len(compiled.names)) + ")"
+        if not values or not tail.startswith(one) or compiled.fixed:
+            raise ValueError(f"not a one-row insert of {list(keys)}: {compiled.text}")
+        return cls(head, len(compiled.names), tail.removeprefix(one).strip(), compiled.names)
 
     @functools.cache  # noqa: B019 - a few module-level instances
     def sql(self, rows: int) -> str:

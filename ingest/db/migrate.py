@@ -16,7 +16,9 @@ A SQLite file written before migrations existed (the stores' tables, no ``alembi
 is adopted: what an older release lacked is added (missing tables, indexes and nullable
 columns), the result is compared with the schema (Alembic's ``compare_metadata``), and only
 when nothing differs is it stamped as current. Anything else found in such a file is a
-``SchemaError`` naming the differences; nothing is dropped.
+``SchemaError`` naming the differences; nothing is dropped. A table shape the comparison does
+not see (``WITHOUT ROWID``) is brought to the schema's as its migration does
+(``sqlite_twins_shape``, 0007) before the stamp.
 """
 
 from __future__ import annotations
@@ -252,9 +254,30 @@ def _adopt(conn: Connection, where: str) -> None:
             f"database {where} has tables but no migration record, and they differ from this"
             f" chargewatch's schema; nothing was changed:\n{listed}"
         )
+    if dialect == "sqlite":
+        sqlite_twins_shape(conn, rowid=True)  # what 0007 does; the stamp skips it
     cfg = _config()
     cfg.attributes["connection"] = conn
     command.stamp(cfg, "head")
+
+
+def sqlite_twins_shape(conn: Connection, *, rowid: bool) -> None:
+    """SQLite's ``twins`` as a rowid table (``rowid``; migration 0007) or ``WITHOUT ROWID``
+    (before it), its rows copied over; nothing when it has that shape already."""
+    sql = conn.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'twins'"
+    ).scalar()
+    if sql is None or ("WITHOUT ROWID" not in str(sql).upper()) == rowid:
+        return
+    shape = "" if rowid else " WITHOUT ROWID"
+    for statement in (
+        "CREATE TABLE twins_reshaped (device_id TEXT NOT NULL, record TEXT NOT NULL,"
+        f" PRIMARY KEY (device_id)){shape}",
+        "INSERT INTO twins_reshaped (device_id, record) SELECT device_id, record FROM twins",
+        "DROP TABLE twins",
+        "ALTER TABLE twins_reshaped RENAME TO twins",
+    ):
+        conn.exec_driver_sql(statement)
 
 
 def _sqlite_revision(path: Path) -> str | None:

@@ -9,7 +9,8 @@ identity columns on PostgreSQL; ids the service numbers itself (alerts, their ev
 orders, the event journal) are plain keys. SQLite-only shape (``WITHOUT ROWID``,
 ``AUTOINCREMENT``) is a dialect option, so a SQLite file has the tables, keys, rowid aliases
 and indexes the stores made before migrations existed (``ingest.db.migrate`` adopts such a
-file; tests/db/pre_alembic_schema.sql is their DDL).
+file; tests/db/pre_alembic_schema.sql is their DDL), but for ``twins``, a rowid table since
+migration 0007 (WITHOUT ROWID before it; Alembic's comparison does not see the shape).
 
 History (``messages``) is one table on both engines: on PostgreSQL it is range-partitioned
 by device time, a partition per day (``messages_pYYYYMMDD``, made ahead and dropped whole
@@ -83,12 +84,14 @@ Index("messages_by_time", messages.c.device_id, messages.c.ts_ms)
 # housekeeping's reads by time without scanning the table while ingest waits
 Index("messages_by_type_time", messages.c.type, messages.c.ts_ms)
 
+# SQLite: a rowid table (migration 0007), not WITHOUT ROWID: a record (1.7-2.3 KB) is more
+# than a clustered index keeps in a cell, and upserts writing overflow pages cost the write
+# ~40% more instructions a message (docs/benchmarks.md)
 twins = Table(
     "twins",
     metadata,
     Column("device_id", Text, primary_key=True),
     Column("record", Text, nullable=False),
-    sqlite_with_rowid=False,
 )
 
 dead_letters = Table(

@@ -3,15 +3,21 @@ before migrations, and the refusal of a database behind."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import inspect
 
 from ingest.db import migrate
 from ingest.db.schema import metadata
+from ingest.sqlite_store import SQLiteStore
+from ingest.store import TwinRecord
 from tests.pg_server import PgServer
 
 LEGACY_SQL = (Path(__file__).parent / "pre_alembic_schema.sql").read_text()
@@ -43,6 +49,75 @@ def _legacy_file(path: Path, sql: str = LEGACY_SQL) -> str:
     db.commit()
     db.close()
     return f"sqlite:///{path}"
+
+
+def _twins_shape(path: Path) -> str:
+    db = sqlite3.connect(path)
+    try:
+        (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'twins'").fetchone()
+    finally:
+        db.close()
+    return "WITHOUT ROWID" if "WITHOUT ROWID" in sql.upper() else "rowid"
+
+
+def _migrated(url: str, revision: str, move: Callable[[Config, str], None]) -> None:
+    """The database upgraded or downgraded (``move``) to ``revision``, in one transaction as
+    ``migrate.upgrade`` does it."""
+    engine = migrate.connect(url, connect_args={"isolation_level": None})
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            cfg = migrate._config()
+            cfg.attributes["connection"] = conn
+            move(cfg, revision)
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
+def test_a_file_of_0006_gets_rowid_twins_with_its_twins_intact(tmp_path: Path) -> None:
+    """0007: ``twins`` was WITHOUT ROWID, whose ~2 KB records overflow the clustered index's
+    cells (docs/benchmarks.md); the file ``serve`` opens is upgraded by itself."""
+    path = tmp_path / "c.db"
+    url = f"sqlite:///{path}"
+    _migrated(url, "0006", command.upgrade)
+    assert _twins_shape(path) == "WITHOUT ROWID"
+    records = {
+        f"P{i:03d}": json.dumps({"device_id": f"P{i:03d}", "pad": "x" * (1900 + i)})
+        for i in range(50)
+    }
+    db = sqlite3.connect(path)
+    db.executemany("INSERT INTO twins VALUES (?, ?)", records.items())
+    db.commit()
+    db.close()
+
+    store = SQLiteStore(path)  # serve's store: migrates its file when it opens it
+    try:
+        assert migrate.revision_of(url) == migrate.head()
+        assert _twins_shape(path) == "rowid"
+        assert {t["device_id"]: t for t in store.load_twins()} == {
+            d: json.loads(r) for d, r in records.items()
+        }
+        # the key still holds: an upsert replaces the record, it adds no row
+        new = '{"device_id": "P007", "pad": "new"}'
+        store.save([TwinRecord("P007", new.encode())], [])
+        twins = {t["device_id"]: t for t in store.load_twins()}
+        assert len(twins) == 50
+        assert twins["P007"] == {"device_id": "P007", "pad": "new"}
+    finally:
+        store.close()
+    assert _differences(url) == []
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    db.close()
+    _migrated(url, "0006", command.downgrade)  # and back, the rows with it
+    assert _twins_shape(path) == "WITHOUT ROWID"
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*), sum(length(record)) FROM twins").fetchone() == (
+        50,
+        sum(len(r) for r in records.values()) - len(records["P007"]) + len(new),
+    )
+    db.close()
 
 
 def test_upgrade_of_an_empty_sqlite_file(tmp_path: Path) -> None:
@@ -84,6 +159,7 @@ def test_a_file_made_before_migrations_is_adopted_with_its_data(tmp_path: Path) 
     assert db.execute("SELECT value FROM facts").fetchall() == [("yes",)]
     assert db.execute("SELECT device_id FROM twins").fetchall() == [("WGS-P01",)]
     assert {"stations", "devices"} <= _tables(url)  # the registry, new in the baseline
+    assert _twins_shape(tmp_path / "c.db") == "rowid"  # as 0007 makes it (schema.py)
 
 
 def test_an_older_file_gets_what_its_release_lacked(tmp_path: Path) -> None:

@@ -333,3 +333,34 @@ def test_prune_drops_what_is_older_than_the_cutoff(store: SQLiteStore) -> None:
     assert len(kept) == len(rows) - 120 - sum(
         1 for r in rows if r.type == "event" and r.ts_ms < cutoff
     )
+
+
+def test_reads_by_a_list_of_devices_are_each_device_s(store: SQLiteStore) -> None:
+    """A read by several ids (an IN list of the next power of two of parameters, the rest
+    NULL) returns what the reads of each id return, and nothing of a device not asked."""
+    devices = ["P1", "P2", "P3", "P4", "P5"]
+    store.append([r._replace(device_id=d) for d in devices for r in _story()])
+    store.compact(T0 + HOUR + 1)  # the first hour in blocks, the rest in rows
+    store.save_rollups([("device", d, T0 + h * HOUR, f'{{"h":{h}}}') for d in devices
+                        for h in range(3)], T0 + 3 * HOUR)  # fmt: skip
+    asked = ["P5", "P1", "P3"]  # three ids: four parameters, one NULL
+    window = (T0, T0 + 4 * HOUR)
+
+    samples = store.status_samples(asked, *window, 7 * 60_000)
+    each = [s for d in asked for s in store.status_samples([d], *window, 7 * 60_000)]
+    assert samples == sorted(each, key=lambda s: (s["device_id"], s["bucket_ms"]))
+    assert {s["device_id"] for s in samples} == set(asked)
+
+    happenings = store.happenings(asked, *window)
+    each = [h for d in asked for h in store.happenings([d], *window)]
+    assert sorted(happenings, key=lambda h: (h["device_id"], h["ts_ms"])) == sorted(
+        each, key=lambda h: (h["device_id"], h["ts_ms"])
+    )
+    assert {h["device_id"] for h in happenings} == set(asked)
+    assert [h["ts_ms"] for h in happenings] == sorted(h["ts_ms"] for h in happenings)
+
+    rollups = store.rollups("device", asked, *window)
+    assert [(r["id"], r["hour_ms"]) for r in rollups] == [
+        (d, T0 + h * HOUR) for d in sorted(asked) for h in range(3)
+    ]
+    assert store.rollups("device", ["P2"] * 9, *window) == store.rollups("device", ["P2"], *window)
