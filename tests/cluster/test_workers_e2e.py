@@ -83,11 +83,15 @@ def gauge(port: int, name: str) -> float:
 
 
 class Publisher(threading.Thread):
-    """QoS 1 status messages round-robin over DEVICES, ``rate`` per second."""
+    """QoS 1 status messages round-robin over DEVICES, ``rate`` per second: ``count`` of
+    them, or fewer once ``until`` is set."""
 
-    def __init__(self, port: int, count: int, rate: float) -> None:
+    def __init__(
+        self, port: int, count: int, rate: float, until: threading.Event | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.port, self.count, self.rate = port, count, rate
+        self.until = until
         self.sent: list[tuple[str, str, int]] = []
 
     def run(self) -> None:
@@ -99,6 +103,8 @@ class Publisher(threading.Thread):
             start = time.monotonic()
             infos = []
             for i in range(self.count):
+                if self.until is not None and self.until.is_set():
+                    break
                 device, seq = DEVICES[i % len(DEVICES)], i // len(DEVICES)
                 body = json.dumps(status(device, seq))
                 infos.append(c.publish(f"cw/v1/{device}/status", body, qos=1))
@@ -228,27 +234,40 @@ def test_a_worker_joining_mid_stream_processes_nothing_twice(
     broker: Process, pg_url: str, tmp_path: Path
 ) -> None:
     sampler = LockSampler(pg_url)
+    enough = threading.Event()  # the stream goes on until the joiner has taken part in it
     with worker("a", broker, pg_url, tmp_path) as (_, a_port):
         wait_subscribed([a_port])
         sampler.start()
-        pub = Publisher(broker.port, count=2400, rate=300)
-        pub.start()
-        time.sleep(1.5)
-        with worker("b", broker, pg_url, tmp_path) as (_, b_port):
-            eventually(
-                lambda: _assert(gauge(b_port, "chargewatch_ingest_partitions_owned") == 8), 20
-            )
-            pub.join(30)
-            check_stored(pg_url, pub.sent)
-            ports = [a_port, b_port]
-            # each message applied by exactly one worker, none seen twice
-            applied = [gauge(p, "chargewatch_messages_applied_total") for p in ports]
-            assert sum(applied) == len(pub.sent), applied
-            assert all(n > 0 for n in applied), applied
-            assert counter(ports, "chargewatch_messages_duplicate_total") == 0
-            assert counter(ports, "chargewatch_dead_letters_total") == 0
-    sampler.stop.set()
-    sampler.join(5)
+        try:
+            pub = Publisher(broker.port, count=20_000, rate=300, until=enough)
+            pub.start()
+            time.sleep(1.5)
+            with worker("b", broker, pg_url, tmp_path) as (_, b_port):
+                try:
+                    eventually(
+                        lambda: _assert(gauge(b_port, "chargewatch_ingest_partitions_owned") == 8),
+                        30,
+                    )
+                    eventually(
+                        lambda: _assert(gauge(b_port, "chargewatch_messages_applied_total") > 0), 30
+                    )
+                    time.sleep(1.0)  # both workers busy for a while
+                finally:
+                    enough.set()
+                pub.join(30)
+                assert not pub.is_alive()
+                check_stored(pg_url, pub.sent)
+                ports = [a_port, b_port]
+                # each message applied by exactly one worker, none seen twice
+                applied = [gauge(p, "chargewatch_messages_applied_total") for p in ports]
+                assert sum(applied) == len(pub.sent), applied
+                assert all(n > 0 for n in applied), applied
+                assert counter(ports, "chargewatch_messages_duplicate_total") == 0
+                assert counter(ports, "chargewatch_dead_letters_total") == 0
+        finally:
+            enough.set()
+            sampler.stop.set()
+            sampler.join(5)
     assert sampler.samples > 50
     assert sampler.double == []
 
