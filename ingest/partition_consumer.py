@@ -120,7 +120,9 @@ class PipelineConsumer:
         # None for a partition without stations: its LISTEN connection would serve nobody
         if not stations:
             return
-        applier = ActionApplier(self.alerts.db_url, stations, alerts=engine)
+        applier = ActionApplier(
+            self.alerts.db_url, stations, alerts=engine, notices=self.alerts.notices
+        )
         await applier.__aenter__()
         self.applier = applier
         self.alerts.supervisor.start(self._applier_task, applier.run)
