@@ -58,7 +58,7 @@ P99_TARGET_MS = 20.0
 WORKER_ACKED = "chargewatch_ingest_acked_total"
 WORKER_LOSSES = "chargewatch_ingest_lease_losses_total"
 STORE_BATCHES = "chargewatch_store_write_seconds_count"  # one per batch written
-MODES = ("drain", "serial", "live")  # drain first: the issue's figure (``_measure``)
+MODES = ("drain", "serial", "live")  # ``_measure``; the drain's is the issue's figure
 STOPPED_MAX_S = 20.0  # publishing into stopped workers' sessions; their MQTT keepalive is 30 s
 SERVE_ACKED = "chargewatch_messages_acked_total"
 
@@ -127,14 +127,16 @@ def _counters(ports: list[int], acked: str) -> dict[str, float]:
     return out
 
 
-def _drained(proc: procs.Proc, port: int, acked: str) -> None:
-    """Until ``proc`` acknowledged something and then nothing more for two looks (its
-    sessions' queues drained: draining, it acknowledges thousands a second)."""
+def _drained(proc: procs.Proc, port: int, acked: str, base: float) -> None:
+    """Until ``proc`` acknowledged more than ``base`` (its count before it was stopped) and
+    then nothing more for two looks: its sessions' queues drained (draining, it acknowledges
+    thousands a second). A worker with nothing queued: nothing for two seconds."""
     seen: list[float] = []
 
     def quiet() -> bool:
         seen.append(_counters([port], acked)["acked"])
-        return len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3] and seen[-1] > seen[0]
+        still = len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]
+        return still and (seen[-1] > base or len(seen) >= 8)
 
     _until("a worker's sessions drained", quiet, 300, [proc])
 
@@ -158,6 +160,7 @@ def _measure(
     A worker that lost its leases meanwhile fails the run (a takeover in the figure)."""
     ports = [int(p.port or 0) for p in ingest]
     before = _counters(ports, acked)
+    bases = [_counters([p], acked)["acked"] for p in ports]
 
     def done() -> bool:
         return _counters(ports, acked)["acked"] - before["acked"] >= count
@@ -182,9 +185,10 @@ def _measure(
                     os.kill(p.pid, signal.SIGCONT)
         t0 = time.monotonic()
         if mode == "serial":
-            for p, p_port in zip(ingest, ports, strict=True):
+            for p, p_port, p_base in zip(ingest, ports, bases, strict=True):
                 os.kill(p.pid, signal.SIGCONT)
-                _drained(p, p_port, acked)
+                if p is not ingest[-1]:  # the last one: until every message is acknowledged
+                    _drained(p, p_port, acked, p_base)
         _until("every message acknowledged", done, 300, ingest)
     else:
         cpu0 = sum(procs.cpu_s(p.pid) for p in ingest)
@@ -259,13 +263,30 @@ def _workers(
         yield mq, db, ws
 
 
+def idle(procs_: list[procs.Proc], pg: pgserver.PgBench, seconds: float) -> dict[str, Any]:
+    """CPU of settled processes doing nothing for ``seconds`` (not even a /metrics scrape):
+    what a worker costs before its first message (lease checks, listeners, timers)."""
+    cpu0, pg0 = [procs.cpu_s(p.pid) for p in procs_], pg.cpu_s()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    took = time.monotonic() - t0
+    cpu = [procs.cpu_s(p.pid) - c for p, c in zip(procs_, cpu0, strict=True)]
+    return {
+        "cpu_ms_per_s": sum(cpu) / took * 1e3,
+        "per_process_ms_per_s": [c / took * 1e3 for c in cpu],
+        "pg_cpu_ms_per_s": pgserver.cpu_between(pg0, pg.cpu_s()) / took * 1e3,
+    }
+
+
 def _cluster_run(
     work: Path, pg: pgserver.PgBench, catalog: Path, n: int, count: int, seed: int,
-    modes: tuple[str, ...],
+    modes: tuple[str, ...], idle_s: float = 0.0,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     busy = _busy(catalog)
     with _workers(work, pg, catalog, n) as (mq, _, ws):
         out = {}
+        if idle_s > 0:
+            out["idle"] = idle(ws, pg, idle_s)
         for i, mode in enumerate(modes):
             for attempt in range(ATTEMPTS):
                 try:
@@ -337,16 +358,28 @@ def cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
         return None
     catalog = write_catalog(work / "catalog.json", plan.cluster_devices)
     count = plan.cluster_messages
-    runs: Runs = {mode: {name: [] for name in CONFIGS} for mode in MODES}
+    modes = plan.cluster_modes
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise procs.BenchError(f"cluster modes {sorted(unknown)}: use {', '.join(MODES)}")
+    runs: Runs = {mode: {name: [] for name in CONFIGS} for mode in modes}
+    idle_cpu: dict[str, list[dict[str, Any]]] = {"1 worker": [], "2 workers": []}
     with pgserver.postgresql() as pg:
         for r in range(plan.cluster_rounds):
             for name in CONFIGS:
                 w = work / f"r{r}-{name.replace(' ', '')}"
                 seed = 100 * (r + 1)
                 if name == "embedded":
-                    res = _embedded(w, catalog, count, seed, MODES)
+                    res = _embedded(w, catalog, count, seed, modes)
                 else:
-                    res = _cluster_run(w, pg, catalog, int(name[0]), count, seed, MODES)
+                    res = _cluster_run(
+                        w, pg, catalog, int(name[0]), count, seed, modes, plan.cluster_idle_seconds
+                    )
+                    idle_cpu[name].append(res.pop("idle"))
+                    log(
+                        f"cluster {name}, idle, round {r + 1}:"
+                        f" {idle_cpu[name][-1]['cpu_ms_per_s']:.1f} ms CPU a second"
+                    )
                 for mode, one in res.items():
                     runs[mode][name].append(one)
                     log(f"cluster {name}, {mode}, round {r + 1}: {_line(one)}")
@@ -357,7 +390,16 @@ def cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
         f" max {api['max_ms']:.1f} ms ({api['achieved_rps']:.0f} req/s achieved,"
         f" {api['errors']} errors)"
     )
-    return summarize(runs, api, plan.cluster_devices, status_sizes(specs_of(catalog)))
+    out = summarize(runs, api, plan.cluster_devices, status_sizes(specs_of(catalog)))
+    out["idle"] = {
+        name: {
+            "cpu_ms_per_s": _med(v, "cpu_ms_per_s"),
+            "pg_cpu_ms_per_s": _med(v, "pg_cpu_ms_per_s"),
+        }
+        for name, v in idle_cpu.items()
+    }
+    out["idle_seconds"] = plan.cluster_idle_seconds
+    return out
 
 
 def _line(res: dict[str, Any]) -> str:
@@ -474,6 +516,7 @@ def render(c: dict[str, Any] | None) -> list[str]:
         f" Each added worker core carries ~{c['added_core_msg_s']:,.0f} msg/s"
         f" ({1 / c['scale_overhead']:.0%} of the first worker's core), plus"
         f" {pg_cpu['2 workers']:.0f} us of PostgreSQL CPU a message (by mode: {others}).",
+        *_idle_line(c),
         f"- **PostgreSQL state path**: embedded / 1 worker = **{c['pg_share']:.0%}** of the"
         f" embedded path's rate per core ({c['pg_share_with_db']:.0%} counting PostgreSQL's CPU"
         f" too; target >= {c['pg_share_target']:.0%}: {_met(met['pg_share'])}).",
@@ -498,6 +541,20 @@ def render(c: dict[str, Any] | None) -> list[str]:
             f" {s['devices_per_core'] / 2:,.0f} |"
         )
     return [*lines, ""]
+
+
+def _idle_line(c: dict[str, Any]) -> list[str]:
+    idle = c.get("idle")
+    if not idle:
+        return []
+    one, two = idle["1 worker"], idle["2 workers"]
+    return [
+        f"- **Workers doing nothing** ({c['idle_seconds']:.0f} s settled, no messages, no"
+        f" scrapes): 1 worker (all {c['partitions']} partitions) {one['cpu_ms_per_s']:.1f} ms"
+        f" of CPU a second, 2 workers {two['cpu_ms_per_s']:.1f} ms together (PostgreSQL"
+        f" {one['pg_cpu_ms_per_s']:.1f} / {two['pg_cpu_ms_per_s']:.1f}): lease checks,"
+        " listeners, timers, per partition and per process."
+    ]
 
 
 def _met(ok: bool) -> str:

@@ -65,11 +65,18 @@ def test_render_shows_every_mode() -> None:
         "ingest_rate_during": 130, "p50_ms": 1.0, "max_ms": 9.0, "achieved_rps": 500,
         "server_cpu_us_per_request": 800, "loadavg_1m": 1.0,
     }  # fmt: skip
-    text = "\n".join(cluster.render(cluster.summarize(runs, api, 400, {"pile": 844.0})))
+    summary = cluster.summarize(runs, api, 400, {"pile": 844.0})
+    summary["idle_seconds"] = 10.0
+    summary["idle"] = {
+        "1 worker": {"cpu_ms_per_s": 8.04, "pg_cpu_ms_per_s": 0.5},
+        "2 workers": {"cpu_ms_per_s": 21.0, "pg_cpu_ms_per_s": 1.0},
+    }
+    text = "\n".join(cluster.render(summary))
     assert "| 2 workers | serial | 104 | 11 | 300 |" in text
     assert "| 2 workers | live | 150 | 11 | 300 |" in text
     assert "2 workers / 1 worker = **1.10x**" in text
     assert "drain: 1.10x; serial: 1.04x; live: 1.50x" in text
+    assert "1 worker (all 16 partitions) 8.0 ms of CPU a second, 2 workers 21.0 ms" in text
 
 
 def test_short_cluster_part_measures_every_figure(tmp_path: Path) -> None:
@@ -80,7 +87,7 @@ def test_short_cluster_part_measures_every_figure(tmp_path: Path) -> None:
     result = cluster.cluster(tmp_path, plan)
     assert time.monotonic() - began < 90
     assert result is not None
-    assert set(result["runs"]) == set(cluster.MODES)
+    assert set(result["runs"]) == set(plan.cluster_modes)
     for mode, by_name in result["runs"].items():
         for name, runs in by_name.items():
             assert [r["messages"] for r in runs] == [plan.cluster_messages], (mode, name)
@@ -93,3 +100,5 @@ def test_short_cluster_part_measures_every_figure(tmp_path: Path) -> None:
     assert replica["requests"] >= 0.9 * cluster.RIDER_RPS * plan.cluster_api_seconds
     assert replica["stations"] > 0
     assert replica["ingest_rate_during"] > 0  # the workers ingested while it answered
+    assert set(result["idle"]) == {"1 worker", "2 workers"}
+    assert all(v["cpu_ms_per_s"] >= 0 for v in result["idle"].values())
