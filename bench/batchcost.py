@@ -44,7 +44,9 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def measure(work: Path, sizes: tuple[int, ...] = SIZES) -> list[dict[str, float]]:
+async def measure(
+    work: Path, sizes: tuple[int, ...] = SIZES, messages: int = MESSAGES
+) -> list[dict[str, float]]:
     catalog = Catalog.load(write_catalog(work / "catalog.json", 2_000))
     devices = PartitionMap(catalog, 16).devices(0)
     specs = [catalog.devices[d].spec for d in devices]
@@ -61,7 +63,7 @@ async def measure(work: Path, sizes: tuple[int, ...] = SIZES) -> list[dict[str, 
                 )
             for size in sizes:
                 now = time.time_ns() // 1_000_000
-                stream = Stream(specs, seed=size, births=True).messages(MESSAGES + size, now)
+                stream = Stream(specs, seed=size, births=True).messages(messages + size, now)
                 msgs = [Received(t, p, 1, False, i, now, 0) for i, (t, p) in enumerate(stream)]
                 consumer = PipelineConsumer(
                     store=store, catalog=catalog, devices=devices, partition=0, epoch=1,
