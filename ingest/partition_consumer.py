@@ -117,7 +117,7 @@ class PipelineConsumer:
         )  # fmt: skip
         # maintainers' actions from the API replicas for our stations (ingest.actions), for
         # as long as we hold the partition; supervised: a death is logged and it starts again.
-        # None for a partition without stations: its LISTEN connection would serve nobody
+        # None for a partition without stations: its connections would serve nobody
         if not stations:
             return
         applier = ActionApplier(
