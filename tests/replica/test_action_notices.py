@@ -67,13 +67,14 @@ def is_listening(notices: ActionNotices) -> None:
 
 
 async def state_within(queue: ActionQueue, request_id: int, seconds: float) -> tuple[str, float]:
-    """The action's state once it left ``queued`` (or after ``seconds``), and how long."""
+    """The action's state once it is finished (``done``, ``failed``, ``expired``; or after
+    ``seconds``), and how long."""
     start = time.monotonic()
     while True:
         outcome = await asyncio.to_thread(queue.outcome, request_id)
         assert outcome is not None
         took = time.monotonic() - start
-        if outcome.state != "queued" or took > seconds:
+        if outcome.state not in ("queued", "applying") or took > seconds:
             return outcome.state, took
         await asyncio.sleep(0.02)
 
