@@ -9,12 +9,17 @@ database:
   through their PostgreSQL leases (state and history in PostgreSQL).
 
 Each is started and waited for until it is subscribed (for the workers: every partition
-owned, the leases settled); then ``count`` messages (a birth per device, then statuses) are
-published as fast as mosquitto takes them, and the ingest processes' CPU (``/proc/PID/stat``,
+owned, the leases settled); then ``count`` messages (a birth per device, then statuses) go
+through it three ways (``_measure``): *drain* (the processes stopped, the messages published
+into their persistent sessions, then the processes go on and drain full queues: the issue's
+CPU per message at a load the workers can carry, full batches in every configuration; the
+headline figures), *serial* (the same, the processes going on one at a time: each worker
+alone beside PostgreSQL and mosquitto, as on a core of its own) and *live* (published while
+they run, as fast as mosquitto takes them). The ingest processes' CPU (``/proc/PID/stat``,
 user + system, every thread) is read before and after every message is acknowledged. CPU
 time per message is the figure: the machine is shared, so a wall rate says as much about the
 other load as about the code. PostgreSQL's own CPU (postmaster and backends) is read the same
-way and reported beside it.
+way and reported beside it, and the messages per written batch.
 
 Then, with the 2 workers still ingesting (a publisher at 10x the district's rate), a
 ``chargewatch api --db`` replica takes ``bench.openloop`` at 500 requests/s of the rider
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +56,20 @@ OVERHEAD_TARGET = 1.15
 PG_SHARE_TARGET = 0.5
 P99_TARGET_MS = 20.0
 WORKER_ACKED = "chargewatch_ingest_acked_total"
+WORKER_LOSSES = "chargewatch_ingest_lease_losses_total"
+STORE_BATCHES = "chargewatch_store_write_seconds_count"  # one per batch written
+MODES = ("drain", "serial", "live")  # ``_measure``; the drain's is the issue's figure
+STOPPED_MAX_S = 20.0  # publishing into stopped workers' sessions; their MQTT keepalive is 30 s
 SERVE_ACKED = "chargewatch_messages_acked_total"
+
+
+class LeasesLost(procs.BenchError):
+    """A worker lost its leases while measured (a takeover in the figure): measured again.
+    Drained, a worker stopped while its lease check was waiting for PostgreSQL finds the
+    check's timeout past when it goes on, and drops its leases as it should."""
+
+
+ATTEMPTS = 3
 
 
 def log(msg: str) -> None:
@@ -95,30 +114,103 @@ def _settled(workers: list[procs.Proc], busy: int) -> bool:
     return sum(owned) == PARTITIONS and min(owned) >= share and subscribed >= busy
 
 
+def _counters(ports: list[int], acked: str) -> dict[str, float]:
+    """Summed over the ingest processes: messages acknowledged, batches written, and (for
+    workers) the times every lease was lost."""
+    out = {"acked": 0.0, "batches": 0.0, "losses": 0.0}
+    for port in ports:
+        text = httpx.get(f"http://{procs.LOOPBACK}:{port}/metrics", timeout=10).text
+        out["acked"] += procs.metric(text, acked)
+        out["batches"] += procs.metric(text, STORE_BATCHES)
+        if acked == WORKER_ACKED:
+            out["losses"] += procs.metric(text, WORKER_LOSSES)
+    return out
+
+
+def _drained(proc: procs.Proc, port: int, acked: str, base: float) -> None:
+    """Until ``proc`` acknowledged more than ``base`` (its count before it was stopped) and
+    then nothing more for two looks: its sessions' queues drained (draining, it acknowledges
+    thousands a second). A worker with nothing queued: nothing for two seconds."""
+    seen: list[float] = []
+
+    def quiet() -> bool:
+        seen.append(_counters([port], acked)["acked"])
+        still = len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]
+        return still and (seen[-1] > base or len(seen) >= 8)
+
+    _until("a worker's sessions drained", quiet, 300, [proc])
+
+
 def _measure(
-    work: Path, port: int, catalog: Path, count: int, seed: int,
-    ingest: list[procs.Proc], acked: Callable[[], float], pg: pgserver.PgBench | None,
+    work: Path, port: int, catalog: Path, count: int, seed: int, mode: str,
+    ingest: list[procs.Proc], acked: str, pg: pgserver.PgBench | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Publish ``count`` messages; the ingest processes' CPU until all are acknowledged."""
-    base = acked()
-    cpu0 = sum(procs.cpu_s(p.pid) for p in ingest)
-    pg0 = pg.cpu_s() if pg else {}
-    t0 = time.monotonic()
-    pub = procs.agent(
-        work, "publish", port=port, catalog=catalog, count=count, births=True, seed=seed
-    ).start()
-    try:
-        _until("every message acknowledged", lambda: acked() - base >= count, 300, ingest)
-    finally:
-        pub.stop()
+    """``count`` messages through the ingest processes: their CPU until all are acknowledged.
+
+    ``drain``: the processes are stopped (SIGSTOP: their sessions stay subscribed on the
+    broker, their leases held by their connections), the messages are published into the
+    sessions, then the processes go on (SIGCONT) and drain full queues; CPU from the moment
+    they go on, so the publisher's time is in none of it: CPU per message at a load the
+    workers carry, full batches in every configuration. ``serial``: the same, but the
+    processes go on one at a time, each drained before the next (each alone beside
+    PostgreSQL and mosquitto, as on a machine of its own; on this 2-core machine two workers
+    draining at once share the cores with PostgreSQL and mosquitto, and contention inflates
+    everyone's CPU per message). ``live``: published while the processes run, as fast as
+    mosquitto takes them (the publisher on the same cores), CPU from just before it starts.
+    A worker that lost its leases meanwhile fails the run (a takeover in the figure)."""
+    ports = [int(p.port or 0) for p in ingest]
+    before = _counters(ports, acked)
+    bases = [_counters([p], acked)["acked"] for p in ports]
+
+    def done() -> bool:
+        return _counters(ports, acked)["acked"] - before["acked"] >= count
+
+    def publisher() -> procs.Proc:
+        return procs.agent(
+            work, "publish", port=port, catalog=catalog, count=count, births=True, seed=seed
+        ).start()
+
+    if mode in ("drain", "serial"):
+        for p in ingest:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            pub = publisher()
+            if pub.wait(STOPPED_MAX_S) != 0:
+                raise procs.BenchError(f"the publisher failed: {pub.tail()}")
+            cpu0 = sum(procs.cpu_s(p.pid) for p in ingest)
+            pg0 = pg.cpu_s() if pg else {}
+        finally:
+            if mode == "drain":
+                for p in ingest:
+                    os.kill(p.pid, signal.SIGCONT)
+        t0 = time.monotonic()
+        if mode == "serial":
+            for p, p_port, p_base in zip(ingest, ports, bases, strict=True):
+                os.kill(p.pid, signal.SIGCONT)
+                if p is not ingest[-1]:  # the last one: until every message is acknowledged
+                    _drained(p, p_port, acked, p_base)
+        _until("every message acknowledged", done, 300, ingest)
+    else:
+        cpu0 = sum(procs.cpu_s(p.pid) for p in ingest)
+        pg0 = pg.cpu_s() if pg else {}
+        t0 = time.monotonic()
+        pub = publisher()
+        try:
+            _until("every message acknowledged", done, 300, ingest)
+        finally:
+            pub.stop()
     took = time.monotonic() - t0
     cpu = sum(procs.cpu_s(p.pid) for p in ingest) - cpu0
+    after = _counters(ports, acked)
+    if after["losses"] != before["losses"]:
+        raise LeasesLost(f"{mode}: a worker lost its leases while measured")
     out: dict[str, Any] = {
         "messages": count,
         "seconds": took,
         "rate": count / took,
         "cpu_s": cpu,
         "cpu_us_per_msg": cpu / count * 1e6,
+        "msgs_per_batch": count / max(1.0, after["batches"] - before["batches"]),
         "loadavg_1m": os.getloadavg()[0],
     }
     if pg is not None:
@@ -127,17 +219,27 @@ def _measure(
     return out
 
 
-def _embedded(work: Path, catalog: Path, count: int, seed: int) -> dict[str, Any]:
+def _embedded(
+    work: Path, catalog: Path, count: int, seed: int, modes: tuple[str, ...]
+) -> dict[str, dict[str, Any]]:
     with procs.running(procs.mosquitto(work / "mosquitto")) as mq:
         broker = f"mqtt://{procs.LOOPBACK}:{mq.port}"
         serve = procs.serve(work / "serve", broker, catalog)
         with procs.running(serve, timeout=60):
             procs.wait_ready(f"http://{procs.LOOPBACK}:{serve.port}")
-            port = int(serve.port or 0)
-            return _measure(
-                work, int(mq.port or 0), catalog, count, seed, [serve],
-                lambda: _metric(port, SERVE_ACKED), None,
-            )  # fmt: skip
+            mq_port = int(mq.port or 0)
+            out = {}
+            for i, mode in enumerate(modes):
+                out[mode] = _measure(
+                    work / mode, mq_port, catalog, count, seed + 50 * i, mode, [serve],
+                    SERVE_ACKED, None,
+                )  # fmt: skip
+            return out
+
+
+def _busy(catalog: Path) -> int:
+    """The partitions with stations (the others have nothing to subscribe)."""
+    return len({station_partition(s, PARTITIONS) for s in Catalog.load(catalog).stations})
 
 
 @contextlib.contextmanager
@@ -145,7 +247,7 @@ def _workers(
     work: Path, pg: pgserver.PgBench, catalog: Path, n: int
 ) -> Iterator[tuple[procs.Proc, str, list[procs.Proc]]]:
     """A fresh mosquitto and database, ``n`` settled workers: (mosquitto, db, workers)."""
-    busy = len({station_partition(s, PARTITIONS) for s in Catalog.load(catalog).stations})
+    busy = _busy(catalog)
     db = pg.create_database(work.name.replace("-", "_"))
     from ingest.db import migrate
 
@@ -161,15 +263,44 @@ def _workers(
         yield mq, db, ws
 
 
+def idle(procs_: list[procs.Proc], pg: pgserver.PgBench, seconds: float) -> dict[str, Any]:
+    """CPU of settled processes doing nothing for ``seconds`` (not even a /metrics scrape):
+    what a worker costs before its first message (lease checks, listeners, timers)."""
+    cpu0, pg0 = [procs.cpu_s(p.pid) for p in procs_], pg.cpu_s()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    took = time.monotonic() - t0
+    cpu = [procs.cpu_s(p.pid) - c for p, c in zip(procs_, cpu0, strict=True)]
+    return {
+        "cpu_ms_per_s": sum(cpu) / took * 1e3,
+        "per_process_ms_per_s": [c / took * 1e3 for c in cpu],
+        "pg_cpu_ms_per_s": pgserver.cpu_between(pg0, pg.cpu_s()) / took * 1e3,
+    }
+
+
 def _cluster_run(
-    work: Path, pg: pgserver.PgBench, catalog: Path, n: int, count: int, seed: int
-) -> dict[str, Any]:
+    work: Path, pg: pgserver.PgBench, catalog: Path, n: int, count: int, seed: int,
+    modes: tuple[str, ...], idle_s: float = 0.0,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    busy = _busy(catalog)
     with _workers(work, pg, catalog, n) as (mq, _, ws):
-        ports = [int(w.port or 0) for w in ws]
-        return _measure(
-            work, int(mq.port or 0), catalog, count, seed, ws,
-            lambda: sum(_metric(p, WORKER_ACKED) for p in ports), pg,
-        )  # fmt: skip
+        out = {}
+        if idle_s > 0:
+            out["idle"] = idle(ws, pg, idle_s)
+        for i, mode in enumerate(modes):
+            for attempt in range(ATTEMPTS):
+                try:
+                    out[mode] = _measure(
+                        work / f"{mode}{attempt}", int(mq.port or 0), catalog, count,
+                        seed + 50 * i + 1000 * attempt, mode, ws, WORKER_ACKED, pg,
+                    )  # fmt: skip
+                    break
+                except LeasesLost as exc:
+                    if attempt + 1 == ATTEMPTS:
+                        raise
+                    log(f"cluster {n} workers, {mode}: {exc}; again once the leases settled")
+                    _until("the workers' leases settled", lambda: _settled(ws, busy), 120, ws)
+        return out
 
 
 def replica_p99(work: Path, pg: pgserver.PgBench, catalog: Path, seconds: float) -> dict[str, Any]:
@@ -214,34 +345,44 @@ def replica_p99(work: Path, pg: pgserver.PgBench, catalog: Path, seconds: float)
     return out
 
 
+CONFIGS = ("embedded", "1 worker", "2 workers")
+Runs = dict[str, dict[str, list[dict[str, Any]]]]  # mode -> configuration -> rounds
+
+
 def cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
-    """CPU per message of the embedded path, 1 worker and 2 workers (alternating, in
-    ``plan.cluster_rounds`` rounds), their ratios, the sizing they give, and a replica's p99."""
+    """CPU per message of the embedded path, 1 worker and 2 workers, each drained from full
+    sessions and fed live (configurations alternating, in ``plan.cluster_rounds`` rounds),
+    their ratios, the sizing they give, and a replica's p99."""
     if not pgserver.available():
         log("cluster: PostgreSQL is not installed (Debian package postgresql): skipped")
         return None
     catalog = write_catalog(work / "catalog.json", plan.cluster_devices)
     count = plan.cluster_messages
-    runs: dict[str, list[dict[str, Any]]] = {"embedded": [], "1 worker": [], "2 workers": []}
+    modes = plan.cluster_modes
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise procs.BenchError(f"cluster modes {sorted(unknown)}: use {', '.join(MODES)}")
+    runs: Runs = {mode: {name: [] for name in CONFIGS} for mode in modes}
+    idle_cpu: dict[str, list[dict[str, Any]]] = {"1 worker": [], "2 workers": []}
     with pgserver.postgresql() as pg:
         for r in range(plan.cluster_rounds):
-            for name in runs:
+            for name in CONFIGS:
                 w = work / f"r{r}-{name.replace(' ', '')}"
-                seed = 100 * (r + 1) + len(runs[name])
+                seed = 100 * (r + 1)
                 if name == "embedded":
-                    res = _embedded(w, catalog, count, seed)
+                    res = _embedded(w, catalog, count, seed, modes)
                 else:
-                    res = _cluster_run(w, pg, catalog, int(name[0]), count, seed)
-                runs[name].append(res)
-                log(
-                    f"cluster {name}, round {r + 1}: {res['cpu_us_per_msg']:.0f} us CPU/msg"
-                    + (
-                        f" (+ PostgreSQL {res['pg_cpu_us_per_msg']:.0f})"
-                        if "pg_cpu_us_per_msg" in res
-                        else ""
+                    res = _cluster_run(
+                        w, pg, catalog, int(name[0]), count, seed, modes, plan.cluster_idle_seconds
                     )
-                    + f", {res['rate']:.0f} msg/s wall, load {res['loadavg_1m']:.1f}"
-                )
+                    idle_cpu[name].append(res.pop("idle"))
+                    log(
+                        f"cluster {name}, idle, round {r + 1}:"
+                        f" {idle_cpu[name][-1]['cpu_ms_per_s']:.1f} ms CPU a second"
+                    )
+                for mode, one in res.items():
+                    runs[mode][name].append(one)
+                    log(f"cluster {name}, {mode}, round {r + 1}: {_line(one)}")
         api = replica_p99(work / "replica", pg, catalog, plan.cluster_api_seconds)
     log(
         f"cluster replica: {STATION_QUERY} at {RIDER_RPS:.0f} req/s while 2 workers ingest"
@@ -249,7 +390,24 @@ def cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
         f" max {api['max_ms']:.1f} ms ({api['achieved_rps']:.0f} req/s achieved,"
         f" {api['errors']} errors)"
     )
-    return summarize(runs, api, plan.cluster_devices, status_sizes(specs_of(catalog)))
+    out = summarize(runs, api, plan.cluster_devices, status_sizes(specs_of(catalog)))
+    out["idle"] = {
+        name: {
+            "cpu_ms_per_s": _med(v, "cpu_ms_per_s"),
+            "pg_cpu_ms_per_s": _med(v, "pg_cpu_ms_per_s"),
+        }
+        for name, v in idle_cpu.items()
+    }
+    out["idle_seconds"] = plan.cluster_idle_seconds
+    return out
+
+
+def _line(res: dict[str, Any]) -> str:
+    pg = f" (+ PostgreSQL {res['pg_cpu_us_per_msg']:.0f})" if "pg_cpu_us_per_msg" in res else ""
+    return (
+        f"{res['cpu_us_per_msg']:.0f} us CPU/msg{pg}, {res['rate']:.0f} msg/s wall,"
+        f" load {res['loadavg_1m']:.1f}"
+    )
 
 
 def _med(runs: list[dict[str, Any]], key: str) -> float:
@@ -264,29 +422,26 @@ def sizing(cpu_us_per_msg: float) -> dict[str, float]:
 
 
 def summarize(
-    runs: dict[str, list[dict[str, Any]]],
+    runs: Runs,
     api: dict[str, Any],
     devices: int,
     sizes: dict[str, float],
 ) -> dict[str, Any]:
-    cpu = {k: _med(v, "cpu_us_per_msg") for k, v in runs.items()}
-    pg_cpu = {k: _med(v, "pg_cpu_us_per_msg") for k, v in runs.items() if k != "embedded"}
-    overhead = cpu["2 workers"] / cpu["1 worker"]
-    pg_share = cpu["embedded"] / cpu["1 worker"]  # rate per core is 1 / CPU per message
-    pg_share_with_db = cpu["embedded"] / (cpu["1 worker"] + pg_cpu["1 worker"])
+    """Medians per mode; the headline figures (overhead, PostgreSQL share, sizing) are the
+    drain's (CPU per message at a load the workers carry), the live mode's beside them."""
+    by_mode = {mode: _ratios(r) for mode, r in runs.items()}
+    head = by_mode["drain"] if "drain" in by_mode else next(iter(by_mode.values()))
+    cpu, pg_cpu = head["cpu_us_per_msg"], head["pg_cpu_us_per_msg"]
     return {
         "devices": devices,
         "partitions": PARTITIONS,
         "status_bytes": sizes,
         "runs": runs,
-        "cpu_us_per_msg": cpu,
-        "pg_cpu_us_per_msg": pg_cpu,
-        "scale_overhead": overhead,
+        "modes": by_mode,
+        **head,
         "scale_overhead_target": OVERHEAD_TARGET,
         # each added worker core carries this share of what the first one does
         "added_core_msg_s": 1e6 / cpu["2 workers"],
-        "pg_share": pg_share,
-        "pg_share_with_db": pg_share_with_db,
         "pg_share_target": PG_SHARE_TARGET,
         "sizing": {
             "embedded (serve, SQLite)": sizing(cpu["embedded"]),
@@ -296,10 +451,22 @@ def summarize(
         "replica": api,
         "p99_target_ms": P99_TARGET_MS,
         "targets_met": {
-            "scale_overhead": overhead <= OVERHEAD_TARGET,
-            "pg_share": pg_share >= PG_SHARE_TARGET,
+            "scale_overhead": head["scale_overhead"] <= OVERHEAD_TARGET,
+            "pg_share": head["pg_share"] >= PG_SHARE_TARGET,
             "replica_p99": api["p99_ms"] < P99_TARGET_MS and not api["errors"],
         },
+    }
+
+
+def _ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    cpu = {k: _med(v, "cpu_us_per_msg") for k, v in runs.items()}
+    pg_cpu = {k: _med(v, "pg_cpu_us_per_msg") for k, v in runs.items() if k != "embedded"}
+    return {
+        "cpu_us_per_msg": cpu,
+        "pg_cpu_us_per_msg": pg_cpu,
+        "scale_overhead": cpu["2 workers"] / cpu["1 worker"],
+        "pg_share": cpu["embedded"] / cpu["1 worker"],  # rate per core is 1 / CPU per message
+        "pg_share_with_db": cpu["embedded"] / (cpu["1 worker"] + pg_cpu["1 worker"]),
     }
 
 
@@ -307,8 +474,8 @@ def render(c: dict[str, Any] | None) -> list[str]:
     """The cluster part's section of docs/benchmarks.md."""
     if not c:
         return []
-    cpu, pg_cpu, met = c["cpu_us_per_msg"], c["pg_cpu_us_per_msg"], c["targets_met"]
-    rounds = len(c["runs"]["embedded"])
+    pg_cpu, met = c["pg_cpu_us_per_msg"], c["targets_met"]
+    rounds = len(next(iter(c["runs"].values()))["embedded"])
     lines = [
         "## The cluster: scale overhead, the PostgreSQL state path, a replica's rider query",
         "",
@@ -316,20 +483,31 @@ def render(c: dict[str, Any] | None) -> list[str]:
         + _sizes(c["status_bytes"])
         + "), a fresh mosquitto (and database) per configuration, configurations alternating"
         f" over {rounds} round(s); medians. CPU is user + system of the ingest processes from"
-        " `/proc/PID/stat`, from just before the publisher starts to the last acknowledgement"
-        " (so lease renewals and /metrics scrapes are in it); PostgreSQL's (postmaster and"
-        " backends) is beside it. Wall rates are the publisher's and the shared machine's as"
-        " much as ours: the figures are CPU per message.",
+        " `/proc/PID/stat` (lease checks and /metrics scrapes are in it); PostgreSQL's"
+        " (postmaster and backends) is beside it. *drain*: the processes stopped (SIGSTOP, their"
+        " sessions and leases kept), the messages published into their sessions, then CPU from"
+        " the moment they go on to the last acknowledgement: full batches, CPU per message at a"
+        " load the workers carry (the headline figures). *serial*: the same, the processes"
+        " going on one at a time, each drained before the next (each worker alone beside"
+        " PostgreSQL and mosquitto, as on a core of its own). *live*: published while they run,"
+        " as fast as mosquitto takes them (the publisher on the same cores), CPU from just before"
+        " it starts. Wall rates are the shared machine's as much as ours: the figures are CPU"
+        " per message.",
         "",
-        "| configuration | CPU us/msg (ingest) | + PostgreSQL us/msg | msg/s wall | load 1m |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| configuration | mode | CPU us/msg (ingest) | + PostgreSQL us/msg | msgs/batch"
+        " | msg/s wall | load 1m |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, runs in c["runs"].items():
-        pg = f"{pg_cpu[name]:.0f}" if name in pg_cpu else "-"
-        lines.append(
-            f"| {name} | {cpu[name]:.0f} | {pg} | {_med(runs, 'rate'):,.0f} |"
-            f" {_med(runs, 'loadavg_1m'):.1f} |"
-        )
+    for mode, by_name in c["runs"].items():
+        m = c["modes"][mode]
+        for name, runs in by_name.items():
+            pg = f"{m['pg_cpu_us_per_msg'][name]:.0f}" if name in m["pg_cpu_us_per_msg"] else "-"
+            lines.append(
+                f"| {name} | {mode} | {m['cpu_us_per_msg'][name]:.0f} | {pg} |"
+                f" {_med(runs, 'msgs_per_batch'):.0f} | {_med(runs, 'rate'):,.0f} |"
+                f" {_med(runs, 'loadavg_1m'):.1f} |"
+            )
+    others = "; ".join(f"{mode}: {m['scale_overhead']:.2f}x" for mode, m in c["modes"].items())
     api = c["replica"]
     lines += [
         "",
@@ -337,7 +515,8 @@ def render(c: dict[str, Any] | None) -> list[str]:
         f" message (target <= {c['scale_overhead_target']:.2f}x: {_met(met['scale_overhead'])})."
         f" Each added worker core carries ~{c['added_core_msg_s']:,.0f} msg/s"
         f" ({1 / c['scale_overhead']:.0%} of the first worker's core), plus"
-        f" {pg_cpu['2 workers']:.0f} us of PostgreSQL CPU a message.",
+        f" {pg_cpu['2 workers']:.0f} us of PostgreSQL CPU a message (by mode: {others}).",
+        *_idle_line(c),
         f"- **PostgreSQL state path**: embedded / 1 worker = **{c['pg_share']:.0%}** of the"
         f" embedded path's rate per core ({c['pg_share_with_db']:.0%} counting PostgreSQL's CPU"
         f" too; target >= {c['pg_share_target']:.0%}: {_met(met['pg_share'])}).",
@@ -362,6 +541,20 @@ def render(c: dict[str, Any] | None) -> list[str]:
             f" {s['devices_per_core'] / 2:,.0f} |"
         )
     return [*lines, ""]
+
+
+def _idle_line(c: dict[str, Any]) -> list[str]:
+    idle = c.get("idle")
+    if not idle:
+        return []
+    one, two = idle["1 worker"], idle["2 workers"]
+    return [
+        f"- **Workers doing nothing** ({c['idle_seconds']:.0f} s settled, no messages, no"
+        f" scrapes): 1 worker (all {c['partitions']} partitions) {one['cpu_ms_per_s']:.1f} ms"
+        f" of CPU a second, 2 workers {two['cpu_ms_per_s']:.1f} ms together (PostgreSQL"
+        f" {one['pg_cpu_ms_per_s']:.1f} / {two['pg_cpu_ms_per_s']:.1f}): lease checks,"
+        " listeners, timers, per partition and per process."
+    ]
 
 
 def _met(ok: bool) -> str:

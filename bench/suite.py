@@ -66,6 +66,8 @@ class Plan:
     cluster_messages: int = 30_000  # per configuration and round
     cluster_rounds: int = 2
     cluster_api_seconds: float = 20.0  # the open-loop rider query on the replica
+    cluster_idle_seconds: float = 10.0  # the workers' CPU doing nothing (no scrapes either)
+    cluster_modes: tuple[str, ...] = ("drain", "serial", "live")  # bench.cluster._measure
     parts: frozenset[str] = field(default_factory=lambda: frozenset(PARTS))  # all of them
 
     @classmethod
@@ -77,7 +79,8 @@ class Plan:
         """The cluster part small enough for a test (< 60 s): it cannot rot."""
         return cls(
             cluster_devices=400, cluster_messages=2_000, cluster_rounds=1,
-            cluster_api_seconds=3.0, parts=frozenset({"cluster"}),
+            cluster_api_seconds=3.0, cluster_idle_seconds=1.0, parts=frozenset({"cluster"}),
+            cluster_modes=("serial", "live"),  # serial runs all of drain's code and more
         )  # fmt: skip
 
 

@@ -10,11 +10,17 @@ change it itself; it queues the action and waits for its owner:
    with the station, the kind, the arguments as JSON and when it stops waiting) and
    NOTIFYs ``ACTIONS_CHANNEL`` with the station id, in one transaction;
 2. the applier of the partition that owns the station (``ActionApplier``, one per
-   partition in the worker, LISTENing on that channel, and looking every ``poll_s`` as the
-   safety net) claims its stations' queued rows (``applying``: one UPDATE with ``FOR UPDATE
-   SKIP LOCKED``, so one applier takes a row), applies each to its engines, and writes the
-   outcome (``done`` with the result, or ``failed`` with the error's kind and message) with
-   a NOTIFY of ``ACTION_DONE_CHANNEL`` (the row's id), in one transaction;
+   partition in the worker) claims its stations' queued rows (``applying``: one UPDATE with
+   ``FOR UPDATE SKIP LOCKED``, so one applier takes a row), applies each to its engines, and
+   writes the outcome (``done`` with the result, or ``failed`` with the error's kind and
+   message) with a NOTIFY of ``ACTION_DONE_CHANNEL`` (the row's id), in one transaction.
+   It claims when woken: in a worker, by the worker's one ``ActionNotices``, which LISTENs on
+   that channel and wakes the applier of the notice's station, and, as the safety net, on
+   every connect and every ``poll_s`` looks which stations have queued actions (one query)
+   and wakes theirs; an applier on its own (``notices=None``) LISTENs itself and claims
+   every ``poll_s``. (One listener a worker: a LISTEN connection and a claim a second per
+   partition cost a worker doing nothing ~2 % of a core, and a PostgreSQL backend each;
+   docs/benchmarks.md, the cluster section.)
 3. the replica, woken by that NOTIFY (or by its own bounded polling), reads the outcome and
    answers as ``serve`` would (the record, or the same exception: 404, 409, 422, 429).
 
@@ -41,7 +47,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn, Self, TypeVar
@@ -372,6 +378,64 @@ def _command(record: CommandRecord) -> JSON:
     return {"command": list(record.row())}
 
 
+_QUEUED_STATIONS = (  # the listener's own psycopg connection: SQL as text, clock as _DB_NOW_MS
+    "SELECT DISTINCT station_id FROM action_queue WHERE state = 'queued'"
+    " AND expires_at_ms > floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+)
+
+
+class ActionNotices:
+    """A worker's one LISTEN on ``ACTIONS_CHANNEL`` for all its appliers (module docstring):
+    a notice wakes the appliers of its station; on every connect and every ``poll_s`` one
+    query of the stations with queued, unexpired actions wakes theirs. Run ``run()`` as a
+    supervised task for the worker's life; appliers ``register`` while they run."""
+
+    def __init__(self, url: str, *, poll_s: float = POLL_S) -> None:
+        self.url = url
+        self.poll_s = poll_s
+        self.listening = False
+        self._wakes: dict[str, set[asyncio.Event]] = {}
+
+    def register(self, stations: Collection[str], wake: asyncio.Event) -> Callable[[], None]:
+        """Set ``wake`` for actions of ``stations``; returns the call that stops it."""
+        for station in stations:
+            self._wakes.setdefault(station, set()).add(wake)
+
+        def unregister() -> None:
+            for station in stations:
+                events = self._wakes.get(station, set())
+                events.discard(wake)
+                if not events:
+                    self._wakes.pop(station, None)
+
+        return unregister
+
+    def _wake(self, stations: Iterable[str]) -> None:
+        for station in stations:
+            for wake in self._wakes.get(station, ()):
+                wake.set()
+
+    async def run(self) -> NoReturn:
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    libpq_url(self.url), autocommit=True, connect_timeout=5
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {ACTIONS_CHANNEL}")
+                    self.listening = True
+                    while True:  # what no notice announced (before we listened, or lost)
+                        cur = await conn.execute(_QUEUED_STATIONS)
+                        self._wake(str(r[0]) for r in await cur.fetchall())
+                        async for notice in conn.notifies(timeout=self.poll_s):
+                            self._wake((notice.payload,))
+            except (psycopg.Error, OSError) as exc:
+                log.warning("actions: LISTEN failed (%s); again in %.1f s", exc, 1.0)
+            finally:
+                self.listening = False
+            await asyncio.sleep(1.0)
+
+
 class ActionApplier:
     """The worker's side for one partition: applies the queued actions of ``stations`` to
     the partition's engines (module docstring). ``async with`` it, then run ``run()`` as a
@@ -390,8 +454,10 @@ class ActionApplier:
         commands: Commands | None = None,
         poll_s: float = POLL_S,
         clock: Callable[[], int] = now_ms,
+        notices: ActionNotices | None = None,
     ) -> None:
         self.url = url
+        self.notices = notices  # the worker's listener; None: LISTEN and poll on its own
         self.stations = frozenset(stations)
         self.alerts = alerts
         self.orders = orders
@@ -429,8 +495,11 @@ class ActionApplier:
         return await asyncio.shield(future)
 
     async def run(self) -> NoReturn:
-        """LISTEN for queued actions of our stations and apply them; every ``poll_s``
-        without a notice, look anyway. A lost connection is retried."""
+        """Apply the queued actions of our stations, now and whenever woken: by the
+        worker's ``notices``, or (without) by our own LISTEN and every ``poll_s``. A failed
+        claim or a lost connection is retried."""
+        if self.notices is not None:
+            await self._run_woken(self.notices)
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
@@ -447,6 +516,23 @@ class ActionApplier:
             except (psycopg.Error, OSError, StoreError) as exc:
                 log.warning("actions: LISTEN or claim failed (%s); again in %.1f s", exc, 1.0)
                 await asyncio.sleep(1.0)
+
+    async def _run_woken(self, notices: ActionNotices) -> NoReturn:
+        wake = asyncio.Event()
+        unregister = notices.register(self.stations, wake)
+        try:
+            while True:
+                wake.clear()  # before the claim: a notice meanwhile makes another round
+                try:
+                    await self.apply_pending()
+                    await self._prune()
+                except (psycopg.Error, OSError, StoreError) as exc:
+                    log.warning("actions: claim failed (%s); again in %.1f s", exc, 1.0)
+                    await asyncio.sleep(1.0)
+                    continue
+                await wake.wait()
+        finally:
+            unregister()
 
     async def _prune(self) -> None:
         if time.monotonic() - self._pruned_at < PRUNE_EVERY_S or self._queue is None:

@@ -178,13 +178,13 @@ class PipelineConsumer:
         # the work orders and commands of our stations, and maintainers' actions from the
         # API replicas for them (ingest.actions), for as long as we hold the partition; the
         # applier supervised: a death is logged and it starts again. None of them for a
-        # partition without stations: they (and the LISTEN connection) would serve nobody
+        # partition without stations: they would serve nobody
         if not stations:
             return
         await self._start_orders_and_commands(engine, pipeline)
         applier = ActionApplier(
             self.alerts.db_url, stations, alerts=engine, orders=self.orders,
-            commands=self.commands,
+            commands=self.commands, notices=self.alerts.notices,
         )  # fmt: skip
         await applier.__aenter__()
         self.applier = applier

@@ -6,7 +6,9 @@ whose worker died is taken over by another once its claim runs out; its delivery
 from the database's sequence. Each owned partition runs an ``AlertEngine`` of its own
 (``engine``) over the partition's stations (a station is in one partition, so the station
 rules see all of it), with alert and event ids from the database's sequences and the
-partition's own range of the event journal. The engines' metrics stay with them (one per
+partition's own range of the event journal. One ``ActionNotices`` per worker (``notices``)
+wakes the partitions' action appliers (``ingest.actions``): one LISTEN connection a worker,
+not one a partition. The engines' metrics stay with them (one per
 partition and lease epoch); the worker's /metrics has their sum (``WorkerAlertsCollector``):
 unresolved alerts of the partitions it owns, and its notifier's deliveries.
 
@@ -57,7 +59,7 @@ from pydantic import ValidationError
 
 from devices.catalog import Catalog
 from ingest import IngestError, StoreError
-from ingest.actions import libpq_url
+from ingest.actions import ActionNotices, libpq_url
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.ids import AlertIds, IdPool
@@ -123,6 +125,8 @@ class WorkerAlerts:
         self.claim_lease_s = claim_lease_s
         self.reload_s = reload_s
         self.supervisor = Supervisor()
+        # the one LISTEN for maintainers' actions of all the partitions' appliers
+        self.notices = ActionNotices(db_url)
         self._store: AlertStore | None = None
         self._order_store: WorkOrderStore | None = None
         self._command_store: CommandStore | None = None
@@ -163,6 +167,7 @@ class WorkerAlerts:
             self._command_store = await asyncio.to_thread(CommandStore.on_postgresql, self.db_url)
             await self.supervisor.__aenter__()
             try:
+                self.supervisor.start("actions:notices", self.notices.run)
                 self._notifier = await Notifier(
                     store,
                     self.config.webhooks,
