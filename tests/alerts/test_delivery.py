@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ingest.alerts.config import WebhookOptions
-from ingest.alerts.notify import Notifier
+from ingest.alerts.notify import Notifier, Subscription
 from ingest.alerts.store import DB_FILE, AlertStore
 from tests.alerts.helpers import eventually
 from tests.alerts.receiver import Receiver, receiver
@@ -218,6 +218,47 @@ async def test_pending_deliveries_resume_after_a_restart_with_the_same_id(tmp_pa
         store.close()
 
 
+async def test_serves_counts_and_health_survive_restarts(tmp_path: Path) -> None:
+    """Serve's one notifier saves its counts as increments: after each restart it lists the
+    same counts it had, goes on from them, and the store holds what it lists."""
+    store = AlertStore.in_dir(tmp_path)
+    options = WebhookOptions(**FAST, failing_after=2)
+
+    async def sent(notifier: Notifier, alert_id: int) -> None:
+        assert notifier.publish("opened", make_alert(id=alert_id)) == 1
+        await asyncio.wait_for(notifier.idle(), 5)
+
+    try:
+        with receiver() as hook:
+            async with Notifier(store, options) as notifier:
+                sub = await notifier.add(hook.url)
+                await sent(notifier, 1)
+                await sent(notifier, 2)
+                hook.answer = 410
+                await sent(notifier, 3)
+                before = sub.view()
+            assert (before["delivered"], before["failed"], before["consecutive_failures"]) == (
+                2, 1, 1,
+            )  # fmt: skip
+            async with Notifier(store, options) as notifier:
+                again = notifier.subscriptions[sub.id]
+                assert again.view() == before
+                await sent(notifier, 4)
+                assert (again.failed, again.consecutive_failures, again.failing) == (2, 2, True)
+                before = again.view()
+            async with Notifier(store, options) as notifier:
+                again = notifier.subscriptions[sub.id]
+                assert again.view() == before
+                hook.answer = 200
+                await sent(notifier, 5)
+                after = again.view()
+        assert (after["delivered"], after["failed"], after["failing"]) == (3, 2, False)
+        [(webhook_id, record)] = store.webhooks()
+        assert Subscription(id=webhook_id, **record).view() == after
+    finally:
+        store.close()
+
+
 @contextmanager
 def write_locked(path: Path) -> Iterator[None]:
     """Another process holds the SQLite file's write lock (as a backup job or a stuck
@@ -278,6 +319,8 @@ async def test_sending_never_waits_for_the_store(tmp_path: Path) -> None:
             (1, "delivered", 1),
             (2, "delivered", 1),
         ]
+        [(_, record)] = store.webhooks()  # the saves that failed counted on: none lost
+        assert (record["delivered"], record["last_success_at_ms"]) == (2, sub.last_success_at_ms)
         assert {str(r["id"]) for r in rows} == {
             r.headers["x-chargewatch-delivery"] for r in hook.requests
         }
