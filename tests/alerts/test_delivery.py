@@ -10,6 +10,7 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,8 +21,9 @@ from typing import Any
 import pytest
 
 from ingest.alerts.config import WebhookOptions
-from ingest.alerts.notify import Notifier, Subscription
+from ingest.alerts.notify import SAVER, Notifier, Subscription
 from ingest.alerts.store import DB_FILE, AlertStore
+from ingest.sqlite_db import SQLiteDB
 from tests.alerts.helpers import eventually
 from tests.alerts.receiver import Receiver, receiver
 from tests.alerts.test_formats import make_alert
@@ -255,6 +257,45 @@ async def test_serves_counts_and_health_survive_restarts(tmp_path: Path) -> None
         assert (after["delivered"], after["failed"], after["failing"]) == (3, 2, False)
         [(webhook_id, record)] = store.webhooks()
         assert Subscription(id=webhook_id, **record).view() == after
+    finally:
+        store.close()
+
+
+class SlowCountsStore(AlertStore):
+    """The real SQLite store, whose saves of subscription counts wait for ``gate`` (a disk
+    that stalls, at the moment we choose: not something a test can make a real one do)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(SQLiteDB(path))
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def save_outbox(self, deliveries: Any, webhooks: Any = (), **options: Any) -> None:
+        if webhooks:
+            self.waiting.set()
+            assert self.gate.wait(10)
+        super().save_outbox(deliveries, webhooks, **options)
+
+
+async def test_a_stop_during_a_save_counts_nothing_twice(tmp_path: Path) -> None:
+    """A stop cancels the saver while its write of the counts goes on in its thread: the
+    stop waits for that write's outcome, so its last save does not add them again."""
+    store = SlowCountsStore(tmp_path / DB_FILE)
+    try:
+        with receiver() as hook:
+            notifier = Notifier(store, WebhookOptions(**FAST))
+            await notifier.__aenter__()
+            sub = await notifier.add(hook.url)
+            notifier.publish("opened", make_alert(id=1))
+            await eventually(lambda: _eq(sub.delivered, 1))
+            await asyncio.to_thread(store.waiting.wait, 5)  # the counts' save is under way
+            stop = asyncio.create_task(notifier.__aexit__(None, None, None))
+            await eventually(lambda: _eq(SAVER in notifier.supervisor.names, False))
+            store.gate.set()  # the write goes through after the saver was cancelled
+            await asyncio.wait_for(stop, 10)
+        [(_, record)] = store.webhooks()
+        assert record["delivered"] == 1
+        assert [r["status"] for r in store.deliveries()] == ["delivered"]
     finally:
         store.close()
 
