@@ -21,9 +21,15 @@ subscription and listed by ``GET /v1/notifications``. After ``failing_after`` fa
 attempts in a row the subscription is marked ``failing``; a success clears the mark.
 
 The outbox is durable, best effort: every change marks the delivery unsaved, and a saver
-task upserts unsaved rows (and subscription counters) in one transaction on a worker
-thread. A store that cannot write (locked, full) delays only that: the rows stay unsaved
-and are retried with backoff, sending goes on. After a restart, pending rows are sent again
+task upserts unsaved rows, and adds what it counted of each subscription since its last
+save (``Subscription.counts_since``, ``store.WebhookCounts``) to the stored record, in one
+transaction on a worker thread. Counts saved as increments add up when several notifiers
+share a database (the ingest workers): the store lists their sum, and ``failing`` there
+counts the failed attempts in a row of all of them since the newest success of any (a
+notifier's own ``Subscription`` in memory counts from the stored ones at its start, plus
+its own). A stop waits for a save in flight, so no increment is written twice. A store
+that cannot write (locked, full) delays only that: the rows stay unsaved and are retried
+with backoff, sending goes on. After a restart, pending rows are sent again
 under their ids: at least once, dedupe on ``X-Chargewatch-Delivery``. What was never saved
 before a crash is lost with the process (logged at a stop).
 
@@ -641,7 +647,8 @@ class Notifier:
     async def sync(self) -> tuple[int, int]:
         """Serve the store's subscriptions: start those added elsewhere (an API replica),
         stop those removed there (as ``remove`` does); (started, stopped). A subscription
-        served already keeps its counters (this notifier's, saved by it)."""
+        served already keeps its counters (the stored ones at its start, plus this
+        notifier's own since)."""
         async with self._subs_lock:
             stored = dict(await asyncio.to_thread(self.store.webhooks))
             started = [i for i in stored if i not in self._boxes]
