@@ -151,14 +151,15 @@ class Subscription:
             self.last_success_at_ms != saved.last_success_at_ms
             or self.consecutive_failures < saved.consecutive_failures
         )
-        failed_again = self.last_failure_at_ms != saved.last_failure_at_ms
+        failures = self.consecutive_failures - (0 if succeeded else saved.consecutive_failures)
+        failed_again = failures > 0 or self.last_failure_at_ms != saved.last_failure_at_ms
         return WebhookCounts(
             failing_after=failing_after,
             delivered=self.delivered - saved.delivered,
             failed=self.failed - saved.failed,
             expired=self.expired - saved.expired,
             dropped=self.dropped - saved.dropped,
-            failures=self.consecutive_failures - (0 if succeeded else saved.consecutive_failures),
+            failures=failures,
             success_at_ms=self.last_success_at_ms if succeeded else None,
             failure_at_ms=self.last_failure_at_ms if failed_again else None,
             error=self.last_error if failed_again else None,

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 
 from ingest.alerts.config import WebhookOptions
 from ingest.alerts.notify import SAVER, Notifier, Subscription
-from ingest.alerts.store import DB_FILE, AlertStore
+from ingest.alerts.store import DB_FILE, AlertStore, WebhookCounts
 from ingest.sqlite_db import SQLiteDB
 from tests.alerts.helpers import eventually
 from tests.alerts.receiver import Receiver, receiver
@@ -259,6 +260,30 @@ async def test_serves_counts_and_health_survive_restarts(tmp_path: Path) -> None
         assert Subscription(id=webhook_id, **record).view() == after
     finally:
         store.close()
+
+
+def test_the_counts_a_save_adds_are_those_since_the_last_save() -> None:
+    """What a notifier counted since its last save (``counts_since``), also when a success
+    or a failure comes within the same millisecond as the saved one."""
+    saved = Subscription(id=1, url="u", secret="s", delivered=4, failed=1, consecutive_failures=2,
+                         last_success_at_ms=100, last_failure_at_ms=200, last_error="HTTP 500")  # fmt: skip
+    now = replace(saved, delivered=5, failed=2, dropped=1, consecutive_failures=1,
+                  last_success_at_ms=300, last_failure_at_ms=310, last_error="HTTP 410")  # fmt: skip
+    assert now.counts_since(saved, 3) == WebhookCounts(
+        failing_after=3, delivered=1, failed=1, dropped=1, failures=1, success_at_ms=300,
+        failure_at_ms=310, error="HTTP 410",
+    )  # fmt: skip
+    assert saved.counts_since(saved, 3) == WebhookCounts(failing_after=3)
+    # a success, then a failure, in the saved ones' milliseconds: seen in the counts
+    same_ms = replace(saved, consecutive_failures=1, delivered=5)
+    assert same_ms.counts_since(saved, 3) == WebhookCounts(
+        failing_after=3, delivered=1, failures=1, success_at_ms=100, failure_at_ms=200,
+        error="HTTP 500",
+    )  # fmt: skip
+    again = replace(saved, consecutive_failures=3)  # one more failure in that millisecond
+    assert again.counts_since(saved, 3) == WebhookCounts(
+        failing_after=3, failures=1, failure_at_ms=200, error="HTTP 500"
+    )
 
 
 class SlowCountsStore(AlertStore):
