@@ -58,7 +58,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +69,7 @@ from psycopg.rows import TupleRow
 from sqlalchemy import Connection, text
 
 from ingest import IngestError, StoreError, StoreUnavailable
+from ingest.backoff import backoff_s
 from ingest.db import migrate
 from ingest.db.database import CoreStatement, Database
 from ingest.partitions import check_partitions
@@ -340,8 +340,7 @@ class LeaseManager:
             except* (psycopg.Error, OSError, TimeoutError) as group:
                 self._lose(group.exceptions[0])
             failures += 1
-            delay = min(self.config.reconnect_max_s, 0.5 * 2 ** (failures - 1))
-            delay *= random.uniform(0.5, 1.0)
+            delay = backoff_s(failures, first_s=0.5, cap_s=self.config.reconnect_max_s)
             log.warning("lease database: reconnect attempt %d in %.1fs", failures, delay)
             await asyncio.sleep(delay)
 

@@ -35,7 +35,8 @@ secret only in the answer to the creation); each add and remove NOTIFYs
 ``WEBHOOKS_CHANNEL`` in its statement, and every worker's notifier follows
 (``ingest.worker_alerts``). Notifications not delivered (pending, given up) are the outbox's
 rows as the workers last saved them; a subscription's ``pending`` counts its pending rows
-(of every worker), its other counters are those the workers' notifiers last saved.
+(of every worker), its other counters the sum of what the workers' notifiers saved (each
+saves its increments), ``failing`` its failed attempts in a row across them.
 
 Clearing a battery's flag is not queued: a flag belongs to no partition (the pack may be in
 any cabinet, or in none), so the replica writes the clearance itself

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from ingest import StoreError, StoreUnavailable
+from ingest.backoff import backoff_s
 from ingest.db import migrate
 from ingest.db.database import Database, PgDatabase
 from ingest.leases import DEFAULT_LOCK_SPACE, SERVE_LOCK, lease_holders, serve_holder
@@ -154,7 +154,7 @@ class ServeLock:
                     break
                 except StoreUnavailable as exc:
                     failures += 1
-                    delay = min(10.0, 0.5 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+                    delay = backoff_s(failures, first_s=0.5, cap_s=10.0)
                     log.warning("%s; attempt %d again in %.1fs", exc, failures, delay)
                     await asyncio.sleep(delay)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import psycopg
 from devices.catalog import Catalog
 from devices.topics import TopicScheme
 from ingest import IngestError
+from ingest.backoff import backoff_s
 from ingest.gmqtt_source import GmqttSource
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, Received
@@ -80,7 +80,7 @@ class UnknownDevices:
                 await self._session()
             except Exception as exc:
                 failures += 1
-                delay = min(self.retry_max_s, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = backoff_s(failures, first_s=0.5, cap_s=self.retry_max_s)
                 if isinstance(exc, IngestError | psycopg.Error | OSError | TimeoutError):
                     log.warning("unknown devices: %s; again in %.1fs", exc, delay)
                 else:  # never silently

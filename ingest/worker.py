@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 from collections import deque
@@ -52,6 +51,7 @@ from devices.catalog import Catalog, CatalogError, Device
 from devices.topics import TopicScheme
 from ingest import IngestError, StoreError, pg_retention
 from ingest.alerts.config import AlertsConfig
+from ingest.backoff import backoff_s
 from ingest.commands.config import CommandsConfig
 from ingest.commands.service import Publisher
 from ingest.db import migrate, registry
@@ -201,7 +201,7 @@ class PartitionRun:
             except Exception as exc:
                 outage = isinstance(exc, IngestError | psycopg.Error | OSError | TimeoutError)
                 failures += 1
-                delay = min(5.0, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = backoff_s(failures, first_s=0.5, cap_s=5.0)
                 metrics = self.worker.metrics
                 if outage:
                     metrics.store_errors.inc()
@@ -427,7 +427,7 @@ async def follow_registry(
                     await _catch_up(worker, load)
         except (psycopg.Error, OSError, StoreError, CatalogError) as exc:
             failures += 1
-            delay = min(retry_max_s, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
+            delay = backoff_s(failures, first_s=0.5, cap_s=retry_max_s)
             log.warning("registry: %s; again in %.1fs", exc or type(exc).__name__, delay)
             await asyncio.sleep(delay)
 

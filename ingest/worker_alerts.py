@@ -45,7 +45,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import weakref
 from collections.abc import Collection, Iterator
 from types import TracebackType
@@ -66,6 +65,7 @@ from ingest.alerts.ids import AlertIds, IdPool
 from ingest.alerts.notify import Notifier
 from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.store import WEBHOOKS_CHANNEL, AlertStore
+from ingest.backoff import backoff_s
 from ingest.commands.config import CommandsConfig
 from ingest.commands.store import CommandStore
 from ingest.pipeline import Twins
@@ -273,8 +273,8 @@ async def follow_webhooks(
                             await conn.execute("SELECT 1")
                     await notifier.sync()
         except (psycopg.Error, OSError, StoreError, TimeoutError) as exc:
-            failures = min(failures + 1, 10)
-            delay = min(backoff_max_s, 0.25 * 2**failures) * random.uniform(0.5, 1.0)
+            failures += 1
+            delay = backoff_s(failures, first_s=0.5, cap_s=backoff_max_s)
             log.warning(
                 "webhooks: following subscriptions failed (%s); again in %.1f s (attempt %d)",
                 exc or type(exc).__name__, delay, failures,

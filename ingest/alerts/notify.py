@@ -21,9 +21,15 @@ subscription and listed by ``GET /v1/notifications``. After ``failing_after`` fa
 attempts in a row the subscription is marked ``failing``; a success clears the mark.
 
 The outbox is durable, best effort: every change marks the delivery unsaved, and a saver
-task upserts unsaved rows (and subscription counters) in one transaction on a worker
-thread. A store that cannot write (locked, full) delays only that: the rows stay unsaved
-and are retried with backoff, sending goes on. After a restart, pending rows are sent again
+task upserts unsaved rows, and adds what it counted of each subscription since its last
+save (``Subscription.counts_since``, ``store.WebhookCounts``) to the stored record, in one
+transaction on a worker thread. Counts saved as increments add up when several notifiers
+share a database (the ingest workers): the store lists their sum, and ``failing`` there
+counts the failed attempts in a row of all of them since the newest success of any (a
+notifier's own ``Subscription`` in memory counts from the stored ones at its start, plus
+its own). A stop waits for a save in flight, so no increment is written twice. A store
+that cannot write (locked, full) delays only that: the rows stay unsaved and are retried
+with backoff, sending goes on. After a restart, pending rows are sent again
 under their ids: at least once, dedupe on ``X-Chargewatch-Delivery``. What was never saved
 before a crash is lost with the process (logged at a stop).
 
@@ -59,7 +65,7 @@ import re
 import secrets
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import quote_plus
@@ -71,7 +77,7 @@ from ingest.alerts.config import WebhookOptions
 from ingest.alerts.ids import IdPool
 from ingest.alerts.messages import DEFAULT_TIMEZONE, LANGUAGES, clip, compose
 from ingest.alerts.model import NOTIFIED_EVENTS, Alert, alert_view, rfc3339
-from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore
+from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore, WebhookCounts
 from ingest.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -83,6 +89,13 @@ SIGNATURE_HEADER = "X-Chargewatch-Signature"
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """A done callback that takes a future's outcome (no "never retrieved" warning for one
+    whose awaiting was cancelled: the outbox's write, which goes on in its thread)."""
+    if not done.cancelled():
+        done.exception()
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -128,6 +141,29 @@ class Subscription:
         data = asdict(self)
         del data["id"], data["pending"]
         return data
+
+    def counts_since(self, saved: Subscription, failing_after: int) -> WebhookCounts:
+        """What this notifier counted since ``saved`` (a copy of itself at its last save, or
+        as loaded): the increments the store adds to the record (``save_outbox``)."""
+        # a success resets the failures in a row (one within the same ms as the saved one
+        # shows as fewer failures in a row than saved)
+        succeeded = (
+            self.last_success_at_ms != saved.last_success_at_ms
+            or self.consecutive_failures < saved.consecutive_failures
+        )
+        failures = self.consecutive_failures - (0 if succeeded else saved.consecutive_failures)
+        failed_again = failures > 0 or self.last_failure_at_ms != saved.last_failure_at_ms
+        return WebhookCounts(
+            failing_after=failing_after,
+            delivered=self.delivered - saved.delivered,
+            failed=self.failed - saved.failed,
+            expired=self.expired - saved.expired,
+            dropped=self.dropped - saved.dropped,
+            failures=failures,
+            success_at_ms=self.last_success_at_ms if succeeded else None,
+            failure_at_ms=self.last_failure_at_ms if failed_again else None,
+            error=self.last_error if failed_again else None,
+        )
 
     def view(self) -> dict[str, Any]:
         """What the API lists: everything but the secret (times RFC 3339)."""
@@ -441,6 +477,8 @@ class Notifier:
         self.supervisor = supervisor or Supervisor()
         self._transport = transport
         self.subscriptions: dict[int, Subscription] = {}
+        # each subscription as last saved (or loaded): its counts since are what a save adds
+        self._saved_subs: dict[int, Subscription] = {}
         self._boxes: dict[int, _Outbox] = {}
         self._live: dict[int, Delivery] = {}  # every pending delivery, by id
         self._unsaved: dict[int, Delivery] = {}  # changed since last saved
@@ -574,6 +612,7 @@ class Notifier:
 
     def _start(self, sub: Subscription) -> None:
         self.subscriptions[sub.id] = sub
+        self._saved_subs[sub.id] = replace(sub)
         box = self._boxes[sub.id] = _Outbox(sub)
         box.lanes = (f"webhook:{sub.id}:fresh", f"webhook:{sub.id}:retry")
         self.supervisor.start(box.lanes[0], functools.partial(self._fresh_lane, box))
@@ -597,6 +636,7 @@ class Notifier:
         """A subscription no longer served: its lanes stop, and what it had pending (waiting
         or in flight) is ``dropped`` ("subscription removed")."""
         self.subscriptions.pop(webhook_id, None)
+        self._saved_subs.pop(webhook_id, None)
         box = self._boxes.pop(webhook_id, None)
         if box is not None:
             for name in box.lanes:
@@ -608,7 +648,8 @@ class Notifier:
     async def sync(self) -> tuple[int, int]:
         """Serve the store's subscriptions: start those added elsewhere (an API replica),
         stop those removed there (as ``remove`` does); (started, stopped). A subscription
-        served already keeps its counters (this notifier's, saved by it)."""
+        served already keeps its counters (the stored ones at its start, plus this
+        notifier's own since)."""
         async with self._subs_lock:
             stored = dict(await asyncio.to_thread(self.store.webhooks))
             started = [i for i in stored if i not in self._boxes]
@@ -936,23 +977,46 @@ class Notifier:
         batch, self._unsaved = self._unsaved, {}
         sub_ids, self._unsaved_subs = self._unsaved_subs, set()
         rows = [d.row() for d in batch.values()]  # on the loop: a consistent picture
-        records = [(i, self.subscriptions[i].record()) for i in sub_ids if i in self.subscriptions]
+        saving = {i: replace(self.subscriptions[i]) for i in sub_ids if i in self.subscriptions}
+        failing_after = self.options.failing_after
+        counts = [
+            (i, sub.counts_since(self._saved_subs[i], failing_after)) for i, sub in saving.items()
+        ]
         claim = None
         if self.claim_lease_s is not None:  # a new row is ours; the claimer renews it
             claim = _now_ms() + int(self.claim_lease_s * 1000)
         self._saving = True
+        write = asyncio.ensure_future(
+            asyncio.to_thread(self.store.save_outbox, rows, counts, claim_until_ms=claim)
+        )
+        write.add_done_callback(_retrieved)
+        stopped: asyncio.CancelledError | None = None
+        refused: Exception | None = None
         try:
-            await asyncio.to_thread(self.store.save_outbox, rows, records, claim_until_ms=claim)
-        except BaseException as exc:  # cancelled too (a stop): written again by the last save
-            self._unsaved = {**batch, **self._unsaved}
-            self._unsaved_subs |= sub_ids
-            if not isinstance(exc, Exception):
-                raise
-            self.save_failures += 1
-            return exc
+            await asyncio.shield(write)
+        except asyncio.CancelledError as exc:
+            # a stop: the thread writes on regardless, and its outcome says what is still
+            # unsaved (counts sent again after a write that went through count twice)
+            stopped = exc
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({write})
+        except Exception as exc:
+            refused = exc
         finally:
             self._saving = False
             self._changed.set()
+        if not (write.done() and not write.cancelled() and write.exception() is None):
+            self._unsaved = {**batch, **self._unsaved}  # written again by the next save
+            self._unsaved_subs |= sub_ids
+            if stopped is not None:
+                raise stopped
+            self.save_failures += 1
+            return refused or RuntimeError("the outbox's write did not finish")
+        for webhook_id, sub in saving.items():  # counted from here on (unless removed meanwhile)
+            if webhook_id in self._saved_subs:
+                self._saved_subs[webhook_id] = sub
         if claim is not None:
             self._claimed.update(i for i, d in batch.items() if d.status == PENDING)
+        if stopped is not None:
+            raise stopped
         return None

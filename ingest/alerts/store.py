@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Select,
     Text,
+    Update,
     and_,
     bindparam,
+    case,
     cast,
     delete,
     func,
@@ -33,6 +36,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.expression import Executable
 
 from ingest.alerts.model import ALERT_COLUMNS, Alert, AlertQuery, Timing
@@ -160,9 +164,130 @@ _PENDING_BY_WEBHOOK = (
     .group_by(deliveries.c.webhook_id)
 )
 _WEBHOOKS = select(webhooks.c.id, webhooks.c.record).order_by(webhooks.c.id)
-_SET_WEBHOOK = (
-    update(webhooks).where(webhooks.c.id == bindparam("b_id")).values(record=bindparam("b_record"))
-)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WebhookCounts:
+    """What one notifier counted of a subscription's deliveries since its last save (or its
+    start), added to the stored record in the save's transaction (``save_outbox``): with
+    several writers (the ingest workers) each saves its own increments, and the record holds
+    their sum. Serve, the one writer, keeps its exact counts this way too."""
+
+    failing_after: int  # failed attempts in a row that mark the subscription failing
+    delivered: int = 0
+    failed: int = 0
+    expired: int = 0
+    dropped: int = 0
+    failures: int = 0  # failed attempts since the last save, after ``success_at_ms`` if any
+    success_at_ms: int | None = None  # the newest successful attempt since the last save
+    failure_at_ms: int | None = None  # the newest failed attempt since the last save
+    error: str | None = None  # that attempt's error
+
+    def params(self, webhook_id: int) -> dict[str, Any]:
+        return {
+            "b_id": webhook_id, "b_delivered": self.delivered, "b_failed": self.failed,
+            "b_expired": self.expired, "b_dropped": self.dropped, "b_failures": self.failures,
+            "b_success_at": self.success_at_ms, "b_failure_at": self.failure_at_ms,
+            "b_error": self.error, "b_failing_after": self.failing_after,
+        }  # fmt: skip
+
+
+_WEBHOOK_COUNTERS = ("delivered", "failed", "expired", "dropped")
+
+
+def _counted(
+    number: Callable[[str], ColumnElement[Any]], word: Callable[[str], ColumnElement[Any]]
+) -> dict[str, ColumnElement[Any]]:
+    """A subscription record's counted fields after adding one ``WebhookCounts`` (its
+    binds), from the stored ones (``number``, ``word``: a field of the stored record).
+
+    Failed attempts in a row are those since the newest success any writer saved: a save
+    with a newer success starts the count again from its failures after it; a save whose
+    newest failure is not older than the stored success adds its failures; any other (its
+    failures all before a success saved meanwhile) leaves it. Writers' saves interleave, so
+    the count is as exact as the order of the saves: for one writer (serve), exactly its own.
+    ``failing``: at least ``failing_after`` of them."""
+
+    def bound(name: str) -> ColumnElement[Any]:
+        return cast(bindparam(name), BigInteger)
+
+    def stored(name: str) -> ColumnElement[Any]:
+        return func.coalesce(number(name), _ZERO)
+
+    success_at, failure_at, failures = (
+        bound("b_success_at"),
+        bound("b_failure_at"),
+        bound("b_failures"),
+    )
+    newer_success = and_(success_at.is_not(None), success_at >= stored("last_success_at_ms"))
+    newer_failure = and_(failure_at.is_not(None), failure_at >= stored("last_failure_at_ms"))
+    in_a_row = case(
+        (newer_success, failures),
+        (
+            and_(failure_at.is_not(None), failure_at >= stored("last_success_at_ms")),
+            stored("consecutive_failures") + failures,
+        ),
+        else_=stored("consecutive_failures"),
+    )
+    counted = {name: stored(name) + bound(f"b_{name}") for name in _WEBHOOK_COUNTERS}
+    return counted | {
+        "consecutive_failures": in_a_row,
+        "failing": in_a_row >= bound("b_failing_after"),
+        "last_success_at_ms": case((newer_success, success_at), else_=number("last_success_at_ms")),
+        "last_failure_at_ms": case((newer_failure, failure_at), else_=number("last_failure_at_ms")),
+        "last_error": case(
+            (newer_failure, cast(bindparam("b_error"), Text)), else_=word("last_error")
+        ),
+    }
+
+
+def _add_counts_sqlite() -> Update:
+    """``_counted`` into the record with SQLite's JSON functions (one UPDATE: the file's one
+    writer at a time)."""
+    record = webhooks.c.record
+
+    def field(name: str) -> ColumnElement[Any]:
+        return func.json_extract(record, literal_column(f"'$.{name}'"))
+
+    pairs: list[Any] = []
+    for name, value in _counted(field, field).items():
+        if name == "failing":  # a JSON true or false, not SQLite's 1 or 0
+            value = func.json(
+                case((value, literal_column("'true'")), else_=literal_column("'false'"))
+            )
+        pairs += [literal_column(f"'$.{name}'"), value]
+    return (
+        update(webhooks)
+        .where(webhooks.c.id == bindparam("b_id"))
+        .values(record=func.json_set(record, *pairs))
+    )
+
+
+def _add_counts_postgresql() -> Update:
+    """``_counted`` into the record as jsonb (one UPDATE: a concurrent writer's UPDATE of the
+    row waits for this one's commit and then adds to its result)."""
+    record = cast(webhooks.c.record, JSONB)
+
+    def word(name: str) -> ColumnElement[Any]:
+        text: ColumnElement[Any] = record[name].astext
+        return text
+
+    def number(name: str) -> ColumnElement[Any]:
+        return cast(word(name), BigInteger)
+
+    pairs: list[Any] = []
+    for name, value in _counted(number, word).items():
+        pairs += [literal_column(f"'{name}'"), value]
+    merged = record.op("||")(func.jsonb_build_object(*pairs))
+    return (
+        update(webhooks).where(webhooks.c.id == bindparam("b_id")).values(record=cast(merged, Text))
+    )
+
+
+_ADD_COUNTS: dict[str, Update] = {
+    "sqlite": _add_counts_sqlite(),
+    "postgresql": _add_counts_postgresql(),
+}
 _MAX_DELIVERY = select(func.coalesce(func.max(deliveries.c.id), _ZERO))
 _DELIVERY = select(*(deliveries.c[c] for c in DELIVERY_COLUMNS))
 _CLAIMABLE = and_(
@@ -490,13 +615,14 @@ class AlertStore:
     def save_outbox(
         self,
         deliveries: Sequence[Sequence[Any]],
-        webhooks: Sequence[tuple[int, dict[str, Any]]] = (),
+        webhooks: Sequence[tuple[int, WebhookCounts]] = (),
         *,
         claim_until_ms: int | None = None,
     ) -> None:
         """Upsert deliveries (rows in ``DELIVERY_COLUMNS`` order; the body is written once)
-        and subscription records, in one transaction. A new row is claimed by its writer
-        until ``claim_until_ms`` (None: by nobody); a saved row keeps its claim."""
+        and add subscriptions' counts to their records (``WebhookCounts``; a subscription
+        removed meanwhile is skipped), in one transaction. A new row is claimed by its
+        writer until ``claim_until_ms`` (None: by nobody); a saved row keeps its claim."""
         self._db.transaction(
             [
                 (
@@ -509,10 +635,7 @@ class AlertStore:
                         for d in deliveries
                     ],
                 ),
-                (
-                    _SET_WEBHOOK,
-                    [{"b_id": i, "b_record": json.dumps(record)} for i, record in webhooks],
-                ),
+                (_ADD_COUNTS[self._dialect], [counts.params(i) for i, counts in webhooks]),
             ]
         )
 

@@ -10,18 +10,21 @@ import logging
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ingest.alerts.config import WebhookOptions
-from ingest.alerts.notify import Notifier
-from ingest.alerts.store import DB_FILE, AlertStore
+from ingest.alerts.notify import SAVER, Notifier, Subscription
+from ingest.alerts.store import DB_FILE, AlertStore, WebhookCounts
+from ingest.sqlite_db import SQLiteDB
 from tests.alerts.helpers import eventually
 from tests.alerts.receiver import Receiver, receiver
 from tests.alerts.test_formats import make_alert
@@ -218,6 +221,110 @@ async def test_pending_deliveries_resume_after_a_restart_with_the_same_id(tmp_pa
         store.close()
 
 
+async def test_serves_counts_and_health_survive_restarts(tmp_path: Path) -> None:
+    """Serve's one notifier saves its counts as increments: after each restart it lists the
+    same counts it had, goes on from them, and the store holds what it lists."""
+    store = AlertStore.in_dir(tmp_path)
+    options = WebhookOptions(**FAST, failing_after=2)
+
+    async def sent(notifier: Notifier, alert_id: int) -> None:
+        assert notifier.publish("opened", make_alert(id=alert_id)) == 1
+        await asyncio.wait_for(notifier.idle(), 5)
+
+    try:
+        with receiver() as hook:
+            async with Notifier(store, options) as notifier:
+                sub = await notifier.add(hook.url)
+                await sent(notifier, 1)
+                await sent(notifier, 2)
+                hook.answer = 410
+                await sent(notifier, 3)
+                before = sub.view()
+            assert (before["delivered"], before["failed"], before["consecutive_failures"]) == (
+                2, 1, 1,
+            )  # fmt: skip
+            async with Notifier(store, options) as notifier:
+                again = notifier.subscriptions[sub.id]
+                assert again.view() == before
+                await sent(notifier, 4)
+                assert (again.failed, again.consecutive_failures, again.failing) == (2, 2, True)
+                before = again.view()
+            async with Notifier(store, options) as notifier:
+                again = notifier.subscriptions[sub.id]
+                assert again.view() == before
+                hook.answer = 200
+                await sent(notifier, 5)
+                after = again.view()
+        assert (after["delivered"], after["failed"], after["failing"]) == (3, 2, False)
+        [(webhook_id, record)] = store.webhooks()
+        assert Subscription(id=webhook_id, **record).view() == after
+    finally:
+        store.close()
+
+
+def test_the_counts_a_save_adds_are_those_since_the_last_save() -> None:
+    """What a notifier counted since its last save (``counts_since``), also when a success
+    or a failure comes within the same millisecond as the saved one."""
+    saved = Subscription(id=1, url="u", secret="s", delivered=4, failed=1, consecutive_failures=2,
+                         last_success_at_ms=100, last_failure_at_ms=200, last_error="HTTP 500")  # fmt: skip
+    now = replace(saved, delivered=5, failed=2, dropped=1, consecutive_failures=1,
+                  last_success_at_ms=300, last_failure_at_ms=310, last_error="HTTP 410")  # fmt: skip
+    assert now.counts_since(saved, 3) == WebhookCounts(
+        failing_after=3, delivered=1, failed=1, dropped=1, failures=1, success_at_ms=300,
+        failure_at_ms=310, error="HTTP 410",
+    )  # fmt: skip
+    assert saved.counts_since(saved, 3) == WebhookCounts(failing_after=3)
+    # a success, then a failure, in the saved ones' milliseconds: seen in the counts
+    same_ms = replace(saved, consecutive_failures=1, delivered=5)
+    assert same_ms.counts_since(saved, 3) == WebhookCounts(
+        failing_after=3, delivered=1, failures=1, success_at_ms=100, failure_at_ms=200,
+        error="HTTP 500",
+    )  # fmt: skip
+    again = replace(saved, consecutive_failures=3)  # one more failure in that millisecond
+    assert again.counts_since(saved, 3) == WebhookCounts(
+        failing_after=3, failures=1, failure_at_ms=200, error="HTTP 500"
+    )
+
+
+class SlowCountsStore(AlertStore):
+    """The real SQLite store, whose saves of subscription counts wait for ``gate`` (a disk
+    that stalls, at the moment we choose: not something a test can make a real one do)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(SQLiteDB(path))
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def save_outbox(self, deliveries: Any, webhooks: Any = (), **options: Any) -> None:
+        if webhooks:
+            self.waiting.set()
+            assert self.gate.wait(10)
+        super().save_outbox(deliveries, webhooks, **options)
+
+
+async def test_a_stop_during_a_save_counts_nothing_twice(tmp_path: Path) -> None:
+    """A stop cancels the saver while its write of the counts goes on in its thread: the
+    stop waits for that write's outcome, so its last save does not add them again."""
+    store = SlowCountsStore(tmp_path / DB_FILE)
+    try:
+        with receiver() as hook:
+            notifier = Notifier(store, WebhookOptions(**FAST))
+            await notifier.__aenter__()
+            sub = await notifier.add(hook.url)
+            notifier.publish("opened", make_alert(id=1))
+            await eventually(lambda: _eq(sub.delivered, 1))
+            await asyncio.to_thread(store.waiting.wait, 5)  # the counts' save is under way
+            stop = asyncio.create_task(notifier.__aexit__(None, None, None))
+            await eventually(lambda: _eq(SAVER in notifier.supervisor.names, False))
+            store.gate.set()  # the write goes through after the saver was cancelled
+            await asyncio.wait_for(stop, 10)
+        [(_, record)] = store.webhooks()
+        assert record["delivered"] == 1
+        assert [r["status"] for r in store.deliveries()] == ["delivered"]
+    finally:
+        store.close()
+
+
 @contextmanager
 def write_locked(path: Path) -> Iterator[None]:
     """Another process holds the SQLite file's write lock (as a backup job or a stuck
@@ -271,13 +378,15 @@ async def test_sending_never_waits_for_the_store(tmp_path: Path) -> None:
                     await eventually(lambda: _eq(ids(hook), [1, 2]), within_s=3)
                     assert hook.delivered()[-1].at - published < 3
                     assert saved_rows(tmp_path) == 0  # nothing could be written yet
-                    assert sub.delivered == 2
+                    await eventually(lambda: _eq(sub.delivered, 2))  # the answers handled
                 await asyncio.wait_for(notifier.idle(), 30)  # the outbox catches up
         rows = store.deliveries()
         assert [(r["alert_id"], r["status"], r["attempts"]) for r in rows] == [
             (1, "delivered", 1),
             (2, "delivered", 1),
         ]
+        [(_, record)] = store.webhooks()  # the saves that failed counted on: none lost
+        assert (record["delivered"], record["last_success_at_ms"]) == (2, sub.last_success_at_ms)
         assert {str(r["id"]) for r in rows} == {
             r.headers["x-chargewatch-delivery"] for r in hook.requests
         }

@@ -15,7 +15,15 @@ from alembic import command
 from sqlalchemy import insert
 
 from ingest.alerts.model import Alert, AlertQuery
-from ingest.alerts.store import DELIVERY_COLUMNS, WEBHOOKS_CHANNEL, AlertStore, Ops, _alert_row
+from ingest.alerts.notify import Subscription
+from ingest.alerts.store import (
+    DELIVERY_COLUMNS,
+    WEBHOOKS_CHANNEL,
+    AlertStore,
+    Ops,
+    WebhookCounts,
+    _alert_row,
+)
 from ingest.db import migrate
 from ingest.db.schema import alerts, unobserved
 
@@ -139,12 +147,17 @@ def test_webhooks_and_the_outbox(store: AlertStore) -> None:
     store.save_outbox([delivery(i) for i in (1, 2, 3)])
     store.save_outbox(
         [delivery(2, status="delivered", attempts=1, http_status=200, body="not written")],
-        [(first, {"url": "http://127.0.0.1:9/a", "delivered": 1})],
+        [(first, WebhookCounts(delivered=1, success_at_ms=T0, failing_after=3))],
     )
     assert store.webhooks() == [
-        (first, {"url": "http://127.0.0.1:9/a", "delivered": 1}),
+        (
+            first,
+            {"url": "http://127.0.0.1:9/a", "delivered": 1, "failed": 0, "expired": 0,
+             "dropped": 0, "consecutive_failures": 0, "failing": False, "last_error": None,
+             "last_success_at_ms": T0, "last_failure_at_ms": None},
+        ),
         (second, {"url": "http://127.0.0.1:9/b"}),
-    ]
+    ]  # fmt: skip
     assert store.max_delivery_id() == 3
     two = store.deliveries(101)
     assert [(d["id"], d["status"], d["attempts"], d["body"]) for d in two] == [
@@ -160,6 +173,59 @@ def test_webhooks_and_the_outbox(store: AlertStore) -> None:
     assert store.delete_webhook(second) is True
     assert store.delete_webhook(second) is False
     assert [w[0] for w in store.webhooks()] == [first]
+
+
+def test_subscription_counts_saved_by_several_notifiers_add_up(store: AlertStore) -> None:
+    """Each notifier (an ingest worker; serve has one) saves what it counted since its last
+    save; the store adds it to the subscription's record in the save's transaction. Failed
+    attempts in a row are those since the newest success of any of them, as their saves
+    arrive; ``failing`` from that count."""
+    sub = Subscription(id=0, url="http://127.0.0.1:9/a", secret="s", name="夜班", created_at_ms=T0)
+    hook = store.add_webhook(sub.record())
+
+    def save(**counts: Any) -> dict[str, Any]:
+        store.save_outbox([], [(hook, WebhookCounts(failing_after=3, **counts))])
+        [(_, record)] = store.webhooks()
+        return record
+
+    def expect(**changed: Any) -> dict[str, Any]:
+        return sub.record() | changed
+
+    a = save(delivered=3, success_at_ms=T0 + 10)
+    assert a == expect(delivered=3, last_success_at_ms=T0 + 10)
+    # the other notifier: two delivered before the first one's success, then a refusal
+    b = save(
+        delivered=2, failed=1, failures=1, success_at_ms=T0 + 5, failure_at_ms=T0 + 20,
+        error="HTTP 410",
+    )  # fmt: skip
+    assert b == expect(
+        delivered=5, failed=1, consecutive_failures=1, last_success_at_ms=T0 + 10,
+        last_failure_at_ms=T0 + 20, last_error="HTTP 410",
+    )  # fmt: skip
+    a = save(failures=2, failure_at_ms=T0 + 30, error="HTTP 500", expired=1, failed=1)
+    assert (a["consecutive_failures"], a["failing"], a["failed"], a["expired"]) == (3, True, 2, 1)
+    assert (a["last_error"], a["last_failure_at_ms"]) == ("HTTP 500", T0 + 30)
+    # a failure saved late (before the newest one): counted, the newest error stays
+    b = save(failures=1, failure_at_ms=T0 + 25, error="timeout", dropped=2)
+    assert (b["consecutive_failures"], b["failing"], b["dropped"]) == (4, True, 2)
+    assert (b["last_error"], b["last_failure_at_ms"]) == ("HTTP 500", T0 + 30)
+    # a success clears the mark; failures after it count from there
+    a = save(delivered=1, success_at_ms=T0 + 40, failures=1, failure_at_ms=T0 + 41, error="x")
+    assert (a["consecutive_failures"], a["failing"], a["last_success_at_ms"]) == (1, False, T0 + 40)
+    # an older success saved late changes nothing of the health; its count adds up
+    b = save(delivered=1, success_at_ms=T0 + 35)
+    assert b == expect(
+        delivered=7, failed=2, expired=1, dropped=2, consecutive_failures=1,
+        last_success_at_ms=T0 + 40, last_failure_at_ms=T0 + 41, last_error="x",
+    )  # fmt: skip
+    assert b["failing"] is False
+    # the failures of a window without a success add to those in a row
+    b = save(failures=2, failure_at_ms=T0 + 50, error="HTTP 503")
+    assert (b["consecutive_failures"], b["failing"], b["last_error"]) == (3, True, "HTTP 503")
+    # a removed subscription: its late counts are nobody's
+    assert store.delete_webhook(hook) is True
+    store.save_outbox([], [(hook, WebhookCounts(delivered=1, failing_after=3))])
+    assert store.webhooks() == []
 
 
 def test_webhook_changes_are_announced_at_commit(pg_url: str) -> None:

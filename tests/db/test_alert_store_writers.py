@@ -1,6 +1,6 @@
 """Several writers on one PostgreSQL database (ingest workers, issue 13): two AlertStores
-claiming the delivery outbox at once never take the same delivery, and the alert ids they
-reserve never collide."""
+claiming the delivery outbox at once never take the same delivery, the alert ids they
+reserve never collide, and the subscription counts they save at once add up."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore
+from ingest.alerts.notify import Subscription
+from ingest.alerts.store import DELIVERY_COLUMNS, AlertStore, WebhookCounts
 from ingest.db import migrate
 
 T0 = 1_796_284_800_000
@@ -90,3 +91,26 @@ def test_two_stores_reserving_alert_ids_at_once_get_distinct_ids(
     assert len(got_a) == len(got_b) == 250
     assert not set(got_a) & set(got_b)
     assert sorted(got_a + got_b) == list(range(1, 501))
+
+
+def test_two_stores_saving_a_subscriptions_counts_at_once_lose_none(
+    two: tuple[AlertStore, AlertStore],
+) -> None:
+    """Two workers' notifiers save their counts of one subscription at the same moments:
+    each save adds to the record in its transaction, so none is lost (a record written
+    whole by each would keep only the last writer's)."""
+    a, b = two
+    hook = a.add_webhook(Subscription(id=0, url="http://127.0.0.1:9/a", secret="s").record())
+    n = 60
+
+    def count(store: AlertStore, failed: int) -> None:
+        for i in range(n):
+            counts = WebhookCounts(
+                delivered=1, failed=failed, success_at_ms=T0 + i, failing_after=3
+            )
+            store.save_outbox([], [(hook, counts)])
+
+    _together([lambda: count(a, 0), lambda: count(b, 1)])
+    [(_, record)] = a.webhooks()
+    assert (record["delivered"], record["failed"]) == (2 * n, n)
+    assert record["last_success_at_ms"] == T0 + n - 1

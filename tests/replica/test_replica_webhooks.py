@@ -120,6 +120,56 @@ async def test_added_on_a_replica_every_worker_follows_and_delivers_once_then_re
             assert r.json() == {"webhooks": [], "failing": []}
 
 
+async def test_the_listed_counts_are_every_workers_and_failing_counts_their_failures(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two workers deliver to one subscription: the replica lists the sum of their counts
+    (each saves its increments; a record saved whole would keep only the last saver's).
+    Three refusals in a row, two by one worker and one by the other, mark it failing (the
+    receiver's health, not a worker's); a success on either clears the mark."""
+    catalog = seeded(pg_url)
+    admin = bearer(maintainer_token(pg_url, "ops-lead", "admin"))
+    with receiver() as hook:
+        async with (
+            workers(pg_url, catalog, reload_s=3600) as (a, b),
+            replica(pg_url, tmp_path, "r") as (_, http, _),
+        ):
+            r = await http.post("/v1/webhooks", headers=admin, json={"url": hook.url})
+            webhook_id = r.json()["id"]
+            await followed_within([a, b], webhook_id, True, within_s=1.0)
+
+            async def published(*on: tuple[WorkerAlerts, int]) -> dict[str, Any]:
+                for worker, alert_id in on:
+                    assert worker.notifier.publish("opened", make_alert(id=alert_id)) == 1
+                    async with asyncio.timeout(5):  # answered and saved
+                        await worker.notifier.idle()
+                [listed] = (await http.get("/v1/webhooks", headers=admin)).json()["webhooks"]
+                return dict(listed)
+
+            listed = await published((a, 1), (b, 2), (a, 3), (b, 4), (a, 5))
+            assert (listed["delivered"], listed["failed"], listed["failing"]) == (5, 0, False)
+            assert a.notifier.subscriptions[webhook_id].delivered == 3  # its own count
+
+            hook.answer = 410  # refused: failed at once, no retry
+            listed = await published((a, 6), (b, 7))
+            assert (listed["delivered"], listed["failed"]) == (5, 2)
+            assert (listed["consecutive_failures"], listed["failing"]) == (2, False)
+            listed = await published((a, 8))
+            assert (listed["failed"], listed["consecutive_failures"]) == (3, 3)
+            assert listed["failing"] is True
+            assert listed["last_error"] == "HTTP 410"
+            r = await http.get("/v1/webhooks", headers=admin)
+            assert r.json()["failing"] == [webhook_id]
+            assert not b.notifier.subscriptions[webhook_id].failing  # it saw one of them
+
+            hook.answer = 200
+            listed = await published((b, 9))
+            assert (listed["delivered"], listed["failed"]) == (6, 3)
+            assert (listed["consecutive_failures"], listed["failing"]) == (0, False)
+            assert listed["last_success_at"] is not None
+    assert len(hook.requests) == 9
+
+
 async def test_a_removal_drops_what_waits_for_a_retry_as_serve_does(
     pg_url: str, tmp_path: Path
 ) -> None:
