@@ -4,6 +4,11 @@ PostgreSQL refuses to run as root, so the cluster belongs to the ``postgres`` ac
 (shared/architecture.md). The server runs in the foreground (``postgres -D``), so a test can
 stop, kill and restart it by PID like the other servers in ``tests.servers``. Missing binaries
 skip with a reason on a laptop and fail under CI (``CI=true``).
+
+The cluster's files live in memory (``/dev/shm``, a tmpfs) when the machine has one: every
+``CREATE DATABASE`` copies ~7.5 MB of catalog through the WAL, and on a disk mounted with
+``discard`` creating and removing those files cost ~0.5 s a database and ~20 s of rmtree at the
+end of a full run; in memory both are near zero. The server is the same real PostgreSQL.
 """
 
 from __future__ import annotations
@@ -25,6 +30,15 @@ import pytest
 from tests.servers import Process, free_port
 
 ACCOUNT = "postgres"
+
+
+def scratch_dir() -> str:
+    """Where a test cluster's files go: the tmpfs ``/dev/shm`` when it is there and writable,
+    else ``/tmp`` itself (the postgres account must reach it; pytest's tmp_path is root-only)."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return "/tmp"
 
 
 def pg_bin(name: str) -> str:
@@ -112,11 +126,11 @@ class PgServer:
 @contextmanager
 def postgresql() -> Iterator[PgServer]:
     """A fresh PostgreSQL cluster on a free loopback port; removed afterwards. Tuned for tests
-    (no fsync: a crash of this machine is not what the tests exercise; a kill -9 of the server
-    still loses nothing committed, the data is in the OS's page cache)."""
+    (no fsync, files in memory when possible (``scratch_dir``): a crash of this machine is not
+    what the tests exercise; a kill -9 of the server still loses nothing committed, the data is
+    in the OS's page cache)."""
     initdb, postgres = pg_bin("initdb"), pg_bin("postgres")
-    # under /tmp itself: the postgres account must reach it (pytest's tmp_path is root-only)
-    root = Path(tempfile.mkdtemp(prefix="cw-pg-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="cw-pg-", dir=scratch_dir()))
     shutil.chown(root, ACCOUNT, ACCOUNT)
     data = root / "data"
     subprocess.run(
@@ -147,6 +161,8 @@ def postgresql() -> Iterator[PgServer]:
         postgres, "-D", str(data), "-p", str(port), "-k", str(root),
         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
         "-c", "max_connections=200",
+        # in memory, a checkpoint costs nothing and the WAL should not grow to the 1 GB default
+        "-c", "max_wal_size=256MB", "-c", "min_wal_size=32MB",
     ]  # fmt: skip
     server = PgServer(Process(argv, port, root, root / "postgres.log", user=ACCOUNT), root)
     server.start()
