@@ -73,8 +73,11 @@ def _until(what: str, done: Callable[[], bool], timeout: float, procs_: list[pro
         time.sleep(0.25)  # each look is a /metrics scrape: CPU of the processes measured
 
 
-def worker(work: Path, name: str, broker: str, db: str, catalog: Path) -> procs.Proc:
-    """``chargewatch ingest`` with its /metrics on a free port (``Proc.port``)."""
+def worker(
+    work: Path, name: str, broker: str, db: str, catalog: Path, lease_s: float
+) -> procs.Proc:
+    """``chargewatch ingest`` with its /metrics on a free port (``Proc.port``) and a lease
+    timeout of ``lease_s`` (``CHARGEWATCH_LEASE_TIMEOUT_S``)."""
     port = procs.free_port()
     argv = procs.python_argv(
         "-m", "api.cli", "--log-level", "warning", "ingest", "--broker", broker, "--db", db,
@@ -82,7 +85,8 @@ def worker(work: Path, name: str, broker: str, db: str, catalog: Path) -> procs.
         "--metrics-port", str(port),
     )  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
-    return procs.Proc(argv, work / f"{name}.log", port)
+    env = {"CHARGEWATCH_LEASE_TIMEOUT_S": str(lease_s)}
+    return procs.Proc(argv, work / f"{name}.log", port, env=env)
 
 
 def _settled(workers: list[procs.Proc], busy: int) -> bool:
@@ -142,7 +146,7 @@ def _embedded(work: Path, catalog: Path, count: int, seed: int) -> dict[str, Any
 
 @contextlib.contextmanager
 def _workers(
-    work: Path, pg: pgserver.PgBench, catalog: Path, n: int
+    work: Path, pg: pgserver.PgBench, catalog: Path, n: int, lease_s: float
 ) -> Iterator[tuple[procs.Proc, str, list[procs.Proc]]]:
     """A fresh mosquitto and database, ``n`` settled workers: (mosquitto, db, workers)."""
     busy = len({station_partition(s, PARTITIONS) for s in Catalog.load(catalog).stations})
@@ -153,18 +157,20 @@ def _workers(
     with contextlib.ExitStack() as stack:
         mq = stack.enter_context(procs.running(procs.mosquitto(work / "mosquitto")))
         broker = f"mqtt://{procs.LOOPBACK}:{mq.port}"
-        ws = [
-            stack.enter_context(procs.running(worker(work, f"w{i + 1}", broker, db, catalog), 60))
-            for i in range(n)
-        ]
+        ws = stack.enter_context(
+            procs.running_together(
+                [worker(work, f"w{i + 1}", broker, db, catalog, lease_s) for i in range(n)], 60
+            )
+        )
         _until("the workers' leases settled", lambda: _settled(ws, busy), 120, ws)
         yield mq, db, ws
 
 
 def _cluster_run(
-    work: Path, pg: pgserver.PgBench, catalog: Path, n: int, count: int, seed: int
-) -> dict[str, Any]:
-    with _workers(work, pg, catalog, n) as (mq, _, ws):
+    work: Path, pg: pgserver.PgBench, catalog: Path, n: int, count: int, seed: int,
+    lease_s: float,
+) -> dict[str, Any]:  # fmt: skip
+    with _workers(work, pg, catalog, n, lease_s) as (mq, _, ws):
         ports = [int(w.port or 0) for w in ws]
         return _measure(
             work, int(mq.port or 0), catalog, count, seed, ws,
@@ -172,12 +178,14 @@ def _cluster_run(
         )  # fmt: skip
 
 
-def replica_p99(work: Path, pg: pgserver.PgBench, catalog: Path, seconds: float) -> dict[str, Any]:
+def replica_p99(
+    work: Path, pg: pgserver.PgBench, catalog: Path, seconds: float, lease_s: float
+) -> dict[str, Any]:
     """The rider station query on a ``chargewatch api --db`` replica at 500 requests/s
     (open loop) while 2 workers ingest 10x the district's rate."""
     from bench.suite import DISTRICT_RATE, open_loop
 
-    with _workers(work, pg, catalog, 2) as (mq, db, ws):
+    with _workers(work, pg, catalog, 2, lease_s) as (mq, db, ws):
         port = procs.free_port()
         api = procs.Proc(
             procs.python_argv(
@@ -231,7 +239,9 @@ def cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
                 if name == "embedded":
                     res = _embedded(w, catalog, count, seed)
                 else:
-                    res = _cluster_run(w, pg, catalog, int(name[0]), count, seed)
+                    res = _cluster_run(
+                        w, pg, catalog, int(name[0]), count, seed, plan.cluster_lease_s
+                    )
                 runs[name].append(res)
                 log(
                     f"cluster {name}, round {r + 1}: {res['cpu_us_per_msg']:.0f} us CPU/msg"
@@ -242,7 +252,9 @@ def cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
                     )
                     + f", {res['rate']:.0f} msg/s wall, load {res['loadavg_1m']:.1f}"
                 )
-        api = replica_p99(work / "replica", pg, catalog, plan.cluster_api_seconds)
+        api = replica_p99(
+            work / "replica", pg, catalog, plan.cluster_api_seconds, plan.cluster_lease_s
+        )
     log(
         f"cluster replica: {STATION_QUERY} at {RIDER_RPS:.0f} req/s while 2 workers ingest"
         f" {api['ingest_rate_during']:.0f} msg/s: p50 {api['p50_ms']:.1f} p99 {api['p99_ms']:.1f}"
