@@ -32,11 +32,21 @@ from tests.servers import Process, free_port
 ACCOUNT = "postgres"
 
 
+SHM_NEEDED = 1 << 30
+"""Free space a cluster in ``/dev/shm`` may need: its WAL grows to ``max_wal_size`` (256 MB)
+and a test's databases come on top (a container's default /dev/shm of 64 MB is too small)."""
+
+
 def scratch_dir() -> str:
-    """Where a test cluster's files go: the tmpfs ``/dev/shm`` when it is there and writable,
-    else ``/tmp`` itself (the postgres account must reach it; pytest's tmp_path is root-only)."""
+    """Where a test cluster's files go: the tmpfs ``/dev/shm`` when it is there, writable and
+    has ``SHM_NEEDED`` free, else ``/tmp`` itself (the postgres account must reach it;
+    pytest's tmp_path is root-only)."""
     shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+    if (
+        os.path.isdir(shm)
+        and os.access(shm, os.W_OK | os.X_OK)
+        and shutil.disk_usage(shm).free >= SHM_NEEDED
+    ):
         return shm
     return "/tmp"
 
