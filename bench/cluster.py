@@ -92,8 +92,11 @@ def _until(what: str, done: Callable[[], bool], timeout: float, procs_: list[pro
         time.sleep(0.25)  # each look is a /metrics scrape: CPU of the processes measured
 
 
-def worker(work: Path, name: str, broker: str, db: str, catalog: Path) -> procs.Proc:
-    """``chargewatch ingest`` with its /metrics on a free port (``Proc.port``)."""
+def worker(
+    work: Path, name: str, broker: str, db: str, catalog: Path, lease_s: float
+) -> procs.Proc:
+    """``chargewatch ingest`` with its /metrics on a free port (``Proc.port``) and a lease
+    timeout of ``lease_s`` (``CHARGEWATCH_LEASE_TIMEOUT_S``)."""
     port = procs.free_port()
     argv = procs.python_argv(
         "-m", "api.cli", "--log-level", "warning", "ingest", "--broker", broker, "--db", db,
@@ -101,7 +104,8 @@ def worker(work: Path, name: str, broker: str, db: str, catalog: Path) -> procs.
         "--metrics-port", str(port),
     )  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
-    return procs.Proc(argv, work / f"{name}.log", port)
+    env = {"CHARGEWATCH_LEASE_TIMEOUT_S": str(lease_s)}
+    return procs.Proc(argv, work / f"{name}.log", port, env=env)
 
 
 def _settled(workers: list[procs.Proc], busy: int) -> bool:
@@ -244,7 +248,7 @@ def _busy(catalog: Path) -> int:
 
 @contextlib.contextmanager
 def _workers(
-    work: Path, pg: pgserver.PgBench, catalog: Path, n: int
+    work: Path, pg: pgserver.PgBench, catalog: Path, n: int, lease_s: float
 ) -> Iterator[tuple[procs.Proc, str, list[procs.Proc]]]:
     """A fresh mosquitto and database, ``n`` settled workers: (mosquitto, db, workers)."""
     busy = _busy(catalog)
@@ -255,10 +259,11 @@ def _workers(
     with contextlib.ExitStack() as stack:
         mq = stack.enter_context(procs.running(procs.mosquitto(work / "mosquitto")))
         broker = f"mqtt://{procs.LOOPBACK}:{mq.port}"
-        ws = [
-            stack.enter_context(procs.running(worker(work, f"w{i + 1}", broker, db, catalog), 60))
-            for i in range(n)
-        ]
+        ws = stack.enter_context(
+            procs.running_together(
+                [worker(work, f"w{i + 1}", broker, db, catalog, lease_s) for i in range(n)], 60
+            )
+        )
         _until("the workers' leases settled", lambda: _settled(ws, busy), 120, ws)
         yield mq, db, ws
 
@@ -280,10 +285,10 @@ def idle(procs_: list[procs.Proc], pg: pgserver.PgBench, seconds: float) -> dict
 
 def _cluster_run(
     work: Path, pg: pgserver.PgBench, catalog: Path, n: int, count: int, seed: int,
-    modes: tuple[str, ...], idle_s: float = 0.0,
+    modes: tuple[str, ...], lease_s: float, idle_s: float = 0.0,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     busy = _busy(catalog)
-    with _workers(work, pg, catalog, n) as (mq, _, ws):
+    with _workers(work, pg, catalog, n, lease_s) as (mq, _, ws):
         out = {}
         if idle_s > 0:
             out["idle"] = idle(ws, pg, idle_s)
@@ -303,12 +308,14 @@ def _cluster_run(
         return out
 
 
-def replica_p99(work: Path, pg: pgserver.PgBench, catalog: Path, seconds: float) -> dict[str, Any]:
+def replica_p99(
+    work: Path, pg: pgserver.PgBench, catalog: Path, seconds: float, lease_s: float
+) -> dict[str, Any]:
     """The rider station query on a ``chargewatch api --db`` replica at 500 requests/s
     (open loop) while 2 workers ingest 10x the district's rate."""
     from bench.suite import DISTRICT_RATE, open_loop
 
-    with _workers(work, pg, catalog, 2) as (mq, db, ws):
+    with _workers(work, pg, catalog, 2, lease_s) as (mq, db, ws):
         port = procs.free_port()
         api = procs.Proc(
             procs.python_argv(
@@ -373,7 +380,15 @@ def cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
                     res = _embedded(w, catalog, count, seed, modes)
                 else:
                     res = _cluster_run(
-                        w, pg, catalog, int(name[0]), count, seed, modes, plan.cluster_idle_seconds
+                        w,
+                        pg,
+                        catalog,
+                        int(name[0]),
+                        count,
+                        seed,
+                        modes,
+                        plan.cluster_lease_s,
+                        plan.cluster_idle_seconds,
                     )
                     idle_cpu[name].append(res.pop("idle"))
                     log(
@@ -383,7 +398,9 @@ def cluster(work: Path, plan: Plan) -> dict[str, Any] | None:
                 for mode, one in res.items():
                     runs[mode][name].append(one)
                     log(f"cluster {name}, {mode}, round {r + 1}: {_line(one)}")
-        api = replica_p99(work / "replica", pg, catalog, plan.cluster_api_seconds)
+        api = replica_p99(
+            work / "replica", pg, catalog, plan.cluster_api_seconds, plan.cluster_lease_s
+        )
     log(
         f"cluster replica: {STATION_QUERY} at {RIDER_RPS:.0f} req/s while 2 workers ingest"
         f" {api['ingest_rate_during']:.0f} msg/s: p50 {api['p50_ms']:.1f} p99 {api['p99_ms']:.1f}"

@@ -76,6 +76,13 @@ class Proc:
         return self.popen.pid
 
     def start(self, timeout: float = 30.0) -> Proc:
+        self.spawn()
+        if self.port is not None:
+            self.wait_port(timeout)
+        return self
+
+    def spawn(self) -> None:
+        """Start the process without waiting for its port (``start`` waits)."""
         out = open(self.stdout or self.log, "ab")  # noqa: SIM115 - handed to the child
         err = open(self.log, "ab") if self.stdout else subprocess.STDOUT  # noqa: SIM115
         try:
@@ -87,9 +94,6 @@ class Proc:
             out.close()
             if not isinstance(err, int):
                 err.close()
-        if self.port is not None:
-            self.wait_port(timeout)
-        return self
 
     def wait_port(self, timeout: float) -> None:
         assert self.port is not None
@@ -147,6 +151,20 @@ def running(proc: Proc, timeout: float = 30.0) -> Iterator[Proc]:
         yield proc
     finally:
         proc.stop()
+
+
+@contextlib.contextmanager
+def running_together(ps: list[Proc], timeout: float = 30.0) -> Iterator[list[Proc]]:
+    """Start every process of ``ps`` at once, then wait for each one's port: their start-ups
+    (mostly imports) overlap. All are stopped afterwards."""
+    with contextlib.ExitStack() as stack:
+        for p in ps:
+            stack.callback(p.stop)
+            p.spawn()
+        for p in ps:
+            if p.port is not None:
+                p.wait_port(timeout)
+        yield ps
 
 
 def mosquitto(work: Path) -> Proc:

@@ -25,10 +25,13 @@ def pg_session() -> Iterator[PgServer]:
 
 
 @pytest.fixture
-def pg_url(pg_session: PgServer, request: pytest.FixtureRequest) -> str:
-    """A new, empty database on the session's PostgreSQL, for one test."""
+def pg_url(pg_session: PgServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A new, empty database on the session's PostgreSQL, for one test; dropped after it (its
+    connections closed by force), so the session's cluster holds only the running test's."""
     import re
     import uuid
 
     name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
-    return pg_session.create_database(f"t_{name}_{uuid.uuid4().hex[:8]}")
+    database = f"t_{name}_{uuid.uuid4().hex[:8]}"
+    yield pg_session.create_database(database)
+    pg_session.psql(f'DROP DATABASE "{database}" WITH (FORCE)')

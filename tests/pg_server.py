@@ -101,12 +101,17 @@ class PgServer:
 
 @contextmanager
 def postgresql() -> Iterator[PgServer]:
-    """A fresh PostgreSQL cluster on a free loopback port (no fsync: ``bench.pgserver``);
-    removed afterwards."""
+    """A fresh PostgreSQL cluster on a free loopback port (no fsync: ``bench.pgserver``),
+    its files in memory when the machine has room (``pgserver.scratch_dir``: the same real
+    PostgreSQL, without the disk's cost of creating and dropping a database a test); removed
+    afterwards."""
     pg_bin("initdb")  # skips (or fails under CI) without the binaries
-    root, user = pgserver.new_cluster("cw-pg-")
+    scratch = pgserver.scratch_dir()
+    root, user = pgserver.new_cluster("cw-pg-", scratch)
     port = free_port()
     argv = pgserver.server_argv(root, port)
+    if scratch != "/tmp":
+        argv += pgserver.IN_MEMORY_WAL
     server = PgServer(Process(argv, port, root, root / "postgres.log", user=user), root)
     server.start()
     try:

@@ -7,7 +7,8 @@ the shipped catalog) are applied to twins the way ingest does; each batch of ``-
 messages is one transaction: the history rows (``INSERT .. ON CONFLICT DO NOTHING`` into
 the day-partitioned ``messages``) and the upserts of the twins it changed. Each candidate
 writes the same batches into a fresh database of one PostgreSQL started for the run (from
-the Debian binaries, ``tests.pg_server``; fsync off, as the test server is). Reported:
+the Debian binaries, ``tests.pg_server``; fsync off and its files in /dev/shm when there is
+room, as the test server is; docs/benchmarks.md of 2026-12-02 was measured on disk). Reported:
 messages per second of wall time, and of this process's CPU.
 
 Needs asyncpg for its candidates (``pip install asyncpg``; not a dependency).

@@ -1,4 +1,5 @@
-"""Fixtures shared by the e2e modules: the headless chromium the page tests drive."""
+"""Fixtures shared by the e2e modules: the headless chromium the page tests drive, and the
+simulated district's run through mosquitto that two modules check (made once)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_district import DistrictRun, district_on_mosquitto
 from tests.e2e.test_pages import CHROMIUM, CHROMIUM_ARGS, _missing
+
+
+@pytest.fixture(scope="package")
+def district_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistrictRun]:
+    """The district (3 simulated hours, 412 devices) through a real mosquitto into a
+    ``chargewatch serve`` that is stopped afterwards; tests restart a service on its data
+    dir or work on a copy of it (test_district, test_history_truth)."""
+    with district_on_mosquitto(tmp_path_factory.mktemp("district")) as run:
+        yield run
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,10 @@
 """The whole path, end to end: the simulated district -> MQTT -> ingest -> store -> API,
 compared exactly with the simulator's ground-truth log, on a real mosquitto and on the
-embedded broker; then a restart of the service keeps state and history."""
+embedded broker; then a restart of the service keeps state and history.
+
+The run on mosquitto (``district_on_mosquitto``) is made once for the e2e package
+(``tests/e2e/conftest.py``, fixture ``district_run``): this module restarts a service on its
+data, and ``test_history_truth`` compacts a copy of its store."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import subprocess
 import threading
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ import pytest
 from devices.catalog import Catalog
 from tests.alerts.keys import maintainer_get
 from tests.servers import (
+    Process,
     Service,
     chargewatch_argv,
     chargewatch_serve,
@@ -212,21 +218,38 @@ def run_district(tmp_path: Path, service: Service, broker_url: str) -> Path:
     return truth
 
 
-def test_district_on_mosquitto_and_restart(tmp_path: Path) -> None:
-    with mosquitto(tmp_path / "mosquitto") as broker:
-        data = tmp_path / "data"
-        with chargewatch_serve(tmp_path / "serve", broker.url, data_dir=data) as service:
-            truth = run_district(tmp_path, service, broker.url)
+@dataclass(frozen=True)
+class DistrictRun:
+    """The district run through a real mosquitto into ``chargewatch serve`` (now stopped):
+    the broker (still up), the service's data dir, the ground truth and its dead letters."""
+
+    broker: Process
+    data: Path
+    truth: Path
+    dead_letters: dict[str, Any]
+
+
+@contextmanager
+def district_on_mosquitto(tmp: Path) -> Iterator[DistrictRun]:
+    with mosquitto(tmp / "mosquitto") as broker:
+        data = tmp / "data"
+        with chargewatch_serve(tmp / "serve", broker.url, data_dir=data) as service:
+            truth = run_district(tmp, service, broker.url)
             dead = maintainer_get(service, "/v1/deadletters").json()
-            assert dead["counts"] == {}, dead
-        # the simulator said goodbye (graceful deaths) while the service was still up:
-        # after a restart, state and history are back from the store before any new message
-        with chargewatch_serve(tmp_path / "serve2", broker.url, data_dir=data) as again:
-            catalog = Catalog.load()
-            eventually(lambda: assert_matches_truth(again, truth, catalog), timeout=20)
-            body = again.get("/v1/stations").json()["stations"]
-            assert sum(s["piles"]["online"] + s["cabinets"]["online"] for s in body) == 0
-            assert_history_complete(data, truth)
+        yield DistrictRun(broker, data, truth, dead)
+
+
+def test_district_on_mosquitto_and_restart(district_run: DistrictRun, tmp_path: Path) -> None:
+    assert district_run.dead_letters["counts"] == {}, district_run.dead_letters
+    broker, data, truth = district_run.broker, district_run.data, district_run.truth
+    # the simulator said goodbye (graceful deaths) while the service was still up:
+    # after a restart, state and history are back from the store before any new message
+    with chargewatch_serve(tmp_path / "serve2", broker.url, data_dir=data) as again:
+        catalog = Catalog.load()
+        eventually(lambda: assert_matches_truth(again, truth, catalog), timeout=20)
+        body = again.get("/v1/stations").json()["stations"]
+        assert sum(s["piles"]["online"] + s["cabinets"]["online"] for s in body) == 0
+        assert_history_complete(data, truth)
 
 
 def assert_history_complete(data: Path, truth: Path) -> None:

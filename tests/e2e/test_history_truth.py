@@ -2,12 +2,14 @@
 real mosquitto into ``chargewatch serve``, then every hour of statuses is compacted into
 blocks, and each device's state at random past instants - its last status (byte-exact) and
 the events so far - is rebuilt from the store and compared with the simulator's
-ground-truth log."""
+ground-truth log. The district run is the one test_district restarts a service on
+(``district_run``): this test compacts a copy of its store."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,7 @@ import pytest
 from devices.catalog import Catalog
 from devices.contract import parse_ts
 from ingest.sqlite_store import SQLiteStore
-from tests.e2e.test_district import SIM_SECONDS, SIM_START, run_district
-from tests.servers import chargewatch_serve, mosquitto
+from tests.e2e.test_district import SIM_SECONDS, SIM_START, DistrictRun
 
 pytestmark = pytest.mark.e2e
 
@@ -56,15 +57,11 @@ def truth_at(
 
 
 def test_device_state_at_past_instants_is_rebuilt_from_the_compacted_store(
-    tmp_path: Path,
+    district_run: DistrictRun, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    with (
-        mosquitto(tmp_path / "mosquitto") as broker,
-        chargewatch_serve(tmp_path / "serve", broker.url, data_dir=data) as service,
-    ):
-        truth = run_district(tmp_path, service, broker.url)
-    sent = published(truth)
+    shutil.copytree(district_run.data, data)  # the service is stopped: its files are at rest
+    sent = published(district_run.truth)
     catalog = Catalog.load()
     store = SQLiteStore.in_dir(data)
     try:

@@ -1,6 +1,9 @@
 """Duplicates, reordering, a device clock 10 minutes off and a reboot mid-session, from a
 plain MQTT client against real mosquitto and ``chargewatch serve``: each message is stored
-once, state follows seq (not arrival), and freshness follows our clock (not the device's)."""
+once, state follows seq (not arrival), and freshness follows our clock (not the device's).
+
+The tests share one broker and service (each drives its own devices, and every check is of
+its devices' rows and views)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import random
 import sqlite3
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -17,16 +19,22 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.alerts.keys import maintainer_get
-from tests.servers import Process, Service, chargewatch_serve, eventually
+from tests.servers import Process, Service, chargewatch_serve, eventually, mosquitto
 
 pytestmark = pytest.mark.e2e
 
 MINUTE_MS = 60_000
 
 
-@pytest.fixture
-def service(broker: Process, tmp_path: Path) -> Iterator[Service]:
-    with chargewatch_serve(tmp_path / "serve", broker.url) as svc:
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    with mosquitto(tmp_path_factory.mktemp("ordering") / "mosquitto") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def service(broker: Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with chargewatch_serve(tmp_path_factory.mktemp("ordering") / "serve", broker.url) as svc:
         yield svc
 
 

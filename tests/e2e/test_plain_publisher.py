@@ -1,5 +1,10 @@
 """Contract messages from a plain MQTT client (not our simulator) against a real mosquitto
-and a real ``chargewatch serve`` process, checked over HTTP."""
+and a real ``chargewatch serve`` process, checked over HTTP.
+
+The bad-payload cases share one broker and service (``cabinet_service``, started once for
+the module with the cabinet reporting 12 ready batteries): each case checks that its dead
+letter adds one to its reason's count, is the newest listed, and leaves the cabinet as it
+was. Tests that follow one device through births, Wills and sequences get their own."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.alerts.keys import maintainer_get
-from tests.servers import Process, Service, chargewatch_serve, eventually
+from tests.servers import Process, Service, chargewatch_serve, eventually, mosquitto
 
 pytestmark = pytest.mark.e2e
 
@@ -214,21 +219,12 @@ def _assert_online(service: Service, online: bool) -> None:
     ],
 )
 def test_bad_payloads_are_dead_lettered_and_change_nothing(
-    broker: Process, service: Service, topic: str, payload: bytes, reason: str
+    cabinet_service: tuple[Process, Service], topic: str, payload: bytes, reason: str
 ) -> None:
-    cabinet = Device(broker, CABINET, "cab1", 0)
-    cabinet.publish("state", birth("cab1", 0, kind="cabinet"), retain=True)
-    slots = [{"n": n, "state": "ready", "soc": 95, "battery": f"B-{n}"} for n in range(1, 13)]
-    good = {
-        "v": 1,
-        "ts": 1796284800000,
-        "boot": "cab1",
-        "seq": 1,
-        "kind": "cabinet",
-        "slots": slots,
-    }
-    cabinet.publish("status", good, retain=True)
-    eventually(lambda: _assert_ready(service, 12))
+    broker, service = cabinet_service
+    _assert_ready(service, 12)
+    before = maintainer_get(service, "/v1/deadletters").json()
+    newest_before = before["dead_letters"][0]["id"] if before["dead_letters"] else None
 
     sender = paho.Client(CallbackAPIVersion.VERSION2, client_id="hostile")
     sender.connect("127.0.0.1", broker.port)
@@ -236,17 +232,50 @@ def test_bad_payloads_are_dead_lettered_and_change_nothing(
     try:
         sender.publish(topic, payload, qos=1).wait_for_publish(5)
     finally:
+        sender.disconnect()
         sender.loop_stop()
 
     def dead_lettered() -> None:
         body = maintainer_get(service, "/v1/deadletters").json()
-        assert body["counts"].get(reason) == 1, body
+        assert body["counts"].get(reason) == before["counts"].get(reason, 0) + 1, body
+        assert body["dead_letters"][0]["id"] != newest_before, body
         assert body["dead_letters"][0]["reason"] == reason
         assert body["dead_letters"][0]["topic"] == topic
 
     eventually(dead_lettered)
+    assert sum(maintainer_get(service, "/v1/deadletters").json()["counts"].values()) == (
+        sum(before["counts"].values()) + 1
+    ), "one dead letter, of one reason"
     _assert_ready(service, 12)
     assert service.get("/readyz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def cabinet_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, Service]]:
+    """One broker and service for the bad-payload cases, the cabinet reporting 12 ready."""
+    tmp = tmp_path_factory.mktemp("plain-publisher")
+    with (
+        mosquitto(tmp / "mosquitto") as broker,
+        chargewatch_serve(tmp / "serve", broker.url) as svc,
+    ):
+        cabinet = Device(broker, CABINET, "cab1", 0)
+        cabinet.publish("state", birth("cab1", 0, kind="cabinet"), retain=True)
+        slots = [{"n": n, "state": "ready", "soc": 95, "battery": f"B-{n}"} for n in range(1, 13)]
+        good = {
+            "v": 1,
+            "ts": 1796284800000,
+            "boot": "cab1",
+            "seq": 1,
+            "kind": "cabinet",
+            "slots": slots,
+        }
+        cabinet.publish("status", good, retain=True)
+        eventually(lambda: _assert_ready(svc, 12))
+        try:
+            yield broker, svc
+        finally:
+            cabinet.client.disconnect()
+            cabinet.client.loop_stop()
 
 
 def _assert_ready(service: Service, count: int) -> None:

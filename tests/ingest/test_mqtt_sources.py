@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.workload import Stream, specs_of
 from devices.catalog import Catalog
 from devices.topics import TopicScheme
+from ingest import pipeline as pipeline_module
 from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig
 from ingest.gmqtt_source import GmqttSource
@@ -308,8 +309,13 @@ def contract_messages(n: int) -> list[tuple[str, bytes]]:
     return list(stream.messages(n, time.time_ns() // 1_000_000))
 
 
-async def test_service_acks_only_after_the_store_write(kind: str, tmp_path: Path) -> None:
+async def test_service_acks_only_after_the_store_write(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Ingest dies while the store write blocks: the broker still has every message."""
+    # the stop waits STOP_WAIT_S (10 s) for the blocked write, then goes on without it: the
+    # same path in half a second
+    monkeypatch.setattr(pipeline_module, "STOP_WAIT_S", 0.5)
     catalog = Catalog.load()
     scheme = TopicScheme()
     assert scheme.subscription == SUB
@@ -330,5 +336,6 @@ async def test_service_acks_only_after_the_store_write(kind: str, tmp_path: Path
             assert pipeline is not None
             await until(lambda: pipeline.unacked == len(messages), what="all received")
             assert ingest.metrics.acked._value.get() == 0
+        assert "stopping with a store write still in progress" in caplog.text
         left = await asyncio.to_thread(left_in_session, broker.port, cid)
         assert sorted(left) == sorted(p for _, p in messages)
