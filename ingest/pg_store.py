@@ -61,8 +61,6 @@ _HISTORY_KEYS = ("device_id", "station_id", "kind", "type", "boot", "seq", "ts_m
 _INSERT_HISTORY = insert(messages).on_conflict_do_nothing()
 _UPSERT_TWINS = sql.UPSERT_TWINS.for_("postgresql")
 _UPSERT_UNOBSERVED = sql.UPSERT_UNOBSERVED.for_("postgresql")
-_COUNT_DEAD = sql.COUNT_DEAD_LETTERS["postgresql"]
-_KEEP_DIGEST = sql.KEEP_DIGEST["postgresql"]
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _REMEMBER = sql.REMEMBER.for_("postgresql")
 
@@ -248,31 +246,10 @@ class PostgresStore:
             )
         if journal:
             conn.execute(_UPSERT_UNOBSERVED, [u._asdict() for u in journal])
-        if fresh:
-            conn.execute(
-                sql.INSERT_DEAD_LETTER,
-                [
-                    {
-                        "received_ms": d.received_ms,
-                        "topic": d.topic,
-                        "reason": d.reason,
-                        "detail": d.detail,
-                        "payload": d.payload,
-                        "size": d.size,
-                    }
-                    for d, _ in fresh
-                ],
-            )
-            counts: dict[str, int] = {}
-            for d, _ in fresh:
-                counts[d.reason] = counts.get(d.reason, 0) + 1
-            conn.execute(_COUNT_DEAD, [{"reason": r, "count": n} for r, n in counts.items()])
-            kept = {"b_kept": self.dead_letters_kept}
-            conn.execute(sql.TRIM_DEAD_LETTERS, kept)
-            conn.execute(_KEEP_DIGEST, [{"digest": key} for _, key in fresh])
-            conn.execute(sql.TRIM_DIGESTS, kept)
-        if repeats:
-            conn.execute(sql.REPEATED_DIGEST, [{"b_digest": key} for key in repeats])
+        for statement, rows in sql.dead_letter_writes(
+            "postgresql", fresh, repeats, self.dead_letters_kept
+        ):
+            conn.execute(statement, rows)
 
     @property
     def retained_repeats(self) -> int:

@@ -560,36 +560,7 @@ class SQLiteStore:
             (_UPSERT_TWINS, [(t.device_id, t.data.decode()) for t in twins]),
             (sql.UPSERT_UNOBSERVED.for_("sqlite"), [u._asdict() for u in unobserved]),
         ]
-        if fresh:
-            counts: dict[str, int] = {}
-            for d, _ in fresh:
-                counts[d.reason] = counts.get(d.reason, 0) + 1
-            kept = [{"b_kept": self.dead_letters_kept}]
-            statements += [
-                (
-                    sql.INSERT_DEAD_LETTER,
-                    [
-                        {
-                            "received_ms": d.received_ms,
-                            "topic": d.topic,
-                            "reason": d.reason,
-                            "detail": d.detail,
-                            "payload": d.payload,
-                            "size": d.size,
-                        }
-                        for d, _ in fresh
-                    ],
-                ),
-                (
-                    sql.COUNT_DEAD_LETTERS["sqlite"],
-                    [{"reason": r, "count": n} for r, n in counts.items()],
-                ),
-                (sql.TRIM_DEAD_LETTERS, kept),
-                (sql.KEEP_DIGEST["sqlite"], [{"digest": digest} for _, digest in fresh]),
-                (sql.TRIM_DIGESTS, kept),
-            ]
-        if repeats:
-            statements.append((sql.REPEATED_DIGEST, [{"b_digest": digest} for digest in repeats]))
+        statements += sql.dead_letter_writes("sqlite", fresh, repeats, self.dead_letters_kept)
         return statements
 
     def fact(self, name: str) -> str | None:

@@ -11,8 +11,8 @@ others ``b_...``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, delete, func, literal_column, select, update
 from sqlalchemy.sql.dml import Insert
@@ -27,6 +27,9 @@ from ingest.db.schema import (
     twins,
     unobserved,
 )
+
+if TYPE_CHECKING:
+    from ingest.store import DeadLetter
 
 UPSERT_TWINS = Upserts(twins, key=("device_id",))
 UPSERT_UNOBSERVED = Upserts(unobserved)
@@ -77,4 +80,39 @@ NEWEST_DEAD_LETTERS = (
     .offset(_ZERO)
 )
 DEAD_LETTER_COUNTS = select(dead_letter_counts.c.reason, dead_letter_counts.c.count)
+
+
+def dead_letter_writes(
+    dialect: str,
+    fresh: Sequence[tuple[DeadLetter, bytes]],
+    repeats: Sequence[bytes],
+    kept: int,
+) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """The statements (each with its rows) that keep a batch's dead letters, in order: the
+    new ones (``fresh``, each with its digest) inserted, counted by reason, the newest
+    ``kept`` of them and of their digests kept; a retained replay's digest (``repeats``)
+    counted again. Both stores run them in the batch's transaction."""
+    writes: list[tuple[Any, list[dict[str, Any]]]] = []
+    if fresh:
+        counts: dict[str, int] = {}
+        for d, _ in fresh:
+            counts[d.reason] = counts.get(d.reason, 0) + 1
+        trim = [{"b_kept": kept}]
+        rows = [
+            {"received_ms": d.received_ms, "topic": d.topic, "reason": d.reason,
+             "detail": d.detail, "payload": d.payload, "size": d.size}
+            for d, _ in fresh
+        ]  # fmt: skip
+        writes += [
+            (INSERT_DEAD_LETTER, rows),
+            (COUNT_DEAD_LETTERS[dialect], [{"reason": r, "count": n} for r, n in counts.items()]),
+            (TRIM_DEAD_LETTERS, trim),
+            (KEEP_DIGEST[dialect], [{"digest": digest} for _, digest in fresh]),
+            (TRIM_DIGESTS, trim),
+        ]
+    if repeats:
+        writes.append((REPEATED_DIGEST, [{"b_digest": digest} for digest in repeats]))
+    return writes
+
+
 UNOBSERVED_MAX = select(func.coalesce(func.max(unobserved.c.id), 0))
