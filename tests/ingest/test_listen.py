@@ -1,0 +1,148 @@
+"""The one LISTEN follower (``ingest.listen.follow``) against a real PostgreSQL: notices
+delivered (a burst gathered into one batch), the catch-up on every connect, the safety-net
+period, a reconnect after the server ends the backend (``pg_terminate_backend``), and the
+wait between attempts capped while the server cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
+
+import psycopg
+import pytest
+
+from ingest.actions import libpq_url
+from ingest.listen import Conn, Notices, follow
+from tests.alerts.helpers import eventually
+from tests.servers import free_port
+
+CHANNEL = "listen_test"
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.connects = 0
+        self.periods = 0
+        self.batches: list[list[str]] = []
+        self.states: list[tuple[bool, BaseException | None]] = []
+
+    async def connected(self, conn: Conn) -> None:
+        self.connects += 1
+
+    async def period(self, conn: Conn) -> None:
+        self.periods += 1
+
+    async def notices(self, batch: Notices) -> None:
+        self.batches.append([n.payload for n in batch])
+
+    def state(self, listening: bool, exc: BaseException | None) -> None:
+        self.states.append((listening, exc))
+
+
+@asynccontextmanager
+async def running(run: Callable[[], Any]) -> AsyncIterator[None]:
+    task = asyncio.create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+
+
+async def notify(url: str, *payloads: str) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for p in payloads:
+            await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, p))
+
+
+def following(url: str, seen: Seen, **kw: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        return follow(url, [CHANNEL], name="test", on_notices=seen.notices,
+                      on_connect=seen.connected, on_state=seen.state, **kw)  # fmt: skip
+
+    return run
+
+
+async def test_notices_are_delivered_a_burst_in_one_batch_after_the_catch_up(pg_url: str) -> None:
+    url, seen = libpq_url(pg_url), Seen()
+    async with running(following(url, seen, gather_s=0.3)):
+        await eventually(lambda: assert_(seen.states == [(True, None)] and seen.connects == 1))
+        await notify(url, "a", "b", "c")  # three transactions, within the gathering
+        await eventually(lambda: assert_(seen.batches == [["a", "b", "c"]]))
+        await notify(url, "d")
+        await eventually(lambda: assert_(seen.batches[1:] == [["d"]]))
+    assert seen.connects == 1
+    assert seen.states[-1] == (False, None)  # cancelled: not listening, no error
+
+
+async def test_the_safety_net_runs_every_period_even_under_a_stream_of_notices(
+    pg_url: str,
+) -> None:
+    url, seen = libpq_url(pg_url), Seen()
+    run = following(url, seen, period_s=0.3, on_period=seen.period, ping_timeout_s=2.0)
+    async with running(run):
+        await eventually(lambda: assert_(seen.connects == 1))
+        for i in range(12):  # a notice every 0.1 s: never 0.3 s of quiet
+            await notify(url, str(i))
+            await asyncio.sleep(0.1)
+        assert seen.periods >= 2
+        assert len(seen.batches) >= 6
+
+
+async def test_reconnects_and_catches_up_after_the_server_ends_the_backend(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, seen = libpq_url(pg_url), Seen()
+    async with running(following(url, seen, first_s=0.05, cap_s=0.1)):
+        await eventually(lambda: assert_(seen.connects == 1))
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+            cur = await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+            )
+            assert [r[0] for r in await cur.fetchall()] == [True]
+        await eventually(lambda: assert_(seen.connects == 2))
+        lost = [s for s in seen.states if not s[0]]
+        assert len(lost) == 1 and isinstance(lost[0][1], psycopg.OperationalError)
+        assert seen.states[-1] == (True, None)
+        await notify(url, "after")  # the new connection listens
+        await eventually(lambda: assert_(seen.batches == [["after"]]))
+    assert "test: " in caplog.text and "LISTEN again in" in caplog.text
+
+
+async def test_the_wait_between_attempts_is_capped(caplog: pytest.LogCaptureFixture) -> None:
+    url, seen = f"postgresql://127.0.0.1:{free_port()}/nothing", Seen()
+    caplog.set_level(logging.WARNING, logger="ingest.listen")
+    async with running(following(url, seen, first_s=0.1, cap_s=0.3)):
+        await eventually(lambda: assert_(len(seen.states) >= 7))
+    found = re.findall(r"again in ([\d.]+) s \(attempt (\d+)\)", caplog.text)
+    waits = [float(w) for w, _ in found]
+    assert [int(a) for _, a in found] == list(range(1, len(found) + 1))
+    # doubled from 0.1 (times 0.5-1) to the cap, not past it: 0.15-0.3 from the third on
+    assert max(waits) <= 0.3 and min(waits[2:]) >= 0.1 and len(waits) >= 6
+    assert seen.connects == 0 and all(not listening for listening, _ in seen.states)
+
+
+async def test_a_callbacks_own_error_reconnects(pg_url: str) -> None:
+    url, seen, failed = libpq_url(pg_url), Seen(), []
+
+    async def flaky(conn: Conn) -> None:
+        await seen.connected(conn)
+        if not failed:
+            failed.append(True)
+            raise LookupError("not yet")
+
+    def run() -> NoReturn:  # type: ignore[misc]
+        return follow(url, [CHANNEL], name="test", on_notices=seen.notices, on_connect=flaky,
+                      errors=(LookupError,), first_s=0.05, cap_s=0.05)  # fmt: skip
+
+    async with running(run):
+        await eventually(lambda: assert_(seen.connects == 2))
+
+
+def assert_(condition: bool) -> None:
+    assert condition
