@@ -57,6 +57,7 @@ async def follow(
 ) -> NoReturn:
     """Follow ``channels`` at the libpq ``url`` (module docstring); ``name`` starts the
     log lines."""
+    caught: tuple[type[Exception], ...] = (psycopg.Error, OSError, TimeoutError, *errors)
     failures = 0
     while True:
         error: BaseException | None = None
@@ -74,7 +75,7 @@ async def follow(
                     await on_connect(conn)
                 await _listen(conn, on_notices, period_s, on_period, ping_timeout_s,
                               gather_s, gather_max)  # fmt: skip
-        except (psycopg.Error, OSError, TimeoutError, *errors) as exc:
+        except caught as exc:
             error = exc
             failures += 1
             delay = backoff_s(failures, first_s=first_s, cap_s=cap_s)

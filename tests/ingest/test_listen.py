@@ -107,11 +107,13 @@ async def test_reconnects_and_catches_up_after_the_server_ends_the_backend(
             assert [r[0] for r in await cur.fetchall()] == [True]
         await eventually(lambda: assert_(seen.connects == 2))
         lost = [s for s in seen.states if not s[0]]
-        assert len(lost) == 1 and isinstance(lost[0][1], psycopg.OperationalError)
+        assert len(lost) == 1
+        assert isinstance(lost[0][1], psycopg.OperationalError)
         assert seen.states[-1] == (True, None)
         await notify(url, "after")  # the new connection listens
         await eventually(lambda: assert_(seen.batches == [["after"]]))
-    assert "test: " in caplog.text and "LISTEN again in" in caplog.text
+    assert "test: " in caplog.text
+    assert "LISTEN again in" in caplog.text
 
 
 async def test_the_wait_between_attempts_is_capped(caplog: pytest.LogCaptureFixture) -> None:
@@ -123,8 +125,11 @@ async def test_the_wait_between_attempts_is_capped(caplog: pytest.LogCaptureFixt
     waits = [float(w) for w, _ in found]
     assert [int(a) for _, a in found] == list(range(1, len(found) + 1))
     # doubled from 0.1 (times 0.5-1) to the cap, not past it: 0.15-0.3 from the third on
-    assert max(waits) <= 0.3 and min(waits[2:]) >= 0.1 and len(waits) >= 6
-    assert seen.connects == 0 and all(not listening for listening, _ in seen.states)
+    assert max(waits) <= 0.3
+    assert min(waits[2:]) >= 0.1
+    assert len(waits) >= 6
+    assert seen.connects == 0
+    assert all(not listening for listening, _ in seen.states)
 
 
 async def test_a_callbacks_own_error_reconnects(pg_url: str) -> None:
