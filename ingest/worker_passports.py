@@ -44,18 +44,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import weakref
 from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import NoReturn, Self
 
-import psycopg
 from prometheus_client import CollectorRegistry
 from pydantic import TypeAdapter, ValidationError
 
 from devices.catalog import Catalog
-from ingest import IngestError, StoreError
+from ingest import IngestError, StoreError, listen
 from ingest.actions import libpq_url
 from ingest.passport_store import FLAGS_CHANNEL, PassportStore
 from ingest.passports import Flag, PassportMetrics, Passports
@@ -68,6 +66,8 @@ RELOAD_S = 30.0
 GATHER_S = 0.05
 """After a notice, how long more are gathered into the same read."""
 BACKOFF_MAX_S = 10.0
+PING_TIMEOUT_S = 5.0
+"""A ping of the LISTEN connection (every ``reload_s``) not answered in this: reconnect."""
 FOLLOW_TASK = "passports:flags"
 LOCK_ENV = "CHARGEWATCH_INGEST__BATTERIES__LOCK_FLAGGED"
 
@@ -167,35 +167,22 @@ class WorkerPassports:
 
     async def follow_flags(self) -> NoReturn:
         """LISTEN on ``FLAGS_CHANNEL``: a read of the flagged packs on each (re)connect, on
-        each burst of notices, and every ``reload_s`` without one. A lost connection is
-        retried with capped, jittered backoff."""
-        attempt = 0
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    libpq_url(self.db_url), autocommit=True, connect_timeout=5
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {FLAGS_CHANNEL}")
-                    self.listening, attempt = True, 0
-                    while True:
-                        await self.reload()
-                        # a notice, or ``reload_s`` without one; then what else is there
-                        # already (a cabinet's smoke flags all its packs): one read
-                        heard = False
-                        async for _ in conn.notifies(timeout=self.reload_s, stop_after=1):
-                            heard = True
-                        if heard:
-                            async for _ in conn.notifies(timeout=GATHER_S):
-                                pass
-                        else:  # a dead server shows here
-                            await conn.execute("SELECT 1")
-            except (psycopg.Error, OSError, StoreError) as exc:
-                self.listening = False
-                attempt = min(attempt + 1, 10)
-                delay = min(BACKOFF_MAX_S, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
-                log.warning("battery flags: %s; LISTEN again in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+        each burst of notices (a cabinet's smoke flags all its packs: one read), and every
+        ``reload_s`` (after a ping: a dead server shows there). A lost connection is
+        retried with capped, jittered backoff (``ingest.listen``)."""
+
+        async def reload(*_: object) -> None:
+            await self.reload()
+
+        def state(listening: bool, _: BaseException | None) -> None:
+            self.listening = listening
+
+        await listen.follow(
+            libpq_url(self.db_url), [FLAGS_CHANNEL], name="battery flags", on_connect=reload,
+            on_notices=reload, gather_s=GATHER_S, period_s=self.reload_s, on_period=reload,
+            ping_timeout_s=PING_TIMEOUT_S, on_state=state, errors=(StoreError,),
+            first_s=0.4, cap_s=BACKOFF_MAX_S,
+        )  # fmt: skip
 
 
 def lock_flagged_setting(environ: Mapping[str, str] | None = None) -> bool:
