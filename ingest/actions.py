@@ -417,12 +417,12 @@ class ActionNotices:
 
     async def run(self) -> NoReturn:
         await listen.follow(
-            libpq_url(self.url), [ACTIONS_CHANNEL], name="actions", on_connect=self._scan,
-            on_notices=self._noticed, period_s=self.poll_s, on_period=self._scan,
-            on_state=self._state, first_s=1.0, cap_s=1.0,
+            libpq_url(self.url), [ACTIONS_CHANNEL], name="actions", catch_up=self._scan,
+            on_notices=self._noticed, period_s=self.poll_s, on_state=self._state,
+            ping_timeout_s=None, first_s=1.0, cap_s=1.0,
         )  # fmt: skip
 
-    async def _scan(self, conn: listen.Conn) -> None:
+    async def _scan(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """What no notice announced (before we listened, or lost): one query."""
         cur = await conn.execute(_QUEUED_STATIONS)
         self._wake(str(r[0]) for r in await cur.fetchall())
@@ -499,18 +499,14 @@ class ActionApplier:
         if self.notices is not None:
             await self._run_woken(self.notices)
 
-        async def claim(*_: object) -> None:
-            await self.apply_pending()
-            await self._prune()
-
         async def noticed(notices: listen.Notices) -> None:
             if any(n.payload in self.stations for n in notices):
-                await claim()
+                await self._claim()
 
         await listen.follow(
-            libpq_url(self.url), [ACTIONS_CHANNEL], name="actions (applier)", on_connect=claim,
-            on_notices=noticed, period_s=self.poll_s, on_period=claim, errors=(StoreError,),
-            first_s=1.0, cap_s=1.0,
+            libpq_url(self.url), [ACTIONS_CHANNEL], name="actions (applier)", on_notices=noticed,
+            catch_up=lambda _: self._claim(), period_s=self.poll_s, errors=(StoreError,),
+            ping_timeout_s=None, first_s=1.0, cap_s=1.0,
         )  # fmt: skip
 
     async def _run_woken(self, notices: ActionNotices) -> NoReturn:
@@ -520,8 +516,7 @@ class ActionApplier:
             while True:
                 wake.clear()  # before the claim: a notice meanwhile makes another round
                 try:
-                    await self.apply_pending()
-                    await self._prune()
+                    await self._claim()
                 except (psycopg.Error, OSError, StoreError) as exc:
                     log.warning("actions: claim failed (%s); again in %.1f s", exc, 1.0)
                     await asyncio.sleep(1.0)
@@ -529,6 +524,10 @@ class ActionApplier:
                 await wake.wait()
         finally:
             unregister()
+
+    async def _claim(self) -> None:
+        await self.apply_pending()
+        await self._prune()
 
     async def _prune(self) -> None:
         if time.monotonic() - self._pruned_at < PRUNE_EVERY_S or self._queue is None:

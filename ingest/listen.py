@@ -1,23 +1,15 @@
-"""Following PostgreSQL LISTEN/NOTIFY: the one loop every follower in ingest/ shares (the
-registry, the actions, the battery flags, the webhook subscriptions, the replica).
+"""Following PostgreSQL LISTEN/NOTIFY: the one loop of the registry, actions, battery flags,
+webhook subscriptions and replica followers.
 
-``follow`` connects (autocommit, ``connect_timeout``), LISTENs on its channels and then:
-
-- ``on_connect`` on each (re)connect: the catch-up read of what no notice announced (sent
-  before we listened, or while the connection was lost: NOTIFY keeps nothing);
-- ``on_notices`` with each batch: one notice, and with ``gather_s`` what else arrives
-  within it (up to ``gather_max``), so that a burst (a cabinet's smoke flags all its packs)
-  is one read;
-- every ``period_s`` (counted from the connect, or from the last period; notices do not
-  postpone it, so a steady stream of notices cannot starve the safety net): a ping
-  (``SELECT 1`` within ``ping_timeout_s``, when given: a server that died without closing
-  the socket shows here) and ``on_period``, the safety-net read.
-
-A lost connection (``psycopg.Error``, ``OSError``, a ping's ``TimeoutError``, and the
-callbacks' own ``errors``) is logged and retried after ``backoff_s`` (capped, jittered;
-the count of failures in a row starts again once LISTEN succeeds). ``on_state(True,
-None)`` says we listen, ``on_state(False, exc)`` that we stopped (``exc`` None when
-cancelled). Runs until cancelled.
+``follow`` connects, LISTENs on its channels, says so (``on_state(True, None)``) and runs
+``catch_up`` for what no notice announced (NOTIFY keeps nothing for the disconnected). Each
+batch (a notice, and with ``gather_s`` what else comes within it, up to 1000: a
+burst is one read) goes to ``on_notices``, or without it runs ``catch_up``. Every
+``period_s`` (notices do not postpone it: they cannot starve this safety net) the connection
+is pinged (unless ``ping_timeout_s`` is None: a dead server shows here) and ``catch_up``
+runs again. A lost connection (``psycopg.Error``, ``OSError``, ``TimeoutError``, the
+callbacks' ``errors``) says so (``on_state(False, exc)``; ``exc`` None when cancelled), is
+logged and retried after ``backoff_s`` (counted again from the next successful LISTEN).
 """
 
 from __future__ import annotations
@@ -33,7 +25,6 @@ from ingest.backoff import backoff_s
 
 log = logging.getLogger(__name__)
 
-Conn: TypeAlias = "psycopg.AsyncConnection[Any]"
 Notices: TypeAlias = "list[psycopg.Notify]"
 
 
@@ -42,73 +33,55 @@ async def follow(
     channels: Sequence[str],
     *,
     name: str,
-    on_notices: Callable[[Notices], Awaitable[None]],
-    on_connect: Callable[[Conn], Awaitable[None]] | None = None,
+    catch_up: Callable[[psycopg.AsyncConnection[Any]], Awaitable[object]] | None = None,
+    on_notices: Callable[[Notices], Awaitable[object]] | None = None,
     period_s: float | None = None,
-    on_period: Callable[[Conn], Awaitable[None]] | None = None,
-    ping_timeout_s: float | None = None,
+    ping_timeout_s: float | None = 5.0,
     gather_s: float | None = None,
-    gather_max: int | None = None,
-    on_state: Callable[[bool, BaseException | None], None] | None = None,
+    on_state: Callable[[bool, BaseException | None], None] = lambda up, exc: None,
     errors: tuple[type[Exception], ...] = (),
     first_s: float = 0.5,
     cap_s: float = 10.0,
-    connect_timeout_s: int = 5,
 ) -> NoReturn:
     """Follow ``channels`` at the libpq ``url`` (module docstring); ``name`` starts the
     log lines."""
-    caught: tuple[type[Exception], ...] = (psycopg.Error, OSError, TimeoutError, *errors)
     failures = 0
     while True:
         error: BaseException | None = None
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                url, autocommit=True, connect_timeout=connect_timeout_s
-            )
-            async with conn:
+            async with await psycopg.AsyncConnection.connect(
+                url, autocommit=True, connect_timeout=5
+            ) as conn:
                 for channel in channels:
                     await conn.execute(f"LISTEN {channel}".encode())
                 failures = 0
-                if on_state is not None:
-                    on_state(True, None)
-                if on_connect is not None:
-                    await on_connect(conn)
-                await _listen(conn, on_notices, period_s, on_period, ping_timeout_s,
-                              gather_s, gather_max)  # fmt: skip
-        except caught as exc:
-            error = exc
-            failures += 1
+                on_state(True, None)
+                loop = asyncio.get_running_loop()
+                if catch_up is not None:
+                    await catch_up(conn)
+                due = None if period_s is None else loop.time() + period_s
+                while True:
+                    wait_s = None if due is None else max(0.0, due - loop.time())
+                    batch = [n async for n in conn.notifies(timeout=wait_s, stop_after=1)]
+                    if batch and gather_s is not None:
+                        more = conn.notifies(timeout=gather_s, stop_after=1000)
+                        batch += [n async for n in more]
+                    if batch and on_notices is not None:
+                        await on_notices(batch)
+                    elif batch and catch_up is not None:
+                        await catch_up(conn)
+                    if due is not None and period_s is not None and loop.time() >= due:
+                        if ping_timeout_s is not None:
+                            async with asyncio.timeout(ping_timeout_s):
+                                await conn.execute("SELECT 1")
+                        if catch_up is not None:
+                            await catch_up(conn)
+                        due = loop.time() + period_s
+        except (psycopg.Error, OSError, TimeoutError) + errors as exc:  # noqa: RUF005 (mypy)
+            error, failures = exc, failures + 1
             delay = backoff_s(failures, first_s=first_s, cap_s=cap_s)
             log.warning("%s: %s; LISTEN again in %.1f s (attempt %d)",
                         name, exc or type(exc).__name__, delay, failures)  # fmt: skip
         finally:
-            if on_state is not None:
-                on_state(False, error)
+            on_state(False, error)
         await asyncio.sleep(delay)
-
-
-async def _listen(
-    conn: Conn,
-    on_notices: Callable[[Notices], Awaitable[None]],
-    period_s: float | None,
-    on_period: Callable[[Conn], Awaitable[None]] | None,
-    ping_timeout_s: float | None,
-    gather_s: float | None,
-    gather_max: int | None,
-) -> NoReturn:
-    loop = asyncio.get_running_loop()
-    due = None if period_s is None else loop.time() + period_s
-    while True:
-        wait_s = None if due is None else max(0.0, due - loop.time())
-        batch = [n async for n in conn.notifies(timeout=wait_s, stop_after=1)]
-        if batch and gather_s is not None:
-            batch += [n async for n in conn.notifies(timeout=gather_s, stop_after=gather_max)]
-        if batch:
-            await on_notices(batch)
-        if due is not None and period_s is not None and loop.time() >= due:
-            if ping_timeout_s is not None:
-                async with asyncio.timeout(ping_timeout_s):
-                    await conn.execute("SELECT 1")
-            if on_period is not None:
-                await on_period(conn)
-            due = loop.time() + period_s

@@ -122,8 +122,6 @@ PING_S = 2.0
 GATHER_S = 0.005
 """After a notice, how long the listener gathers more before it reads the twins."""
 BACKOFF_MAX_S = 10.0
-NOTICES_PER_READ = 1000
-"""The most NOTIFYs gathered into one read of twins."""
 
 ALERTS_POLL_S = 1.0
 """With SSE subscribers, how often new alert events are looked for without a NOTIFY."""
@@ -397,16 +395,11 @@ class ReplicaReadSide:
             await self._refresh()
 
     async def _listen_forever(self) -> NoReturn:
-        """LISTEN on the twins', alerts', actions' and flags' channels (``ingest.listen``): a
-        burst of notices is one read of the twins it names, an idle connection is pinged
-        every ``ping_s``, a lost one is retried with capped, jittered backoff, and a full
-        refresh follows each (re)connection (what was sent while it was down is lost)."""
         await listen.follow(
-            libpq_url(self.url), [TWINS_CHANNEL, ALERTS_CHANNEL, ACTION_DONE_CHANNEL, FLAGS_CHANNEL],
-            name="replica", on_connect=self._connected, on_notices=self._notices,
-            gather_s=GATHER_S, gather_max=NOTICES_PER_READ, period_s=self.ping_s,
-            ping_timeout_s=self.ping_s + 5, on_state=self._listen_state, errors=(StoreError,),
-            first_s=0.4, cap_s=BACKOFF_MAX_S,
+            libpq_url(self.url), [TWINS_CHANNEL, ALERTS_CHANNEL, ACTION_DONE_CHANNEL,
+            FLAGS_CHANNEL], name="replica", on_notices=self._notices, on_state=self._listen_state,
+            gather_s=GATHER_S, period_s=self.ping_s,
+            ping_timeout_s=self.ping_s + 5, errors=(StoreError,), first_s=0.4, cap_s=BACKOFF_MAX_S,
         )  # fmt: skip
 
     def _listen_state(self, listening: bool, exc: BaseException | None) -> None:
@@ -415,12 +408,10 @@ class ReplicaReadSide:
         if listening:
             self._listen_error = None
             self._metrics.listen_connects.inc()
+            self._refresh_now.set()  # what was sent while we did not listen
+            self._alerts_notice.set()
         elif exc is not None:
             self._listen_error = f"database unreachable (LISTEN): {exc}"
-
-    async def _connected(self, _: listen.Conn) -> None:
-        self._refresh_now.set()  # what was sent while we did not listen
-        self._alerts_notice.set()
 
     async def _notices(self, notices: listen.Notices) -> None:
         ids: set[str] = set()

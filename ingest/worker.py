@@ -414,12 +414,8 @@ async def follow_registry(
     """LISTEN for registry changes; on each (and on every (re)connect, for what was missed
     meanwhile) read the registry and hand the devices this worker does not know yet to
     ``Worker.add_device``. Reconnects with capped, jittered backoff (``ingest.listen``)."""
-
-    async def catch_up(*_: object) -> None:
-        await _catch_up(worker, load)
-
     await listen.follow(
-        db, [registry.CHANNEL], name="registry", on_connect=catch_up, on_notices=catch_up,
+        db, [registry.CHANNEL], name="registry", catch_up=lambda _: _catch_up(worker, load),
         errors=(StoreError, CatalogError), first_s=0.5, cap_s=retry_max_s,
     )  # fmt: skip
 

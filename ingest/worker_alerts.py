@@ -78,7 +78,6 @@ RELOAD_S = 60.0
 NOTIFY leaves a subscription unserved (or a removed one served)."""
 BACKOFF_MAX_S = 10.0
 GATHER_S = 0.005  # after a notice, how long more are gathered into the same read
-PING_TIMEOUT_S = 5.0
 FOLLOWER = "webhook:follow"
 
 
@@ -247,17 +246,12 @@ async def follow_webhooks(
     backoff_max_s: float = BACKOFF_MAX_S,
 ) -> None:
     """Serve the database's subscriptions (module docstring): ``Notifier.sync`` on each
-    NOTIFY of ``WEBHOOKS_CHANNEL`` (a burst: one sync), on each (re)connection and every
-    ``reload_s`` (after a ping). Runs until cancelled; reconnects with capped, jittered
-    backoff (``ingest.listen``)."""
-
-    async def sync(*_: object) -> None:
-        await notifier.sync()
-
+    NOTIFY of ``WEBHOOKS_CHANNEL``, on each (re)connection and every ``reload_s``. Runs
+    until cancelled; reconnects with capped, jittered backoff (``ingest.listen``)."""
     await listen.follow(
-        libpq_url(db_url), [WEBHOOKS_CHANNEL], name="webhooks", on_connect=sync,
-        on_notices=sync, gather_s=GATHER_S, gather_max=100, period_s=reload_s, on_period=sync,
-        ping_timeout_s=PING_TIMEOUT_S, errors=(StoreError,), first_s=0.5, cap_s=backoff_max_s,
+        libpq_url(db_url), [WEBHOOKS_CHANNEL], name="webhooks", errors=(StoreError,),
+        catch_up=lambda _: notifier.sync(), gather_s=GATHER_S,
+        period_s=reload_s, first_s=0.5, cap_s=backoff_max_s,
     )  # fmt: skip
 
 

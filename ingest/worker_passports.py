@@ -66,8 +66,6 @@ RELOAD_S = 30.0
 GATHER_S = 0.05
 """After a notice, how long more are gathered into the same read."""
 BACKOFF_MAX_S = 10.0
-PING_TIMEOUT_S = 5.0
-"""A ping of the LISTEN connection (every ``reload_s``) not answered in this: reconnect."""
 FOLLOW_TASK = "passports:flags"
 LOCK_ENV = "CHARGEWATCH_INGEST__BATTERIES__LOCK_FLAGGED"
 
@@ -167,21 +165,16 @@ class WorkerPassports:
 
     async def follow_flags(self) -> NoReturn:
         """LISTEN on ``FLAGS_CHANNEL``: a read of the flagged packs on each (re)connect, on
-        each burst of notices (a cabinet's smoke flags all its packs: one read), and every
-        ``reload_s`` (after a ping: a dead server shows there). A lost connection is
-        retried with capped, jittered backoff (``ingest.listen``)."""
-
-        async def reload(*_: object) -> None:
-            await self.reload()
+        each burst of notices, and every ``reload_s`` (``ingest.listen``). A lost connection
+        is retried with capped, jittered backoff."""
 
         def state(listening: bool, _: BaseException | None) -> None:
             self.listening = listening
 
         await listen.follow(
-            libpq_url(self.db_url), [FLAGS_CHANNEL], name="battery flags", on_connect=reload,
-            on_notices=reload, gather_s=GATHER_S, period_s=self.reload_s, on_period=reload,
-            ping_timeout_s=PING_TIMEOUT_S, on_state=state, errors=(StoreError,),
-            first_s=0.4, cap_s=BACKOFF_MAX_S,
+            libpq_url(self.db_url), [FLAGS_CHANNEL], name="battery flags", on_state=state,
+            catch_up=lambda _: self.reload(), gather_s=GATHER_S, period_s=self.reload_s,
+            errors=(StoreError,), first_s=0.4, cap_s=BACKOFF_MAX_S,
         )  # fmt: skip
 
 
