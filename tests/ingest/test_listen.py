@@ -146,3 +146,17 @@ async def test_a_callbacks_own_error_reconnects(pg_url: str) -> None:
 
 def assert_(condition: bool) -> None:
     assert condition
+
+
+async def test_without_on_notices_a_burst_runs_the_catch_up_once(pg_url: str) -> None:
+    url, seen = libpq_url(pg_url), Seen()
+
+    def run() -> Any:
+        return follow(url, [CHANNEL], name="test", catch_up=seen.caught_up, gather_s=0.3)
+
+    async with running(run):
+        await eventually(lambda: assert_(seen.catch_ups == 1))
+        await notify(url, "a", "b", "c")
+        await eventually(lambda: assert_(seen.catch_ups == 2))
+        await asyncio.sleep(0.5)
+        assert seen.catch_ups == 2  # one read for the three
