@@ -9,7 +9,7 @@ burst is one read) goes to ``on_notices``, or without it runs ``catch_up``. Ever
 is pinged (unless ``ping_timeout_s`` is None: a dead server shows here) and ``catch_up``
 runs again. A lost connection (``psycopg.Error``, ``OSError``, ``TimeoutError``, the
 callbacks' ``errors``) says so (``on_state(False, exc)``; ``exc`` None when cancelled), is
-logged and retried after ``backoff_s`` (counted again from the next successful LISTEN).
+logged and retried after ``backoff_s`` (counted again once LISTEN and the catch-up succeed).
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ async def follow(
             ) as conn:
                 for channel in channels:
                     await conn.execute(f"LISTEN {channel}".encode())
-                failures = 0
                 on_state(True, None)
                 loop = asyncio.get_running_loop()
                 if catch_up is not None:
                     await catch_up(conn)
+                failures = 0
                 due = None if period_s is None else loop.time() + period_s
                 while True:
                     wait_s = None if due is None else max(0.0, due - loop.time())

@@ -127,21 +127,27 @@ async def test_the_wait_between_attempts_is_capped(caplog: pytest.LogCaptureFixt
     assert all(not listening for listening, _ in seen.states)
 
 
-async def test_a_callbacks_own_error_reconnects(pg_url: str) -> None:
-    url, seen, failed = libpq_url(pg_url), Seen(), []
+async def test_a_failing_catch_up_reconnects_and_the_backoff_keeps_growing(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A catch-up that fails (its own ``errors``) after a successful LISTEN: reconnect, and
+    the failures are still counted (no retry at the first wait forever)."""
+    url, seen = libpq_url(pg_url), Seen()
+    caplog.set_level(logging.WARNING, logger="ingest.listen")
 
     async def flaky(conn: object) -> None:
         await seen.caught_up(conn)
-        if not failed:
-            failed.append(True)
+        if seen.catch_ups <= 3:
             raise LookupError("not yet")
 
     def run() -> NoReturn:  # type: ignore[misc]
         return follow(url, [CHANNEL], name="test", on_notices=seen.notices, catch_up=flaky,
-                      errors=(LookupError,), first_s=0.05, cap_s=0.05)  # fmt: skip
+                      errors=(LookupError,), first_s=0.05, cap_s=0.1)  # fmt: skip
 
     async with running(run):
-        await eventually(lambda: assert_(seen.catch_ups == 2))
+        await eventually(lambda: assert_(seen.catch_ups == 4))
+    attempts = re.findall(r"not yet; LISTEN again in [\d.]+ s \(attempt (\d+)\)", caplog.text)
+    assert attempts == ["1", "2", "3"]
 
 
 def assert_(condition: bool) -> None:
