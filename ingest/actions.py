@@ -56,7 +56,7 @@ import psycopg
 from sqlalchemy import BigInteger, bindparam, cast, func, insert, literal_column, select, update
 from sqlalchemy.engine import make_url
 
-from ingest import StoreError
+from ingest import StoreError, listen
 from ingest.alerts.engine import AlertEngine
 from ingest.alerts.model import Alert, AlertConflict, AlertNotFound
 from ingest.alerts.order_model import OrderConflict, OrderInvalid, OrderNotFound, WorkOrder
@@ -416,24 +416,22 @@ class ActionNotices:
                 wake.set()
 
     async def run(self) -> NoReturn:
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    libpq_url(self.url), autocommit=True, connect_timeout=5
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {ACTIONS_CHANNEL}")
-                    self.listening = True
-                    while True:  # what no notice announced (before we listened, or lost)
-                        cur = await conn.execute(_QUEUED_STATIONS)
-                        self._wake(str(r[0]) for r in await cur.fetchall())
-                        async for notice in conn.notifies(timeout=self.poll_s):
-                            self._wake((notice.payload,))
-            except (psycopg.Error, OSError) as exc:
-                log.warning("actions: LISTEN failed (%s); again in %.1f s", exc, 1.0)
-            finally:
-                self.listening = False
-            await asyncio.sleep(1.0)
+        await listen.follow(
+            libpq_url(self.url), [ACTIONS_CHANNEL], name="actions", catch_up=self._scan,
+            on_notices=self._noticed, period_s=self.poll_s, on_state=self._state,
+            ping_timeout_s=None, first_s=1.0, cap_s=1.0,
+        )  # fmt: skip
+
+    async def _scan(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """What no notice announced (before we listened, or lost): one query."""
+        cur = await conn.execute(_QUEUED_STATIONS)
+        self._wake(str(r[0]) for r in await cur.fetchall())
+
+    async def _noticed(self, notices: listen.Notices) -> None:
+        self._wake(n.payload for n in notices)
+
+    def _state(self, listening: bool, _: BaseException | None) -> None:
+        self.listening = listening
 
 
 class ActionApplier:
@@ -500,22 +498,16 @@ class ActionApplier:
         claim or a lost connection is retried."""
         if self.notices is not None:
             await self._run_woken(self.notices)
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    libpq_url(self.url), autocommit=True, connect_timeout=5
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {ACTIONS_CHANNEL}")
-                    while True:
-                        await self.apply_pending()
-                        await self._prune()
-                        async for notice in conn.notifies(timeout=self.poll_s):
-                            if notice.payload in self.stations:
-                                break
-            except (psycopg.Error, OSError, StoreError) as exc:
-                log.warning("actions: LISTEN or claim failed (%s); again in %.1f s", exc, 1.0)
-                await asyncio.sleep(1.0)
+
+        async def noticed(notices: listen.Notices) -> None:
+            if any(n.payload in self.stations for n in notices):
+                await self._claim()
+
+        await listen.follow(
+            libpq_url(self.url), [ACTIONS_CHANNEL], name="actions (applier)", on_notices=noticed,
+            catch_up=lambda _: self._claim(), period_s=self.poll_s, errors=(StoreError,),
+            ping_timeout_s=None, first_s=1.0, cap_s=1.0,
+        )  # fmt: skip
 
     async def _run_woken(self, notices: ActionNotices) -> NoReturn:
         wake = asyncio.Event()
@@ -524,8 +516,7 @@ class ActionApplier:
             while True:
                 wake.clear()  # before the claim: a notice meanwhile makes another round
                 try:
-                    await self.apply_pending()
-                    await self._prune()
+                    await self._claim()
                 except (psycopg.Error, OSError, StoreError) as exc:
                     log.warning("actions: claim failed (%s); again in %.1f s", exc, 1.0)
                     await asyncio.sleep(1.0)
@@ -533,6 +524,10 @@ class ActionApplier:
                 await wake.wait()
         finally:
             unregister()
+
+    async def _claim(self) -> None:
+        await self.apply_pending()
+        await self._prune()
 
     async def _prune(self) -> None:
         if time.monotonic() - self._pruned_at < PRUNE_EVERY_S or self._queue is None:

@@ -1,6 +1,6 @@
 """The wait before a reconnect: capped, jittered exponential backoff, shared by the loops
-that follow PostgreSQL (the registry, webhook subscriptions, unknown devices, the partition
-leases, serve's database lock).
+that follow PostgreSQL (every LISTEN follower: ``ingest.listen``; unknown devices, the
+partition leases, serve's database lock).
 
 The wait doubles from ``first_s`` per failure in a row up to ``cap_s``, times 0.5-1 so that
 many workers do not retry in step (aiomqtt's shape). The exponent stops growing once the

@@ -63,20 +63,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, NoReturn, Self, TypeVar
 
-import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from devices.catalog import Catalog
-from ingest import StoreError, StoreUnavailable
+from ingest import StoreError, StoreUnavailable, listen
 from ingest.actions import ACTION_DONE_CHANNEL, WAIT_S, ActionClient, ActionQueue, libpq_url
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.model import (
@@ -124,8 +122,6 @@ PING_S = 2.0
 GATHER_S = 0.005
 """After a notice, how long the listener gathers more before it reads the twins."""
 BACKOFF_MAX_S = 10.0
-NOTICES_PER_READ = 1000
-"""The most NOTIFYs gathered into one read of twins."""
 
 ALERTS_POLL_S = 1.0
 """With SSE subscribers, how often new alert events are looked for without a NOTIFY."""
@@ -399,58 +395,38 @@ class ReplicaReadSide:
             await self._refresh()
 
     async def _listen_forever(self) -> NoReturn:
-        attempt = 0
-        while True:
-            try:
-                await self._listen()
-            except (psycopg.Error, OSError, StoreError) as exc:
-                self._listen_error = f"database unreachable (LISTEN): {exc}"
-                log.warning("replica LISTEN connection lost: %s", exc)
-            finally:
-                self._listening = False
-                self._metrics.listening.set(0)
-            attempt = min(attempt + 1, 10)
-            delay = min(BACKOFF_MAX_S, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
-            log.info("replica LISTEN: reconnecting in %.1f s (attempt %d)", delay, attempt)
-            await asyncio.sleep(delay)
-            if self._listening:
-                attempt = 0
+        await listen.follow(
+            libpq_url(self.url), [TWINS_CHANNEL, ALERTS_CHANNEL, ACTION_DONE_CHANNEL,
+            FLAGS_CHANNEL], name="replica", on_notices=self._notices, on_state=self._listen_state,
+            gather_s=GATHER_S, period_s=self.ping_s,
+            ping_timeout_s=self.ping_s + 5, errors=(StoreError,), first_s=0.4, cap_s=BACKOFF_MAX_S,
+        )  # fmt: skip
 
-    async def _listen(self) -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            libpq_url(self.url), autocommit=True, connect_timeout=5
-        )
-        async with conn:
-            for channel in (TWINS_CHANNEL, ALERTS_CHANNEL, ACTION_DONE_CHANNEL, FLAGS_CHANNEL):
-                await conn.execute(f"LISTEN {channel}")
-            self._listening = True
+    def _listen_state(self, listening: bool, exc: BaseException | None) -> None:
+        self._listening = listening
+        self._metrics.listening.set(1 if listening else 0)
+        if listening:
             self._listen_error = None
-            self._metrics.listening.set(1)
             self._metrics.listen_connects.inc()
             self._refresh_now.set()  # what was sent while we did not listen
             self._alerts_notice.set()
-            while True:
-                ids: set[str] = set()
-                # wait for one notice (or ping when none comes), then take what else is
-                # already there, so that a burst is one read
-                for wait_s, most in ((self.ping_s, 1), (GATHER_S, NOTICES_PER_READ)):
-                    async for notice in conn.notifies(timeout=wait_s, stop_after=most):
-                        self._metrics.notices.inc()
-                        if notice.channel == TWINS_CHANNEL:
-                            ids.update(notice.payload.split())
-                        else:
-                            self._noticed(notice.channel, notice.payload)
-                    if not ids:
-                        break
-                if ids:
-                    try:
-                        await self._apply(ids)
-                    except StoreError as exc:
-                        log.warning("twins %d changed, not read: %s", len(ids), exc)
-                        self._refresh_now.set()
-                else:
-                    async with asyncio.timeout(self.ping_s + 5):
-                        await conn.execute("SELECT 1")  # a dead server shows here
+        elif exc is not None:
+            self._listen_error = f"database unreachable (LISTEN): {exc}"
+
+    async def _notices(self, notices: listen.Notices) -> None:
+        ids: set[str] = set()
+        for notice in notices:
+            self._metrics.notices.inc()
+            if notice.channel == TWINS_CHANNEL:
+                ids.update(notice.payload.split())
+            else:
+                self._noticed(notice.channel, notice.payload)
+        if ids:
+            try:
+                await self._apply(ids)
+            except StoreError as exc:
+                log.warning("twins %d changed, not read: %s", len(ids), exc)
+                self._refresh_now.set()
 
     def _noticed(self, channel: str, payload: str) -> None:
         if channel == ALERTS_CHANNEL:

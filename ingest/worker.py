@@ -49,7 +49,7 @@ from sqlalchemy import Engine, text
 
 from devices.catalog import Catalog, CatalogError, Device
 from devices.topics import TopicScheme
-from ingest import IngestError, StoreError, pg_retention
+from ingest import IngestError, StoreError, listen, pg_retention
 from ingest.alerts.config import AlertsConfig
 from ingest.backoff import backoff_s
 from ingest.commands.config import CommandsConfig
@@ -413,23 +413,11 @@ async def follow_registry(
 ) -> None:
     """LISTEN for registry changes; on each (and on every (re)connect, for what was missed
     meanwhile) read the registry and hand the devices this worker does not know yet to
-    ``Worker.add_device``. Reconnects with capped, jittered backoff."""
-    failures = 0
-    while True:
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                db, autocommit=True, connect_timeout=5
-            ) as conn:
-                await conn.execute(f"LISTEN {registry.CHANNEL}".encode())
-                failures = 0
-                await _catch_up(worker, load)
-                async for _ in conn.notifies():
-                    await _catch_up(worker, load)
-        except (psycopg.Error, OSError, StoreError, CatalogError) as exc:
-            failures += 1
-            delay = backoff_s(failures, first_s=0.5, cap_s=retry_max_s)
-            log.warning("registry: %s; again in %.1fs", exc or type(exc).__name__, delay)
-            await asyncio.sleep(delay)
+    ``Worker.add_device``. Reconnects with capped, jittered backoff (``ingest.listen``)."""
+    await listen.follow(
+        db, [registry.CHANNEL], name="registry", catch_up=lambda _: _catch_up(worker, load),
+        errors=(StoreError, CatalogError), first_s=0.5, cap_s=retry_max_s,
+    )  # fmt: skip
 
 
 async def _catch_up(worker: Worker, load: Callable[[], Catalog | None]) -> None:

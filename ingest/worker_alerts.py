@@ -50,14 +50,13 @@ from collections.abc import Collection, Iterator
 from types import TracebackType
 from typing import Self
 
-import psycopg
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from devices.catalog import Catalog
-from ingest import IngestError, StoreError
+from ingest import IngestError, StoreError, listen
 from ingest.actions import ActionNotices, libpq_url
 from ingest.alerts.config import AlertsConfig
 from ingest.alerts.engine import AlertEngine
@@ -65,7 +64,6 @@ from ingest.alerts.ids import AlertIds, IdPool
 from ingest.alerts.notify import Notifier
 from ingest.alerts.order_store import WorkOrderStore
 from ingest.alerts.store import WEBHOOKS_CHANNEL, AlertStore
-from ingest.backoff import backoff_s
 from ingest.commands.config import CommandsConfig
 from ingest.commands.store import CommandStore
 from ingest.pipeline import Twins
@@ -80,7 +78,6 @@ RELOAD_S = 60.0
 NOTIFY leaves a subscription unserved (or a removed one served)."""
 BACKOFF_MAX_S = 10.0
 GATHER_S = 0.005  # after a notice, how long more are gathered into the same read
-PING_TIMEOUT_S = 5.0
 FOLLOWER = "webhook:follow"
 
 
@@ -250,36 +247,12 @@ async def follow_webhooks(
 ) -> None:
     """Serve the database's subscriptions (module docstring): ``Notifier.sync`` on each
     NOTIFY of ``WEBHOOKS_CHANNEL``, on each (re)connection and every ``reload_s``. Runs
-    until cancelled; reconnects with capped, jittered backoff."""
-    failures = 0
-    while True:
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                libpq_url(db_url), autocommit=True, connect_timeout=5
-            )
-            async with conn:
-                await conn.execute(f"LISTEN {WEBHOOKS_CHANNEL}".encode())
-                await notifier.sync()  # what changed while we did not listen
-                failures = 0
-                while True:
-                    heard = 0
-                    async for _ in conn.notifies(timeout=reload_s, stop_after=1):
-                        heard += 1
-                    if heard:  # and the others of a burst: one read for them all
-                        async for _ in conn.notifies(timeout=GATHER_S, stop_after=100):
-                            pass
-                    else:  # reload_s without one: a dead server shows here
-                        async with asyncio.timeout(PING_TIMEOUT_S):
-                            await conn.execute("SELECT 1")
-                    await notifier.sync()
-        except (psycopg.Error, OSError, StoreError, TimeoutError) as exc:
-            failures += 1
-            delay = backoff_s(failures, first_s=0.5, cap_s=backoff_max_s)
-            log.warning(
-                "webhooks: following subscriptions failed (%s); again in %.1f s (attempt %d)",
-                exc or type(exc).__name__, delay, failures,
-            )  # fmt: skip
-            await asyncio.sleep(delay)
+    until cancelled; reconnects with capped, jittered backoff (``ingest.listen``)."""
+    await listen.follow(
+        libpq_url(db_url), [WEBHOOKS_CHANNEL], name="webhooks", errors=(StoreError,),
+        catch_up=lambda _: notifier.sync(), gather_s=GATHER_S,
+        period_s=reload_s, first_s=0.5, cap_s=backoff_max_s,
+    )  # fmt: skip
 
 
 class WorkerAlertsCollector(Collector):

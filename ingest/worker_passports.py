@@ -44,18 +44,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import weakref
 from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import NoReturn, Self
 
-import psycopg
 from prometheus_client import CollectorRegistry
 from pydantic import TypeAdapter, ValidationError
 
 from devices.catalog import Catalog
-from ingest import IngestError, StoreError
+from ingest import IngestError, StoreError, listen
 from ingest.actions import libpq_url
 from ingest.passport_store import FLAGS_CHANNEL, PassportStore
 from ingest.passports import Flag, PassportMetrics, Passports
@@ -167,35 +165,17 @@ class WorkerPassports:
 
     async def follow_flags(self) -> NoReturn:
         """LISTEN on ``FLAGS_CHANNEL``: a read of the flagged packs on each (re)connect, on
-        each burst of notices, and every ``reload_s`` without one. A lost connection is
-        retried with capped, jittered backoff."""
-        attempt = 0
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    libpq_url(self.db_url), autocommit=True, connect_timeout=5
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {FLAGS_CHANNEL}")
-                    self.listening, attempt = True, 0
-                    while True:
-                        await self.reload()
-                        # a notice, or ``reload_s`` without one; then what else is there
-                        # already (a cabinet's smoke flags all its packs): one read
-                        heard = False
-                        async for _ in conn.notifies(timeout=self.reload_s, stop_after=1):
-                            heard = True
-                        if heard:
-                            async for _ in conn.notifies(timeout=GATHER_S):
-                                pass
-                        else:  # a dead server shows here
-                            await conn.execute("SELECT 1")
-            except (psycopg.Error, OSError, StoreError) as exc:
-                self.listening = False
-                attempt = min(attempt + 1, 10)
-                delay = min(BACKOFF_MAX_S, 0.2 * 2**attempt) * random.uniform(0.5, 1.0)
-                log.warning("battery flags: %s; LISTEN again in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+        each burst of notices, and every ``reload_s`` (``ingest.listen``). A lost connection
+        is retried with capped, jittered backoff."""
+
+        def state(listening: bool, _: BaseException | None) -> None:
+            self.listening = listening
+
+        await listen.follow(
+            libpq_url(self.db_url), [FLAGS_CHANNEL], name="battery flags", on_state=state,
+            catch_up=lambda _: self.reload(), gather_s=GATHER_S, period_s=self.reload_s,
+            errors=(StoreError,), first_s=0.4, cap_s=BACKOFF_MAX_S,
+        )  # fmt: skip
 
 
 def lock_flagged_setting(environ: Mapping[str, str] | None = None) -> bool:
