@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Python's default: compiled modules cached, so the hundreds of processes the tests start do
+# not each compile the packages again (some shells set this to keep trees clean)
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo cluster-demo test check audit lint bench clean
 
