@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, get_args
 
@@ -352,21 +353,27 @@ def _probe_latencies(
             for _ in range(probes):
                 topic, payload = stream.next(time.time_ns() // 1_000_000)
                 device_id = topic.split("/")[2]
-                seq = json.loads(payload)["seq"]
+                sent = json.loads(payload)
+                # this status: its seq and its time (the public view hides the boot id, and a
+                # new boot's seqs start over)
+                seq, sent_at = sent["seq"], datetime.fromisoformat(sent["ts"])
                 t0 = time.perf_counter()
                 client.publish(topic, payload, qos=1)
                 deadline = t0 + 10
                 while time.perf_counter() < deadline:
                     view = http.get(f"/v1/devices/{device_id}").json()
+                    shown = view.get("reported_at")
                     if (
                         view.get("status_seq") == seq
-                        and view.get("boot")
-                        == stream.boots[
-                            stream.specs.index(next(s for s in chosen if s.id == device_id))
-                        ]
+                        and shown
+                        and datetime.fromisoformat(shown) == sent_at
                     ):
                         out.append(time.perf_counter() - t0)
                         break
+                else:
+                    raise procs.BenchError(
+                        f"{device_id} seq {seq}: not shown by the API within 10 s"
+                    )
                 time.sleep(gap_s)
     finally:
         client.disconnect()
