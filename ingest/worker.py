@@ -56,6 +56,7 @@ from ingest.commands.config import CommandsConfig
 from ingest.commands.service import Publisher
 from ingest.db import migrate, registry
 from ingest.gmqtt_source import GmqttSource
+from ingest.group_commit import GroupCommit
 from ingest.leases import (
     LeaseConfig,
     LeaseError,
@@ -546,8 +547,10 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                 history=history,
                 alerts=alerts,
                 passports=passports,
+                group=group,
             )
 
+        group = GroupCommit(store)  # the partitions' batches share transactions
         worker = Worker(
             broker=a.broker,
             db=a.db,
