@@ -96,10 +96,12 @@ async def test_a_stale_partition_is_refused_alone(pg_url: str) -> None:
         stale, fine = await asyncio.gather(
             a.store([status(A, 1)]), b.store([status(B, 1)]), return_exceptions=True
         )
-        assert isinstance(stale, StaleLease) and f"partition {A}" in str(stale)
+        assert isinstance(stale, StaleLease)
+        assert f"partition {A}" in str(stale)
         assert fine is None
         assert group.transactions == 1  # B's batch committed in the same transaction
-        assert seqs(store, A) == [] and seqs(store, B) == [1]
+        assert seqs(store, A) == []
+        assert seqs(store, B) == [1]
     finally:
         store.close()
 
@@ -111,7 +113,9 @@ async def test_a_batch_the_database_refuses_fails_alone(pg_url: str) -> None:
         lease(pg_url, B, 1)
         group = GroupCommit(store)
         device_a, device_b = PM.devices(A)[0], PM.devices(B)[0]
-        bad = Part((A, 1), (), [TwinRecord(device_a, b'{"id": "\\u0000"}\x00')], ())  # NUL: text refuses it
+        bad = Part(
+            (A, 1), (), [TwinRecord(device_a, b'{"id": "\\u0000"}\x00')], ()
+        )  # NUL: text refuses it
         good = Part((B, 1), (), [TwinRecord(device_b, b'{"id": "%s"}' % device_b.encode())], ())
         refused, fine = await asyncio.gather(
             group.write(bad), group.write(good), return_exceptions=True
