@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import Counter
+
 from ingest import StoreError, StoreUnavailable
 from ingest.leases import StaleLease, holds
 from ingest.pg_store import Part, PostgresStore
@@ -31,11 +33,12 @@ _Waiting = tuple[Part, "asyncio.Future[None]"]
 class GroupCommit:
     """One worker's fenced state writes (``write``), grouped while one is in flight."""
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PostgresStore, committed: Counter | None = None) -> None:
         self.store = store
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
-        self.transactions = 0  # committed or refused: a figure for the bench and the tests
+        self.transactions = 0  # committed (a stale part's refusal among them)
+        self._committed = committed
 
     async def write(self, part: Part) -> None:
         """``part`` durable, under its fence (``StaleLease`` if the lease moved on), in the
@@ -82,6 +85,8 @@ class GroupCommit:
                 _fail(taken, StoreUnavailable(f"the write was abandoned ({exc!r})"))
             raise
         self.transactions += 1
+        if self._committed is not None:
+            self._committed.inc()
         for i, (part, done) in enumerate(taken):
             if done.done():  # its waiter gave up
                 continue

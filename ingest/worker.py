@@ -115,6 +115,12 @@ class Metrics:
             registry=r,
         )
         self.stored = Counter("chargewatch_ingest_stored", "messages stored", registry=r)
+        self.transactions = Counter(
+            "chargewatch_ingest_transactions",
+            "state transactions committed: the partitions' batches ready together share one"
+            " (ingest.group_commit)",
+            registry=r,
+        )
         self.acked = Counter("chargewatch_ingest_acked", "messages acknowledged", registry=r)
         self.store_errors = Counter(
             "chargewatch_ingest_store_errors", "batches the store refused or failed", registry=r
@@ -550,7 +556,6 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                 group=group,
             )
 
-        group = GroupCommit(store)  # the partitions' batches share transactions
         worker = Worker(
             broker=a.broker,
             db=a.db,
@@ -561,6 +566,8 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
             catalog=catalog,
         )
         metrics = IngestMetrics(worker.metrics.registry)  # the pipelines': one /metrics
+        # the partitions' batches share transactions
+        group = GroupCommit(store, committed=worker.metrics.transactions)
         # the owner of partition 0 watches for devices outside the registry
         unknown = UnknownDevices(
             broker=a.broker,
