@@ -459,7 +459,11 @@ class IngestArgs:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ingest", help="a partitioned ingest worker (PostgreSQL leases)")
-    p.add_argument("--broker", required=True, help="mqtt[s]://[user:pass@]host:port")
+    p.add_argument(
+        "--broker",
+        help="mqtt[s]://[user:pass@]host:port (default: CHARGEWATCH_BROKER, which keeps the"
+        " password out of the process list)",
+    )
     p.add_argument("--db", help="postgresql://… (default: CHARGEWATCH_DB)")
     p.add_argument(
         "--catalog", type=Path, help="catalog JSON for an empty registry; default: the district"
@@ -480,6 +484,9 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
         raise IngestError("ingest needs --db postgresql://… (or CHARGEWATCH_DB)")
     if not db.startswith(("postgresql://", "postgres://")):
         raise IngestError(f"--db must be a postgresql:// URL, not {db.split(':', 1)[0]}:")
+    broker = args.broker or os.environ.get("CHARGEWATCH_BROKER")
+    if not broker:
+        raise IngestError("ingest needs --broker mqtt://… (or CHARGEWATCH_BROKER)")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise IngestError(f"--metrics-port {args.metrics_port}: use 0..65535")
     lease = os.environ.get("CHARGEWATCH_LEASE_TIMEOUT_S", "10")
@@ -488,7 +495,7 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
     except ValueError:
         raise IngestError(f"CHARGEWATCH_LEASE_TIMEOUT_S={lease!r} is not a number") from None
     return IngestArgs(
-        broker=BrokerURL.parse(args.broker),
+        broker=BrokerURL.parse(broker),
         db=db,
         catalog=Catalog.load(args.catalog),
         partitions=args.partitions,
