@@ -59,7 +59,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -168,17 +168,11 @@ async def refuse_if_served(url: str) -> None:
         raise serving_refused(holder, url)
 
 
-def fence(partition: int, epoch: int) -> Callable[[Connection], None]:
-    """``check_fence`` for a SQLAlchemy connection (``PostgresStore.write(fence=...)``): run
-    inside the store's write transaction, it refuses a stale owner's batch (``StaleLease``,
-    the transaction rolls back) and holds the lease row until that transaction ends."""
-
-    def check(conn: Connection) -> None:
-        row = conn.exec_driver_sql(FENCE_SQL, (partition, epoch)).first()
-        if row is None:
-            raise StaleLease(f"partition {partition}: epoch {epoch} is no longer the lease's")
-
-    return check
+def holds(conn: Connection, fence: tuple[int, int]) -> bool:
+    """Inside a store's write transaction (``PostgresStore.write_fenced``): whether the lease
+    of partition ``fence[0]`` is still at epoch ``fence[1]``; when it is, its row is held
+    until that transaction ends, so no new owner's acquisition commits meanwhile."""
+    return conn.exec_driver_sql(FENCE_SQL, fence).first() is not None
 
 
 # ``fence`` as the first statement of a ``Database.transaction``: fails the transaction

@@ -5,9 +5,10 @@ written to PostgreSQL under the partition's fencing epoch (``ingest.worker.Consu
 PostgreSQL, so ordering and deduplication by (boot, seq) continue where the previous owner
 left them; ``store`` hands a batch to the pipeline's per-message steps (decode, validate,
 order/dedupe, twin, dead letters) and writes the batch's history, twins and dead letters
-with ``PostgresStore.write`` in one transaction that starts with the fence check
-(``ingest.leases.fence``): a stale owner's batch is refused (``StaleLease``) and nothing of
-it is acknowledged. With an InfluxDB history (``--history``) the rows go there first (points
+in a transaction that checks the partition's fence first (``ingest.leases.holds``), shared
+with the worker's other partitions' batches ready at the same moment (``ingest.group_commit``):
+a stale owner's batch is refused (``StaleLease``) and nothing of it is written or
+acknowledged. With an InfluxDB history (``--history``) the rows go there first (points
 are idempotent: a redelivered row overwrites itself), then the state, fenced.
 
 With the worker's alerts (``ingest.worker_alerts``), ``load`` then starts the partition's
@@ -56,11 +57,11 @@ from ingest.alerts.engine import AlertEngine
 from ingest.alerts.ids import IdPool
 from ingest.alerts.orders import WorkOrders
 from ingest.commands.service import Commands, Publisher
-from ingest.leases import fence
+from ingest.group_commit import GroupCommit
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import Received
 from ingest.passports import Passports
-from ingest.pg_store import PostgresStore
+from ingest.pg_store import Part, PostgresStore
 from ingest.pipeline import Batch, Pipeline, Twins
 from ingest.store import HistoryStore, TwinRecord
 from ingest.twins import Twin
@@ -87,8 +88,11 @@ class PipelineConsumer:
         release_soc: float = DEFAULT_RELEASE_SOC,
         alerts: WorkerAlerts | None = None,
         passports: WorkerPassports | None = None,
+        group: GroupCommit | None = None,
     ) -> None:
         self.state = store
+        # the worker's: its partitions' batches share transactions (ingest.group_commit)
+        self.group = group or GroupCommit(store)
         self.history = history  # None: the history is the store's (PostgreSQL)
         self.catalog = catalog  # the whole registry: the pipeline routes by it
         self.devices = list(devices)  # the partition's: its twins
@@ -263,18 +267,14 @@ class PipelineConsumer:
             pipeline.handle(r, b)
         pipeline._journal(b)  # the events, numbered in the partition's journal range
         records = [TwinRecord(d, t.encode()) for d, t in b.changed.items()]
-        check = fence(self.partition, self.epoch)
         with self.metrics.write_seconds.time():
-            if self.history is not None:
-                if b.rows:
-                    await asyncio.to_thread(self.history.append, b.rows)
-                await asyncio.to_thread(
-                    self.state.write, (), records, b.dead, b.unobserved, fence=check
-                )
-            else:
-                await asyncio.to_thread(
-                    self.state.write, b.rows, records, b.dead, b.unobserved, fence=check
-                )
+            rows = b.rows
+            if self.history is not None:  # points are idempotent: a redelivery overwrites
+                if rows:
+                    await asyncio.to_thread(self.history.append, rows)
+                rows = []
+            fenced = (self.partition, self.epoch)
+            await self.group.write(Part(fenced, rows, records, b.dead, b.unobserved))
         pipeline._count(b)  # counted once it is durable: a refused batch comes again
         self.metrics.written.inc(len(b.rows))
         for twin, msg, received_ms in b.applied:

@@ -26,7 +26,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -86,6 +86,21 @@ def partition_name(day: int) -> str:
     """``messages_pYYYYMMDD`` of the UTC day ``day`` (days since the epoch)."""
     date = dt.datetime.fromtimestamp(day * 86_400, dt.UTC)
     return f"{migrate.PARTITION_PREFIX}{date:%Y%m%d}"
+
+
+class Part(NamedTuple):
+    """One partition's batch for ``PostgresStore.write_fenced``: written only while the
+    lease ``fence`` (partition, epoch) holds; None: unfenced."""
+
+    fence: tuple[int, int] | None
+    rows: Sequence[HistoryRow]
+    twins: Sequence[TwinRecord]
+    dead_letters: Sequence[DeadLetter]
+    unobserved: Sequence[Unobserved] = ()
+
+
+def _unfenced(conn: Connection, fence: tuple[int, int]) -> bool:
+    return True
 
 
 class PostgresStore:
@@ -182,19 +197,37 @@ class PostgresStore:
         twins: Sequence[TwinRecord],
         dead_letters: Sequence[DeadLetter],
         unobserved: Sequence[Unobserved] = (),
-        *,
-        fence: Callable[[Connection], None] | None = None,
     ) -> None:
-        """History, twins, dead letters and the event journal of a batch in one transaction;
-        ``fence`` runs first in it (``ingest.leases.fence``: a stale owner's batch is refused)."""
-        self.ensure_partitions({r.ts_ms // DAY_MS for r in rows})
-        fresh, repeats = self._replays.sort_out(dead_letters)
+        """History, twins, dead letters and the event journal of a batch in one transaction."""
+        self.write_fenced([Part(None, rows, twins, dead_letters, unobserved)], _unfenced)
+
+    def write_fenced(
+        self, parts: Sequence[Part], holds: Callable[[Connection, tuple[int, int]], bool]
+    ) -> set[int]:
+        """The batches of several partitions in one transaction, each only while its lease
+        is at its epoch (``holds``, run first in the transaction for each fenced part, in
+        partition order: ``ingest.leases.holds``). Returns the indexes of the parts refused
+        (a stale owner's), of which nothing is written; the others are committed together."""
+        self.ensure_partitions({r.ts_ms // DAY_MS for p in parts for r in p.rows})
+        order = sorted(range(len(parts)), key=lambda i: parts[i].fence or (-1, 0))
         with self._connection() as conn:
-            if fence is not None:
-                fence(conn)
-            self._append(conn, rows)
-            self._save(conn, twins, fresh, repeats, unobserved)
+            stale = set()
+            for i in order:
+                fence = parts[i].fence
+                if fence is not None and not holds(conn, fence):
+                    stale.add(i)
+            live = [p for i, p in enumerate(parts) if i not in stale]
+            fresh, repeats = self._replays.sort_out([d for p in live for d in p.dead_letters])
+            self._append(conn, [r for p in live for r in p.rows])
+            self._save(
+                conn,
+                [t for p in live for t in p.twins],
+                fresh,
+                repeats,
+                [u for p in live for u in p.unobserved],
+            )
         self._replays.remember(fresh, repeats)
+        return stale
 
     def append(self, rows: Sequence[HistoryRow]) -> None:
         self.write(rows, (), ())

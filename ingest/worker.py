@@ -56,6 +56,7 @@ from ingest.commands.config import CommandsConfig
 from ingest.commands.service import Publisher
 from ingest.db import migrate, registry
 from ingest.gmqtt_source import GmqttSource
+from ingest.group_commit import GroupCommit
 from ingest.leases import (
     LeaseConfig,
     LeaseError,
@@ -114,6 +115,12 @@ class Metrics:
             registry=r,
         )
         self.stored = Counter("chargewatch_ingest_stored", "messages stored", registry=r)
+        self.transactions = Counter(
+            "chargewatch_ingest_transactions",
+            "state transactions committed: the partitions' batches ready together share one"
+            " (ingest.group_commit)",
+            registry=r,
+        )
         self.acked = Counter("chargewatch_ingest_acked", "messages acknowledged", registry=r)
         self.store_errors = Counter(
             "chargewatch_ingest_store_errors", "batches the store refused or failed", registry=r
@@ -452,7 +459,11 @@ class IngestArgs:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ingest", help="a partitioned ingest worker (PostgreSQL leases)")
-    p.add_argument("--broker", required=True, help="mqtt[s]://[user:pass@]host:port")
+    p.add_argument(
+        "--broker",
+        help="mqtt[s]://[user:pass@]host:port (default: CHARGEWATCH_BROKER, which keeps the"
+        " password out of the process list)",
+    )
     p.add_argument("--db", help="postgresql://… (default: CHARGEWATCH_DB)")
     p.add_argument(
         "--catalog", type=Path, help="catalog JSON for an empty registry; default: the district"
@@ -473,6 +484,9 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
         raise IngestError("ingest needs --db postgresql://… (or CHARGEWATCH_DB)")
     if not db.startswith(("postgresql://", "postgres://")):
         raise IngestError(f"--db must be a postgresql:// URL, not {db.split(':', 1)[0]}:")
+    broker = args.broker or os.environ.get("CHARGEWATCH_BROKER")
+    if not broker:
+        raise IngestError("ingest needs --broker mqtt://… (or CHARGEWATCH_BROKER)")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise IngestError(f"--metrics-port {args.metrics_port}: use 0..65535")
     lease = os.environ.get("CHARGEWATCH_LEASE_TIMEOUT_S", "10")
@@ -481,7 +495,7 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
     except ValueError:
         raise IngestError(f"CHARGEWATCH_LEASE_TIMEOUT_S={lease!r} is not a number") from None
     return IngestArgs(
-        broker=BrokerURL.parse(args.broker),
+        broker=BrokerURL.parse(broker),
         db=db,
         catalog=Catalog.load(args.catalog),
         partitions=args.partitions,
@@ -546,6 +560,7 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
                 history=history,
                 alerts=alerts,
                 passports=passports,
+                group=group,
             )
 
         worker = Worker(
@@ -558,6 +573,8 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
             catalog=catalog,
         )
         metrics = IngestMetrics(worker.metrics.registry)  # the pipelines': one /metrics
+        # the partitions' batches share transactions
+        group = GroupCommit(store, committed=worker.metrics.transactions)
         # the owner of partition 0 watches for devices outside the registry
         unknown = UnknownDevices(
             broker=a.broker,
