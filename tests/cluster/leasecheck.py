@@ -1,11 +1,16 @@
-"""Test helpers around leases: a recording owner and a sampler of pg_locks vs beliefs."""
+"""Test helpers around leases: a recording owner, a sampler of pg_locks vs beliefs, and what
+worker processes believed they owned, read from their logs."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 
@@ -105,3 +110,83 @@ class Sampler:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+
+# a record of a chargewatch process's log (api/cli.py: "%(asctime)s %(levelname)s %(name)s:
+# %(message)s"); a message may run over several lines (a psycopg error's text)
+_RECORD = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ ([\w.]+): ", re.MULTILINE)
+_OURS = re.compile(r"partition (\d+): ours \(epoch (\d+)\)")
+_RELEASED = re.compile(r"partition (\d+): released")
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A worker's belief that a partition is its own, from its log: from "ours" (logged
+    before the partition's consumer starts, so before its first ack) to "released" (logged
+    once it acknowledges nothing more, before the unlock) or "lease database lost" (logged
+    right after every partition stopped acknowledging). Times are the log's wall clock:
+    one clock for every process of this machine."""
+
+    worker: str
+    partition: int
+    epoch: int
+    start: float
+    end: float
+
+
+def _records(log: str) -> Iterator[tuple[float, str, str]]:
+    found = list(_RECORD.finditer(log))
+    for m, after in zip(found, [*found[1:], None], strict=True):
+        # the process's local time, as this one's
+        stamp = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()
+        message = log[m.end() : after.start() if after else len(log)].rstrip("\n")
+        yield stamp, m[2], message
+
+
+def held_from_log(log: str, worker: str, until: float = math.inf) -> list[Held]:
+    """``worker``'s beliefs (``Held``) in its ``log`` of ``ingest.leases``; one still open at
+    the end ends at ``until`` (when the process was seen dead; never, by default)."""
+    out: list[Held] = []
+    holding: dict[int, tuple[int, float]] = {}  # partition -> epoch, since
+    for t, logger, message in _records(log):
+        if logger != "ingest.leases":
+            continue
+        if m := _OURS.fullmatch(message):
+            p = int(m[1])
+            assert p not in holding, f"{worker}: told partition {p} is ours twice"
+            holding[p] = (int(m[2]), t)
+        elif m := _RELEASED.fullmatch(message):
+            p = int(m[1])
+            assert p in holding, f"{worker}: released partition {p} it did not hold"
+            epoch, since = holding.pop(p)
+            out.append(Held(worker, p, epoch, since, t))
+        elif message.startswith("lease database lost"):
+            out += [Held(worker, p, e, since, t) for p, (e, since) in holding.items()]
+            holding.clear()
+    out += [Held(worker, p, e, since, until) for p, (e, since) in holding.items()]
+    return out
+
+
+def overlaps(held: Iterable[Held]) -> list[str]:
+    """For each partition, every belief that began before an earlier one ended (two workers
+    owning it at once), or at an epoch not above the earlier one's (each acquisition bumps
+    it): one line each, none in a correct run."""
+    by_partition: dict[int, list[Held]] = collections.defaultdict(list)
+    for h in held:
+        by_partition[h.partition].append(h)
+    problems = []
+    for p, beliefs in sorted(by_partition.items()):
+        beliefs.sort(key=lambda h: h.start)
+        for i, a in enumerate(beliefs):
+            for b in beliefs[i + 1 :]:
+                if b.start < a.end:
+                    problems.append(
+                        f"partition {p}: {b.worker} (epoch {b.epoch}) from {b.start:.3f},"
+                        f" {a.worker} (epoch {a.epoch}) until {a.end:.3f}"
+                    )
+                if b.epoch <= a.epoch:
+                    problems.append(
+                        f"partition {p}: {b.worker} took epoch {b.epoch} after {a.worker}'s"
+                        f" {a.epoch}"
+                    )
+    return problems

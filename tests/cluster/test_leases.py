@@ -13,7 +13,7 @@ import pytest
 
 from ingest.db import migrate
 from ingest.leases import LeaseConfig, LeaseManager, StaleLease, assign, check_fence
-from tests.cluster.leasecheck import RecordingOwner, Sampler
+from tests.cluster.leasecheck import RecordingOwner, Sampler, held_from_log, overlaps
 from tests.pg_server import PgServer, postgresql
 
 pytestmark = pytest.mark.e2e
@@ -67,6 +67,39 @@ def test_assign_is_fair_and_the_same_for_everyone(members: list[int], sizes: lis
     assert [len(got[m]) for m in sorted(members)] == sizes
     assert sorted(p for ps in got.values() for p in ps) == list(range(N))
     assert assign(N, []) == {}
+
+
+def test_the_log_check_finds_two_workers_owning_one_partition() -> None:
+    """What test_workers_e2e reads from the workers' logs (``held_from_log``, ``overlaps``)
+    can fail: a handover after the release passes, an owner that took its partition before
+    the other let go (or at an old epoch) does not."""
+    a = held_from_log(
+        "2026-12-03 03:00:00,000 INFO ingest.leases: partition 3: ours (epoch 1)\n"
+        "2026-12-03 03:00:00,100 INFO ingest.leases: partition 4: ours (epoch 1)\n"
+        "2026-12-03 03:00:05,000 INFO ingest.leases: partition 3: released\n"
+        "2026-12-03 03:00:06,000 ERROR ingest.leases: lease database lost (terminating\n"
+        "connection due to administrator command): dropped partitions [4]\n",
+        "a",
+    )
+    assert [(h.partition, h.epoch, round(h.end - h.start, 3)) for h in a] == [
+        (3, 1, 5.0),
+        (4, 1, 5.9),
+    ]
+    b = held_from_log(
+        "2026-12-03 03:00:05,700 INFO ingest.leases: partition 3: ours (epoch 2)\n"
+        "2026-12-03 03:00:05,900 INFO ingest.leases: partition 4: ours (epoch 2)\n",
+        "b",
+        until=a[0].end + 4,  # seen dead at 03:00:09
+    )
+    assert [round(h.end - h.start, 3) for h in b] == [3.3, 3.1]
+    assert overlaps(a + b) == [
+        f"partition 4: b (epoch 2) from {b[1].start:.3f}, a (epoch 1) until {a[1].end:.3f}"
+    ]
+    late = held_from_log(
+        "2026-12-03 03:00:07,000 INFO ingest.leases: partition 3: ours (epoch 1)", "c"
+    )
+    assert overlaps(a[:1] + late) == ["partition 3: c took epoch 1 after a's 1"]
+    assert overlaps(a[:1] + b[:1]) == []  # partition 3: released, then taken
 
 
 async def test_one_takes_all_a_second_joins_for_a_fair_split_and_leaves(pg_url: str) -> None:

@@ -1,6 +1,7 @@
 """The worker in-process with the real pipeline: a device added to the device registry
-reaches its partition's owner by LISTEN/NOTIFY and is consumed without a restart; a database
-behind the schema is refused by ``chargewatch ingest`` with what to run."""
+reaches its partition's owner by LISTEN/NOTIFY and is consumed without a restart; a worker
+whose lease connection is terminated acknowledges nothing until it holds its partitions
+again; a database behind the schema is refused by ``chargewatch ingest`` with what to run."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devices.catalog import DeviceSpec
 from devices.topics import TopicScheme
 from ingest.db import migrate, registry
+from ingest.gmqtt_source import GmqttSource
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, Received
 from ingest.partition_consumer import PipelineConsumer
@@ -33,15 +35,40 @@ from tests.servers import Process
 pytestmark = pytest.mark.e2e
 
 
+def status(seq: int) -> str:
+    """A contract v1 status of a 2-port pile."""
+    ports = [{"n": 1, "state": "available"}, {"n": 2, "state": "charging"}]
+    return json.dumps({"v": 1, "ts": time.time_ns() // 1_000_000, "boot": "boot-1", "seq": seq,
+                       "kind": "pile", "ports": ports})  # fmt: skip
+
+
 def publish(port: int, device: str, seq: int) -> None:
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id="pub", protocol=paho.MQTTv311)
     c.connect("127.0.0.1", port)
     c.loop_start()
     try:
-        ports = [{"n": 1, "state": "available"}, {"n": 2, "state": "charging"}]
-        body = {"v": 1, "ts": time.time_ns() // 1_000_000, "boot": "boot-1", "seq": seq,
-                "kind": "pile", "ports": ports}  # fmt: skip
-        c.publish(f"cw/v1/{device}/status", json.dumps(body), qos=1).wait_for_publish(10)
+        c.publish(f"cw/v1/{device}/status", status(seq), qos=1).wait_for_publish(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def stream(port: int, devices: list[str], count: int, rate: float) -> set[tuple[str, int]]:
+    """``count`` QoS 1 statuses round-robin over ``devices``, ``rate`` per second: (device,
+    seq) of each."""
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="stream", protocol=paho.MQTTv311)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        start, sent, infos = time.monotonic(), set(), []
+        for i in range(count):
+            device, seq = devices[i % len(devices)], i // len(devices)
+            infos.append(c.publish(f"cw/v1/{device}/status", status(seq), qos=1))
+            sent.add((device, seq))
+            time.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
+        for info in infos:
+            info.wait_for_publish(10)
+        return sent
     finally:
         c.disconnect()
         c.loop_stop()
@@ -112,6 +139,79 @@ async def test_a_device_added_to_the_registry_is_consumed_without_a_restart(
         assert worker.runs == {}
         assert values("chargewatch_ingest_partition_owned", {"partition": "0"}) == 0
         assert values("chargewatch_ingest_lease_database_up") == 0
+
+
+async def test_a_worker_whose_lease_is_lost_acks_nothing_until_it_holds_again(
+    broker: Process, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database stays up but the worker's lease connection is terminated (its locks go
+    with it) mid-stream: the moment the worker notices, it acknowledges nothing more until
+    it holds its partitions again (new epochs), and nothing is lost. Each acknowledgement is
+    checked as it is made: ``GmqttSource.ack`` is wrapped (the real one runs, PUBACK
+    included) to record whether the partition was the worker's then, by its current run's
+    session."""
+    catalog = synthetic(8)
+    with in_process_worker(broker.url, pg_url, catalog) as w:
+        worker, pm = w.worker, w.partitions
+        session_of = {pm.client_id(p): p for p in range(4)}
+        acks: list[int] = []  # partition of each PUBACK
+        stray: list[str] = []
+        real_ack = GmqttSource.ack
+
+        def ack(source: GmqttSource, msg: Received) -> bool:
+            p = session_of[source.client_id]
+            run = worker.runs.get(p)
+            owned = p in worker.leases.owned and run is not None and run.source is source
+            done = real_ack(source, msg)
+            if done:
+                acks.append(p)
+                if not owned:
+                    stray.append(f"partition {p} acked, lease losses {worker.leases.losses}")
+            return done
+
+        monkeypatch.setattr(GmqttSource, "ack", ack)
+        busy = {p for p in range(4) if pm.devices(p)}
+        async with worker:
+
+            async def subscribed() -> bool:
+                return {p for p, r in worker.runs.items() if r.subscribed} == busy
+
+            await until(subscribed, "partitions not subscribed", 20)
+            devices = sorted(catalog.devices)
+            sending = asyncio.create_task(
+                asyncio.to_thread(stream, broker.port, devices, count=900, rate=300)
+            )
+
+            async def acking() -> bool:
+                return len(acks) > 100
+
+            await until(acking, "nothing acknowledged", 10)
+            had = dict(worker.leases.owned)
+            async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+                await conn.execute("SELECT pg_terminate_backend(%s)", (worker.leases.backend_pid,))
+
+            async def noticed() -> bool:
+                return worker.leases.losses == 1
+
+            # within one health check and its timeout (the grace a next owner waits)
+            await until(noticed, "the loss not noticed", worker.leases.config.grace_s + 0.3)
+            assert not worker.runs
+            acked_at_loss = len(acks)
+
+            async def again() -> bool:
+                owned = worker.leases.owned
+                return owned.keys() == had.keys() and all(owned[p] > had[p] for p in had)
+
+            await until(again, "the partitions not taken again", 10)
+            assert stray == []  # nothing acknowledged from the loss to here
+            sent = await sending
+
+            async def all_stored() -> bool:
+                return await stored(pg_url) == sent
+
+            await until(all_stored, "not everything stored", 20)
+        assert len(acks) > acked_at_loss  # acknowledging again once it held them
+        assert stray == []  # nor by a session of before the loss
 
 
 def test_ingest_refuses_a_database_behind_its_schema(pg_session: PgServer) -> None:
