@@ -74,13 +74,13 @@ COMPOSITION_ROOT_MAY_IMPORT: dict[str, str] = {
     "ingest.replica": "api: the read side and actions from PostgreSQL",
     "ingest.db.database": "api: PgDatabase, the pool under a replica's own stores",
     "ingest.statedb": "keys --db: the state database the keys are in",
-    "ingest.db.cli": "db upgrade/status, and CHARGEWATCH_DB",
+    "ingest.db.cli": "db upgrade/status; api: the CHARGEWATCH_DB name",
     "ingest.worker": "ingest: a partitioned worker",
     "ingest.backup": "backup and restore of the embedded file",
     "ingest.brokerconfig": "broker-config: the broker's device credentials and ACLs",
     "ingest.influxsetup": "influx: the InfluxDB buckets and tasks",
     "ingest.gcpolicy": "serve and api: the collector's policy once started",
-    "simulators.cli": "simulate and demo: the simulated fleet",
+    "simulators.cli": "simulate: the simulated fleet (demo starts it as a process)",
     "bench.cli": "bench: dev tooling, outside the product packages",
 }
 
