@@ -27,11 +27,10 @@ from sqlalchemy import bindparam, insert, literal_column, select
 from sqlalchemy.sql.expression import Executable
 from starlette.requests import Request
 
-from ingest.db.database import Database, PgDatabase
+from ingest.db.database import Database
 from ingest.db.schema import audit_log as audit_table
-from ingest.sqlite_db import SQLiteDB
+from ingest.statedb import StateDB
 
-DB_FILE = "chargewatch.db"
 DETAIL_MAX_CHARS = 2000
 """A detail's JSON is cut (and marked so) past this: an entry stays small whatever it says."""
 
@@ -112,19 +111,15 @@ _QUERIES = {
 
 
 class AuditLog:
-    """Blocking; the API calls it from a worker thread. On a ``Database``: the embedded
-    file (a path, ``in_dir``) or PostgreSQL (``on_postgresql``)."""
+    """Blocking; the API calls it from a worker thread. On a ``Database`` of the state
+    store (``ingest.statedb``): serve's, a replica's, or the data dir's file (``in_dir``)."""
 
-    def __init__(self, db: Database | str | Path) -> None:
-        self._db: Database = SQLiteDB(db) if isinstance(db, str | Path) else db
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> AuditLog:
-        return cls(Path(data_dir) / DB_FILE)
-
-    @classmethod
-    def on_postgresql(cls, url: str) -> AuditLog:
-        return cls(PgDatabase(url))
+        return cls(StateDB.of(None, data_dir).database())
 
     def close(self) -> None:
         self._db.close()

@@ -41,13 +41,12 @@ from starlette.exceptions import HTTPException
 from api.audit import Actor, AuditLog
 from api.text import plain_text
 from api.views import rfc3339
-from ingest.db.database import Database, PgDatabase
+from ingest.db.database import Database
 from ingest.db.schema import api_keys
-from ingest.sqlite_db import SQLiteDB
+from ingest.statedb import StateDB
 
 ROLES = ("maintainer", "admin")
 _RANK = {"maintainer": 0, "admin": 1}
-DB_FILE = "chargewatch.db"
 PREFIX = "cwk_"
 
 _K = api_keys.c
@@ -104,19 +103,15 @@ def _hash(secret: str) -> str:
 
 
 class KeyStore:
-    """Blocking; the API calls it from a worker thread. On a ``Database``: the embedded
-    file (a path, ``in_dir``) or PostgreSQL (``on_postgresql``)."""
+    """Blocking; the API calls it from a worker thread. On a ``Database`` of the state
+    store (``ingest.statedb``): serve's, a replica's, or the data dir's file (``in_dir``)."""
 
-    def __init__(self, db: Database | str | Path) -> None:
-        self._db: Database = SQLiteDB(db) if isinstance(db, str | Path) else db
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> KeyStore:
-        return cls(Path(data_dir) / DB_FILE)
-
-    @classmethod
-    def on_postgresql(cls, url: str) -> KeyStore:
-        return cls(PgDatabase(url))
+        return cls(StateDB.of(None, data_dir).database())
 
     def close(self) -> None:
         self._db.close()

@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from api.settings import ServeSettings
 from devices.catalog import Catalog, CatalogError
 from ingest import IngestError
-from ingest.gcpolicy import tune_gc
 
 if TYPE_CHECKING:
     from ingest.service import Ingest
@@ -63,6 +62,54 @@ def _http_server(app: Any, settings: ServeSettings) -> _Server:
     )
 
 
+async def _http(server: _Server) -> None:
+    """The HTTP server's task. uvicorn says it cannot start (the port is taken, say) with
+    ``sys.exit``: raised in a task, SystemExit leaves the event loop at once, past every
+    clean-up. Here the task ends instead, and ``_serve_http`` sees it never started."""
+    with contextlib.suppress(SystemExit):
+        await server.serve()
+
+
+async def _stop_when(stop: asyncio.Event, server: _Server) -> None:
+    await stop.wait()
+    server.should_exit = True
+
+
+async def _serve_http(
+    app: Any,
+    settings: ServeSettings,
+    ready: Callable[[str], Awaitable[None]],
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM, or until ``stop`` is set; ``ready(url)`` once it
+    listens. The server and the watch of ``stop`` are the command's tasks, in one TaskGroup:
+    neither outlives it, and an error of either stops the other."""
+    from ingest.gcpolicy import tune_gc
+
+    server = _http_server(app, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    try:
+        async with asyncio.TaskGroup() as tg:
+            serving = tg.create_task(_http(server), name="http")
+            # uvicorn offers no "started" event to wait on
+            while not server.started and not serving.done():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            if not server.started:  # uvicorn logged why
+                raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.port}")
+            port = server.servers[0].sockets[0].getsockname()[1]
+            watch = None if stop is None else tg.create_task(_stop_when(stop, server), name="stop")
+            tune_gc()
+            await ready(f"http://{settings.host}:{port}")
+            await asyncio.wait([serving])  # its error, if any, is the group's to raise
+            if watch is not None:
+                watch.cancel()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 async def run_api(settings: ServeSettings, db: str) -> None:
     """An API replica (``chargewatch api``): the whole API from PostgreSQL
     (``ingest.replica``), until SIGINT/SIGTERM."""
@@ -73,26 +120,14 @@ async def run_api(settings: ServeSettings, db: str) -> None:
     async with ReplicaReadSide(db, settings.ingest) as side:
         # keys, audit log and riders in PostgreSQL: shared by every replica
         stores = await asyncio.to_thread(ApiStores.on, lambda: PgDatabase(db, pool_size=2))
-        app = create_app(*as_read_and_act(side), settings, stores)
-        server = _http_server(app, settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        serving = asyncio.create_task(server.serve(), name="http")
-        while not server.started and not serving.done():  # noqa: ASYNC110 (no event)
-            await asyncio.sleep(0.02)
-        if serving.done():
-            await serving
-            raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.port}")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        tune_gc()
-        print(f"chargewatch api: serving http://{settings.host}:{port} from {side.shown_url}",
-              flush=True)  # fmt: skip
         try:
-            await serving
+            app = create_app(*as_read_and_act(side), settings, stores)
+
+            async def ready(url: str) -> None:
+                print(f"chargewatch api: serving {url} from {side.shown_url}", flush=True)
+
+            await _serve_http(app, settings, ready)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             await asyncio.to_thread(stores.close)
 
 
@@ -129,37 +164,21 @@ async def run_serve(
         stack.callback(stores.close)
         app = create_app(*read_and_act(ingest), settings, stores)  # the API sees nothing else
         ingest.count_reports_from(app.state.sentinels)  # riders' reports in the rollups
-        server = _http_server(app, settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        serving = asyncio.create_task(server.serve(), name="http")
-        # uvicorn offers no "started" event to wait on
-        while not server.started and not serving.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        if serving.done():
-            await serving
-            raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.port}")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        tune_gc()
-        url = f"http://{settings.host}:{port}"
-        print(f"chargewatch: MQTT broker {ingest.broker_url}", flush=True)
-        docs = f"{url}/docs" if settings.docs else f"{url}/openapi.json"
-        print(f"chargewatch: serving {url} (API docs {docs})", flush=True)
-        # a task that only a new process can bring back died (ingest.supervisor): stop, and
-        # exit non-zero so that systemd or the like starts the service again
-        fatal = asyncio.create_task(ingest.stopping.wait(), name="fatal-watch")
-        fatal.add_done_callback(lambda _: setattr(server, "should_exit", True))
-        try:
+
+        async def ready(url: str) -> None:
+            print(f"chargewatch: MQTT broker {ingest.broker_url}", flush=True)
+            docs = f"{url}/docs" if settings.docs else f"{url}/openapi.json"
+            print(f"chargewatch: serving {url} (API docs {docs})", flush=True)
             if on_ready is not None:
-                ready = on_ready(url, ingest)
-                if asyncio.iscoroutine(ready):
-                    await ready
-            await serving
+                started = on_ready(url, ingest)
+                if asyncio.iscoroutine(started):
+                    await started
+
+        try:
+            # a task that only a new process can bring back died (ingest.supervisor): stop,
+            # and exit non-zero so that systemd or the like starts the service again
+            await _serve_http(app, settings, ready, stop=ingest.stopping)
         finally:
-            fatal.cancel()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             if on_stop is not None:
                 await on_stop(ingest)
     if ingest.fatal is not None:

@@ -45,11 +45,10 @@ from api.text import plain_text
 from devices.rollup import RiderReport
 from ingest import StoreError, StoreUnavailable
 from ingest.alerts.model import REPORT_CATEGORIES, SERVICE_STATION, Alert
-from ingest.db.database import CoreStatement, Database, PgDatabase
+from ingest.db.database import CoreStatement, Database
 from ingest.db.schema import rider_points, rider_reports, riders
-from ingest.sqlite_db import SQLiteDB
+from ingest.statedb import StateDB
 
-DB_FILE = "chargewatch.db"
 PREFIX = "cwr_"
 NICKNAME_MAX = 24
 SYSTEM = "chargewatch"
@@ -290,20 +289,17 @@ def confirming_alert(report: Report, alerts: Sequence[Alert], window_ms: int) ->
 
 
 class SentinelStore:
-    """Riders, their reports and the points ledger, in the data dir's SQLite file."""
+    """Riders, their reports and the points ledger, on a ``Database`` of the state store
+    (``ingest.statedb``): serve's, a replica's, or the data dir's file (``in_dir``)."""
 
-    def __init__(self, db: Database | str | Path) -> None:
-        self._db: Database = SQLiteDB(db) if isinstance(db, str | Path) else db
+    def __init__(self, db: Database) -> None:
+        self._db = db
         # a decision reads, then writes: one at a time in this process (the only writer)
         self._deciding = threading.Lock()
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> SentinelStore:
-        return cls(Path(data_dir) / DB_FILE)
-
-    @classmethod
-    def on_postgresql(cls, url: str) -> SentinelStore:
-        return cls(PgDatabase(url))
+        return cls(StateDB.of(None, data_dir).database())
 
     def close(self) -> None:
         self._db.close()

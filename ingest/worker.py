@@ -317,6 +317,9 @@ class Worker:
         self.metrics = Metrics()
         self.runs: dict[int, PartitionRun] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        # the partition runs and the unknown-devices watch: tasks of this group, entered and
+        # left with the worker, so that none outlives it
+        self._group = asyncio.TaskGroup()
         self.leases = LeaseManager(
             db,
             LeaseConfig(
@@ -327,12 +330,16 @@ class Worker:
         self.metrics.registry.register(_PartitionCollector(self))
 
     async def __aenter__(self) -> Worker:
+        await self._group.__aenter__()
         await self.leases.__aenter__()
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.leases.__aexit__(None, None, None)
-        await self._detach_all()
+        try:
+            await self.leases.__aexit__(None, None, None)
+        finally:
+            await self._detach_all()
+            await self._group.__aexit__(None, None, None)
 
     async def run_forever(self) -> None:
         while True:
@@ -350,11 +357,11 @@ class Worker:
         run = PartitionRun(self, partition, epoch)
         self.runs[partition] = run
         previous = self._tasks.get(partition)
-        self._tasks[partition] = asyncio.create_task(
+        self._tasks[partition] = self._group.create_task(
             run.run(previous), name=f"partition-{partition}"
         )
         if partition == WATCH_PARTITION and self.unknown is not None:
-            self._unknown_task = asyncio.create_task(self.unknown(), name="unknown-devices")
+            self._unknown_task = self._group.create_task(self.unknown(), name="unknown-devices")
 
     async def released(self, partition: int) -> None:
         run = self.runs.get(partition)

@@ -1,39 +1,53 @@
-"""Import edges between our packages, read with ast (nothing is imported or executed).
+"""Import edges between our packages, read with ast (nothing is imported or executed): an
+allowlist. Each top-level package of the repo names the packages of ours it may import, each
+edge with why (``MAY_IMPORT``); any other edge fails, a declared edge no import uses fails
+(the list stays the truth), and so does a top-level package not declared (a new one fails
+until its edges are).
 
 devices is pure and depends on nothing of ours; simulators and ingest depend only on devices.
 api reaches ingest through one door: the read-side protocols (``ingest.readside``: what the
-API reads, and the maintainers' actions) and the plain records, errors and options they
-name (``API_MAY_IMPORT``, each with why). Only api/cli.py, the composition root, builds the
-running ``Ingest`` (any ingest module) and may reach simulators and bench (lazily). bench
-(dev tooling, not product) may use every package; none uses it.
+API reads, and the maintainers' actions), the plain records, errors and options they name,
+and the store layer under the API's own stores (``API_MAY_IMPORT``: the exact modules, each
+with why). Only api/cli.py, the composition root, builds what a command runs: the modules
+of ``COMPOSITION_ROOT_MAY_IMPORT``, and only lazily (inside a function, or for type checking
+only), so that importing the command loads none of them. bench (dev tooling, not product)
+may use the product's packages; none uses it. tests may use every package; none uses tests.
+README.md ("Layout") shows the same edges.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("devices", "simulators", "ingest", "api", "bench")
 
-FORBIDDEN: dict[str, frozenset[str]] = {
-    "devices": frozenset({"ingest", "api", "simulators", "bench"}),
-    "simulators": frozenset({"ingest", "api", "bench"}),
-    "ingest": frozenset({"api", "simulators", "bench"}),
-    "api": frozenset({"simulators", "bench"}),
-    "bench": frozenset(),
+# every top-level package of the repo: the packages of ours it may import, and why
+MAY_IMPORT: dict[str, dict[str, str]] = {
+    "devices": {},
+    "simulators": {"devices": "the firmware it plays speaks the contract, on the catalog's topics"},
+    "ingest": {"devices": "decodes by the contract; the catalog, topics, availability, faults"},
+    "api": {
+        "devices": "the catalog, topics, contract limits and fault codes the answers show",
+        "ingest": "only the modules of API_MAY_IMPORT (and the composition root's, lazily)",
+    },
+    "bench": {
+        "devices": "the catalog and contract the workloads are shaped by",
+        "simulators": "the simulated district as a workload",
+        "ingest": "the pipeline and stores it measures",
+    },
 }
+# tests may import every package, and none imports it (not scanned: nothing is denied to it)
+TESTS = "tests"
+OURS = frozenset({*MAY_IMPORT, TESTS})
 # devices does no I/O: no event loop, database, sockets, MQTT or HTTP
 DEVICES_FORBIDDEN_LIBS = frozenset(
     {"asyncio", "sqlite3", "socket", "paho", "aiomqtt", "httpx", "fastapi"}
 )
-# the composition root may start the simulators and the benchmarks, importing their CLI
-# inside a function
-COMPOSITION_ROOT = "api/cli.py"
-COMPOSITION_ROOT_MAY_IMPORT = frozenset({"simulators.cli", "bench.cli"})
 # the ingest modules api/ may import (a module, not its submodules), and why
 API_MAY_IMPORT: dict[str, str] = {
     "ingest.readside": "the door: ReadSide, Actions, Unavailable, now_ms and the bounds",
@@ -46,17 +60,41 @@ API_MAY_IMPORT: dict[str, str] = {
     "ingest.alerts.config": "AlertsConfig: the alert options the read side hands out",
     "ingest.alerts.repair": "pure arithmetic of times to acknowledge/repair over Timing rows",
     "ingest.commands": "the command errors (CommandInvalid, CommandNotFound, TooManyCommands)",
-    "ingest.sqlite_db": "the SQLite adapter under the API's own stores (keys, audit, riders)",
-    "ingest.db.database": "Database, the engine under the API's own stores, and PgDatabase",
+    # the API's own stores (keys, audit log, riders) are in the state database, on ingest's
+    # one store layer for both engines, migrated with the rest (the issue's shared state)
+    "ingest.db.database": "Database, the protocol the API's own stores run their statements on",
     "ingest.db.schema": "the tables of the API's own stores (api_keys, audit_log, riders...)",
+    "ingest.statedb": "StateDB: the data dir's state file for the API's own stores (in_dir)",
 }
+# what the composition root builds for each command, only lazily (module docstring), and why
+COMPOSITION_ROOT = "api/cli.py"
+COMPOSITION_ROOT_MAY_IMPORT: dict[str, str] = {
+    "ingest.service": "serve: the running Ingest (at run time: the broker, MQTT, SQLite)",
+    "ingest.inprocess": "serve: the read side and actions over the running Ingest",
+    "ingest.replica": "api: the read side and actions from PostgreSQL",
+    "ingest.db.database": "api: PgDatabase, the pool under a replica's own stores",
+    "ingest.statedb": "keys --db: the state database the keys are in",
+    "ingest.db.cli": "db upgrade/status; api: the CHARGEWATCH_DB name",
+    "ingest.worker": "ingest: a partitioned worker",
+    "ingest.backup": "backup and restore of the embedded file",
+    "ingest.brokerconfig": "broker-config: the broker's device credentials and ACLs",
+    "ingest.influxsetup": "influx: the InfluxDB buckets and tasks",
+    "ingest.gcpolicy": "serve and api: the collector's policy once started",
+    "simulators.cli": "simulate: the simulated fleet (demo starts it as a process)",
+    "bench.cli": "bench: dev tooling, outside the product packages",
+}
+
+
+def top_level_packages(root: Path) -> set[str]:
+    """The repo's top-level packages (directories with an ``__init__.py``) and modules."""
+    return {p.parent.name for p in root.glob("*/__init__.py")} | {p.stem for p in root.glob("*.py")}
 
 
 @dataclass(frozen=True)
 class Import:
     module: str  # absolute dotted name
     line: int
-    lazy: bool  # inside a function body
+    lazy: bool  # not run on importing the file: inside a function, or for type checking only
 
     @property
     def top(self) -> str:
@@ -70,6 +108,13 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
+def _type_checking(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` / ``if typing.TYPE_CHECKING:``"""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def imports_of(source: str, module: str, is_package: bool = False) -> list[Import]:
     """Every import in ``source`` (also inside functions), relative ones made absolute."""
     tree = ast.parse(source)
@@ -77,6 +122,8 @@ def imports_of(source: str, module: str, is_package: bool = False) -> list[Impor
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
             lazy_nodes.update(id(inner) for inner in ast.walk(node) if inner is not node)
+        elif isinstance(node, ast.If) and _type_checking(node.test):
+            lazy_nodes.update(id(inner) for s in node.body for inner in ast.walk(s))
     package = module.split(".") if is_package else module.split(".")[:-1]
     found: list[Import] = []
     for node in ast.walk(tree):
@@ -94,35 +141,32 @@ def imports_of(source: str, module: str, is_package: bool = False) -> list[Impor
     return found
 
 
-def violations(rel_path: str, source: str) -> list[str]:
-    """The forbidden edges in one file, as 'path:line: package -> module' strings."""
+def file_imports(rel_path: str, source: str) -> list[Import]:
     path = Path(rel_path)
-    package = path.parts[0]
-    module = _module_name(ROOT / path, ROOT)
+    return imports_of(source, _module_name(ROOT / path, ROOT), path.name == "__init__.py")
+
+
+def violations(rel_path: str, source: str) -> list[str]:
+    return edge_violations(rel_path, file_imports(rel_path, source))
+
+
+def edge_violations(rel_path: str, imports: list[Import]) -> list[str]:
+    """The undeclared edges of one file, as 'path:line: package -> module' strings."""
+    package = rel_path.split("/")[0]
     found = []
-    for imp in imports_of(source, module, path.name == "__init__.py"):
-        if imp.top in FORBIDDEN[package]:
-            allowed = (
-                rel_path == COMPOSITION_ROOT
-                and imp.lazy
-                and any(
-                    imp.module == m or imp.module.startswith(f"{m}.")
-                    for m in COMPOSITION_ROOT_MAY_IMPORT
-                )
-            )
-            if not allowed:
-                found.append(f"{rel_path}:{imp.line}: {package} -> {imp.module}")
-        if (
-            package == "api"
-            and imp.top == "ingest"
-            and rel_path != COMPOSITION_ROOT
-            and imp.module not in API_MAY_IMPORT
-        ):
+    for imp in imports:
+        if package == "devices" and imp.top in DEVICES_FORBIDDEN_LIBS:
+            found.append(f"{rel_path}:{imp.line}: devices -> {imp.module} (devices does no I/O)")
+        if imp.top not in OURS or imp.top == package:
+            continue  # not ours, or its own package
+        if rel_path == COMPOSITION_ROOT and imp.lazy and imp.module in COMPOSITION_ROOT_MAY_IMPORT:
+            continue
+        if imp.top not in MAY_IMPORT[package]:
+            found.append(f"{rel_path}:{imp.line}: {package} -> {imp.module}")
+        elif package == "api" and imp.top == "ingest" and imp.module not in API_MAY_IMPORT:
             found.append(
                 f"{rel_path}:{imp.line}: api -> {imp.module} (not through ingest.readside)"
             )
-        if package == "devices" and imp.top in DEVICES_FORBIDDEN_LIBS:
-            found.append(f"{rel_path}:{imp.line}: devices -> {imp.module} (devices does no I/O)")
     return found
 
 
@@ -134,7 +178,7 @@ def private_imports(rel_path: str, source: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module and not node.level:
             top = node.module.split(".")[0]
-            if top in PACKAGES and top != package:
+            if top in OURS and top != package:
                 found.extend(
                     f"{rel_path}:{node.lineno}: {node.module}.{a.name}"
                     for a in node.names
@@ -147,19 +191,60 @@ def sources(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
 
+@functools.cache
+def tree_imports() -> dict[str, list[Import]]:
+    """Each file of the packages in ``MAY_IMPORT`` (its path from ROOT): its imports."""
+    found = {}
+    for package in MAY_IMPORT:
+        for f in sources(package):
+            rel = f.relative_to(ROOT).as_posix()
+            found[rel] = file_imports(rel, f.read_text(encoding="utf-8"))
+    return found
+
+
 # -- the real tree ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_no_forbidden_imports(package: str) -> None:
-    files = sources(package)
+def test_every_top_level_package_is_declared() -> None:
+    assert top_level_packages(ROOT) == OURS
+
+
+def test_declared_edges_form_no_cycle() -> None:
+    def reaches(start: str, goal: str) -> bool:
+        todo, seen = list(MAY_IMPORT[start]), set()
+        while todo:
+            package = todo.pop()
+            if package == goal:
+                return True
+            if package not in seen:
+                seen.add(package)
+                todo.extend(MAY_IMPORT[package])
+        return False
+
+    assert [p for p in MAY_IMPORT if reaches(p, p)] == []
+
+
+@pytest.mark.parametrize("package", MAY_IMPORT)
+def test_no_undeclared_imports(package: str) -> None:
+    files = [path for path in tree_imports() if path.startswith(f"{package}/")]
     assert files, f"no Python files under {package}/"
-    problems = [
-        v
-        for f in files
-        for v in violations(f.relative_to(ROOT).as_posix(), f.read_text(encoding="utf-8"))
-    ]
-    assert problems == []
+    assert [v for path in files for v in edge_violations(path, tree_imports()[path])] == []
+
+
+def test_every_declared_edge_is_used() -> None:
+    """The lists say what is, not what once was: an edge no import uses goes from them."""
+    used = {(path.split("/")[0], imp.top) for path, imps in tree_imports().items() for imp in imps}
+    declared = {(p, q) for p, edges in MAY_IMPORT.items() for q in edges}
+    assert declared - used == set()
+    api = {
+        imp.module
+        for path, imps in tree_imports().items()
+        if path.startswith("api/") and path != COMPOSITION_ROOT
+        for imp in imps
+    }
+    assert set(API_MAY_IMPORT) - api == set()
+    root = {imp.module for imp in tree_imports()[COMPOSITION_ROOT] if imp.lazy}
+    assert set(COMPOSITION_ROOT_MAY_IMPORT) - root == set()
 
 
 def test_bench_imports_no_private_names_of_the_product() -> None:
@@ -178,12 +263,13 @@ def test_private_imports_are_seen() -> None:
     assert private_imports("bench/x.py", source) == ["bench/x.py:1: ingest.pipeline._Batch"]
 
 
-def test_devices_imports_only_devices_of_ours() -> None:
-    ours = set(PACKAGES)
-    for f in sources("devices"):
-        module = _module_name(f, ROOT)
-        tops = {i.top for i in imports_of(f.read_text(encoding="utf-8"), module)}
-        assert tops & ours <= {"devices"}, f
+def test_a_new_top_level_package_or_module_is_seen(tmp_path: Path) -> None:
+    for name in ("devices", "newpkg", "docs"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "devices" / "__init__.py").touch()
+    (tmp_path / "newpkg" / "__init__.py").touch()
+    (tmp_path / "tool.py").touch()
+    assert top_level_packages(tmp_path) == {"devices", "newpkg", "tool"}
 
 
 # -- the checker itself can fail -------------------------------------------------------------
@@ -287,7 +373,33 @@ def test_devices_imports_only_devices_of_ours() -> None:
             "from ingest.alerts import AlertEngine\n",
             ["api/x.py:1: api -> ingest.alerts (not through ingest.readside)"],
         ),
-        ("api/cli.py", "from ingest.service import Ingest\n", []),  # the composition root
+        # the composition root builds the service lazily, and only from the declared modules
+        (
+            "api/cli.py",
+            "from ingest.service import Ingest\n",
+            ["api/cli.py:1: api -> ingest.service (not through ingest.readside)"],
+        ),
+        ("api/cli.py", "def serve():\n    from ingest.service import Ingest\n", []),
+        ("api/cli.py", "if TYPE_CHECKING:\n    from ingest.service import Ingest\n", []),
+        (
+            "api/cli.py",
+            "def serve():\n    from ingest.pipeline import Pipeline\n",
+            ["api/cli.py:2: api -> ingest.pipeline (not through ingest.readside)"],
+        ),
+        (
+            "api/app.py",
+            "if TYPE_CHECKING:\n    from ingest.service import Ingest\n",
+            ["api/app.py:2: api -> ingest.service (not through ingest.readside)"],
+        ),
+        (
+            "api/x.py",
+            "from ingest.sqlite_db import SQLiteDB\n",
+            ["api/x.py:1: api -> ingest.sqlite_db (not through ingest.readside)"],
+        ),
+        # an edge not declared at all: to tests, or bench -> api
+        ("ingest/x.py", "import tests.conftest\n", ["ingest/x.py:1: ingest -> tests.conftest"]),
+        ("bench/x.py", "from api.app import create_app\n", ["bench/x.py:1: bench -> api.app"]),
+        ("api/x.py", "from devices.catalog import Catalog\n", []),
         ("devices/x.py", "import re, json, math\nfrom pydantic import BaseModel\n", []),
         ("devices/x.py", "import devices_extra\n", []),  # a name that merely starts alike
     ],

@@ -2,12 +2,14 @@
 running service (real mosquitto, real uvicorn, the real store) and the service must say so:
 ``/readyz`` fails with the reason, a ``task_failed`` alert exists, and the task restarts,
 or, for the pipeline and the MQTT source, ``serve`` stops with status 70 for its own
-supervisor to start it again. The service runs in this test's process so that the test can
+supervisor to start it again. The HTTP server's task failing stops ``serve`` with the
+reason, everything closed. The service runs in this test's process so that the test can
 reach its tasks; it is the same code ``chargewatch serve`` runs."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -169,3 +171,25 @@ async def test_a_killed_ingest_task_stops_the_service_with_status_70(
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+async def test_an_http_server_that_cannot_start_stops_serve_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """Its port taken, the HTTP server's task fails (uvicorn's ``sys.exit``): serve stops
+    with the reason and closes the service, leaving no task behind. SystemExit escaping
+    the task used to leave the event loop at once: a traceback, exit status 3, the
+    supervised tasks "cancelled by someone else", nothing closed."""
+    with mosquitto(tmp_path / "mosquitto") as broker, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = ServeSettings(
+            port=port,
+            log_level="critical",
+            ingest=IngestConfig(broker=broker.url, data_dir=tmp_path / "data"),
+        )
+        before = asyncio.all_tasks()
+        status = await asyncio.wait_for(_exit_status(settings, []), 30)
+        assert status == f"cannot serve HTTP on 127.0.0.1:{port}"
+        assert asyncio.all_tasks() == before

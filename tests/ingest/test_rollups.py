@@ -257,10 +257,11 @@ def test_rollups_count_riders_reports_of_the_hour_per_device_and_station(
     they were made: a device's in its rollup and its station's, a station's in the
     station's only; a silent device's report is its own (silent devices share a rollup)."""
     from api.sentinels import SentinelStore
+    from ingest.sqlite_db import SQLiteDB
 
     rows = traffic()
     store = SQLiteStore(tmp_path / "cw.db")
-    sentinels = SentinelStore(tmp_path / "cw.db")
+    sentinels = SentinelStore(SQLiteDB(tmp_path / "cw.db"))
     first_hour = round(START_S * 1000)
     end_ms = first_hour + HOURS * HOUR_MS
     live, silent, other_silent = STATION.devices[0].id, STATION.devices[5].id, STATION.devices[6].id
