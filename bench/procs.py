@@ -69,6 +69,8 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
     stdout: Path | None = None
     env: dict[str, str] | None = None  # added to this process's environment
+    user: str | None = None  # run as this account (PostgreSQL refuses root)
+    stop_signal: int = signal.SIGTERM  # PostgreSQL's fast shutdown is SIGINT
 
     @property
     def pid(self) -> int:
@@ -88,7 +90,7 @@ class Proc:
         try:
             env = {**os.environ, **self.env} if self.env else None
             self.popen = subprocess.Popen(
-                self.argv, stdout=out, stderr=err, start_new_session=True, env=env
+                self.argv, stdout=out, stderr=err, start_new_session=True, env=env, user=self.user
             )
         finally:
             out.close()
@@ -129,7 +131,7 @@ class Proc:
     def stop(self, grace: float = 10.0) -> None:
         if self.popen is None or self.popen.poll() is not None:
             return
-        self.popen.send_signal(signal.SIGTERM)
+        self.popen.send_signal(self.stop_signal)
         try:
             self.popen.wait(grace)
         except subprocess.TimeoutExpired:
@@ -250,14 +252,17 @@ def serve(work: Path, broker_url: str, catalog: Path | None, *extra: str) -> Pro
     return Proc(argv, work / "serve.log", port)
 
 
+def ready(base_url: str) -> bool:
+    """``/readyz`` answers 200."""
+    try:
+        return httpx.get(base_url + "/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_ready(base_url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(base_url + "/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    while not ready(base_url):
         if time.monotonic() > deadline:
             raise BenchError(f"{base_url} not ready after {timeout:.0f}s")
         time.sleep(0.1)

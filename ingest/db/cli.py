@@ -43,7 +43,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     try:
         if args.db_command == "status":
             return _status(args.db)
-        return _upgrade(args.db, args.catalog)
+        return upgrade(args.db, args.catalog)
     except (StoreError, CatalogError) as exc:
         print(f"chargewatch db {args.db_command}: {exc}", file=sys.stderr)
         return 1
@@ -56,7 +56,9 @@ def _status(url: str) -> int:
     return 0
 
 
-def _upgrade(url: str, catalog_path: str | None) -> int:
+def upgrade(url: str, catalog_path: str | None) -> int:
+    """``db upgrade``: migrate, then seed an empty registry from the catalog (the shipped one
+    when ``catalog_path`` is None); says what it did on stdout."""
     catalog = Catalog.load(catalog_path)  # a bad catalog is refused before anything changes
     target = migrate.engine_url(url)
     if target.startswith("sqlite:///"):

@@ -1,16 +1,19 @@
 """The worker in-process with the real pipeline: a device added to the device registry
 reaches its partition's owner by LISTEN/NOTIFY and is consumed without a restart; a worker
 whose lease connection is terminated acknowledges nothing until it holds its partitions
-again; a database behind the schema is refused by ``chargewatch ingest`` with what to run."""
+again; a database behind the schema (never migrated, or by an older release) is refused by
+``chargewatch ingest`` with what to run."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import paho.mqtt.client as paho
 import psycopg
@@ -28,7 +31,9 @@ from ingest.partitions import PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.worker import Worker, follow_registry
 from tests.cluster.catalogs import synthetic
+from tests.cluster.processes import new_database
 from tests.cluster.workers import in_process_worker
+from tests.db.older import contents, migrated_behind
 from tests.pg_server import PgServer
 from tests.servers import Process
 
@@ -215,16 +220,30 @@ async def test_a_worker_whose_lease_is_lost_acks_nothing_until_it_holds_again(
 
 
 def test_ingest_refuses_a_database_behind_its_schema(pg_session: PgServer) -> None:
-    url = pg_session.create_database("t_ingest_behind")  # never migrated
-    out = subprocess.run(
-        [sys.executable, "-m", "api.cli", "ingest", "--broker", "mqtt://127.0.0.1:1", "--db", url],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert (
-        f"chargewatch ingest: database {url} is at revision none (never migrated), this"
-        f" chargewatch needs {migrate.head()}: run `chargewatch db upgrade --db {url}`"
-    ) in out.stdout
+    """Never migrated (``--db``) and one migration behind, as the release before left it
+    (named by ``CHARGEWATCH_DB``), the two at once: each refused with what to run, and
+    nothing written (a worker seeds an empty registry once past the check)."""
+    never = pg_session.create_database("t_ingest_behind")
+    older = new_database(pg_session, "ingest_older")
+    revision = migrated_behind(older)
+    before = {url: contents(url) for url in (never, older)}
+    argv = [sys.executable, "-m", "api.cli", "ingest", "--broker", "mqtt://127.0.0.1:1"]
+
+    def refused(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})  # fmt: skip
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = pool.map(refused, [["--db", never], []], [{}, {"CHARGEWATCH_DB": older}])
+        for url, rev, out in zip(
+            (never, older), ("none (never migrated)", revision), runs, strict=True
+        ):
+            assert out.returncode == 1, out.stdout + out.stderr
+            assert (
+                f"chargewatch ingest: database {url} is at revision {rev}, this chargewatch"
+                f" needs {migrate.head()}: run `chargewatch db upgrade --db {url}`"
+            ) in out.stdout
+            assert contents(url) == before[url]
 
 
 async def test_a_partition_whose_consumer_hits_a_bug_is_retried_and_counted(

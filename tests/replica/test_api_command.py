@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ingest.db import migrate
+from tests.db.older import contents, migrated_behind
+from tests.pg_server import PgServer
 from tests.replica.test_replica import STATION, seeded
 from tests.servers import Process, chargewatch_argv, eventually, free_port
 
@@ -24,11 +28,25 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def test_api_refuses_a_database_behind_its_schema(pg_url: str) -> None:
-    done = run("api", "--db", pg_url, "--port", str(free_port()))
-    assert done.returncode == 1, done.stderr
-    assert "chargewatch db upgrade" in done.stderr
-    assert "revision none (never migrated)" in done.stderr
+def test_api_refuses_a_database_behind_its_schema(pg_url: str, pg_session: PgServer) -> None:
+    """Never migrated and one migration behind (as the release before left it), the two at
+    once: each refused with what to run, and nothing written."""
+    older = pg_session.create_database(f"{pg_url.rsplit('/', 1)[1]}_older")
+    revision = migrated_behind(older)
+    before = {url: contents(url) for url in (pg_url, older)}
+    with ThreadPoolExecutor(2) as pool:
+        runs = pool.map(
+            lambda url: run("api", "--db", url, "--port", str(free_port())), (pg_url, older)
+        )
+        for url, rev, done in zip(
+            (pg_url, older), ("none (never migrated)", revision), runs, strict=True
+        ):
+            assert done.returncode == 1, done.stderr
+            assert (
+                f"chargewatch api: database {url} is at revision {rev}, this chargewatch"
+                f" needs {migrate.head()}: run `chargewatch db upgrade --db {url}`"
+            ) in done.stderr
+            assert contents(url) == before[url]
 
 
 def test_api_needs_a_database(tmp_path: Path) -> None:
