@@ -36,11 +36,13 @@ class Worker:
     metrics_port: int
 
     def gauge(self, name: str) -> float:
-        """A metric of the worker, summed over its labels (0 while it does not answer)."""
+        """A metric of the worker, summed over its labels. A worker that does not answer
+        fails the check (AssertionError: ``eventually`` tries again), never reads as 0: a
+        dead worker would pass every check of a count that should fall to 0."""
         try:
             text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).text
-        except httpx.HTTPError:
-            return 0.0
+        except httpx.HTTPError as exc:
+            raise AssertionError(f"worker {self.name}: /metrics does not answer ({exc})") from exc
         return sum(
             float(line.rsplit(maxsplit=1)[1])
             for line in text.splitlines()
