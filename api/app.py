@@ -17,7 +17,7 @@ from api.audit import AuditLog
 from api.auth import KeyStore
 from api.forecast import StatsCache
 from api.headers import SecurityHeaders
-from api.limits import BodyLimit
+from api.limits import BodyLimit, NoNul
 from api.live import Live
 from api.routes import (
     alerts,
@@ -101,6 +101,7 @@ def create_app(
     schemas.install(app)  # our 422 body in the OpenAPI document
     app.add_middleware(GZipIfAccepted, minimum_size=GZIP_MIN_BYTES)  # skips text/event-stream
     app.add_middleware(BodyLimit, max_bytes=settings.body_max_bytes)  # before a body is read
+    app.add_middleware(NoNul)  # PostgreSQL holds none (api.limits)
     app.add_middleware(SecurityHeaders)  # CSP, nosniff, no framing (api.headers)
     app.include_router(health.router)
     app.include_router(stream.router)  # before riders: /stations/stream is not a station id

@@ -11,6 +11,11 @@ body was read whole (413, 401, 404...) says ``Connection: close``: the rest of t
 is not read either.
 
 A route that needs a key checks it before the body is read (``api.auth.KeyFirstRoute``).
+
+``NoNul`` refuses a NUL character (U+0000) in the path or the query string with a 422:
+PostgreSQL cannot hold or compare one, so on an API replica (or serve on PostgreSQL) a
+filter such as ``?assignee=%00`` failed in the store and was answered 503 as an outage;
+nothing stored holds one, so every engine answers the same refusal.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 KiB = 1024
@@ -82,3 +88,24 @@ class BodyLimit:
             await send(message)
 
         await self.app(scope, limited, closing)
+
+
+class NoNul:
+    """422 for a NUL character in the path or the query string (module docstring)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            where = "path" if "\x00" in scope["path"] else None
+            if b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
+                where = "query"
+            if where is not None:
+                problem = {"field": where, "problem": "a NUL character (U+0000) is not allowed"}
+                answer = JSONResponse(
+                    {"error": "invalid_request", "detail": [problem]}, status_code=422
+                )
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy import bindparam, cast, func, insert, literal_column, or_, select, update
 from sqlalchemy.sql.expression import BindParameter, ColumnElement, Executable
 
 from api.text import plain_text
@@ -46,7 +46,7 @@ from devices.rollup import RiderReport
 from ingest import StoreError, StoreUnavailable
 from ingest.alerts.model import REPORT_CATEGORIES, SERVICE_STATION, Alert
 from ingest.db.database import CoreStatement, Database
-from ingest.db.schema import rider_points, rider_reports, riders
+from ingest.db.schema import Int, rider_points, rider_reports, riders
 from ingest.statedb import StateDB
 
 PREFIX = "cwr_"
@@ -164,9 +164,13 @@ _REPORT_SELECT = select(
     _r.c.category, _r.c.text, _r.c.alert_id, _r.c.at_ms, _r.c.outcome, _r.c.decided_at_ms,
     _r.c.decided_by, _r.c.decided_role, _r.c.decision_note, _r.c.confirmed_by_alert,
     _r.c.duplicate_of, _r.c.no_points,
-    select(func.coalesce(func.sum(_p.c.delta), _ZERO))
-    .where(_p.c.report_id == _r.c.id)
-    .scalar_subquery(),
+    # cast: PostgreSQL's sum of a bigint is a numeric (a Decimal, which json.dumps refuses)
+    cast(
+        select(func.coalesce(func.sum(_p.c.delta), _ZERO))
+        .where(_p.c.report_id == _r.c.id)
+        .scalar_subquery(),
+        Int,
+    ),
 )  # fmt: skip
 _e = rider_points.alias("e")
 _x = rider_points.alias("x")

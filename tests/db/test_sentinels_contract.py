@@ -43,6 +43,7 @@ def test_reports_outcomes_and_points_once_per_incident(store: SentinelStore) -> 
     done = store.decide(first.id, "confirmed", 4000, confirmed_by_alert=77, points=10)
     assert (done.outcome, done.points, done.confirmed_by_alert, done.decided_by) == (
         "confirmed", 10, 77, "chargewatch")  # fmt: skip
+    assert type(done.points) is int, "PostgreSQL's sum is a Decimal: the audit log refused it"
     dup = store.decide(second.id, "confirmed", 4100, actor="ops", role="maintainer", points=10)
     assert (dup.points, dup.duplicate_of, dup.no_points) == (0, first.id, "duplicate")
     with pytest.raises(Conflict):
