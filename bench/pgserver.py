@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import LOOPBACK, BenchError, cpu_s, free_port
+from bench.procs import LOOPBACK, BenchError, cpu_s, free_port, reaped_cpu_s
 
 ACCOUNT = "postgres"
 
@@ -134,11 +134,15 @@ class PgBench:
         return out
 
     def cpu_s(self) -> dict[int, float]:
-        """CPU seconds so far of each of ``pids()`` (a backend that exits takes its own)."""
+        """CPU seconds so far of each of ``pids()``; the postmaster's with what its exited
+        children spent (a connection pool's overflow connections come and go: their backends'
+        CPU would be lost with them)."""
         out: dict[int, float] = {}
         for pid in self.pids():
             with contextlib.suppress(OSError):
                 out[pid] = cpu_s(pid)
+                if pid == self.popen.pid:
+                    out[pid] += reaped_cpu_s(pid)
         return out
 
 

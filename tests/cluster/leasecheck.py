@@ -1,5 +1,6 @@
-"""Test helpers around leases: a recording owner, a sampler of pg_locks vs beliefs, and what
-worker processes believed they owned, read from their logs."""
+"""Test helpers around leases: a recording owner, a sampler of pg_locks vs beliefs, what
+worker processes believed they owned, read from their logs, and a lease row set by hand
+(``lease``) for the tests of a partition's consumer without a lease manager."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ from datetime import datetime
 import psycopg
 
 from ingest.leases import DEFAULT_LOCK_SPACE, LeaseManager
+
+
+def lease(db: str, partition: int, epoch: int) -> None:
+    """``partition``'s lease row at ``epoch``: what its fence checks (a consumer tested alone)."""
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO partition_leases VALUES (%s, %s, 'test', now()) ON CONFLICT (partition)"
+            " DO UPDATE SET epoch = EXCLUDED.epoch",
+            (partition, epoch),
+        )
 
 
 class RecordingOwner:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import time
 
-import psycopg
 import pytest
 
 from devices.catalog import Catalog
@@ -22,6 +21,7 @@ from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import PartitionMap
 from ingest.pg_store import Part, PostgresStore
 from ingest.store import TwinRecord
+from tests.cluster.leasecheck import lease
 
 pytestmark = pytest.mark.e2e
 
@@ -42,15 +42,6 @@ def status(partition: int, seq: int) -> Received:
     body = {"v": 1, "ts": now, "boot": "boot-1", "seq": seq, "kind": spec.kind,
             "ports" if spec.kind == "pile" else "slots": units}  # fmt: skip
     return Received(f"cw/v1/{device}/status", json.dumps(body).encode(), 1, False, seq, now, 0)
-
-
-def lease(db: str, partition: int, epoch: int) -> None:
-    with psycopg.connect(db) as conn:
-        conn.execute(
-            "INSERT INTO partition_leases VALUES (%s, %s, 'test', now()) ON CONFLICT (partition)"
-            " DO UPDATE SET epoch = EXCLUDED.epoch",
-            (partition, epoch),
-        )
 
 
 async def consumers(

@@ -33,6 +33,7 @@ from ingest.pg_store import PostgresStore
 from ingest.store import Unobserved
 from ingest.worker_alerts import WorkerAlerts, alerts_config
 from tests.alerts.helpers import eventually
+from tests.cluster.leasecheck import lease
 from tests.replica.test_replica import seeded
 from tests.replica.test_replica_alerts import bearer, maintainer_token, replica
 
@@ -76,15 +77,6 @@ def event(seq: int, type_: str, device: str = DEVICE) -> Received:
     body = {"v": 1, "ts": now_ms(), "boot": "boot-1", "seq": seq, "type": type_,
             "code": "over_current"}  # fmt: skip
     return Received(f"cw/v1/{device}/event", json.dumps(body).encode(), 1, False, seq, now_ms(), 0)
-
-
-def lease(db: str, partition: int, epoch: int) -> None:
-    with psycopg.connect(db) as conn:
-        conn.execute(
-            "INSERT INTO partition_leases VALUES (%s, %s, 'test', now()) ON CONFLICT (partition)"
-            " DO UPDATE SET epoch = EXCLUDED.epoch",
-            (partition, epoch),
-        )
 
 
 def alert_tables(db: str) -> list[list[tuple[Any, ...]]]:

@@ -8,7 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from devices.catalog import Catalog
@@ -21,6 +20,7 @@ from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import PartitionMap
 from ingest.pg_store import PostgresStore
 from ingest.store import HistoryStore
+from tests.cluster.leasecheck import lease
 from tests.influx_servers import influxd
 from tests.servers import eventually
 
@@ -46,15 +46,6 @@ def status(seq: int) -> Received:
     return Received(f"cw/v1/{DEVICE}/status", json.dumps(body).encode(), 1, False, seq, now, 0)
 
 
-def lease(db: str, epoch: int) -> None:
-    with psycopg.connect(db) as conn:
-        conn.execute(
-            "INSERT INTO partition_leases VALUES (%s, %s, 'test', now()) ON CONFLICT (partition)"
-            " DO UPDATE SET epoch = EXCLUDED.epoch",
-            (P, epoch),
-        )
-
-
 def consumer(
     store: PostgresStore, epoch: int, history: HistoryStore | None = None
 ) -> PipelineConsumer:
@@ -66,11 +57,11 @@ def consumer(
 async def test_fenced_writes_and_the_next_owner_continues(pg_url: str) -> None:
     store = PostgresStore(pg_url)
     try:
-        lease(pg_url, 1)
+        lease(pg_url, P, 1)
         first = consumer(store, 1)
         await first.load()
         await first.store([status(1), status(2)])
-        lease(pg_url, 2)  # the partition moved
+        lease(pg_url, P, 2)  # the partition moved
         with pytest.raises(StaleLease):
             await first.store([status(3)])
         assert [m["seq"] for m in store.messages(DEVICE)] == [1, 2]  # 3 refused: not stored
@@ -91,7 +82,7 @@ async def test_history_in_influxdb_state_in_postgresql(pg_url: str, tmp_path: Pa
         history = InfluxHistory(f"influx1://127.0.0.1:{server.port}?db=cw", retry_s=2)
         history.create_database()  # as an operator does for serve --history
         try:
-            lease(pg_url, 1)
+            lease(pg_url, P, 1)
             c = consumer(store, 1, history)
             await c.load()
             await c.store([status(5)])

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from devices.catalog import Catalog
@@ -33,6 +32,7 @@ from ingest.pg_store import PostgresStore
 from ingest.worker_alerts import WorkerAlerts
 from ingest.worker_passports import FOLLOW_TASK, WorkerPassports, lock_flagged_setting
 from tests.alerts.helpers import eventually
+from tests.cluster.leasecheck import lease
 
 pytestmark = pytest.mark.e2e
 
@@ -93,15 +93,6 @@ class Recorder:
 
     def send_lock_battery(self, device_id: str, slot: int, reason: str) -> None:
         self.locks.append((device_id, slot, reason))
-
-
-def lease(db: str, partition: int, epoch: int) -> None:
-    with psycopg.connect(db) as conn:
-        conn.execute(
-            "INSERT INTO partition_leases VALUES (%s, %s, 'test', now()) ON CONFLICT (partition)"
-            " DO UPDATE SET epoch = EXCLUDED.epoch",
-            (partition, epoch),
-        )
 
 
 @dataclass
