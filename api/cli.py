@@ -111,8 +111,9 @@ async def _serve_http(
 
 
 async def run_api(settings: ServeSettings, db: str) -> None:
-    """An API replica (``chargewatch api``): the whole API from PostgreSQL
-    (``ingest.replica``), until SIGINT/SIGTERM."""
+    """An API replica (``chargewatch api``): the whole API from PostgreSQL, the history from
+    the InfluxDB ``settings.ingest.history`` names if any (``ingest.replica``), until
+    SIGINT/SIGTERM."""
     from api.app import ApiStores, create_app
     from ingest.db.database import PgDatabase
     from ingest.replica import ReplicaReadSide, as_read_and_act
@@ -377,6 +378,12 @@ def _parser() -> argparse.ArgumentParser:
         "--db",
         default=os.environ.get("CHARGEWATCH_DB"),
         help="postgresql://user@host/db, the ingest workers' database (default: $CHARGEWATCH_DB)",
+    )
+    replica.add_argument(
+        "--history",
+        default=os.environ.get("CHARGEWATCH_HISTORY") or None,
+        help="the InfluxDB the ingest workers write the history to (influx2://… or"
+        " influx1://…, their --history; default: $CHARGEWATCH_HISTORY, else PostgreSQL)",
     )
     replica.add_argument("--host", help="HTTP listen address (default 127.0.0.1)")
     replica.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks one)")

@@ -55,6 +55,10 @@ TWINS_CHANNEL = "cw_twins"
 (``twin_notices``), sent inside the transaction that wrote them (delivered at commit)."""
 NOTICE_MAX_BYTES = 7_900
 """PostgreSQL refuses a NOTIFY payload of 8000 bytes or more: a batch's ids are split."""
+HISTORY_FACT = "history"
+"""The ``facts`` row where the ingest workers say where they write the history
+(``history_engine``): an API replica that reads the other one would answer every history
+query with nothing (``ingest.replica`` reports it in ``/readyz``)."""
 _PARTITION_LOCK = 0x6377_7061  # "cwpa"
 _HISTORY_KEYS = ("device_id", "station_id", "kind", "type", "boot", "seq", "ts_ms",
                  "received_ms", "payload")  # fmt: skip
@@ -80,6 +84,12 @@ def twin_notices(device_ids: Iterable[str]) -> list[str]:
     if current:
         notices.append(" ".join(current))
     return notices
+
+
+def history_engine(url: str | None) -> str:
+    """Where a history URL (``--history``) puts the history: ``influxdb``, or ``postgresql``
+    (None or empty). Never the URL itself, which may hold a token or a password."""
+    return "influxdb" if url else "postgresql"
 
 
 def partition_name(day: int) -> str:

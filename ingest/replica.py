@@ -11,7 +11,11 @@ two paths into one ``_apply`` (serialised, so an older read never overwrites a n
 - a full refresh every ``refresh_s``: the safety net for a NOTIFY that never arrived.
 
 The catalog is the registry's (``ingest.db.registry``) as it was at start (an empty one:
-the shipped district). History reads go to ``PostgresStore``'s ``HistoryStore`` methods,
+the shipped district). History reads go to the InfluxDB the workers write when the config
+names one (``chargewatch api --history``, ``InfluxHistory``), else to ``PostgresStore``'s
+``HistoryStore`` methods (its day partitions); the workers record which in ``facts``
+(``pg_store.HISTORY_FACT``), and a replica that reads the other store says so in
+``/readyz`` (read at start and at each full refresh) rather than answer an empty history.
 dead letters and their counts are read from the database on each request, and so are
 alerts (notes, deliveries, timings), work orders, commands and battery passports: from the
 stores the workers write (``AlertStore``, ``WorkOrderStore``, ``CommandStore``,
@@ -52,7 +56,8 @@ after this replica cleared one; the cabinets of packs flagged or cleared since a
 recomputed.
 
 ``/readyz`` problems: the database unreachable (the listener is not connected, or the last
-refresh failed), and the read model stale (no refresh for ``stale_s``).
+refresh failed), the read model stale (no refresh for ``stale_s``), and the history read
+from the store the workers do not write.
 
 Exceptions: ``migrate.SchemaBehind`` / ``SchemaAhead`` at start (``chargewatch api`` refuses
 the database), ``ingest.StoreUnavailable`` when the database cannot be reached at start.
@@ -105,7 +110,7 @@ from ingest.db import migrate, registry
 from ingest.db.database import PgDatabase
 from ingest.db.schema import twins as twins_table
 from ingest.passport_store import FLAGS_CHANNEL, PassportStore
-from ingest.pg_store import TWINS_CHANNEL, PostgresStore
+from ingest.pg_store import HISTORY_FACT, TWINS_CHANNEL, PostgresStore, history_engine
 from ingest.pipeline import Twins
 from ingest.readside import JSON, Actions, ReadSide, Unavailable, now_ms
 from ingest.store import DeadLetter, HistoryStore
@@ -210,6 +215,8 @@ class ReplicaReadSide:
         self._refreshed_at: float | None = None  # monotonic, last successful full refresh
         self._engine: Engine | None = None
         self._store: PostgresStore | None = None
+        self._history: HistoryStore | None = None  # InfluxDB's (None: the store's)
+        self._history_problem: str | None = None  # read from where the workers do not write
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[NoReturn]] = []
         self._catalog: Catalog | None = None
@@ -244,10 +251,18 @@ class ReplicaReadSide:
                 f"an API replica reads the cluster's PostgreSQL database, not {self.shown_url}"
                 " (one machine: `chargewatch serve`)"
             )
+        influx = None
+        if self.config.history:
+            from ingest.influx import InfluxHistory, InfluxSettings  # only when asked for
+
+            influx = InfluxSettings.parse(self.config.history)  # a bad URL: refused now
         # refuses a database behind (or ahead of) this chargewatch's schema
         await asyncio.to_thread(migrate.ensure_current, self.url)
         self._engine = migrate.connect(self.url, pool_size=2, pool_pre_ping=True)
         self._store = await asyncio.to_thread(PostgresStore, self.url, pool_size=2)
+        if influx is not None:
+            self._history = InfluxHistory(influx)
+            log.info("history: %r", self._history)
         self._db = await asyncio.to_thread(PgDatabase, self.url, check_schema=False)
         self._alert_store = AlertStore(self._db)
         self._order_store = WorkOrderStore(self._db)
@@ -311,6 +326,8 @@ class ReplicaReadSide:
             await asyncio.wait(in_flight, timeout=30)
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
+        if self._history is not None:
+            await asyncio.to_thread(self._history.close)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.dispose)
         if self._db is not None:
@@ -372,17 +389,39 @@ class ReplicaReadSide:
         """Every twin read again (the safety net); failures are kept for ``problems``."""
         try:
             changed = await self._apply(None)
+            workers = await self._thread(_store_of(self._store).fact, HISTORY_FACT)
         except StoreError as exc:
             self._refresh_error = f"database unreachable: {exc}"
             self._metrics.refreshes.labels("failed").inc()
             log.warning("read model refresh failed: %s", exc)
             return
+        self._check_history(workers)
         await self._refresh_flags()
         self._refresh_error = None
         self._refreshed_at = time.monotonic()
         self._metrics.refreshes.labels("ok").inc()
         if changed:
             log.debug("full refresh: %d twins changed", changed)
+
+    def _check_history(self, workers: str | None) -> None:
+        """``workers``: where the workers write the history (None: no worker said yet)."""
+        ours = history_engine(self.config.history)
+        problem = None
+        if workers == "influxdb" and ours == "postgresql":
+            problem = (
+                "history not served: the ingest workers write it to InfluxDB and this replica"
+                " reads PostgreSQL; start `chargewatch api` with --history URL (or"
+                " CHARGEWATCH_HISTORY), the workers' InfluxDB"
+            )
+        elif workers == "postgresql" and ours == "influxdb":
+            problem = (
+                "history not served: the ingest workers write it to PostgreSQL and this replica"
+                " reads InfluxDB; start `chargewatch api` without --history (nor"
+                " CHARGEWATCH_HISTORY)"
+            )
+        if problem is not None and problem != self._history_problem:
+            log.error("%s", problem)
+        self._history_problem = problem
 
     async def _refresh_forever(self) -> NoReturn:
         while True:
@@ -551,7 +590,7 @@ class ReplicaReadSide:
 
     @property
     def history(self) -> HistoryStore | None:
-        return self._store
+        return self._history if self._history is not None else self._store
 
     # -- the service itself -----------------------------------------------------------------
 
@@ -570,6 +609,8 @@ class ReplicaReadSide:
             found.append(self._listen_error or "database unreachable: not listening for changes")
         if self._refresh_error is not None:
             found.append(self._refresh_error)
+        if self._history_problem is not None:
+            found.append(self._history_problem)
         age = self.read_model_age_s()
         if age is None or age > self.stale_s:
             shown = "never" if age is None else f"{age:.0f} s ago"

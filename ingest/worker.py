@@ -23,7 +23,9 @@ While it owns partition 0 the worker also runs ``ingest.unknown_devices`` (``unk
 births of devices outside the registry, kept as dead letters.
 The worker starts only on a database at this chargewatch's schema (``chargewatch db
 upgrade``) and no ``serve`` holds (``ingest.leases.serve_holder``); an empty registry is
-seeded from the catalog (``--catalog`` or the district).
+seeded from the catalog (``--catalog`` or the district). It records where it writes the
+history (``--history``: InfluxDB, or PostgreSQL's day partitions) in ``facts``
+(``pg_store.HISTORY_FACT``), which the API replicas check theirs against.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from ingest.metrics import IngestMetrics
 from ingest.mqtt import BrokerURL, Received
 from ingest.partition_consumer import PipelineConsumer
 from ingest.partitions import DEFAULT_PARTITIONS, PartitionMap
-from ingest.pg_store import PostgresStore
+from ingest.pg_store import HISTORY_FACT, PostgresStore, history_engine
 from ingest.store import HistoryStore
 from ingest.unknown_devices import WATCH_PARTITION, UnknownDevices
 from ingest.worker_alerts import WorkerAlerts, alerts_config, commands_config
@@ -476,7 +478,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--catalog", type=Path, help="catalog JSON for an empty registry; default: the district"
     )
     p.add_argument(
-        "--history", help="InfluxDB URL for the history (default: PostgreSQL day partitions)"
+        "--history",
+        help="InfluxDB URL for the history (default: CHARGEWATCH_HISTORY, which keeps a token"
+        " out of the process list; neither: PostgreSQL day partitions)",
     )
     p.add_argument(
         "--partitions", type=int, default=DEFAULT_PARTITIONS, help="partitions (default 16)"
@@ -508,7 +512,7 @@ def _ingest_args(args: argparse.Namespace) -> IngestArgs:
         partitions=args.partitions,
         worker=args.worker or f"{socket.gethostname()}-{os.getpid()}",
         metrics_port=args.metrics_port,
-        history=args.history,
+        history=args.history or os.environ.get("CHARGEWATCH_HISTORY") or None,
         lease_timeout_s=lease_s,
         alerts=alerts_config(),
         commands=commands_config(),
@@ -534,6 +538,21 @@ def registry_catalog(engine: Engine, seed: Catalog) -> Catalog:
 _SEED_LOCK = 0x6377_7265  # "cwre"
 
 
+def record_history(store: PostgresStore, url: str | None) -> None:
+    """Say in the database where this worker writes the history (``HISTORY_FACT``): an API
+    replica that reads the other store reports it in /readyz instead of answering nothing."""
+    engine = history_engine(url)
+    before = store.fact(HISTORY_FACT)
+    if before is not None and before != engine:
+        log.warning(
+            "history: written to %s until now, this worker writes it to %s: give every worker"
+            " and every API replica the same --history",
+            before,
+            engine,
+        )
+    store.remember(HISTORY_FACT, engine)
+
+
 async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
     # not beside a serve (ingest.statedb.ServeLock): refused before the registry is seeded or
     # an alert sent; the lease manager checks again once it joined
@@ -543,6 +562,7 @@ async def run_worker(a: IngestArgs, stop: asyncio.Event) -> None:
     history: HistoryStore | None = None
     engine = migrate.connect(a.db, pool_size=1, pool_pre_ping=True)
     try:
+        await asyncio.to_thread(record_history, store, a.history)
         catalog = await asyncio.to_thread(registry_catalog, engine, a.catalog)
         scheme = TopicScheme()
         pm = PartitionMap(catalog, a.partitions, topic_prefix=scheme.prefix)

@@ -90,14 +90,23 @@ def db_upgrade(db: str, catalog: Path | None) -> None:
 
 @contextmanager
 def ingest_worker(
-    name: str, broker: str, db: str, tmp: Path, catalog: Path | None = None
+    name: str,
+    broker: str,
+    db: str,
+    tmp: Path,
+    catalog: Path | None = None,
+    *,
+    history: str | None = None,
 ) -> Iterator[Worker]:
+    """``history``: the worker's ``--history`` (an InfluxDB URL)."""
     port = free_port()
     argv = chargewatch_argv(
         "ingest", "--broker", broker, "--db", db, "--worker", name, "--metrics-port", str(port)
     )
     if catalog is not None:
         argv += ["--catalog", str(catalog)]
+    if history is not None:
+        argv += ["--history", history]
     tmp.mkdir(parents=True, exist_ok=True)
     proc = Process(
         argv, port, ROOT, tmp / f"ingest-{name}.log",
@@ -111,27 +120,34 @@ def ingest_worker(
 
 
 @contextmanager
-def api_replica(name: str, db: str, tmp: Path) -> Iterator[Service]:
-    """``chargewatch api --db`` on a free port, ready (/readyz 200) before it is yielded."""
+def api_replica(
+    name: str, db: str, tmp: Path, *, history: str | None = None, ready: bool = True
+) -> Iterator[Service]:
+    """``chargewatch api --db`` on a free port, ready (/readyz 200) before it is yielded
+    (``ready=False``: once it listens). ``history``: its ``CHARGEWATCH_HISTORY``."""
     port = free_port()
     data_dir = tmp / f"api-{name}"
     data_dir.mkdir(parents=True, exist_ok=True)
+    env = {"CHARGEWATCH_INGEST__DATA_DIR": str(data_dir)}
+    if history is not None:
+        env["CHARGEWATCH_HISTORY"] = history
     proc = Process(
         chargewatch_argv("api", "--db", db, "--port", str(port)),
         port,
         ROOT,
         tmp / f"api-{name}.log",
-        env={"CHARGEWATCH_INGEST__DATA_DIR": str(data_dir)},
+        env=env,
     )
     proc.start()
     service = Service(proc, f"http://127.0.0.1:{port}", data_dir, db)
 
-    def ready() -> None:
+    def is_ready() -> None:
         r = service.get("/readyz")
         assert r.status_code == 200, r.text
 
     try:
-        eventually(ready, timeout=30, interval=0.1)
+        if ready:
+            eventually(is_ready, timeout=30, interval=0.1)
         yield service
     finally:
         proc.stop()

@@ -1,5 +1,5 @@
 """``chargewatch ingest``'s settings from the environment: the broker's URL (with its password)
-can stay out of the process list, as the database's can."""
+can stay out of the process list, as the database's and the history's can."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_no_broker_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CHARGEWATCH_BROKER", raising=False)
     with pytest.raises(IngestError, match=r"--broker mqtt://… \(or CHARGEWATCH_BROKER\)"):
         _ingest_args(parsed("--db", DB))
+
+
+def test_the_history_from_chargewatch_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARGEWATCH_BROKER", "mqtt://127.0.0.1:1884")
+    monkeypatch.setenv("CHARGEWATCH_DB", DB)
+    monkeypatch.delenv("CHARGEWATCH_HISTORY", raising=False)
+    assert _ingest_args(parsed()).history is None  # PostgreSQL's day partitions
+    url = "influx2://127.0.0.1:8086?org=o&bucket=b&token=s3cret"
+    monkeypatch.setenv("CHARGEWATCH_HISTORY", url)
+    assert _ingest_args(parsed()).history == url
+    # the command line wins over the environment
+    other = "influx1://127.0.0.1:8086?db=cw"
+    assert _ingest_args(parsed("--history", other)).history == other

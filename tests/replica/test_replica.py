@@ -28,6 +28,7 @@ from ingest.readside import now_ms
 from ingest.replica import ReplicaReadSide, as_read_and_act, libpq_url
 from ingest.store import TwinRecord
 from ingest.twins import Twin
+from ingest.worker import record_history
 from tests.pg_server import postgresql
 
 STATION = "yungu-road"
@@ -224,6 +225,25 @@ async def test_pages_and_health_load_from_a_replica(pg_url: str, tmp_path: Path)
         assert "cw_replica_ready 1.0" in (await http.get("/metrics")).text
         r = await http.get("/v1/alerts")
         assert r.status_code in (401, 503), r.text
+
+
+async def test_a_replica_reading_influxdb_while_the_workers_write_postgresql_is_not_ready(
+    pg_url: str, tmp_path: Path
+) -> None:
+    seeded(pg_url)
+    store = PostgresStore(pg_url)
+    try:
+        record_history(store, None)  # as a worker without --history does at start
+    finally:
+        store.close()
+    # never read: the replica finds the mismatch in PostgreSQL alone
+    config = IngestConfig(data_dir=tmp_path / "a", history="influx1://127.0.0.1:9?db=cw")
+    async with ReplicaReadSide(pg_url, config) as side:
+        assert (
+            "history not served: the ingest workers write it to PostgreSQL and this replica"
+            " reads InfluxDB; start `chargewatch api` without --history (nor"
+            " CHARGEWATCH_HISTORY)"
+        ) in side.problems()
 
 
 async def test_a_replica_refuses_a_database_behind_its_schema(pg_url: str, tmp_path: Path) -> None:
