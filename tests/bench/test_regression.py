@@ -35,19 +35,27 @@ def test_only_a_large_drop_fails(ratio: float, baseline: float, fails: bool) -> 
 
 
 def test_short_bench_ratios_hold(tmp_path: Path) -> None:
+    """A drop must show twice: one short run on a shared machine can land at the line by
+    noise alone (a CI run measured 0.064 against a line of 0.065, then 0.12 alone)."""
     need_binary("mosquitto", "/usr/sbin/mosquitto")
     need_binary("mosquitto_sub")
     plan = suite.Plan.short()
-    began = time.monotonic()
-    result = suite.throughput(tmp_path, plan)
-    took = time.monotonic() - began
-    for kind, runs in result["runs"].items():
-        assert [r["count"] for r in runs] == [plan.messages] * plan.rounds, kind
-    drops = {
-        f"{kind} {versus}: {value:.3f} < {DROP} x {BASELINE[kind][versus]}"
-        for kind, ratios in result["ratios"].items()
-        if kind in BASELINE
-        for versus, value in ratios.items()
-        if below(value, BASELINE[kind][versus])
-    }
-    assert not drops, f"throughput ratios fell (took {took:.0f} s): {sorted(drops)}"
+    drops: set[str] = set()
+    for attempt in range(2):
+        work = tmp_path / str(attempt)
+        work.mkdir()
+        began = time.monotonic()
+        result = suite.throughput(work, plan)
+        took = time.monotonic() - began
+        for kind, runs in result["runs"].items():
+            assert [r["count"] for r in runs] == [plan.messages] * plan.rounds, kind
+        drops = {
+            f"{kind} {versus}: {value:.3f} < {DROP} x {BASELINE[kind][versus]} (took {took:.0f} s)"
+            for kind, ratios in result["ratios"].items()
+            if kind in BASELINE
+            for versus, value in ratios.items()
+            if below(value, BASELINE[kind][versus])
+        }
+        if not drops:
+            return
+    assert not drops, f"throughput ratios fell in two runs: {sorted(drops)}"
